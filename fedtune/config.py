@@ -1,0 +1,394 @@
+"""Typed run configuration, parsed once from a flat kebab-case mapping.
+
+The Flower run config (``[tool.flwr.app.config]`` in ``pyproject.toml``), the
+TOML files in ``simulations/`` and ``fedtune simulate --set key=value`` all use
+the same flat kebab-case keys (Flower run-config values are scalars, so lists are
+comma-separated strings). :func:`parse_run_config` turns such a mapping into a
+:class:`RunConfig` of per-concern dataclasses, each of which validates its values
+in ``__post_init__`` and names the culprit key and value when one is wrong.
+
+The defaults live here and only here; ``tests/test_config.py`` checks that the
+Flower App defaults in ``pyproject.toml`` agree with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+Partitioning = Literal["iid", "dirichlet"]
+LoraVariant = Literal["standard", "ffa"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+#: Run-config keys that belong to the wiring (paths set per run or per process),
+#: not to :class:`RunConfig`; both apps accept and skip them.
+WIRING_KEYS = frozenset({"run-dir", "secret-context", "public-context"})
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names both."""
+
+
+def _require(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"`{key}` {expected}, got {value!r}.")
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA adapter.
+
+    The adapter follows Hu et al., "LoRA" (https://arxiv.org/abs/2106.09685):
+    a frozen weight ``W_0`` becomes ``W_0 x + (alpha / r) B A x`` with trainable
+    ``A`` (r x in) and ``B`` (out x r). With ``lora-variant = "ffa"`` the ``A``
+    matrices stay frozen at their shared seeded initialisation and only ``B``
+    (and the head) train and travel: FFA-LoRA, Sun et al., ICLR 2024
+    (https://arxiv.org/abs/2403.12313).
+    """
+
+    model_path: str = ""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "query,value"
+    lora_variant: LoraVariant = "standard"
+
+    def __post_init__(self) -> None:
+        _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be >= 1")
+        _require(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "must be > 0")
+        _require(
+            0.0 <= self.lora_dropout < 1.0,
+            "lora-dropout",
+            self.lora_dropout,
+            "must be in [0, 1)",
+        )
+        _require(
+            bool(self.target_modules),
+            "lora-target-modules",
+            self.lora_target_modules,
+            "must name at least one module (comma-separated, e.g. 'query,value')",
+        )
+        _choice("lora-variant", self.lora_variant, get_args(LoraVariant))
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The LoRA target module names as a list."""
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from and how they are split across clients.
+
+    ``data-path = ""`` selects the bundled default: WordNet 3.0 noun definitions
+    labelled by lexicographer category. Otherwise a ``.csv`` / ``.jsonl`` file or a
+    Hugging Face dataset directory written by ``Dataset.save_to_disk``.
+    """
+
+    data_path: str = ""
+    label_names: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    wordnet_dir: str = "/usr/share/wordnet"
+    examples_per_label: int = 250
+    max_examples: int = 0
+    partitioning: Partitioning = "iid"
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2
+    max_seq_length: int = 48
+
+    @property
+    def labels(self) -> list[str]:
+        """``label-names`` as a list (empty when derived from the data)."""
+        return [n.strip() for n in self.label_names.split(",") if n.strip()]
+
+    def __post_init__(self) -> None:
+        _require(
+            len(set(self.labels)) == len(self.labels),
+            "label-names",
+            self.label_names,
+            "must not repeat a name",
+        )
+        _require(bool(self.text_column), "text-column", self.text_column, "must not be empty")
+        _require(
+            bool(self.label_column), "label-column", self.label_column, "must not be empty"
+        )
+        _require(
+            self.examples_per_label >= 0,
+            "examples-per-label",
+            self.examples_per_label,
+            "must be >= 0 (0 keeps every WordNet definition)",
+        )
+        _require(
+            self.max_examples >= 0,
+            "max-examples",
+            self.max_examples,
+            "must be >= 0 (0 keeps every example)",
+        )
+        _choice("partitioning", self.partitioning, get_args(Partitioning))
+        _require(
+            self.dirichlet_alpha > 0,
+            "dirichlet-alpha",
+            self.dirichlet_alpha,
+            "must be > 0 (smaller is more skewed; try 0.1 to 1.0)",
+        )
+        _require(
+            0.0 < self.test_fraction < 1.0,
+            "test-fraction",
+            self.test_fraction,
+            "must be in (0, 1)",
+        )
+        _require(
+            self.max_seq_length >= 8, "max-seq-length", self.max_seq_length, "must be >= 8"
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
+        _require(self.batch_size >= 1, "batch-size", self.batch_size, "must be >= 1")
+        _require(
+            self.learning_rate > 0, "learning-rate", self.learning_rate, "must be > 0"
+        )
+        _require(
+            self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be >= 0"
+        )
+        _choice("device", self.device, get_args(Device))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, client sampling and the simulated federation's size.
+
+    ``client-cpus`` / ``client-gpus`` are the simulation engine's resources per
+    simulated client (Ray runs ``cores // client-cpus`` clients at once).
+    """
+
+    num_rounds: int = 5
+    num_clients: int = 4
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_clients: int = 2
+    seed: int = 42
+    round_timeout: float = 3600.0
+    client_cpus: int = 0
+    client_gpus: float = -1.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
+        _require(self.num_clients >= 1, "num-clients", self.num_clients, "must be >= 1")
+        _require(
+            0.0 < self.fraction_train <= 1.0,
+            "fraction-train",
+            self.fraction_train,
+            "must be in (0, 1]",
+        )
+        _require(
+            0.0 < self.fraction_evaluate <= 1.0,
+            "fraction-evaluate",
+            self.fraction_evaluate,
+            "must be in (0, 1]",
+        )
+        _require(self.min_clients >= 1, "min-clients", self.min_clients, "must be >= 1")
+        _require(
+            self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0"
+        )
+        _require(
+            self.client_cpus >= 0,
+            "client-cpus",
+            self.client_cpus,
+            "must be >= 0 (0 = all cores, one simulated client at a time)",
+        )
+        _require(
+            self.client_gpus == -1.0 or self.client_gpus >= 0,
+            "client-gpus",
+            self.client_gpus,
+            "must be >= 0, or -1 for automatic (1 when CUDA is present, else 0)",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The fully resolved configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        fed = self.federation
+        _require(
+            fed.min_clients <= fed.num_clients,
+            "min-clients",
+            fed.min_clients,
+            f"must be <= num-clients ({fed.num_clients})",
+        )
+
+    def to_flat(self) -> dict[str, Any]:
+        """Return the flat kebab-case mapping that :func:`parse_run_config` reads."""
+        flat: dict[str, Any] = {}
+        for section in _SECTIONS:
+            part = getattr(self, section)
+            for f in fields(part):
+                flat[_kebab(f.name)] = getattr(part, f.name)
+        return flat
+
+    def to_toml(self) -> str:
+        """Render the flat mapping as TOML (scalars only)."""
+        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_flat().items())
+
+
+_SECTIONS: tuple[str, ...] = ("model", "data", "train", "federation")
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def known_keys() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
+    """Map every kebab-case key to its section and dataclass field."""
+    keys: dict[str, tuple[str, dataclasses.Field[Any]]] = {}
+    for section, cls in _SECTION_TYPES.items():
+        for f in fields(cls):
+            keys[_kebab(f.name)] = (section, f)
+    return keys
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    return f.default
+
+
+def _coerce(key: str, value: object, default: object) -> object:
+    """Coerce ``value`` to the type of ``default``; strings come from ``--set``."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
+            return value.lower() in {"true", "1"}
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}.")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+    if not isinstance(value, str):
+        raise ConfigError(f"`{key}` must be a string, got {value!r}.")
+    return value
+
+
+def parse_run_config(
+    values: Mapping[str, object], *, ignore: frozenset[str] = frozenset()
+) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a flat kebab-case mapping.
+
+    Parameters
+    ----------
+    values : Mapping[str, object]
+        Keys as in ``pyproject.toml``; missing keys take their defaults.
+    ignore : frozenset[str]
+        Keys to skip silently (keys that belong to the wiring, e.g. ``run-dir``).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key (with the closest known keys) or a bad value.
+    """
+    known = known_keys()
+    per_section: dict[str, dict[str, object]] = {s: {} for s in _SECTIONS}
+    for key, value in values.items():
+        if key in ignore:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key {key!r} (value {value!r}).{hint} "
+                "`fedtune simulate --help` lists every key."
+            )
+        section, f = known[key]
+        per_section[section][f.name] = _coerce(key, value, _default_of(f))
+    parts = {s: _SECTION_TYPES[s](**kw) for s, kw in per_section.items()}
+    return RunConfig(**parts)
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """Split one ``key=value`` from ``--set``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}.")
+    return key.strip(), value.strip()
+
+
+def load_toml(path: Path) -> dict[str, object]:
+    """Read a flat TOML file of config keys (a file in ``simulations/``)."""
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {err}") from err
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(
+                f"Config file {str(path)!r}: table [{key}] is not supported; "
+                "use flat keys such as `num-rounds = 5`."
+            )
+    return data
+
+
+def describe_keys() -> list[tuple[str, object, str]]:
+    """Return ``(key, default, section)`` for every key, for help texts."""
+    return [(k, _default_of(f), s) for k, (s, f) in known_keys().items()]

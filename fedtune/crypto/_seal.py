@@ -1,0 +1,125 @@
+"""Thin adapter over TenSEAL's SEAL bindings (``tenseal.sealapi``).
+
+Why the low-level bindings and not ``tenseal.ckks_vector``: TenSEAL's
+high-level API (measured, see :mod:`fedtune.crypto`) cannot create a context
+with a single prime (it always generates relinearisation keys), encodes only
+real numbers (half of every ciphertext wasted) and serialises fresh symmetric
+ciphertexts unseeded (the uniformly random half stored in full). Together that
+is 4x the wire size of what SEAL itself offers for our add-only protocol.
+
+``tenseal.sealapi`` only saves and loads through file paths, so bytes go
+through a private scratch directory (``mkdtemp``: mode 0700, removed on exit).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune.crypto.errors import PayloadError
+
+__all__ = ["SealHeader", "parse_header", "scratch_dir", "seal_dump", "seal_load"]
+
+# SEALHeader: uint16 magic, uint8 header_size, uint8 version_major,
+# uint8 version_minor, uint8 compr_mode, uint16 reserved, uint64 size
+# (seal/serialization.h), little endian.
+_HEADER = struct.Struct("<HBBBBHQ")
+SEAL_MAGIC = 0xA15E
+_COMPR_MODES = {0: "none", 1: "zlib", 2: "zstd"}
+
+
+def sealapi() -> Any:
+    """Import ``tenseal.sealapi`` on first use (nothing happens at import time)."""
+    import tenseal.sealapi as sa
+
+    return sa
+
+
+@dataclass(frozen=True)
+class SealHeader:
+    """The 16-byte header SEAL writes in front of every serialised object."""
+
+    version: tuple[int, int]
+    compr_mode: str
+    size: int
+
+
+def _expected_version() -> tuple[int, int]:
+    h = sealapi().Serialization.SEALHeader()
+    return (int(h.version_major), int(h.version_minor))
+
+
+def parse_header(data: bytes, *, field: str) -> SealHeader:
+    """Check a SEAL header without deserialising anything behind it.
+
+    Parameters
+    ----------
+    data : bytes
+        A serialised SEAL object.
+    field : str
+        Name of the field the bytes came from, for error messages.
+
+    Raises
+    ------
+    PayloadError
+        If the magic number, header size, version, compression mode or
+        declared size does not match, or trailing bytes follow the object.
+    """
+    if len(data) < _HEADER.size:
+        raise PayloadError(
+            f"`{field}` is {len(data)} bytes, shorter than a SEAL header."
+        )
+    magic, hsize, major, minor, compr, reserved, size = _HEADER.unpack_from(data)
+    if magic != SEAL_MAGIC or hsize != _HEADER.size or reserved != 0:
+        raise PayloadError(
+            f"`{field}` does not start with a SEAL header (magic=0x{magic:04X}, "
+            f"header_size={hsize}, reserved={reserved}; expected 0x{SEAL_MAGIC:04X}, 16, 0)."
+        )
+    if (major, minor) != _expected_version():
+        raise PayloadError(
+            f"`{field}` was written by SEAL {major}.{minor}; this build reads "
+            "{}.{}.".format(*_expected_version())
+        )
+    if compr not in _COMPR_MODES:
+        raise PayloadError(f"`{field}` has unknown compression mode {compr}.")
+    if size != len(data):
+        raise PayloadError(
+            f"`{field}` declares {size} bytes in its SEAL header but has {len(data)}."
+        )
+    return SealHeader(version=(major, minor), compr_mode=_COMPR_MODES[compr], size=size)
+
+
+@contextmanager
+def scratch_dir() -> Iterator[str]:
+    """A private directory (mode 0700) for one batch of SEAL saves and loads."""
+    with tempfile.TemporaryDirectory(prefix="fedtune-seal-") as path:
+        yield path
+
+
+def seal_dump(save: Callable[[str], None], directory: str) -> bytes:
+    """Return the bytes that SEAL's ``save(path)`` writes."""
+    path = os.path.join(directory, "obj")
+    try:
+        save(path)
+        with open(path, "rb") as fh:
+            return fh.read()
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def seal_load(load: Callable[[str], None], data: bytes, directory: str) -> None:
+    """Feed ``data`` to SEAL's ``load(path)``; the file is created 0600 and removed."""
+    path = os.path.join(directory, "obj")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        load(path)
+    finally:
+        os.remove(path)

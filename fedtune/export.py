@@ -1,0 +1,43 @@
+"""Write and reload the final adapter in standard PEFT format.
+
+``adapter/`` holds ``adapter_config.json`` and ``adapter_model.safetensors`` as
+written by PEFT's own ``save_pretrained`` (the classification head is saved as a
+``modules_to_save`` module), plus ``fedtune.json`` with the label names and the
+round the adapter comes from. Stock ``peft.PeftModel.from_pretrained`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from torch import nn
+
+from fedtune.config import RunConfig
+from fedtune.model import build_model, load_base_model, set_adapter_vector
+
+
+def write_adapter(
+    out_dir: Path, cfg: RunConfig, vector: NDArray[np.floating], *, round_: int
+) -> Path:
+    """Build the model, load ``vector`` into its adapter and save it with PEFT."""
+    labels = cfg.data.labels
+    model = build_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed)
+    set_adapter_vector(model, vector)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))  # type: ignore[operator]
+    meta = {"label-names": labels, "round": round_, "lora-variant": cfg.model.lora_variant}
+    (out_dir / "fedtune.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out_dir
+
+
+def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
+    """Base model + adapter through stock ``peft.PeftModel.from_pretrained``."""
+    from peft import PeftModel  # noqa: PLC0415
+
+    labels = json.loads((adapter_dir / "fedtune.json").read_text())["label-names"]
+    # Another seed for the base head on purpose: the adapter must bring its own head.
+    base = load_base_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed + 7919)
+    return PeftModel.from_pretrained(base, str(adapter_dir))

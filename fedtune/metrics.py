@@ -1,0 +1,75 @@
+"""Per-round metrics: the ``metrics.jsonl`` records, their plot and summary table.
+
+Each line of ``metrics.jsonl`` is one round (round 0 is the initial adapter)::
+
+    {"round": 1, "train-seconds": 21.3, "eval-seconds": 3.1, "round-seconds": 24.4,
+     "clients-trained": 4, "clients-dropped": 0, "train-loss": 1.2,
+     "eval-loss": 0.61, "eval-accuracy": 0.83, "eval-examples": 400,
+     "clients": {"client-0": {"train-loss": ..., "eval-loss": ..., "eval-accuracy": ...,
+                              "num-examples": ..., "eval-examples": ...}}}
+
+Weighted values are weighted by each client's example count. Keys are
+kebab-case like the config keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
+    """``sum v_k n_k / sum n_k`` over finite values; NaN when nothing counts."""
+    good = [(v, n) for v, n in pairs if n > 0 and math.isfinite(v)]
+    total = sum(n for _, n in good)
+    return sum(v * n for v, n in good) / total if total else math.nan
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line (the file is created on first use)."""
+    with Path(path).open("a") as fh:
+        fh.write(json.dumps(record, sort_keys=False, allow_nan=True) + "\n")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl``, in order."""
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Write accuracy, loss and (when present) ε per round to a PNG."""
+    import matplotlib  # noqa: PLC0415 - plotting is optional and slow to import
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rounds = [r["round"] for r in records]
+    has_eps = any(r.get("epsilon") is not None for r in records)
+    ncols = 3 if has_eps else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
+    ax_acc, ax_loss = axes[0], axes[1]
+    ax_acc.plot(rounds, [r.get("eval-accuracy", math.nan) for r in records], "o-", label="weighted")
+    clients = sorted({c for r in records for c in r.get("clients", {})})
+    for c in clients:
+        ys = [r.get("clients", {}).get(c, {}).get("eval-accuracy", math.nan) for r in records]
+        ax_acc.plot(rounds, ys, ".", alpha=0.45, label=c if len(clients) <= 8 else None)
+    ax_acc.set(title="held-out accuracy", xlabel="round", ylim=(0, 1))
+    ax_acc.legend(fontsize=7)
+    ax_loss.plot(rounds, [r.get("eval-loss", math.nan) for r in records], "o-", label="eval")
+    ax_loss.plot(
+        rounds, [r.get("train-loss", math.nan) for r in records], "s--", label="train (local)"
+    )
+    ax_loss.set(title="loss", xlabel="round")
+    ax_loss.legend(fontsize=7)
+    if has_eps:
+        axes[2].plot(rounds, [r.get("epsilon", math.nan) for r in records], "o-")
+        axes[2].set(title="ε spent (max over clients)", xlabel="round")
+    for ax in axes:
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,189 @@
+"""Drive a simulated federation on Flower's simulation engine (Ray backend).
+
+The driver is the key holder of a simulated run: it checks the configuration
+before any process starts, writes the run directory, starts Flower's
+simulation engine in this process tree (ServerApp in a thread, ClientApps in Ray
+actors), and when the run ends decodes the last checkpoint and writes the final
+PEFT adapter, the metrics plot and a summary. Ray is shut down by Flower before
+:func:`run_simulation` returns, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from fedtune import data as fdata
+from fedtune.checkpoint import load_checkpoint
+from fedtune.config import ConfigError, RunConfig, parse_run_config
+from fedtune.export import write_adapter
+from fedtune.metrics import plot_metrics, read_records
+from fedtune.model import adapter_layout, build_model
+from fedtune.wire import PlainCodec
+
+log = logging.getLogger("fedtune")
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Where a finished simulation left its outputs."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    adapter_dir: Path
+    seconds: float
+
+
+def preflight(cfg: RunConfig) -> RunConfig:
+    """Check data, partitions and model before any process starts.
+
+    Returns the config with ``label-names`` resolved from the data, so that every
+    client and the server agree on the label order.
+    """
+    fed = cfg.federation
+    dataset = fdata.load_data(cfg.data, seed=fed.seed)
+    fdata.partition_indices(dataset.labels, cfg.data, num_partitions=fed.num_clients, seed=fed.seed)
+    cfg = replace(cfg, data=replace(cfg.data, label_names=",".join(dataset.label_names)))
+    build_model(cfg.model, num_labels=len(dataset.label_names), seed=fed.seed)  # checks modules
+    return cfg
+
+
+def new_run_dir(base: Path = Path("runs")) -> Path:
+    """A fresh ``runs/<timestamp>`` directory name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = base / stamp
+    i = 1
+    while path.exists():
+        path = base / f"{stamp}-{i}"
+        i += 1
+    return path
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """Hide Flower's notice that ``run_simulation`` is deprecated (we know; see README)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def _backend_config(cfg: RunConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
+    import torch  # noqa: PLC0415
+
+    cores = os.cpu_count() or 1
+    cpus = cfg.federation.client_cpus or cores
+    gpus = cfg.federation.client_gpus
+    if gpus < 0:
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    return {
+        "client_resources": {"num_cpus": min(cpus, cores), "num_gpus": gpus},
+        "init_args": {
+            "num_cpus": cores,
+            "num_gpus": torch.cuda.device_count(),
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+            "_temp_dir": str(tmp / "ray"),
+        },
+    }
+
+
+def _quiet_environment(tmp: Path) -> dict[str, str | None]:
+    """Keep Flower and Ray files out of ``~`` and the hub offline; return old values."""
+    values = {
+        "FLWR_HOME": str(tmp / "flwr"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MPLCONFIGDIR": str(tmp / "mpl"),
+    }
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    return old
+
+
+def _restore(old: Mapping[str, str | None]) -> None:
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def simulate(
+    flat: Mapping[str, object], *, run_dir: Path | None = None, verbose: bool = False
+) -> SimulationResult:
+    """Run a simulated federation and write the run directory.
+
+    Parameters
+    ----------
+    flat : Mapping[str, object]
+        Flat kebab-case config overrides (defaults fill the rest).
+    run_dir : Path | None
+        Output directory; must not exist or be empty. Default: a new ``runs/<timestamp>``.
+    verbose : bool
+        Show Flower's and Ray's own logs.
+    """
+    cfg = preflight(parse_run_config(flat))
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"--run-dir {str(run_dir)!r} already exists and is not empty; choose a new one."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
+
+    from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
+
+    from clients.app import make_client_app  # noqa: PLC0415
+    from server.app import make_server_app  # noqa: PLC0415
+
+    tmp = Path(tempfile.mkdtemp(prefix="fedtune-sim-"))
+    old_env = _quiet_environment(tmp)
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    quiet = _DropRunSimulationDeprecation()
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.addFilter(quiet)
+    start = time.perf_counter()
+    try:
+        run_simulation(
+            server_app=make_server_app(wiring),
+            client_app=make_client_app(wiring),
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=_backend_config(cfg, tmp, verbose=verbose),  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        flwr_logger.setLevel(old_level)
+        flwr_logger.removeFilter(quiet)
+        _restore(old_env)
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    adapter_dir = finish_run(run_dir, cfg)
+    return SimulationResult(run_dir, read_records(run_dir / "metrics.jsonl"), adapter_dir, seconds)
+
+
+def finish_run(run_dir: Path, cfg: RunConfig) -> Path:
+    """Decode the last checkpoint, write ``adapter/`` and ``metrics.png``."""
+    records = read_records(run_dir / "metrics.jsonl")
+    plot_metrics(records, run_dir / "metrics.png")
+    checkpoint = load_checkpoint(run_dir / "checkpoint")
+    layout = adapter_layout(build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed))
+    codec = PlainCodec(length=layout.size)
+    payload = codec.validate(checkpoint.payload, aggregate=True)
+    vector = codec.decode(payload) / checkpoint.num_examples
+    return write_adapter(run_dir / "adapter", cfg, vector, round_=checkpoint.round)

@@ -1,0 +1,149 @@
+"""Local training and evaluation loops for sequence classification.
+
+The device is chosen once per process: ``cuda`` when present (``device = "auto"``),
+else ``cpu``. Batches are padded per batch, which keeps short WordNet definitions
+cheap on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedtune.config import Device, TrainConfig
+
+
+def select_device(preference: Device) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("`device` is 'cuda' but no CUDA device is available; use 'auto'.")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
+    """Tokenised texts and their labels; items are unpadded 1-D tensors."""
+
+    def __init__(self, tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, max_length: int) -> None:
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+        self.input_ids: list[list[int]] = enc["input_ids"]
+        self.labels = list(labels)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": torch.tensor(self.input_ids[i], dtype=torch.long),
+            "labels": torch.tensor(self.labels[i], dtype=torch.long),
+        }
+
+
+def pad_collate(pad_id: int):  # type: ignore[no-untyped-def]
+    """Collate unpadded items into a batch padded to its longest sequence."""
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max((len(it["input_ids"]) for it in items), default=1)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n] = it["input_ids"]
+            mask[row, :n] = 1
+        labels = torch.stack([it["labels"] for it in items]) if items else torch.zeros(0, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def make_loader(
+    data: EncodedDataset, *, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+) -> DataLoader[Any]:
+    """A DataLoader with per-batch padding; shuffling draws from ``generator``."""
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=pad_collate(data.pad_id),
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training did."""
+
+    loss: float
+    steps: int
+    num_examples: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out loss and accuracy of one client."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def train_local(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Train the trainable parameters for ``local-epochs`` epochs.
+
+    ``optimizer`` may be supplied already wrapped (e.g. a DP optimizer); by default
+    AdamW over the parameters that require gradients.
+    """
+    model.to(device).train()
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    start = time.perf_counter()
+    total, steps, seen = 0.0, 0, 0
+    for _ in range(cfg.local_epochs):
+        for batch in loader:
+            if len(batch["labels"]) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch["labels"])
+            seen += len(batch["labels"])
+            steps += 1
+    mean = total / seen if seen else math.nan
+    return TrainResult(loss=mean, steps=steps, num_examples=seen, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> EvalResult:
+    """Mean cross-entropy and accuracy over ``loader``."""
+    model.to(device).eval()
+    total, correct, seen = 0.0, 0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        n = len(batch["labels"])
+        total += float(out.loss) * n
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        seen += n
+    if not seen:
+        return EvalResult(loss=math.nan, accuracy=math.nan, num_examples=0)
+    return EvalResult(loss=total / seen, accuracy=correct / seen, num_examples=seen)

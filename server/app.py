@@ -1,0 +1,154 @@
+"""The fedtune ServerApp: parse the config once, build the strategy, run the rounds.
+
+The server holds no secret key and no data. Each round it samples clients,
+sends them the current global sum, adds their (possibly encrypted) replies,
+checkpoints the new sum and asks clients for held-out metrics; it writes one
+line of ``metrics.jsonl`` per round (round 0 evaluates the initial adapter).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from fedtune.checkpoint import Checkpoint, save_checkpoint
+from fedtune.config import WIRING_KEYS, RunConfig, parse_run_config
+from fedtune.metrics import append_record
+from fedtune.model import adapter_layout, build_model
+from fedtune.wire import Codec, PlainCodec
+from server.strategy import FedTuneStrategy, NotEnoughClients
+
+log = logging.getLogger("fedtune.server")
+
+
+def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
+    """Plain codec, or a CKKS codec on the *public* context; never a secret one."""
+    num_labels = len(cfg.data.labels)
+    if num_labels < 2:
+        raise ValueError(
+            "The server needs `label-names` (comma-separated) to know the head's size; "
+            f"got {cfg.data.label_names!r}."
+        )
+    length = adapter_layout(build_model(cfg.model, num_labels=num_labels, seed=cfg.federation.seed)).size
+    public = str(flat.get("public-context", "") or "")
+    if not public:
+        return PlainCodec(length=length)
+    from fedtune import crypto  # noqa: PLC0415 - only with encryption
+    from fedtune.wire import CkksCodec  # noqa: PLC0415
+
+    context = crypto.load_context(Path(public))
+    if crypto.has_secret_key(context):
+        raise crypto.CryptoError(
+            f"`public-context` {public!r} holds a secret key; the server must only get the "
+            "public context (public.ctx from `fedtune keygen`)."
+        )
+    return CkksCodec(context, length=length)
+
+
+def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
+    clients: dict[str, dict[str, float]] = {}
+    for name, values in strategy.last_train.accepted.items():
+        clients.setdefault(name, {}).update(values)
+    for name, values in strategy.last_evaluate.accepted.items():
+        clients.setdefault(name, {}).update(values)
+    return dict(sorted(clients.items()))
+
+
+def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: Path) -> None:
+    """Round 0 evaluation, then train / checkpoint / evaluate for ``num-rounds`` rounds."""
+    console = Console(stderr=True, highlight=False)
+    fed = cfg.federation
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+
+    def evaluate(rnd: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        messages = strategy.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)
+        result = strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=fed.round_timeout))
+        values = dict(result) if result is not None else {}
+        return {**values, "eval-seconds": time.perf_counter() - start}
+
+    record: dict[str, Any] = {"round": 0, **evaluate(0), "clients": _client_table(strategy)}
+    append_record(metrics_path, record)
+    console.print(f"round 0/{fed.num_rounds}  eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}")
+    for rnd in range(1, fed.num_rounds + 1):
+        start = time.perf_counter()
+        with console.status(f"round {rnd}/{fed.num_rounds}: training…"):
+            messages = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+            _, train_metrics = strategy.aggregate_train(rnd, replies)
+        train_seconds = time.perf_counter() - start
+        if train_metrics is None:
+            dropped = "; ".join(f"{k}: {v}" for k, v in strategy.last_train.dropped.items())
+            raise NotEnoughClients(
+                f"Round {rnd}: {len(strategy.last_train.accepted)} of {len(messages)} sampled "
+                f"clients returned a usable update, fewer than `min-clients` = {fed.min_clients}. "
+                f"Stopping; the checkpoint of round {rnd - 1} is kept."
+                + (f" Dropped: {dropped}" if dropped else "")
+            )
+        assert strategy.global_payload is not None  # set by a successful aggregate_train
+        save_checkpoint(
+            run_dir / "checkpoint",
+            Checkpoint(round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples),
+        )
+        with console.status(f"round {rnd}/{fed.num_rounds}: evaluating…"):
+            ev = evaluate(rnd)
+        record = {
+            "round": rnd,
+            "train-seconds": train_seconds,
+            **ev,
+            "round-seconds": time.perf_counter() - start,
+            "clients-sampled": len(messages),
+            "clients-trained": len(strategy.last_train.accepted),
+            "clients-dropped": len(strategy.last_train.dropped),
+            "train-loss": float(train_metrics["train-loss"]),
+            "clients": _client_table(strategy),
+        }
+        append_record(metrics_path, record)
+        console.print(
+            f"round {rnd}/{fed.num_rounds}  clients {record['clients-trained']}/{len(messages)}  "
+            f"train-loss {record['train-loss']:.3f}  eval-loss {ev.get('eval-loss', float('nan')):.3f}  "
+            f"eval-accuracy {ev.get('eval-accuracy', float('nan')):.3f}  {record['round-seconds']:.1f}s"
+        )
+
+
+def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
+    """Build the ServerApp.
+
+    Parameters
+    ----------
+    config : Mapping[str, object] | None
+        Flat run config (with wiring keys such as ``run-dir``) for Python-driven
+        simulations; ``None`` reads ``context.run_config`` as ``flwr run`` sets it.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        flat = dict(config) if config is not None else dict(context.run_config)
+        cfg = parse_run_config(flat, ignore=WIRING_KEYS)
+        run_dir = Path(str(flat.get("run-dir") or "runs/server"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        strategy = FedTuneStrategy(
+            codec=server_codec(cfg, flat),
+            fraction_train=cfg.federation.fraction_train,
+            fraction_evaluate=cfg.federation.fraction_evaluate,
+            min_clients=cfg.federation.min_clients,
+            rng=np.random.default_rng([cfg.federation.seed, 1]),
+        )
+        strategy.summary()
+        run_rounds(grid, cfg, strategy, run_dir)
+
+    return app
+
+
+#: The ServerApp that ``flwr run`` loads (``[tool.flwr.app.components]``).
+app = make_server_app()

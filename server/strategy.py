@@ -1,0 +1,237 @@
+"""The Flower strategy that adds (encrypted or plain) client updates.
+
+Implementation of FedAvg (https://arxiv.org/abs/1602.05629) in its "server only
+adds" form: clients send ``n_k w_k`` and ``n_k``; the strategy keeps the sums.
+It never divides and never decodes, so with a CKKS codec built on a public
+context it aggregates updates it cannot read. Replies are untrusted: each is
+validated by the codec before anything is deserialised, and a bad reply is
+dropped from the round with a log line naming the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedtune.aggregation import FederationError
+from fedtune.metrics import weighted_mean
+from fedtune.wire import Codec, PayloadError, WirePayload
+
+log = logging.getLogger("fedtune.server")
+
+#: Upper bound on a client's reported example count (an untrusted number).
+MAX_CLIENT_EXAMPLES = 10_000_000
+
+
+class NotEnoughClients(FederationError):
+    """Fewer clients than ``min-clients`` connected or took part in a round."""
+
+
+@dataclass
+class RoundOutcome:
+    """What the strategy saw in one phase of one round."""
+
+    accepted: dict[str, dict[str, float]] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+def _client_name(msg: Message) -> str:
+    """The client's self-reported name (untrusted: bounded), else its node id."""
+    node = f"node-{msg.metadata.src_node_id}"
+    try:
+        name = msg.content.config_records["info"]["client"]
+    except (KeyError, TypeError):
+        return node
+    ok = isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable()
+    return name if ok else node
+
+
+def _metric(msg: Message, key: str) -> float:
+    records = msg.content.metric_records
+    if "metrics" not in records or key not in records["metrics"]:
+        raise PayloadError(f"reply has no metric {key!r}.")
+    value = records["metrics"][key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise PayloadError(f"metric {key!r} must be a number, got {value!r}.")
+    return float(value)
+
+
+def _num_examples(msg: Message) -> int:
+    n = _metric(msg, "num-examples")
+    if not (n.is_integer() and 1 <= n <= MAX_CLIENT_EXAMPLES):
+        raise PayloadError(f"num-examples must be an integer in [1, {MAX_CLIENT_EXAMPLES}], got {n!r}.")
+    return int(n)
+
+
+class FedTuneStrategy(Strategy):
+    """Sample clients, send the global sum, add the replies' payloads.
+
+    Parameters
+    ----------
+    codec : Codec
+        Validates and adds payloads; a public-context CKKS codec on a real server.
+    fraction_train, fraction_evaluate : float
+        Fraction of connected clients sampled per round (at least ``min_clients``).
+    min_clients : int
+        Clients that must be connected to start a round and must reply for it to count.
+    rng : numpy.random.Generator
+        Client sampling draws from it (seed it for reproducible runs).
+    connect_timeout : float
+        Seconds to wait for ``min_clients`` to connect before giving up.
+    """
+
+    def __init__(
+        self,
+        *,
+        codec: Codec,
+        fraction_train: float,
+        fraction_evaluate: float,
+        min_clients: int,
+        rng: np.random.Generator,
+        connect_timeout: float = 300.0,
+    ) -> None:
+        self.codec = codec
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_clients = min_clients
+        self.rng = rng
+        self.connect_timeout = connect_timeout
+        self.global_payload: WirePayload | None = None
+        self.global_examples = 0
+        self.last_train = RoundOutcome()
+        self.last_evaluate = RoundOutcome()
+
+    def summary(self) -> None:
+        """Log the sampling configuration."""
+        log.info(
+            "FedTuneStrategy: fraction train %.2f, evaluate %.2f, min clients %d, codec %s",
+            self.fraction_train,
+            self.fraction_evaluate,
+            self.min_clients,
+            type(self.codec).__name__,
+        )
+
+    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+        deadline = time.monotonic() + self.connect_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_clients:
+            if time.monotonic() > deadline:
+                raise NotEnoughClients(
+                    f"Only {len(nodes)} client(s) connected after {self.connect_timeout:.0f} s; "
+                    f"`min-clients` is {self.min_clients}."
+                )
+            time.sleep(0.5)
+        size = min(len(nodes), max(math.ceil(fraction * len(nodes)), self.min_clients))
+        # Node ids are uint64; draw positions, not ids, so numpy never converts them.
+        picks = self.rng.choice(len(nodes), size=size, replace=False)
+        return sorted(int(nodes[i]) for i in picks)
+
+    def _content(self, server_round: int) -> RecordDict:
+        content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+        if self.global_payload is not None:
+            content["global"] = ConfigRecord(
+                {**self.global_payload, "num-examples": self.global_examples}
+            )
+        return content
+
+    def _messages(self, server_round: int, nodes: list[int], kind: str) -> list[Message]:
+        return [
+            Message(content=self._content(server_round), dst_node_id=n, message_type=kind)
+            for n in nodes
+        ]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per sampled client, carrying the current global sum."""
+        return self._messages(server_round, self._sample(grid, self.fraction_train), MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One evaluate message per sampled client."""
+        nodes = self._sample(grid, self.fraction_evaluate)
+        return self._messages(server_round, nodes, MessageType.EVALUATE)
+
+    def _drop(self, outcome: RoundOutcome, who: str, reason: str, phase: str) -> None:
+        outcome.dropped[who] = reason
+        log.warning("Dropped %s reply from %s: %s", phase, who, reason)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, add the good ones, keep the sums as the new global state."""
+        outcome = RoundOutcome()
+        payloads: list[WirePayload] = []
+        counts: list[int] = []
+        for msg in replies:
+            who = _client_name(msg)
+            if msg.has_error():
+                self._drop(outcome, who, f"client error: {msg.error.reason}", "train")
+                continue
+            try:
+                if "update" not in msg.content.config_records:
+                    raise PayloadError("reply has no 'update' record.")
+                n = _num_examples(msg)
+                payload = self.codec.validate(dict(msg.content.config_records["update"]))
+                loss = _metric(msg, "train-loss")
+            except PayloadError as err:
+                self._drop(outcome, who, str(err), "train")
+                continue
+            payloads.append(payload)
+            counts.append(n)
+            outcome.accepted[who] = {"train-loss": loss, "num-examples": float(n)}
+        self.last_train = outcome
+        if len(payloads) < self.min_clients:
+            log.warning(
+                "Round %d: %d usable update(s), fewer than min-clients (%d); state unchanged.",
+                server_round,
+                len(payloads),
+                self.min_clients,
+            )
+            return None, None
+        try:
+            total = self.codec.add(payloads)
+        except PayloadError as err:  # a payload passed the checks but would not deserialise
+            log.warning("Round %d: aggregation failed (%s); keeping the previous state.", server_round, err)
+            self.last_train = RoundOutcome(dropped={**outcome.dropped, "aggregate": str(err)})
+            return None, None
+        self.global_payload, self.global_examples = total, int(sum(counts))
+        loss = weighted_mean([(m["train-loss"], int(m["num-examples"])) for m in outcome.accepted.values()])
+        return ArrayRecord(), MetricRecord({"train-loss": loss, "num-examples": self.global_examples})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted held-out loss and accuracy over the clients that replied."""
+        outcome = RoundOutcome()
+        for msg in replies:
+            who = _client_name(msg)
+            if msg.has_error():
+                self._drop(outcome, who, f"client error: {msg.error.reason}", "evaluate")
+                continue
+            try:
+                n = _num_examples(msg)
+                values = {k: _metric(msg, k) for k in ("eval-loss", "eval-accuracy")}
+            except PayloadError as err:
+                self._drop(outcome, who, str(err), "evaluate")
+                continue
+            outcome.accepted[who] = {**values, "eval-examples": float(n)}
+        self.last_evaluate = outcome
+        if not outcome.accepted:
+            return None
+        pairs = list(outcome.accepted.values())
+        return MetricRecord(
+            {
+                "eval-loss": weighted_mean([(m["eval-loss"], int(m["eval-examples"])) for m in pairs]),
+                "eval-accuracy": weighted_mean(
+                    [(m["eval-accuracy"], int(m["eval-examples"])) for m in pairs]
+                ),
+                "eval-examples": int(sum(m["eval-examples"] for m in pairs)),
+            }
+        )
