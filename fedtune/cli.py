@@ -147,10 +147,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """No per-file progress bars from datasets / transformers in the CLI's output."""
+    import datasets  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedtune`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     commands = {"simulate": _cmd_simulate, "evaluate": _cmd_evaluate}
     try:
         return commands[args.command](args)

@@ -99,8 +99,9 @@ def load_base_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Modul
     try:
         with seeded(seed), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # A checkpoint may carry a head of another size: fedtune always trains its own.
             model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels
+                str(path), num_labels=num_labels, ignore_mismatched_sizes=True
             )
     finally:
         transformers.logging.set_verbosity(verbosity)

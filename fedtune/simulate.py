@@ -25,7 +25,7 @@ from fedtune.checkpoint import load_checkpoint
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.export import write_adapter
 from fedtune.metrics import plot_metrics, read_records
-from fedtune.model import adapter_layout, build_model
+from fedtune.model import adapter_layout, build_model, resolve_model_path
 from fedtune.wire import PlainCodec
 
 log = logging.getLogger("fedtune")
@@ -48,6 +48,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
     client and the server agree on the label order.
     """
     fed = cfg.federation
+    resolve_model_path(cfg.model)  # the cheapest check first
     dataset = fdata.load_data(cfg.data, seed=fed.seed)
     fdata.partition_indices(dataset.labels, cfg.data, num_partitions=fed.num_clients, seed=fed.seed)
     cfg = replace(cfg, data=replace(cfg.data, label_names=",".join(dataset.label_names)))

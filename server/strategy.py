@@ -46,6 +46,8 @@ class RoundOutcome:
 def _client_name(msg: Message) -> str:
     """The client's self-reported name (untrusted: bounded), else its node id."""
     node = f"node-{msg.metadata.src_node_id}"
+    if not msg.has_content():
+        return node
     try:
         name = msg.content.config_records["info"]["client"]
     except (KeyError, TypeError):

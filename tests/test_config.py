@@ -1,0 +1,92 @@
+"""Config parsing: defaults, coercion and errors that name the key and the value."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedtune.config import (
+    WIRING_KEYS,
+    ConfigError,
+    RunConfig,
+    load_toml,
+    parse_assignment,
+    parse_run_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_equal_dataclass_defaults() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    wiring = {k: declared.pop(k) for k in list(declared) if k in WIRING_KEYS}
+    assert set(wiring) == WIRING_KEYS
+    assert declared == RunConfig().to_flat()
+
+
+def test_every_simulation_file_parses() -> None:
+    files = sorted((ROOT / "simulations").glob("*.toml"))
+    assert {f.name for f in files} >= {"quickstart.toml", "noniid.toml"}
+    for path in files:
+        parse_run_config(load_toml(path))
+
+
+def test_strings_from_set_are_coerced_to_the_default_type() -> None:
+    cfg = parse_run_config({"num-rounds": "3", "learning-rate": "1e-3", "lora-variant": "ffa"})
+    assert cfg.federation.num_rounds == 3
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.lora_variant == "ffa"
+    assert cfg.model.target_modules == ["query", "value"]
+
+
+def test_round_trip_through_toml() -> None:
+    cfg = parse_run_config({"num-rounds": 7, "data-path": 'a "quoted" path', "dirichlet-alpha": 0.3})
+    again = parse_run_config(tomllib.loads(cfg.to_toml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"num-round": 3}, r"Unknown config key 'num-round' \(value 3\)\. Did you mean 'num-rounds'"),
+        ({"dirichlet-alpha": 0}, r"`dirichlet-alpha` must be > 0 .*got 0\.0"),
+        ({"dirichlet-alpha": -1.5}, r"`dirichlet-alpha` must be > 0 .*got -1\.5"),
+        ({"num-rounds": "three"}, r"`num-rounds` must be an integer, got 'three'"),
+        ({"num-rounds": 0}, r"`num-rounds` must be >= 1, got 0"),
+        ({"partitioning": "random"}, r"`partitioning` must be one of iid, dirichlet, got 'random'"),
+        ({"lora-variant": "qlora"}, r"`lora-variant` must be one of standard, ffa, got 'qlora'"),
+        ({"lora-target-modules": " , "}, r"`lora-target-modules` must name at least one module"),
+        ({"test-fraction": 1.0}, r"`test-fraction` must be in \(0, 1\), got 1\.0"),
+        ({"min-clients": 5, "num-clients": 4}, r"`min-clients` must be <= num-clients \(4\), got 5"),
+        ({"fraction-train": 0}, r"`fraction-train` must be in \(0, 1\], got 0\.0"),
+        ({"learning-rate": True}, r"`learning-rate` must be a number, got True"),
+        ({"label-names": "a,b,a"}, r"`label-names` must not repeat a name, got 'a,b,a'"),
+    ],
+)
+def test_bad_values_name_key_and_value(values: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_run_config(values)
+
+
+def test_wiring_keys_are_skipped_only_when_asked() -> None:
+    parse_run_config({"run-dir": "/tmp/x"}, ignore=WIRING_KEYS)
+    with pytest.raises(ConfigError, match="Unknown config key 'run-dir'"):
+        parse_run_config({"run-dir": "/tmp/x"})
+
+
+def test_assignment_and_toml_errors(tmp_path: Path) -> None:
+    assert parse_assignment("num-rounds = 3") == ("num-rounds", "3")
+    with pytest.raises(ConfigError, match="--set expects key=value, got 'num-rounds'"):
+        parse_assignment("num-rounds")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num-rounds = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_toml(bad)
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[train]\nbatch-size = 4\n")
+    with pytest.raises(ConfigError, match=r"table \[train\] is not supported"):
+        load_toml(nested)

@@ -1,0 +1,92 @@
+"""The server strategy: adds what clients sent, drops bad replies with a log line."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.wire import PlainCodec
+from server.strategy import FedTuneStrategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    # Messages built outside a running app need an identity (run_simulation sets the same).
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _reply(node: int, content: RecordDict | Error) -> Message:
+    ins = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=ins)
+
+
+def _update(codec: PlainCodec, node: int, vector: list[float], n: int, **metrics: object) -> Message:
+    return _reply(
+        node,
+        RecordDict(
+            {
+                "update": ConfigRecord(dict(codec.encode(np.asarray(vector) * n))),
+                "info": ConfigRecord({"client": f"client-{node}"}),
+                "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **metrics}),  # type: ignore[dict-item]
+            }
+        ),
+    )
+
+
+def _strategy(codec: PlainCodec, min_clients: int = 1) -> FedTuneStrategy:
+    return FedTuneStrategy(
+        codec=codec,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_clients=min_clients,
+        rng=np.random.default_rng(0),
+    )
+
+
+def test_sum_of_good_replies_by_hand() -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    replies = [_update(codec, 1, [1.0, 2.0], 1), _update(codec, 2, [4.0, -1.0], 2)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and metrics["num-examples"] == 3
+    assert strategy.global_payload is not None
+    mean = codec.decode(strategy.global_payload) / strategy.global_examples
+    np.testing.assert_allclose(mean, [3.0, 0.0])  # (w0 * 1 + w1 * 2) / 3
+
+
+def test_bad_replies_are_dropped_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    good = _update(codec, 1, [1.0, 1.0], 4)
+    truncated = _update(codec, 2, [1.0, 1.0], 4)
+    truncated.content.config_records["update"]["chunks"] = [b"\x00" * 15]
+    wrong_key = _update(codec, 3, [1.0, 1.0], 4)
+    wrong_key.content.config_records["update"]["fingerprint"] = "plain:other"
+    zero_examples = _update(codec, 4, [1.0, 1.0], 1)
+    zero_examples.content.metric_records["metrics"]["num-examples"] = 0
+    no_update = _reply(5, RecordDict({"metrics": MetricRecord({"num-examples": 3, "train-loss": 0.1})}))
+    crashed = _reply(6, Error(code=2, reason="boom"))
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        _, metrics = strategy.aggregate_train(1, [good, truncated, wrong_key, zero_examples, no_update, crashed])
+    assert metrics is not None and metrics["num-examples"] == 4
+    assert list(strategy.last_train.accepted) == ["client-1"]
+    dropped = strategy.last_train.dropped
+    assert set(dropped) == {"client-2", "client-3", "client-4", "node-5", "node-6"}
+    assert "one chunk of 16 bytes" in dropped["client-2"]
+    assert "does not match" in dropped["client-3"]
+    assert "num-examples must be an integer in [1," in dropped["client-4"]
+    assert "no 'update' record" in dropped["node-5"]
+    assert "boom" in dropped["node-6"]
+    assert "Dropped train reply from client-2" in caplog.text
+
+
+def test_too_few_usable_replies_keep_the_previous_state() -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec, min_clients=2)
+    arrays, metrics = strategy.aggregate_train(1, [_update(codec, 1, [1.0, 1.0], 2)])
+    assert (arrays, metrics) == (None, None)
+    assert strategy.global_payload is None
