@@ -4,6 +4,8 @@ Subcommands
 -----------
 simulate   run a simulated federation and write a run directory
 evaluate   reload a run's adapter with stock PEFT and re-score the clients' held-out data
+keygen     make a CKKS key pair (secret context for clients, public for the server)
+export     decrypt a run's checkpoint and write the final PEFT adapter
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import CheckpointError
+from fedtune.crypto.errors import CryptoError
 from fedtune.config import ConfigError, describe_keys, load_toml, parse_assignment
 
 RUN_DIR_HELP = """\
@@ -93,6 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory written by `fedtune simulate`")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    kg = sub.add_parser(
+        "keygen",
+        help="make a CKKS key pair: secret context for clients, public context for the server",
+        description=(
+            "Write OUT/secret.ctx (mode 0600: give it to every client node, never to the "
+            "server), OUT/public.ctx (for the server: it can add ciphertexts but not "
+            "decrypt) and OUT/fingerprint.txt (the same for both; each side checks it). "
+            "Existing keys are never overwritten."
+        ),
+    )
+    kg.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the key files")
+
+    ex = sub.add_parser(
+        "export",
+        help="decrypt a run's checkpoint and write the final PEFT adapter (key holders only)",
+        description=(
+            "Read RUN_DIR/checkpoint (the global sum the server kept), decrypt it with the "
+            "secret context if the run was encrypted, divide by the example count and write "
+            "a standard PEFT adapter directory."
+        ),
+    )
+    ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with config.toml and checkpoint/")
+    ex.add_argument("--key", type=Path, metavar="SECRET_CONTEXT", help="secret.ctx from `fedtune keygen` (encrypted runs)")
+    ex.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: RUN_DIR/adapter)")
     return parser
 
 
@@ -156,15 +184,45 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from fedtune import crypto  # noqa: PLC0415
+
+    if (args.out / "secret.ctx").exists():
+        raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
+    files = crypto.save_keys(crypto.make_secret_context(), args.out)
+    print(f"secret context (clients only, mode 0600): {files.secret}")
+    print(f"public context (server): {files.public}")
+    print(f"fingerprint: {files.fingerprint.read_text().strip()}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedtune.config import parse_run_config  # noqa: PLC0415
+    from fedtune.export import export_adapter  # noqa: PLC0415
+
+    config = args.run_dir / "config.toml"
+    cfg = parse_run_config(load_toml(config))
+    if args.key is not None and not args.key.is_file():
+        raise ConfigError(f"--key {str(args.key)!r} does not exist.")
+    out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
+    print(f"adapter written to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedtune`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    commands = {"simulate": _cmd_simulate, "evaluate": _cmd_evaluate}
+    commands = {
+        "simulate": _cmd_simulate,
+        "evaluate": _cmd_evaluate,
+        "keygen": _cmd_keygen,
+        "export": _cmd_export,
+    }
     try:
         return commands[args.command](args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, CryptoError) as err:
         print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FederationError as err:

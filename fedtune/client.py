@@ -40,6 +40,11 @@ class TrainOutcome:
     result: TrainResult
 
 
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A seed of its own for each (run seed, round, client)."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
 def make_codec(cfg: RunConfig, *, length: int, secret_context: Path | None = None) -> Codec:
     """The client's codec: plaintext, or CKKS with the secret context at ``secret_context``."""
     if secret_context is None:
@@ -98,13 +103,14 @@ class ClientRuntime:
     def train(self, state: GlobalState | None, *, server_round: int) -> TrainOutcome:
         """Train from the global adapter; return the encoded ``n_k w_k``."""
         fmodel.set_adapter_vector(self.model, self.global_vector(state))
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.cfg.federation.seed, server_round, self.partition_id]).generate_state(1)[0])
-        )
+        seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
+        generator = torch.Generator().manual_seed(seed)
         loader = make_loader(
             self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator
         )
-        result = train_local(self.model, loader, self.cfg.train, device=self.device)
+        # Dropout draws from torch's global RNG: seed it too, so a round is reproducible.
+        with fmodel.seeded(seed):
+            result = train_local(self.model, loader, self.cfg.train, device=self.device)
         n = self.num_train_examples
         payload = self.codec.encode(prescale(fmodel.get_adapter_vector(self.model), n))
         return TrainOutcome(payload=payload, num_examples=n, result=result)

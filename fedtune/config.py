@@ -227,6 +227,19 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class CryptoConfig:
+    """Encrypted aggregation.
+
+    With ``encryption = true`` clients send CKKS ciphertexts of ``n_k w_k`` and
+    the server adds them with a public context (no secret key). A simulation
+    makes fresh keys per run in ``RUN_DIR/keys``; a deployment uses
+    ``fedtune keygen``.
+    """
+
+    encryption: bool = False
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The fully resolved configuration of one run."""
 
@@ -234,6 +247,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
 
     def __post_init__(self) -> None:
         fed = self.federation
@@ -258,12 +272,13 @@ class RunConfig:
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_flat().items())
 
 
-_SECTIONS: tuple[str, ...] = ("model", "data", "train", "federation")
+_SECTIONS: tuple[str, ...] = ("model", "data", "train", "federation", "crypto")
 _SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "federation": FederationConfig,
+    "crypto": CryptoConfig,
 }
 
 

@@ -15,8 +15,11 @@ import numpy as np
 from numpy.typing import NDArray
 from torch import nn
 
-from fedtune.config import RunConfig
-from fedtune.model import build_model, load_base_model, set_adapter_vector
+from fedtune.aggregation import WeightedSum
+from fedtune.checkpoint import load_checkpoint
+from fedtune.client import make_codec
+from fedtune.config import ConfigError, RunConfig
+from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
 
 
 def write_adapter(
@@ -41,3 +44,18 @@ def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
     # Another seed for the base head on purpose: the adapter must bring its own head.
     base = load_base_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed + 7919)
     return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def export_adapter(
+    run_dir: Path, cfg: RunConfig, *, secret_context: Path | None, out_dir: Path | None = None
+) -> Path:
+    """Decode ``run_dir/checkpoint`` (decrypting with ``secret_context`` if encrypted)
+    and write the PEFT adapter to ``out_dir`` (default ``run_dir/adapter``)."""
+    checkpoint = load_checkpoint(run_dir / "checkpoint")
+    layout = adapter_layout(build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed))
+    if cfg.crypto.encryption and secret_context is None:
+        raise ConfigError(f"{str(run_dir)!r} is encrypted: pass the secret context (--key).")
+    codec = make_codec(cfg, length=layout.size, secret_context=secret_context if cfg.crypto.encryption else None)
+    payload = codec.validate(checkpoint.payload, aggregate=True)
+    vector = WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
+    return write_adapter(out_dir or run_dir / "adapter", cfg, vector, round_=checkpoint.round)

@@ -69,7 +69,7 @@ def seeded(seed: int) -> Iterator[None]:
     makes every client build bit-identical heads and LoRA matrices from the run
     seed without leaking the seeding into the caller.
     """
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
         yield
 

@@ -23,10 +23,9 @@ from typing import Any
 from fedtune import data as fdata
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import ConfigError, RunConfig, parse_run_config
-from fedtune.export import write_adapter
+from fedtune.export import export_adapter
 from fedtune.metrics import plot_metrics, read_records
-from fedtune.model import adapter_layout, build_model, resolve_model_path
-from fedtune.wire import PlainCodec
+from fedtune.model import build_model, resolve_model_path
 
 log = logging.getLogger("fedtune")
 
@@ -145,6 +144,15 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
+    client_wiring, server_wiring = dict(wiring), dict(wiring)
+    if cfg.crypto.encryption:
+        # The driver is the key holder of a simulated run: fresh keys per run; the
+        # server side only ever gets the path of the public context.
+        from fedtune import crypto  # noqa: PLC0415
+
+        keys = crypto.save_keys(crypto.make_secret_context(), run_dir / "keys")
+        client_wiring["secret-context"] = str(keys.secret.resolve())
+        server_wiring["public-context"] = str(keys.public.resolve())
 
     from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
 
@@ -162,8 +170,8 @@ def simulate(
     start = time.perf_counter()
     try:
         run_simulation(
-            server_app=make_server_app(wiring),
-            client_app=make_client_app(wiring),
+            server_app=make_server_app(server_wiring),
+            client_app=make_client_app(client_wiring),
             num_supernodes=cfg.federation.num_clients,
             backend_config=_backend_config(cfg, tmp, verbose=verbose),  # type: ignore[arg-type]
             verbose_logging=verbose,
@@ -174,17 +182,12 @@ def simulate(
         _restore(old_env)
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
-    adapter_dir = finish_run(run_dir, cfg)
+    secret = run_dir / "keys" / "secret.ctx" if cfg.crypto.encryption else None
+    adapter_dir = finish_run(run_dir, cfg, secret_context=secret)
     return SimulationResult(run_dir, read_records(run_dir / "metrics.jsonl"), adapter_dir, seconds)
 
 
-def finish_run(run_dir: Path, cfg: RunConfig) -> Path:
-    """Decode the last checkpoint, write ``adapter/`` and ``metrics.png``."""
-    records = read_records(run_dir / "metrics.jsonl")
-    plot_metrics(records, run_dir / "metrics.png")
-    checkpoint = load_checkpoint(run_dir / "checkpoint")
-    layout = adapter_layout(build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed))
-    codec = PlainCodec(length=layout.size)
-    payload = codec.validate(checkpoint.payload, aggregate=True)
-    vector = codec.decode(payload) / checkpoint.num_examples
-    return write_adapter(run_dir / "adapter", cfg, vector, round_=checkpoint.round)
+def finish_run(run_dir: Path, cfg: RunConfig, *, secret_context: Path | None = None) -> Path:
+    """Write ``metrics.png`` and, as the key holder, ``adapter/`` from the last checkpoint."""
+    plot_metrics(read_records(run_dir / "metrics.jsonl"), run_dir / "metrics.png")
+    return export_adapter(run_dir, cfg, secret_context=secret_context)

@@ -64,7 +64,7 @@ def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
 
 def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: Path) -> None:
     """Round 0 evaluation, then train / checkpoint / evaluate for ``num-rounds`` rounds."""
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     fed = cfg.federation
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)

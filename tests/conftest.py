@@ -52,12 +52,12 @@ def toy_rows(n_per_label: int = 20, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-@pytest.fixture
-def toy_csv(tmp_path: Path) -> Path:
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CSV file with `text` and `label` columns (3 labels, 120 rows)."""
     import csv
 
-    path = tmp_path / "toy.csv"
+    path = tmp_path_factory.mktemp("toy") / "toy.csv"
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["text", "label"])
         writer.writeheader()

@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,47 +42,111 @@ def _fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.mark.slow
-def test_simulate_then_reload_adapter_with_stock_peft(tiny_model_dir: Path, toy_csv: Path, tmp_path: Path) -> None:
-    before = _ray_or_flower_processes()
-    run_dir = tmp_path / "run"
+TRAIN_ARGS = (
+    "--set", "num-clients=3",
+    "--set", "num-rounds=6",
+    "--set", "learning-rate=0.02",
+    "--set", "batch-size=8",
+    "--set", "lora-rank=4",
+    "--set", "local-epochs=4",
+)
+
+
+def _simulate(run_dir: Path, model: Path, data: Path, *extra: str) -> list[dict[str, object]]:
     proc = _fedtune(
-        "simulate",
-        "--run-dir", str(run_dir),
-        "--set", f"model-path={tiny_model_dir}",
-        "--set", f"data-path={toy_csv}",
-        "--set", "num-clients=3",
-        "--set", "num-rounds=6",
-        "--set", "learning-rate=0.02",
-        "--set", "batch-size=8",
-        "--set", "lora-rank=4",
-        "--set", "local-epochs=4",
+        "simulate", "--run-dir", str(run_dir),
+        "--set", f"model-path={model}", "--set", f"data-path={data}", *TRAIN_ARGS, *extra,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 6/6" in proc.stderr
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    before = _ray_or_flower_processes()
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    _simulate(run_dir, tiny_model_dir, toy_csv)
+    assert not (_ray_or_flower_processes() - before), "simulation left processes running"
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def encrypted_run(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("encrypted") / "run"
+    _simulate(run_dir, tiny_model_dir, toy_csv, "--set", "encryption=true")
+    return run_dir
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_simulation_learns_and_writes_the_run_directory(plain_run: Path) -> None:
     for name in ("config.toml", "metrics.jsonl", "metrics.png", "checkpoint/state.json",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
-        assert (run_dir / name).is_file(), name
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert (plain_run / name).is_file(), name
+    records = _records(plain_run)
     assert [r["round"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
     assert all(r["clients-trained"] == 3 for r in records[1:])
     assert set(records[-1]["clients"]) == {"client-0", "client-1", "client-2"}
     assert records[-1]["eval-loss"] < records[0]["eval-loss"] - 0.1
     assert records[-1]["eval-accuracy"] > 0.6  # chance is 1/3
-    assert "round 6/6" in proc.stderr
 
-    # The exported adapter, loaded with stock peft, reproduces the reported accuracy.
-    ev = _fedtune("evaluate", str(run_dir), "--json")
+
+@pytest.mark.slow
+def test_adapter_reloads_with_stock_peft_and_reproduces_accuracy(plain_run: Path, tiny_model_dir: Path) -> None:
+    ev = _fedtune("evaluate", str(plain_run), "--json")
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads(ev.stdout)
-    assert report["eval-accuracy"] == pytest.approx(records[-1]["eval-accuracy"], abs=1e-9)
+    assert report["eval-accuracy"] == pytest.approx(_records(plain_run)[-1]["eval-accuracy"], abs=1e-9)
 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=3, ignore_mismatched_sizes=True)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_model_dir), num_labels=3, ignore_mismatched_sizes=True
+    )
+    model = PeftModel.from_pretrained(base, str(plain_run / "adapter"))
     assert any("lora_B" in n for n, _ in model.named_parameters())
-    assert not (_ray_or_flower_processes() - before), "simulation left processes running"
+
+
+@pytest.mark.slow
+def test_encrypted_run_matches_plain_run(plain_run: Path, encrypted_run: Path) -> None:
+    plain, enc = _records(plain_run), _records(encrypted_run)
+    for p, e in zip(plain, enc, strict=True):
+        assert abs(p["eval-accuracy"] - e["eval-accuracy"]) < 0.005
+        assert p["eval-loss"] == pytest.approx(e["eval-loss"], abs=1e-4)
+    assert (encrypted_run / "keys" / "secret.ctx").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_no_server_side_file_contains_the_secret_key(encrypted_run: Path) -> None:
+    key = (encrypted_run / "keys" / "secret.ctx").read_bytes().split(b"\n", 1)[1]
+    windows = [key[i : i + 48] for i in range(0, len(key) - 48, max(1, len(key) // 16))]
+    server_files = [
+        p for p in encrypted_run.rglob("*") if p.is_file() and "keys" not in p.relative_to(encrypted_run).parts
+        and "adapter" not in p.relative_to(encrypted_run).parts
+    ]
+    assert any(p.parent.name == "checkpoint" for p in server_files)
+    for path in server_files:
+        data = path.read_bytes()
+        assert not any(w in data for w in windows), path
+
+
+@pytest.mark.slow
+def test_export_decrypts_with_the_key_and_refuses_without(encrypted_run: Path, tmp_path: Path) -> None:
+    no_key = _fedtune("export", str(encrypted_run), "--out", str(tmp_path / "a"))
+    assert no_key.returncode == 2 and "is encrypted: pass the secret context (--key)" in no_key.stderr
+    ok = _fedtune("export", str(encrypted_run), "--key", str(encrypted_run / "keys" / "secret.ctx"),
+                  "--out", str(tmp_path / "b"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    from safetensors.numpy import load_file
+
+    a = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    b = load_file(str(encrypted_run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(

@@ -208,9 +208,7 @@ def _prv_domain_points(history: list[tuple[float, float, int]], delta_error: flo
         rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)
         for s, q, n in history
     )
-    half_width, _ = rdp_analysis.get_privacy_spent(
-        orders=orders, rdp=rdp, delta=delta_error / 4
-    )
+    half_width, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta_error / 4)
     for s, q, _ in history:
         one = rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=1, orders=orders)
         eps_one, _ = rdp_analysis.get_privacy_spent(

@@ -68,8 +68,9 @@ class ClientAudit:
         out: dict[str, Any] = {}
         for key, value in self.__dict__.items():
             if isinstance(value, float) and not math.isfinite(value):
-                value = str(value)
-            out[key] = list(value) if isinstance(value, tuple) else value
+                out[key] = str(value)
+            else:
+                out[key] = list(value) if isinstance(value, tuple) else value
         return out
 
 
@@ -104,6 +105,7 @@ def _audit_one(
     records: list[LedgerRecord], *, budget: float | None, tolerance: float, every_record: bool
 ) -> ClientAudit:
     problems: list[str] = []
+    under = False
     seen: set[tuple[str, int, str]] = set()
     state = AccountantState()
     last = records[-1]
@@ -111,10 +113,13 @@ def _audit_one(
         if r.key in seen:
             problems.append(f"round {r.key} appears more than once (each copy is counted)")
         seen.add(r.key)
-        state = state.compose(noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps)
+        state = state.compose(
+            noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps
+        )
         if every_record or i == len(records) - 1:
             prv = state.epsilon(delta=r.delta, accountant="prv")
             if r.epsilon < prv - tolerance:
+                under = True
                 problems.append(
                     f"run {r.run_id!r} round {r.round}: reported ε={r.epsilon:.6g} but PRV "
                     f"recomputes {prv:.6g} (tolerance {tolerance:g})"
@@ -127,9 +132,9 @@ def _audit_one(
     if overrun:
         problems.insert(
             0,
-            f"budget ε={budget:g} exceeded: recomputed PRV ε={eps_prv:.6g}, reported ε={last.epsilon:.6g}",
+            f"budget ε={budget:g} exceeded: recomputed PRV ε={eps_prv:.6g}, "
+            f"reported ε={last.epsilon:.6g}",
         )
-    under = any("recomputes" in p for p in problems)
     verdict = "overrun" if overrun else ("under-reported" if under else "ok")
     return ClientAudit(
         client=last.client,

@@ -98,7 +98,9 @@ def distributed_noise(
     clip = check_positive("clip_norm", clip_norm)
     m = check_positive_int("num_sampled_clients", num_sampled_clients)
     if not isinstance(generator, np.random.Generator):
-        raise ValueError(f"`generator` must be a numpy.random.Generator, got {type(generator).__name__}.")
+        raise ValueError(
+            f"`generator` must be a numpy.random.Generator, got {type(generator).__name__}."
+        )
     return generator.normal(0.0, sigma * clip / math.sqrt(m), size=shape)
 
 

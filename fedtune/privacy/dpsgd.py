@@ -104,7 +104,9 @@ def check_dp_compatible(
                 "model to its device *before* get_peft_model() and before building the optimizer."
             )
     if optimizer is not None:
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+        in_optimizer = {
+            id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+        }
         stray = in_optimizer - set(trainable)
         if stray:
             raise UnsupportedLayerError(

@@ -108,7 +108,9 @@ class LedgerRecord:
         """True when ``other`` records the same round with the same parameters."""
         skip = {"epsilon", "timestamp"}
         return all(
-            getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in skip
+            getattr(self, f.name) == getattr(other, f.name)
+            for f in fields(self)
+            if f.name not in skip
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +126,9 @@ class LedgerRecord:
         names = {f.name for f in fields(cls)}
         if not isinstance(data, Mapping) or set(data) != names:
             got = sorted(data) if isinstance(data, Mapping) else data
-            raise ValueError(f"a ledger record must have exactly the keys {sorted(names)}, got {got!r}.")
+            raise ValueError(
+                f"a ledger record must have exactly the keys {sorted(names)}, got {got!r}."
+            )
         values = dict(data)
         if values["epsilon"] == "inf":
             values["epsilon"] = math.inf
@@ -134,7 +138,9 @@ class LedgerRecord:
 def _history_of(records: list[LedgerRecord]) -> AccountantState:
     state = AccountantState()
     for r in records:
-        state = state.compose(noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps)
+        state = state.compose(
+            noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps
+        )
     return state
 
 
@@ -186,10 +192,11 @@ class PrivacyLedger:
                     break
                 raise LedgerCorruptError(
                     f"privacy ledger {self.path}: line {i + 1} is not a valid record ({err}). "
-                    "Only a torn last line is repaired automatically; restore this file from a backup."
+                    "Only a torn last line is repaired automatically; restore this file "
+                    "from a backup."
                 ) from err
             records.append(record)
-            # a complete record missing only its newline still counts; the newline is added on repair
+            # a complete record missing only its newline counts; repair adds the newline
             offset += len(raw) + (0 if last else 1)
         return records, offset
 
