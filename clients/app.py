@@ -6,8 +6,11 @@ Message contents (keys in the ``RecordDict``):
   on ``global`` (ConfigRecord: a wire payload of ``sum n_k w_k`` plus
   ``num-examples``).
 * client -> server (train): ``update`` (ConfigRecord: the wire payload of
-  ``n_k w_k``), ``info`` (ConfigRecord: ``client``), ``metrics`` (MetricRecord:
-  ``num-examples``, ``train-loss``, ``train-seconds``, ``partition-id``).
+  ``n_k w_k``), ``info`` (ConfigRecord: ``client``, ``declined``), ``metrics``
+  (MetricRecord: ``num-examples``, ``train-loss``, ``train-seconds``,
+  ``partition-id``, and ``epsilon`` with DP on). A client that declines (its
+  privacy budget would be exceeded) replies with ``info`` only, ``declined``
+  saying why.
 * client -> server (evaluate): ``info`` and ``metrics`` (``num-examples``,
   ``eval-loss``, ``eval-accuracy``, ``partition-id``).
 """
@@ -38,6 +41,11 @@ def _runtime(flat: Mapping[str, object], context: Context) -> ClientRuntime:
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     secret = str(flat.get("secret-context", "") or "")
+    run_dir = str(flat.get("run-dir", "") or "")
+    state_dir = str(context.node_config.get("state-dir", "") or flat.get("state-dir", "") or "")
+    # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy.
+    privacy_dir = Path(state_dir) / "privacy" if state_dir else Path(run_dir or ".") / "privacy"
+    run_id = str(flat.get("run-id", "") or Path(run_dir or "run").name)
     key = (tuple(sorted((k, str(v)) for k, v in flat.items())), partition_id, num_partitions)
     if key not in _RUNTIMES:
         cfg: RunConfig = parse_run_config(flat, ignore=WIRING_KEYS)
@@ -49,6 +57,8 @@ def _runtime(flat: Mapping[str, object], context: Context) -> ClientRuntime:
             partition_id=partition_id,
             num_partitions=num_partitions,
             secret_context=Path(secret) if secret else None,
+            privacy_dir=privacy_dir,
+            run_id=run_id,
         )
     return _RUNTIMES[key]
 
@@ -78,18 +88,22 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
         runtime = _runtime(flat, context)
         server_round = int(msg.content.config_records["config"]["server-round"])
         outcome = runtime.train(_global_state(msg), server_round=server_round)
+        info = ConfigRecord({"client": runtime.name, "declined": outcome.declined})
+        if outcome.payload is None or outcome.result is None:  # declined: nothing to send
+            return Message(RecordDict({"info": info}), reply_to=msg)
+        metrics = {
+            "num-examples": outcome.num_examples,
+            "train-loss": outcome.result.loss,
+            "train-seconds": outcome.result.seconds,
+            "partition-id": runtime.partition_id,
+        }
+        if outcome.epsilon is not None:
+            metrics["epsilon"] = outcome.epsilon
         reply = RecordDict(
             {
                 "update": ConfigRecord(dict(outcome.payload)),
-                "info": ConfigRecord({"client": f"client-{runtime.partition_id}"}),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": outcome.num_examples,
-                        "train-loss": outcome.result.loss,
-                        "train-seconds": outcome.result.seconds,
-                        "partition-id": runtime.partition_id,
-                    }
-                ),
+                "info": info,
+                "metrics": MetricRecord(metrics),
             }
         )
         return Message(reply, reply_to=msg)
@@ -101,7 +115,7 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
         result = runtime.evaluate(_global_state(msg))
         reply = RecordDict(
             {
-                "info": ConfigRecord({"client": f"client-{runtime.partition_id}"}),
+                "info": ConfigRecord({"client": runtime.name}),
                 "metrics": MetricRecord(
                     {
                         "num-examples": result.num_examples,

@@ -87,7 +87,9 @@ def load_checkpoint(directory: Path) -> Checkpoint:
             "fingerprint": str(manifest["fingerprint"]),
         }
         return Checkpoint(
-            round=int(manifest["round"]), payload=payload, num_examples=int(manifest["num-examples"])
+            round=int(manifest["round"]),
+            payload=payload,
+            num_examples=int(manifest["num-examples"]),
         )
     except (KeyError, TypeError, ValueError, OSError) as err:
         if isinstance(err, CheckpointError):

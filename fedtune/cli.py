@@ -19,8 +19,8 @@ from pathlib import Path
 
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import CheckpointError
-from fedtune.crypto.errors import CryptoError
 from fedtune.config import ConfigError, describe_keys, load_toml, parse_assignment
+from fedtune.crypto.errors import CryptoError
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         nargs="?",
         type=Path,
-        help="a TOML file of config keys, e.g. simulations/quickstart.toml (default: built-in defaults)",
+        help="a TOML file of config keys, e.g. simulations/quickstart.toml (default: defaults)",
     )
     sim.add_argument(
         "--set",
@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
             "accuracy next to the one the run reported for its last round."
         ),
     )
-    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory written by `fedtune simulate`")
+    ev.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a directory written by `fedtune simulate`"
+    )
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     kg = sub.add_parser(
@@ -107,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Existing keys are never overwritten."
         ),
     )
-    kg.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the key files")
+    kg.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="directory for the key files"
+    )
 
     ex = sub.add_parser(
         "export",
@@ -118,9 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
             "a standard PEFT adapter directory."
         ),
     )
-    ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with config.toml and checkpoint/")
-    ex.add_argument("--key", type=Path, metavar="SECRET_CONTEXT", help="secret.ctx from `fedtune keygen` (encrypted runs)")
-    ex.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: RUN_DIR/adapter)")
+    ex.add_argument(
+        "run_dir",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a run directory with config.toml and checkpoint/",
+    )
+    ex.add_argument(
+        "--key",
+        type=Path,
+        metavar="SECRET_CONTEXT",
+        help="secret.ctx from `fedtune keygen` (encrypted runs)",
+    )
+    ex.add_argument(
+        "--out", type=Path, metavar="DIR", help="output directory (default: RUN_DIR/adapter)"
+    )
     return parser
 
 
@@ -139,17 +155,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     result = simulate(flat, run_dir=args.run_dir, verbose=args.verbose)
     console = Console()
     table = Table(title=f"fedtune simulate: {result.run_dir}")
-    for col in ("round", "clients", "train-loss", "eval-loss", "eval-accuracy", "seconds"):
+    has_eps = any("epsilon" in r for r in result.records)
+    columns = ["round", "clients", "train-loss", "eval-loss", "eval-accuracy"]
+    columns += ["epsilon"] if has_eps else []
+    for col in [*columns, "seconds"]:
         table.add_column(col, justify="right")
     for r in result.records:
-        table.add_row(
-            str(r["round"]),
-            f"{r.get('clients-trained', '-')}",
-            _fmt(r.get("train-loss")),
-            _fmt(r.get("eval-loss")),
-            _fmt(r.get("eval-accuracy")),
-            f"{r.get('round-seconds', r.get('eval-seconds', 0.0)):.1f}",
-        )
+        row = [str(r["round"]), f"{r.get('clients-trained', '-')}"]
+        row += [_fmt(r.get(k)) for k in columns[2:]]
+        row.append(f"{r.get('round-seconds', r.get('eval-seconds', 0.0)):.1f}")
+        table.add_row(*row)
     console.print(table)
     console.print(f"wall time {result.seconds:.1f} s; adapter: {result.adapter_dir}")
     return 0

@@ -8,6 +8,8 @@ calls on it.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,15 @@ from fedtune import data as fdata
 from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
-from fedtune.train import EncodedDataset, EvalResult, TrainResult, evaluate, make_loader, select_device, train_local
+from fedtune.train import (
+    EncodedDataset,
+    EvalResult,
+    TrainResult,
+    evaluate,
+    make_loader,
+    select_device,
+    train_local,
+)
 from fedtune.wire import Codec, PlainCodec, WirePayload
 
 
@@ -33,11 +43,60 @@ class GlobalState:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What a client sends back after training."""
+    """What a client sends back after training, or why it declined."""
 
-    payload: WirePayload
+    payload: WirePayload | None
     num_examples: int
-    result: TrainResult
+    result: TrainResult | None
+    epsilon: float | None = None
+    declined: str = ""
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """One round's DP parameters, fixed for the whole run."""
+
+    level: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    sampled_clients: int
+
+
+def sampled_clients(cfg: RunConfig) -> int:
+    """How many clients the server samples per round (as :class:`FedTuneStrategy` does)."""
+    fed = cfg.federation
+    return min(
+        fed.num_clients, max(math.ceil(fed.fraction_train * fed.num_clients), fed.min_clients)
+    )
+
+
+def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
+    """σ, q and steps per round; σ calibrated once for the planned rounds if not given.
+
+    Example level: ``q = batch-size / n_k``, ``steps = local-epochs * floor(1 / q)``
+    (one Opacus Poisson epoch). Client level: ``q = m / N`` with ``m`` sampled
+    clients of ``N``, one step per round.
+    """
+    from fedtune.privacy import calibrate_noise  # noqa: PLC0415
+
+    p, fed = cfg.privacy, cfg.federation
+    m = sampled_clients(cfg)
+    if p.dp == "example":
+        q = min(1.0, cfg.train.batch_size / num_train_examples)
+        steps = cfg.train.local_epochs * int(1 / q)
+    else:
+        q, steps = m / fed.num_clients, 1
+    sigma = p.noise_multiplier or calibrate_noise(
+        target_epsilon=p.target_epsilon,
+        target_delta=p.target_delta,
+        sample_rate=q,
+        steps=steps * fed.num_rounds,
+        accountant=p.accountant,
+    )
+    return PrivacyPlan(
+        level=p.dp, noise_multiplier=sigma, sample_rate=q, steps=steps, sampled_clients=m
+    )
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -65,9 +124,14 @@ class ClientRuntime:
         partition_id: int,
         num_partitions: int,
         secret_context: Path | None = None,
+        privacy_dir: Path | None = None,
+        run_id: str = "run",
     ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
+        self.name = f"client-{partition_id}"
+        self.run_id = run_id
+        self.privacy_dir = privacy_dir
         seed = cfg.federation.seed
         dataset = fdata.load_data(cfg.data, seed=seed)
         self.label_names = dataset.label_names
@@ -84,8 +148,26 @@ class ClientRuntime:
             tokenizer, self.split.test_texts, self.split.test_labels, max_length=max_len
         )
         self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
+        self.model.to(self.device)
         self.initial = fmodel.get_adapter_vector(self.model)
         self.codec = make_codec(cfg, length=self.initial.size, secret_context=secret_context)
+        self._plan: PrivacyPlan | None = None
+        if cfg.privacy.enabled and privacy_dir is None:
+            raise ValueError("DP is on but the client has no directory for its privacy ledger.")
+
+    @property
+    def plan(self) -> PrivacyPlan:
+        """This client's DP parameters (calibrated on first use)."""
+        if self._plan is None:
+            self._plan = privacy_plan(self.cfg, num_train_examples=self.num_train_examples)
+        return self._plan
+
+    def ledger(self):  # type: ignore[no-untyped-def]
+        """This client's append-only privacy ledger."""
+        from fedtune.privacy import PrivacyLedger  # noqa: PLC0415
+
+        assert self.privacy_dir is not None
+        return PrivacyLedger(self.privacy_dir / f"{self.name}.jsonl")
 
     @property
     def num_train_examples(self) -> int:
@@ -101,19 +183,132 @@ class ClientRuntime:
         return WeightedSum(total=total, num_examples=state.num_examples).mean()
 
     def train(self, state: GlobalState | None, *, server_round: int) -> TrainOutcome:
-        """Train from the global adapter; return the encoded ``n_k w_k``."""
-        fmodel.set_adapter_vector(self.model, self.global_vector(state))
+        """Train from the global adapter; return the encoded ``n_k w_k`` or a refusal.
+
+        With DP on, the client first checks its own budget and declines a round that
+        would take it over; after training it appends the round to its ledger. A
+        retried round (already in the ledger) is not counted again: its seeds are
+        fixed per (seed, round, client), so it reproduces the same release.
+        """
+        start = self.global_vector(state)
         seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
-        generator = torch.Generator().manual_seed(seed)
-        loader = make_loader(
-            self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator
-        )
+        if self.cfg.privacy.enabled:
+            refusal = self._budget_refusal(server_round)
+            if refusal:
+                return TrainOutcome(payload=None, num_examples=0, result=None, declined=refusal)
+        fmodel.set_adapter_vector(self.model, start)
         # Dropout draws from torch's global RNG: seed it too, so a round is reproducible.
         with fmodel.seeded(seed):
-            result = train_local(self.model, loader, self.cfg.train, device=self.device)
+            if self.cfg.privacy.dp == "example":
+                result = self._train_dpsgd(seed)
+            else:
+                result = train_local(
+                    self.model, self._loader(seed), self.cfg.train, device=self.device
+                )
+        trained = fmodel.get_adapter_vector(self.model)
         n = self.num_train_examples
-        payload = self.codec.encode(prescale(fmodel.get_adapter_vector(self.model), n))
-        return TrainOutcome(payload=payload, num_examples=n, result=result)
+        if self.cfg.privacy.dp == "client":
+            trained, n = self._privatise_update(start, trained, seed), 1
+        epsilon = self._record(server_round) if self.cfg.privacy.enabled else None
+        payload = self.codec.encode(prescale(trained, n))
+        return TrainOutcome(payload=payload, num_examples=n, result=result, epsilon=epsilon)
+
+    def _loader(self, seed: int):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(seed)
+        return make_loader(
+            self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator
+        )
+
+    def _budget_refusal(self, server_round: int) -> str:
+        from fedtune.privacy import check_budget  # noqa: PLC0415
+
+        p, plan, ledger = self.cfg.privacy, self.plan, self.ledger()
+        done = any(
+            r.run_id == self.run_id and r.round == server_round and r.client == self.name
+            for r in ledger.records()
+        )
+        if done:
+            return ""
+        check = check_budget(
+            ledger.history(client=self.name, level=plan.level),
+            budget_epsilon=p.budget,
+            delta=p.target_delta,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            accountant=p.accountant,
+        )
+        if not check.would_exceed:
+            return ""
+        return (
+            f"privacy budget: round {server_round} would take epsilon from "
+            f"{check.spent_epsilon:.3f} to {check.epsilon_after:.3f}, over the budget "
+            f"{p.budget:g} (delta {p.target_delta:g})"
+        )
+
+    def _train_dpsgd(self, seed: int) -> TrainResult:
+        from fedtune.privacy import make_dp_training  # noqa: PLC0415
+        from fedtune.train import pad_collate  # noqa: PLC0415
+
+        cfg, plan = self.cfg, self.plan
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+        )
+        self.model.train()
+        dp = make_dp_training(
+            module=self.model,
+            optimizer=optimizer,
+            data=self.train_set,
+            expected_batch_size=cfg.train.batch_size,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            generator=torch.Generator().manual_seed(seed),
+            noise_generator=torch.Generator(device=self.device).manual_seed(seed + 1),
+            collate_fn=pad_collate(self.train_set.pad_id),
+        )
+        try:
+            with warnings.catch_warnings():
+                # The first LoRA layer's inputs come from frozen layers; Opacus' hooks are fine.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                return train_local(
+                    dp.module, dp.data_loader, cfg.train, device=self.device, optimizer=dp.optimizer
+                )
+        finally:
+            self.model = dp.close()
+
+    def _privatise_update(
+        self, start: NDArray[np.float64], trained: NDArray[np.float64], seed: int
+    ) -> NDArray[np.float64]:
+        """Client-level DP: clip the update to C, add this client's share of the noise."""
+        from fedtune.privacy import clip_update, distributed_noise  # noqa: PLC0415
+
+        clip = self.cfg.privacy.max_grad_norm
+        clipped = clip_update(trained - start, clip_norm=clip).clipped
+        noise = distributed_noise(
+            clipped.shape,
+            noise_multiplier=self.plan.noise_multiplier,
+            clip_norm=clip,
+            num_sampled_clients=self.plan.sampled_clients,
+            generator=np.random.default_rng(seed),
+        )
+        return start + clipped + noise
+
+    def _record(self, server_round: int) -> float:
+        p, plan = self.cfg.privacy, self.plan
+        record = self.ledger().record(
+            run_id=self.run_id,
+            round=server_round,
+            client=self.name,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            max_grad_norm=p.max_grad_norm,
+            delta=p.target_delta,
+            accountant=p.accountant,
+            level=plan.level,
+        )
+        return float(record.epsilon)
 
     def evaluate(self, state: GlobalState | None) -> EvalResult:
         """Held-out loss and accuracy of the global adapter on this client's test split."""

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 Partitioning = Literal["iid", "dirichlet"]
+DPLevel = Literal["off", "example", "client"]
+AccountantName = Literal["prv", "rdp"]
 LoraVariant = Literal["standard", "ffa"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
 #: Run-config keys that belong to the wiring (paths set per run or per process),
 #: not to :class:`RunConfig`; both apps accept and skip them.
-WIRING_KEYS = frozenset({"run-dir", "secret-context", "public-context"})
+WIRING_KEYS = frozenset({"run-dir", "run-id", "state-dir", "secret-context", "public-context"})
 
 
 class ConfigError(ValueError):
@@ -120,9 +122,7 @@ class DataConfig:
             "must not repeat a name",
         )
         _require(bool(self.text_column), "text-column", self.text_column, "must not be empty")
-        _require(
-            bool(self.label_column), "label-column", self.label_column, "must not be empty"
-        )
+        _require(bool(self.label_column), "label-column", self.label_column, "must not be empty")
         _require(
             self.examples_per_label >= 0,
             "examples-per-label",
@@ -148,9 +148,7 @@ class DataConfig:
             self.test_fraction,
             "must be in (0, 1)",
         )
-        _require(
-            self.max_seq_length >= 8, "max-seq-length", self.max_seq_length, "must be >= 8"
-        )
+        _require(self.max_seq_length >= 8, "max-seq-length", self.max_seq_length, "must be >= 8")
 
 
 @dataclass(frozen=True)
@@ -166,12 +164,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
         _require(self.batch_size >= 1, "batch-size", self.batch_size, "must be >= 1")
-        _require(
-            self.learning_rate > 0, "learning-rate", self.learning_rate, "must be > 0"
-        )
-        _require(
-            self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be >= 0"
-        )
+        _require(self.learning_rate > 0, "learning-rate", self.learning_rate, "must be > 0")
+        _require(self.weight_decay >= 0, "weight-decay", self.weight_decay, "must be >= 0")
         _choice("device", self.device, get_args(Device))
 
 
@@ -209,9 +203,7 @@ class FederationConfig:
             "must be in (0, 1]",
         )
         _require(self.min_clients >= 1, "min-clients", self.min_clients, "must be >= 1")
-        _require(
-            self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0"
-        )
+        _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0")
         _require(
             self.client_cpus >= 0,
             "client-cpus",
@@ -240,6 +232,64 @@ class CryptoConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy, enforced and accounted by each client.
+
+    ``dp = "example"``: DP-SGD (Abadi et al. 2016, https://arxiv.org/abs/1607.00133)
+    with Opacus: Poisson sampling at ``q = batch-size / n_k``, per-example clipping
+    to ``max-grad-norm``, Gaussian noise ``σ · max-grad-norm``. ``dp = "client"``:
+    each client clips its whole update to ``max-grad-norm`` and adds its share
+    ``σ C / sqrt(m)`` of the noise, so the sum over ``m`` sampled clients carries
+    ``σ C`` (DP-FedAvg, McMahan et al. 2018, https://arxiv.org/abs/1710.06963).
+
+    ``noise-multiplier = 0`` calibrates σ once so that full participation over
+    ``num-rounds`` ends at or under ``target-epsilon`` (at ``target-delta``). A
+    client declines a round that would take it over ``epsilon-budget``
+    (``0`` = ``target-epsilon``). GDP is not offered: its CLT approximation is not
+    an upper bound on ε for finite step counts.
+    """
+
+    dp: DPLevel = "off"
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: AccountantName = "prv"
+    epsilon_budget: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("dp", self.dp, get_args(DPLevel))
+        _require(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "must be > 0")
+        _require(
+            0.0 < self.target_delta < 1.0, "target-delta", self.target_delta, "must be in (0, 1)"
+        )
+        _require(
+            self.noise_multiplier >= 0,
+            "noise-multiplier",
+            self.noise_multiplier,
+            "must be >= 0 (0 = calibrate from target-epsilon)",
+        )
+        _require(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "must be > 0")
+        _choice("accountant", self.accountant, get_args(AccountantName))
+        _require(
+            self.epsilon_budget >= 0,
+            "epsilon-budget",
+            self.epsilon_budget,
+            "must be >= 0 (0 = target-epsilon)",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when some level of DP is on."""
+        return self.dp != "off"
+
+    @property
+    def budget(self) -> float:
+        """The ε a client will not exceed."""
+        return self.epsilon_budget or self.target_epsilon
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The fully resolved configuration of one run."""
 
@@ -248,6 +298,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         fed = self.federation
@@ -272,13 +323,14 @@ class RunConfig:
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.to_flat().items())
 
 
-_SECTIONS: tuple[str, ...] = ("model", "data", "train", "federation", "crypto")
+_SECTIONS: tuple[str, ...] = ("model", "data", "train", "federation", "crypto", "privacy")
 _SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "federation": FederationConfig,
     "crypto": CryptoConfig,
+    "privacy": PrivacyConfig,
 }
 
 

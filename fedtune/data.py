@@ -187,7 +187,9 @@ def load_data(cfg: DataConfig, *, seed: int) -> LabelledData:
     """Load the configured data set, capped at ``max-examples`` (seeded)."""
     data = load_wordnet(cfg, seed=seed) if not cfg.data_path else load_table(cfg)
     if cfg.max_examples and len(data) > cfg.max_examples:
-        keep = sorted(np.random.default_rng(seed).choice(len(data), cfg.max_examples, replace=False))
+        keep = sorted(
+            np.random.default_rng(seed).choice(len(data), cfg.max_examples, replace=False)
+        )
         data = LabelledData(
             [data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names
         )
@@ -243,9 +245,7 @@ def client_data(
 ) -> ClientData:
     """One client's partition with its seeded held-out split."""
     if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"partition-id must be in [0, {num_partitions}), got {partition_id}."
-        )
+        raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}.")
     parts = partition_indices(data.labels, cfg, num_partitions=num_partitions, seed=seed)
     idx = np.asarray(parts[partition_id])
     rng = np.random.default_rng([seed, partition_id])

@@ -23,7 +23,9 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     for needed in ("config.toml", "adapter", "metrics.jsonl"):
         if not (run_dir / needed).exists():
-            raise ConfigError(f"{str(run_dir)!r} has no {needed}; is it a finished `fedtune simulate` run?")
+            raise ConfigError(
+                f"{str(run_dir)!r} has no {needed}; is it a finished `fedtune simulate` run?"
+            )
     cfg = parse_run_config(load_toml(run_dir / "config.toml"))
     model = load_adapter(run_dir / "adapter", cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -32,14 +34,23 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     dataset = fdata.load_data(cfg.data, seed=fed.seed)
     clients: dict[str, dict[str, float]] = {}
     for pid in range(fed.num_clients):
-        split = fdata.client_data(dataset, cfg.data, partition_id=pid, num_partitions=fed.num_clients, seed=fed.seed)
-        test = EncodedDataset(tokenizer, split.test_texts, split.test_labels, max_length=cfg.data.max_seq_length)
+        split = fdata.client_data(
+            dataset, cfg.data, partition_id=pid, num_partitions=fed.num_clients, seed=fed.seed
+        )
+        test = EncodedDataset(
+            tokenizer, split.test_texts, split.test_labels, max_length=cfg.data.max_seq_length
+        )
         result = evaluate(model, make_loader(test, batch_size=64, shuffle=False), device=device)
-        clients[f"client-{pid}"] = {"eval-accuracy": result.accuracy, "eval-examples": result.num_examples}
+        clients[f"client-{pid}"] = {
+            "eval-accuracy": result.accuracy,
+            "eval-examples": result.num_examples,
+        }
     last = read_records(run_dir / "metrics.jsonl")[-1]
     return {
         "round": last["round"],
         "clients": clients,
-        "eval-accuracy": weighted_mean([(c["eval-accuracy"], int(c["eval-examples"])) for c in clients.values()]),
+        "eval-accuracy": weighted_mean(
+            [(c["eval-accuracy"], int(c["eval-examples"])) for c in clients.values()]
+        ),
         "reported-accuracy": last.get("eval-accuracy"),
     }

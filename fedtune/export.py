@@ -52,10 +52,14 @@ def export_adapter(
     """Decode ``run_dir/checkpoint`` (decrypting with ``secret_context`` if encrypted)
     and write the PEFT adapter to ``out_dir`` (default ``run_dir/adapter``)."""
     checkpoint = load_checkpoint(run_dir / "checkpoint")
-    layout = adapter_layout(build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed))
+    layout = adapter_layout(
+        build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
+    )
     if cfg.crypto.encryption and secret_context is None:
         raise ConfigError(f"{str(run_dir)!r} is encrypted: pass the secret context (--key).")
-    codec = make_codec(cfg, length=layout.size, secret_context=secret_context if cfg.crypto.encryption else None)
+    codec = make_codec(
+        cfg, length=layout.size, secret_context=secret_context if cfg.crypto.encryption else None
+    )
     payload = codec.validate(checkpoint.payload, aggregate=True)
     vector = WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
     return write_adapter(out_dir or run_dir / "adapter", cfg, vector, round_=checkpoint.round)

@@ -82,7 +82,9 @@ def load_tokenizer(cfg: ModelConfig):  # type: ignore[no-untyped-def]
 
 
 def _linear_module_names(model: nn.Module) -> list[str]:
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
     return sorted(names)
 
 
@@ -189,7 +191,9 @@ def get_adapter_vector(model: nn.Module) -> NDArray[np.float64]:
     return np.concatenate(parts)
 
 
-def unflatten(vector: NDArray[np.floating], layout: AdapterLayout) -> dict[str, NDArray[np.float64]]:
+def unflatten(
+    vector: NDArray[np.floating], layout: AdapterLayout
+) -> dict[str, NDArray[np.float64]]:
     """Split a flat vector back into named tensors."""
     if vector.ndim != 1 or vector.shape[0] != layout.size:
         raise ModelError(
@@ -212,12 +216,13 @@ def flatten(tensors: dict[str, NDArray[np.floating]], layout: AdapterLayout) -> 
     for name, shape in zip(layout.names, layout.shapes, strict=True):
         if tuple(tensors[name].shape) != shape:
             raise ModelError(
-                f"Adapter tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                f"expected {shape}."
+                f"Adapter tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}."
             )
     if not layout.names:
         return np.zeros(0, dtype=np.float64)
-    return np.concatenate([np.asarray(tensors[n], dtype=np.float64).reshape(-1) for n in layout.names])
+    return np.concatenate(
+        [np.asarray(tensors[n], dtype=np.float64).reshape(-1) for n in layout.names]
+    )
 
 
 def set_adapter_vector(model: nn.Module, vector: NDArray[np.floating]) -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import data as fdata
-from fedtune.checkpoint import load_checkpoint
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.export import export_adapter
 from fedtune.metrics import plot_metrics, read_records
@@ -89,6 +88,7 @@ def _backend_config(cfg: RunConfig, tmp: Path, *, verbose: bool) -> dict[str, An
             "logging_level": "INFO" if verbose else "ERROR",
             "log_to_driver": verbose,
             "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",  # Ray's own servers stay on loopback
             "_temp_dir": str(tmp / "ray"),
         },
     }

@@ -32,7 +32,9 @@ def select_device(preference: Device) -> torch.device:
 class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
     """Tokenised texts and their labels; items are unpadded 1-D tensors."""
 
-    def __init__(self, tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, max_length: int) -> None:
+    def __init__(
+        self, tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, max_length: int
+    ) -> None:
         enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
         self.input_ids: list[list[int]] = enc["input_ids"]
         self.labels = list(labels)
@@ -59,14 +61,22 @@ def pad_collate(pad_id: int):  # type: ignore[no-untyped-def]
             n = len(it["input_ids"])
             ids[row, :n] = it["input_ids"]
             mask[row, :n] = 1
-        labels = torch.stack([it["labels"] for it in items]) if items else torch.zeros(0, dtype=torch.long)
+        labels = (
+            torch.stack([it["labels"] for it in items])
+            if items
+            else torch.zeros(0, dtype=torch.long)
+        )
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
 
 
 def make_loader(
-    data: EncodedDataset, *, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+    data: EncodedDataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
 ) -> DataLoader[Any]:
     """A DataLoader with per-batch padding; shuffling draws from ``generator``."""
     return DataLoader(
@@ -117,10 +127,10 @@ def train_local(
     start = time.perf_counter()
     total, steps, seen = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
-        for batch in loader:
-            if len(batch["labels"]) == 0:  # Poisson sampling can draw an empty batch
+        for raw in loader:
+            if len(raw["labels"]) == 0:  # Poisson sampling can draw an empty batch
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in raw.items()}
             optimizer.zero_grad(set_to_none=True)
             loss = model(**batch).loss
             loss.backward()
@@ -129,7 +139,9 @@ def train_local(
             seen += len(batch["labels"])
             steps += 1
     mean = total / seen if seen else math.nan
-    return TrainResult(loss=mean, steps=steps, num_examples=seen, seconds=time.perf_counter() - start)
+    return TrainResult(
+        loss=mean, steps=steps, num_examples=seen, seconds=time.perf_counter() - start
+    )
 
 
 @torch.no_grad()
@@ -137,8 +149,8 @@ def evaluate(model: nn.Module, loader: DataLoader[Any], *, device: torch.device)
     """Mean cross-entropy and accuracy over ``loader``."""
     model.to(device).eval()
     total, correct, seen = 0.0, 0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for raw in loader:
+        batch = {k: v.to(device) for k, v in raw.items()}
         out = model(**batch)
         n = len(batch["labels"])
         total += float(out.loss) * n

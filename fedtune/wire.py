@@ -86,9 +86,9 @@ class PlainCodec:
 
     def __init__(self, *, length: int) -> None:
         self.length = length
-        self.fingerprint = PLAIN_FINGERPRINT_PREFIX + hashlib.sha256(
-            f"float64:{length}".encode()
-        ).hexdigest()[:32]
+        self.fingerprint = (
+            PLAIN_FINGERPRINT_PREFIX + hashlib.sha256(f"float64:{length}".encode()).hexdigest()[:32]
+        )
 
     def encode(self, vector: NDArray[np.floating]) -> WirePayload:
         vec = np.ascontiguousarray(vector, dtype="<f8")

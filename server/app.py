@@ -37,7 +37,9 @@ def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
             "The server needs `label-names` (comma-separated) to know the head's size; "
             f"got {cfg.data.label_names!r}."
         )
-    length = adapter_layout(build_model(cfg.model, num_labels=num_labels, seed=cfg.federation.seed)).size
+    length = adapter_layout(
+        build_model(cfg.model, num_labels=num_labels, seed=cfg.federation.seed)
+    ).size
     public = str(flat.get("public-context", "") or "")
     if not public:
         return PlainCodec(length=length)
@@ -72,13 +74,17 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: P
     def evaluate(rnd: int) -> dict[str, Any]:
         start = time.perf_counter()
         messages = strategy.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)
-        result = strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=fed.round_timeout))
+        result = strategy.aggregate_evaluate(
+            rnd, grid.send_and_receive(messages, timeout=fed.round_timeout)
+        )
         values = dict(result) if result is not None else {}
         return {**values, "eval-seconds": time.perf_counter() - start}
 
     record: dict[str, Any] = {"round": 0, **evaluate(0), "clients": _client_table(strategy)}
     append_record(metrics_path, record)
-    console.print(f"round 0/{fed.num_rounds}  eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}")
+    console.print(
+        f"round 0/{fed.num_rounds}  eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}"
+    )
     for rnd in range(1, fed.num_rounds + 1):
         start = time.perf_counter()
         with console.status(f"round {rnd}/{fed.num_rounds}: training…"):
@@ -87,17 +93,20 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: P
             _, train_metrics = strategy.aggregate_train(rnd, replies)
         train_seconds = time.perf_counter() - start
         if train_metrics is None:
-            dropped = "; ".join(f"{k}: {v}" for k, v in strategy.last_train.dropped.items())
+            last = strategy.last_train
+            notes = [f"declined by {k}: {v}" for k, v in last.declined.items()]
+            notes += [f"dropped {k}: {v}" for k, v in last.dropped.items()]
             raise NotEnoughClients(
-                f"Round {rnd}: {len(strategy.last_train.accepted)} of {len(messages)} sampled "
-                f"clients returned a usable update, fewer than `min-clients` = {fed.min_clients}. "
-                f"Stopping; the checkpoint of round {rnd - 1} is kept."
-                + (f" Dropped: {dropped}" if dropped else "")
+                f"Round {rnd}: {len(last.accepted)} of {len(messages)} sampled clients returned "
+                f"a usable update, fewer than `min-clients` = {fed.min_clients}. Stopping; the "
+                f"checkpoint of round {rnd - 1} is kept." + ("".join(f" {n}." for n in notes))
             )
         assert strategy.global_payload is not None  # set by a successful aggregate_train
         save_checkpoint(
             run_dir / "checkpoint",
-            Checkpoint(round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples),
+            Checkpoint(
+                round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples
+            ),
         )
         with console.status(f"round {rnd}/{fed.num_rounds}: evaluating…"):
             ev = evaluate(rnd)
@@ -109,14 +118,21 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: P
             "clients-sampled": len(messages),
             "clients-trained": len(strategy.last_train.accepted),
             "clients-dropped": len(strategy.last_train.dropped),
+            "clients-declined": len(strategy.last_train.declined),
             "train-loss": float(train_metrics["train-loss"]),
             "clients": _client_table(strategy),
         }
+        eps = [c["epsilon"] for c in record["clients"].values() if "epsilon" in c]
+        if eps:
+            record["epsilon"] = max(eps)
         append_record(metrics_path, record)
         console.print(
             f"round {rnd}/{fed.num_rounds}  clients {record['clients-trained']}/{len(messages)}  "
-            f"train-loss {record['train-loss']:.3f}  eval-loss {ev.get('eval-loss', float('nan')):.3f}  "
-            f"eval-accuracy {ev.get('eval-accuracy', float('nan')):.3f}  {record['round-seconds']:.1f}s"
+            f"train-loss {record['train-loss']:.3f}  "
+            f"eval-loss {ev.get('eval-loss', float('nan')):.3f}  "
+            f"eval-accuracy {ev.get('eval-accuracy', float('nan')):.3f}"
+            + (f"  epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
+            + f"  {record['round-seconds']:.1f}s"
         )
 
 

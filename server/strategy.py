@@ -41,6 +41,7 @@ class RoundOutcome:
 
     accepted: dict[str, dict[str, float]] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
 
 
 def _client_name(msg: Message) -> str:
@@ -56,6 +57,15 @@ def _client_name(msg: Message) -> str:
     return name if ok else node
 
 
+def _declined(msg: Message) -> str:
+    """The reason a client gave for declining the round ('' if it did not)."""
+    try:
+        reason = msg.content.config_records["info"]["declined"]
+    except (KeyError, TypeError):
+        return ""
+    return reason[:500] if isinstance(reason, str) else ""
+
+
 def _metric(msg: Message, key: str) -> float:
     records = msg.content.metric_records
     if "metrics" not in records or key not in records["metrics"]:
@@ -69,7 +79,9 @@ def _metric(msg: Message, key: str) -> float:
 def _num_examples(msg: Message) -> int:
     n = _metric(msg, "num-examples")
     if not (n.is_integer() and 1 <= n <= MAX_CLIENT_EXAMPLES):
-        raise PayloadError(f"num-examples must be an integer in [1, {MAX_CLIENT_EXAMPLES}], got {n!r}.")
+        raise PayloadError(
+            f"num-examples must be an integer in [1, {MAX_CLIENT_EXAMPLES}], got {n!r}."
+        )
     return int(n)
 
 
@@ -153,7 +165,9 @@ class FedTuneStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per sampled client, carrying the current global sum."""
-        return self._messages(server_round, self._sample(grid, self.fraction_train), MessageType.TRAIN)
+        return self._messages(
+            server_round, self._sample(grid, self.fraction_train), MessageType.TRAIN
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -178,18 +192,25 @@ class FedTuneStrategy(Strategy):
             if msg.has_error():
                 self._drop(outcome, who, f"client error: {msg.error.reason}", "train")
                 continue
+            reason = _declined(msg)
+            if reason:
+                outcome.declined[who] = reason
+                log.info("Client %s declined round %d: %s", who, server_round, reason)
+                continue
             try:
                 if "update" not in msg.content.config_records:
                     raise PayloadError("reply has no 'update' record.")
                 n = _num_examples(msg)
                 payload = self.codec.validate(dict(msg.content.config_records["update"]))
-                loss = _metric(msg, "train-loss")
+                values = {"train-loss": _metric(msg, "train-loss"), "num-examples": float(n)}
+                if "epsilon" in msg.content.metric_records["metrics"]:
+                    values["epsilon"] = _metric(msg, "epsilon")
             except PayloadError as err:
                 self._drop(outcome, who, str(err), "train")
                 continue
             payloads.append(payload)
             counts.append(n)
-            outcome.accepted[who] = {"train-loss": loss, "num-examples": float(n)}
+            outcome.accepted[who] = values
         self.last_train = outcome
         if len(payloads) < self.min_clients:
             log.warning(
@@ -202,14 +223,24 @@ class FedTuneStrategy(Strategy):
         try:
             total = self.codec.add(payloads)
         except PayloadError as err:  # a payload passed the checks but would not deserialise
-            log.warning("Round %d: aggregation failed (%s); keeping the previous state.", server_round, err)
-            self.last_train = RoundOutcome(dropped={**outcome.dropped, "aggregate": str(err)})
+            log.warning(
+                "Round %d: aggregation failed (%s); keeping the previous state.", server_round, err
+            )
+            self.last_train = RoundOutcome(
+                dropped={**outcome.dropped, "aggregate": str(err)}, declined=outcome.declined
+            )
             return None, None
         self.global_payload, self.global_examples = total, int(sum(counts))
-        loss = weighted_mean([(m["train-loss"], int(m["num-examples"])) for m in outcome.accepted.values()])
-        return ArrayRecord(), MetricRecord({"train-loss": loss, "num-examples": self.global_examples})
+        loss = weighted_mean(
+            [(m["train-loss"], int(m["num-examples"])) for m in outcome.accepted.values()]
+        )
+        return ArrayRecord(), MetricRecord(
+            {"train-loss": loss, "num-examples": self.global_examples}
+        )
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Weighted held-out loss and accuracy over the clients that replied."""
         outcome = RoundOutcome()
         for msg in replies:
@@ -230,7 +261,9 @@ class FedTuneStrategy(Strategy):
         pairs = list(outcome.accepted.values())
         return MetricRecord(
             {
-                "eval-loss": weighted_mean([(m["eval-loss"], int(m["eval-examples"])) for m in pairs]),
+                "eval-loss": weighted_mean(
+                    [(m["eval-loss"], int(m["eval-examples"])) for m in pairs]
+                ),
                 "eval-accuracy": weighted_mean(
                     [(m["eval-accuracy"], int(m["eval-examples"])) for m in pairs]
                 ),

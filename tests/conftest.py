@@ -47,7 +47,12 @@ def toy_rows(n_per_label: int = 20, seed: int = 0) -> list[dict[str, str]]:
     for label, words in WORDS.items():
         for _ in range(n_per_label):
             w = rng.choice(words)
-            rows.append({"text": f"a {w} that is {rng.choice(['big', 'small', 'red', 'old'])}", "label": label})
+            rows.append(
+                {
+                    "text": f"a {w} that is {rng.choice(['big', 'small', 'red', 'old'])}",
+                    "label": label,
+                }
+            )
     rng.shuffle(rows)
     return rows
 

@@ -14,8 +14,14 @@ from fedtune.config import parse_run_config
 
 def _runtime(model: Path, data: Path, pid: int = 0) -> ClientRuntime:
     cfg = parse_run_config(
-        {"model-path": str(model), "data-path": str(data), "num-clients": 2, "lora-dropout": 0.1,
-         "batch-size": 8, "label-names": "animal,food,tool"}
+        {
+            "model-path": str(model),
+            "data-path": str(data),
+            "num-clients": 2,
+            "lora-dropout": 0.1,
+            "batch-size": 8,
+            "label-names": "animal,food,tool",
+        }
     )
     return ClientRuntime(cfg, partition_id=pid, num_partitions=2)
 
@@ -35,9 +41,17 @@ def test_same_round_same_update_even_with_dropout(tiny_model_dir: Path, toy_csv:
 def test_global_state_is_the_weighted_mean(tiny_model_dir: Path, toy_csv: Path) -> None:
     r0, r1 = _runtime(tiny_model_dir, toy_csv, 0), _runtime(tiny_model_dir, toy_csv, 1)
     u0, u1 = r0.train(None, server_round=1), r1.train(None, server_round=1)
-    state = GlobalState(payload=r0.codec.add([u0.payload, u1.payload]), num_examples=u0.num_examples + u1.num_examples)
+    state = GlobalState(
+        payload=r0.codec.add([u0.payload, u1.payload]),
+        num_examples=u0.num_examples + u1.num_examples,
+    )
     expected = add_updates(
-        [(r0.codec.decode(u0.payload), u0.num_examples), (r1.codec.decode(u1.payload), u1.num_examples)]
+        [
+            (r0.codec.decode(u0.payload), u0.num_examples),
+            (r1.codec.decode(u1.payload), u1.num_examples),
+        ]
     ).mean()
     np.testing.assert_allclose(r0.global_vector(state), expected)
-    np.testing.assert_array_equal(r0.global_vector(None), r1.global_vector(None))  # same seeded init
+    np.testing.assert_array_equal(
+        r0.global_vector(None), r1.global_vector(None)
+    )  # same seeded init

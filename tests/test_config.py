@@ -42,7 +42,9 @@ def test_strings_from_set_are_coerced_to_the_default_type() -> None:
 
 
 def test_round_trip_through_toml() -> None:
-    cfg = parse_run_config({"num-rounds": 7, "data-path": 'a "quoted" path', "dirichlet-alpha": 0.3})
+    cfg = parse_run_config(
+        {"num-rounds": 7, "data-path": 'a "quoted" path', "dirichlet-alpha": 0.3}
+    )
     again = parse_run_config(tomllib.loads(cfg.to_toml()))
     assert again == cfg
 
@@ -50,7 +52,10 @@ def test_round_trip_through_toml() -> None:
 @pytest.mark.parametrize(
     ("values", "match"),
     [
-        ({"num-round": 3}, r"Unknown config key 'num-round' \(value 3\)\. Did you mean 'num-rounds'"),
+        (
+            {"num-round": 3},
+            r"Unknown config key 'num-round' \(value 3\)\. Did you mean 'num-rounds'",
+        ),
         ({"dirichlet-alpha": 0}, r"`dirichlet-alpha` must be > 0 .*got 0\.0"),
         ({"dirichlet-alpha": -1.5}, r"`dirichlet-alpha` must be > 0 .*got -1\.5"),
         ({"num-rounds": "three"}, r"`num-rounds` must be an integer, got 'three'"),
@@ -59,7 +64,10 @@ def test_round_trip_through_toml() -> None:
         ({"lora-variant": "qlora"}, r"`lora-variant` must be one of standard, ffa, got 'qlora'"),
         ({"lora-target-modules": " , "}, r"`lora-target-modules` must name at least one module"),
         ({"test-fraction": 1.0}, r"`test-fraction` must be in \(0, 1\), got 1\.0"),
-        ({"min-clients": 5, "num-clients": 4}, r"`min-clients` must be <= num-clients \(4\), got 5"),
+        (
+            {"min-clients": 5, "num-clients": 4},
+            r"`min-clients` must be <= num-clients \(4\), got 5",
+        ),
         ({"fraction-train": 0}, r"`fraction-train` must be in \(0, 1\], got 0\.0"),
         ({"learning-rate": True}, r"`learning-rate` must be a number, got True"),
         ({"label-names": "a,b,a"}, r"`label-names` must not repeat a name, got 'a,b,a'"),

@@ -10,6 +10,7 @@ import pytest
 from fedtune import data as fdata
 from fedtune.config import ConfigError, DataConfig
 
+
 def _labels(n_per: int = 50, k: int = 4) -> list[int]:
     return [i % k for i in range(n_per * k)]
 
@@ -43,7 +44,9 @@ def test_iid_is_balanced_and_dirichlet_is_skewed() -> None:
 
 
 def test_more_clients_than_examples_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match=r"`num-clients` is 30, but the data set has only 20 examples"):
+    with pytest.raises(
+        ConfigError, match=r"`num-clients` is 30, but the data set has only 20 examples"
+    ):
         fdata.partition_indices(_labels(5, 4), DataConfig(), num_partitions=30, seed=0)
 
 
@@ -81,7 +84,9 @@ def test_hf_dataset_on_disk(tmp_path: Path) -> None:
 
 
 def test_label_names_fix_the_order_and_reject_unknown_labels(toy_csv: Path) -> None:
-    data = fdata.load_data(DataConfig(data_path=str(toy_csv), label_names="tool,food,animal"), seed=0)
+    data = fdata.load_data(
+        DataConfig(data_path=str(toy_csv), label_names="tool,food,animal"), seed=0
+    )
     assert data.label_names == ["tool", "food", "animal"]
     with pytest.raises(ConfigError, match=r"has labels \['tool'\] that `label-names`"):
         fdata.load_data(DataConfig(data_path=str(toy_csv), label_names="animal,food"), seed=0)
@@ -89,7 +94,9 @@ def test_label_names_fix_the_order_and_reject_unknown_labels(toy_csv: Path) -> N
 
 def test_missing_label_column_names_key_value_and_columns(toy_csv: Path) -> None:
     with pytest.raises(
-        ConfigError, match=r"`label-column` is 'category', but .* has no such column; its columns are: text, label"
+        ConfigError,
+        match=r"`label-column` is 'category', but .* has no such column; "
+        r"its columns are: text, label",
     ):
         fdata.load_data(DataConfig(data_path=str(toy_csv), label_column="category"), seed=0)
 
@@ -112,7 +119,16 @@ def test_wordnet_definition_drops_examples() -> None:
 
 def test_wordnet_default_is_balanced_over_8_categories() -> None:
     data = fdata.load_data(DataConfig(examples_per_label=30), seed=0)
-    assert data.label_names == ["animal", "plant", "food", "person", "artifact", "location", "body", "substance"]
+    assert data.label_names == [
+        "animal",
+        "plant",
+        "food",
+        "person",
+        "artifact",
+        "location",
+        "body",
+        "substance",
+    ]
     assert fdata.label_counts(data.labels, 8) == [30] * 8
     assert data == fdata.load_data(DataConfig(examples_per_label=30), seed=0)
     sub = fdata.load_data(DataConfig(examples_per_label=5, label_names="food,plant"), seed=0)

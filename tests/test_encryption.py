@@ -40,10 +40,14 @@ def _reply(node: int, payload: dict[str, object], n: int) -> Message:
     return Message(content, reply_to=ins)
 
 
-def test_server_adds_real_adapters_it_cannot_read(keys: crypto.KeyFiles, tiny_model_dir: Path) -> None:
+def test_server_adds_real_adapters_it_cannot_read(
+    keys: crypto.KeyFiles, tiny_model_dir: Path
+) -> None:
     # Three clients' real adapter vectors (different seeds), example counts 7, 120, 3000.
     vectors = [
-        get_adapter_vector(build_model(ModelConfig(model_path=str(tiny_model_dir)), num_labels=3, seed=s))
+        get_adapter_vector(
+            build_model(ModelConfig(model_path=str(tiny_model_dir)), num_labels=3, seed=s)
+        )
         for s in (1, 2, 3)
     ]
     counts = [7, 120, 3000]
@@ -51,9 +55,16 @@ def test_server_adds_real_adapters_it_cannot_read(keys: crypto.KeyFiles, tiny_mo
     server = CkksCodec(crypto.load_context(keys.public), length=vectors[0].size)
     assert client.can_decrypt and not server.can_decrypt
     strategy = FedTuneStrategy(
-        codec=server, fraction_train=1, fraction_evaluate=1, min_clients=3, rng=np.random.default_rng(0)
+        codec=server,
+        fraction_train=1,
+        fraction_evaluate=1,
+        min_clients=3,
+        rng=np.random.default_rng(0),
     )
-    replies = [_reply(i, client.encode(v * n), n) for i, (v, n) in enumerate(zip(vectors, counts, strict=True))]
+    replies = [
+        _reply(i, client.encode(v * n), n)
+        for i, (v, n) in enumerate(zip(vectors, counts, strict=True))
+    ]
     strategy.aggregate_train(1, replies)
     assert strategy.global_payload is not None and strategy.global_examples == sum(counts)
     with pytest.raises(crypto.CryptoError, match="secret key"):
@@ -63,14 +74,23 @@ def test_server_adds_real_adapters_it_cannot_read(keys: crypto.KeyFiles, tiny_mo
     assert np.max(np.abs(mean - expected)) < 1e-6
 
 
-def test_wrong_key_is_rejected_by_fingerprint(keys: crypto.KeyFiles, caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_key_is_rejected_by_fingerprint(
+    keys: crypto.KeyFiles, caplog: pytest.LogCaptureFixture
+) -> None:
     server = CkksCodec(crypto.load_context(keys.public), length=10)
     stranger = CkksCodec(crypto.make_secret_context(), length=10)
     strategy = FedTuneStrategy(
-        codec=server, fraction_train=1, fraction_evaluate=1, min_clients=1, rng=np.random.default_rng(0)
+        codec=server,
+        fraction_train=1,
+        fraction_evaluate=1,
+        min_clients=1,
+        rng=np.random.default_rng(0),
     )
     with caplog.at_level(logging.WARNING, logger="fedtune.server"):
-        assert strategy.aggregate_train(1, [_reply(4, stranger.encode(np.ones(10)), 1)]) == (None, None)
+        assert strategy.aggregate_train(1, [_reply(4, stranger.encode(np.ones(10)), 1)]) == (
+            None,
+            None,
+        )
     assert "Dropped train reply from client-4: payload fingerprint" in caplog.text
     with pytest.raises(PayloadError, match="does not match"):
         server.validate(stranger.encode(np.ones(10)))
@@ -79,7 +99,9 @@ def test_wrong_key_is_rejected_by_fingerprint(keys: crypto.KeyFiles, caplog: pyt
 def test_server_refuses_a_secret_context(keys: crypto.KeyFiles, tiny_model_dir: Path) -> None:
     cfg = parse_run_config({"model-path": str(tiny_model_dir), "label-names": "a,b,c"})
     assert isinstance(server_codec(cfg, {"public-context": str(keys.public)}), CkksCodec)
-    with pytest.raises(crypto.CryptoError, match="holds a secret key; the server must only get the public context"):
+    with pytest.raises(
+        crypto.CryptoError, match="holds a secret key; the server must only get the public context"
+    ):
         server_codec(cfg, {"public-context": str(keys.secret)})
 
 

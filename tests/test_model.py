@@ -52,7 +52,10 @@ def test_same_seed_same_adapter_and_head(tiny_model_dir: Path) -> None:
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"`model-path` must be a local Hugging Face model directory, got '/no/model'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model-path` must be a local Hugging Face model directory, got '/no/model'",
+    ):
         fmodel.resolve_model_path(ModelConfig(model_path="/no/model"))
     with pytest.raises(ConfigError, match=r"has no config.json"):
         fmodel.resolve_model_path(ModelConfig(model_path=str(tmp_path)))
@@ -60,7 +63,10 @@ def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_missing_target_module_lists_available_layers(tiny_model_dir: Path) -> None:
     cfg = ModelConfig(model_path=str(tiny_model_dir), lora_target_modules="query,q_proj")
-    with pytest.raises(ConfigError, match=r"names 'q_proj', which the model does not have; its linear layers are: .*query"):
+    with pytest.raises(
+        ConfigError,
+        match=r"names 'q_proj', which the model does not have; its linear layers are: .*query",
+    ):
         fmodel.build_model(cfg, num_labels=3, seed=0)
 
 

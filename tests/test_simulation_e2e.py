@@ -38,24 +38,42 @@ def _fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "fedtune.cli", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 TRAIN_ARGS = (
-    "--set", "num-clients=3",
-    "--set", "num-rounds=6",
-    "--set", "learning-rate=0.02",
-    "--set", "batch-size=8",
-    "--set", "lora-rank=4",
-    "--set", "local-epochs=4",
+    "--set",
+    "num-clients=3",
+    "--set",
+    "num-rounds=6",
+    "--set",
+    "learning-rate=0.02",
+    "--set",
+    "batch-size=8",
+    "--set",
+    "lora-rank=4",
+    "--set",
+    "local-epochs=4",
 )
 
 
 def _simulate(run_dir: Path, model: Path, data: Path, *extra: str) -> list[dict[str, object]]:
     proc = _fedtune(
-        "simulate", "--run-dir", str(run_dir),
-        "--set", f"model-path={model}", "--set", f"data-path={data}", *TRAIN_ARGS, *extra,
+        "simulate",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"model-path={model}",
+        "--set",
+        f"data-path={data}",
+        *TRAIN_ARGS,
+        *extra,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round 6/6" in proc.stderr
@@ -63,7 +81,9 @@ def _simulate(run_dir: Path, model: Path, data: Path, *extra: str) -> list[dict[
 
 
 @pytest.fixture(scope="module")
-def plain_run(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def plain_run(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     before = _ray_or_flower_processes()
     run_dir = tmp_path_factory.mktemp("plain") / "run"
     _simulate(run_dir, tiny_model_dir, toy_csv)
@@ -72,7 +92,9 @@ def plain_run(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture(scope="module")
-def encrypted_run(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def encrypted_run(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     run_dir = tmp_path_factory.mktemp("encrypted") / "run"
     _simulate(run_dir, tiny_model_dir, toy_csv, "--set", "encryption=true")
     return run_dir
@@ -84,8 +106,14 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_simulation_learns_and_writes_the_run_directory(plain_run: Path) -> None:
-    for name in ("config.toml", "metrics.jsonl", "metrics.png", "checkpoint/state.json",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "metrics.png",
+        "checkpoint/state.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (plain_run / name).is_file(), name
     records = _records(plain_run)
     assert [r["round"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
@@ -96,11 +124,15 @@ def test_simulation_learns_and_writes_the_run_directory(plain_run: Path) -> None
 
 
 @pytest.mark.slow
-def test_adapter_reloads_with_stock_peft_and_reproduces_accuracy(plain_run: Path, tiny_model_dir: Path) -> None:
+def test_adapter_reloads_with_stock_peft_and_reproduces_accuracy(
+    plain_run: Path, tiny_model_dir: Path
+) -> None:
     ev = _fedtune("evaluate", str(plain_run), "--json")
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads(ev.stdout)
-    assert report["eval-accuracy"] == pytest.approx(_records(plain_run)[-1]["eval-accuracy"], abs=1e-9)
+    assert report["eval-accuracy"] == pytest.approx(
+        _records(plain_run)[-1]["eval-accuracy"], abs=1e-9
+    )
 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -126,7 +158,10 @@ def test_no_server_side_file_contains_the_secret_key(encrypted_run: Path) -> Non
     key = (encrypted_run / "keys" / "secret.ctx").read_bytes().split(b"\n", 1)[1]
     windows = [key[i : i + 48] for i in range(0, len(key) - 48, max(1, len(key) // 16))]
     server_files = [
-        p for p in encrypted_run.rglob("*") if p.is_file() and "keys" not in p.relative_to(encrypted_run).parts
+        p
+        for p in encrypted_run.rglob("*")
+        if p.is_file()
+        and "keys" not in p.relative_to(encrypted_run).parts
         and "adapter" not in p.relative_to(encrypted_run).parts
     ]
     assert any(p.parent.name == "checkpoint" for p in server_files)
@@ -136,11 +171,21 @@ def test_no_server_side_file_contains_the_secret_key(encrypted_run: Path) -> Non
 
 
 @pytest.mark.slow
-def test_export_decrypts_with_the_key_and_refuses_without(encrypted_run: Path, tmp_path: Path) -> None:
+def test_export_decrypts_with_the_key_and_refuses_without(
+    encrypted_run: Path, tmp_path: Path
+) -> None:
     no_key = _fedtune("export", str(encrypted_run), "--out", str(tmp_path / "a"))
-    assert no_key.returncode == 2 and "is encrypted: pass the secret context (--key)" in no_key.stderr
-    ok = _fedtune("export", str(encrypted_run), "--key", str(encrypted_run / "keys" / "secret.ctx"),
-                  "--out", str(tmp_path / "b"))
+    assert (
+        no_key.returncode == 2 and "is encrypted: pass the secret context (--key)" in no_key.stderr
+    )
+    ok = _fedtune(
+        "export",
+        str(encrypted_run),
+        "--key",
+        str(encrypted_run / "keys" / "secret.ctx"),
+        "--out",
+        str(tmp_path / "b"),
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     from safetensors.numpy import load_file
 
@@ -152,9 +197,18 @@ def test_export_decrypts_with_the_key_and_refuses_without(encrypted_run: Path, t
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--set", "num-round=3"], "Unknown config key 'num-round' (value '3'). Did you mean 'num-rounds'"),
-        (["--set", "model-path=/no/such/model"], "`model-path` must be a local Hugging Face model directory, got '/no/such/model'"),
-        (["--set", "lora-target-modules=query,q_proj"], "`lora-target-modules` names 'q_proj', which the model does not have"),
+        (
+            ["--set", "num-round=3"],
+            "Unknown config key 'num-round' (value '3'). Did you mean 'num-rounds'",
+        ),
+        (
+            ["--set", "model-path=/no/such/model"],
+            "`model-path` must be a local Hugging Face model directory, got '/no/such/model'",
+        ),
+        (
+            ["--set", "lora-target-modules=query,q_proj"],
+            "`lora-target-modules` names 'q_proj', which the model does not have",
+        ),
         (["--set", "label-column=category"], "`label-column` is 'category', but"),
         (["--set", "num-clients=40"], "`num-clients` is 40, but the data set has only 30 examples"),
         (["--set", "dirichlet-alpha=0"], "`dirichlet-alpha` must be > 0"),
@@ -163,7 +217,14 @@ def test_export_decrypts_with_the_key_and_refuses_without(encrypted_run: Path, t
 def test_bad_input_is_one_clear_error(
     args: list[str], match: str, tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
-    base = ["--set", f"model-path={tiny_model_dir}", "--set", f"data-path={toy_csv}", "--set", "max-examples=30"]
+    base = [
+        "--set",
+        f"model-path={tiny_model_dir}",
+        "--set",
+        f"data-path={toy_csv}",
+        "--set",
+        "max-examples=30",
+    ]
     proc = _fedtune("simulate", "--run-dir", str(tmp_path / "r"), *base, *args, timeout=120)
     assert proc.returncode == 2
     assert match in proc.stderr
@@ -175,6 +236,13 @@ def test_help_is_complete() -> None:
     top = _fedtune("--help")
     assert top.returncode == 0 and "simulate" in top.stdout and "evaluate" in top.stdout
     sim = _fedtune("simulate", "--help")
-    for text in ("--run-dir", "--set", "num-rounds = 5", "dirichlet-alpha", "metrics.jsonl", "adapter/"):
+    for text in (
+        "--run-dir",
+        "--set",
+        "num-rounds = 5",
+        "dirichlet-alpha",
+        "metrics.jsonl",
+        "adapter/",
+    ):
         assert text in sim.stdout, text
     assert "RUN_DIR" in _fedtune("evaluate", "--help").stdout

@@ -24,7 +24,9 @@ def _reply(node: int, content: RecordDict | Error) -> Message:
     return Message(content, reply_to=ins)
 
 
-def _update(codec: PlainCodec, node: int, vector: list[float], n: int, **metrics: object) -> Message:
+def _update(
+    codec: PlainCodec, node: int, vector: list[float], n: int, **metrics: object
+) -> Message:
     return _reply(
         node,
         RecordDict(
@@ -68,10 +70,14 @@ def test_bad_replies_are_dropped_and_named(caplog: pytest.LogCaptureFixture) -> 
     wrong_key.content.config_records["update"]["fingerprint"] = "plain:other"
     zero_examples = _update(codec, 4, [1.0, 1.0], 1)
     zero_examples.content.metric_records["metrics"]["num-examples"] = 0
-    no_update = _reply(5, RecordDict({"metrics": MetricRecord({"num-examples": 3, "train-loss": 0.1})}))
+    no_update = _reply(
+        5, RecordDict({"metrics": MetricRecord({"num-examples": 3, "train-loss": 0.1})})
+    )
     crashed = _reply(6, Error(code=2, reason="boom"))
     with caplog.at_level(logging.WARNING, logger="fedtune.server"):
-        _, metrics = strategy.aggregate_train(1, [good, truncated, wrong_key, zero_examples, no_update, crashed])
+        _, metrics = strategy.aggregate_train(
+            1, [good, truncated, wrong_key, zero_examples, no_update, crashed]
+        )
     assert metrics is not None and metrics["num-examples"] == 4
     assert list(strategy.last_train.accepted) == ["client-1"]
     dropped = strategy.last_train.dropped
