@@ -5,6 +5,7 @@ Subcommands
 simulate   run a simulated federation and write a run directory
 evaluate   reload a run's adapter with stock PEFT and re-score the clients' held-out data
 keygen     make a CKKS key pair (secret context for clients, public for the server)
+audit      recompute every client's epsilon from its ledger and check budgets
 export     decrypt a run's checkpoint and write the final PEFT adapter
 """
 
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedtune import audit_cli
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, describe_keys, load_toml, parse_assignment
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--out", type=Path, metavar="DIR", help="output directory (default: RUN_DIR/adapter)"
     )
+
+    audit_cli.add_parser(sub)
     return parser
 
 
@@ -234,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": _cmd_evaluate,
         "keygen": _cmd_keygen,
         "export": _cmd_export,
+        "audit": audit_cli.run,
     }
     try:
         return commands[args.command](args)

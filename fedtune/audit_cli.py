@@ -1,0 +1,437 @@
+"""``fedtune audit PATH``: recompute every client's ε from its privacy ledger and judge it.
+
+The wiring around :func:`fedtune.privacy.audit.audit_records` (the maths lives there):
+find the ledgers under ``PATH``, read them, find the budget, print a table (or JSON) and
+a plot, and turn the verdicts into an exit code.
+
+Each ledger file is audited on its own: a record's cumulative ε composes the earlier
+records of the same client *in the same file* (see :mod:`fedtune.privacy.ledger`), so
+that is the history the audit must recompute to compare like with like.
+
+Exit codes
+----------
+0  every client's verdict is ``ok``.
+1  some client overran the budget or reported less ε than recomputed; stderr names the
+   client and the numbers.
+2  bad input: no such path, no ledger found, an unreadable or corrupt ledger, an
+   unusable ``config.toml``. One line ``fedtune audit: error: ...`` on stderr, naming
+   the path. :func:`run` returns 2 itself (it never raises for these), so it behaves
+   the same whether or not its caller handles :class:`~fedtune.config.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ConfigError, load_toml, parse_run_config
+from fedtune.privacy.audit import AuditReport, ClientAudit, audit_records
+from fedtune.privacy.ledger import LedgerCorruptError, LedgerRecord, PrivacyLedger
+
+__all__ = ["add_parser", "run"]
+
+DEFAULT_TOLERANCE: float = inspect.signature(audit_records).parameters["tolerance"].default
+"""The audit's own default (``2 * PRV_EPS_ERROR``); read from it so the two never drift."""
+
+NOT_LEDGERS = frozenset({"metrics.jsonl"})
+"""``*.jsonl`` files of a run directory that are not ledgers."""
+
+BUDGET_KEYS = ("target-epsilon", "epsilon-budget")
+
+DESCRIPTION = """\
+Recompute every client's ε from its privacy ledger with two independent accountants
+(PRV, Gopi et al. 2021, and RDP, Mironov et al. 2019), compare with the ε the client
+reported, and check it against the ε budget.
+
+PATH is one of:
+  a run directory        ledgers in PATH/privacy/*.jsonl (written by `fedtune simulate`)
+  a node's state dir     ledgers in PATH/privacy/*.jsonl or PATH/*.jsonl
+  a ledger file          PATH itself (*.jsonl)
+
+Verdicts: "overrun" (recomputed PRV ε or reported ε above the budget), "under-reported"
+(some record's ε below the PRV ε recomputed for it by more than --tolerance), "ok".
+"""
+
+EPILOG = """\
+exit status: 0 all clients ok; 1 an overrun or under-reported ε (stderr names the
+client and the numbers); 2 bad input (missing path, no ledgers, corrupt ledger).
+"""
+
+
+@dataclass(frozen=True)
+class _Budget:
+    epsilon: float | None
+    source: str
+    """Where ``epsilon`` came from, in words (or why there is none)."""
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    path: Path
+    records: tuple[LedgerRecord, ...]
+
+
+def _epsilon_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0.0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a finite ε > 0, got {text!r}")
+    return value
+
+
+def _tolerance_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0.0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a finite tolerance >= 0, got {text!r}")
+    return value
+
+
+def add_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Register the ``audit`` subcommand on ``subparsers`` and return its parser."""
+    parser = subparsers.add_parser(
+        "audit",
+        help="recompute every client's ε from the privacy ledgers and check the budget",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "path",
+        type=Path,
+        metavar="PATH",
+        help="a run directory, a node's state directory or one .jsonl ledger",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_epsilon_arg,
+        metavar="EPS",
+        help=(
+            "the ε no client may exceed (default: `epsilon-budget` from PATH/config.toml, "
+            "or `target-epsilon` when that is 0 or absent; with neither, the budget is "
+            "not checked and the report says so)"
+        ),
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=_tolerance_arg,
+        default=DEFAULT_TOLERANCE,
+        metavar="EPS",
+        help=(
+            f"how far a reported ε may sit below the recomputed PRV ε (default "
+            f"{DEFAULT_TOLERANCE:g}: the PRV accountant is exact to ±0.01, so two honest "
+            "computations of one history can differ by up to 0.02; more is not numerics)"
+        ),
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print a machine-readable report to stdout"
+    )
+    plot = parser.add_mutually_exclusive_group()
+    plot.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help=(
+            "write ε per round per client to this PNG (default for a directory: "
+            "epsilon.png next to the ledgers, i.e. PATH/privacy/epsilon.png in a run)"
+        ),
+    )
+    plot.add_argument("--no-plot", action="store_true", help="do not write a plot")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Audit the ledgers under ``args.path``; return the exit code (0, 1 or 2, see module)."""
+    try:
+        return _run(args)
+    except ConfigError as err:
+        print(f"fedtune audit: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    files, ledger_dir = _find_ledgers(path)
+    ledgers, notes = _read_ledgers(files)
+    budget = _find_budget(args.budget, path)
+    report, sources = _audit(ledgers, budget=budget.epsilon, tolerance=args.tolerance)
+    notes += _shared_clients(report, sources)
+
+    plot: Path | None = None
+    if not args.no_plot:
+        plot = args.plot or (ledger_dir / "epsilon.png" if ledger_dir is not None else None)
+    if plot is not None:
+        _plot(ledgers, report, plot)
+
+    for note in notes:
+        print(f"fedtune audit: warning: {note}", file=sys.stderr)
+    if args.json:
+        out = report.to_dict()
+        for entry, source in zip(out["clients"], sources, strict=True):
+            entry["ledger"] = str(source)
+        out.update(
+            path=str(path),
+            ledgers=[str(f) for f in files],
+            budget_source=budget.source,
+            plot=None if plot is None else str(plot),
+            warnings=notes,
+        )
+        print(json.dumps(out, indent=1))
+    else:
+        _print_table(report, path=path, files=files, budget=budget, plot=plot)
+    for c in report.clients:
+        kind = "warning" if c.verdict == "ok" else c.verdict  # ok may still note duplicates
+        for problem in c.problems:
+            print(
+                f"fedtune audit: client {c.client!r} ({c.level}-level) {kind}: {problem}",
+                file=sys.stderr,
+            )
+    return 0 if report.ok else 1
+
+
+# -- input ---------------------------------------------------------------------------
+def _find_ledgers(path: Path) -> tuple[list[Path], Path | None]:
+    """Return the ledger files under ``path`` and the folder holding them (None: a file)."""
+    if not path.exists():
+        raise ConfigError(
+            f"{str(path)!r} does not exist; expected a run directory, a node's state "
+            "directory or a .jsonl privacy ledger."
+        )
+    if path.is_file():
+        if path.suffix != ".jsonl":
+            raise ConfigError(f"{str(path)!r} is not a .jsonl privacy ledger.")
+        return [path], None
+    for folder in (path / "privacy", path):
+        found = sorted(p for p in folder.glob("*.jsonl") if p.name not in NOT_LEDGERS)
+        if found:
+            return found, folder
+    raise ConfigError(
+        f"no privacy ledgers in {str(path)!r}: looked for {str(path / 'privacy')}/*.jsonl "
+        f"and {str(path)}/*.jsonl. Was the run made with dp = off?"
+    )
+
+
+def _read_ledgers(files: Sequence[Path]) -> tuple[list[_Ledger], list[str]]:
+    """Read every file; a torn last line or an empty file becomes a note, not an error."""
+    ledgers: list[_Ledger] = []
+    notes: list[str] = []
+    for f in files:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                records = PrivacyLedger(f).records()
+            except LedgerCorruptError as err:
+                raise ConfigError(str(err)) from err
+            except OSError as err:
+                raise ConfigError(f"cannot read privacy ledger {str(f)!r}: {err}") from err
+        notes += [str(w.message) for w in caught]
+        if records:
+            ledgers.append(_Ledger(f, tuple(records)))
+        else:
+            notes.append(f"privacy ledger {str(f)!r} holds no records; skipped.")
+    if not ledgers:
+        names = ", ".join(repr(str(f)) for f in files)
+        raise ConfigError(f"no ledger records in {names}.")
+    return ledgers, notes
+
+
+def _find_budget(given: float | None, path: Path) -> _Budget:
+    if given is not None:
+        return _Budget(given, "--budget")
+    if path.is_file():
+        return _Budget(None, "none: no --budget, and a single ledger file has no config.toml")
+    config = path / "config.toml"
+    if not config.is_file():
+        return _Budget(None, f"none: no --budget and no {str(config)!r}")
+    flat = load_toml(config)
+    keys = {k: flat[k] for k in BUDGET_KEYS if k in flat}
+    if not keys:
+        return _Budget(None, f"none: no --budget and no {' / '.join(BUDGET_KEYS)} in {config}")
+    try:
+        budget = parse_run_config(keys).privacy.budget
+    except ConfigError as err:
+        raise ConfigError(f"{str(config)!r}: {err}") from err
+    if keys.get("epsilon-budget"):
+        key = "epsilon-budget"
+    elif "target-epsilon" in keys:
+        key = (
+            "target-epsilon (epsilon-budget = 0)" if "epsilon-budget" in keys else "target-epsilon"
+        )
+    else:
+        key = "the default target-epsilon (epsilon-budget = 0)"
+    return _Budget(budget, f"{key} in {config}")
+
+
+# -- audit ---------------------------------------------------------------------------
+def _audit(
+    ledgers: Sequence[_Ledger], *, budget: float | None, tolerance: float
+) -> tuple[AuditReport, list[Path]]:
+    """Audit each ledger on its own (its ε composes only its own records)."""
+    clients: list[ClientAudit] = []
+    sources: list[Path] = []
+    for ledger in ledgers:
+        try:
+            part = audit_records(ledger.records, budget_epsilon=budget, tolerance=tolerance)
+        except ValueError as err:
+            raise ConfigError(f"cannot audit {str(ledger.path)!r}: {err}") from err
+        clients += part.clients
+        sources += [ledger.path] * len(part.clients)
+    report = AuditReport(clients=tuple(clients), budget_epsilon=budget, tolerance=tolerance)
+    return report, sources
+
+
+def _shared_clients(report: AuditReport, sources: Sequence[Path]) -> list[str]:
+    where: dict[tuple[str, str], list[Path]] = {}
+    for c, source in zip(report.clients, sources, strict=True):
+        where.setdefault((c.client, c.level), []).append(source)
+    return [
+        f"client {client!r} ({level}-level) appears in {len(paths)} ledgers "
+        f"({', '.join(p.name for p in paths)}); each is audited on its own, but privacy "
+        "loss on one data set adds up across them."
+        for (client, level), paths in where.items()
+        if len(paths) > 1
+    ]
+
+
+# -- output --------------------------------------------------------------------------
+def _eps(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.3f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _values(values: Sequence[float]) -> str:
+    if len(values) <= 3:
+        return ", ".join(f"{v:g}" for v in values)
+    return f"{min(values):g}..{max(values):g} ({len(values)} values)"
+
+
+_VERDICT_STYLE = {"ok": "green", "under-reported": "bold red", "overrun": "bold red"}
+
+
+def _print_table(
+    report: AuditReport, *, path: Path, files: Sequence[Path], budget: _Budget, plot: Path | None
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped or captured: never squash or cut the columns
+        console = Console(width=max(console.width, 160))
+    table = Table(title=f"fedtune audit: {path} ({_plural(len(files), 'ledger')})")
+    for col in ("client", "level", "rounds", "steps", "σ", "q", "δ"):
+        table.add_column(col, justify="left" if col in ("client", "level") else "right")
+    for col in ("reported ε", "RDP ε", "PRV ε", "budget", "verdict"):
+        table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
+    for c in report.clients:
+        style = _VERDICT_STYLE.get(c.verdict, "")
+        table.add_row(
+            c.client,
+            c.level,
+            str(c.rounds),
+            str(c.total_steps),
+            _values(c.noise_multipliers),
+            _values(c.sample_rates),
+            f"{c.delta:g}",
+            _eps(c.reported_epsilon),
+            _eps(c.epsilon_rdp),
+            _eps(c.epsilon_prv),
+            _eps(c.budget_epsilon),
+            f"[{style}]{c.verdict}[/]" if style else c.verdict,
+        )
+    console.print(table)
+    verdicts = [c.verdict for c in report.clients]
+    clients = _plural(len(verdicts), "client")
+    if report.ok:
+        head = f"audit ok: all {clients} ok"
+    else:
+        counts = ", ".join(
+            f"{verdicts.count(v)} {v}" for v in ("overrun", "under-reported") if v in verdicts
+        )
+        head = f"audit FAILED: {counts} of {clients}"
+    if budget.epsilon is None:
+        budget_text = f"budget NOT checked ({budget.source})"
+    else:
+        budget_text = f"budget ε={budget.epsilon:g} from {budget.source}"
+    tail = f"; plot {plot}" if plot is not None else ""
+    console.print(
+        f"{head}; {budget_text}; tolerance {report.tolerance:g}{tail}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _plot(ledgers: Sequence[_Ledger], report: AuditReport, path: Path) -> None:
+    """Write reported ε per round per client, final recomputed PRV ε, budget as dashes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    one_run = all(len({r.run_id for r in led.records}) == 1 for led in ledgers)
+    series: list[tuple[str, list[float], list[float]]] = []
+    for led in ledgers:
+        keys = dict.fromkeys((r.client, r.level) for r in led.records)
+        for client, level in keys:
+            recs = [r for r in led.records if (r.client, r.level) == (client, level)]
+            xs = (
+                [float(r.round) for r in recs]
+                if one_run
+                else [float(i + 1) for i in range(len(recs))]
+            )
+            ys = [r.epsilon if math.isfinite(r.epsilon) else math.nan for r in recs]
+            series.append((f"{client} ({level})", xs, ys))
+    audits = {f"{c.client} ({c.level})": c for c in report.clients}
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    legend = len(series) <= 12
+    for label, xs, ys in series:
+        audit = audits.get(label)
+        verdict = "" if audit is None or audit.verdict == "ok" else f" — {audit.verdict}"
+        (line,) = ax.plot(xs, ys, "o-", ms=4, label=label + verdict if legend else None)
+        if audit is not None and math.isfinite(audit.epsilon_prv):
+            ax.plot(xs[-1], audit.epsilon_prv, "x", ms=9, mew=2, color=line.get_color())
+    ax.plot([], [], "x", ms=9, mew=2, color="0.4", label="recomputed PRV ε (final)")
+    if report.budget_epsilon is not None:
+        ax.axhline(
+            report.budget_epsilon,
+            ls="--",
+            color="crimson",
+            label=f"budget ε={report.budget_epsilon:g}",
+        )
+    ax.set(
+        title=f"ε spent per client ({_plural(len(series), 'client')})",
+        xlabel="round" if one_run else "ledger record (all runs, in file order)",
+        ylabel="cumulative ε (reported)",
+    )
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")  # cumulative curves leave it empty
+    if one_run:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as err:
+        raise ConfigError(f"cannot write the plot to {str(path)!r}: {err}") from err
+    finally:
+        plt.close(fig)
