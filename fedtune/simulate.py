@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import data as fdata
+from fedtune.aggregation import FederationError
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.export import export_adapter
 from fedtune.metrics import plot_metrics, read_records
@@ -168,6 +169,7 @@ def simulate(
         flwr_logger.setLevel(logging.WARNING)
         flwr_logger.addFilter(quiet)
     start = time.perf_counter()
+    stopped: FederationError | None = None
     try:
         run_simulation(
             server_app=make_server_app(server_wiring),
@@ -176,6 +178,8 @@ def simulate(
             backend_config=_backend_config(cfg, tmp, verbose=verbose),  # type: ignore[arg-type]
             verbose_logging=verbose,
         )
+    except FederationError as err:
+        stopped = err
     finally:
         flwr_logger.setLevel(old_level)
         flwr_logger.removeFilter(quiet)
@@ -183,6 +187,11 @@ def simulate(
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     secret = run_dir / "keys" / "secret.ctx" if cfg.crypto.encryption else None
+    if stopped is not None:
+        # Nothing lost: plot what ran and export the last completed round's adapter.
+        if (run_dir / "checkpoint").is_dir():
+            finish_run(run_dir, cfg, secret_context=secret)
+        raise stopped
     adapter_dir = finish_run(run_dir, cfg, secret_context=secret)
     return SimulationResult(run_dir, read_records(run_dir / "metrics.jsonl"), adapter_dir, seconds)
 

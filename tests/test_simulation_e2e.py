@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,17 +35,21 @@ def _ray_or_flower_processes() -> set[int]:
     return found
 
 
-def _fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in its own process group; on a timeout, kill the whole group."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "fedtune.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 TRAIN_ARGS = (
@@ -63,7 +68,7 @@ TRAIN_ARGS = (
 )
 
 
-def _simulate(run_dir: Path, model: Path, data: Path, *extra: str) -> list[dict[str, object]]:
+def _simulate(run_dir: Path, model: Path, data: Path, *extra: str, rounds: int = 6) -> None:
     proc = _fedtune(
         "simulate",
         "--run-dir",
@@ -73,11 +78,12 @@ def _simulate(run_dir: Path, model: Path, data: Path, *extra: str) -> list[dict[
         "--set",
         f"data-path={data}",
         *TRAIN_ARGS,
+        "--set",
+        f"num-rounds={rounds}",
         *extra,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round 6/6" in proc.stderr
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert f"round {rounds}/{rounds}" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +252,55 @@ def test_help_is_complete() -> None:
     ):
         assert text in sim.stdout, text
     assert "RUN_DIR" in _fedtune("evaluate", "--help").stdout
+
+
+@pytest.fixture(scope="module")
+def private_run(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("private") / "run"
+    _simulate(
+        run_dir, tiny_model_dir, toy_csv,
+        "--set", "encryption=true", "--set", "dp=example", "--set", "target-epsilon=3",
+        rounds=3,
+    )
+    return run_dir
+
+
+@pytest.mark.slow
+def test_private_encrypted_run_ledgers_agree_with_metrics_and_audit(private_run: Path) -> None:
+    from fedtune.privacy import PrivacyLedger
+
+    records = _records(private_run)
+    for r in records[1:]:
+        for name, values in r["clients"].items():
+            ledger = PrivacyLedger(private_run / "privacy" / f"{name}.jsonl").records()
+            entry = next(e for e in ledger if e.round == r["round"])
+            assert entry.epsilon == pytest.approx(values["epsilon"], rel=1e-12)
+    assert max(r["epsilon"] for r in records[1:]) <= 3.0
+    assert records[-1]["epsilon"] >= 2.9  # calibrated to spend the target over the planned rounds
+    audit = _fedtune("audit", str(private_run), "--json", "--no-plot")
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+    report = json.loads(audit.stdout)
+    assert {c["client"] for c in report["clients"]} == {"client-0", "client-1", "client-2"}
+    assert all(c["verdict"] == "ok" for c in report["clients"])
+
+
+@pytest.mark.slow
+def test_budget_spent_clients_decline_and_run_stops_clearly(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    # sigma fixed by hand: the budget covers 2 of the 6 planned rounds, then clients decline.
+    proc = _fedtune(
+        "simulate", "--run-dir", str(tmp_path / "run"),
+        "--set", f"model-path={tiny_model_dir}", "--set", f"data-path={toy_csv}", *TRAIN_ARGS,
+        "--set", "dp=example", "--set", "noise-multiplier=1.0", "--set", "epsilon-budget=12",
+        "--set", "accountant=rdp",
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stopped: Round" in last and "fewer than `min-clients` = 2" in last
+    assert "Round 3:" in last and "declined by client-0: privacy budget" in last
+    records = _records(tmp_path / "run")
+    # RDP: one round costs 8.26, two 11.26, three 13.72 > 12: round 3 is declined.
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert records[-1]["epsilon"] == pytest.approx(11.263, abs=1e-3)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()  # nothing lost
