@@ -248,13 +248,10 @@ class ClientRuntime:
 
     def _train_dpsgd(self, seed: int) -> TrainResult:
         from fedtune.privacy import make_dp_training  # noqa: PLC0415
-        from fedtune.train import pad_collate  # noqa: PLC0415
+        from fedtune.train import make_optimizer, pad_collate  # noqa: PLC0415
 
         cfg, plan = self.cfg, self.plan
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
-        )
+        optimizer = make_optimizer(self.model, cfg.train)
         self.model.train()
         dp = make_dp_training(
             module=self.model,

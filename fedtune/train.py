@@ -88,6 +88,16 @@ def make_loader(
     )
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum over the parameters that require gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What one client's local training did."""
@@ -122,8 +132,7 @@ def train_local(
     """
     model.to(device).train()
     if optimizer is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg)
     start = time.perf_counter()
     total, steps, seen = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
