@@ -2,16 +2,18 @@
 
 Run on demand::
 
-    python benchmarks/bench_crypto.py                 # 100k and 150k parameters
+    python benchmarks/bench_crypto.py                 # 76,808 and 1M parameters
     python benchmarks/bench_crypto.py --lengths 1000000 --clients 10
 
 For each candidate parameter set it reports bytes per parameter of a client
-upload (seeded) and of the server's aggregate (unseeded), the worst absolute
-error of the decrypted weighted mean against numpy in two corners of the
-operating envelope, and the usable range; then it names the candidate with
-the smallest upload that meets the requirements, which is how
-``DEFAULT_PARAMS`` was chosen. The TenSEAL high-level API (``ts.ckks_vector``)
-is measured as the baseline it replaced.
+upload (seeded) and of the server's aggregate (unseeded) at the size of the
+default model's adapter (the first ``--lengths``), the standard deviation of
+the decryption error (theory, :attr:`CkksParams.fresh_noise_std`, and
+measured), the worst absolute error of the decrypted weighted mean against
+numpy in two corners of the operating envelope, and the usable range; then it
+names the candidate with the smallest upload that meets the requirements,
+which is how ``DEFAULT_PARAMS`` was chosen. The TenSEAL high-level API
+(``ts.ckks_vector``) is measured as the baseline it replaced.
 """
 
 from __future__ import annotations
@@ -31,30 +33,30 @@ from fedtune.crypto import (
     sum_encrypted,
 )
 
+MODEL_LENGTH = 76_808  # LoRA r=8 on query,value of MiniLM-L6 + an 8-label head
 REQUIRED_RANGE = 1e7  # 100 clients x 1e5 examples x |w| <= 1
-REQUIRED_ERROR = 1e-7  # 10x below the 1e-6 the training tolerates
+REQUIRED_BYTES = 16.0  # per parameter, upload and aggregate alike
+REQUIRED_ERROR = 2e-7  # 5x below the 1e-6 per parameter the project requires
+HEADROOM = 2.0  # the worst error seen must stay under REQUIRED_ERROR / HEADROOM
+WORST_CASE_VALUES = 1 << 20  # values sampled in the n=1 corner
 
-CANDIDATES = (
-    CkksParams(
-        poly_modulus_degree=2048, coeff_mod_bit_sizes=(54,), global_scale_bits=29
-    ),
-    CkksParams(
-        poly_modulus_degree=4096, coeff_mod_bit_sizes=(56,), global_scale_bits=30
-    ),
-    CkksParams(
-        poly_modulus_degree=4096, coeff_mod_bit_sizes=(58,), global_scale_bits=32
-    ),
-    CkksParams(
-        poly_modulus_degree=4096, coeff_mod_bit_sizes=(60,), global_scale_bits=34
-    ),
-    CkksParams(
-        poly_modulus_degree=8192, coeff_mod_bit_sizes=(60,), global_scale_bits=34
-    ),
+CANDIDATES = tuple(
+    CkksParams(poly_modulus_degree=n, coeff_mod_bit_sizes=(q,), global_scale_bits=s)
+    for n, q, s in (
+        (2048, 54, 29),
+        (4096, 56, 30),
+        (4096, 58, 32),
+        (4096, 59, 33),
+        (4096, 60, 34),
+        (8192, 60, 34),
+    )
 )
 
 
-def mean_error(params: CkksParams, counts: list[int], length: int, seed: int) -> float:
-    """Worst |decrypted weighted mean - numpy weighted mean| for clients with ``counts``."""
+def mean_error(
+    params: CkksParams, counts: list[int], length: int, seed: int
+) -> tuple[float, float]:
+    """Worst and RMS |decrypted weighted mean - numpy weighted mean| for ``counts``."""
     rng = np.random.default_rng(seed)
     ctx = make_secret_context(params)
     ws = [rng.uniform(-1.0, 1.0, length) for _ in counts]
@@ -64,12 +66,11 @@ def mean_error(params: CkksParams, counts: list[int], length: int, seed: int) ->
         [encrypt_vector(ctx, w, scale=n) for w, n in zip(ws, counts, strict=True)],
     )
     expected = np.sum([n * w for n, w in zip(counts, ws, strict=True)], axis=0) / total
-    return float(np.max(np.abs(decrypt_vector(ctx, enc) / total - expected)))
+    err = decrypt_vector(ctx, enc) / total - expected
+    return float(np.max(np.abs(err))), float(np.sqrt(np.mean(err**2)))
 
 
-def measure(
-    params: CkksParams, length: int, clients: int, seed: int
-) -> dict[str, float]:
+def measure(params: CkksParams, length: int, clients: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     ctx = make_secret_context(params)
     pub = public_context(ctx)
@@ -82,9 +83,7 @@ def measure(
     t2 = time.perf_counter()
     out = decrypt_vector(ctx, agg)
     t3 = time.perf_counter()
-    expected = np.sum([n * w for n, w in zip(counts, ws, strict=True)], axis=0) / sum(
-        counts
-    )
+    expected = np.sum([n * w for n, w in zip(counts, ws, strict=True)], axis=0) / sum(counts)
     return {
         "upload_bpp": encs[0].nbytes / length,
         "aggregate_bpp": agg.nbytes / length,
@@ -112,56 +111,57 @@ def tenseal_baseline(length: int) -> None:
         )
         ctx.global_scale = 2.0**34
         size = sum(
-            len(ts.ckks_vector(ctx, x[i : i + 2048]).serialize())
-            for i in range(0, length, 2048)
+            len(ts.ckks_vector(ctx, x[i : i + 2048]).serialize()) for i in range(0, length, 2048)
         )
-        print(
-            f"  ts.ckks_vector N=4096 [60,49] {name:10s}: {size / length:6.2f} B/param"
-        )
+        print(f"  ts.ckks_vector N=4096 [60,49] {name:10s}: {size / length:6.2f} B/param")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--lengths", type=int, nargs="+", default=[100_000, 150_000])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[MODEL_LENGTH, 1_000_000])
     ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     print(
-        "Candidates (error corners: one client with n=1; 100 clients with n up to 1e5)"
+        f"Candidates: sizes at {args.lengths[0]:,d} parameters; error corners: one client "
+        f"with n=1 ({WORST_CASE_VALUES:,d} values), 100 clients with n up to 1e5"
     )
     print(
-        f"{'params':44s} {'up B/p':>7s} {'agg B/p':>7s} {'range':>9s} {'err n=1':>9s} {'err K=100':>9s}  ok"
+        f"{'params':32s} {'up B/p':>7s} {'agg B/p':>7s} {'range':>8s} {'sd theory':>9s} "
+        f"{'sd n=1':>8s} {'err n=1':>8s} {'err K=100':>9s}  ok"
     )
     best: CkksParams | None = None
     best_bpp = float("inf")
+    counts = [int(c) for c in np.random.default_rng(args.seed).integers(1, 100_001, 100)]
     for p in CANDIDATES:
-        m = measure(p, args.lengths[-1], 1, args.seed)
-        e1 = mean_error(p, [1], 8192, args.seed)
-        counts = [
-            int(c) for c in np.random.default_rng(args.seed).integers(1, 100_001, 100)
-        ]
-        e100 = mean_error(p, counts, 8192, args.seed)
-        ok = p.max_abs_value >= REQUIRED_RANGE and max(e1, e100) <= REQUIRED_ERROR
-        label = f"N={p.poly_modulus_degree} q={p.coeff_mod_bit_sizes} scale=2^{p.global_scale_bits}"
+        m = measure(p, args.lengths[0], 1, args.seed)
+        e1, sd1 = mean_error(p, [1], WORST_CASE_VALUES, args.seed)
+        e100, _ = mean_error(p, counts, 8192, args.seed)
+        ok = (
+            p.max_abs_value >= REQUIRED_RANGE
+            and max(m["upload_bpp"], m["aggregate_bpp"]) <= REQUIRED_BYTES
+            and max(e1, e100) * HEADROOM <= REQUIRED_ERROR
+        )
+        label = f"N={p.poly_modulus_degree} q={p.data_modulus_bits} scale=2^{p.global_scale_bits}"
         print(
-            f"{label:44s} {m['upload_bpp']:7.2f} {m['aggregate_bpp']:7.2f} "
-            f"{p.max_abs_value:9.2e} {e1:9.2e} {e100:9.2e}  {'yes' if ok else 'no'}"
+            f"{label:32s} {m['upload_bpp']:7.2f} {m['aggregate_bpp']:7.2f} "
+            f"{p.max_abs_value:8.1e} {p.fresh_noise_std:9.2e} {sd1:8.2e} {e1:8.2e} "
+            f"{e100:9.2e}  {'yes' if ok else 'no'}"
         )
         if ok and m["upload_bpp"] < best_bpp:
             best, best_bpp = p, m["upload_bpp"]
     print(
-        f"smallest upload meeting range >= {REQUIRED_RANGE:g} and error <= {REQUIRED_ERROR:g}: {best}"
+        f"smallest upload with range >= {REQUIRED_RANGE:g}, <= {REQUIRED_BYTES:g} B/param "
+        f"up and down, error <= {REQUIRED_ERROR:g} / {HEADROOM:g}: {best}"
     )
     print(f"DEFAULT_PARAMS: {DEFAULT_PARAMS}")
     print("Baseline (TenSEAL high-level API, real slots, unseeded):")
-    tenseal_baseline(args.lengths[-1])
+    tenseal_baseline(args.lengths[0])
 
-    print(
-        f"\nDEFAULT_PARAMS, {args.clients} clients, n_k uniform in [1, 1e5), w ~ N(0, 0.1):"
-    )
+    print(f"\nDEFAULT_PARAMS, {args.clients} clients, n_k uniform in [1, 1e5), w ~ N(0, 0.1):")
     for length in args.lengths:
         m = measure(DEFAULT_PARAMS, length, args.clients, args.seed)
         print(

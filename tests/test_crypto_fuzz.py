@@ -43,9 +43,7 @@ def setup() -> tuple[CkksContext, CkksContext, EncryptedVector, EncryptedVector]
     return ctx, pub, good, other
 
 
-def _receive(
-    pub: CkksContext, payload: Any, reference: EncryptedVector
-) -> EncryptedVector:
+def _receive(pub: CkksContext, payload: Any, reference: EncryptedVector) -> EncryptedVector:
     enc = validate_wire(
         payload,
         params=pub.params,
@@ -70,9 +68,7 @@ def _truncate(r: random.Random, w: dict[str, Any]) -> Any:
 
 
 def _oversize(r: random.Random, w: dict[str, Any]) -> Any:
-    return _with_chunk(
-        w, w["chunks"][1] + r.randbytes(DEFAULT_PARAMS.max_chunk_bytes(polys=1))
-    )
+    return _with_chunk(w, w["chunks"][1] + r.randbytes(DEFAULT_PARAMS.max_chunk_bytes(polys=1)))
 
 
 def _append(r: random.Random, w: dict[str, Any]) -> Any:
@@ -90,9 +86,7 @@ def _garbage_body(r: random.Random, w: dict[str, Any]) -> Any:
 
 def _header_flip(r: random.Random, w: dict[str, Any]) -> Any:
     c = bytearray(w["chunks"][1])
-    i = r.choice(
-        [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
-    )  # every field but the compression mode
+    i = r.choice([0, 1, 2, 3, 4, 6, 7, 8, 9, 10])  # every field but the compression mode
     c[i] ^= 1 << r.randrange(8)
     return _with_chunk(w, bytes(c))
 

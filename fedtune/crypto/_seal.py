@@ -71,9 +71,7 @@ def parse_header(data: bytes, *, field: str) -> SealHeader:
         declared size does not match, or trailing bytes follow the object.
     """
     if len(data) < _HEADER.size:
-        raise PayloadError(
-            f"`{field}` is {len(data)} bytes, shorter than a SEAL header."
-        )
+        raise PayloadError(f"`{field}` is {len(data)} bytes, shorter than a SEAL header.")
     magic, hsize, major, minor, compr, reserved, size = _HEADER.unpack_from(data)
     if magic != SEAL_MAGIC or hsize != _HEADER.size or reserved != 0:
         raise PayloadError(
@@ -82,8 +80,9 @@ def parse_header(data: bytes, *, field: str) -> SealHeader:
         )
     if (major, minor) != _expected_version():
         raise PayloadError(
-            f"`{field}` was written by SEAL {major}.{minor}; this build reads "
-            "{}.{}.".format(*_expected_version())
+            f"`{field}` was written by SEAL {major}.{minor}; this build reads {{}}.{{}}.".format(
+                *_expected_version()
+            )
         )
     if compr not in _COMPR_MODES:
         raise PayloadError(f"`{field}` has unknown compression mode {compr}.")

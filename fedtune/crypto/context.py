@@ -83,27 +83,19 @@ class CkksContext:
         "primes",
     )
 
-    def __init__(
-        self, *, params: CkksParams, key_id: str, secret_key_bytes: bytes | None
-    ) -> None:
+    def __init__(self, *, params: CkksParams, key_id: str, secret_key_bytes: bytes | None) -> None:
         sa = sealapi()
         parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
         parms.set_poly_modulus_degree(params.poly_modulus_degree)
         parms.set_coeff_modulus(
-            sa.CoeffModulus.Create(
-                params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)
-            )
+            sa.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes))
         )
         seal_context = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
         if not seal_context.parameters_set():
-            raise CryptoError(
-                f"SEAL rejects {params}: {seal_context.parameters_error_message()}."
-            )
+            raise CryptoError(f"SEAL rejects {params}: {seal_context.parameters_error_message()}.")
         self.params = params
         self.key_id = key_id
-        self.primes: tuple[int, ...] = tuple(
-            int(m.value()) for m in parms.coeff_modulus()
-        )
+        self.primes: tuple[int, ...] = tuple(int(m.value()) for m in parms.coeff_modulus())
         self.fingerprint = _fingerprint(params, self.primes, key_id)
         self._seal_context = seal_context
         self._encoder = sa.CKKSEncoder(seal_context)
@@ -126,9 +118,7 @@ class CkksContext:
                         tmp,
                     )
                 except (RuntimeError, ValueError) as exc:
-                    raise CryptoError(
-                        f"secret key does not load into {params}: {exc}"
-                    ) from exc
+                    raise CryptoError(f"secret key does not load into {params}: {exc}") from exc
             self._encryptor = sa.Encryptor(seal_context, secret_key)
             self._decryptor = sa.Decryptor(seal_context, secret_key)
 
@@ -186,9 +176,7 @@ def make_secret_context(params: CkksParams = DEFAULT_PARAMS) -> CkksContext:
     secret_key = sa.KeyGenerator(probe._seal_context).secret_key()
     with scratch_dir() as tmp:
         sk_bytes = seal_dump(secret_key.save, tmp)
-    return CkksContext(
-        params=params, key_id=_key_id(sk_bytes), secret_key_bytes=sk_bytes
-    )
+    return CkksContext(params=params, key_id=_key_id(sk_bytes), secret_key_bytes=sk_bytes)
 
 
 def public_context(ctx: CkksContext) -> CkksContext:
@@ -267,9 +255,7 @@ def context_from_bytes(data: bytes) -> CkksContext:
         raise CryptoError(f"CKKS context: malformed header ({exc}).") from exc
     body = data[end + 1 :]
     if not isinstance(n_sk, int) or n_sk != len(body):
-        raise CryptoError(
-            f"CKKS context: header announces {n_sk!r} key bytes, {len(body)} follow."
-        )
+        raise CryptoError(f"CKKS context: header announces {n_sk!r} key bytes, {len(body)} follow.")
     ctx = CkksContext(params=params, key_id=str(key_id), secret_key_bytes=body or None)
     if ctx.fingerprint != stored_fp:
         raise CryptoError(
@@ -321,7 +307,5 @@ def load_context(path: Path) -> CkksContext:
     path = Path(path)
     size = path.stat().st_size
     if size > _MAX_CONTEXT_FILE_BYTES:
-        raise CryptoError(
-            f"CKKS context file {path} is {size} bytes; more than any key file."
-        )
+        raise CryptoError(f"CKKS context file {path} is {size} bytes; more than any key file.")
     return context_from_bytes(path.read_bytes())

@@ -7,8 +7,10 @@ addition is coordinate-wise for real and imaginary parts alike, so
 
     Dec(sum_k Enc(n_k * w_k)) / sum_k n_k  ==  sum_k n_k w_k / sum_k n_k
 
-up to the CKKS noise, ``|error| <~ sqrt(K) * 1e-8`` in the sum for ``K``
-clients at the default parameters (measured, see :mod:`fedtune.crypto`).
+up to the CKKS noise: Gaussian with standard deviation
+``sqrt(K) * params.fresh_noise_std`` (``sqrt(K) * 1.7e-8`` at the default
+parameters) in the sum for ``K`` clients, divided by ``sum_k n_k`` in the mean
+(measured, see :mod:`fedtune.crypto`).
 That is the FedAvg weighted mean (McMahan et al., "Communication-Efficient
 Learning of Deep Networks from Decentralized Data", AISTATS 2017,
 https://arxiv.org/abs/1602.05629) computed by a server that adds ciphertexts
@@ -27,9 +29,7 @@ from fedtune.crypto.payload import EncryptedVector, load_ciphertext
 __all__ = ["decrypt_vector", "encrypt_vector", "sum_encrypted"]
 
 
-def encrypt_vector(
-    ctx: CkksContext, vector: np.ndarray, *, scale: float = 1.0
-) -> EncryptedVector:
+def encrypt_vector(ctx: CkksContext, vector: np.ndarray, *, scale: float = 1.0) -> EncryptedVector:
     """Encrypt ``scale * vector`` under the shared secret key.
 
     Parameters
@@ -58,17 +58,13 @@ def encrypt_vector(
     ctx.require_secret_key("encrypt")
     if not isinstance(vector, np.ndarray) or vector.ndim != 1 or vector.size == 0:
         shape = getattr(vector, "shape", type(vector).__name__)
-        raise ValueError(
-            f"`vector` should be a non-empty 1-D numpy array, got {shape}."
-        )
+        raise ValueError(f"`vector` should be a non-empty 1-D numpy array, got {shape}.")
     if not np.isfinite(scale):
         raise ValueError(f"`scale` should be finite, got {scale!r}.")
     values = vector.astype(np.float64, copy=False) * float(scale)
     if not np.all(np.isfinite(values)):
         bad = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise ValueError(
-            f"`vector` should be finite, got {values[bad]} at index {bad}."
-        )
+        raise ValueError(f"`vector` should be finite, got {values[bad]} at index {bad}.")
     peak = float(np.max(np.abs(values)))
     p = ctx.params
     if peak > p.max_abs_value:
@@ -97,14 +93,8 @@ def _check_shape(ctx: CkksContext, enc: EncryptedVector, field: str) -> None:
             f"`{field}.fingerprint` {enc.fingerprint[:80]!r} does not match the context "
             f"{ctx.fingerprint!r}."
         )
-    if (
-        isinstance(enc.length, bool)
-        or not isinstance(enc.length, int)
-        or enc.length < 1
-    ):
-        raise PayloadError(
-            f"`{field}.length` should be a positive int, got {enc.length!r}."
-        )
+    if isinstance(enc.length, bool) or not isinstance(enc.length, int) or enc.length < 1:
+        raise PayloadError(f"`{field}.length` should be a positive int, got {enc.length!r}.")
     expected = ctx.params.chunk_count(enc.length)
     if len(enc.chunks) != expected:
         raise PayloadError(
@@ -138,16 +128,12 @@ def sum_encrypted(ctx: CkksContext, items: list[EncryptedVector]) -> EncryptedVe
         If ``items`` is empty or the lengths differ.
     """
     if not items:
-        raise ValueError(
-            "`items` should hold at least one EncryptedVector, got an empty list."
-        )
+        raise ValueError("`items` should hold at least one EncryptedVector, got an empty list.")
     length = items[0].length
     for k, item in enumerate(items):
         _check_shape(ctx, item, f"items[{k}]")
         if item.length != length:
-            raise ValueError(
-                f"`items[{k}].length` is {item.length}, but items[0] has {length}."
-            )
+            raise ValueError(f"`items[{k}].length` is {item.length}, but items[0] has {length}.")
 
     out: list[bytes] = []
     with scratch_dir() as tmp:

@@ -14,7 +14,8 @@ Everything below follows from three numbers:
     aggregate ``sum_k n_k w_k`` must satisfy ``|sum| * Delta < q / 2``.
 ``Delta = 2 ** global_scale_bits``
     Fixed-point scale: the decoding error is ``noise / Delta`` in absolute
-    terms, independent of the magnitude of the values.
+    terms, independent of the magnitude of the values (see
+    :attr:`CkksParams.fresh_noise_std`).
 
 A fresh symmetric ciphertext is serialised *seeded*: the uniformly random
 polynomial ``c1 = a`` is replaced by the seed that generated it, so an upload
@@ -42,6 +43,13 @@ MAX_COEFF_MODULUS_BITS_128: dict[int, int] = {
     16384: 438,
     32768: 881,
 }
+
+# SEAL samples encryption noise from a centred binomial distribution, the
+# difference of two sums of 21 fair bits (seal/util/rlwe.cpp, sample_poly_cbd):
+# variance 21 / 2 per coefficient, |e_i| <= 21.
+_NOISE_VARIANCE = 10.5
+# Rounding the scaled message to integer coefficients: uniform on [-1/2, 1/2].
+_ROUNDING_VARIANCE = 1.0 / 12.0
 
 # SEAL accepts primes of at most 60 bits; below 20 bits CKKS has no precision left.
 _MIN_PRIME_BITS = 20
@@ -78,16 +86,12 @@ class CkksParams:
     """
 
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (60,)
-    global_scale_bits: int = 34
+    coeff_mod_bit_sizes: tuple[int, ...] = (59,)
+    global_scale_bits: int = 33
 
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
-        if (
-            isinstance(n, bool)
-            or not isinstance(n, int)
-            or n not in MAX_COEFF_MODULUS_BITS_128
-        ):
+        if isinstance(n, bool) or not isinstance(n, int) or n not in MAX_COEFF_MODULUS_BITS_128:
             raise ValueError(
                 "`poly_modulus_degree` should be one of "
                 f"{sorted(MAX_COEFF_MODULUS_BITS_128)}, got {n!r}."
@@ -99,9 +103,7 @@ class CkksParams:
             )
         for b in bits:
             if isinstance(b, bool) or not isinstance(b, int):
-                raise TypeError(
-                    f"`coeff_mod_bit_sizes` should hold ints, got {bits!r}."
-                )
+                raise TypeError(f"`coeff_mod_bit_sizes` should hold ints, got {bits!r}.")
             if not _MIN_PRIME_BITS <= b <= _MAX_PRIME_BITS:
                 raise ValueError(
                     f"`coeff_mod_bit_sizes` entries should lie in "
@@ -166,6 +168,27 @@ class CkksParams:
         """
         return float(2 ** (self.data_modulus_bits - self.global_scale_bits - 2))
 
+    @property
+    def fresh_noise_std(self) -> float:
+        """Standard deviation of the decryption error of one fresh ciphertext, per value.
+
+        Decryption returns ``m + e`` with ``e`` the encryption noise plus the
+        rounding of ``Delta * x`` to integers, ``N`` independent coefficients.
+        A slot is the polynomial evaluated at a root of unity, a sum of ``N``
+        such terms, so its real and imaginary parts (two parameters) each have
+        variance ``N / 2 * (sigma^2 + 1/12)``; decoding divides by ``Delta``::
+
+            std = sqrt(N / 2 * (10.5 + 1 / 12)) / 2 ** global_scale_bits
+
+        ``sigma^2 = 10.5`` is SEAL's centred binomial noise. The error is
+        Gaussian to a very good approximation and does not depend on the
+        values; a sum of ``K`` ciphertexts has ``sqrt(K)`` times this error,
+        and the weighted mean divides it by ``sum_k n_k``. Matches measurement
+        to 0.1% (``benchmarks/bench_crypto.py``).
+        """
+        variance = self.slot_count * (_NOISE_VARIANCE + _ROUNDING_VARIANCE)
+        return math.sqrt(variance) / self.scale
+
     def chunk_count(self, length: int) -> int:
         """Number of ciphertexts that carry a vector of ``length`` values."""
         return math.ceil(length / self.values_per_chunk)
@@ -197,5 +220,5 @@ class CkksParams:
 #: package docstring of :mod:`fedtune.crypto` for the numbers and the
 #: candidates that lost.
 DEFAULT_PARAMS = CkksParams(
-    poly_modulus_degree=4096, coeff_mod_bit_sizes=(60,), global_scale_bits=34
+    poly_modulus_degree=4096, coeff_mod_bit_sizes=(59,), global_scale_bits=33
 )

@@ -72,7 +72,7 @@ class EncryptedVector:
         return sum(len(c) for c in self.chunks)
 
     def to_wire(self) -> dict[str, Any]:
-        """Plain types only (``list[bytes]``, ``int``, ``str``), e.g. for a Flower ``ConfigRecord``."""
+        """Plain types only (``list[bytes]``, ``int``, ``str``), e.g. for a ``ConfigRecord``."""
         return {
             "chunks": list(self.chunks),
             "length": self.length,
@@ -80,15 +80,13 @@ class EncryptedVector:
         }
 
     @classmethod
-    def from_wire(cls, payload: Mapping[str, Any]) -> EncryptedVector:
+    def from_wire(cls, payload: object) -> EncryptedVector:
         """Rebuild from :meth:`to_wire` output, checking types only.
 
         Use :func:`validate_wire` for anything that came over the network.
         """
         if not isinstance(payload, Mapping):
-            raise PayloadError(
-                f"payload should be a mapping, got {type(payload).__name__}."
-            )
+            raise PayloadError(f"payload should be a mapping, got {type(payload).__name__}.")
         keys = set(payload)
         if keys != _WIRE_KEYS:
             raise PayloadError(
@@ -100,27 +98,19 @@ class EncryptedVector:
             payload["fingerprint"],
         )
         if not isinstance(chunks, list | tuple):
-            raise PayloadError(
-                f"`chunks` should be a list of bytes, got {type(chunks).__name__}."
-            )
+            raise PayloadError(f"`chunks` should be a list of bytes, got {type(chunks).__name__}.")
         for i, chunk in enumerate(chunks):
             if not isinstance(chunk, bytes):
-                raise PayloadError(
-                    f"`chunks[{i}]` should be bytes, got {type(chunk).__name__}."
-                )
+                raise PayloadError(f"`chunks[{i}]` should be bytes, got {type(chunk).__name__}.")
         if isinstance(length, bool) or not isinstance(length, int):
-            raise PayloadError(
-                f"`length` should be an int, got {type(length).__name__}."
-            )
+            raise PayloadError(f"`length` should be an int, got {type(length).__name__}.")
         if not isinstance(fp, str):
-            raise PayloadError(
-                f"`fingerprint` should be a str, got {type(fp).__name__}."
-            )
+            raise PayloadError(f"`fingerprint` should be a str, got {type(fp).__name__}.")
         return cls(chunks=list(chunks), length=length, fingerprint=fp)
 
 
 def validate_wire(
-    payload: Mapping[str, Any],
+    payload: object,
     *,
     params: CkksParams,
     expected_fingerprint: str,
@@ -131,8 +121,9 @@ def validate_wire(
 
     Parameters
     ----------
-    payload : Mapping[str, Any]
-        What :meth:`EncryptedVector.to_wire` produced on the other side.
+    payload : object
+        What :meth:`EncryptedVector.to_wire` produced on the other side, or
+        anything else: untrusted input is type-checked first.
     params : CkksParams
         Parameters of the receiving context.
     expected_fingerprint : str
@@ -168,9 +159,7 @@ def validate_wire(
             f"`chunks` should hold {n_expected} ciphertexts for length {expected_length}, "
             f"got {len(enc.chunks)}."
         )
-    upper = (
-        params.max_chunk_bytes(polys=1) if max_chunk_bytes is None else max_chunk_bytes
-    )
+    upper = params.max_chunk_bytes(polys=1) if max_chunk_bytes is None else max_chunk_bytes
     lower = params.min_chunk_bytes
     for i, chunk in enumerate(enc.chunks):
         if not lower <= len(chunk) <= upper:
@@ -182,9 +171,7 @@ def validate_wire(
     return enc
 
 
-def load_ciphertext(
-    ctx: CkksContext, data: bytes, *, field: str, directory: str
-) -> Any:
+def load_ciphertext(ctx: CkksContext, data: bytes, *, field: str, directory: str) -> Any:
     """Deserialise one ciphertext and check it fits ``ctx`` exactly.
 
     Parameters
@@ -209,15 +196,11 @@ def load_ciphertext(
     try:
         seal_load(lambda p: ct.load(ctx._seal_context, p), data, directory)
     except (RuntimeError, ValueError) as exc:
-        raise PayloadError(
-            f"`{field}` is not a valid ciphertext for this context: {exc}."
-        ) from exc
+        raise PayloadError(f"`{field}` is not a valid ciphertext for this context: {exc}.") from exc
     p = ctx.params
     first = ctx._seal_context.first_parms_id()
     if list(ct.parms_id()) != list(first):
-        raise PayloadError(
-            f"`{field}` is at another level of the modulus chain than this context."
-        )
+        raise PayloadError(f"`{field}` is at another level of the modulus chain than this context.")
     if ct.size() != 2:
         raise PayloadError(
             f"`{field}` has {ct.size()} polynomials; a fresh or summed ciphertext has 2."
@@ -233,7 +216,5 @@ def load_ciphertext(
     if not ct.is_ntt_form():
         raise PayloadError(f"`{field}` is not in NTT form, as CKKS ciphertexts are.")
     if ct.scale != p.scale:
-        raise PayloadError(
-            f"`{field}` has scale {ct.scale!r}; expected 2**{p.global_scale_bits}."
-        )
+        raise PayloadError(f"`{field}` has scale {ct.scale!r}; expected 2**{p.global_scale_bits}.")
     return ct
