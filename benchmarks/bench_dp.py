@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -47,20 +49,32 @@ def main() -> None:
     def plain_setup() -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
         model = fmodel.build_model(cfg, num_labels=8, seed=0).to(device).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        loader = make_loader(train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        loader = make_loader(
+            train,
+            batch_size=args.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
         return model, opt, loader
 
     def dp_setup() -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
         model = fmodel.build_model(cfg, num_labels=8, seed=0).to(device).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         dp = make_dp_training(
-            module=model, optimizer=opt, data=train, expected_batch_size=args.batch_size,
-            noise_multiplier=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
+            module=model,
+            optimizer=opt,
+            data=train,
+            expected_batch_size=args.batch_size,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            generator=torch.Generator().manual_seed(0),
             collate_fn=pad_collate(train.pad_id),
         )
         return dp.module, dp.optimizer, dp.data_loader
 
-    def timed_steps(setup: tuple[torch.nn.Module, torch.optim.Optimizer, object], n: int) -> list[float]:
+    def timed_steps(
+        setup: tuple[torch.nn.Module, torch.optim.Optimizer, object], n: int
+    ) -> list[float]:
         model, opt, loader = setup
         times: list[float] = []
         it = iter(loader)  # type: ignore[call-overload]
@@ -93,7 +107,10 @@ def main() -> None:
         dp_t += timed_steps(dp, block)
     p_med, d_med = statistics.median(plain_t), statistics.median(dp_t)
     trainable = sum(p.numel() for p in plain[0].parameters() if p.requires_grad)
-    print(f"device {device}, threads {args.threads}, batch size {args.batch_size} (DP: Poisson, mean {args.batch_size})")
+    print(
+        f"device {device}, threads {args.threads}, batch size {args.batch_size} "
+        f"(DP: Poisson, mean {args.batch_size})"
+    )
     print(f"trainable parameters {trainable}")
     print(f"plain step  median {p_med * 1e3:7.1f} ms over {len(plain_t)} steps")
     print(f"DP-SGD step median {d_med * 1e3:7.1f} ms over {len(dp_t)} steps")

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 . .venv/bin/activate
-ruff check fedtune server clients tests benchmarks
+ruff check fedtune server clients tests benchmarks simulations
 exec python -m pytest -q "$@"

@@ -48,14 +48,19 @@ def _run(name: str, out: Path) -> dict[str, object]:
     if (run_dir / "privacy").is_dir():
         audit = subprocess.run(
             [sys.executable, "-m", "fedtune.cli", "audit", str(run_dir), "--json"],
-            cwd=ROOT, capture_output=True, text=True, check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         row["audit"] = "ok" if audit.returncode == 0 else f"FAILED ({audit.returncode})"
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings")
     args = parser.parse_args()
@@ -65,7 +70,9 @@ def main() -> None:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
     rows = [_run(n, args.out) for n in names]
     (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    print("| setting | accuracy round 0 | final accuracy | gain | max ε spent | audit | wall time |")
+    print(
+        "| setting | accuracy round 0 | final accuracy | gain | max ε spent | audit | wall time |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.2f}"

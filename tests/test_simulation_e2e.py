@@ -40,7 +40,11 @@ def _fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedtune.cli", *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -255,11 +259,20 @@ def test_help_is_complete() -> None:
 
 
 @pytest.fixture(scope="module")
-def private_run(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def private_run(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     run_dir = tmp_path_factory.mktemp("private") / "run"
     _simulate(
-        run_dir, tiny_model_dir, toy_csv,
-        "--set", "encryption=true", "--set", "dp=example", "--set", "target-epsilon=3",
+        run_dir,
+        tiny_model_dir,
+        toy_csv,
+        "--set",
+        "encryption=true",
+        "--set",
+        "dp=example",
+        "--set",
+        "target-epsilon=3",
         rounds=3,
     )
     return run_dir
@@ -290,10 +303,22 @@ def test_budget_spent_clients_decline_and_run_stops_clearly(
 ) -> None:
     # sigma fixed by hand: the budget covers 2 of the 6 planned rounds, then clients decline.
     proc = _fedtune(
-        "simulate", "--run-dir", str(tmp_path / "run"),
-        "--set", f"model-path={tiny_model_dir}", "--set", f"data-path={toy_csv}", *TRAIN_ARGS,
-        "--set", "dp=example", "--set", "noise-multiplier=1.0", "--set", "epsilon-budget=12",
-        "--set", "accountant=rdp",
+        "simulate",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"model-path={tiny_model_dir}",
+        "--set",
+        f"data-path={toy_csv}",
+        *TRAIN_ARGS,
+        "--set",
+        "dp=example",
+        "--set",
+        "noise-multiplier=1.0",
+        "--set",
+        "epsilon-budget=12",
+        "--set",
+        "accountant=rdp",
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
