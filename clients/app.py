@@ -68,7 +68,15 @@ def _global_state(msg: Message) -> GlobalState | None:
         return None
     record = msg.content.config_records["global"]
     payload = {k: record[k] for k in ("chunks", "length", "fingerprint") if k in record}
-    return GlobalState(payload=payload, num_examples=int(record["num-examples"]))
+    return GlobalState(payload=payload, num_examples=_int(record, "num-examples"))
+
+
+def _int(record: ConfigRecord, key: str) -> int:
+    """An integer field of a server message (checked: the codec validates the rest)."""
+    value = record.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"server message field {key!r} must be an integer, got {value!r}.")
+    return value
 
 
 def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
@@ -86,12 +94,12 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         flat = dict(config) if config is not None else dict(context.run_config)
         runtime = _runtime(flat, context)
-        server_round = int(msg.content.config_records["config"]["server-round"])
+        server_round = _int(msg.content.config_records["config"], "server-round")
         outcome = runtime.train(_global_state(msg), server_round=server_round)
         info = ConfigRecord({"client": runtime.name, "declined": outcome.declined})
         if outcome.payload is None or outcome.result is None:  # declined: nothing to send
             return Message(RecordDict({"info": info}), reply_to=msg)
-        metrics = {
+        metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": outcome.num_examples,
             "train-loss": outcome.result.loss,
             "train-seconds": outcome.result.seconds,

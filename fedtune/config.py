@@ -61,7 +61,7 @@ class ModelConfig:
 
     model_path: str = ""
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "query,value"
     lora_variant: LoraVariant = "standard"

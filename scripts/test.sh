@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 . .venv/bin/activate
 ruff check fedtune server clients tests benchmarks simulations
+mypy fedtune
 exec python -m pytest -q "$@"

@@ -119,7 +119,7 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: P
             "clients-trained": len(strategy.last_train.accepted),
             "clients-dropped": len(strategy.last_train.dropped),
             "clients-declined": len(strategy.last_train.declined),
-            "train-loss": float(train_metrics["train-loss"]),
+            "train-loss": train_metrics["train-loss"],
             "clients": _client_table(strategy),
         }
         eps = [c["epsilon"] for c in record["clients"].values() if "epsilon" in c]

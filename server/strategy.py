@@ -53,8 +53,9 @@ def _client_name(msg: Message) -> str:
         name = msg.content.config_records["info"]["client"]
     except (KeyError, TypeError):
         return node
-    ok = isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable()
-    return name if ok else node
+    if isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable():
+        return name
+    return node
 
 
 def _declined(msg: Message) -> str:

@@ -1,12 +1,13 @@
 """Run the quickstart federation in several privacy / encryption settings and tabulate.
 
-    python simulations/sweep.py [--out runs/sweep] [--only plain,encrypted,eps8,eps4,eps1]
+    python simulations/sweep.py [--out runs/sweep] [--only eps8,private-no-dp,...]
 
-Each setting is one `fedtune simulate` run of `simulations/quickstart.toml` (DP runs
-use `simulations/private.toml`'s DP settings) in OUT/<setting>; the table printed at
-the end (Markdown) is the one in the README: final weighted held-out accuracy, the
-gain over round 0, the largest ε any client spent (checked by `fedtune audit`), and
-wall time. Runs one after another; about 6-10 minutes each on a 2-core CPU.
+Each setting is one `fedtune simulate` run in OUT/<setting>: the quickstart with and
+without encryption, and `simulations/private.toml` (DP-SGD + encryption) at
+ε in {8, 4, 1} and with DP off (the same run without DP). The Markdown table printed
+at the end is the one in the README: final weighted held-out accuracy, the gain over
+round 0, the largest ε any client spent (checked by `fedtune audit`), and wall time.
+Runs one after another; about 5-10 minutes each on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, tuple[str, list[str]]] = {
-    "plain": ("simulations/quickstart.toml", []),
-    "encrypted": ("simulations/quickstart.toml", ["encryption=true"]),
-    "eps8": ("simulations/private.toml", ["target-epsilon=8", "encryption=false"]),
-    "eps4": ("simulations/private.toml", ["target-epsilon=4", "encryption=false"]),
-    "eps1": ("simulations/private.toml", ["target-epsilon=1", "encryption=false"]),
+    "eps8": ("simulations/private.toml", ["target-epsilon=8"]),
+    "private-no-dp": ("simulations/private.toml", ["dp=off"]),
+    "quickstart": ("simulations/quickstart.toml", []),
+    "quickstart-encrypted": ("simulations/quickstart.toml", ["encryption=true"]),
+    "eps4": ("simulations/private.toml", ["target-epsilon=4"]),
+    "eps1": ("simulations/private.toml", ["target-epsilon=1"]),
 }
 
 
