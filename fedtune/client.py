@@ -21,6 +21,7 @@ from fedtune import data as fdata
 from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
+from fedtune.privacy import PrivacyLedger
 from fedtune.train import (
     EncodedDataset,
     EvalResult,
@@ -104,7 +105,7 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
 
 
-def make_codec(cfg: RunConfig, *, length: int, secret_context: Path | None = None) -> Codec:
+def make_codec(*, length: int, secret_context: Path | None = None) -> Codec:
     """The client's codec: plaintext, or CKKS with the secret context at ``secret_context``."""
     if secret_context is None:
         return PlainCodec(length=length)
@@ -150,7 +151,7 @@ class ClientRuntime:
         self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
         self.model.to(self.device)
         self.initial = fmodel.get_adapter_vector(self.model)
-        self.codec = make_codec(cfg, length=self.initial.size, secret_context=secret_context)
+        self.codec = make_codec(length=self.initial.size, secret_context=secret_context)
         self._plan: PrivacyPlan | None = None
         if cfg.privacy.enabled and privacy_dir is None:
             raise ValueError("DP is on but the client has no directory for its privacy ledger.")
@@ -162,11 +163,10 @@ class ClientRuntime:
             self._plan = privacy_plan(self.cfg, num_train_examples=self.num_train_examples)
         return self._plan
 
-    def ledger(self):  # type: ignore[no-untyped-def]
+    def ledger(self) -> PrivacyLedger:
         """This client's append-only privacy ledger."""
-        from fedtune.privacy import PrivacyLedger  # noqa: PLC0415
-
-        assert self.privacy_dir is not None
+        if self.privacy_dir is None:
+            raise ValueError("This client has no privacy directory (DP is off).")
         return PrivacyLedger(self.privacy_dir / f"{self.name}.jsonl")
 
     @property

@@ -57,9 +57,8 @@ def export_adapter(
     )
     if cfg.crypto.encryption and secret_context is None:
         raise ConfigError(f"{str(run_dir)!r} is encrypted: pass the secret context (--key).")
-    codec = make_codec(
-        cfg, length=layout.size, secret_context=secret_context if cfg.crypto.encryption else None
-    )
+    secret = secret_context if cfg.crypto.encryption else None
+    codec = make_codec(length=layout.size, secret_context=secret)
     payload = codec.validate(checkpoint.payload, aggregate=True)
     vector = WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
     return write_adapter(out_dir or run_dir / "adapter", cfg, vector, round_=checkpoint.round)
