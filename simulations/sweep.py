@@ -21,10 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, tuple[str, list[str]]] = {
-    "eps8": ("simulations/private.toml", ["target-epsilon=8"]),
-    "private-no-dp": ("simulations/private.toml", ["dp=off"]),
     "quickstart": ("simulations/quickstart.toml", []),
     "quickstart-encrypted": ("simulations/quickstart.toml", ["encryption=true"]),
+    "eps8": ("simulations/private.toml", ["target-epsilon=8"]),
+    "private-no-dp": ("simulations/private.toml", ["dp=off"]),
     "eps4": ("simulations/private.toml", ["target-epsilon=4"]),
     "eps1": ("simulations/private.toml", ["target-epsilon=1"]),
 }
@@ -70,8 +70,10 @@ def main() -> None:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
-    rows = [_run(n, args.out) for n in names]
-    (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    rows = []
+    for name in names:
+        rows.append(_run(name, args.out))
+        (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
     print(
         "| setting | accuracy round 0 | final accuracy | gain | max ε spent | audit | wall time |"
     )

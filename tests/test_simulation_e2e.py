@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ray_or_flower_processes() -> set[int]:
+def _session_processes(sid: int) -> set[int]:
+    """Live (non-zombie) processes in session ``sid``: everything a CLI run started."""
     found = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if any(s in cmd for s in ("raylet", "gcs_server", "ray::", "default_worker.py", "flower-")):
+        state, session = fields[0], int(fields[3])
+        if session == sid and state != "Z":
             found.add(int(proc.name))
     return found
 
 
 def _fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run the CLI in its own process group; on a timeout, kill the whole group."""
+    """Run the CLI in a session of its own; afterwards nothing of that session may live.
+
+    Ray's processes stay in the CLI's session, so this checks exactly what this run
+    started (other runs on the machine do not count). On a timeout the whole process
+    group is killed.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedtune.cli", *args],
@@ -53,6 +61,10 @@ def _fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
+    deadline = time.monotonic() + 15  # let exiting workers finish
+    while (left := _session_processes(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"`fedtune {args[0]}` left processes running: {sorted(left)}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -94,10 +106,8 @@ def _simulate(run_dir: Path, model: Path, data: Path, *extra: str, rounds: int =
 def plain_run(
     tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    before = _ray_or_flower_processes()
     run_dir = tmp_path_factory.mktemp("plain") / "run"
     _simulate(run_dir, tiny_model_dir, toy_csv)
-    assert not (_ray_or_flower_processes() - before), "simulation left processes running"
     return run_dir
 
 
