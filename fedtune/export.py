@@ -9,6 +9,7 @@ round the adapter comes from. Stock ``peft.PeftModel.from_pretrained`` loads it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,9 @@ def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
     labels = json.loads((adapter_dir / "fedtune.json").read_text())["label-names"]
     # Another seed for the base head on purpose: the adapter must bring its own head.
     base = load_base_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed + 7919)
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
+        return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def export_adapter(
