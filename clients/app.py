@@ -31,24 +31,84 @@ from fedtune.config import WIRING_KEYS, RunConfig, parse_run_config
 _RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
 
 
-def _runtime(flat: Mapping[str, object], context: Context) -> ClientRuntime:
+#: Node-config keys a SuperNode may set (``flower-supernode --node-config``).
+NODE_KEYS = frozenset(
+    {
+        "partition-id",
+        "num-partitions",
+        "name",
+        "data-path",
+        "state-dir",
+        "secret-context",
+        "epsilon-budget",
+    }
+)
+
+
+def node_settings(
+    flat: Mapping[str, object], node_config: Mapping[str, object], *, deployed: bool
+) -> dict[str, object]:
+    """Merge a node's own settings over the run config and check them.
+
+    A real node brings its own ``data-path`` (then its whole file is its data:
+    one partition of one), ``state-dir`` (privacy ledger, last global state),
+    ``secret-context`` and ``epsilon-budget``; these never come from the server's
+    run config on a deployed node, so a node cannot be pointed at another node's
+    files by the server. In simulation the driver passes them in the run config.
+    """
+    unknown = sorted(set(node_config) - NODE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Unknown node-config key(s) {unknown}; a fedtune node accepts "
+            f"{', '.join(sorted(NODE_KEYS))}."
+        )
+    merged = dict(flat)
+    if deployed:
+        for key in ("data-path", "secret-context", "state-dir"):
+            merged.pop(key, None)
+    for key in ("data-path", "state-dir", "secret-context", "epsilon-budget"):
+        if key in node_config:
+            merged[key] = node_config[key]
+    own_data = deployed and bool(node_config.get("data-path"))
+    default_parts = (0, 1) if own_data else (None, None)
+    for key, default in zip(("partition-id", "num-partitions"), default_parts, strict=True):
+        value = node_config.get(key, default)
+        if value is None:
+            raise ValueError(
+                f"node-config needs `{key}` (or a `data-path` of the node's own data)."
+            )
+        merged[key] = int(str(value))
+    merged["name"] = str(node_config.get("name") or f"client-{merged['partition-id']}")
+    return merged
+
+
+def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) -> ClientRuntime:
     """Build (once per process and partition) the client's runtime.
 
     Simulation actors serve many messages; rebuilding the model and re-tokenising
     the partition each time would dominate a round, so the runtime is kept in a
     process-local cache filled on first use (never at import).
     """
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    secret = str(flat.get("secret-context", "") or "")
-    run_dir = str(flat.get("run-dir", "") or "")
-    state_dir = str(context.node_config.get("state-dir", "") or flat.get("state-dir", "") or "")
+    merged = node_settings(flat, dict(context.node_config), deployed=deployed)
+    partition_id = int(str(merged.pop("partition-id")))
+    num_partitions = int(str(merged.pop("num-partitions")))
+    name = str(merged.pop("name"))
+    secret = str(merged.get("secret-context", "") or "")
+    run_dir = str(merged.get("run-dir", "") or "")
+    state_dir = str(merged.get("state-dir", "") or "")
+    if deployed and not state_dir and parse_run_config(merged, ignore=WIRING_KEYS).privacy.enabled:
+        raise ValueError("DP is on: this node's node-config needs `state-dir` for its ledger.")
     # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy.
     privacy_dir = Path(state_dir) / "privacy" if state_dir else Path(run_dir or ".") / "privacy"
-    run_id = str(flat.get("run-id", "") or Path(run_dir or "run").name)
-    key = (tuple(sorted((k, str(v)) for k, v in flat.items())), partition_id, num_partitions)
+    run_id = str(merged.get("run-id", "") or Path(run_dir or "run").name)
+    key = (
+        tuple(sorted((k, str(v)) for k, v in merged.items())),
+        partition_id,
+        num_partitions,
+        name,
+    )
     if key not in _RUNTIMES:
-        cfg: RunConfig = parse_run_config(flat, ignore=WIRING_KEYS)
+        cfg: RunConfig = parse_run_config(merged, ignore=WIRING_KEYS)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
@@ -56,8 +116,10 @@ def _runtime(flat: Mapping[str, object], context: Context) -> ClientRuntime:
             cfg,
             partition_id=partition_id,
             num_partitions=num_partitions,
+            name=name,
             secret_context=Path(secret) if secret else None,
             privacy_dir=privacy_dir,
+            state_dir=Path(state_dir) if state_dir else None,
             run_id=run_id,
         )
     return _RUNTIMES[key]
@@ -93,9 +155,12 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         flat = dict(config) if config is not None else dict(context.run_config)
-        runtime = _runtime(flat, context)
+        runtime = _runtime(flat, context, deployed=config is None)
         server_round = _int(msg.content.config_records["config"], "server-round")
-        outcome = runtime.train(_global_state(msg), server_round=server_round)
+        state = _global_state(msg)
+        # The sum the server sent is the result of round server_round - 1.
+        runtime.keep_global(state, server_round=server_round - 1)
+        outcome = runtime.train(state, server_round=server_round)
         info = ConfigRecord({"client": runtime.name, "declined": outcome.declined})
         if outcome.payload is None or outcome.result is None:  # declined: nothing to send
             return Message(RecordDict({"info": info}), reply_to=msg)
@@ -119,8 +184,12 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         flat = dict(config) if config is not None else dict(context.run_config)
-        runtime = _runtime(flat, context)
-        result = runtime.evaluate(_global_state(msg))
+        runtime = _runtime(flat, context, deployed=config is None)
+        state = _global_state(msg)
+        runtime.keep_global(
+            state, server_round=_int(msg.content.config_records["config"], "server-round")
+        )
+        result = runtime.evaluate(state)
         reply = RecordDict(
             {
                 "info": ConfigRecord({"client": runtime.name}),

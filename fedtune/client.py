@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -124,15 +124,18 @@ class ClientRuntime:
         *,
         partition_id: int,
         num_partitions: int,
+        name: str | None = None,
         secret_context: Path | None = None,
         privacy_dir: Path | None = None,
+        state_dir: Path | None = None,
         run_id: str = "run",
     ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
-        self.name = f"client-{partition_id}"
+        self.name = name or f"client-{partition_id}"
         self.run_id = run_id
         self.privacy_dir = privacy_dir
+        self.state_dir = state_dir
         seed = cfg.federation.seed
         dataset = fdata.load_data(cfg.data, seed=seed)
         self.label_names = dataset.label_names
@@ -173,6 +176,39 @@ class ClientRuntime:
     def num_train_examples(self) -> int:
         """Examples this client trains on each epoch."""
         return len(self.train_set)
+
+    def keep_global(self, state: GlobalState | None, *, server_round: int) -> None:
+        """On a node, keep the newest global sum in ``STATE_DIR/checkpoint``.
+
+        With the resolved ``STATE_DIR/config.toml`` beside it, ``fedtune export
+        STATE_DIR --key SECRET`` writes the PEFT adapter on the node itself, from the
+        same files a server checkpoint has (the server cannot: it holds no key).
+        """
+        if self.state_dir is None or state is None:
+            return
+        from fedtune.checkpoint import (  # noqa: PLC0415
+            Checkpoint,
+            CheckpointError,
+            load_checkpoint,
+            save_checkpoint,
+        )
+
+        directory = self.state_dir / "checkpoint"
+        try:
+            if load_checkpoint(directory).round >= server_round:
+                return
+        except CheckpointError:
+            pass
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        config = replace(
+            self.cfg, data=replace(self.cfg.data, label_names=",".join(self.label_names))
+        )
+        (self.state_dir / "config.toml").write_text(config.to_toml())
+        payload = self.codec.validate(state.payload, aggregate=True)
+        save_checkpoint(
+            directory,
+            Checkpoint(round=server_round, payload=payload, num_examples=state.num_examples),
+        )
 
     def global_vector(self, state: GlobalState | None) -> NDArray[np.float64]:
         """The current global adapter: the seeded initial one in round 1, else ``S / N``."""

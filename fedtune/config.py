@@ -31,7 +31,9 @@ OptimizerName = Literal["adamw", "sgd"]
 
 #: Run-config keys that belong to the wiring (paths set per run or per process),
 #: not to :class:`RunConfig`; both apps accept and skip them.
-WIRING_KEYS = frozenset({"run-dir", "run-id", "state-dir", "secret-context", "public-context"})
+WIRING_KEYS = frozenset(
+    {"run-dir", "run-id", "state-dir", "secret-context", "public-context", "resume"}
+)
 
 
 class ConfigError(ValueError):

@@ -14,16 +14,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedtune.checkpoint import Checkpoint, save_checkpoint
-from fedtune.config import WIRING_KEYS, RunConfig, parse_run_config
-from fedtune.metrics import append_record
+from fedtune.aggregation import FederationError
+from fedtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config
+from fedtune.metrics import append_record, read_records
 from fedtune.model import adapter_layout, build_model
-from fedtune.wire import Codec, PlainCodec
+from fedtune.wire import Codec, PayloadError, PlainCodec
 from server.strategy import FedTuneStrategy, NotEnoughClients
 
 log = logging.getLogger("fedtune.server")
@@ -64,12 +64,46 @@ def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
     return dict(sorted(clients.items()))
 
 
-def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: Path) -> None:
-    """Round 0 evaluation, then train / checkpoint / evaluate for ``num-rounds`` rounds."""
+def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> int:
+    """The first round to train: 1 for a new run, checkpoint round + 1 with ``resume``.
+
+    A new run refuses a ``run-dir`` that already holds a checkpoint (it would be
+    overwritten); a resumed run loads the checkpoint into the strategy and drops the
+    ``metrics.jsonl`` lines of rounds after it (they are trained again).
+    """
+    metrics_path = run_dir / "metrics.jsonl"
+    checkpoint_dir = run_dir / "checkpoint"
+    if not resume:
+        if checkpoint_dir.exists():
+            raise FederationError(
+                f"`run-dir` {str(run_dir)!r} already holds a checkpoint; resume it "
+                "(`resume = true`, `fedtune deploy run --resume`) or choose a new run-dir."
+            )
+        metrics_path.unlink(missing_ok=True)
+        return 1
+    checkpoint = load_checkpoint(checkpoint_dir)
+    try:
+        strategy.resume(checkpoint.payload, checkpoint.num_examples)
+    except PayloadError as err:
+        raise FederationError(
+            f"The checkpoint in {str(checkpoint_dir)!r} does not fit this run: {err}"
+        ) from err
+    previous = read_records(metrics_path) if metrics_path.is_file() else []
+    kept = [r for r in previous if int(r["round"]) <= checkpoint.round]
+    metrics_path.unlink(missing_ok=True)
+    for record in kept:
+        append_record(metrics_path, record)
+    log.info("Resuming after round %d from %s", checkpoint.round, checkpoint_dir)
+    return checkpoint.round + 1
+
+
+def run_rounds(
+    grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: Path, *, first_round: int = 1
+) -> None:
+    """Round 0 evaluation (new runs), then train / checkpoint / evaluate each round."""
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     fed = cfg.federation
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
 
     def evaluate(rnd: int) -> dict[str, Any]:
         start = time.perf_counter()
@@ -80,12 +114,16 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: P
         values = dict(result) if result is not None else {}
         return {**values, "eval-seconds": time.perf_counter() - start}
 
-    record: dict[str, Any] = {"round": 0, **evaluate(0), "clients": _client_table(strategy)}
-    append_record(metrics_path, record)
-    console.print(
-        f"round 0/{fed.num_rounds}  eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}"
-    )
-    for rnd in range(1, fed.num_rounds + 1):
+    if first_round == 1:
+        record: dict[str, Any] = {"round": 0, **evaluate(0), "clients": _client_table(strategy)}
+        append_record(metrics_path, record)
+        console.print(
+            f"round 0/{fed.num_rounds}  "
+            f"eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}"
+        )
+    else:
+        console.print(f"resuming at round {first_round}/{fed.num_rounds}")
+    for rnd in range(first_round, fed.num_rounds + 1):
         start = time.perf_counter()
         with console.status(f"round {rnd}/{fed.num_rounds}: training…"):
             messages = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
@@ -136,6 +174,17 @@ def run_rounds(grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: P
         )
 
 
+def _flag(value: object) -> bool:
+    """A boolean wiring key, as TOML (bool) or ``--run-config`` / ``--set`` (string)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in {"true", "1"}:
+        return True
+    if str(value).strip().lower() in {"false", "0", ""}:
+        return False
+    raise ConfigError(f"`resume` must be true or false, got {value!r}.")
+
+
 def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     """Build the ServerApp.
 
@@ -158,10 +207,11 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
             fraction_train=cfg.federation.fraction_train,
             fraction_evaluate=cfg.federation.fraction_evaluate,
             min_clients=cfg.federation.min_clients,
-            rng=np.random.default_rng([cfg.federation.seed, 1]),
+            seed=cfg.federation.seed,
         )
         strategy.summary()
-        run_rounds(grid, cfg, strategy, run_dir)
+        first = resume_round(run_dir, strategy, resume=_flag(flat.get("resume", False)))
+        run_rounds(grid, cfg, strategy, run_dir, first_round=first)
 
     return app
 

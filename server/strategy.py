@@ -97,8 +97,9 @@ class FedTuneStrategy(Strategy):
         Fraction of connected clients sampled per round (at least ``min_clients``).
     min_clients : int
         Clients that must be connected to start a round and must reply for it to count.
-    rng : numpy.random.Generator
-        Client sampling draws from it (seed it for reproducible runs).
+    seed : int
+        Client sampling in round ``t`` draws from a generator seeded with
+        ``(seed, t, phase)``, so a resumed run samples exactly as an uninterrupted one.
     connect_timeout : float
         Seconds to wait for ``min_clients`` to connect before giving up.
     """
@@ -110,14 +111,14 @@ class FedTuneStrategy(Strategy):
         fraction_train: float,
         fraction_evaluate: float,
         min_clients: int,
-        rng: np.random.Generator,
+        seed: int,
         connect_timeout: float = 300.0,
     ) -> None:
         self.codec = codec
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_clients = min_clients
-        self.rng = rng
+        self.seed = seed
         self.connect_timeout = connect_timeout
         self.global_payload: WirePayload | None = None
         self.global_examples = 0
@@ -134,7 +135,12 @@ class FedTuneStrategy(Strategy):
             type(self.codec).__name__,
         )
 
-    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+    def resume(self, payload: WirePayload, num_examples: int) -> None:
+        """Continue from a checkpointed global sum (validated by the codec first)."""
+        self.global_payload = self.codec.validate(payload, aggregate=True)
+        self.global_examples = num_examples
+
+    def _sample(self, grid: Grid, fraction: float, server_round: int, phase: int) -> list[int]:
         deadline = time.monotonic() + self.connect_timeout
         while len(nodes := sorted(grid.get_node_ids())) < self.min_clients:
             if time.monotonic() > deadline:
@@ -145,7 +151,8 @@ class FedTuneStrategy(Strategy):
             time.sleep(0.5)
         size = min(len(nodes), max(math.ceil(fraction * len(nodes)), self.min_clients))
         # Node ids are uint64; draw positions, not ids, so numpy never converts them.
-        picks = self.rng.choice(len(nodes), size=size, replace=False)
+        rng = np.random.default_rng([self.seed, server_round, phase])
+        picks = rng.choice(len(nodes), size=size, replace=False)
         return sorted(int(nodes[i]) for i in picks)
 
     def _content(self, server_round: int) -> RecordDict:
@@ -167,14 +174,16 @@ class FedTuneStrategy(Strategy):
     ) -> Iterable[Message]:
         """One train message per sampled client, carrying the current global sum."""
         return self._messages(
-            server_round, self._sample(grid, self.fraction_train), MessageType.TRAIN
+            server_round,
+            self._sample(grid, self.fraction_train, server_round, 0),
+            MessageType.TRAIN,
         )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One evaluate message per sampled client."""
-        nodes = self._sample(grid, self.fraction_evaluate)
+        nodes = self._sample(grid, self.fraction_evaluate, server_round, 1)
         return self._messages(server_round, nodes, MessageType.EVALUATE)
 
     def _drop(self, outcome: RoundOutcome, who: str, reason: str, phase: str) -> None:

@@ -59,7 +59,7 @@ def test_server_adds_real_adapters_it_cannot_read(
         fraction_train=1,
         fraction_evaluate=1,
         min_clients=3,
-        rng=np.random.default_rng(0),
+        seed=0,
     )
     replies = [
         _reply(i, client.encode(v * n), n)
@@ -84,7 +84,7 @@ def test_wrong_key_is_rejected_by_fingerprint(
         fraction_train=1,
         fraction_evaluate=1,
         min_clients=1,
-        rng=np.random.default_rng(0),
+        seed=0,
     )
     with caplog.at_level(logging.WARNING, logger="fedtune.server"):
         assert strategy.aggregate_train(1, [_reply(4, stranger.encode(np.ones(10)), 1)]) == (

@@ -45,7 +45,7 @@ def _strategy(codec: PlainCodec, min_clients: int = 1) -> FedTuneStrategy:
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_clients=min_clients,
-        rng=np.random.default_rng(0),
+        seed=0,
     )
 
 
