@@ -7,6 +7,7 @@ evaluate   reload a run's adapter with stock PEFT and re-score the clients' held
 keygen     make a CKKS key pair (secret context for clients, public for the server)
 audit      recompute every client's epsilon from its ledger and check budgets
 export     decrypt a run's checkpoint and write the final PEFT adapter
+generate   answer a prompt with a causal-LM run's base model and final adapter
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedtune import audit_cli
+from fedtune import audit_cli, generate
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, describe_keys, load_toml, parse_assignment
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     audit_cli.add_parser(sub)
+    generate.add_parser(sub)
     return parser
 
 
@@ -191,6 +193,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"weighted accuracy {report['eval-accuracy']:.4f} "
             f"(the run reported {report['reported-accuracy']:.4f} for round {report['round']})"
         )
+        if "eval-perplexity" in report:  # causal LM: accuracy is per answer token
+            print(
+                f"weighted answer perplexity {report['eval-perplexity']:.4f} "
+                f"(the run reported {report['reported-perplexity']:.4f})"
+            )
     return 0
 
 
@@ -239,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keygen": _cmd_keygen,
         "export": _cmd_export,
         "audit": audit_cli.run,
+        "generate": generate.run,
     }
     try:
         return commands[args.command](args)

@@ -23,8 +23,10 @@ from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.privacy import PrivacyLedger
 from fedtune.train import (
+    Batchable,
     EncodedDataset,
     EvalResult,
+    LossFn,
     TrainResult,
     evaluate,
     make_loader,
@@ -137,20 +139,37 @@ class ClientRuntime:
         self.privacy_dir = privacy_dir
         self.state_dir = state_dir
         seed = cfg.federation.seed
-        dataset = fdata.load_data(cfg.data, seed=seed)
-        self.label_names = dataset.label_names
-        self.split = fdata.client_data(
-            dataset, cfg.data, partition_id=partition_id, num_partitions=num_partitions, seed=seed
-        )
         self.device = select_device(cfg.train.device)
         tokenizer = fmodel.load_tokenizer(cfg.model)
-        max_len = cfg.data.max_seq_length
-        self.train_set = EncodedDataset(
-            tokenizer, self.split.train_texts, self.split.train_labels, max_length=max_len
-        )
-        self.test_set = EncodedDataset(
-            tokenizer, self.split.test_texts, self.split.test_labels, max_length=max_len
-        )
+        self.loss_fn: LossFn | None = None
+        self.train_set: Batchable
+        self.test_set: Batchable
+        if cfg.model.task == "causal-lm":
+            from fedtune import lm_train  # noqa: PLC0415
+
+            self.label_names = cfg.data.labels
+            lm = lm_train.client_datasets(
+                cfg, tokenizer, partition_id=partition_id, num_partitions=num_partitions
+            )
+            self.train_set, self.test_set = lm.train_set, lm.test_set
+            self.loss_fn = lm_train.answer_loss
+        else:
+            dataset = fdata.load_data(cfg.data, seed=seed)
+            self.label_names = dataset.label_names
+            self.split = fdata.client_data(
+                dataset,
+                cfg.data,
+                partition_id=partition_id,
+                num_partitions=num_partitions,
+                seed=seed,
+            )
+            max_len = cfg.data.max_seq_length
+            self.train_set = EncodedDataset(
+                tokenizer, self.split.train_texts, self.split.train_labels, max_length=max_len
+            )
+            self.test_set = EncodedDataset(
+                tokenizer, self.split.test_texts, self.split.test_labels, max_length=max_len
+            )
         self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
         self.model.to(self.device)
         self.initial = fmodel.get_adapter_vector(self.model)
@@ -239,7 +258,11 @@ class ClientRuntime:
                 result = self._train_dpsgd(seed)
             else:
                 result = train_local(
-                    self.model, self._loader(seed), self.cfg.train, device=self.device
+                    self.model,
+                    self._loader(seed),
+                    self.cfg.train,
+                    device=self.device,
+                    loss_fn=self.loss_fn,
                 )
         trained = fmodel.get_adapter_vector(self.model)
         n = self.num_train_examples
@@ -284,7 +307,7 @@ class ClientRuntime:
 
     def _train_dpsgd(self, seed: int) -> TrainResult:
         from fedtune.privacy import make_dp_training  # noqa: PLC0415
-        from fedtune.train import make_optimizer, pad_collate  # noqa: PLC0415
+        from fedtune.train import make_optimizer  # noqa: PLC0415
 
         cfg, plan = self.cfg, self.plan
         optimizer = make_optimizer(self.model, cfg.train)
@@ -292,20 +315,25 @@ class ClientRuntime:
         dp = make_dp_training(
             module=self.model,
             optimizer=optimizer,
-            data=self.train_set,
+            data=self.train_set,  # type: ignore[arg-type]  # a map-style Dataset
             expected_batch_size=cfg.train.batch_size,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             generator=torch.Generator().manual_seed(seed),
             noise_generator=torch.Generator(device=self.device).manual_seed(seed + 1),
-            collate_fn=pad_collate(self.train_set.pad_id),
+            collate_fn=self.train_set.collate_fn(),
         )
         try:
             with warnings.catch_warnings():
                 # The first LoRA layer's inputs come from frozen layers; Opacus' hooks are fine.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 return train_local(
-                    dp.module, dp.data_loader, cfg.train, device=self.device, optimizer=dp.optimizer
+                    dp.module,
+                    dp.data_loader,
+                    cfg.train,
+                    device=self.device,
+                    optimizer=dp.optimizer,
+                    loss_fn=self.loss_fn,
                 )
         finally:
             self.model = dp.close()
@@ -347,4 +375,8 @@ class ClientRuntime:
         """Held-out loss and accuracy of the global adapter on this client's test split."""
         fmodel.set_adapter_vector(self.model, self.global_vector(state))
         loader = make_loader(self.test_set, batch_size=64, shuffle=False)
+        if self.cfg.model.task == "causal-lm":
+            from fedtune.lm_train import evaluate_lm  # noqa: PLC0415
+
+            return evaluate_lm(self.model, loader, device=self.device)
         return evaluate(self.model, loader, device=self.device)

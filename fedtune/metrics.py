@@ -28,6 +28,20 @@ def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
     return sum(v * n for v, n in good) / total if total else math.nan
 
 
+def add_perplexity(record: dict[str, Any]) -> dict[str, Any]:
+    """Add ``eval-perplexity = exp(eval-loss)`` to a causal-LM record and its clients.
+
+    Per client it is the perplexity of its held-out answer tokens; the weighted one
+    is ``exp`` of the example-weighted mean loss (a weighted geometric mean of the
+    clients' perplexities).
+    """
+    for part in [record, *record.get("clients", {}).values()]:
+        loss = part.get("eval-loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            part["eval-perplexity"] = math.exp(min(float(loss), 700.0))
+    return record
+
+
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line (the file is created on first use)."""
     with Path(path).open("a") as fh:
@@ -48,16 +62,22 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rounds = [r["round"] for r in records]
+    # Causal-LM runs: held-out answer perplexity takes the place of accuracy.
+    causal = any("eval-perplexity" in r for r in records)
+    headline = "eval-perplexity" if causal else "eval-accuracy"
     has_eps = any(r.get("epsilon") is not None for r in records)
     ncols = 3 if has_eps else 2
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
     ax_acc, ax_loss = axes[0], axes[1]
-    ax_acc.plot(rounds, [r.get("eval-accuracy", math.nan) for r in records], "o-", label="weighted")
+    ax_acc.plot(rounds, [r.get(headline, math.nan) for r in records], "o-", label="weighted")
     clients = sorted({c for r in records for c in r.get("clients", {})})
     for c in clients:
-        ys = [r.get("clients", {}).get(c, {}).get("eval-accuracy", math.nan) for r in records]
+        ys = [r.get("clients", {}).get(c, {}).get(headline, math.nan) for r in records]
         ax_acc.plot(rounds, ys, ".", alpha=0.45, label=c if len(clients) <= 8 else None)
-    ax_acc.set(title="held-out accuracy", xlabel="round", ylim=(0, 1))
+    if causal:
+        ax_acc.set(title="held-out answer perplexity", xlabel="round")
+    else:
+        ax_acc.set(title="held-out accuracy", xlabel="round", ylim=(0, 1))
     ax_acc.legend(fontsize=7)
     ax_loss.plot(rounds, [r.get("eval-loss", math.nan) for r in records], "o-", label="eval")
     ax_loss.plot(

@@ -46,6 +46,10 @@ def default_model_path() -> Path:
 def resolve_model_path(cfg: ModelConfig) -> Path:
     """Return the model directory, checking that it exists and holds a config."""
     if not cfg.model_path:
+        if cfg.task == "causal-lm":
+            from fedtune.lm_model import default_causal_model_path  # noqa: PLC0415
+
+            return default_causal_model_path()
         return default_model_path()
     path = Path(cfg.model_path).expanduser()
     if not path.is_dir():
@@ -58,6 +62,10 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
             f"`model-path` {cfg.model_path!r} has no config.json; point it at a "
             "directory written by `save_pretrained`."
         )
+    if cfg.task == "causal-lm":
+        from fedtune.lm_model import check_causal_path  # noqa: PLC0415
+
+        check_causal_path(cfg, path)
     return path
 
 
@@ -89,11 +97,18 @@ def _linear_module_names(model: nn.Module) -> list[str]:
 
 
 def load_base_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
-    """Load the frozen base model with a ``num_labels`` classification head."""
+    """Load the frozen base model with a ``num_labels`` classification head.
+
+    With ``task = "causal-lm"`` the causal LM itself (``num_labels`` is ignored).
+    """
     import transformers  # noqa: PLC0415 - heavy import
     from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
 
     path = resolve_model_path(cfg)
+    if cfg.task == "causal-lm":
+        from fedtune.lm_model import load_causal_model  # noqa: PLC0415
+
+        return load_causal_model(path, seed=seed)
     verbosity = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # the head is new by design: no warning
@@ -135,7 +150,7 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
             f"the model does not have; its linear layers are: {', '.join(available)}."
         )
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if cfg.task == "causal-lm" else TaskType.SEQ_CLS,
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,

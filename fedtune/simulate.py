@@ -47,6 +47,10 @@ def preflight(cfg: RunConfig) -> RunConfig:
     client and the server agree on the label order.
     """
     fed = cfg.federation
+    if cfg.model.task == "causal-lm":
+        from fedtune.lm_train import preflight_lm  # noqa: PLC0415
+
+        return preflight_lm(cfg)
     resolve_model_path(cfg.model)  # the cheapest check first
     dataset = fdata.load_data(cfg.data, seed=fed.seed)
     fdata.partition_indices(dataset.labels, cfg.data, num_partitions=fed.num_clients, seed=fed.seed)
@@ -199,4 +203,9 @@ def simulate(
 def finish_run(run_dir: Path, cfg: RunConfig, *, secret_context: Path | None = None) -> Path:
     """Write ``metrics.png`` and, as the key holder, ``adapter/`` from the last checkpoint."""
     plot_metrics(read_records(run_dir / "metrics.jsonl"), run_dir / "metrics.png")
-    return export_adapter(run_dir, cfg, secret_context=secret_context)
+    adapter = export_adapter(run_dir, cfg, secret_context=secret_context)
+    if cfg.model.task == "causal-lm":
+        from fedtune.generate import write_samples  # noqa: PLC0415
+
+        write_samples(run_dir)
+    return adapter

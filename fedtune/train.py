@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -49,6 +49,25 @@ class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
             "labels": torch.tensor(self.labels[i], dtype=torch.long),
         }
 
+    def collate_fn(self):  # type: ignore[no-untyped-def]
+        """The collate function for batches of this dataset."""
+        return pad_collate(self.pad_id)
+
+
+class Batchable(Protocol):
+    """A map-style dataset that knows how to collate its items into a batch."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]: ...
+
+    def collate_fn(self):  # type: ignore[no-untyped-def]
+        """A function that turns a list of items into one padded batch."""
+
+
+#: ``loss_fn(model, batch)``: the batch's loss as a mean over its rows (examples).
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
 
 def pad_collate(pad_id: int):  # type: ignore[no-untyped-def]
     """Collate unpadded items into a batch padded to its longest sequence."""
@@ -72,7 +91,7 @@ def pad_collate(pad_id: int):  # type: ignore[no-untyped-def]
 
 
 def make_loader(
-    data: EncodedDataset,
+    data: Batchable,
     *,
     batch_size: int,
     shuffle: bool,
@@ -80,11 +99,11 @@ def make_loader(
 ) -> DataLoader[Any]:
     """A DataLoader with per-batch padding; shuffling draws from ``generator``."""
     return DataLoader(
-        data,
+        data,  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        collate_fn=pad_collate(data.pad_id),
+        collate_fn=data.collate_fn(),
     )
 
 
@@ -124,11 +143,13 @@ def train_local(
     *,
     device: torch.device,
     optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
     """Train the trainable parameters for ``local-epochs`` epochs.
 
     ``optimizer`` may be supplied already wrapped (e.g. a DP optimizer); by default
-    AdamW over the parameters that require gradients.
+    AdamW over the parameters that require gradients. ``loss_fn`` replaces the
+    model's own loss (it must be a mean over the batch's rows, as DP-SGD assumes).
     """
     model.to(device).train()
     if optimizer is None:
@@ -141,7 +162,7 @@ def train_local(
                 continue
             batch = {k: v.to(device) for k, v in raw.items()}
             optimizer.zero_grad(set_to_none=True)
-            loss = model(**batch).loss
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch["labels"])

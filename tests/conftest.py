@@ -78,3 +78,96 @@ def toy_jsonl(tmp_path: Path) -> Path:
         for row in toy_rows(40):
             fh.write(json.dumps({"sentence": row["text"], "topic": row["label"]}) + "\n")
     return path
+
+
+# --- Causal LM (task = "causal-lm") ---------------------------------------------------
+
+#: ChatML with a fixed default system turn, like SmolLM2's template (masked out in training).
+TINY_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nyou are a helpful bot"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def toy_instruction_rows(n_per_label: int = 12, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt/answer pairs whose answer follows from the prompt: learnable by a tiny LM."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for label, words in WORDS.items():
+        for _ in range(n_per_label):
+            w = rng.choice(words)
+            rows.append({"prompt": f"what is a {w} ?", "answer": f"a {w} is a kind of {label} ."})
+    rng.shuffle(rows)
+    return rows
+
+
+def tiny_word_tokenizer(*, chat_template: str | None = TINY_CHAT_TEMPLATE):  # type: ignore[no-untyped-def]
+    """A word-level tokenizer over the toy vocabulary (newlines are tokens, spaces are not)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
+    words = {"\n", "?", ".", "what", "is", "a", "kind", "of", "system", "user", "assistant"}
+    words |= {"you", "are", "helpful", "bot", "define", "the", "word", "hello"}
+    for label, items in WORDS.items():
+        words |= {label, *items}
+    vocab = {t: i for i, t in enumerate(specials + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide Llama built from a config (random init) with the word tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_word_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_instructions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JSONL file of 36 prompt/answer pairs (3 topics)."""
+    path = tmp_path_factory.mktemp("toy-lm") / "instructions.jsonl"
+    with path.open("w") as fh:
+        for row in toy_instruction_rows():
+            fh.write(json.dumps(row) + "\n")
+    return path

@@ -1,0 +1,345 @@
+"""Instruction data for causal-LM tuning: sources, partitions, chat formatting, answer masks.
+
+Sources
+-------
+* the bundled default: WordNet 3.0 noun glosses as instruction pairs,
+  ``Define the word "X".`` -> the gloss's definition (Debian package
+  ``wordnet-base``, WordNet licence: use, copy, modify and distribute freely),
+  ``examples-per-label`` drawn per lexicographer category so the ``dirichlet``
+  partitioner can skew clients by topic;
+* a ``.csv`` / ``.jsonl`` file or saved HF dataset with ``prompt-column`` and
+  ``answer-column``, or with only ``text-column`` (plain text: every token is an
+  answer token).
+
+Formatting and the mask
+-----------------------
+With a chat template (SmolLM2's is ChatML with a default system message), an
+example is rendered twice: the prompt alone with the generation prompt
+(``<|im_start|>assistant\\n``), and prompt plus answer. The prompt text is
+tokenised on its own and the rest (answer, end-of-turn) on its own, so the
+boundary is exact and matches what the model sees at generation time. Labels are
+``-100`` for the system text, the prompt and the generation prompt, and for
+anything after the answer's end-of-turn token; the answer tokens and the
+end-of-turn token (so the model learns to stop) keep their ids. Without a chat
+template the prompt is followed by a space, the answer and ``eos``.
+
+Padding, not packing: examples are short (WordNet: about 50 tokens with the
+template) and of varied length, and DP-SGD needs one example per row (Poisson
+sampling and per-example clipping are per row), so batches are right-padded to
+their longest row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedtune import data as fdata
+from fedtune.config import ConfigError, DataConfig
+
+#: Label value that ``torch.nn.functional.cross_entropy`` ignores.
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class InstructionData:
+    """A whole instruction data set; ``groups`` (a topic index) only drives partitioning."""
+
+    prompts: list[str]
+    answers: list[str]
+    groups: list[int]
+    plain_text: bool = False
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+
+@dataclass(frozen=True)
+class InstructionSplit:
+    """One client's partition: train and held-out (prompt, answer) pairs."""
+
+    train_prompts: list[str]
+    train_answers: list[str]
+    test_prompts: list[str]
+    test_answers: list[str]
+
+
+def wordnet_prompt(word: str) -> str:
+    """The instruction for one WordNet noun."""
+    return f'Define the word "{word}".'
+
+
+def read_wordnet_pairs(directory: Path) -> list[tuple[int, str, str]]:
+    """``(lexicographer file, first lemma, definition)`` for every noun synset."""
+    path = directory / "data.noun"
+    if not path.is_file():
+        raise ConfigError(
+            f"`wordnet-dir` {str(directory)!r} has no data.noun: install the Debian "
+            "package `wordnet-base`, or set `data-path` to your own JSONL file with "
+            "prompt/answer fields."
+        )
+    out: list[tuple[int, str, str]] = []
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("  "):  # licence header
+                continue
+            head, sep, gloss = line.partition(" | ")
+            fields = head.split(" ")
+            if not sep or len(fields) < 5:
+                continue
+            definition = fdata.wordnet_definition(gloss)
+            if definition:
+                out.append((int(fields[1]), fields[4].replace("_", " "), definition))
+    return out
+
+
+def load_wordnet_instructions(cfg: DataConfig, *, seed: int) -> InstructionData:
+    """WordNet instruction pairs, ``examples-per-label`` per category (seeded)."""
+    by_name = {name: lexfile for lexfile, name in fdata.WORDNET_CATEGORIES.items()}
+    names = cfg.labels or list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(
+            f"`label-names` is {cfg.label_names!r}; with the WordNet data it must name "
+            f"categories among: {', '.join(by_name)}."
+        )
+    pools: dict[int, list[tuple[str, str]]] = {by_name[n]: [] for n in names}
+    for lexfile, word, definition in read_wordnet_pairs(Path(cfg.wordnet_dir)):
+        if lexfile in pools:
+            pools[lexfile].append((word, definition))
+    rng = np.random.default_rng(seed)
+    prompts: list[str] = []
+    answers: list[str] = []
+    groups: list[int] = []
+    for group, name in enumerate(names):
+        pool = pools[by_name[name]]
+        take = len(pool) if cfg.examples_per_label == 0 else min(cfg.examples_per_label, len(pool))
+        for i in sorted(rng.choice(len(pool), size=take, replace=False).tolist()):
+            word, definition = pool[i]
+            prompts.append(wordnet_prompt(word))
+            answers.append(definition)
+            groups.append(group)
+    return InstructionData(prompts, answers, groups)
+
+
+def load_instruction_table(cfg: DataConfig) -> InstructionData:
+    """The user's own pairs (``prompt-column`` / ``answer-column``) or plain text.
+
+    Raises
+    ------
+    ConfigError
+        Naming the missing column key and its value, and the columns the file has.
+    """
+    path = Path(cfg.data_path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"`data-path` {cfg.data_path!r} does not exist.")
+    table = fdata._read_table(path)
+    columns = list(table.column_names)
+    has_prompt, has_answer = cfg.prompt_column in columns, cfg.answer_column in columns
+    if not has_prompt and not has_answer and cfg.text_column in columns:
+        texts = [_cell(v, cfg.text_column, path) for v in table[cfg.text_column]]
+        return InstructionData([""] * len(texts), texts, [0] * len(texts), plain_text=True)
+    for key, column, present in (
+        ("prompt-column", cfg.prompt_column, has_prompt),
+        ("answer-column", cfg.answer_column, has_answer),
+    ):
+        if not present:
+            raise ConfigError(
+                f"`{key}` is {column!r}, but {str(path)!r} has no such column; its columns "
+                f"are: {', '.join(columns)}. Instruction data needs `prompt-column` and "
+                f"`answer-column` (or only `text-column` for plain text)."
+            )
+    prompts = [_cell(v, cfg.prompt_column, path) for v in table[cfg.prompt_column]]
+    answers = [_cell(v, cfg.answer_column, path) for v in table[cfg.answer_column]]
+    return InstructionData(prompts, answers, [0] * len(answers))
+
+
+def _cell(value: object, column: str, path: Path) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError(f"Column {column!r} in {str(path)!r} has an empty value.")
+    return str(value)
+
+
+def load_instructions(cfg: DataConfig, *, seed: int) -> InstructionData:
+    """The configured instruction data, capped at ``max-examples`` (seeded)."""
+    if cfg.data_path:
+        data = load_instruction_table(cfg)
+    else:
+        data = load_wordnet_instructions(cfg, seed=seed)
+    if cfg.data_path and cfg.partitioning == "dirichlet":
+        raise ConfigError(
+            f"`partitioning` is {cfg.partitioning!r}, but instruction data from `data-path` "
+            "has no labels to skew by; use 'iid'."
+        )
+    if cfg.max_examples and len(data) > cfg.max_examples:
+        rng = np.random.default_rng(seed)
+        keep = sorted(rng.choice(len(data), cfg.max_examples, replace=False))
+        data = InstructionData(
+            [data.prompts[i] for i in keep],
+            [data.answers[i] for i in keep],
+            [data.groups[i] for i in keep],
+            data.plain_text,
+        )
+    return data
+
+
+def instruction_split(
+    data: InstructionData, cfg: DataConfig, *, partition_id: int, num_partitions: int, seed: int
+) -> InstructionSplit:
+    """One client's partition and held-out split, exactly as for classification.
+
+    The example *indices* go through :func:`fedtune.data.client_data`, so both tasks
+    share one partitioning and splitting rule.
+    """
+    names = [str(g) for g in sorted(set(data.groups))] or ["0"]
+    index_data = fdata.LabelledData([str(i) for i in range(len(data))], data.groups, names)
+    split = fdata.client_data(
+        index_data, cfg, partition_id=partition_id, num_partitions=num_partitions, seed=seed
+    )
+    train = [int(i) for i in split.train_texts]
+    test = [int(i) for i in split.test_texts]
+    return InstructionSplit(
+        train_prompts=[data.prompts[i] for i in train],
+        train_answers=[data.answers[i] for i in train],
+        test_prompts=[data.prompts[i] for i in test],
+        test_answers=[data.answers[i] for i in test],
+    )
+
+
+def chat_messages(prompt: str, answer: str | None = None) -> list[dict[str, str]]:
+    """The chat turns of one example (the template adds any default system text)."""
+    turns = [{"role": "user", "content": prompt}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": answer})
+    return turns
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """What the model is shown before it answers (also used for generation)."""
+    if getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(
+                chat_messages(prompt), tokenize=False, add_generation_prompt=True
+            )
+        )
+    bos = tokenizer.bos_token or ""
+    return f"{bos}{prompt} " if prompt else bos
+
+
+def encode_example(
+    tokenizer: Any, prompt: str, answer: str, *, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example; labels are ``-100`` outside the answer.
+
+    Truncation cuts the end of the answer; an example whose answer has no token
+    left within ``max_length`` gets no label at all (the caller drops it).
+    """
+    head = prompt_text(tokenizer, prompt)
+    eos_ids: list[int] = []
+    if getattr(tokenizer, "chat_template", None):
+        full = str(
+            tokenizer.apply_chat_template(chat_messages(prompt, answer), tokenize=False)
+        )
+        if not full.startswith(head):
+            raise ConfigError(
+                "The tokenizer's chat template renders prompt and answer so that the "
+                "prompt is not a prefix; fedtune cannot mask the answer exactly. Use a "
+                "model whose template appends the assistant turn."
+            )
+        tail = full[len(head) :]
+    else:
+        tail = answer
+        if tokenizer.eos_token_id is not None:
+            eos_ids = [int(tokenizer.eos_token_id)]
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) + eos_ids
+    # Anything the template puts after the end-of-turn token (a newline) is not answer.
+    stop = _end_of_answer(tokenizer, tail_ids)
+    ids = (list(head_ids) + tail_ids)[:max_length]
+    labels = ([IGNORE] * len(head_ids) + tail_ids[:stop] + [IGNORE] * (len(tail_ids) - stop))[
+        :max_length
+    ]
+    return [int(i) for i in ids], [int(v) for v in labels]
+
+
+def _end_of_answer(tokenizer: Any, tail_ids: Sequence[int]) -> int:
+    """Index just past the last end-of-turn / eos token in ``tail_ids`` (else its length)."""
+    stops = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        stops.add(tid)
+    stops.discard(None)
+    for i in range(len(tail_ids) - 1, -1, -1):
+        if tail_ids[i] in stops:
+            return i + 1
+    return len(tail_ids)
+
+
+class InstructionDataset(Dataset[dict[str, torch.Tensor]]):
+    """Tokenised examples with answer-only labels; items are unpadded 1-D tensors.
+
+    Examples whose answer does not fit in ``max_length`` are dropped and counted in
+    :attr:`dropped`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        *,
+        max_length: int,
+    ) -> None:
+        self.input_ids: list[list[int]] = []
+        self.labels: list[list[int]] = []
+        self.prompts: list[str] = []
+        self.answers: list[str] = []
+        self.dropped = 0
+        for prompt, answer in zip(prompts, answers, strict=True):
+            ids, labels = encode_example(tokenizer, prompt, answer, max_length=max_length)
+            if all(v == IGNORE for v in labels):
+                self.dropped += 1
+                continue
+            self.input_ids.append(ids)
+            self.labels.append(labels)
+            self.prompts.append(prompt)
+            self.answers.append(answer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": torch.tensor(self.input_ids[i], dtype=torch.long),
+            "labels": torch.tensor(self.labels[i], dtype=torch.long),
+        }
+
+    def collate_fn(self):  # type: ignore[no-untyped-def]
+        """Right-pad a batch to its longest row (labels padded with ``-100``)."""
+        return lm_collate(self.pad_id)
+
+
+def lm_collate(pad_id: int):  # type: ignore[no-untyped-def]
+    """Collate unpadded items into right-padded ``input_ids``, ``attention_mask``, ``labels``."""
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max((len(it["input_ids"]) for it in items), default=1)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n] = it["input_ids"]
+            mask[row, :n] = 1
+            labels[row, :n] = it["labels"]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
