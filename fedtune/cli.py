@@ -7,6 +7,7 @@ evaluate   reload a run's adapter with stock PEFT and re-score the clients' held
 keygen     make a CKKS key pair (secret context for clients, public for the server)
 audit      recompute every client's epsilon from its ledger and check budgets
 export     decrypt a run's checkpoint and write the final PEFT adapter
+deploy     run a real federation: certificates, node keys, SuperLink, SuperNodes, flwr run
 generate   answer a prompt with a causal-LM run's base model and final adapter
 """
 
@@ -24,6 +25,7 @@ from fedtune.aggregation import FederationError
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, describe_keys, load_toml, parse_assignment
 from fedtune.crypto.errors import CryptoError
+from fedtune.deploy import cli as deploy_cli
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -142,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     audit_cli.add_parser(sub)
+    deploy_cli.add_parser(sub)
     generate.add_parser(sub)
     return parser
 
@@ -246,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keygen": _cmd_keygen,
         "export": _cmd_export,
         "audit": audit_cli.run,
+        "deploy": deploy_cli.run,
         "generate": generate.run,
     }
     try:

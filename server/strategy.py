@@ -44,9 +44,15 @@ class RoundOutcome:
     declined: dict[str, str] = field(default_factory=dict)
 
 
-def _client_name(msg: Message) -> str:
-    """The client's self-reported name (untrusted: bounded), else its node id."""
-    node = f"node-{msg.metadata.src_node_id}"
+def _client_name(msg: Message, sent_to: dict[str, int] | None = None) -> str:
+    """The client's self-reported name (untrusted: bounded), else its node id.
+
+    An error reply made by the SuperLink for a node that vanished carries the
+    SuperLink as its source; ``sent_to`` (message id -> destination node) names
+    the node the original message went to.
+    """
+    src = (sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    node = f"node-{src}"
     if not msg.has_content():
         return node
     try:
@@ -124,6 +130,7 @@ class FedTuneStrategy(Strategy):
         self.global_examples = 0
         self.last_train = RoundOutcome()
         self.last_evaluate = RoundOutcome()
+        self._sent: list[Message] = []
 
     def summary(self) -> None:
         """Log the sampling configuration."""
@@ -164,10 +171,26 @@ class FedTuneStrategy(Strategy):
         return content
 
     def _messages(self, server_round: int, nodes: list[int], kind: str) -> list[Message]:
-        return [
+        self._sent = [
             Message(content=self._content(server_round), dst_node_id=n, message_type=kind)
             for n in nodes
         ]
+        return list(self._sent)
+
+    def _sent_to(self) -> dict[str, int]:
+        """Message id (set by the grid when it sent them) -> destination node."""
+        return {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self._sent
+            if m.metadata.message_id
+        }
+
+    def _missing(self, outcome: RoundOutcome, replies: list[Message], phase: str) -> None:
+        """Name the sampled nodes that sent nothing back before the round timed out."""
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for message_id, node in self._sent_to().items():
+            if message_id not in answered:
+                self._drop(outcome, f"node-{node}", "no reply before `round-timeout`", phase)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -197,8 +220,11 @@ class FedTuneStrategy(Strategy):
         outcome = RoundOutcome()
         payloads: list[WirePayload] = []
         counts: list[int] = []
+        replies = list(replies)
+        sent_to = self._sent_to()
+        self._missing(outcome, replies, "train")
         for msg in replies:
-            who = _client_name(msg)
+            who = _client_name(msg, sent_to)
             if msg.has_error():
                 self._drop(outcome, who, f"client error: {msg.error.reason}", "train")
                 continue
@@ -253,8 +279,11 @@ class FedTuneStrategy(Strategy):
     ) -> MetricRecord | None:
         """Weighted held-out loss and accuracy over the clients that replied."""
         outcome = RoundOutcome()
+        replies = list(replies)
+        sent_to = self._sent_to()
+        self._missing(outcome, replies, "evaluate")
         for msg in replies:
-            who = _client_name(msg)
+            who = _client_name(msg, sent_to)
             if msg.has_error():
                 self._drop(outcome, who, f"client error: {msg.error.reason}", "evaluate")
                 continue

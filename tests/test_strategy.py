@@ -96,3 +96,28 @@ def test_too_few_usable_replies_keep_the_previous_state() -> None:
     arrays, metrics = strategy.aggregate_train(1, [_update(codec, 1, [1.0, 1.0], 2)])
     assert (arrays, metrics) == (None, None)
     assert strategy.global_payload is None
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return [7, 8, 9]
+
+
+def test_vanished_and_silent_nodes_are_named_by_the_node_they_were_sent_to() -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    sent = list(strategy.configure_train(1, None, None, _Grid()))  # type: ignore[arg-type]
+    for i, msg in enumerate(sent):  # what the grid does when it pushes them
+        msg.metadata.__dict__["_message_id"] = f"m{i}"
+    good = _update(codec, 7, [1.0, 1.0], 2)
+    good.metadata.__dict__["_reply_to_message_id"] = "m0"
+    # The SuperLink answers for a node whose heartbeat stopped; its source is the SuperLink.
+    vanished = Message(Error(code=5, reason="Node Unavailable"), reply_to=sent[1])
+    vanished.metadata.__dict__["_src_node_id"] = 1
+    _, metrics = strategy.aggregate_train(1, [good, vanished])  # node 9 never answered
+    assert metrics is not None
+    dropped = strategy.last_train.dropped
+    assert dropped == {
+        "node-8": "client error: Node Unavailable",
+        "node-9": "no reply before `round-timeout`",
+    }

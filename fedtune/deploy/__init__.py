@@ -1,1 +1,1 @@
-"""Deployment on Flower's own engine: certificates, node keys, and the commands that start each role."""
+"""Deployment on Flower's own engine: certificates, node keys, each role's command."""

@@ -1,0 +1,234 @@
+"""``fedtune deploy``: make certificates and keys, start each role, submit a run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import ConfigError, load_toml, parse_assignment
+
+DESCRIPTION = """\
+A real federation on Flower's deployment engine: one SuperLink (the server), one
+SuperNode per data owner, and `flwr run` to submit. TLS and SuperNode
+authentication are always on, runtime dependency installation is off, and each
+process gets FLWR_HOME inside its own state directory.
+
+  server machine   fedtune deploy certs --out certs --host SERVER_ADDRESS
+                   fedtune keygen --out ckks            (give ckks/secret.ctx to every node)
+                   fedtune deploy superlink --certs certs --state-dir server-state
+  each node        fedtune deploy node-key --out node-key NAME     (send NAME.pub to the operator)
+  operator         fedtune deploy register --superlink ADDR:9093 --ca certs/ca.crt \\
+                       --home op NAME.pub
+  each node        fedtune deploy supernode --superlink ADDR:9093 --ca ca.crt --key node-key/NAME \\
+                       --state-dir state --data-path my.csv --secret-context secret.ctx --port 9094
+  operator         fedtune deploy run FILE.toml --superlink ADDR:9093 --ca certs/ca.crt --home op \\
+                       --run-dir /srv/fedtune/run1 --public-context ckks/public.ctx [--resume]
+  each node        fedtune export state --key secret.ctx          (the final PEFT adapter)
+"""
+
+
+def _connection(p: argparse.ArgumentParser, *, home: bool = True) -> None:
+    p.add_argument(
+        "--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address"
+    )
+    p.add_argument("--ca", required=True, type=Path, help="the deployment's CA certificate")
+    if home:
+        p.add_argument(
+            "--home",
+            required=True,
+            type=Path,
+            metavar="DIR",
+            help="FLWR_HOME of the flwr CLI (its connection config is written there)",
+        )
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``fedtune deploy`` and its subcommands."""
+    dep = sub.add_parser(
+        "deploy",
+        help="run a real federation: certificates, node keys, SuperLink, SuperNodes, flwr run",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    roles = dep.add_subparsers(dest="role", metavar="ROLE", required=True)
+
+    certs = roles.add_parser(
+        "certs",
+        help="a CA and the SuperLink's TLS certificate",
+        description="Write OUT/ca.crt, ca.key, server.pem, server.key (keys mode 0600). "
+        "Give ca.crt to every node and operator; keep the rest on the server.",
+    )
+    certs.add_argument("--out", required=True, type=Path, metavar="DIR")
+    certs.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="ADDRESS",
+        help="an address nodes use to reach the SuperLink (repeatable; "
+        "default: 127.0.0.1 and localhost)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+
+    nk = roles.add_parser(
+        "node-key",
+        help="a SuperNode authentication key pair",
+        description="Write OUT/NAME (private, mode 0600, stays on the node) and OUT/NAME.pub "
+        "(register it with `fedtune deploy register`). ECDSA P-384, OpenSSH format.",
+    )
+    nk.add_argument("--out", required=True, type=Path, metavar="DIR")
+    nk.add_argument("names", nargs="+", metavar="NAME")
+
+    sl = roles.add_parser(
+        "superlink",
+        help="start the SuperLink (TLS, node authentication, no runtime installs)",
+        description="Run flower-superlink in the foreground with TLS from --certs, SuperNode "
+        "authentication, runtime dependency installation off, its database and FLWR_HOME in "
+        "--state-dir (registrations and runs survive a restart).",
+    )
+    sl.add_argument("--certs", required=True, type=Path, metavar="DIR", help="from `certs`")
+    sl.add_argument("--state-dir", required=True, type=Path, metavar="DIR")
+    sl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sl.add_argument("--port", type=int, default=9093, help="the one HTTPS port (default 9093)")
+
+    reg = roles.add_parser(
+        "register",
+        help="register SuperNode public keys with the SuperLink",
+        description="Run `flwr supernode register` for each key. Only registered nodes "
+        "can connect.",
+    )
+    _connection(reg)
+    reg.add_argument("keys", nargs="+", type=Path, metavar="NAME.pub")
+
+    sn = roles.add_parser(
+        "supernode",
+        help="start a SuperNode with this node's data, state, key and budget",
+        description="Run flower-supernode in the foreground. The node's node config carries "
+        "its own data path, state directory (privacy ledger, last global state), CKKS secret "
+        "context and privacy budget; the server never chooses them.",
+    )
+    _connection(sn, home=False)
+    sn.add_argument("--key", required=True, type=Path, help="this node's private key")
+    sn.add_argument("--state-dir", required=True, type=Path, metavar="DIR")
+    sn.add_argument("--port", type=int, required=True, help="the node's local runtime port")
+    sn.add_argument("--host", default="127.0.0.1", help="address of the local runtime API")
+    sn.add_argument("--data-path", type=Path, help="this node's own CSV / JSONL / dataset dir")
+    sn.add_argument("--secret-context", type=Path, help="secret.ctx from `fedtune keygen`")
+    sn.add_argument("--name", default="", help="the name in metrics and ledgers")
+    sn.add_argument("--epsilon-budget", type=float, help="the ε this node will not exceed")
+    sn.add_argument("--partition-id", type=int, help="with a shared data set: this partition")
+    sn.add_argument("--num-partitions", type=int, help="with a shared data set: how many")
+
+    run = roles.add_parser(
+        "run",
+        help="submit a run with `flwr run` and wait for its outcome",
+        description="Check the config, submit this Flower App with `flwr run`, stream its "
+        "log and exit 0 only if the run completed. The server writes --run-dir "
+        "(metrics.jsonl, checkpoint/) on the SuperLink's machine.",
+    )
+    run.add_argument("config", nargs="?", type=Path, help="a TOML file of config keys")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _connection(run)
+    run.add_argument("--run-dir", required=True, type=Path, help="the server's run directory")
+    run.add_argument("--run-id", default="", help="ledger run id (default: run-dir's name)")
+    run.add_argument("--public-context", type=Path, help="public.ctx (encrypted runs)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run directory's last checkpoint",
+    )
+    run.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> int:
+    print(f"fedtune deploy: starting {' '.join(argv[:1])}", file=sys.stderr, flush=True)
+    os.execvpe(argv[0], argv, env)
+    return 0  # not reached
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out ``fedtune deploy ROLE``."""
+    from fedtune.deploy import pki, roles, submit  # noqa: PLC0415
+
+    if args.role == "certs":
+        files = pki.make_tls(
+            args.out, hosts=args.hosts or ["127.0.0.1", "localhost"], days=args.days
+        )
+        print(f"CA certificate (every node and operator): {files.ca_cert}")
+        print(
+            f"server certificate and key (SuperLink only): {files.server_cert}, {files.server_key}"
+        )
+        return 0
+    if args.role == "node-key":
+        for name in args.names:
+            key = pki.make_node_key(args.out, name)
+            print(f"{name}: private {key.private} (stays on the node), public {key.public}")
+        return 0
+    if args.role == "superlink":
+        launch = roles.superlink(
+            certs=args.certs, state_dir=args.state_dir, host=args.host, port=args.port
+        )
+        return _exec(launch.argv, launch.env)
+    if args.role == "supernode":
+        config = roles.node_config(
+            state_dir=args.state_dir,
+            data_path=args.data_path,
+            secret_context=args.secret_context,
+            name=args.name,
+            epsilon_budget=args.epsilon_budget,
+            partition_id=args.partition_id,
+            num_partitions=args.num_partitions,
+        )
+        launch = roles.supernode(
+            superlink_address=args.superlink,
+            ca=args.ca,
+            key=args.key,
+            port=args.port,
+            host=args.host,
+            config=config,
+        )
+        return _exec(launch.argv, launch.env)
+    roles.write_connection(args.home, superlink_address=args.superlink, ca=args.ca)
+    if args.role == "register":
+        status = 0
+        for key in args.keys:
+            if not key.is_file():
+                raise ConfigError(f"public key {str(key)!r} does not exist.")
+            launch = roles.flwr_cli(
+                args.home,
+                "supernode",
+                "register",
+                str(key.resolve()),
+                roles.CONNECTION,
+                "--name",
+                key.name.removesuffix(".pub"),
+            )
+            done = subprocess.run(launch.argv, env=launch.env, check=False)
+            status = status or done.returncode
+        return status
+    # run
+    flat: dict[str, object] = {}
+    if args.config is not None:
+        flat.update(load_toml(args.config))
+    for item in args.overrides:
+        name, value = parse_assignment(item)
+        flat[name] = value
+    config = submit.run_config(
+        flat,
+        run_dir=args.run_dir,
+        run_id=args.run_id,
+        public_context=args.public_context,
+        resume=args.resume,
+    )
+    outcome = submit.submit_run(args.home, config, stream=not args.quiet)
+    if outcome.ok:
+        print(f"run {outcome.run_id} completed; server run directory: {config['run-dir']}")
+        return 0
+    print(
+        f"fedtune deploy run: run {outcome.run_id} ended {outcome.status}: {outcome.details}",
+        file=sys.stderr,
+    )
+    return 1

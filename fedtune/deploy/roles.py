@@ -1,0 +1,199 @@
+"""The command lines that start each role of a real federation on Flower's own engine.
+
+fedtune adds no transport of its own: a deployment is Flower's ``flower-superlink``
+(the server), one ``flower-supernode`` per data owner and the ``flwr`` CLI that
+submits the run. This module only builds their command lines and environments,
+always with
+
+* TLS on (a CA and server certificate from :func:`fedtune.deploy.pki.make_tls`),
+* SuperNode authentication on (``--enable-supernode-auth``; each node's public key
+  registered with ``flwr supernode register``),
+* runtime dependency installation off (the SuperLink's default is on; SuperNodes
+  never install),
+* ``FLWR_HOME`` set per process inside a directory the operator chose, so nothing
+  lands in ``~`` by surprise, and model hubs offline.
+
+Every function returns a :class:`Launch` (argv + environment); ``fedtune deploy``
+executes it. Values given to Flower's ``--node-config`` / ``--run-config`` are TOML.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ConfigError, _toml_value
+
+#: Environment every fedtune process of a deployment gets (no hub, no telemetry).
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+#: The name of the SuperLink connection fedtune writes into the operator's FLWR_HOME.
+CONNECTION = "fedtune"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A command line and the environment to run it in."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _file(path: Path, what: str, option: str) -> Path:
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{option} {str(path)!r} ({what}) does not exist.")
+    return path
+
+
+def _address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--superlink must be HOST:PORT, got {address!r}.")
+    return address
+
+
+def _environment(flwr_home: Path, base: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(OFFLINE_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("MPLCONFIGDIR", str(flwr_home / "matplotlib"))
+    return env
+
+
+def superlink(
+    *,
+    certs: Path,
+    state_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 9093,
+    base_env: Mapping[str, str] | None = None,
+) -> Launch:
+    """``flower-superlink`` with TLS, node authentication and a persistent database.
+
+    Its one HTTPS port serves the Fleet API (SuperNodes), the Control API (``flwr``)
+    and the ServerApp's runtime API. The database in ``state_dir`` keeps registered
+    nodes and runs across a restart. The ServerApp process that the SuperLink
+    starts inherits this environment (``FLWR_HOME`` = ``state_dir/flwr-home``).
+    """
+    certs = Path(certs).expanduser().resolve()
+    state_dir = Path(state_dir).expanduser().resolve()
+    ca = _file(certs / "ca.crt", "the CA certificate", "--certs")
+    cert = _file(certs / "server.pem", "the server certificate", "--certs")
+    key = _file(certs / "server.key", "the server key", "--certs")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {port}.")
+    home = state_dir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "flower-superlink",
+        f"--ssl-ca-certfile={ca}",
+        f"--ssl-certfile={cert}",
+        f"--ssl-keyfile={key}",
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        f"--host={host}",
+        f"--port={port}",
+        f"--database={state_dir / 'superlink.db'}",
+    ]
+    return Launch(argv, _environment(home, base_env))
+
+
+def node_config(
+    *,
+    state_dir: Path,
+    data_path: Path | None = None,
+    secret_context: Path | None = None,
+    name: str = "",
+    epsilon_budget: float | None = None,
+    partition_id: int | None = None,
+    num_partitions: int | None = None,
+) -> dict[str, object]:
+    """A node's own settings, as ``clients/app.py`` reads them from its node config."""
+    config: dict[str, object] = {"state-dir": str(Path(state_dir).expanduser().resolve())}
+    if data_path is not None:
+        config["data-path"] = str(_file(data_path, "this node's data", "--data-path"))
+    if secret_context is not None:
+        config["secret-context"] = str(
+            _file(secret_context, "the CKKS secret context", "--secret-context")
+        )
+    if name:
+        config["name"] = name
+    if epsilon_budget is not None:
+        if epsilon_budget <= 0:
+            raise ConfigError(f"--epsilon-budget must be > 0, got {epsilon_budget}.")
+        config["epsilon-budget"] = float(epsilon_budget)
+    if (partition_id is None) != (num_partitions is None):
+        raise ConfigError("--partition-id and --num-partitions go together.")
+    if partition_id is not None and num_partitions is not None:
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"--partition-id must be in [0, {num_partitions}), got {partition_id}."
+            )
+        config["partition-id"] = partition_id
+        config["num-partitions"] = num_partitions
+    elif data_path is None:
+        raise ConfigError(
+            "A node needs its own data: --data-path FILE, or --partition-id and "
+            "--num-partitions of the run's shared data set."
+        )
+    return config
+
+
+def supernode(
+    *,
+    superlink_address: str,
+    ca: Path,
+    key: Path,
+    port: int,
+    config: Mapping[str, object],
+    host: str = "127.0.0.1",
+    base_env: Mapping[str, str] | None = None,
+) -> Launch:
+    """``flower-supernode`` dialling the SuperLink over TLS with its authentication key."""
+    ca = _file(ca, "the CA certificate", "--ca")
+    key = _file(key, "this node's private key", "--key")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {port}.")
+    home = Path(str(config["state-dir"])) / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+    argv = [
+        "flower-supernode",
+        f"--superlink={_address(superlink_address)}",
+        f"--root-certificates={ca}",
+        f"--auth-supernode-private-key={key}",
+        f"--host={host}",
+        f"--port={port}",
+        f"--node-config={pairs}",
+    ]
+    return Launch(argv, _environment(home, base_env))
+
+
+def write_connection(home: Path, *, superlink_address: str, ca: Path) -> Path:
+    """Write the ``flwr`` CLI's connection config (``FLWR_HOME/config.toml``)."""
+    ca = _file(ca, "the CA certificate", "--ca")
+    home = Path(home).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f"address = {_toml_value(_address(superlink_address))}\n"
+        f"root-certificates = {_toml_value(str(ca))}\n"
+    )
+    return path
+
+
+def flwr_cli(home: Path, *args: str, base_env: Mapping[str, str] | None = None) -> Launch:
+    """A ``flwr`` CLI call against the connection written by :func:`write_connection`."""
+    home = Path(home).expanduser().resolve()
+    return Launch(["flwr", *args], _environment(home, base_env))

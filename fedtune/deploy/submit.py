@@ -1,0 +1,137 @@
+"""Submit a run to a deployed SuperLink with ``flwr run`` and wait for its real outcome.
+
+``flwr run --stream`` exits 0 even when the ServerApp fails, so :func:`submit_run`
+submits with ``--format json`` (for the run id), streams the run's log with
+``flwr log``, and then reads the final status with ``flwr ls``. The Flower App is
+this source tree (``pyproject.toml``'s ``[tool.flwr.app]``); its run config is
+the checked fedtune config plus the wiring keys of a deployment (``run-dir``,
+``run-id``, ``public-context``, ``resume``), passed as a TOML file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ConfigError, _toml_value, parse_run_config
+from fedtune.deploy.roles import CONNECTION, flwr_cli
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a submitted run ended, as Flower's SuperLink reports it."""
+
+    run_id: str
+    status: str
+    details: str
+
+    @property
+    def ok(self) -> bool:
+        """True when the ServerApp returned normally."""
+        return self.status == "finished:completed"
+
+
+def app_dir() -> Path:
+    """The Flower App's directory: the source tree fedtune is installed from."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "app" not in tomllib.loads(pyproject.read_text()).get(
+        "tool", {}
+    ).get("flwr", {}):
+        raise ConfigError(
+            f"{str(root)!r} holds no Flower App (pyproject.toml with [tool.flwr.app]); "
+            "`fedtune deploy run` needs fedtune installed from its source tree (pip install -e)."
+        )
+    return root
+
+
+def run_config(
+    flat: Mapping[str, object],
+    *,
+    run_dir: Path,
+    run_id: str = "",
+    public_context: Path | None = None,
+    resume: bool = False,
+) -> dict[str, object]:
+    """The checked config plus wiring keys, as the ServerApp and ClientApps read it."""
+    cfg = parse_run_config(flat)
+    if len(cfg.data.labels) < 2:
+        raise ConfigError(
+            "A deployment needs `label-names` (comma-separated, in the order every node "
+            f"uses): nodes hold different data and must agree on the head; got "
+            f"{cfg.data.label_names!r}."
+        )
+    if cfg.crypto.encryption and public_context is None:
+        raise ConfigError("`encryption` is on: pass the server's --public-context (public.ctx).")
+    run_dir = Path(run_dir).expanduser().resolve()
+    wiring: dict[str, object] = {
+        "run-dir": str(run_dir),
+        "run-id": run_id or run_dir.name,
+        "resume": resume,
+    }
+    if cfg.crypto.encryption and public_context is not None:
+        wiring["public-context"] = str(Path(public_context).expanduser().resolve())
+    return {**cfg.to_flat(), **wiring}
+
+
+def submit_run(
+    home: Path,
+    config: Mapping[str, object],
+    *,
+    stream: bool = True,
+    timeout: float | None = None,
+) -> RunOutcome:
+    """``flwr run`` this app with ``config``, stream its log, return its final status."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+        fh.write("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+        overrides = fh.name
+    try:
+        launch = flwr_cli(
+            home,
+            "run",
+            str(app_dir()),
+            CONNECTION,
+            "--format",
+            "json",
+            "--run-config",
+            overrides,
+        )
+        done = subprocess.run(
+            launch.argv, env=launch.env, capture_output=True, text=True, check=False
+        )
+    finally:
+        Path(overrides).unlink(missing_ok=True)
+    try:
+        reply = json.loads(done.stdout)
+        run_id = str(reply["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"`flwr run` did not start the run (exit {done.returncode}): "
+            f"{(done.stdout + done.stderr).strip()[-2000:]}"
+        ) from None
+    log = flwr_cli(home, "log", run_id, CONNECTION, "--stream")
+    subprocess.run(
+        log.argv,
+        env=log.env,
+        check=False,
+        timeout=timeout,
+        stdout=None if stream else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    return run_status(home, run_id)
+
+
+def run_status(home: Path, run_id: str) -> RunOutcome:
+    """The SuperLink's record of one run (``flwr ls --run-id``)."""
+    ls = flwr_cli(home, "ls", CONNECTION, "--run-id", run_id, "--format", "json")
+    done = subprocess.run(ls.argv, env=ls.env, capture_output=True, text=True, check=False)
+    try:
+        row = json.loads(done.stdout)["runs"][0]
+        return RunOutcome(run_id, str(row["status"]), str(row.get("status-details", "")))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return RunOutcome(run_id, "unknown", (done.stdout + done.stderr).strip()[-2000:])
