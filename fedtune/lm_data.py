@@ -233,12 +233,18 @@ def prompt_text(tokenizer: Any, prompt: str) -> str:
 
 
 def encode_example(
-    tokenizer: Any, prompt: str, answer: str, *, max_length: int
+    tokenizer: Any,
+    prompt: str,
+    answer: str,
+    *,
+    max_length: int,
+    stop_ids: frozenset[int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of one example; labels are ``-100`` outside the answer.
 
     Truncation cuts the end of the answer; an example whose answer has no token
     left within ``max_length`` gets no label at all (the caller drops it).
+    ``stop_ids`` (default: :func:`end_of_turn_ids`) end the answer.
     """
     head = prompt_text(tokenizer, prompt)
     eos_ids: list[int] = []
@@ -260,7 +266,7 @@ def encode_example(
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     tail_ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) + eos_ids
     # Anything the template puts after the end-of-turn token (a newline) is not answer.
-    stop = _end_of_answer(tokenizer, tail_ids)
+    stop = _end_of_answer(tail_ids, end_of_turn_ids(tokenizer) if stop_ids is None else stop_ids)
     ids = (list(head_ids) + tail_ids)[:max_length]
     labels = ([IGNORE] * len(head_ids) + tail_ids[:stop] + [IGNORE] * (len(tail_ids) - stop))[
         :max_length
@@ -268,13 +274,17 @@ def encode_example(
     return [int(i) for i in ids], [int(v) for v in labels]
 
 
-def _end_of_answer(tokenizer: Any, tail_ids: Sequence[int]) -> int:
+def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids that end an answer: ``eos`` and the usual end-of-turn tokens the vocabulary has."""
+    vocab = tokenizer.get_vocab()
+    stops = {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>") if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    return frozenset(stops)
+
+
+def _end_of_answer(tail_ids: Sequence[int], stops: frozenset[int]) -> int:
     """Index just past the last end-of-turn / eos token in ``tail_ids`` (else its length)."""
-    stops = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        stops.add(tid)
-    stops.discard(None)
     for i in range(len(tail_ids) - 1, -1, -1):
         if tail_ids[i] in stops:
             return i + 1
@@ -301,8 +311,11 @@ class InstructionDataset(Dataset[dict[str, torch.Tensor]]):
         self.prompts: list[str] = []
         self.answers: list[str] = []
         self.dropped = 0
+        stops = end_of_turn_ids(tokenizer)
         for prompt, answer in zip(prompts, answers, strict=True):
-            ids, labels = encode_example(tokenizer, prompt, answer, max_length=max_length)
+            ids, labels = encode_example(
+                tokenizer, prompt, answer, max_length=max_length, stop_ids=stops
+            )
             if all(v == IGNORE for v in labels):
                 self.dropped += 1
                 continue
