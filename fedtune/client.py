@@ -8,7 +8,10 @@ calls on it.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import secrets
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +108,39 @@ def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A seed of its own for each (run seed, round, client)."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def node_round_seed(node_secret: bytes, seed: int, server_round: int, name: str) -> int:
+    """A deployed node's seed for one round: keyed by a secret only the node holds.
+
+    The run seed is public (it is in the run config), so noise drawn from it alone
+    could be recomputed by anyone who reads the config, and nodes with their own
+    data (all partition 0) would draw the same noise. A node mixes in
+    ``STATE_DIR/noise-seed.key`` (32 random bytes, made once, mode 0600), so a
+    retried or resumed round still reproduces the node's own release while nobody
+    else can.
+    """
+    message = f"{seed}/{server_round}/{name}".encode()
+    digest = hashlib.blake2b(message, key=node_secret, digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def load_node_secret(state_dir: Path) -> bytes:
+    """``STATE_DIR/noise-seed.key``, made with ``secrets`` on first use (mode 0600)."""
+    path = state_dir / "noise-seed.key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of this node made it first
+            pass
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise ValueError(f"{str(path)!r} must hold 32 bytes, got {len(data)}; remove it.")
+    return data
 
 
 def make_codec(*, length: int, secret_context: Path | None = None) -> Codec:
@@ -246,7 +282,7 @@ class ClientRuntime:
         fixed per (seed, round, client), so it reproduces the same release.
         """
         start = self.global_vector(state)
-        seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
+        seed = self.round_seed(server_round)
         if self.cfg.privacy.enabled:
             refusal = self._budget_refusal(server_round)
             if refusal:
@@ -271,6 +307,14 @@ class ClientRuntime:
         epsilon = self._record(server_round) if self.cfg.privacy.enabled else None
         payload = self.codec.encode(prescale(trained, n))
         return TrainOutcome(payload=payload, num_examples=n, result=result, epsilon=epsilon)
+
+    def round_seed(self, server_round: int) -> int:
+        """Sampling and noise seed of one round (node-secret keyed on a deployed node)."""
+        if self.state_dir is None:  # simulation: reproducible from the run seed
+            return round_seed(self.cfg.federation.seed, server_round, self.partition_id)
+        return node_round_seed(
+            load_node_secret(self.state_dir), self.cfg.federation.seed, server_round, self.name
+        )
 
     def _loader(self, seed: int):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(seed)

@@ -161,6 +161,8 @@ def run_rounds(
             "clients-trained": len(strategy.last_train.accepted),
             "clients-dropped": len(strategy.last_train.dropped),
             "clients-declined": len(strategy.last_train.declined),
+            "dropped": dict(strategy.last_train.dropped),
+            "declined": dict(strategy.last_train.declined),
             "train-loss": train_metrics["train-loss"],
             "clients": _client_table(strategy),
         }
@@ -209,6 +211,8 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
         cfg = parse_run_config(flat, ignore=WIRING_KEYS)
         run_dir = Path(str(flat.get("run-dir") or "runs/server"))
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.toml").exists():  # a deployment: `fedtune export` reads it
+            (run_dir / "config.toml").write_text(cfg.to_toml())
         strategy = FedTuneStrategy(
             codec=server_codec(cfg, flat),
             fraction_train=cfg.federation.fraction_train,

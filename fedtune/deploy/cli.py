@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,31 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--quiet", action="store_true", help="do not stream the run's log")
 
 
+#: Flower's exit code when the SuperLink refuses to activate a SuperNode.
+NODE_REFUSED = 305
+
+
+def _supervise(argv: list[str], env: dict[str, str], *, key: Path) -> int:
+    """Run ``flower-supernode`` as a child (forwarding SIGTERM / SIGINT) and explain a refusal."""
+    print(f"fedtune deploy: starting {argv[0]}", file=sys.stderr, flush=True)
+    child = subprocess.Popen(argv, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = child.wait()
+    if code == NODE_REFUSED:
+        print(
+            f"fedtune deploy supernode: error: the SuperLink refused this node. Its key "
+            f"{str(key)!r} is not registered there: the operator runs `fedtune deploy "
+            f"register ... {key.name}.pub` first (or the CA / address is wrong).",
+            file=sys.stderr,
+        )
+    return code
+
+
 def _exec(argv: list[str], env: dict[str, str]) -> int:
     print(f"fedtune deploy: starting {' '.join(argv[:1])}", file=sys.stderr, flush=True)
     os.execvpe(argv[0], argv, env)
@@ -190,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
             config=config,
         )
-        return _exec(launch.argv, launch.env)
+        return _supervise(launch.argv, launch.env, key=args.key)
     roles.write_connection(args.home, superlink_address=args.superlink, ca=args.ca)
     if args.role == "register":
         status = 0

@@ -1,0 +1,516 @@
+"""A real federation on 127.0.0.1: Flower's SuperLink and SuperNodes, TLS and node auth on.
+
+Every command here is one of the README's "Run a real federation" walkthrough
+(``fedtune deploy ...``, ``fedtune keygen``, ``fedtune export``, ``fedtune audit``).
+Each process the tests start carries an environment tag of its own, inherited by
+everything it spawns (Flower's SuperExec, ServerApp and ClientApp processes start
+sessions of their own, so process groups would miss them); each test ends by
+checking that no tagged process is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import toy_rows
+
+pytestmark = pytest.mark.slow
+
+TAG = "FEDTUNE_DEPLOY_TEST"
+NODES = ("node-0", "node-1", "node-2")
+LABELS = "animal,food,tool"
+RUN_CONFIG = {
+    "num-rounds": 3,
+    "num-clients": 3,
+    "min-clients": 2,
+    "label-names": LABELS,
+    "batch-size": 8,
+    "learning-rate": 0.05,
+    "optimizer": "sgd",
+    "max-seq-length": 16,
+    "dp": "example",
+    "target-epsilon": 8.0,
+    "encryption": True,
+    "round-timeout": 150.0,
+    "seed": 7,
+}
+
+
+def _fedtune(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedtune.cli", *args]
+
+
+def _env(tag: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[TAG] = tag
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _tagged(prefix: str) -> dict[int, str]:
+    """Live processes whose environment carries a tag starting with ``prefix``."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(f"{TAG}={prefix}".encode()) and state != "Z":
+                found[int(entry.name)] = item.decode().split("=", 1)[1]
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Files:
+    """What the operator and the nodes made before the federation starts."""
+
+    root: Path
+    certs: Path
+    ckks: Path
+    rogue_ckks: Path
+    keys: Path
+    data: dict[str, Path]
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Files:
+    root = tmp_path_factory.mktemp("deploy")
+    f = Files(
+        root,
+        root / "certs",
+        root / "ckks",
+        root / "rogue-ckks",
+        root / "keys",
+        {n: root / f"{n}.csv" for n in NODES},
+        root / "federation.toml",
+    )
+    for cmd in (
+        _fedtune("deploy", "certs", "--out", str(f.certs)),
+        _fedtune("keygen", "--out", str(f.ckks)),
+        _fedtune("keygen", "--out", str(f.rogue_ckks)),
+        _fedtune("deploy", "node-key", "--out", str(f.keys), *NODES, "rogue"),
+    ):
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    for i, path in enumerate(f.data.values()):  # each node's own, different data
+        lines = ["text,label"] + [f"{r['text']},{r['label']}" for r in toy_rows(16, seed=i)]
+        path.write_text("\n".join(lines) + "\n")
+    config = {**RUN_CONFIG, "model-path": str(tiny_model_dir)}
+    f.config.write_text(
+        "".join(
+            f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n"
+            for k, v in config.items()
+        )
+    )
+    return f
+
+
+class Federation:
+    """One SuperLink and its SuperNodes, started with `fedtune deploy` on 127.0.0.1."""
+
+    def __init__(self, files: Files, name: str) -> None:
+        self.files = files
+        self.dir = files.root / name
+        self.tag = f"{uuid.uuid4().hex}-{name}"
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.home = self.dir / "operator"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- roles ---------------------------------------------------------------
+    def _start(self, role: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.dir / f"{role}.log").open("ab")
+        proc = subprocess.Popen(
+            cmd,
+            env=_env(f"{self.tag}/{role}"),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[role] = proc
+        return proc
+
+    def log(self, role: str) -> str:
+        path = self.dir / f"{role}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_superlink(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._start(
+            "superlink",
+            _fedtune(
+                "deploy",
+                "superlink",
+                "--certs",
+                str(self.files.certs),
+                "--state-dir",
+                str(self.dir / "server-state"),
+                "--port",
+                str(self.port),
+            ),
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.5)
+        raise AssertionError("SuperLink did not start:\n" + self.log("superlink"))
+
+    def register(self, *names: str) -> None:
+        keys = [str(self.files.keys / f"{n}.pub") for n in names]
+        done = subprocess.run(
+            _fedtune(
+                "deploy",
+                "register",
+                "--superlink",
+                self.address,
+                "--ca",
+                str(self.files.certs / "ca.crt"),
+                "--home",
+                str(self.home),
+                *keys,
+            ),
+            env=_env(f"{self.tag}/register"),
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def start_node(self, name: str, *, key: str = "", ckks: Path | None = None) -> None:
+        self._start(
+            name,
+            _fedtune(
+                "deploy",
+                "supernode",
+                "--superlink",
+                self.address,
+                "--ca",
+                str(self.files.certs / "ca.crt"),
+                "--key",
+                str(self.files.keys / (key or name)),
+                "--state-dir",
+                str(self.state(name)),
+                "--port",
+                str(_free_port()),
+                "--data-path",
+                str(self.files.data.get(name, self.files.data["node-0"])),
+                "--secret-context",
+                str((ckks or self.files.ckks) / "secret.ctx"),
+                "--name",
+                name,
+            ),
+        )
+
+    def state(self, name: str) -> Path:
+        return self.dir / "nodes" / name
+
+    def wait_online(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        online = 0
+        while time.monotonic() < deadline:
+            done = subprocess.run(
+                ["flwr", "supernode", "list", "fedtune", "--format", "json"],
+                env={**_env(f"{self.tag}/list"), "FLWR_HOME": str(self.home)},
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            try:
+                nodes = json.loads(done.stdout)["nodes"]
+                online = sum(n["status"] == "online" for n in nodes)
+            except (ValueError, KeyError):
+                online = 0
+            if online >= count:
+                return
+            time.sleep(2)
+        raise AssertionError(f"{online} of {count} SuperNodes online")
+
+    def run_cmd(self, run_dir: Path, *extra: str) -> list[str]:
+        return _fedtune(
+            "deploy",
+            "run",
+            str(self.files.config),
+            "--superlink",
+            self.address,
+            "--ca",
+            str(self.files.certs / "ca.crt"),
+            "--home",
+            str(self.home),
+            "--run-dir",
+            str(run_dir),
+            "--public-context",
+            str(self.files.ckks / "public.ctx"),
+            *extra,
+        )
+
+    def run(self, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.run_cmd(run_dir, *extra),
+            env=_env(f"{self.tag}/run"),
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    # -- failures and shutdown -----------------------------------------------
+    def kill(self, role: str) -> None:
+        """SIGKILL a role and everything it started: a machine that vanished."""
+        for pid in _tagged(f"{self.tag}/{role}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.procs[role].wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM the nodes, then the SuperLink; escalate; nothing tagged may be left."""
+        order = [r for r in self.procs if r != "superlink"] + ["superlink"]
+        for role in order:
+            proc = self.procs.get(role)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while (left := _tagged(self.tag)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left behind: {left}"
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ledger(fed: Federation, name: str) -> list[dict[str, Any]]:
+    path = fed.state(name) / "privacy" / f"{name}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _final_vector(run_dir: Path, secret: Path) -> np.ndarray:
+    from fedtune.aggregation import WeightedSum
+    from fedtune.checkpoint import load_checkpoint
+    from fedtune.client import make_codec
+
+    ckpt = load_checkpoint(run_dir / "checkpoint")
+    codec = make_codec(length=int(ckpt.payload["length"]), secret_context=secret)
+    return WeightedSum(codec.decode(ckpt.payload), ckpt.num_examples).mean()
+
+
+@pytest.fixture(scope="module")
+def full_run(files: Files) -> Iterator[tuple[Federation, Path]]:
+    """Three registered nodes, DP and encryption on, three rounds, nobody fails."""
+    fed = Federation(files, "full")
+    try:
+        fed.start_superlink()
+        fed.register(*NODES)
+        for name in NODES:
+            fed.start_node(name)
+        fed.start_node("rogue")  # its key was never registered
+        fed.wait_online(len(NODES))
+        run_dir = fed.dir / "server-run"
+        done = fed.run(run_dir)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        yield fed, run_dir
+    finally:
+        fed.stop()
+
+
+def test_secured_federation_ledgers_agree_with_server_metrics(
+    full_run: tuple[Federation, Path],
+) -> None:
+    fed, run_dir = full_run
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert all(r["clients-trained"] == 3 for r in records[1:])
+    for name in NODES:
+        ledger = _ledger(fed, name)
+        assert [e["round"] for e in ledger] == [1, 2, 3]
+        for entry, record in zip(ledger, records[1:], strict=True):
+            assert record["clients"][name]["epsilon"] == pytest.approx(entry["epsilon"])
+        assert ledger[-1]["epsilon"] <= RUN_CONFIG["target-epsilon"] + 1e-9
+    audit = subprocess.run(
+        _fedtune("audit", str(fed.state("node-0")), "--json", "--no-plot"),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_unregistered_node_is_refused(full_run: tuple[Federation, Path]) -> None:
+    fed, _ = full_run
+    assert fed.procs["rogue"].wait(timeout=60) == 305  # Flower's "node refused"
+    assert "Failed to activate SuperNode" in fed.log("rogue")
+    assert "the SuperLink refused this node" in fed.log("rogue")
+    assert "No SuperNode found with the given public key" in fed.log("superlink")
+    assert not (fed.state("rogue") / "privacy").exists()
+
+
+def test_tls_is_required_and_nothing_listens_beyond_loopback(
+    full_run: tuple[Federation, Path],
+) -> None:
+    fed, _ = full_run
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw:
+        ctx = ssl.create_default_context(cafile=str(fed.files.certs / "ca.crt"))
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw:
+        untrusting = ssl.create_default_context()  # the system CAs do not know ours
+        with pytest.raises(ssl.SSLCertVerificationError):
+            untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_node_export_writes_the_final_adapter(
+    full_run: tuple[Federation, Path], files: Files, tmp_path: Path
+) -> None:
+    fed, run_dir = full_run
+    out = tmp_path / "adapter"
+    done = subprocess.run(
+        _fedtune(
+            "export",
+            str(fed.state("node-1")),
+            "--key",
+            str(files.ckks / "secret.ctx"),
+            "--out",
+            str(out),
+        ),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "fedtune.json").read_text())["round"] == 3
+    node = _final_vector(fed.state("node-1"), files.ckks / "secret.ctx")
+    server = _final_vector(run_dir, files.ckks / "secret.ctx")
+    assert np.max(np.abs(node - server)) < 1e-6  # the same sum, decrypted on the node
+
+
+def test_a_node_killed_in_round_two_is_left_out_and_its_ledger_is_exact(
+    files: Files,
+) -> None:
+    fed = Federation(files, "dropout")
+    try:
+        fed.start_superlink()
+        fed.register(*NODES)
+        for name in NODES:
+            fed.start_node(name)
+        fed.wait_online(len(NODES))
+        run_dir = fed.dir / "server-run"
+        runner = subprocess.Popen(
+            fed.run_cmd(run_dir),
+            env=_env(f"{fed.tag}/run"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (
+            (run_dir / "metrics.jsonl").exists() and len(_records(run_dir)) >= 2
+        ):
+            time.sleep(0.5)
+        assert len(_records(run_dir)) >= 2, "round 1 never finished"
+        fed.kill("node-2")  # round 2 has just been sent out
+        out, _ = runner.communicate(timeout=900)
+        assert runner.returncode == 0, out.decode()[-3000:]
+        records = _records(run_dir)
+        assert [r["round"] for r in records] == [0, 1, 2, 3]
+        assert "node-2" in records[1]["clients"]
+        assert [r["clients-trained"] for r in records[1:]] == [3, 2, 2]
+        assert any(k.startswith("node-") for k in records[2]["dropped"])
+        ledger = _ledger(fed, "node-2")
+        spent = [e["round"] for e in ledger]
+        # Round 1 was released; round 2 only if it was recorded before the kill; never 3.
+        assert spent in ([1], [1, 2])
+        assert ledger[0]["epsilon"] == pytest.approx(records[1]["clients"]["node-2"]["epsilon"])
+        for name in ("node-0", "node-1"):
+            assert [e["round"] for e in _ledger(fed, name)] == [1, 2, 3]
+    finally:
+        fed.stop()
+
+
+def test_server_killed_after_round_two_resumes_to_the_same_adapter(
+    files: Files, full_run: tuple[Federation, Path]
+) -> None:
+    first, uninterrupted = full_run
+    fed = Federation(files, "resume")
+    for name in NODES:  # "the same seed": each node's own noise key, as in the first run
+        fed.state(name).mkdir(parents=True)
+        key = (first.state(name) / "noise-seed.key").read_bytes()
+        (fed.state(name) / "noise-seed.key").write_bytes(key)
+    try:
+        fed.start_superlink()
+        fed.register(*NODES)
+        for name in NODES:
+            fed.start_node(name)
+        fed.wait_online(len(NODES))
+        run_dir = fed.dir / "server-run"
+        runner = subprocess.Popen(
+            fed.run_cmd(run_dir),
+            env=_env(f"{fed.tag}/run"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (
+            (run_dir / "metrics.jsonl").exists() and len(_records(run_dir)) >= 3
+        ):
+            time.sleep(0.5)
+        assert len(_records(run_dir)) >= 3, "round 2 never finished"
+        fed.kill("superlink")  # the server machine dies after round 2
+        runner.communicate(timeout=300)
+        assert runner.returncode != 0
+        fed.start_superlink()  # same state dir: registrations survive
+        fed.wait_online(len(NODES), timeout=180)
+        done = fed.run(run_dir, "--resume")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert [r["round"] for r in _records(run_dir)] == [0, 1, 2, 3]
+        for name in NODES:  # round 3 counted once, even if it was half done when the server died
+            assert [e["round"] for e in _ledger(fed, name)] == [1, 2, 3]
+        secret = files.ckks / "secret.ctx"
+        resumed, straight = _final_vector(run_dir, secret), _final_vector(uninterrupted, secret)
+        assert np.max(np.abs(resumed - straight)) < 1e-4
+    finally:
+        fed.stop()
