@@ -144,10 +144,6 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--quiet", action="store_true", help="do not stream the run's log")
 
 
-#: Flower's exit code when the SuperLink refuses to activate a SuperNode.
-NODE_REFUSED = 305
-
-
 def _supervise(argv: list[str], env: dict[str, str], *, key: Path) -> int:
     """Run ``flower-supernode`` as a child (forwarding SIGTERM / SIGINT) and explain a refusal."""
     print(f"fedtune deploy: starting {argv[0]}", file=sys.stderr, flush=True)
@@ -159,11 +155,12 @@ def _supervise(argv: list[str], env: dict[str, str], *, key: Path) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     code = child.wait()
-    if code == NODE_REFUSED:
+    if code > 0:  # Flower exits 1 on any error; its log line above has the code (305: refused)
         print(
-            f"fedtune deploy supernode: error: the SuperLink refused this node. Its key "
-            f"{str(key)!r} is not registered there: the operator runs `fedtune deploy "
-            f"register ... {key.name}.pub` first (or the CA / address is wrong).",
+            f"fedtune deploy supernode: error: flower-supernode stopped (exit {code}). If it "
+            "says 'Failed to activate SuperNode' (Exit Code 305), the SuperLink refused this "
+            f"node: its key {str(key)!r} is not registered there (the operator runs `fedtune "
+            f"deploy register ... {key.name}.pub`), or --superlink / --ca point elsewhere.",
             file=sys.stderr,
         )
     return code
