@@ -23,7 +23,7 @@ from pathlib import Path
 from fedtune import audit_cli, generate
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import CheckpointError
-from fedtune.config import ConfigError, describe_keys, load_toml, parse_assignment
+from fedtune.config import ConfigError, collect_overrides, describe_keys, load_toml
 from fedtune.crypto.errors import CryptoError
 from fedtune.deploy import cli as deploy_cli
 
@@ -155,12 +155,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from fedtune.simulate import simulate  # noqa: PLC0415
 
-    flat: dict[str, object] = {}
-    if args.config is not None:
-        flat.update(load_toml(args.config))
-    for item in args.overrides:
-        key, value = parse_assignment(item)
-        flat[key] = value
+    flat = collect_overrides(args.config, args.overrides)
     result = simulate(flat, run_dir=args.run_dir, verbose=args.verbose)
     console = Console()
     table = Table(title=f"fedtune simulate: {result.run_dir}")

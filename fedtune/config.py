@@ -486,6 +486,15 @@ def load_toml(path: Path) -> dict[str, object]:
     return data
 
 
+def collect_overrides(config: Path | None, assignments: list[str]) -> dict[str, object]:
+    """The flat config of a command line: ``FILE.toml`` (if any), then each ``--set``."""
+    flat: dict[str, object] = dict(load_toml(config)) if config is not None else {}
+    for item in assignments:
+        key, value = parse_assignment(item)
+        flat[key] = value
+    return flat
+
+
 def describe_keys() -> list[tuple[str, object, str]]:
     """Return ``(key, default, section)`` for every key, for help texts."""
     return [(k, _default_of(f), s) for k, (s, f) in known_keys().items()]

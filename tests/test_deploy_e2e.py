@@ -274,6 +274,33 @@ class Federation:
             *extra,
         )
 
+    def launch(self, *, intruder: bool = False) -> None:
+        """SuperLink, registered keys, the three nodes (and one with another CKKS key)."""
+        self.start_superlink()
+        self.register(*NODES, *(["rogue"] if intruder else []))
+        for name in NODES:
+            self.start_node(name)
+        if intruder:
+            self.start_node("intruder", key="rogue", ckks=self.files.rogue_ckks)
+        self.wait_online(len(NODES) + intruder)
+
+    def start_run(self, run_dir: Path, *, until_round: int) -> subprocess.Popen[bytes]:
+        """Submit in the background; return once ``until_round`` is in metrics.jsonl."""
+        runner = subprocess.Popen(
+            self.run_cmd(run_dir),
+            env=_env(f"{self.tag}/run"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 600
+        metrics = run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(_records(run_dir)) > until_round:
+                return runner
+            time.sleep(0.5)
+        raise AssertionError(f"round {until_round} never finished")
+
     def run(self, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             self.run_cmd(run_dir, *extra),
@@ -338,12 +365,8 @@ def full_run(files: Files) -> Iterator[tuple[Federation, Path]]:
     """Three registered nodes, DP and encryption on, three rounds, nobody fails."""
     fed = Federation(files, "full")
     try:
-        fed.start_superlink()
-        fed.register(*NODES)
-        for name in NODES:
-            fed.start_node(name)
+        fed.launch()
         fed.start_node("rogue")  # its key was never registered
-        fed.wait_online(len(NODES))
         run_dir = fed.dir / "server-run"
         done = fed.run(run_dir)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -433,27 +456,9 @@ def test_node_killed_in_round_two_and_node_with_wrong_ckks_key_are_left_out(
 ) -> None:
     fed = Federation(files, "dropout")
     try:
-        fed.start_superlink()
-        fed.register(*NODES, "rogue")
-        for name in NODES:
-            fed.start_node(name)
-        # A registered node that holds another CKKS key than the run's.
-        fed.start_node("intruder", key="rogue", ckks=files.rogue_ckks)
-        fed.wait_online(len(NODES) + 1)
+        fed.launch(intruder=True)  # a registered node that holds another CKKS key
         run_dir = fed.dir / "server-run"
-        runner = subprocess.Popen(
-            fed.run_cmd(run_dir),
-            env=_env(f"{fed.tag}/run"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not (
-            (run_dir / "metrics.jsonl").exists() and len(_records(run_dir)) >= 2
-        ):
-            time.sleep(0.5)
-        assert len(_records(run_dir)) >= 2, "round 1 never finished"
+        runner = fed.start_run(run_dir, until_round=1)
         fed.kill("node-2")  # round 2 has just been sent out
         out, _ = runner.communicate(timeout=900)
         assert runner.returncode == 0, out.decode()[-3000:]
@@ -487,25 +492,9 @@ def test_server_killed_after_round_two_resumes_to_the_same_adapter(
         key = (first.state(name) / "noise-seed.key").read_bytes()
         (fed.state(name) / "noise-seed.key").write_bytes(key)
     try:
-        fed.start_superlink()
-        fed.register(*NODES)
-        for name in NODES:
-            fed.start_node(name)
-        fed.wait_online(len(NODES))
+        fed.launch()
         run_dir = fed.dir / "server-run"
-        runner = subprocess.Popen(
-            fed.run_cmd(run_dir),
-            env=_env(f"{fed.tag}/run"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not (
-            (run_dir / "metrics.jsonl").exists() and len(_records(run_dir)) >= 3
-        ):
-            time.sleep(0.5)
-        assert len(_records(run_dir)) >= 3, "round 2 never finished"
+        runner = fed.start_run(run_dir, until_round=2)
         fed.kill("superlink")  # the server machine dies after round 2
         runner.communicate(timeout=300)
         assert runner.returncode != 0

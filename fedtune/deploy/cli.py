@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError, load_toml, parse_assignment
+from fedtune.config import ConfigError, collect_overrides
 
 DESCRIPTION = """\
 A real federation on Flower's deployment engine: one SuperLink (the server), one
@@ -233,14 +233,8 @@ def run(args: argparse.Namespace) -> int:
             status = status or done.returncode
         return status
     # run
-    flat: dict[str, object] = {}
-    if args.config is not None:
-        flat.update(load_toml(args.config))
-    for item in args.overrides:
-        name, value = parse_assignment(item)
-        flat[name] = value
     config = submit.run_config(
-        flat,
+        collect_overrides(args.config, args.overrides),
         run_dir=args.run_dir,
         run_id=args.run_id,
         public_context=args.public_context,
