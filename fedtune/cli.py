@@ -161,6 +161,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     table = Table(title=f"fedtune simulate: {result.run_dir}")
     has_eps = any("epsilon" in r for r in result.records)
     columns = ["round", "clients", "train-loss", "eval-loss", "eval-accuracy"]
+    columns += ["eval-perplexity"] if any("eval-perplexity" in r for r in result.records) else []
     columns += ["epsilon"] if has_eps else []
     for col in [*columns, "seconds"]:
         table.add_column(col, justify="right")
