@@ -389,7 +389,7 @@ def _default_of(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
-def _coerce(key: str, value: object, default: object) -> object:
+def coerce_value(key: str, value: object, default: object) -> object:
     """Coerce ``value`` to the type of ``default``; strings come from ``--set``."""
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -456,7 +456,7 @@ def parse_run_config(
                 "`fedtune simulate --help` lists every key."
             )
         section, f = known[key]
-        per_section[section][f.name] = _coerce(key, value, _default_of(f))
+        per_section[section][f.name] = coerce_value(key, value, _default_of(f))
     parts = {s: _SECTION_TYPES[s](**kw) for s, kw in per_section.items()}
     return RunConfig(**parts)
 

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config
+from fedtune.config import WIRING_KEYS, RunConfig, coerce_value, parse_run_config
 from fedtune.metrics import add_perplexity, append_record, read_records
 from fedtune.model import adapter_layout, build_model
 from fedtune.wire import Codec, PayloadError, PlainCodec
@@ -183,17 +183,6 @@ def run_rounds(
         )
 
 
-def _flag(value: object) -> bool:
-    """A boolean wiring key, as TOML (bool) or ``--run-config`` / ``--set`` (string)."""
-    if isinstance(value, bool):
-        return value
-    if str(value).strip().lower() in {"true", "1"}:
-        return True
-    if str(value).strip().lower() in {"false", "0", ""}:
-        return False
-    raise ConfigError(f"`resume` must be true or false, got {value!r}.")
-
-
 def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     """Build the ServerApp.
 
@@ -221,7 +210,9 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
             seed=cfg.federation.seed,
         )
         strategy.summary()
-        first = resume_round(run_dir, strategy, resume=_flag(flat.get("resume", False)))
+        first = resume_round(
+            run_dir, strategy, resume=bool(coerce_value("resume", flat.get("resume", False), False))
+        )
         run_rounds(grid, cfg, strategy, run_dir, first_round=first)
 
     return app
