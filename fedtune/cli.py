@@ -34,6 +34,7 @@ The run directory:
   metrics.png             accuracy and loss per round
   checkpoint/             the latest global sum and its round
   adapter/                the final adapter in standard PEFT format
+  samples.jsonl           causal LM: held-out prompts answered by the base model and the adapter
 """
 
 
