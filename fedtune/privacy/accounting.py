@@ -52,10 +52,12 @@ __all__ = [
     "PRV_EPS_ERROR",
     "SIGMA_MAX",
     "SIGMA_MIN",
+    "RELATIONS",
     "Accountant",
     "AccountantState",
     "BudgetCheck",
     "Composition",
+    "Relation",
     "calibrate_noise",
     "check_budget",
     "compute_epsilon",
@@ -64,6 +66,11 @@ __all__ = [
 
 Accountant = Literal["prv", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
+
+Relation = Literal["replace-one", "add-remove"]
+RELATIONS: tuple[str, ...] = ("replace-one", "add-remove")
+"""Neighbouring relations: ``replace-one`` (same size, one example swapped; what fedtune
+runs, since ``n_k`` is public) and ``add-remove`` (Opacus' own analysis)."""
 
 PRV_EPS_ERROR = 0.01
 """Absolute ε discretisation error asked of the PRV accountant (Opacus' default)."""
@@ -152,9 +159,11 @@ class AccountantState:
                 history.append((c.noise_multiplier, c.sample_rate, c.steps))
         return history
 
-    def epsilon(self, *, delta: float, accountant: Accountant = "prv") -> float:
+    def epsilon(self, *, delta: float, accountant: Accountant, relation: Relation) -> float:
         """Return the ε (an upper bound) spent so far at ``delta``; 0.0 for no history."""
-        return compute_epsilon(self.opacus_history(), delta=delta, accountant=accountant)
+        return compute_epsilon(
+            self.opacus_history(), delta=delta, accountant=accountant, relation=relation
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (``{"history": [{...}, ...]}``)."""
@@ -188,40 +197,90 @@ _GUARD_ORDERS = [float(a) for a in range(2, 65)] + [80.0, 96.0, 128.0, 192.0, 25
 _GUARD_SMALL_ORDERS = [1.1, 1.25, 1.5, 1.75]
 
 
-def _prv_domain_points(history: list[tuple[float, float, int]], delta_error: float) -> float:
-    """Over-estimate of the grid size ``PRVAccountant._get_domain`` would build.
+def _rdp_epsilon(
+    history: list[tuple[float, float, int]], *, delta: float, relation: Relation, coarse: bool
+) -> float:
+    """ε at ``delta`` of the summed RDP curve of ``history`` under ``relation``.
 
-    Same formula as ``opacus.accountants.analysis.prv.compute_safe_domain_size`` and the
-    mesh of ``PRVAccountant._get_domain``, but the RDP bound ``L`` uses integer orders
-    only: those have a closed form (fractional ones are a slow series, seconds for large
-    σ), and fewer orders can only make ``L`` -- hence the estimate -- larger. Orders
-    below 2 only matter (and are only cheap) for small σ, so they join below σ = 2.
+    ``coarse`` (add-remove only) uses integer orders, which have a closed form: the
+    domain-size guard below needs an upper bound fast, and fewer orders only loosen it.
     """
     from opacus.accountants.analysis import rdp as rdp_analysis
 
-    orders = _GUARD_ORDERS
-    if min(s for s, _, _ in history) < 2:
-        orders = _GUARD_SMALL_ORDERS + _GUARD_ORDERS
+    from fedtune.privacy.analysis import REPLACE_ONE_RDP_ORDERS, replace_one_rdp
 
+    if relation == "replace-one":
+        orders: list[float] = list(REPLACE_ONE_RDP_ORDERS)
+        rdp = sum(replace_one_rdp(q, s, n, orders) for s, q, n in history)
+    else:
+        if coarse:
+            orders = list(_GUARD_ORDERS)
+            if min(s for s, _, _ in history) < 2:
+                orders = _GUARD_SMALL_ORDERS + orders
+        else:
+            from opacus.accountants.rdp import RDPAccountant
+
+            orders = list(RDPAccountant.DEFAULT_ALPHAS)
+        rdp = sum(
+            rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)
+            for s, q, n in history
+        )
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _prv_half_width(
+    history: list[tuple[float, float, int]], delta_error: float, relation: Relation
+) -> float:
+    """Half-width ``L`` of the PRV discretisation domain (Gopi et al. 2021, Remark 5.6).
+
+    Same formula as ``opacus.accountants.analysis.prv.compute_safe_domain_size``, with
+    the RDP bound of ``relation`` (for add-remove on integer orders only: fewer orders
+    can only make ``L`` larger, and fractional ones are a slow series).
+    """
     total = sum(n for _, _, n in history)
-    rdp = sum(
-        rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)
-        for s, q, n in history
-    )
-    half_width, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta_error / 4)
+    half_width = _rdp_epsilon(history, delta=delta_error / 4, relation=relation, coarse=True)
     for s, q, _ in history:
-        one = rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=1, orders=orders)
-        eps_one, _ = rdp_analysis.get_privacy_spent(
-            orders=orders, rdp=one, delta=delta_error / (8 * total)
+        eps_one = _rdp_epsilon(
+            [(s, q, 1)], delta=delta_error / (8 * total), relation=relation, coarse=True
         )
         half_width = max(half_width, eps_one)
-    half_width = max(float(half_width), PRV_EPS_ERROR) + 3
-    mesh = PRV_EPS_ERROR / math.sqrt(total * math.log(12 / delta_error) / 2)
-    return 2 * half_width / mesh
+    return max(float(half_width), PRV_EPS_ERROR) + 3
+
+
+def _prv_mesh(history: list[tuple[float, float, int]], delta_error: float) -> float:
+    total = sum(n for _, _, n in history)
+    return PRV_EPS_ERROR / math.sqrt(total * math.log(12 / delta_error) / 2)
+
+
+def _replace_one_prv_epsilon(
+    history: list[tuple[float, float, int]], *, delta: float, delta_error: float, half_width: float
+) -> float:
+    """PRV composition (Opacus' discretise-and-FFT code) of replace-one steps."""
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        discretize,
+    )
+
+    from fedtune.privacy.analysis import ReplaceOneGaussianPRV
+
+    domain = Domain.create_aligned(-half_width, half_width, _prv_mesh(history, delta_error))
+    prvs = [ReplaceOneGaussianPRV(q, s) for s, q, _ in history]
+    tprvs = [TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs]  # type: ignore[arg-type]
+    dprvs = [discretize(t, domain) for t in tprvs]
+    composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=[n for *_, n in history])
+    _, _, eps_upper = composed.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
+    return float(eps_upper)
 
 
 def compute_epsilon(
-    history: Sequence[tuple[float, float, int]], *, delta: float, accountant: Accountant
+    history: Sequence[tuple[float, float, int]],
+    *,
+    delta: float,
+    accountant: Accountant,
+    relation: Relation,
 ) -> float:
     """Return ε at ``delta`` for an Opacus-style history ``[(sigma, q, steps), ...]``.
 
@@ -233,6 +292,9 @@ def compute_epsilon(
         Target δ in (0, 1).
     accountant
         ``"prv"`` or ``"rdp"`` (see the module docstring for why not ``"gdp"``).
+    relation
+        ``"replace-one"`` (what fedtune clients run: :mod:`fedtune.privacy.analysis`)
+        or ``"add-remove"`` (Opacus' own accountants).
 
     Returns
     -------
@@ -243,10 +305,12 @@ def compute_epsilon(
     delta = check_delta("delta", delta)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
+    if relation not in RELATIONS:
+        raise ValueError(f"`relation` must be one of {RELATIONS}, got {relation!r}.")
     history = [(float(s), float(q), int(n)) for s, q, n in history]
     if not history:
         return 0.0
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants import PRVAccountant
 
     # Opacus' RDP code warns when the optimal order sits at the edge of its alpha grid:
     # the bound is then merely looser, never wrong, so the warning is noise here.
@@ -254,19 +318,23 @@ def compute_epsilon(
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         if accountant == "rdp":
-            rdp = RDPAccountant()
-            rdp.history = history
-            return float(rdp.get_epsilon(delta=delta))
+            return _rdp_epsilon(history, delta=delta, relation=relation, coarse=False)
         delta_error = delta / 1000  # Opacus' default for PRVAccountant.get_epsilon
-        if _prv_domain_points(history, delta_error) > MAX_PRV_DOMAIN_POINTS:
+        half_width = _prv_half_width(history, delta_error, relation)
+        if 2 * half_width / _prv_mesh(history, delta_error) > MAX_PRV_DOMAIN_POINTS:
             return math.inf
-        prv = PRVAccountant()
-        prv.history = history
         try:
-            eps = float(
-                prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR, delta_error=delta_error)
-            )
-        except RuntimeError:  # "Cannot compute epsilon" / mean mismatch: no finite bound
+            if relation == "replace-one":
+                eps = _replace_one_prv_epsilon(
+                    history, delta=delta, delta_error=delta_error, half_width=half_width
+                )
+            else:
+                prv = PRVAccountant()
+                prv.history = history
+                eps = float(
+                    prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+                )
+        except (RuntimeError, ValueError):  # "Cannot compute epsilon", mean mismatch, fp
             return math.inf
     return eps if math.isfinite(eps) else math.inf
 
@@ -278,14 +346,15 @@ def epsilon_after(
     sample_rate: float,
     steps: int,
     delta: float,
-    accountant: Accountant = "prv",
+    accountant: Accountant,
+    relation: Relation,
 ) -> float:
     """Return the ε ``state`` would have after one more round of ``steps`` steps.
 
     Use it before training: if the result exceeds the budget, refuse the round.
     """
     after = state.compose(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-    return after.epsilon(delta=delta, accountant=accountant)
+    return after.epsilon(delta=delta, accountant=accountant, relation=relation)
 
 
 @dataclass(frozen=True)
@@ -319,7 +388,8 @@ def check_budget(
     noise_multiplier: float,
     sample_rate: float,
     steps: int,
-    accountant: Accountant = "prv",
+    accountant: Accountant,
+    relation: Relation,
 ) -> BudgetCheck:
     """Say whether one more round of ``steps`` steps fits in ``budget_epsilon``."""
     budget_epsilon = check_epsilon("budget_epsilon", budget_epsilon)
@@ -330,9 +400,10 @@ def check_budget(
         steps=steps,
         delta=delta,
         accountant=accountant,
+        relation=relation,
     )
     return BudgetCheck(
-        spent_epsilon=state.epsilon(delta=delta, accountant=accountant),
+        spent_epsilon=state.epsilon(delta=delta, accountant=accountant, relation=relation),
         epsilon_after=after,
         budget_epsilon=budget_epsilon,
         delta=delta,
@@ -346,7 +417,8 @@ def calibrate_noise(
     target_delta: float,
     sample_rate: float,
     steps: int,
-    accountant: Accountant = "prv",
+    accountant: Accountant,
+    relation: Relation,
     epsilon_tolerance: float = 0.01,
 ) -> float:
     """Return the noise multiplier σ for which ``steps`` steps at rate ``sample_rate`` end at
@@ -372,7 +444,9 @@ def calibrate_noise(
     steps
         Total number of noisy steps planned.
     accountant
-        ``"prv"`` (default, tightest) or ``"rdp"``.
+        ``"prv"`` (tightest) or ``"rdp"``.
+    relation
+        ``"replace-one"`` or ``"add-remove"`` (see :func:`compute_epsilon`).
     epsilon_tolerance
         Absolute slack allowed below the target.
 
@@ -390,7 +464,9 @@ def calibrate_noise(
         raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
 
     def eps_of(sigma: float) -> float:
-        return compute_epsilon([(sigma, q, steps)], delta=delta, accountant=accountant)
+        return compute_epsilon(
+            [(sigma, q, steps)], delta=delta, accountant=accountant, relation=relation
+        )
 
     # Bracket: lo has ε > target (or is the floor), hi has ε <= target (verified).
     sigma, eps = 1.0, eps_of(1.0)
