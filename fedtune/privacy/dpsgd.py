@@ -28,23 +28,34 @@ Before wrapping, the model is checked (:func:`check_dp_compatible`):
 
 Frozen parameters get no hooks (Opacus only hooks modules with trainable parameters of
 their own), no ``grad_sample`` and no noise; the regression test checks them bit for bit.
+
+The noise comes from a :class:`~fedtune.privacy.noise.NoiseSource` (default: a fresh
+:class:`~fedtune.privacy.noise.CsprngNoise`, a ChaCha20 keystream under an OS-random key,
+made float-safe by the sum-of-Gaussians method of Holohan & Braghin 2021): Opacus'
+``DPOptimizer`` is subclassed only to draw its ``N(0, σ² C² I)`` from there; clipping,
+scaling by the expected batch size and the step are Opacus' own.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedtune.privacy._checks import check_positive, check_positive_int
+from fedtune.privacy.noise import CsprngNoise, NoiseSource
 
 __all__ = [
     "DPTraining",
     "UnsupportedLayerError",
     "check_dp_compatible",
     "make_dp_training",
+    "sourced_dp_optimizer",
     "unwrap",
 ]
 
@@ -172,6 +183,46 @@ def unwrap(module: nn.Module) -> nn.Module:
     return base
 
 
+@functools.cache
+def sourced_dp_optimizer() -> type[Any]:
+    """Opacus' ``DPOptimizer`` with the noise drawn from a :class:`NoiseSource`.
+
+    Built on first use so that importing this module does not import Opacus. The class
+    takes ``noise=`` (keyword-only) plus ``DPOptimizer``'s own arguments (no
+    ``generator`` / ``secure_mode``). Everything but the noise is Opacus': per-example
+    clipping into ``summed_grad``, then ``grad = summed_grad + N(0, (σ C)^2 I)``, then
+    division by ``expected_batch_size`` (``loss_reduction="mean"``), then the wrapped
+    optimizer's step. The sum is formed in float64 and rounded once to the parameter
+    dtype, and all parameters on one device take one draw (one keystream call).
+    """
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SourcedDPOptimizer(DPOptimizer):  # type: ignore[misc]
+        def __init__(
+            self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, **kwargs: Any
+        ) -> None:
+            super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
+            self.noise = noise
+
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            on_device: dict[torch.device, list[Any]] = {}  # parameters with summed_grad
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                on_device.setdefault(p.summed_grad.device, []).append(p)
+            for device, params in on_device.items():
+                sizes = [p.summed_grad.numel() for p in params]
+                flat = self.noise.normal((sum(sizes),), std, device=device, dtype=torch.float64)
+                for p, z in zip(params, flat.split(sizes), strict=True):
+                    summed = p.summed_grad
+                    noisy = summed.to(torch.float64) + z.view(summed.shape)
+                    p.grad = noisy.to(summed.dtype).view_as(p)
+                    _mark_as_processed(p.summed_grad)
+
+    return SourcedDPOptimizer
+
+
 def make_dp_training(
     *,
     module: nn.Module,
@@ -181,6 +232,7 @@ def make_dp_training(
     noise_multiplier: float,
     max_grad_norm: float,
     generator: torch.Generator,
+    noise: NoiseSource | None = None,
     noise_generator: torch.Generator | None = None,
     collate_fn: object | None = None,
     secure_mode: bool = False,
@@ -205,14 +257,22 @@ def make_dp_training(
     max_grad_norm
         ``C``: per-example gradient L2 clipping bound.
     generator
-        Drives Poisson sampling (and the noise unless ``noise_generator`` is given).
+        Drives Poisson sampling only (unless the deprecated ``noise_generator`` /
+        ``secure_mode`` path is taken, where it also drives the noise if
+        ``noise_generator`` is not given).
+    noise
+        Source of the Gaussian noise (:mod:`fedtune.privacy.noise`). Default: a fresh
+        :class:`~fedtune.privacy.noise.CsprngNoise` (OS-random key, float-safe).
+        :class:`~fedtune.privacy.noise.SeededNoise` makes a simulation reproducible;
+        never use it on real data.
     noise_generator
-        Separate generator for the Gaussian noise.
+        Deprecated: draw the noise with Opacus' ``torch.normal(generator=...)`` instead
+        (not cryptographic; float-unsafe unless ``secure_mode``). Use ``noise``.
     collate_fn
         Collate function for a bare dataset (default: torch's ``default_collate``).
     secure_mode
-        Opacus' noise sampling robust to floating-point attacks (seed the generators
-        from a CSPRNG in deployments).
+        Deprecated, with ``noise_generator``: Opacus' float-safe sum of four
+        ``torch.normal`` draws from a (still non-cryptographic) torch generator.
     allow_functorch
         Accept trainable layers without a dedicated grad sampler.
 
@@ -230,6 +290,17 @@ def make_dp_training(
     batch = check_positive_int("expected_batch_size", expected_batch_size)
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    legacy_noise = noise_generator is not None or secure_mode
+    if noise is not None and legacy_noise:
+        raise ValueError(
+            "pass either `noise` (a NoiseSource) or the deprecated `noise_generator` / "
+            "`secure_mode`, not both; `noise=CsprngNoise()` replaces them."
+        )
+    if noise is not None and not isinstance(noise, NoiseSource):
+        raise ValueError(
+            "`noise` must be a NoiseSource (e.g. fedtune.privacy.noise.CsprngNoise()), "
+            f"got {type(noise).__name__}."
+        )
     if isinstance(module, GradSampleModule) or hasattr(module, "autograd_grad_sample_hooks"):
         raise UnsupportedLayerError(
             "`module` already carries Opacus hooks; call close() on the previous round's "
@@ -261,15 +332,33 @@ def make_dp_training(
     # Poisson batches must each be one optimizer step; as PrivacyEngine does, make a
     # second backward without step()/zero_grad() an error instead of a silent merge.
     gsm.forbid_grad_accumulation()
-    dp_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
-        expected_batch_size=batch,
-        loss_reduction="mean",
-        generator=noise_generator if noise_generator is not None else generator,
-        secure_mode=secure_mode,
-    )
+    dp_optimizer: DPOptimizer
+    if legacy_noise:
+        warnings.warn(
+            "make_dp_training(noise_generator=..., secure_mode=...) draws the noise from a "
+            "non-cryptographic torch.Generator; pass noise=CsprngNoise() (the default) or, "
+            "for reproducible simulations only, noise=SeededNoise(seed).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            expected_batch_size=batch,
+            loss_reduction="mean",
+            generator=noise_generator if noise_generator is not None else generator,
+            secure_mode=secure_mode,
+        )
+    else:
+        dp_optimizer = sourced_dp_optimizer()(
+            optimizer,
+            noise=CsprngNoise() if noise is None else noise,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            expected_batch_size=batch,
+            loss_reduction="mean",
+        )
     return DPTraining(
         module=gsm,
         optimizer=dp_optimizer,

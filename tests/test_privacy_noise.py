@@ -1,0 +1,361 @@
+"""CSPRNG, float-safe Gaussian noise (fedtune.privacy.noise) and its use in DP-SGD."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("cryptography")
+stats = pytest.importorskip("scipy.stats")
+
+from fedtune.privacy.noise import (  # noqa: E402
+    ChaChaNoise,
+    CsprngNoise,
+    NoiseSource,
+    SeededNoise,
+)
+
+# RFC 8439 appendix A.1, test vector #1: key 0^32, nonce 0^12, block counter 0.
+RFC8439_A1_KEYSTREAM = bytes.fromhex(
+    "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
+    "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586"
+)
+
+
+# --- keystream and the method, against values worked out independently ------------------
+
+
+def test_first_draw_is_the_rfc8439_keystream() -> None:
+    words = ChaChaNoise(bytes(32))._words(8)
+    assert words.astype("<u8").tobytes() == RFC8439_A1_KEYSTREAM
+
+
+def _scalar_box_muller(words: list[int], i: int) -> float:
+    """Value ``i`` of the sum-of-four recipe, one float at a time with ``math``."""
+    pairs = len(words) // 2
+    n = pairs // 2
+
+    def r_theta(j: int) -> tuple[float, float]:
+        u1 = ((words[j] >> 11) + 1) * 2.0**-53
+        u2 = (words[pairs + j] >> 11) * 2.0**-53
+        return math.sqrt(-2.0 * math.log(u1)), 2.0 * math.pi * u2
+
+    def cos_of(j: int) -> float:
+        r, t = r_theta(j)
+        return r * math.cos(t)
+
+    def sin_of(j: int) -> float:
+        r, t = r_theta(j % pairs)
+        return r * math.sin(t)
+
+    return cos_of(i) + cos_of(n + i) + (sin_of(i + 1) + sin_of(n + i + 1))
+
+
+@pytest.mark.parametrize("flavour", ["numpy", "torch"])
+def test_values_follow_the_documented_recipe(flavour: str) -> None:
+    """std * (g1 + g2 + g3 + g4) / 2 from the RFC keystream, recomputed with ``math``."""
+    words = [int(w) for w in np.frombuffer(RFC8439_A1_KEYSTREAM, dtype="<u8")]
+    expected = [3.0 * _scalar_box_muller(words, i) / 2.0 for i in range(2)]
+    source = ChaChaNoise(bytes(32))
+    if flavour == "numpy":
+        got = source.normal_numpy((2,), 3.0)
+    else:
+        got = source.normal((2,), 3.0, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_no_value_sums_both_normals_of_one_pair() -> None:
+    """Changing one word moves one Box--Muller pair, i.e. two normals: they must land in
+    two different values (cos+sin of one pair is a single rotated Gaussian)."""
+    from fedtune.privacy.noise import _sum_of_four_numpy
+
+    rng = np.random.default_rng(0)
+    n = 5
+    words = rng.integers(0, 2**64, size=4 * n, dtype=np.uint64)
+    base = _sum_of_four_numpy(words)
+    for j in range(4 * n):
+        bumped = words.copy()
+        bumped[j] ^= np.uint64(1 << 40)
+        changed = np.flatnonzero(_sum_of_four_numpy(bumped) != base)
+        assert len(changed) == 2, f"word {j} changed values {changed.tolist()}"
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["numpy", "torch"])
+def test_distribution_is_normal_with_the_given_std(flavour: str) -> None:
+    n, std = 200_000, 2.5
+    source = SeededNoise(1234)
+    if flavour == "numpy":
+        z = source.normal_numpy((n,), std)
+    else:
+        z = source.normal((n,), std, dtype=torch.float64).numpy()
+    # mean: 5 standard errors; std: 5 standard errors of the sample std (std/sqrt(2n))
+    assert abs(z.mean()) < 5 * std / math.sqrt(n)
+    assert abs(z.std() - std) < 5 * std / math.sqrt(2 * n)
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24 / n)  # excess kurtosis of N is 0
+    assert stats.kstest(z / std, "norm").pvalue > 1e-3
+    # a wrong scale is caught by the same test (the test can fail)
+    assert stats.kstest(z / (1.05 * std), "norm").pvalue < 1e-6
+
+
+def test_values_of_one_draw_are_uncorrelated() -> None:
+    z = SeededNoise(5).normal_numpy((100_000,), 1.0)
+    for lag in (1, 2, 50_000):  # 50_000: value i and n/2 + i share the word layout
+        corr = np.corrcoef(z[:-lag], z[lag:])[0, 1]
+        assert abs(corr) < 5 / math.sqrt(len(z)), f"lag {lag}: correlation {corr:.4f}"
+
+
+def test_zero_std_and_empty_shapes() -> None:
+    source = SeededNoise(0)
+    assert np.array_equal(source.normal_numpy((3,), 0.0), np.zeros(3))
+    assert source.normal((0, 4), 1.0).shape == (0, 4)
+    assert torch.equal(source.normal((2, 2), 0.0), torch.zeros(2, 2))
+    single = source.normal_numpy((1,), 1.0)  # one value still draws four distinct pairs
+    assert single.shape == (1,) and np.isfinite(single).all()
+
+
+# --- key sources --------------------------------------------------------------------------
+
+
+def test_seeded_noise_is_reproducible_and_seed_specific() -> None:
+    a, b = SeededNoise(7), SeededNoise(7)
+    first = a.normal((1000,), 1.0)
+    assert torch.equal(first, b.normal((1000,), 1.0))
+    assert np.array_equal(a.normal_numpy((10, 3), 1.0), b.normal_numpy((10, 3), 1.0))
+    assert not torch.equal(first, a.normal((1000,), 1.0)), "a second draw repeated the first"
+    assert not torch.equal(SeededNoise(8).normal((1000,), 1.0), first)
+    assert torch.equal(SeededNoise(b"\x07").normal((1000,), 1.0), first)  # int = its LE bytes
+
+
+def test_torch_and_numpy_flavours_agree() -> None:
+    t = SeededNoise(3).normal((4, 5), 1.5, dtype=torch.float64).numpy()
+    n = SeededNoise(3).normal_numpy((4, 5), 1.5)
+    np.testing.assert_allclose(t, n, rtol=1e-12, atol=1e-15)
+
+
+def test_csprng_noise_is_not_reproducible_and_hides_its_key() -> None:
+    a, b = CsprngNoise(), CsprngNoise()
+    assert not torch.equal(a.normal((64,), 1.0), b.normal((64,), 1.0))
+    assert not np.array_equal(a.normal_numpy((64,), 1.0), a.normal_numpy((64,), 1.0))
+    assert a._key.hex() not in repr(a) and repr(a) == "CsprngNoise(draws=3)"
+    assert isinstance(a, NoiseSource) and isinstance(SeededNoise(0), NoiseSource)
+
+
+# --- dtype, device, input checks ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64, torch.bfloat16])
+def test_dtype_and_shape(dtype: torch.dtype | None) -> None:
+    z = SeededNoise(0).normal((3, 4), 1.0, dtype=dtype)
+    assert z.dtype == (torch.float32 if dtype is None else dtype)
+    assert z.shape == (3, 4) and z.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_output_matches_cpu() -> None:
+    gpu = SeededNoise(9).normal((1000,), 2.0, device="cuda", dtype=torch.float64)
+    cpu = SeededNoise(9).normal((1000,), 2.0, dtype=torch.float64)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda s: s.normal((2,), -1.0), r"`std` must be finite and >= 0, got -1.0"),
+        (lambda s: s.normal_numpy((2,), math.nan), r"`std` must be finite and >= 0, got nan"),
+        (lambda s: s.normal((-1, 2), 1.0), r"`shape` must have non-negative sizes"),
+        (lambda s: s.normal((2,), 1.0, dtype=torch.int64), r"floating-point dtype"),
+    ],
+)
+def test_bad_draws_are_refused(call, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        call(SeededNoise(0))
+
+
+def test_bad_keys_and_seeds_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"`key` must be 32 bytes .* length 16"):
+        ChaChaNoise(bytes(16))
+    with pytest.raises(ValueError, match=r"`seed` must be >= 0, got -1"):
+        SeededNoise(-1)
+    with pytest.raises(ValueError, match=r"`seed` must be an int or bytes, got float"):
+        SeededNoise(1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`seed` must be an int or bytes, got bool"):
+        SeededNoise(True)
+
+
+# --- floating-point safety ----------------------------------------------------------------
+
+
+def _low_bits_chi2_pvalue(values: np.ndarray, bits: int) -> float:
+    """Chi-square p-value that the lowest ``bits`` mantissa bits are uniform."""
+    as_int = values.view(np.uint64 if values.dtype == np.float64 else np.uint32)
+    low = (as_int & ((1 << bits) - 1)).astype(np.int64)
+    counts = np.bincount(low, minlength=1 << bits)
+    return float(stats.chisquare(counts).pvalue)
+
+
+def test_low_order_bits_of_float32_noise_are_uniform() -> None:
+    """Mironov's attack reads x off the low bits of x + z: they must carry no pattern.
+
+    Float32 (the parameters' dtype) is what DP-SGD releases. The float64 sum itself is
+    *not* uniform in its last bits (round-half-to-even when four float64 terms are added;
+    chi-square p = 0 at 1e6 samples), which is why the noise is added in float64 and
+    rounded once to the parameter dtype.
+    """
+    z32 = SeededNoise(12).normal((400_000,), 1.0).numpy()
+    for bits in (1, 4, 8):
+        assert _low_bits_chi2_pvalue(z32, bits) > 1e-4, f"lowest {bits} bits"
+    # negative control: float32 noise widened to float64 has all-zero low bits
+    assert _low_bits_chi2_pvalue(z32.astype(np.float64), 8) < 1e-100
+
+
+def test_outputs_for_neighbouring_inputs_share_their_support() -> None:
+    """For x and x' one float32 ulp apart, fl32(x + z) reaches every low-bit pattern
+    near the same outputs: nothing in the output's last bits tells x from x'."""
+    x = np.float32(0.5)
+    x_next = np.nextafter(x, np.float32(1.0))
+    source = SeededNoise(13)
+    for start in (x, x_next):
+        z = source.normal_numpy((200_000,), 1e-3)  # |z| << x: outputs share one exponent
+        y = (np.float64(start) + z).astype(np.float32)
+        low = y.view(np.uint32) & 0xFF
+        assert len(np.unique(low)) == 256
+        assert _low_bits_chi2_pvalue(y, 6) > 1e-4
+
+
+# --- DP-SGD takes its noise from the source -----------------------------------------------
+
+
+def _zero_grad_step(noise: NoiseSource, *, width: int = 64, batch: int = 8) -> torch.Tensor:
+    """One DP-SGD step (SGD, lr 1) on a loss with zero gradient; return the update."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from fedtune.privacy.dpsgd import make_dp_training
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    data = TensorDataset(torch.randn(64, width), torch.zeros(64))
+    dp = make_dp_training(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data=data,
+        expected_batch_size=batch,
+        noise_multiplier=1.5,
+        max_grad_norm=2.0,
+        generator=torch.Generator().manual_seed(0),
+        noise=noise,
+    )
+    x, _ = next(iter(dp.data_loader))
+    dp.optimizer.zero_grad()
+    (dp.module(x) * 0.0).sum().backward()
+    dp.optimizer.step()
+    dp.close()
+    return before - torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_dp_step_adds_the_sources_noise_scaled_by_the_expected_batch_size() -> None:
+    update = _zero_grad_step(SeededNoise(21))
+    # lr 1, zero clipped gradients: update = N(0, (sigma C)^2) / expected_batch_size,
+    # drawn in one call for all parameters (weight then bias, in optimizer order)
+    expected = SeededNoise(21).normal((update.numel(),), 1.5 * 2.0, dtype=torch.float64) / 8
+    torch.testing.assert_close(update, expected.float(), rtol=1e-5, atol=1e-7)
+    assert update.std().item() == pytest.approx(1.5 * 2.0 / 8, rel=0.05)
+
+
+def test_seeded_runs_repeat_and_csprng_runs_do_not() -> None:
+    assert torch.equal(_zero_grad_step(SeededNoise(4)), _zero_grad_step(SeededNoise(4)))
+    assert not torch.equal(_zero_grad_step(CsprngNoise()), _zero_grad_step(CsprngNoise()))
+    default = _zero_grad_step(None)  # type: ignore[arg-type]  # None: a fresh CsprngNoise
+    assert default.abs().sum() > 0 and not torch.equal(default, _zero_grad_step(None))  # type: ignore[arg-type]
+
+
+def test_clipping_and_scaling_are_opacus_own() -> None:
+    """With noise negligible, the sourced optimizer's gradient equals Opacus' DPOptimizer's."""
+    from opacus.optimizers import DPOptimizer
+    from torch import nn
+
+    from fedtune.privacy.dpsgd import sourced_dp_optimizer
+
+    grads = []
+    for make in (
+        lambda opt: DPOptimizer(
+            opt, noise_multiplier=1e-12, max_grad_norm=0.1, expected_batch_size=4
+        ),
+        lambda opt: sourced_dp_optimizer()(
+            opt,
+            noise=SeededNoise(0),
+            noise_multiplier=1e-12,
+            max_grad_norm=0.1,
+            expected_batch_size=4,
+        ),
+    ):
+        from opacus.grad_sample import GradSampleModule
+
+        torch.manual_seed(1)
+        model = GradSampleModule(nn.Linear(3, 2), loss_reduction="mean")
+        opt = make(torch.optim.SGD(model.parameters(), lr=0.0))
+        x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+        opt.zero_grad()
+        model(x).pow(2).sum(1).mean().backward()
+        opt.step()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+
+
+def test_empty_poisson_batch_takes_a_pure_noise_step() -> None:
+    """A zero-row batch through the GradSampleModule still steps with N(0, (sigma C)^2)/B."""
+    from opacus.grad_sample import GradSampleModule
+    from torch import nn
+
+    from fedtune.privacy.dpsgd import sourced_dp_optimizer
+
+    torch.manual_seed(0)
+    model = GradSampleModule(nn.Linear(16, 4), loss_reduction="mean")
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = sourced_dp_optimizer()(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise=SeededNoise(30),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=2,
+    )
+    opt.zero_grad()
+    model(torch.zeros(0, 16)).pow(2).sum(1).mean().backward()  # mean of nothing: nan, no rows
+    opt.step()
+    update = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    expected = SeededNoise(30).normal((update.numel(),), 1.0, dtype=torch.float64) / 2
+    torch.testing.assert_close(update, expected.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_noise_and_the_deprecated_generator_are_exclusive() -> None:
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from fedtune.privacy.dpsgd import make_dp_training
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    kw = dict(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data=TensorDataset(torch.zeros(32, 4), torch.zeros(32)),
+        expected_batch_size=8,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        generator=torch.Generator(),
+    )
+    with pytest.raises(ValueError, match=r"either `noise` .* or the deprecated `noise_generator`"):
+        make_dp_training(**kw, noise=SeededNoise(0), noise_generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"`noise` must be a NoiseSource .* got Generator"):
+        make_dp_training(**kw, noise=torch.Generator())
+    with pytest.warns(DeprecationWarning, match="non-cryptographic torch.Generator"):
+        dp = make_dp_training(**kw, noise_generator=torch.Generator().manual_seed(1))
+    assert type(dp.optimizer).__name__ == "DPOptimizer"  # the old path, unchanged
