@@ -2,17 +2,21 @@
 
 Message contents (keys in the ``RecordDict``):
 
-* server -> client: ``config`` (ConfigRecord: ``server-round``), and from round 2
-  on ``global`` (ConfigRecord: a wire payload of ``sum n_k w_k`` plus
+* server -> client: ``config`` (ConfigRecord: ``server-round``, and for train
+  messages ``sampled-clients``, the number of clients trained this round), and from
+  round 2 on ``global`` (ConfigRecord: a wire payload of ``sum n_k w_k`` plus
   ``num-examples``).
 * client -> server (train): ``update`` (ConfigRecord: the wire payload of
   ``n_k w_k``), ``info`` (ConfigRecord: ``client``, ``declined``), ``metrics``
-  (MetricRecord: ``num-examples``, ``train-loss``, ``train-seconds``,
-  ``partition-id``, and ``epsilon`` with DP on). A client that declines (its
-  privacy budget would be exceeded) replies with ``info`` only, ``declined``
-  saying why.
+  (MetricRecord: ``num-examples``, ``partition-id``; ``epsilon`` with DP on;
+  ``train-loss`` and ``train-seconds`` only with DP off). A client that declines
+  (its privacy budget, or a second release of one round) replies with ``info``
+  only, ``declined`` saying why.
 * client -> server (evaluate): ``info`` and ``metrics`` (``num-examples``,
   ``eval-loss``, ``eval-accuracy``, ``partition-id``).
+
+The privacy status of every field is declared in :mod:`fedtune.messages`; each reply
+is checked against it before it leaves.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.client import ClientRuntime, GlobalState
-from fedtune.config import WIRING_KEYS, RunConfig, parse_run_config
+from fedtune.client import ClientRuntime, GlobalState, TrainOutcome
+from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config
+from fedtune.messages import check_reply
 
 _RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
 
@@ -109,6 +114,11 @@ def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) ->
     )
     if key not in _RUNTIMES:
         cfg: RunConfig = parse_run_config(merged, ignore=WIRING_KEYS)
+        if deployed and cfg.privacy.seeded_noise:
+            raise ConfigError(
+                "`seeded-noise` = true is for simulations only: a deployed node draws its "
+                "DP noise from a CSPRNG. Remove it from the run config."
+            )
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
@@ -156,30 +166,16 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         flat = dict(config) if config is not None else dict(context.run_config)
         runtime = _runtime(flat, context, deployed=config is None)
-        server_round = _int(msg.content.config_records["config"], "server-round")
+        server_config = msg.content.config_records["config"]
+        server_round = _int(server_config, "server-round")
+        sampled = (
+            _int(server_config, "sampled-clients") if "sampled-clients" in server_config else 0
+        )
         state = _global_state(msg)
         # The sum the server sent is the result of round server_round - 1.
         runtime.keep_global(state, server_round=server_round - 1)
-        outcome = runtime.train(state, server_round=server_round)
-        info = ConfigRecord({"client": runtime.name, "declined": outcome.declined})
-        if outcome.payload is None or outcome.result is None:  # declined: nothing to send
-            return Message(RecordDict({"info": info}), reply_to=msg)
-        metrics: dict[str, int | float | list[int] | list[float]] = {
-            "num-examples": outcome.num_examples,
-            "train-loss": outcome.result.loss,
-            "train-seconds": outcome.result.seconds,
-            "partition-id": runtime.partition_id,
-        }
-        if outcome.epsilon is not None:
-            metrics["epsilon"] = outcome.epsilon
-        reply = RecordDict(
-            {
-                "update": ConfigRecord(dict(outcome.payload)),
-                "info": info,
-                "metrics": MetricRecord(metrics),
-            }
-        )
-        return Message(reply, reply_to=msg)
+        outcome = runtime.train(state, server_round=server_round, sampled_clients=sampled)
+        return Message(train_reply(runtime, outcome), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -190,22 +186,50 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
             state, server_round=_int(msg.content.config_records["config"], "server-round")
         )
         result = runtime.evaluate(state)
+        info: dict[str, object] = {"client": runtime.name}
+        metrics: dict[str, object] = {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "eval-accuracy": result.accuracy,
+            "partition-id": runtime.partition_id,
+        }
+        check_reply(
+            {"info": info, "metrics": metrics},
+            phase="evaluate",
+            private=runtime.cfg.privacy.enabled,
+        )
         reply = RecordDict(
-            {
-                "info": ConfigRecord({"client": runtime.name}),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": result.num_examples,
-                        "eval-loss": result.loss,
-                        "eval-accuracy": result.accuracy,
-                        "partition-id": runtime.partition_id,
-                    }
-                ),
-            }
+            {"info": ConfigRecord(info), "metrics": MetricRecord(metrics)}  # type: ignore[arg-type]
         )
         return Message(reply, reply_to=msg)
 
     return app
+
+
+def train_reply(runtime: ClientRuntime, outcome: TrainOutcome) -> RecordDict:
+    """The train reply: only fields :mod:`fedtune.messages` allows (checked here)."""
+    private = runtime.cfg.privacy.enabled
+    info: dict[str, object] = {"client": runtime.name, "declined": outcome.declined}
+    content: dict[str, dict[str, object]] = {"info": info}
+    if outcome.payload is not None:  # declined: nothing else to send
+        metrics: dict[str, object] = {
+            "num-examples": outcome.num_examples,
+            "partition-id": runtime.partition_id,
+        }
+        if private:
+            assert outcome.epsilon is not None  # a DP release always has its ε
+            metrics["epsilon"] = outcome.epsilon
+        elif outcome.result is not None:
+            metrics["train-loss"] = outcome.result.loss
+            metrics["train-seconds"] = outcome.result.seconds
+        content["update"] = dict(outcome.payload)
+        content["metrics"] = metrics
+    check_reply(content, phase="train", private=private)
+    records = {
+        name: MetricRecord(values) if name == "metrics" else ConfigRecord(values)  # type: ignore[arg-type]
+        for name, values in content.items()
+    }
+    return RecordDict(records)  # type: ignore[arg-type]
 
 
 #: The ClientApp that ``flwr run`` loads (``[tool.flwr.app.components]``).

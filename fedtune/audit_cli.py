@@ -11,8 +11,9 @@ that is the history the audit must recompute to compare like with like.
 Exit codes
 ----------
 0  every client's verdict is ``ok``.
-1  some client overran the budget or reported less ε than recomputed; stderr names the
-   client and the numbers.
+1  some client overran the budget, reported less ε than recomputed, or has records
+   inconsistent with the audit δ or the run config; stderr names the client and the
+   numbers.
 2  bad input: no such path, no ledger found, an unreadable or corrupt ledger, an
    unusable ``config.toml``. One line ``fedtune audit: error: ...`` on stderr, naming
    the path. :func:`run` returns 2 itself (it never raises for these), so it behaves
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ConfigError, load_toml, parse_run_config
-from fedtune.privacy.audit import AuditReport, ClientAudit, audit_records
+from fedtune.privacy.audit import AuditReport, ClientAudit, RunExpectation, audit_records
 from fedtune.privacy.ledger import LedgerCorruptError, LedgerRecord, PrivacyLedger
 
 __all__ = ["add_parser", "run"]
@@ -55,8 +56,14 @@ PATH is one of:
   a node's state dir     ledgers in PATH/privacy/*.jsonl or PATH/*.jsonl
   a ledger file          PATH itself (*.jsonl)
 
+ε is recomputed at the run's target δ (PATH/config.toml, or --delta), never at the δ
+a record states, under the neighbouring relation the records declare (replace-one:
+the client's example count is public).
+
 Verdicts: "overrun" (recomputed PRV ε or reported ε above the budget), "under-reported"
-(some record's ε below the PRV ε recomputed for it by more than --tolerance), "ok".
+(some record's ε below the PRV ε recomputed for it by more than --tolerance),
+"inconsistent" (a record at another δ, or a composition that does not follow from the
+recorded batch size, epochs and example count or from the run config), "ok".
 """
 
 EPILOG = """\
@@ -73,6 +80,13 @@ class _Budget:
 
 
 @dataclass(frozen=True)
+class _RunFacts:
+    delta: float | None
+    delta_source: str
+    expect: RunExpectation
+
+
+@dataclass(frozen=True)
 class _Ledger:
     path: Path
     records: tuple[LedgerRecord, ...]
@@ -85,6 +99,16 @@ def _epsilon_arg(text: str) -> float:
         value = math.nan
     if not (0.0 < value < math.inf):
         raise argparse.ArgumentTypeError(f"expected a finite ε > 0, got {text!r}")
+    return value
+
+
+def _delta_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(f"expected a δ in (0, 1), got {text!r}")
     return value
 
 
@@ -123,6 +147,15 @@ def add_parser(
             "the ε no client may exceed (default: `epsilon-budget` from PATH/config.toml, "
             "or `target-epsilon` when that is 0 or absent; with neither, the budget is "
             "not checked and the report says so)"
+        ),
+    )
+    parser.add_argument(
+        "--delta",
+        type=_delta_arg,
+        metavar="DELTA",
+        help=(
+            "the δ to audit at (default: `target-delta` from PATH/config.toml); records "
+            "written at another δ are flagged inconsistent"
         ),
     )
     parser.add_argument(
@@ -167,7 +200,19 @@ def _run(args: argparse.Namespace) -> int:
     files, ledger_dir = _find_ledgers(path)
     ledgers, notes = _read_ledgers(files)
     budget = _find_budget(args.budget, path)
-    report, sources = _audit(ledgers, budget=budget.epsilon, tolerance=args.tolerance)
+    facts = _run_facts(args.delta, path)
+    if facts.delta is None:
+        notes.append(
+            f"no δ to audit at ({facts.delta_source}): each client's ε is stated at its own "
+            "records' δ; pass --delta to audit at the δ you were promised."
+        )
+    report, sources = _audit(
+        ledgers,
+        budget=budget.epsilon,
+        delta=facts.delta,
+        tolerance=args.tolerance,
+        expect=facts.expect,
+    )
     notes += _shared_clients(report, sources)
 
     plot: Path | None = None
@@ -186,12 +231,13 @@ def _run(args: argparse.Namespace) -> int:
             path=str(path),
             ledgers=[str(f) for f in files],
             budget_source=budget.source,
+            delta_source=facts.delta_source,
             plot=None if plot is None else str(plot),
             warnings=notes,
         )
         print(json.dumps(out, indent=1))
     else:
-        _print_table(report, path=path, files=files, budget=budget, plot=plot)
+        _print_table(report, path=path, files=files, budget=budget, facts=facts, plot=plot)
     for c in report.clients:
         kind = "warning" if c.verdict == "ok" else c.verdict  # ok may still note duplicates
         for problem in c.problems:
@@ -248,6 +294,36 @@ def _read_ledgers(files: Sequence[Path]) -> tuple[list[_Ledger], list[str]]:
     return ledgers, notes
 
 
+def _run_facts(given: float | None, path: Path) -> _RunFacts:
+    """The δ to audit at (``--delta``, else the run's ``target-delta``) and what the
+    run's ``config.toml`` fixes for every record."""
+    config = path / "config.toml"
+    flat: dict[str, object] = {}
+    if path.is_dir() and config.is_file():
+        flat = load_toml(config)
+    expect = RunExpectation()
+    if flat:
+        try:
+            cfg = parse_run_config(flat, ignore=frozenset(flat) - frozenset(_CHECKED_KEYS))
+        except ConfigError as err:
+            raise ConfigError(f"{str(config)!r}: {err}") from err
+        expect = RunExpectation(
+            batch_size=cfg.train.batch_size,
+            local_epochs=cfg.train.local_epochs,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+        )
+    if given is not None:
+        return _RunFacts(given, "--delta", expect)
+    if "target-delta" in flat:
+        delta = float(flat["target-delta"])  # type: ignore[arg-type]  # parsed above
+        return _RunFacts(delta, f"target-delta in {config}", expect)
+    where = "a single ledger file" if path.is_file() else f"no {str(config)!r}"
+    return _RunFacts(None, f"no --delta and {where}", expect)
+
+
+_CHECKED_KEYS = ("target-delta", "batch-size", "local-epochs", "max-grad-norm")
+
+
 def _find_budget(given: float | None, path: Path) -> _Budget:
     if given is not None:
         return _Budget(given, "--budget")
@@ -277,19 +353,32 @@ def _find_budget(given: float | None, path: Path) -> _Budget:
 
 # -- audit ---------------------------------------------------------------------------
 def _audit(
-    ledgers: Sequence[_Ledger], *, budget: float | None, tolerance: float
+    ledgers: Sequence[_Ledger],
+    *,
+    budget: float | None,
+    delta: float | None,
+    tolerance: float,
+    expect: RunExpectation,
 ) -> tuple[AuditReport, list[Path]]:
     """Audit each ledger on its own (its ε composes only its own records)."""
     clients: list[ClientAudit] = []
     sources: list[Path] = []
     for ledger in ledgers:
         try:
-            part = audit_records(ledger.records, budget_epsilon=budget, tolerance=tolerance)
+            part = audit_records(
+                ledger.records,
+                budget_epsilon=budget,
+                delta=delta,
+                tolerance=tolerance,
+                expect=expect,
+            )
         except ValueError as err:
             raise ConfigError(f"cannot audit {str(ledger.path)!r}: {err}") from err
         clients += part.clients
         sources += [ledger.path] * len(part.clients)
-    report = AuditReport(clients=tuple(clients), budget_epsilon=budget, tolerance=tolerance)
+    report = AuditReport(
+        clients=tuple(clients), budget_epsilon=budget, tolerance=tolerance, delta=delta
+    )
     return report, sources
 
 
@@ -323,11 +412,22 @@ def _values(values: Sequence[float]) -> str:
     return f"{min(values):g}..{max(values):g} ({len(values)} values)"
 
 
-_VERDICT_STYLE = {"ok": "green", "under-reported": "bold red", "overrun": "bold red"}
+_VERDICT_STYLE = {
+    "ok": "green",
+    "under-reported": "bold red",
+    "overrun": "bold red",
+    "inconsistent": "bold red",
+}
 
 
 def _print_table(
-    report: AuditReport, *, path: Path, files: Sequence[Path], budget: _Budget, plot: Path | None
+    report: AuditReport,
+    *,
+    path: Path,
+    files: Sequence[Path],
+    budget: _Budget,
+    facts: _RunFacts,
+    plot: Path | None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -336,8 +436,10 @@ def _print_table(
     if not console.is_terminal:  # piped or captured: never squash or cut the columns
         console = Console(width=max(console.width, 160))
     table = Table(title=f"fedtune audit: {path} ({_plural(len(files), 'ledger')})")
-    for col in ("client", "level", "rounds", "steps", "σ", "q", "δ"):
-        table.add_column(col, justify="left" if col in ("client", "level") else "right")
+    for col in ("client", "level", "relation", "noise", "rounds", "steps", "σ", "q", "δ"):
+        table.add_column(
+            col, justify="left" if col in ("client", "level", "relation", "noise") else "right"
+        )
     for col in ("reported ε", "RDP ε", "PRV ε", "budget", "verdict"):
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
     for c in report.clients:
@@ -345,6 +447,8 @@ def _print_table(
         table.add_row(
             c.client,
             c.level,
+            c.relation,
+            c.noise if c.noise == "csprng" else f"[bold yellow]{c.noise}: not for real data[/]",
             str(c.rounds),
             str(c.total_steps),
             _values(c.noise_multipliers),
@@ -363,7 +467,9 @@ def _print_table(
         head = f"audit ok: all {clients} ok"
     else:
         counts = ", ".join(
-            f"{verdicts.count(v)} {v}" for v in ("overrun", "under-reported") if v in verdicts
+            f"{verdicts.count(v)} {v}"
+            for v in ("overrun", "under-reported", "inconsistent")
+            if v in verdicts
         )
         head = f"audit FAILED: {counts} of {clients}"
     if budget.epsilon is None:
@@ -371,8 +477,13 @@ def _print_table(
     else:
         budget_text = f"budget ε={budget.epsilon:g} from {budget.source}"
     tail = f"; plot {plot}" if plot is not None else ""
+    delta_text = (
+        f"δ={facts.delta:g} from {facts.delta_source}"
+        if facts.delta is not None
+        else f"δ NOT fixed ({facts.delta_source})"
+    )
     console.print(
-        f"{head}; {budget_text}; tolerance {report.tolerance:g}{tail}",
+        f"{head}; {budget_text}; {delta_text}; tolerance {report.tolerance:g}{tail}",
         highlight=False,
         markup=False,
         soft_wrap=True,

@@ -9,8 +9,7 @@ calls on it.
 from __future__ import annotations
 
 import hashlib
-import math
-import os
+import logging
 import secrets
 import warnings
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.privacy import PrivacyLedger
+from fedtune.privacy.accounting import Relation
 from fedtune.train import (
     Batchable,
     EncodedDataset,
@@ -38,6 +38,8 @@ from fedtune.train import (
 )
 from fedtune.wire import Codec, PlainCodec, WirePayload
 
+log = logging.getLogger("fedtune.client")
+
 
 @dataclass(frozen=True)
 class GlobalState:
@@ -49,98 +51,85 @@ class GlobalState:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What a client sends back after training, or why it declined."""
+    """What a client sends back after training, or why it declined.
+
+    ``result`` is the local training's statistics: never sent by a DP client, and
+    ``None`` for a declined round or a replayed reply (``replayed``: a retried round
+    answered with the reply already sent, nothing new released).
+    """
 
     payload: WirePayload | None
     num_examples: int
     result: TrainResult | None
     epsilon: float | None = None
     declined: str = ""
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """One round's DP parameters, fixed for the whole run."""
+    """One round's DP parameters, fixed for the whole run (checked before training)."""
 
     level: str
     noise_multiplier: float
     sample_rate: float
     steps: int
     sampled_clients: int
+    tolerance: int
 
 
 def sampled_clients(cfg: RunConfig) -> int:
-    """How many clients the server samples per round (as :class:`FedTuneStrategy` does)."""
-    fed = cfg.federation
-    return min(
-        fed.num_clients, max(math.ceil(fed.fraction_train * fed.num_clients), fed.min_clients)
-    )
+    """How many clients the server samples per round with all clients connected."""
+    return cfg.federation.sampled_per_round
 
 
 def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
     """σ, q and steps per round; σ calibrated once for the planned rounds if not given.
 
-    Example level: ``q = batch-size / n_k``, ``steps = local-epochs * floor(1 / q)``
-    (one Opacus Poisson epoch). Client level: ``q = m / N`` with ``m`` sampled
-    clients of ``N``, one step per round.
+    Example level: ``q = batch-size / n_k``, ``steps = local-epochs * int(1 / q)``
+    (Opacus' Poisson epochs). Client level: ``q = 1`` and one step per round: the
+    server picks the clients from a seed it knows, so sampling amplifies nothing
+    against it. Both under the replace-one relation (``n_k`` is public).
     """
     from fedtune.privacy import calibrate_noise  # noqa: PLC0415
 
     p, fed = cfg.privacy, cfg.federation
-    m = sampled_clients(cfg)
     if p.dp == "example":
         q = min(1.0, cfg.train.batch_size / num_train_examples)
         steps = cfg.train.local_epochs * int(1 / q)
     else:
-        q, steps = m / fed.num_clients, 1
+        q, steps = 1.0, 1
     sigma = p.noise_multiplier or calibrate_noise(
         target_epsilon=p.target_epsilon,
         target_delta=p.target_delta,
         sample_rate=q,
         steps=steps * fed.num_rounds,
         accountant=p.accountant,
+        relation=RELATION,
     )
     return PrivacyPlan(
-        level=p.dp, noise_multiplier=sigma, sample_rate=q, steps=steps, sampled_clients=m
+        level=p.dp,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        sampled_clients=sampled_clients(cfg),
+        tolerance=p.client_dp_tolerance,
     )
+
+
+#: The neighbouring relation of every fedtune release: the example count is public.
+RELATION: Relation = "replace-one"
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """A seed of its own for each (run seed, round, client)."""
+    """A seed of its own for each (run seed, round, client): training without DP."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
 
 
-def node_round_seed(node_secret: bytes, seed: int, server_round: int, name: str) -> int:
-    """A deployed node's seed for one round: keyed by a secret only the node holds.
-
-    The run seed is public (it is in the run config), so noise drawn from it alone
-    could be recomputed by anyone who reads the config, and nodes with their own
-    data (all partition 0) would draw the same noise. A node mixes in
-    ``STATE_DIR/noise-seed.key`` (32 random bytes, made once, mode 0600), so a
-    retried or resumed round still reproduces the node's own release while nobody
-    else can.
-    """
-    message = f"{seed}/{server_round}/{name}".encode()
-    digest = hashlib.blake2b(message, key=node_secret, digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-def load_node_secret(state_dir: Path) -> bytes:
-    """``STATE_DIR/noise-seed.key``, made with ``secrets`` on first use (mode 0600)."""
-    path = state_dir / "noise-seed.key"
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process of this node made it first
-            pass
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secrets.token_bytes(32))
-    data = path.read_bytes()
-    if len(data) != 32:
-        raise ValueError(f"{str(path)!r} must hold 32 bytes, got {len(data)}; remove it.")
-    return data
+def release_seed(seed: int, run_nonce: str, input_digest: str) -> int:
+    """``seeded-noise`` simulations only: a seed per release, never shared by two."""
+    digest = hashlib.sha256(f"{seed}/{run_nonce}/{input_digest}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def make_codec(*, length: int, secret_context: Path | None = None) -> Codec:
@@ -273,25 +262,116 @@ class ClientRuntime:
         total = self.codec.decode(state.payload)
         return WeightedSum(total=total, num_examples=state.num_examples).mean()
 
-    def train(self, state: GlobalState | None, *, server_round: int) -> TrainOutcome:
+    def train(
+        self, state: GlobalState | None, *, server_round: int, sampled_clients: int = 0
+    ) -> TrainOutcome:
         """Train from the global adapter; return the encoded ``n_k w_k`` or a refusal.
 
-        With DP on, the client first checks its own budget and declines a round that
-        would take it over; after training it appends the round to its ledger. A
-        retried round (already in the ledger) is not counted again: its seeds are
-        fixed per (seed, round, client), so it reproduces the same release.
+        With DP on, a round is a *release* keyed by this client's own run nonce and a
+        hash of what the server sent (:mod:`fedtune.privacy.releases`): a retry with
+        the same input gets the stored reply verbatim, another input for a released
+        round is refused, and a new release is budget-checked first and appended to
+        the ledger before its reply leaves. ``sampled_clients`` is the server's count
+        of clients trained this round (client-level DP sizes its noise share from it).
         """
         start = self.global_vector(state)
-        seed = self.round_seed(server_round)
-        if self.cfg.privacy.enabled:
-            refusal = self._budget_refusal(server_round)
-            if refusal:
-                return TrainOutcome(payload=None, num_examples=0, result=None, declined=refusal)
+        if not self.cfg.privacy.enabled:
+            seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
+            fmodel.set_adapter_vector(self.model, start)
+            with fmodel.seeded(seed):
+                result = train_local(
+                    self.model,
+                    self._loader(seed),
+                    self.cfg.train,
+                    device=self.device,
+                    loss_fn=self.loss_fn,
+                )
+            trained = fmodel.get_adapter_vector(self.model)
+            n = self.num_train_examples
+            return TrainOutcome(
+                payload=self.codec.encode(prescale(trained, n)), num_examples=n, result=result
+            )
+        return self._train_private(
+            state, start, server_round=server_round, sampled_clients=sampled_clients
+        )
+
+    def _decline(self, reason: str) -> TrainOutcome:
+        log.warning("%s declined a round: %s", self.name, reason)
+        return TrainOutcome(payload=None, num_examples=0, result=None, declined=reason)
+
+    def _train_private(
+        self,
+        state: GlobalState | None,
+        start: NDArray[np.float64],
+        *,
+        server_round: int,
+        sampled_clients: int,
+    ) -> TrainOutcome:
+        from fedtune.privacy.releases import (  # noqa: PLC0415
+            StoredReply,
+            input_hash,
+            load_reply,
+            run_nonce,
+            store_reply,
+        )
+
+        assert self.privacy_dir is not None  # checked in __init__
+        p, plan = self.cfg.privacy, self.plan
+        nonce = run_nonce(
+            self.privacy_dir, client=self.name, run_id=self.run_id, config=self.cfg.to_flat()
+        )
+        digest = input_hash(
+            server_round=server_round,
+            payload=None if state is None else state.payload,
+            num_examples=0 if state is None else state.num_examples,
+            sampled_clients=sampled_clients,
+        )
+        ledger = self.ledger()
+        released = ledger.release(run_nonce=nonce, round=server_round, client=self.name)
+        if released is not None:
+            if released.input_hash != digest:
+                return self._decline(
+                    f"round {server_round} of this run was already released from another "
+                    "global state; a second release of one round is refused"
+                )
+            stored = load_reply(self.privacy_dir, client=self.name)
+            if stored is None or (stored.run_nonce, stored.round, stored.input_hash) != (
+                nonce,
+                server_round,
+                digest,
+            ):
+                return self._decline(
+                    f"round {server_round} was already released and its reply is no longer "
+                    "stored; it is not trained again"
+                )
+            log.info("%s replays its reply to round %d (same input)", self.name, server_round)
+            return TrainOutcome(
+                payload=stored.payload,
+                num_examples=stored.num_examples,
+                result=None,
+                epsilon=stored.epsilon,
+                replayed=True,
+            )
+        m = sampled_clients
+        if plan.level == "client" and not plan.tolerance < m <= plan.sampled_clients:
+            return self._decline(
+                f"client-level DP: the server says {m} client(s) train this round; the "
+                f"noise shares need between {plan.tolerance + 1} and the planned "
+                f"{plan.sampled_clients} (`client-dp-tolerance` = {plan.tolerance})"
+            )
+        refusal = self._budget_refusal(server_round)
+        if refusal:
+            return self._decline(refusal)
+        noise = self._noise_source(nonce, digest)
         fmodel.set_adapter_vector(self.model, start)
-        # Dropout draws from torch's global RNG: seed it too, so a round is reproducible.
+        seed = (
+            secrets.randbits(63)
+            if not p.seeded_noise
+            else release_seed(self.cfg.federation.seed, nonce, digest)
+        )
         with fmodel.seeded(seed):
-            if self.cfg.privacy.dp == "example":
-                result = self._train_dpsgd(seed)
+            if plan.level == "example":
+                result, used = self._train_dpsgd(seed, noise)
             else:
                 result = train_local(
                     self.model,
@@ -300,21 +380,54 @@ class ClientRuntime:
                     device=self.device,
                     loss_fn=self.loss_fn,
                 )
+                used = plan
         trained = fmodel.get_adapter_vector(self.model)
         n = self.num_train_examples
-        if self.cfg.privacy.dp == "client":
-            trained, n = self._privatise_update(start, trained, seed), 1
-        epsilon = self._record(server_round) if self.cfg.privacy.enabled else None
+        if plan.level == "client":
+            trained, n = self._privatise_update(start, trained, noise, sampled=m), 1
+        record = ledger.record(
+            run_id=self.run_id,
+            run_nonce=nonce,
+            input_hash=digest,
+            round=server_round,
+            client=self.name,
+            noise_multiplier=used.noise_multiplier,
+            sample_rate=used.sample_rate,
+            steps=used.steps,
+            max_grad_norm=p.max_grad_norm,
+            delta=p.target_delta,
+            accountant=p.accountant,
+            relation=RELATION,
+            level=plan.level,
+            noise="seeded" if p.seeded_noise else "csprng",
+            batch_size=self.cfg.train.batch_size if plan.level == "example" else 0,
+            local_epochs=self.cfg.train.local_epochs if plan.level == "example" else 0,
+            num_examples=self.num_train_examples,
+            sampled_clients=m if plan.level == "client" else 0,
+            tolerance=plan.tolerance if plan.level == "client" else 0,
+        )
         payload = self.codec.encode(prescale(trained, n))
+        epsilon = float(record.epsilon)
+        store_reply(
+            self.privacy_dir,
+            client=self.name,
+            reply=StoredReply(
+                run_nonce=nonce,
+                round=server_round,
+                input_hash=digest,
+                payload=payload,
+                num_examples=n,
+                epsilon=epsilon,
+            ),
+        )
         return TrainOutcome(payload=payload, num_examples=n, result=result, epsilon=epsilon)
 
-    def round_seed(self, server_round: int) -> int:
-        """Sampling and noise seed of one round (node-secret keyed on a deployed node)."""
-        if self.state_dir is None:  # simulation: reproducible from the run seed
-            return round_seed(self.cfg.federation.seed, server_round, self.partition_id)
-        return node_round_seed(
-            load_node_secret(self.state_dir), self.cfg.federation.seed, server_round, self.name
-        )
+    def _noise_source(self, nonce: str, digest: str):  # type: ignore[no-untyped-def]
+        from fedtune.privacy.noise import CsprngNoise, SeededNoise  # noqa: PLC0415
+
+        if self.cfg.privacy.seeded_noise:
+            return SeededNoise(release_seed(self.cfg.federation.seed, nonce, digest))
+        return CsprngNoise()
 
     def _loader(self, seed: int):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(seed)
@@ -325,21 +438,16 @@ class ClientRuntime:
     def _budget_refusal(self, server_round: int) -> str:
         from fedtune.privacy import check_budget  # noqa: PLC0415
 
-        p, plan, ledger = self.cfg.privacy, self.plan, self.ledger()
-        done = any(
-            r.run_id == self.run_id and r.round == server_round and r.client == self.name
-            for r in ledger.records()
-        )
-        if done:
-            return ""
+        p, plan = self.cfg.privacy, self.plan
         check = check_budget(
-            ledger.history(client=self.name, level=plan.level),
+            self.ledger().history(client=self.name, level=plan.level),
             budget_epsilon=p.budget,
             delta=p.target_delta,
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
             steps=plan.steps,
             accountant=p.accountant,
+            relation=RELATION,
         )
         if not check.would_exceed:
             return ""
@@ -349,7 +457,8 @@ class ClientRuntime:
             f"{p.budget:g} (delta {p.target_delta:g})"
         )
 
-    def _train_dpsgd(self, seed: int) -> TrainResult:
+    def _train_dpsgd(self, seed: int, noise) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
+        """One round of DP-SGD; returns the result and σ, q, steps as Opacus ran them."""
         from fedtune.privacy import make_dp_training  # noqa: PLC0415
         from fedtune.train import make_optimizer  # noqa: PLC0415
 
@@ -364,56 +473,65 @@ class ClientRuntime:
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             generator=torch.Generator().manual_seed(seed),
-            noise_generator=torch.Generator(device=self.device).manual_seed(seed + 1),
+            noise=noise,
             collate_fn=self.train_set.collate_fn(),
         )
         try:
             with warnings.catch_warnings():
                 # The first LoRA layer's inputs come from frozen layers; Opacus' hooks are fine.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                return train_local(
+                result = train_local(
                     dp.module,
                     dp.data_loader,
                     cfg.train,
                     device=self.device,
                     optimizer=dp.optimizer,
                     loss_fn=self.loss_fn,
+                    private=True,
                 )
         finally:
             self.model = dp.close()
+        used = replace(
+            plan,
+            noise_multiplier=float(dp.optimizer.noise_multiplier),  # type: ignore[attr-defined]
+            sample_rate=float(dp.sample_rate),
+            steps=int(result.steps),
+        )
+        if (used.noise_multiplier, used.sample_rate, used.steps) != (
+            plan.noise_multiplier,
+            plan.sample_rate,
+            plan.steps,
+        ):
+            # The ledger records what ran; a mismatch means the budget check was wrong.
+            raise RuntimeError(
+                f"DP-SGD ran sigma={used.noise_multiplier}, q={used.sample_rate}, "
+                f"steps={used.steps}, but the budget was checked for sigma="
+                f"{plan.noise_multiplier}, q={plan.sample_rate}, steps={plan.steps}."
+            )
+        return result, used
 
     def _privatise_update(
-        self, start: NDArray[np.float64], trained: NDArray[np.float64], seed: int
+        self,
+        start: NDArray[np.float64],
+        trained: NDArray[np.float64],
+        noise,  # type: ignore[no-untyped-def]
+        *,
+        sampled: int,
     ) -> NDArray[np.float64]:
         """Client-level DP: clip the update to C, add this client's share of the noise."""
         from fedtune.privacy import clip_update, distributed_noise  # noqa: PLC0415
 
         clip = self.cfg.privacy.max_grad_norm
         clipped = clip_update(trained - start, clip_norm=clip).clipped
-        noise = distributed_noise(
+        share = distributed_noise(
             clipped.shape,
             noise_multiplier=self.plan.noise_multiplier,
             clip_norm=clip,
-            num_sampled_clients=self.plan.sampled_clients,
-            generator=np.random.default_rng(seed),
+            num_sampled_clients=sampled,
+            tolerance=self.plan.tolerance,
+            noise=noise,
         )
-        return start + clipped + noise
-
-    def _record(self, server_round: int) -> float:
-        p, plan = self.cfg.privacy, self.plan
-        record = self.ledger().record(
-            run_id=self.run_id,
-            round=server_round,
-            client=self.name,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            max_grad_norm=p.max_grad_norm,
-            delta=p.target_delta,
-            accountant=p.accountant,
-            level=plan.level,
-        )
-        return float(record.epsilon)
+        return start + clipped + share
 
     def evaluate(self, state: GlobalState | None) -> EvalResult:
         """Held-out loss and accuracy of the global adapter on this client's test split."""

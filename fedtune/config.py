@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -247,6 +248,15 @@ class FederationConfig:
             "must be >= 0, or -1 for automatic (1 when CUDA is present, else 0)",
         )
 
+    def sampled(self, connected: int, fraction: float) -> int:
+        """Clients sampled from ``connected`` at ``fraction`` (at least ``min-clients``)."""
+        return min(connected, max(math.ceil(fraction * connected), self.min_clients))
+
+    @property
+    def sampled_per_round(self) -> int:
+        """Clients trained per round when all ``num-clients`` are connected."""
+        return self.sampled(self.num_clients, self.fraction_train)
+
 
 @dataclass(frozen=True)
 class CryptoConfig:
@@ -277,6 +287,20 @@ class PrivacyConfig:
     client declines a round that would take it over ``epsilon-budget``
     (``0`` = ``target-epsilon``). GDP is not offered: its CLT approximation is not
     an upper bound on ε for finite step counts.
+
+    ε is accounted under the replace-one relation: a client publishes its example
+    count ``n_k`` (the FedAvg weight), so its neighbouring data sets have the same
+    size. With ``dp = "client"`` the server chooses the clients, so a round is not
+    amplified by sampling (``q = 1``); each of the ``m`` sampled clients adds a share
+    ``σ C / sqrt(m - t)`` with ``t = client-dp-tolerance``, so the sum keeps its σ when
+    up to ``t`` sampled clients drop out or collude (Kairouz, Liu & Steinke 2021), and
+    the server refuses a round with fewer than ``m - t`` shares. Client-level DP needs
+    ``encryption = true``: without it the server would see each update with only its
+    own share of the noise.
+
+    Noise comes from a CSPRNG (:mod:`fedtune.privacy.noise`); ``seeded-noise = true``
+    draws it from the run seed instead, for reproducible simulations only: the ledger
+    records it, the audit marks it, and a deployed node refuses it.
     """
 
     dp: DPLevel = "off"
@@ -286,6 +310,8 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: AccountantName = "prv"
     epsilon_budget: float = 0.0
+    client_dp_tolerance: int = 1
+    seeded_noise: bool = False
 
     def __post_init__(self) -> None:
         _choice("dp", self.dp, get_args(DPLevel))
@@ -306,6 +332,12 @@ class PrivacyConfig:
             "epsilon-budget",
             self.epsilon_budget,
             "must be >= 0 (0 = target-epsilon)",
+        )
+        _require(
+            self.client_dp_tolerance >= 0,
+            "client-dp-tolerance",
+            self.client_dp_tolerance,
+            "must be >= 0 (sampled clients that may drop out or collude per round)",
         )
 
     @property
@@ -331,13 +363,34 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
-        fed = self.federation
+        fed, p = self.federation, self.privacy
         _require(
             fed.min_clients <= fed.num_clients,
             "min-clients",
             fed.min_clients,
             f"must be <= num-clients ({fed.num_clients})",
         )
+        if p.dp == "client" and not self.crypto.encryption:
+            raise ConfigError(
+                "`dp` = 'client' needs `encryption` = true, got `encryption` = false: "
+                "without it the server sees every update with only its own noise share."
+            )
+        if p.dp == "client":
+            m = fed.sampled_per_round
+            _require(
+                p.client_dp_tolerance < m,
+                "client-dp-tolerance",
+                p.client_dp_tolerance,
+                f"must be < the {m} clients sampled per round (`fraction-train` x `num-clients`)",
+            )
+        if p.enabled and self.model.task == "classification" and self.data.data_path:
+            _require(
+                bool(self.data.labels),
+                "label-names",
+                self.data.label_names,
+                "must list the labels when DP is on (a label set read from the data would "
+                "set the payload length the server sees)",
+            )
 
     def to_flat(self) -> dict[str, Any]:
         """Return the flat kebab-case mapping that :func:`parse_run_config` reads."""

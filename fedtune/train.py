@@ -144,12 +144,17 @@ def train_local(
     device: torch.device,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: LossFn | None = None,
+    private: bool = False,
 ) -> TrainResult:
     """Train the trainable parameters for ``local-epochs`` epochs.
 
     ``optimizer`` may be supplied already wrapped (e.g. a DP optimizer); by default
     AdamW over the parameters that require gradients. ``loss_fn`` replaces the
     model's own loss (it must be a mean over the batch's rows, as DP-SGD assumes).
+
+    ``private``: ``optimizer`` is Opacus' ``DPOptimizer`` over Poisson batches. An
+    empty batch then still takes its step, of pure noise: the accounting counts every
+    step, and a skipped one would show in the update (no noise added for it).
     """
     model.to(device).train()
     if optimizer is None:
@@ -159,6 +164,9 @@ def train_local(
     for _ in range(cfg.local_epochs):
         for raw in loader:
             if len(raw["labels"]) == 0:  # Poisson sampling can draw an empty batch
+                if private:
+                    _noise_only_step(optimizer)
+                    steps += 1
                 continue
             batch = {k: v.to(device) for k, v in raw.items()}
             optimizer.zero_grad(set_to_none=True)
@@ -172,6 +180,14 @@ def train_local(
     return TrainResult(
         loss=mean, steps=steps, num_examples=seen, seconds=time.perf_counter() - start
     )
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """A DP-SGD step on an empty batch: Opacus clips nothing and adds its noise."""
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:  # type: ignore[attr-defined]  # a DPOptimizer
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
 
 
 @torch.no_grad()

@@ -140,7 +140,7 @@ def run_rounds(
             notes += [f"dropped {k}: {v}" for k, v in last.dropped.items()]
             raise NotEnoughClients(
                 f"Round {rnd}: {len(last.accepted)} of {len(messages)} sampled clients returned "
-                f"a usable update, fewer than `min-clients` = {fed.min_clients}. Stopping; the "
+                f"a usable update: {strategy.last_refusal}. Stopping; the "
                 f"checkpoint of round {rnd - 1} is kept." + ("".join(f" {n}." for n in notes))
             )
         assert strategy.global_payload is not None  # set by a successful aggregate_train
@@ -163,9 +163,10 @@ def run_rounds(
             "clients-declined": len(strategy.last_train.declined),
             "dropped": dict(strategy.last_train.dropped),
             "declined": dict(strategy.last_train.declined),
-            "train-loss": train_metrics["train-loss"],
             "clients": _client_table(strategy),
         }
+        if "train-loss" in train_metrics:  # DP clients send no training statistics
+            record["train-loss"] = train_metrics["train-loss"]
         eps = [c["epsilon"] for c in record["clients"].values() if "epsilon" in c]
         if eps:
             record["epsilon"] = max(eps)
@@ -174,8 +175,8 @@ def run_rounds(
         append_record(metrics_path, record)
         console.print(
             f"round {rnd}/{fed.num_rounds}  clients {record['clients-trained']}/{len(messages)}  "
-            f"train-loss {record['train-loss']:.3f}  "
-            f"eval-loss {ev.get('eval-loss', float('nan')):.3f}  "
+            + (f"train-loss {record['train-loss']:.3f}  " if "train-loss" in record else "")
+            + f"eval-loss {ev.get('eval-loss', float('nan')):.3f}  "
             f"eval-accuracy {ev.get('eval-accuracy', float('nan')):.3f}"
             + (f"  eval-perplexity {record['eval-perplexity']:.2f}" if causal else "")
             + (f"  epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
@@ -208,6 +209,9 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
             fraction_evaluate=cfg.federation.fraction_evaluate,
             min_clients=cfg.federation.min_clients,
             seed=cfg.federation.seed,
+            client_dp_tolerance=(
+                cfg.privacy.client_dp_tolerance if cfg.privacy.dp == "client" else None
+            ),
         )
         strategy.summary()
         first = resume_round(

@@ -108,6 +108,11 @@ class FedTuneStrategy(Strategy):
         ``(seed, t, phase)``, so a resumed run samples exactly as an uninterrupted one.
     connect_timeout : float
         Seconds to wait for ``min_clients`` to connect before giving up.
+    client_dp_tolerance : int | None
+        Client-level DP only: each sampled client's noise share is sized so that any
+        ``m - t`` shares carry the round's σ; a round with fewer than ``m - t``
+        accepted updates is refused (the state stays as it was), and every update must
+        claim ``num-examples = 1``. ``None`` without client-level DP.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class FedTuneStrategy(Strategy):
         min_clients: int,
         seed: int,
         connect_timeout: float = 300.0,
+        client_dp_tolerance: int | None = None,
     ) -> None:
         self.codec = codec
         self.fraction_train = fraction_train
@@ -126,10 +132,12 @@ class FedTuneStrategy(Strategy):
         self.min_clients = min_clients
         self.seed = seed
         self.connect_timeout = connect_timeout
+        self.client_dp_tolerance = client_dp_tolerance
         self.global_payload: WirePayload | None = None
         self.global_examples = 0
         self.last_train = RoundOutcome()
         self.last_evaluate = RoundOutcome()
+        self.last_refusal = ""
         self._sent: list[Message] = []
 
     def summary(self) -> None:
@@ -162,8 +170,11 @@ class FedTuneStrategy(Strategy):
         picks = rng.choice(len(nodes), size=size, replace=False)
         return sorted(int(nodes[i]) for i in picks)
 
-    def _content(self, server_round: int) -> RecordDict:
-        content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+    def _content(self, server_round: int, sampled: int | None = None) -> RecordDict:
+        config: dict[str, int | float | str | bytes | bool] = {"server-round": server_round}
+        if sampled is not None:  # train messages: client-level DP sizes its noise share by it
+            config["sampled-clients"] = sampled
+        content = RecordDict({"config": ConfigRecord(config)})  # type: ignore[arg-type]
         if self.global_payload is not None:
             content["global"] = ConfigRecord(
                 {**self.global_payload, "num-examples": self.global_examples}
@@ -171,8 +182,9 @@ class FedTuneStrategy(Strategy):
         return content
 
     def _messages(self, server_round: int, nodes: list[int], kind: str) -> list[Message]:
+        sampled = len(nodes) if kind == MessageType.TRAIN else None
         self._sent = [
-            Message(content=self._content(server_round), dst_node_id=n, message_type=kind)
+            Message(content=self._content(server_round, sampled), dst_node_id=n, message_type=kind)
             for n in nodes
         ]
         return list(self._sent)
@@ -237,10 +249,13 @@ class FedTuneStrategy(Strategy):
                 if "update" not in msg.content.config_records:
                     raise PayloadError("reply has no 'update' record.")
                 n = _num_examples(msg)
+                if self.client_dp_tolerance is not None and n != 1:
+                    raise PayloadError(f"client-level DP: num-examples must be 1, got {n}.")
                 payload = self.codec.validate(dict(msg.content.config_records["update"]))
-                values = {"train-loss": _metric(msg, "train-loss"), "num-examples": float(n)}
-                if "epsilon" in msg.content.metric_records["metrics"]:
-                    values["epsilon"] = _metric(msg, "epsilon")
+                values = {"num-examples": float(n)}
+                for key in ("train-loss", "epsilon"):  # DP clients send no train-loss
+                    if key in msg.content.metric_records["metrics"]:
+                        values[key] = _metric(msg, key)
             except PayloadError as err:
                 self._drop(outcome, who, str(err), "train")
                 continue
@@ -248,13 +263,22 @@ class FedTuneStrategy(Strategy):
             counts.append(n)
             outcome.accepted[who] = values
         self.last_train = outcome
-        if len(payloads) < self.min_clients:
-            log.warning(
-                "Round %d: %d usable update(s), fewer than min-clients (%d); state unchanged.",
-                server_round,
-                len(payloads),
-                self.min_clients,
+        sampled = len(self._sent)
+        tolerance = self.client_dp_tolerance
+        if tolerance is not None and len(payloads) < sampled - tolerance:
+            self.last_refusal = (
+                f"{len(payloads)} of {sampled} sampled clients' noise shares arrived; "
+                f"client-level DP needs at least {sampled - tolerance} "
+                f"(`client-dp-tolerance` = {tolerance})"
             )
+        elif len(payloads) < self.min_clients:
+            self.last_refusal = (
+                f"{len(payloads)} usable update(s), fewer than `min-clients` = {self.min_clients}"
+            )
+        else:
+            self.last_refusal = ""
+        if self.last_refusal:
+            log.warning("Round %d: %s; state unchanged.", server_round, self.last_refusal)
             return None, None
         try:
             total = self.codec.add(payloads)
@@ -267,12 +291,17 @@ class FedTuneStrategy(Strategy):
             )
             return None, None
         self.global_payload, self.global_examples = total, int(sum(counts))
-        loss = weighted_mean(
-            [(m["train-loss"], int(m["num-examples"])) for m in outcome.accepted.values()]
-        )
-        return ArrayRecord(), MetricRecord(
-            {"train-loss": loss, "num-examples": self.global_examples}
-        )
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            "num-examples": self.global_examples
+        }
+        losses = [
+            (m["train-loss"], int(m["num-examples"]))
+            for m in outcome.accepted.values()
+            if "train-loss" in m
+        ]
+        if len(losses) == len(outcome.accepted):  # DP off: every client sent its loss
+            metrics["train-loss"] = weighted_mean(losses)
+        return ArrayRecord(), MetricRecord(metrics)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fedtune.privacy.accounting import (
     ACCOUNTANTS,
     PRV_EPS_ERROR,
+    RELATIONS,
     Accountant,
     AccountantState,
     BudgetCheck,
@@ -26,7 +27,7 @@ from fedtune.privacy.client_level import (
     clip_update,
     compose_client_round,
     distributed_noise,
-    effective_noise_multiplier,
+    share_std,
 )
 from fedtune.privacy.ledger import (
     LedgerConflictError,
@@ -48,6 +49,7 @@ _LAZY = {"DPTraining", "UnsupportedLayerError", "check_dp_compatible", "make_dp_
 
 __all__ = [
     "ACCOUNTANTS",
+    "RELATIONS",
     "PRV_EPS_ERROR",
     "Accountant",
     "AccountantState",
@@ -70,9 +72,9 @@ __all__ = [
     "compose_client_round",
     "compute_epsilon",
     "distributed_noise",
-    "effective_noise_multiplier",
     "epsilon_after",
     "make_dp_training",
+    "share_std",
     "unwrap",
 ]
 

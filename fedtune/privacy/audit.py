@@ -1,20 +1,30 @@
 """Recompute and check every ε figure in privacy ledger records.
 
-For each (client, level), the audit rebuilds the composition history from the records in
-file order -- the same convention :class:`~fedtune.privacy.ledger.PrivacyLedger` uses --
-recomputes the cumulative ε after every record with two independent accountants (PRV
-and RDP) and compares with what the client reported.
+For each client, the audit rebuilds the composition history from the records in file
+order -- the same convention :class:`~fedtune.privacy.ledger.PrivacyLedger` uses
+(:func:`~fedtune.privacy.ledger.counted_for`: an example-level ε composes every
+release of the data, a client-level ε the client-level ones) -- and recomputes ε with
+two independent accountants (PRV and RDP) under the relation the records declare, at
+the **audit's** δ (the run's configured ``target-delta``), never at the δ a record
+states: a ledger written at δ = 0.05 would otherwise pass with a tiny ε.
 
 Verdicts, worst first:
 
 ``"overrun"``
-    The final recomputed PRV ε, or the final reported ε, exceeds the budget by more than
-    :data:`BUDGET_SLACK` (float round-off only).
+    The final recomputed PRV ε at the audit δ, or the final reported ε, exceeds the
+    budget by more than :data:`BUDGET_SLACK` (float round-off only).
 ``"under-reported"``
-    Some record's reported ε is below the PRV ε recomputed for it by more than
-    ``tolerance``.
+    Some record's reported ε is below the PRV ε recomputed for it (at its own δ) by
+    more than ``tolerance``.
+``"inconsistent"``
+    A record's δ is not the audit δ, its composition does not follow from what it
+    says ran (``q = batch_size / num_examples`` and ``steps = local_epochs · int(1/q)``
+    at example level, ``q = 1`` and one step at client level), or it disagrees with
+    the run's configuration.
 ``"ok"``
-    Neither.
+    None of these. Notes (legacy records, noise from a seeded PRNG: not for real data,
+    example-level releases beside a client-level ε) are listed as problems but do not
+    fail the audit.
 
 Why ``tolerance`` defaults to ``2 * PRV_EPS_ERROR`` (0.02): the PRV accountant returns
 ``estimate + eps_error`` with ``eps_error = 0.01``, and its estimate depends on the
@@ -31,14 +41,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune.privacy._checks import check_epsilon, check_non_negative
+from fedtune.privacy._checks import check_delta, check_epsilon, check_non_negative
 from fedtune.privacy.accounting import PRV_EPS_ERROR, AccountantState
-from fedtune.privacy.ledger import LedgerRecord
+from fedtune.privacy.ledger import LedgerRecord, counted_for, history_of
 
-__all__ = ["BUDGET_SLACK", "AuditReport", "ClientAudit", "audit_records"]
+__all__ = ["BUDGET_SLACK", "AuditReport", "ClientAudit", "RunExpectation", "audit_records"]
 
 BUDGET_SLACK = 1e-9
 """Absolute slack on the budget comparison, for float round-off only."""
+
+
+@dataclass(frozen=True)
+class RunExpectation:
+    """What the run's configuration says every record must show (``None``: not checked)."""
+
+    batch_size: int | None = None
+    local_epochs: int | None = None
+    max_grad_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,7 @@ class ClientAudit:
 
     client: str
     level: str
+    relation: str
     rounds: int
     total_steps: int
     noise_multipliers: tuple[float, ...]
@@ -54,13 +74,15 @@ class ClientAudit:
     sample_rates: tuple[float, ...]
     """Distinct q values, in order of first use."""
     delta: float
-    """δ of the last record, at which the final ε figures are stated."""
+    """The audit δ, at which the recomputed ε figures are stated."""
     reported_epsilon: float
-    """Cumulative ε in the last record."""
+    """Cumulative ε in the last record (at that record's δ)."""
     epsilon_rdp: float
     epsilon_prv: float
     budget_epsilon: float | None
     verdict: str
+    noise: str
+    """``csprng``, ``seeded`` (not for real data) or ``mixed``."""
     problems: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +103,7 @@ class AuditReport:
     clients: tuple[ClientAudit, ...]
     budget_epsilon: float | None
     tolerance: float
+    delta: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -92,6 +115,7 @@ class AuditReport:
         return {
             "ok": self.ok,
             "budget_epsilon": self.budget_epsilon,
+            "delta": self.delta,
             "tolerance": self.tolerance,
             "clients": [c.to_dict() for c in self.clients],
         }
@@ -101,54 +125,133 @@ def _unique(values: Iterable[float]) -> tuple[float, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def _inconsistencies(r: LedgerRecord, delta: float, expect: RunExpectation) -> list[str]:
+    """What is wrong with one record's own figures (empty: nothing)."""
+    where = f"run {r.run_id!r} round {r.round}"
+    out = []
+    if r.delta != delta:
+        out.append(f"{where}: recorded at δ={r.delta:g}, not the audit δ={delta:g}")
+    if r.legacy:
+        return out
+    if r.level == "example":
+        q = r.batch_size / r.num_examples if r.num_examples else math.nan
+        if not (r.batch_size and r.num_examples and math.isclose(r.sample_rate, q, rel_tol=1e-9)):
+            out.append(
+                f"{where}: q={r.sample_rate:g} is not batch_size / num_examples = "
+                f"{r.batch_size}/{r.num_examples}"
+            )
+        elif r.steps != r.local_epochs * int(1 / r.sample_rate):
+            out.append(
+                f"{where}: steps={r.steps} is not local_epochs · int(1/q) = "
+                f"{r.local_epochs} · {int(1 / r.sample_rate)}"
+            )
+        for name in ("batch_size", "local_epochs"):
+            want = getattr(expect, name)
+            if want is not None and getattr(r, name) != want:
+                out.append(f"{where}: {name}={getattr(r, name)}, the run config says {want}")
+    else:
+        if r.sample_rate != 1.0 or r.steps != 1:
+            out.append(
+                f"{where}: a client-level round is one step at q = 1 (the server picks the "
+                f"clients), recorded q={r.sample_rate:g}, steps={r.steps}"
+            )
+        if not r.tolerance < r.sampled_clients:
+            out.append(
+                f"{where}: noise shares for {r.sampled_clients} sampled client(s) with "
+                f"tolerance {r.tolerance} cannot carry σ"
+            )
+    if expect.max_grad_norm is not None and r.max_grad_norm != expect.max_grad_norm:
+        out.append(
+            f"{where}: max_grad_norm={r.max_grad_norm:g}, the run config says "
+            f"{expect.max_grad_norm:g}"
+        )
+    return out
+
+
 def _audit_one(
-    records: list[LedgerRecord], *, budget: float | None, tolerance: float, every_record: bool
+    mine: list[LedgerRecord],
+    level: str,
+    *,
+    budget: float | None,
+    delta: float | None,
+    tolerance: float,
+    every_record: bool,
+    expect: RunExpectation,
 ) -> ClientAudit:
+    records = counted_for(mine, level)
+    last = [r for r in records if r.level == level][-1]
+    audit_delta = last.delta if delta is None else delta
+    relation = last.relation
     problems: list[str] = []
+    inconsistent: list[str] = []
     under = False
     seen: set[tuple[str, int, str]] = set()
     state = AccountantState()
-    last = records[-1]
-    for i, r in enumerate(records):
+    history_of(records)  # one client, one relation, or ValueError
+    for r in records:
         if r.key in seen:
-            problems.append(f"round {r.key} appears more than once (each copy is counted)")
+            problems.append(f"release {r.key} appears more than once (each copy is counted)")
         seen.add(r.key)
+        inconsistent += _inconsistencies(r, audit_delta, expect)
         state = state.compose(
             noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps
         )
-        if every_record or i == len(records) - 1:
-            prv = state.epsilon(delta=r.delta, accountant="prv")
+        if r.level == level and (every_record or r is last):
+            prv = state.epsilon(delta=r.delta, accountant="prv", relation=relation)  # type: ignore[arg-type]
             if r.epsilon < prv - tolerance:
                 under = True
                 problems.append(
                     f"run {r.run_id!r} round {r.round}: reported ε={r.epsilon:.6g} but PRV "
-                    f"recomputes {prv:.6g} (tolerance {tolerance:g})"
+                    f"recomputes {prv:.6g} at its δ={r.delta:g} (tolerance {tolerance:g})"
                 )
-    eps_prv = state.epsilon(delta=last.delta, accountant="prv")
-    eps_rdp = state.epsilon(delta=last.delta, accountant="rdp")
+    eps_prv = state.epsilon(delta=audit_delta, accountant="prv", relation=relation)  # type: ignore[arg-type]
+    eps_rdp = state.epsilon(delta=audit_delta, accountant="rdp", relation=relation)  # type: ignore[arg-type]
     overrun = budget is not None and (
         eps_prv > budget + BUDGET_SLACK or last.epsilon > budget + BUDGET_SLACK
     )
     if overrun:
         problems.insert(
             0,
-            f"budget ε={budget:g} exceeded: recomputed PRV ε={eps_prv:.6g}, "
+            f"budget ε={budget:g} exceeded: recomputed PRV ε={eps_prv:.6g} at δ={audit_delta:g}, "
             f"reported ε={last.epsilon:.6g}",
         )
-    verdict = "overrun" if overrun else ("under-reported" if under else "ok")
+    problems += inconsistent
+    sources = {r.noise for r in records}
+    noise = sources.pop() if len(sources) == 1 else "mixed"
+    if "seeded" in {r.noise for r in records}:
+        problems.append("noise drawn from a seeded PRNG (`seeded-noise`): not for real data")
+    if any(r.legacy for r in records):
+        problems.append(
+            "legacy records (no client nonce, no recorded batch size): keyed by run-id, "
+            "not cross-checked"
+        )
+    if level == "client" and any(r.level == "example" for r in mine):
+        problems.append(
+            "this data also had example-level releases, which give no client-level guarantee"
+        )
+    if overrun:
+        verdict = "overrun"
+    elif under:
+        verdict = "under-reported"
+    elif inconsistent:
+        verdict = "inconsistent"
+    else:
+        verdict = "ok"
     return ClientAudit(
         client=last.client,
-        level=last.level,
-        rounds=len(records),
+        level=level,
+        relation=relation,
+        rounds=sum(1 for r in records if r.level == level),
         total_steps=state.total_steps,
         noise_multipliers=_unique(r.noise_multiplier for r in records),
         sample_rates=_unique(r.sample_rate for r in records),
-        delta=last.delta,
+        delta=audit_delta,
         reported_epsilon=last.epsilon,
         epsilon_rdp=eps_rdp,
         epsilon_prv=eps_prv,
         budget_epsilon=budget,
         verdict=verdict,
+        noise=noise,
         problems=tuple(problems),
     )
 
@@ -157,8 +260,10 @@ def audit_records(
     records: Iterable[LedgerRecord | Mapping[str, Any]],
     *,
     budget_epsilon: float | None,
+    delta: float | None,
     tolerance: float = 2 * PRV_EPS_ERROR,
     check_every_record: bool = True,
+    expect: RunExpectation | None = None,
 ) -> AuditReport:
     """Recompute every client's ε from ledger records and judge it.
 
@@ -166,13 +271,18 @@ def audit_records(
     ----------
     records
         Ledger records (or their dicts, e.g. straight from the JSON lines), in file order.
-        Records are grouped by (client, level); each group is one history.
+        Records are grouped by client; each level a client released at is one audit.
     budget_epsilon
         The ε budget each client must stay within, or ``None`` to skip the overrun check.
+    delta
+        The δ to audit at: the run's configured ``target-delta``. ``None`` (no
+        configuration known) states each client's figures at its last record's δ.
     tolerance
         How far a reported ε may sit below the recomputed PRV ε (see module docstring).
     check_every_record
         Check each record's cumulative ε, not just the last (one PRV evaluation per record).
+    expect
+        What the run configuration fixes (batch size, local epochs, clipping bound).
 
     Returns
     -------
@@ -180,13 +290,25 @@ def audit_records(
         One :class:`ClientAudit` per (client, level), sorted by client then level.
     """
     budget = None if budget_epsilon is None else check_epsilon("budget_epsilon", budget_epsilon)
+    audit_delta = None if delta is None else check_delta("delta", delta)
     tolerance = check_non_negative("tolerance", tolerance)
-    groups: dict[tuple[str, str], list[LedgerRecord]] = {}
+    groups: dict[str, list[LedgerRecord]] = {}
     for raw in records:
         rec = raw if isinstance(raw, LedgerRecord) else LedgerRecord.from_dict(raw)
-        groups.setdefault((rec.client, rec.level), []).append(rec)
+        groups.setdefault(rec.client, []).append(rec)
     audits = tuple(
-        _audit_one(groups[key], budget=budget, tolerance=tolerance, every_record=check_every_record)
-        for key in sorted(groups)
+        _audit_one(
+            groups[client],
+            level,
+            budget=budget,
+            delta=audit_delta,
+            tolerance=tolerance,
+            every_record=check_every_record,
+            expect=expect or RunExpectation(),
+        )
+        for client in sorted(groups)
+        for level in sorted({r.level for r in groups[client]})
     )
-    return AuditReport(clients=audits, budget_epsilon=budget, tolerance=tolerance)
+    return AuditReport(
+        clients=audits, budget_epsilon=budget, tolerance=tolerance, delta=audit_delta
+    )

@@ -8,22 +8,20 @@ each sampled client clips its model update Δ_k to L2 norm ``C`` and the server 
 
 Here the server must not see plaintext updates (they are CKKS-encrypted), so nobody
 central can add the noise. Each of the ``m`` sampled clients adds its own share
-``N(0, σ² C² / m · I)``; the shares are independent, so their sum over the ``m`` clients
-is exactly ``N(0, σ² C² I)`` -- distributed DP as in Kairouz, Liu & Steinke, "The
-Distributed Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation",
-ICML 2021 (https://arxiv.org/abs/2102.06387), with continuous Gaussians because CKKS
-aggregates reals.
+``N(0, σ² C² / (m - t) · I)``: as long as at least ``m - t`` honest shares reach the sum
+(at most ``t`` sampled clients dropped out or collude -- a key holder knows its own
+share and could subtract it), the sum carries at least ``N(0, σ² C² I)``: distributed
+DP with a stated tolerance, as in Kairouz, Liu & Steinke, "The Distributed Discrete
+Gaussian Mechanism for Federated Learning with Secure Aggregation", ICML 2021
+(https://arxiv.org/abs/2102.06387), with continuous Gaussians because CKKS aggregates
+reals. The server refuses a round in which fewer than ``m - t`` shares arrived
+(``server/strategy.py``), so fewer shares never become a global state.
 
-Accounting: one round is one step of the sampled Gaussian mechanism with noise
-multiplier σ and sampling rate ``q = m / N`` (N = clients in the population); see
-:func:`compose_client_round`. Two caveats the caller must respect:
-
-* The Poisson-sampling analysis assumes each client joins a round independently with
-  probability q; sampling exactly m clients is the usual approximation (as in McMahan
-  et al. 2018), and the server should divide S by the *expected* m, not the realised one.
-* If only ``k < m`` sampled clients survive to the aggregate, the sum holds only k noise
-  shares: std ``σ C sqrt(k/m)``. Account such a round with
-  :func:`effective_noise_multiplier` (σ·sqrt(k/m)), never with σ.
+Accounting: the server chooses the clients from a seed it knows, so participation is
+no secret from it and sampling amplifies nothing: each round a client takes part in is
+one step of the Gaussian mechanism with noise multiplier σ and ``q = 1``
+(:func:`compose_client_round`), under replace-one (one client's data replaced moves
+the sum by at most ``2C``).
 """
 
 from __future__ import annotations
@@ -35,13 +33,14 @@ import numpy as np
 
 from fedtune.privacy._checks import check_positive, check_positive_int
 from fedtune.privacy.accounting import AccountantState
+from fedtune.privacy.noise import NoiseSource
 
 __all__ = [
     "ClippedUpdate",
     "clip_update",
     "compose_client_round",
     "distributed_noise",
-    "effective_noise_multiplier",
+    "share_std",
 ]
 
 
@@ -67,18 +66,34 @@ def clip_update(delta_vec: np.ndarray, *, clip_norm: float) -> ClippedUpdate:
     return ClippedUpdate(clipped=vec * scale, norm=norm)
 
 
+def share_std(
+    *, noise_multiplier: float, clip_norm: float, num_sampled_clients: int, tolerance: int
+) -> float:
+    """Std of one client's share, ``σ C / sqrt(m - t)``."""
+    sigma = check_positive("noise_multiplier", noise_multiplier)
+    clip = check_positive("clip_norm", clip_norm)
+    m = check_positive_int("num_sampled_clients", num_sampled_clients)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or not 0 <= tolerance < m:
+        raise ValueError(
+            f"`tolerance` must be an integer in [0, {m - 1}] for {m} sampled clients, "
+            f"got {tolerance!r}."
+        )
+    return sigma * clip / math.sqrt(m - tolerance)
+
+
 def distributed_noise(
     shape: int | tuple[int, ...],
     *,
     noise_multiplier: float,
     clip_norm: float,
     num_sampled_clients: int,
-    generator: np.random.Generator,
+    tolerance: int,
+    noise: NoiseSource,
 ) -> np.ndarray:
     """Return one client's share of the aggregate Gaussian noise.
 
-    Each entry is ``N(0, (σ C)² / m)`` so that the sum of the ``m`` sampled clients'
-    shares is ``N(0, (σ C)²)``, the noise DP-FedAvg adds centrally.
+    Each entry is ``N(0, (σ C)² / (m - t))`` so that any ``m - t`` of the ``m`` sampled
+    clients' shares sum to at least ``N(0, (σ C)²)``, the noise DP-FedAvg adds centrally.
 
     Parameters
     ----------
@@ -89,41 +104,22 @@ def distributed_noise(
     clip_norm
         ``C``, the L2 bound every client clips its update to.
     num_sampled_clients
-        ``m``, the number of clients whose shares are summed.
-    generator
-        Source of randomness (``np.random.default_rng(seed)``; a CSPRNG-backed
-        ``Generator`` in deployments).
+        ``m``, the clients sampled this round (as the server reports it).
+    tolerance
+        ``t``, sampled clients that may drop out or collude without the sum losing σ.
+    noise
+        The noise source (:class:`~fedtune.privacy.noise.CsprngNoise` on real data).
     """
-    sigma = check_positive("noise_multiplier", noise_multiplier)
-    clip = check_positive("clip_norm", clip_norm)
-    m = check_positive_int("num_sampled_clients", num_sampled_clients)
-    if not isinstance(generator, np.random.Generator):
-        raise ValueError(
-            f"`generator` must be a numpy.random.Generator, got {type(generator).__name__}."
-        )
-    return generator.normal(0.0, sigma * clip / math.sqrt(m), size=shape)
+    std = share_std(
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        num_sampled_clients=num_sampled_clients,
+        tolerance=tolerance,
+    )
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    return noise.normal_numpy(dims, std)
 
 
-def effective_noise_multiplier(
-    *, noise_multiplier: float, num_sampled_clients: int, num_aggregated_clients: int
-) -> float:
-    """σ actually delivered when only ``k`` of the ``m`` noise shares reach the sum: σ·sqrt(k/m)."""
-    sigma = check_positive("noise_multiplier", noise_multiplier)
-    m = check_positive_int("num_sampled_clients", num_sampled_clients)
-    k = check_positive_int("num_aggregated_clients", num_aggregated_clients)
-    if k > m:
-        raise ValueError(
-            f"`num_aggregated_clients` ({k}) cannot exceed `num_sampled_clients` ({m})."
-        )
-    return sigma * math.sqrt(k / m)
-
-
-def compose_client_round(
-    state: AccountantState, *, noise_multiplier: float, num_sampled_clients: int, num_clients: int
-) -> AccountantState:
-    """Add one DP-FedAvg round: one step with q = ``num_sampled_clients / num_clients``."""
-    m = check_positive_int("num_sampled_clients", num_sampled_clients)
-    n = check_positive_int("num_clients", num_clients)
-    if m > n:
-        raise ValueError(f"`num_sampled_clients` ({m}) cannot exceed `num_clients` ({n}).")
-    return state.compose(noise_multiplier=noise_multiplier, sample_rate=m / n, steps=1)
+def compose_client_round(state: AccountantState, *, noise_multiplier: float) -> AccountantState:
+    """Add one DP-FedAvg round the client took part in: one step, ``q = 1``."""
+    return state.compose(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)

@@ -1,0 +1,78 @@
+"""Every field a client sends, with its privacy status: the one list to keep honest.
+
+``clients/app.py`` builds replies only from these fields and checks each reply against
+this list before it leaves (:func:`check_reply`); ``tests/test_reply_fields.py`` fails
+when a field appears that is not here. A field is one of:
+
+``"dp"``
+    DP-protected and accounted in the client's ledger (the noised update).
+``"public"``
+    A public constant of the configuration or a function of public parameters
+    only. ``num-examples`` (``n_k``) is public by declaration: it is the FedAvg weight,
+    so fedtune accounts every release under the **replace-one** relation (neighbouring
+    data sets have the same size), never add/remove.
+``"plain"``
+    A training-set statistic with no protection: sent only with DP off.
+``"held-out"``
+    Computed on the client's held-out test split, which DP-SGD never trains on. Not
+    covered by the ledger's ε; the README says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = ["EVALUATE_FIELDS", "STATUSES", "TRAIN_FIELDS", "check_reply"]
+
+STATUSES = ("dp", "public", "plain", "held-out")
+
+#: (record, key) -> status, for a train reply.
+TRAIN_FIELDS: dict[tuple[str, str], str] = {
+    ("update", "chunks"): "dp",
+    ("update", "length"): "public",  # the adapter's size: a constant of the config
+    ("update", "fingerprint"): "public",  # the public CKKS context's (or plain codec's) id
+    ("info", "client"): "public",  # the node's configured name
+    ("info", "declined"): "public",  # a refusal computed from public parameters and the ledger
+    ("metrics", "num-examples"): "public",  # n_k: public under replace-one (1 at client level)
+    ("metrics", "epsilon"): "public",  # a function of (σ, q, steps, δ), all public
+    ("metrics", "partition-id"): "public",  # the simulation's partition index (node config)
+    ("metrics", "train-loss"): "plain",
+    ("metrics", "train-seconds"): "plain",
+}
+
+#: (record, key) -> status, for an evaluate reply.
+EVALUATE_FIELDS: dict[tuple[str, str], str] = {
+    ("info", "client"): "public",
+    ("metrics", "num-examples"): "held-out",  # size of the test split
+    ("metrics", "eval-loss"): "held-out",
+    ("metrics", "eval-accuracy"): "held-out",
+    ("metrics", "partition-id"): "public",
+}
+
+
+def check_reply(content: Mapping[str, Mapping[str, object]], *, phase: str, private: bool) -> None:
+    """Raise ``ValueError`` if ``content`` holds a field a client may not send.
+
+    Parameters
+    ----------
+    content
+        record name -> {key: value}, as the reply's ``RecordDict`` holds them.
+    phase
+        ``"train"`` or ``"evaluate"``.
+    private
+        DP is on: ``"plain"`` fields are refused too.
+    """
+    schema = {"train": TRAIN_FIELDS, "evaluate": EVALUATE_FIELDS}[phase]
+    for record, values in content.items():
+        for key in values:
+            status = schema.get((record, key))
+            if status is None:
+                raise ValueError(
+                    f"{phase} reply field {record}.{key} has no declared privacy status in "
+                    "fedtune/messages.py; declare it before a client may send it."
+                )
+            if private and status == "plain":
+                raise ValueError(
+                    f"{phase} reply field {record}.{key} is an unprotected training "
+                    "statistic; a DP client must not send it."
+                )
