@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedtune.aggregation import FederationError
-from fedtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.config import WIRING_KEYS, RunConfig, coerce_value, parse_run_config
 from fedtune.metrics import add_perplexity, append_record, read_records
 from fedtune.model import adapter_layout, build_model
@@ -69,19 +69,26 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
 
     A new run refuses a ``run-dir`` that already holds a checkpoint (it would be
     overwritten); a resumed run loads the checkpoint into the strategy and drops the
-    ``metrics.jsonl`` lines of rounds after it (they are trained again).
+    ``metrics.jsonl`` lines of rounds after it (they are trained again). The
+    checkpoint must verify against ``run-dir/checkpoint.key`` (see
+    :mod:`fedtune.checkpoint`); one that does not stops the server with one line.
     """
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_dir = run_dir / "checkpoint"
     if not resume:
-        if checkpoint_dir.exists():
+        if checkpoint_dir.exists() or checkpoint_dir.is_symlink():
             raise FederationError(
                 f"`run-dir` {str(run_dir)!r} already holds a checkpoint; resume it "
                 "(`resume = true`, `fedtune deploy run --resume`) or choose a new run-dir."
             )
         metrics_path.unlink(missing_ok=True)
         return 1
-    checkpoint = load_checkpoint(checkpoint_dir)
+    try:
+        checkpoint = load_checkpoint(checkpoint_dir, key_dir=run_dir)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"Cannot resume: {err} Restore the checkpoint, or start a new run-dir without `resume`."
+        ) from err
     try:
         strategy.resume(checkpoint.payload, checkpoint.num_examples)
     except PayloadError as err:
@@ -149,6 +156,7 @@ def run_rounds(
             Checkpoint(
                 round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples
             ),
+            key_dir=run_dir,
         )
         with console.status(f"round {rnd}/{fed.num_rounds}: evaluating…"):
             ev = evaluate(rnd)
