@@ -141,15 +141,9 @@ class CkksCodec:
 
     def validate(self, payload: object, *, aggregate: bool = False) -> WirePayload:
         _check_common(payload, fingerprint=self.fingerprint, length=self.length)
-        params = self.context.params
-        limit = params.max_chunk_bytes(polys=2) if aggregate else None
         try:
-            enc = crypto.validate_wire(
-                payload,
-                params=params,
-                expected_fingerprint=self.fingerprint,
-                expected_length=self.length,
-                max_chunk_bytes=limit,
+            enc = crypto.validate_encrypted(
+                self.context, payload, length=self.length, aggregate=aggregate
             )
         except crypto.PayloadError as err:
             raise PayloadError(str(err)) from err
@@ -158,14 +152,21 @@ class CkksCodec:
     def add(self, payloads: Sequence[WirePayload]) -> WirePayload:
         if not payloads:
             raise PayloadError("no payloads to add.")
-        items = [crypto.EncryptedVector.from_wire(p) for p in payloads]
+        # Cannot fail on payloads that passed validate (see crypto.sum_encrypted);
+        # anything else is refused as a PayloadError, never handed to SEAL unchecked.
         try:
+            items = [crypto.EncryptedVector.from_wire(p) for p in payloads]
             return crypto.sum_encrypted(self.context, items).to_wire()
-        except crypto.PayloadError as err:
+        except ValueError as err:  # crypto.PayloadError included
             raise PayloadError(str(err)) from err
 
     def decode(self, payload: WirePayload) -> NDArray[np.float64]:
-        return crypto.decrypt_vector(self.context, crypto.EncryptedVector.from_wire(payload))
+        # decrypt_vector parses every chunk itself before SEAL sees it, so a payload
+        # that skipped validate still cannot crash the process.
+        try:
+            return crypto.decrypt_vector(self.context, crypto.EncryptedVector.from_wire(payload))
+        except crypto.PayloadError as err:
+            raise PayloadError(str(err)) from err
 
 
 def payload_nbytes(payload: WirePayload) -> int:

@@ -97,7 +97,7 @@ from fedtune.crypto.context import (
 from fedtune.crypto.errors import CryptoError, PayloadError
 from fedtune.crypto.packing import decrypt_vector, encrypt_vector, sum_encrypted
 from fedtune.crypto.params import DEFAULT_PARAMS, MAX_COEFF_MODULUS_BITS_128, CkksParams
-from fedtune.crypto.payload import EncryptedVector, validate_wire
+from fedtune.crypto.payload import EncryptedVector, validate_encrypted, validate_wire
 
 __all__ = [
     "DEFAULT_PARAMS",
@@ -119,5 +119,6 @@ __all__ = [
     "public_context",
     "save_keys",
     "sum_encrypted",
+    "validate_encrypted",
     "validate_wire",
 ]

@@ -23,7 +23,14 @@ from typing import Any
 
 from fedtune.crypto.errors import PayloadError
 
-__all__ = ["SealHeader", "parse_header", "scratch_dir", "seal_dump", "seal_load"]
+__all__ = [
+    "SealHeader",
+    "expected_version",
+    "parse_header",
+    "scratch_dir",
+    "seal_dump",
+    "seal_load",
+]
 
 # SEALHeader: uint16 magic, uint8 header_size, uint8 version_major,
 # uint8 version_minor, uint8 compr_mode, uint16 reserved, uint64 size
@@ -49,7 +56,8 @@ class SealHeader:
     size: int
 
 
-def _expected_version() -> tuple[int, int]:
+def expected_version() -> tuple[int, int]:
+    """SEAL version of this build, as written in every SEALHeader."""
     h = sealapi().Serialization.SEALHeader()
     return (int(h.version_major), int(h.version_minor))
 
@@ -78,10 +86,10 @@ def parse_header(data: bytes, *, field: str) -> SealHeader:
             f"`{field}` does not start with a SEAL header (magic=0x{magic:04X}, "
             f"header_size={hsize}, reserved={reserved}; expected 0x{SEAL_MAGIC:04X}, 16, 0)."
         )
-    if (major, minor) != _expected_version():
+    if (major, minor) != expected_version():
         raise PayloadError(
             f"`{field}` was written by SEAL {major}.{minor}; this build reads {{}}.{{}}.".format(
-                *_expected_version()
+                *expected_version()
             )
         )
     if compr not in _COMPR_MODES:

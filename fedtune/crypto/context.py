@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.crypto._seal import (
+    expected_version,
     parse_header,
     scratch_dir,
     seal_dump,
@@ -31,6 +32,7 @@ from fedtune.crypto._seal import (
 )
 from fedtune.crypto.errors import CryptoError
 from fedtune.crypto.params import DEFAULT_PARAMS, CkksParams
+from fedtune.crypto.seal_format import CiphertextLayout
 
 __all__ = [
     "CkksContext",
@@ -68,6 +70,9 @@ class CkksContext:
     fingerprint : str
         SHA-256 (hex) of the public parts: parameters, actual primes and
         ``key_id``. Equal for a secret context and its public copy.
+    layout : CiphertextLayout
+        What every serialised ciphertext of this context must look like,
+        checked byte for byte by :func:`fedtune.crypto.seal_format.parse_ciphertext`.
     """
 
     __slots__ = (
@@ -79,6 +84,7 @@ class CkksContext:
         "_secret_key_bytes",
         "fingerprint",
         "key_id",
+        "layout",
         "params",
         "primes",
     )
@@ -97,6 +103,14 @@ class CkksContext:
         self.key_id = key_id
         self.primes: tuple[int, ...] = tuple(int(m.value()) for m in parms.coeff_modulus())
         self.fingerprint = _fingerprint(params, self.primes, key_id)
+        parms_id = tuple(int(v) for v in seal_context.first_parms_id())
+        self.layout = CiphertextLayout(
+            version=expected_version(),
+            parms_id=(parms_id[0], parms_id[1], parms_id[2], parms_id[3]),
+            poly_modulus_degree=params.poly_modulus_degree,
+            primes=self.primes[: params.data_prime_count],
+            scale=params.scale,
+        )
         self._seal_context = seal_context
         self._encoder = sa.CKKSEncoder(seal_context)
         self._evaluator = sa.Evaluator(seal_context)

@@ -24,7 +24,8 @@ import numpy as np
 from fedtune.crypto._seal import scratch_dir, seal_dump, sealapi
 from fedtune.crypto.context import CkksContext
 from fedtune.crypto.errors import PayloadError
-from fedtune.crypto.payload import EncryptedVector, load_ciphertext
+from fedtune.crypto.payload import EncryptedVector, full_coefficients, load_ciphertext
+from fedtune.crypto.seal_format import ParsedCiphertext, serialize
 
 __all__ = ["decrypt_vector", "encrypt_vector", "sum_encrypted"]
 
@@ -106,24 +107,33 @@ def _check_shape(ctx: CkksContext, enc: EncryptedVector, field: str) -> None:
 def sum_encrypted(ctx: CkksContext, items: list[EncryptedVector]) -> EncryptedVector:
     """Add encrypted vectors slot-wise; needs no secret key.
 
+    Ciphertexts add coefficient-wise modulo each prime, ``(a0 + b0, a1 + b1)``,
+    which is all SEAL's ``Evaluator::add`` does for CKKS at equal scale and
+    level. The addition is done here in numpy on coefficients parsed by
+    :func:`fedtune.crypto.seal_format.parse_ciphertext`, so it cannot fail on
+    items that passed :func:`fedtune.crypto.validate_encrypted` (SEAL's add
+    throws when a sum turns out transparent; ours returns it, and every
+    receiver refuses a transparent ciphertext).
+
     Parameters
     ----------
     ctx : CkksContext
         The server's public context (a secret one works too).
     items : list[EncryptedVector]
         At least one vector, all of the same length and fingerprint; each
-        should have passed :func:`validate_wire`.
+        should have passed :func:`fedtune.crypto.validate_encrypted`.
 
     Returns
     -------
     EncryptedVector
-        ``Enc(sum of the items)``, unseeded: twice the bytes of one upload.
+        ``Enc(sum of the items)``, unseeded, zstd-compressed as SEAL would:
+        twice the bytes of one upload.
 
     Raises
     ------
     PayloadError
-        If an item does not match ``ctx`` or a chunk does not deserialise;
-        the message names the item and chunk, e.g. ``items[3].chunks[7]``.
+        If an item does not match ``ctx`` or a chunk does not parse; the
+        message names the item and chunk, e.g. ``items[3].chunks[7]``.
     ValueError
         If ``items`` is empty or the lengths differ.
     """
@@ -135,21 +145,20 @@ def sum_encrypted(ctx: CkksContext, items: list[EncryptedVector]) -> EncryptedVe
         if item.length != length:
             raise ValueError(f"`items[{k}].length` is {item.length}, but items[0] has {length}.")
 
+    primes = np.array(ctx.layout.primes, dtype=np.uint64)[None, :, None]
     out: list[bytes] = []
     with scratch_dir() as tmp:
         for i in range(len(items[0].chunks)):
-            acc = load_ciphertext(
+            acc = full_coefficients(
                 ctx, items[0].chunks[i], field=f"items[0].chunks[{i}]", directory=tmp
-            )
+            ).copy()
             for k in range(1, len(items)):
-                ct = load_ciphertext(
-                    ctx,
-                    items[k].chunks[i],
-                    field=f"items[{k}].chunks[{i}]",
-                    directory=tmp,
+                # Both terms are below q < 2**61, so the uint64 sum cannot overflow.
+                acc += full_coefficients(
+                    ctx, items[k].chunks[i], field=f"items[{k}].chunks[{i}]", directory=tmp
                 )
-                ctx._evaluator.add_inplace(acc, ct)
-            out.append(seal_dump(acc.save, tmp))
+                np.subtract(acc, primes, out=acc, where=acc >= primes)
+            out.append(serialize(ctx.layout, ParsedCiphertext(acc, None), compress=True))
     return EncryptedVector(chunks=out, length=length, fingerprint=ctx.fingerprint)
 
 

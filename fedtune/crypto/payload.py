@@ -1,30 +1,34 @@
 """The wire format of encrypted vectors, and validation of untrusted payloads.
 
-Everything that arrives over the network is checked here, in this order,
-before a single byte reaches C++:
+Everything that arrives over the network (an upload on the server, the
+global sum on a client, a checkpoint read back) is checked here, in this
+order, and SEAL never sees a byte of it:
 
 1. types (a dict with exactly ``chunks: list[bytes]``, ``length: int``,
    ``fingerprint: str``);
 2. the context fingerprint, then the length, then the number of chunks
    (``ceil(length / N)``);
 3. each chunk's size, between the entropy floor of one polynomial and the
-   uncompressed size of a ciphertext (:meth:`CkksParams.max_chunk_bytes`);
-4. each chunk's 16-byte SEAL header: magic, version, compression mode, and a
-   declared size equal to the actual size.
+   uncompressed size of a ciphertext (:meth:`CkksParams.max_chunk_bytes`),
+   and its 16-byte SEAL header (:func:`validate_wire`);
+4. each chunk parsed completely in Python (:mod:`fedtune.crypto.seal_format`):
+   decompressed with a size limit, every header and metadata field compared
+   with the context, every coefficient below its prime, the seed fields of a
+   seeded upload, and ``c1 != 0`` (a *transparent* ciphertext decrypts to
+   values chosen without any key and would move the sum at will);
+5. a serialisation rebuilt from the checked numbers is loaded into SEAL
+   (:func:`to_seal`), which expands a seeded ``c1``.
 
-Only then does :func:`load_ciphertext` hand the bytes to SEAL, whose loader
-validates the metadata against the context and every coefficient against
-its prime, and throws (a Python exception, never a crash) otherwise. Finally
-the loaded ciphertext must have two polynomials, our parameters and our scale.
+:func:`validate_encrypted` runs all five. Once it has accepted payloads,
+:func:`fedtune.crypto.sum_encrypted` cannot fail on them: it repeats 4 and 5
+(deterministic) and adds the coefficients modulo each prime in numpy.
 
-Isolation finding (``tests/test_crypto_fuzz.py``, and 12,000 extra mutations
-during development fed to SEAL 4.3's loader *without* our pre-checks, in a
-child process): bit flips, header rewrites, truncation, random bodies behind
-valid headers, random bytes and appended garbage never crashed or hung the
-process; every failure was a ``RuntimeError``/``ValueError``. Deserialising
-in-process behind the checks above is therefore safe and costs nothing, so
-no subprocess isolation is used (a subprocess per reply would add tens of
-milliseconds and a pickling copy of every ciphertext).
+Why this much: SEAL 4.3's loader, handed the client's bytes after the checks
+of 1-3, aborts the process (``std::ios_base::failure`` escapes; SIGABRT) on
+some inner headers, e.g. a seed header claiming SEAL 2.x and compression
+mode 12, or an inner array header claiming zlib with a size beyond the
+input; both are built from a genuine upload without any key
+(``tests/test_seal_parse.py``). A Python ``try`` cannot catch an abort.
 
 A chunk that passes every check can still be a well-formed encryption of
 garbage: integrity of a client's update is TLS's and DP's business, not the
@@ -37,12 +41,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.crypto._seal import parse_header, seal_load, sealapi
+import numpy as np
+from numpy.typing import NDArray
+
+from fedtune.crypto._seal import parse_header, scratch_dir, seal_dump, seal_load, sealapi
 from fedtune.crypto.context import CkksContext
 from fedtune.crypto.errors import PayloadError
 from fedtune.crypto.params import CkksParams
+from fedtune.crypto.seal_format import ParsedCiphertext, parse_ciphertext, serialize
 
-__all__ = ["EncryptedVector", "load_ciphertext", "validate_wire"]
+__all__ = [
+    "EncryptedVector",
+    "full_coefficients",
+    "load_ciphertext",
+    "to_seal",
+    "validate_encrypted",
+    "validate_wire",
+]
 
 _WIRE_KEYS = frozenset({"chunks", "length", "fingerprint"})
 
@@ -171,50 +186,121 @@ def validate_wire(
     return enc
 
 
-def load_ciphertext(ctx: CkksContext, data: bytes, *, field: str, directory: str) -> Any:
-    """Deserialise one ciphertext and check it fits ``ctx`` exactly.
+def to_seal(ctx: CkksContext, ct: ParsedCiphertext, *, field: str, directory: str) -> Any:
+    """Load a SEAL ciphertext from a serialisation rebuilt from checked numbers.
 
     Parameters
     ----------
     ctx : CkksContext
         Public or secret context.
-    data : bytes
-        A serialised ciphertext (already size-checked by :func:`validate_wire`).
+    ct : ParsedCiphertext
+        Output of :func:`fedtune.crypto.seal_format.parse_ciphertext` for ``ctx.layout``.
     field : str
-        Name for error messages, e.g. ``"items[3].chunks[7]"``.
+        Name for error messages.
     directory : str
         Scratch directory from :func:`fedtune.crypto._seal.scratch_dir`.
 
     Raises
     ------
     PayloadError
-        If SEAL refuses the bytes or the ciphertext does not match ``ctx``.
+        If SEAL refuses the rebuilt bytes (it accepts everything the parser
+        passes, so that would be a parser bug; the payload is still dropped).
     """
-    parse_header(data, field=field)
-    sa = sealapi()
-    ct = sa.Ciphertext()
+    rebuilt = serialize(ctx.layout, ct, compress=False)
+    sealed = sealapi().Ciphertext()
     try:
-        seal_load(lambda p: ct.load(ctx._seal_context, p), data, directory)
+        seal_load(lambda p: sealed.load(ctx._seal_context, p), rebuilt, directory)
     except (RuntimeError, ValueError) as exc:
-        raise PayloadError(f"`{field}` is not a valid ciphertext for this context: {exc}.") from exc
-    p = ctx.params
-    first = ctx._seal_context.first_parms_id()
-    if list(ct.parms_id()) != list(first):
-        raise PayloadError(f"`{field}` is at another level of the modulus chain than this context.")
-    if ct.size() != 2:
-        raise PayloadError(
-            f"`{field}` has {ct.size()} polynomials; a fresh or summed ciphertext has 2."
-        )
-    if (ct.poly_modulus_degree(), ct.coeff_modulus_size()) != (
-        p.poly_modulus_degree,
-        p.data_prime_count,
-    ):
-        raise PayloadError(
-            f"`{field}` has N={ct.poly_modulus_degree()}, L={ct.coeff_modulus_size()}; "
-            f"expected N={p.poly_modulus_degree}, L={p.data_prime_count}."
-        )
-    if not ct.is_ntt_form():
-        raise PayloadError(f"`{field}` is not in NTT form, as CKKS ciphertexts are.")
-    if ct.scale != p.scale:
-        raise PayloadError(f"`{field}` has scale {ct.scale!r}; expected 2**{p.global_scale_bits}.")
-    return ct
+        raise PayloadError(f"`{field}`: SEAL refuses the checked ciphertext: {exc}.") from exc
+    if sealed.is_transparent():
+        raise PayloadError(f"`{field}` is transparent (c1 = 0) after seed expansion; refused.")
+    return sealed
+
+
+def load_ciphertext(
+    ctx: CkksContext, data: bytes, *, field: str, directory: str, seeded: bool | None = None
+) -> Any:
+    """Check untrusted bytes in Python, then load their rebuilt serialisation into SEAL.
+
+    ``seeded`` is passed to :func:`fedtune.crypto.seal_format.parse_ciphertext`.
+
+    Raises
+    ------
+    PayloadError
+        Naming the field and what does not fit ``ctx``.
+    """
+    return to_seal(
+        ctx,
+        parse_ciphertext(data, ctx.layout, field=field, seeded=seeded),
+        field=field,
+        directory=directory,
+    )
+
+
+def full_coefficients(
+    ctx: CkksContext, data: bytes, *, field: str, directory: str
+) -> NDArray[np.uint64]:
+    """Both polynomials of a checked ciphertext, ``uint64`` of shape ``(2, L, N)``.
+
+    A seeded ``c1`` is expanded by SEAL (from a rebuilt serialisation); its
+    output is parsed back like any untrusted chunk.
+
+    Raises
+    ------
+    PayloadError
+        If ``data`` does not parse for ``ctx``.
+    """
+    parsed = parse_ciphertext(data, ctx.layout, field=field)
+    if not parsed.seeded:
+        return parsed.data
+    sealed = to_seal(ctx, parsed, field=field, directory=directory)
+    expanded = parse_ciphertext(
+        seal_dump(sealed.save, directory), ctx.layout, field=field, seeded=False
+    )
+    return expanded.data
+
+
+def validate_encrypted(
+    ctx: CkksContext, payload: object, *, length: int, aggregate: bool = False
+) -> EncryptedVector:
+    """Check an untrusted payload completely (steps 1-5 of this module's docstring).
+
+    Parameters
+    ----------
+    ctx : CkksContext
+        The receiving context (public on the server, secret on a client).
+    payload : object
+        Anything; it is type-checked first.
+    length : int
+        Number of values the vector must carry (the adapter size).
+    aggregate : bool
+        ``False``: a client upload (seeded ciphertexts only, at most
+        ``params.max_chunk_bytes(polys=1)`` each). ``True``: a sum from the
+        server or a checkpoint (seeded or full, up to ``polys=2``).
+
+    Returns
+    -------
+    EncryptedVector
+        The same bytes, typed; :func:`fedtune.crypto.sum_encrypted` and
+        :func:`fedtune.crypto.decrypt_vector` cannot fail on them.
+
+    Raises
+    ------
+    PayloadError
+        Naming the field (e.g. ``chunks[3]``), what came and what was expected.
+    """
+    params = ctx.params
+    enc = validate_wire(
+        payload,
+        params=params,
+        expected_fingerprint=ctx.fingerprint,
+        expected_length=length,
+        max_chunk_bytes=params.max_chunk_bytes(polys=2 if aggregate else 1),
+    )
+    with scratch_dir() as tmp:
+        for i, chunk in enumerate(enc.chunks):
+            parsed = parse_ciphertext(
+                chunk, ctx.layout, field=f"chunks[{i}]", seeded=None if aggregate else True
+            )
+            to_seal(ctx, parsed, field=f"chunks[{i}]", directory=tmp)
+    return enc
