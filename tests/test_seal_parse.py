@@ -1,0 +1,242 @@
+"""Untrusted ciphertexts never reach SEAL: regression tests of issue 11 and parser unit tests.
+
+The first part replays payloads that crashed or fooled the aggregator before
+:mod:`fedtune.crypto.seal_format` existed. All are made from a genuine upload
+(or aggregate) by rewriting bytes, without any key. The two that abort the
+process (SIGABRT from inside SEAL) run in a child process,
+``python tests/test_seal_parse.py CASE``, so that a regression fails one test
+instead of killing pytest.
+
+The second part checks each rule of the parser with a specific error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zstandard
+
+from fedtune import crypto
+from fedtune.wire import CkksCodec, PayloadError
+
+N = crypto.DEFAULT_PARAMS.poly_modulus_degree
+LENGTH = N - 3  # one chunk
+ARRAY_AT = 73  # the coefficient array's SEALHeader, behind the metadata
+DATA_AT = ARRAY_AT + 16 + 8  # its header and count
+SEED_AT = DATA_AT + 8 * N  # the PRNG info's SEALHeader, in a seeded chunk (L = 1)
+
+
+# ----- forging, with nothing but zstd and struct -----------------------------------
+
+
+def members(chunk: bytes) -> bytearray:
+    """The decompressed members of a zstd-compressed chunk."""
+    return bytearray(zstandard.ZstdDecompressor().decompress(chunk[16:]))
+
+
+def rebuild(chunk: bytes, inner: bytes, *, compr_mode: int = 2) -> bytes:
+    """``chunk``'s outer header (mode and size fixed) in front of ``inner``, recompressed."""
+    body = zstandard.ZstdCompressor(level=1).compress(inner) if compr_mode == 2 else inner
+    out = bytearray(chunk[:16]) + body
+    out[5] = compr_mode
+    struct.pack_into("<Q", out, 8, len(out))
+    return bytes(out)
+
+
+def raw_zstd_frame(*blocks: tuple[str, bytes | int]) -> bytes:
+    """A zstd frame of hand-made blocks: ``("raw", data)`` or ``("rle", count)`` zero bytes.
+
+    zstd's format (RFC 8878): magic, a frame header with a 2-byte content size,
+    then blocks with a 3-byte header (last flag, type 0 raw / 1 RLE, size).
+    """
+    sizes = [len(b) if kind == "raw" else b for kind, b in blocks]  # type: ignore[arg-type]
+    total = int(sum(sizes))
+    out = bytearray(b"\x28\xb5\x2f\xfd\x60") + struct.pack("<H", total - 256)
+    for i, (kind, b) in enumerate(blocks):
+        size = sizes[i]
+        last = int(i == len(blocks) - 1)
+        out += (last | (0 if kind == "raw" else 1) << 1 | size << 3).to_bytes(3, "little")
+        out += b if kind == "raw" else b"\x00"  # type: ignore[operator]
+    return bytes(out)
+
+
+def seed_header_v2_mode12(upload: bytes) -> bytes:
+    """The PRNG info's inner header says SEAL 2.x, compression mode 12 (found by review)."""
+    inner = members(upload)
+    inner[SEED_AT + 3] = 2
+    inner[SEED_AT + 5] = 12
+    return rebuild(upload, bytes(inner))
+
+
+def array_header_zlib_oversize(upload: bytes) -> bytes:
+    """The coefficient array's inner header claims zlib and more bytes than follow (fuzzing)."""
+    inner = members(upload)
+    inner[ARRAY_AT + 5] = 1
+    struct.pack_into("<Q", inner, ARRAY_AT + 8, 40_000)
+    return rebuild(upload, bytes(inner))
+
+
+def size_zero(chunk: bytes) -> bytes:
+    """A ciphertext of zero polynomials: metadata size 0, an empty array, no seed."""
+    genuine = members(chunk)
+    meta = genuine[:ARRAY_AT]
+    struct.pack_into("<Q", meta, 33, 0)  # parms_id (32 B), ntt (1 B), then size
+    array = bytes(genuine[ARRAY_AT : ARRAY_AT + 8]) + struct.pack("<Q", 24)  # header, size 24
+    small = rebuild(chunk, bytes(meta) + array + struct.pack("<Q", 0))
+    # SEAL skips whatever follows the zstd frame; padding passes the size checks.
+    padded = bytearray(small) + np.random.default_rng(3).bytes(31_000 - len(small))
+    struct.pack_into("<Q", padded, 8, len(padded))
+    return bytes(padded)
+
+
+def zero_c1(aggregate: bytes, c0: np.ndarray | None = None) -> bytes:
+    """A full ciphertext with ``c1 = 0`` (and ``c0`` replaced if given): transparent."""
+    inner = members(aggregate)
+    if c0 is not None:
+        inner[DATA_AT : DATA_AT + 8 * N] = c0.astype("<u8").tobytes()
+    inner[DATA_AT + 8 * N : DATA_AT + 16 * N] = bytes(8 * N)
+    return rebuild(aggregate, bytes(inner))
+
+
+def with_chunk(payload: dict[str, Any], chunk: bytes) -> dict[str, Any]:
+    return {**payload, "chunks": [chunk]}
+
+
+# ----- child process: the cases that used to abort ---------------------------------
+
+FORGERIES: dict[str, Callable[[bytes], bytes]] = {
+    "seed-header": seed_header_v2_mode12,
+    "array-header": array_header_zlib_oversize,
+}
+
+
+def _outcome(step: Callable[[], object]) -> str:
+    try:
+        step()
+    except PayloadError as exc:
+        return f"PayloadError: {exc}"
+    except Exception as exc:  # reported, and the test fails on it
+        return f"{type(exc).__name__}: {exc}"
+    return "accepted"
+
+
+def child_main(case: str) -> dict[str, str]:
+    """Run one forged payload through the server's or a client's path; name each outcome."""
+    path, forgery = case.split(":")
+    ctx = crypto.make_secret_context()
+    server = CkksCodec(crypto.public_context(ctx), length=LENGTH)
+    client = CkksCodec(ctx, length=LENGTH)
+    upload = client.encode(np.random.default_rng(0).uniform(-1, 1, LENGTH))
+    bad = with_chunk(upload, FORGERIES[forgery](upload["chunks"][0]))
+    if path == "server":  # what server/strategy.py does with a reply
+        return {
+            "validate": _outcome(lambda: server.validate(bad)),
+            "add": _outcome(lambda: server.add([server.validate(upload), bad])),
+        }
+    # the same bytes as the global sum: fedtune/client.py validates, then decodes
+    return {
+        "validate": _outcome(lambda: client.validate(bad, aggregate=True)),
+        "decode": _outcome(lambda: client.decode(bad)),
+    }
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+@pytest.mark.parametrize("path", ["server", "client"])
+def test_forged_inner_header_does_not_kill_the_process(path: str, forgery: str) -> None:
+    run = subprocess.run(
+        [sys.executable, __file__, f"{path}:{forgery}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert run.returncode == 0, f"child died (rc {run.returncode}): {run.stderr[-2000:]}"
+    outcomes = json.loads(run.stdout.strip().splitlines()[-1])
+    for step, outcome in outcomes.items():
+        assert re.match(r"PayloadError: `(items\[1\]\.|enc\.)?chunks\[0\]` ", outcome), (
+            step,
+            outcome,
+        )
+
+
+# ----- in process: payloads that escaped as other errors or moved the sum -----------
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[CkksCodec, CkksCodec, dict[str, Any], dict[str, Any]]:
+    ctx = crypto.make_secret_context()
+    server = CkksCodec(crypto.public_context(ctx), length=LENGTH)
+    client = CkksCodec(ctx, length=LENGTH)
+    rng = np.random.default_rng(1)
+    upload = client.encode(rng.uniform(-1, 1, LENGTH))
+    aggregate = server.add([upload, client.encode(rng.uniform(-1, 1, LENGTH))])
+    return server, client, upload, aggregate
+
+
+def test_size_zero_ciphertext_rejected(keys: Any) -> None:
+    server, client, upload, aggregate = keys
+    for chunk in (upload["chunks"][0], aggregate["chunks"][0]):
+        bad = with_chunk(upload, size_zero(chunk))
+        with pytest.raises(PayloadError, match=r"`chunks\[0\]` does not decompress: .*unused data"):
+            server.validate(bad, aggregate=True)
+        with pytest.raises(PayloadError, match=r"`enc\.chunks\[0\]` does not decompress"):
+            client.decode(bad)
+
+
+def test_two_transparent_ciphertexts_rejected_before_add(keys: Any) -> None:
+    server, _, upload, aggregate = keys
+    bad = with_chunk(upload, zero_c1(aggregate["chunks"][0]))
+    for aggregate_mode in (False, True):
+        with pytest.raises(PayloadError, match=r"`chunks\[0\]`"):
+            server.validate(bad, aggregate=aggregate_mode)
+    with pytest.raises(PayloadError, match=r"`items\[0\]\.chunks\[0\]` is transparent"):
+        server.add([bad, bad])
+
+
+def _encoding(ctx: crypto.CkksContext, values: np.ndarray) -> np.ndarray:
+    """``c0`` of a transparent ciphertext that decrypts to ``values``: their plain encoding."""
+    import tenseal.sealapi as sa
+
+    plain = sa.Plaintext()
+    slots = values[0::2] + 1j * values[1::2]
+    ctx._encoder.encode(slots.tolist(), ctx.params.scale, plain)
+    return np.array([plain.data(i) for i in range(plain.coeff_count())], dtype=np.uint64)
+
+
+def test_forged_transparent_upload_rejected(keys: Any) -> None:
+    """``c1 = 0`` and ``c0`` = an encoding of chosen values, packed to look like an upload."""
+    server, client, upload, aggregate = keys
+    chosen = np.random.default_rng(2).uniform(100, 200, N)  # random-looking c0: incompressible
+    c0 = _encoding(client.context, chosen)
+    inner = members(zero_c1(aggregate["chunks"][0], c0))
+    # c0 stored raw, the zero c1 as one RLE block: the size of a genuine seeded upload.
+    frame = raw_zstd_frame(("raw", bytes(inner[: DATA_AT + 8 * N])), ("rle", 8 * N))
+    forged = bytearray(upload["chunks"][0][:16]) + frame
+    struct.pack_into("<Q", forged, 8, len(forged))
+    bad = with_chunk(upload, bytes(forged))
+    lo, hi = crypto.DEFAULT_PARAMS.min_chunk_bytes, crypto.DEFAULT_PARAMS.max_chunk_bytes(polys=1)
+    assert lo <= len(forged) <= hi  # it passes every size check an upload gets
+    with pytest.raises(
+        PayloadError, match=r"`chunks\[0\]` is a zstd frame of 65633 bytes .* at most 32946"
+    ):
+        server.validate(bad)
+    with pytest.raises(PayloadError, match=r"`chunks\[0\]` is transparent: its c1 is zero"):
+        client.validate(bad, aggregate=True)
+    with pytest.raises(PayloadError, match=r"`items\[1\]\.chunks\[0\]` is transparent"):
+        server.add([upload, bad])
+    with pytest.raises(PayloadError, match=r"`enc\.chunks\[0\]` is transparent"):
+        client.decode(bad)
+
+
+if __name__ == "__main__":
+    print(json.dumps(child_main(sys.argv[1])))
