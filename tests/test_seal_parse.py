@@ -240,3 +240,203 @@ def test_forged_transparent_upload_rejected(keys: Any) -> None:
 
 if __name__ == "__main__":
     print(json.dumps(child_main(sys.argv[1])))
+
+
+# ----- the parser, rule by rule ------------------------------------------------------
+
+
+def _set(offset: int, fmt: str, value: object) -> Callable[[bytearray], None]:
+    def mutate(inner: bytearray) -> None:
+        struct.pack_into(fmt, inner, offset, value)
+
+    return mutate
+
+
+def _coefficient_above_q(inner: bytearray) -> None:
+    struct.pack_into("<Q", inner, DATA_AT + 8 * 5, 2**64 - 1)
+
+
+#: (seeded chunk?, mutation of the decompressed members, error)
+INNER_CASES: dict[str, tuple[bool, Callable[[bytearray], None], str]] = {
+    "parms_id": (True, _set(0, "<B", 0), r"metadata \(parms_id, ntt, size, N, L, scale"),
+    "ntt": (True, _set(32, "<B", 0), r"metadata .* does not match this context's \(1, 2, 4096"),
+    "size": (True, _set(33, "<Q", 3), r"metadata .*\(0?1?, 3, 4096"),
+    "N": (True, _set(41, "<Q", 2048), r"metadata .* 2048, 1"),
+    "L": (True, _set(49, "<Q", 2), r"metadata .* 4096, 2,"),
+    "scale": (True, _set(57, "<d", 2.0**30), r"metadata .* 1073741824\.0"),
+    "correction": (True, _set(65, "<Q", 7), r"metadata .*, 7\)"),
+    "array_magic": (True, _set(ARRAY_AT, "<H", 0xBEEF), r"no SEAL header at inner offset 73"),
+    "array_version": (True, _set(ARRAY_AT + 3, "<B", 2), r"SEAL 2\.3 header at inner offset 73"),
+    "array_compr": (True, _set(ARRAY_AT + 5, "<B", 2), r"compression mode 2 at inner offset 73"),
+    "array_size": (True, _set(ARRAY_AT + 8, "<Q", 40_000), r"array header declares 40000 bytes"),
+    "count": (True, _set(ARRAY_AT + 16, "<Q", 8192), r"stores 8192 coefficients; expected 4096"),
+    "coefficient": (True, _coefficient_above_q, r"coefficient 5 of polynomial 0 is \d+, not below"),
+    "seed_version": (True, _set(SEED_AT + 3, "<B", 2), r"SEAL 2\.3 header at inner offset 32865"),
+    "seed_compr": (True, _set(SEED_AT + 5, "<B", 12), r"compression mode 12 at inner offset 32865"),
+    "seed_size": (True, _set(SEED_AT + 8, "<Q", 80), r"PRNG seed header declares 80 bytes"),
+    "prng_type": (True, _set(SEED_AT + 16, "<B", 0), r"PRNG type is 0; expected one of"),
+    "full_coefficient": (False, _set(DATA_AT + 8 * N + 8, "<Q", 2**60), r"polynomial 1 is \d+"),
+    "transparent": (
+        False,
+        lambda b: b.__setitem__(slice(DATA_AT + 8 * N, None), bytes(8 * N)),
+        r"is transparent: its c1 is zero modulo q_0",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def layout(keys: Any) -> Any:
+    return keys[0].context.layout
+
+
+@pytest.mark.parametrize("case", sorted(INNER_CASES))
+def test_inner_field_rejected(keys: Any, layout: Any, case: str) -> None:
+    from fedtune.crypto.seal_format import parse_ciphertext
+
+    _, _, upload, aggregate = keys
+    seeded, mutate, match = INNER_CASES[case]
+    chunk = (upload if seeded else aggregate)["chunks"][0]
+    inner = members(chunk)
+    mutate(inner)
+    for mode in (0, 2):  # the same check behind either compression mode
+        with pytest.raises(crypto.PayloadError, match=r"^`c` .*" + match):
+            parse_ciphertext(rebuild(chunk, bytes(inner), compr_mode=mode), layout, field="c")
+
+
+def _outer(offset: int, fmt: str, value: object) -> Callable[[bytes], bytes]:
+    def mutate(chunk: bytes) -> bytes:
+        out = bytearray(chunk)
+        struct.pack_into(fmt, out, offset, value)
+        return bytes(out)
+
+    return mutate
+
+
+def _with_dictionary_id(chunk: bytes) -> bytes:
+    inner = members(chunk)
+    frame = bytearray(raw_zstd_frame(("raw", bytes(inner))))
+    frame[4] |= 1  # Dictionary_ID_flag: one byte of dictionary id after the descriptor
+    frame[5:5] = b"\x07"
+    out = bytearray(chunk[:16]) + frame
+    struct.pack_into("<Q", out, 8, len(out))
+    return bytes(out)
+
+
+def _bomb(chunk: bytes) -> bytes:
+    frame = zstandard.ZstdCompressor(level=1).compress(bytes(10 * 2**20))
+    out = bytearray(chunk[:16]) + frame
+    struct.pack_into("<Q", out, 8, len(out))
+    return bytes(out)
+
+
+def _bomb_unknown_size(chunk: bytes) -> bytes:
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(2**20))
+    out = bytearray(chunk[:16]) + frame
+    struct.pack_into("<Q", out, 8, len(out))
+    return bytes(out)
+
+
+def _trailing(chunk: bytes) -> bytes:
+    out = bytearray(chunk) + b"\x00" * 8
+    struct.pack_into("<Q", out, 8, len(out))
+    return bytes(out)
+
+
+OUTER_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "short": (lambda c: c[:10], r"is 10 bytes, shorter than a SEAL header"),
+    "magic": (_outer(0, "<H", 0x1234), r"has no SEAL header \(magic=0x1234"),
+    "header_size": (_outer(2, "<B", 8), r"has no SEAL header .*header_size=8"),
+    "version": (_outer(3, "<B", 9), r"has a SEAL 9\.3 header; this build reads and writes 4\.3"),
+    "zlib": (_outer(5, "<B", 1), r"has compression mode 1; accepted: 0 \(none\), 2 \(zstd\)"),
+    "reserved": (_outer(6, "<H", 1), r"has no SEAL header .*reserved=1"),
+    "size": (_outer(8, "<Q", 12), r"declares 12 bytes in its SEAL header but has"),
+    "not_zstd": (
+        lambda c: c[:16] + bytes(len(c) - 16),
+        r"declares zstd but its body is not a zstd",
+    ),
+    "dictionary": (_with_dictionary_id, r"is a zstd frame with a dictionary \(7\)"),
+    "bomb": (_bomb, r"is a zstd frame of 10485760 bytes .* at most 65633"),
+    "bomb_unknown_size": (_bomb_unknown_size, r"does not decompress"),
+    "trailing": (_trailing, r"does not decompress: .*8 bytes of unused data"),
+    "truncated_frame": (lambda c: _outer(8, "<Q", len(c) - 1)(c[:-1]), r"does not decompress"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTER_CASES))
+def test_outer_layer_rejected(keys: Any, layout: Any, case: str) -> None:
+    from fedtune.crypto.seal_format import parse_ciphertext
+
+    mutate, match = OUTER_CASES[case]
+    with pytest.raises(crypto.PayloadError, match=r"^`c` " + match):
+        parse_ciphertext(mutate(keys[3]["chunks"][0]), layout, field="c")
+
+
+def test_kind_and_type_rejected(keys: Any, layout: Any) -> None:
+    from fedtune.crypto.seal_format import parse_ciphertext
+
+    upload, aggregate = keys[2]["chunks"][0], keys[3]["chunks"][0]
+    with pytest.raises(crypto.PayloadError, match=r"holds 32946 bytes .* expected 65633 \(full\)"):
+        parse_ciphertext(upload, layout, field="c", seeded=False)
+    with pytest.raises(crypto.PayloadError, match=r"zstd frame of 65633 bytes .* at most 32946"):
+        parse_ciphertext(aggregate, layout, field="c", seeded=True)
+    with pytest.raises(crypto.PayloadError, match=r"`c` should be bytes, got bytearray"):
+        parse_ciphertext(bytearray(upload), layout, field="c")  # type: ignore[arg-type]
+
+
+def test_rebuilt_bytes_equal_what_seal_wrote(keys: Any, layout: Any) -> None:
+    """The rebuild is SEAL's own serialisation, field for field (uncompressed)."""
+    from fedtune.crypto.seal_format import parse_ciphertext, serialize
+
+    for chunk in (keys[2]["chunks"][0], keys[3]["chunks"][0]):
+        parsed = parse_ciphertext(chunk, layout, field="c")
+        rebuilt = serialize(layout, parsed, compress=False)
+        assert rebuilt[16:] == bytes(members(chunk))
+        assert rebuilt[:16] == rebuild(chunk, bytes(members(chunk)), compr_mode=0)[:16]
+        again = parse_ciphertext(serialize(layout, parsed, compress=True), layout, field="c")
+        assert np.array_equal(again.data, parsed.data) and again.prng_info == parsed.prng_info
+
+
+# ----- add cannot fail on validated payloads ------------------------------------------
+
+
+def test_numpy_sum_equals_seal_evaluator(keys: Any) -> None:
+    """``sum_encrypted`` adds coefficients mod q exactly as SEAL's ``Evaluator.add`` does."""
+    from fedtune.crypto._seal import scratch_dir, seal_dump
+    from fedtune.crypto.payload import load_ciphertext
+    from fedtune.crypto.seal_format import parse_ciphertext
+
+    server, client, upload, _ = keys
+    ctx = server.context
+    rng = np.random.default_rng(4)
+    ups = [upload] + [client.encode(rng.uniform(-9, 9, LENGTH)) for _ in range(4)]
+    ours = parse_ciphertext(server.add(ups)["chunks"][0], ctx.layout, field="c", seeded=False)
+    with scratch_dir() as tmp:
+        acc = load_ciphertext(ctx, ups[0]["chunks"][0], field="u0", directory=tmp)
+        for k, up in enumerate(ups[1:]):
+            ct = load_ciphertext(ctx, up["chunks"][0], field=f"u{k}", directory=tmp)
+            ctx._evaluator.add_inplace(acc, ct)
+        theirs = parse_ciphertext(seal_dump(acc.save, tmp), ctx.layout, field="s", seeded=False)
+    assert np.array_equal(ours.data, theirs.data)
+
+
+def test_add_of_validated_payloads_cannot_fail(keys: Any) -> None:
+    """Even when the sum is transparent (SEAL's add throws there), add returns; receivers refuse."""
+    server, client, _, aggregate = keys
+    rng = np.random.default_rng(5)
+    q = server.context.layout.primes[0]
+    inner = members(aggregate["chunks"][0])
+    c1 = np.frombuffer(bytes(inner[DATA_AT + 8 * N : DATA_AT + 16 * N]), dtype="<u8")
+    inner[DATA_AT : DATA_AT + 8 * N] = rng.integers(0, q, N, dtype=np.uint64).tobytes()
+    inner[DATA_AT + 8 * N : DATA_AT + 16 * N] = ((q - c1) % q).astype("<u8").tobytes()
+    cancel = with_chunk(aggregate, rebuild(aggregate["chunks"][0], bytes(inner)))
+    payloads = [server.validate(p, aggregate=True) for p in (aggregate, cancel)]
+    total = server.add(payloads)  # SEAL: "result ciphertext is transparent"
+    with pytest.raises(PayloadError, match=r"`chunks\[0\]` is transparent"):
+        client.validate(total, aggregate=True)
+    # Extremes that pass validate: K uploads at +-max_abs_value / K add and decrypt.
+    peak = crypto.DEFAULT_PARAMS.max_abs_value
+    for k in (1, 2, 7):
+        vectors = [rng.choice([-1.0, 1.0], LENGTH) * peak / k for _ in range(k)]
+        ups = [server.validate(client.encode(v)) for v in vectors]
+        got = client.decode(client.validate(server.add(ups), aggregate=True))
+        assert np.abs(got - np.sum(vectors, axis=0)).max() < 1e-3
