@@ -98,7 +98,7 @@ class EncryptedVector:
     def from_wire(cls, payload: object) -> EncryptedVector:
         """Rebuild from :meth:`to_wire` output, checking types only.
 
-        Use :func:`validate_wire` for anything that came over the network.
+        Use :func:`validate_encrypted` for anything that came over the network.
         """
         if not isinstance(payload, Mapping):
             raise PayloadError(f"payload should be a mapping, got {type(payload).__name__}.")
@@ -132,7 +132,10 @@ def validate_wire(
     expected_length: int,
     max_chunk_bytes: int | None = None,
 ) -> EncryptedVector:
-    """Check an untrusted payload completely, without deserialising it.
+    """Steps 1-3 of this module's docstring: types, fingerprint, count, sizes, outer header.
+
+    Parses nothing behind the outer header; :func:`validate_encrypted` runs
+    this and then checks every chunk completely.
 
     Parameters
     ----------
