@@ -92,6 +92,7 @@ class Files:
 
     root: Path
     certs: Path
+    ca: Path
     ckks: Path
     rogue_ckks: Path
     keys: Path
@@ -105,6 +106,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Fil
     f = Files(
         root,
         root / "certs",
+        root / "ca-offline",
         root / "ckks",
         root / "rogue-ckks",
         root / "keys",
@@ -112,7 +114,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Fil
         root / "federation.toml",
     )
     for cmd in (
-        _fedtune("deploy", "certs", "--out", str(f.certs)),
+        _fedtune("deploy", "certs", "--out", str(f.certs), "--ca-dir", str(f.ca)),
         _fedtune("keygen", "--out", str(f.ckks)),
         _fedtune("keygen", "--out", str(f.rogue_ckks)),
         _fedtune("deploy", "node-key", "--out", str(f.keys), *NODES, "rogue"),
@@ -138,8 +140,10 @@ class Federation:
         self.files = files
         self.dir = files.root / name
         self.tag = f"{uuid.uuid4().hex}-{name}"
-        self.port = _free_port()
+        self.port = _free_port()  # the SuperLink itself: Control API (operator only)
         self.address = f"127.0.0.1:{self.port}"
+        self.fleet_port = _free_port()  # the node-facing, Fleet-only gateway
+        self.fleet_address = f"127.0.0.1:{self.fleet_port}"
         self.home = self.dir / "operator"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -172,15 +176,21 @@ class Federation:
                 str(self.files.certs),
                 "--state-dir",
                 str(self.dir / "server-state"),
-                "--port",
+                "--control-port",
                 str(self.port),
+                "--fleet-port",
+                str(self.fleet_port),
             ),
         )
         deadline = time.monotonic() + 60
+        waiting = {self.port, self.fleet_port}
         while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+            for port in list(waiting):
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        waiting.discard(port)
+            if not waiting:
+                return
             time.sleep(0.5)
         raise AssertionError("SuperLink did not start:\n" + self.log("superlink"))
 
@@ -213,7 +223,7 @@ class Federation:
                 "deploy",
                 "supernode",
                 "--superlink",
-                self.address,
+                self.fleet_address,
                 "--ca",
                 str(self.files.certs / "ca.crt"),
                 "--key",
@@ -408,20 +418,112 @@ def test_unregistered_node_is_refused(full_run: tuple[Federation, Path]) -> None
     assert not (fed.state("rogue") / "privacy").exists()
 
 
+def _listening(tag: str) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket that a process tagged ``tag...`` listens on."""
+    inodes: set[str] = set()
+    for pid in _tagged(tag):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found: set[tuple[str, int]] = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw, port = cols[1].split(":")
+            packed = bytes.fromhex(raw)
+            if family == socket.AF_INET:
+                packed = packed[::-1]
+            else:
+                packed = b"".join(packed[i : i + 4][::-1] for i in range(0, 16, 4))
+            found.add((socket.inet_ntop(family, packed), int(port, 16)))
+    return found
+
+
 def test_tls_is_required_and_nothing_listens_beyond_loopback(
     full_run: tuple[Federation, Path],
 ) -> None:
     fed, _ = full_run
     import ssl
 
-    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw:
-        ctx = ssl.create_default_context(cafile=str(fed.files.certs / "ca.crt"))
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            assert tls.version() in {"TLSv1.2", "TLSv1.3"}
-    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw:
-        untrusting = ssl.create_default_context()  # the system CAs do not know ours
-        with pytest.raises(ssl.SSLCertVerificationError):
-            untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+    for port in (fed.port, fed.fleet_port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            ctx = ssl.create_default_context(cafile=str(fed.files.certs / "ca.crt"))
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            untrusting = ssl.create_default_context()  # the system CAs do not know ours
+            with pytest.raises(ssl.SSLCertVerificationError):
+                untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+    server = _listening(f"{fed.tag}/superlink")
+    assert ("127.0.0.1", fed.port) in server and ("127.0.0.1", fed.fleet_port) in server
+    everyone = _listening(fed.tag)
+    assert {addr for addr, _ in everyone} == {"127.0.0.1"}, everyone
+
+
+def _post(fed: Federation, port: int, path: str, body: bytes = b"") -> tuple[int, str]:
+    """An HTTPS POST with what every node has: the deployment's CA certificate."""
+    import http.client
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(fed.files.certs / "ca.crt"))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/protobuf"})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def test_node_credentials_cannot_reach_the_control_api_through_the_fleet_port(
+    full_run: tuple[Federation, Path], tmp_path: Path
+) -> None:
+    """A node knows the Fleet address, ca.crt and its own key; it must not run the federation."""
+    fed, _ = full_run
+    attacker = tmp_path / "attacker-home"  # the flwr CLI pointed at the node-facing port
+    cli_env = {**_env(f"{fed.tag}/attacker"), "FLWR_HOME": str(attacker)}
+    from fedtune.deploy.roles import write_connection
+
+    write_connection(attacker, superlink_address=fed.fleet_address, ca=fed.files.certs / "ca.crt")
+    rogue_pub = str(fed.files.keys / "rogue.pub")
+    for args in (
+        ["supernode", "register", rogue_pub, "fedtune"],
+        ["supernode", "list", "fedtune"],
+        ["ls", "fedtune"],
+        ["run", str(Path(__file__).resolve().parents[1]), "fedtune"],
+    ):
+        done = subprocess.run(
+            ["flwr", *args],
+            env=cli_env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode != 0, (args, done.stdout, done.stderr)
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs"):
+        assert _post(fed, fed.fleet_port, path)[0] == 404
+    assert _post(fed, fed.fleet_port, "/v1/runtime/acquire-task")[0] == 404
+    # the Fleet API itself lets no node register another: Flower refuses with node auth on
+    status, _ = _post(fed, fed.fleet_port, "/v1/fleet/register-node")
+    assert status >= 400
+    # ... and the rogue key is still unknown to the SuperLink (operator's own view)
+    listed = subprocess.run(
+        ["flwr", "supernode", "list", "fedtune", "--format", "json"],
+        env={**_env(f"{fed.tag}/list"), "FLWR_HOME": str(fed.home)},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert len(nodes) == len(NODES), nodes
+    assert "refused" in fed.log("superlink") and "not a Fleet API call" in fed.log("superlink")
 
 
 def test_node_export_writes_the_final_adapter(
@@ -488,7 +590,8 @@ def test_server_killed_after_round_two_resumes_to_the_same_adapter(
     first, uninterrupted = full_run
     fed = Federation(files, "resume")
     for name in NODES:  # "the same seed": each node's own noise key, as in the first run
-        fed.state(name).mkdir(parents=True)
+        fed.state(name).mkdir(parents=True, mode=0o700)
+        fed.state(name).chmod(0o700)
         key = (first.state(name) / "noise-seed.key").read_bytes()
         (fed.state(name) / "noise-seed.key").write_bytes(key)
     try:

@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import ConfigError, collect_overrides
+from fedtune.deploy.pki import MAX_DAYS
+
+if TYPE_CHECKING:
+    from fedtune.deploy.roles import Launch
 
 DESCRIPTION = """\
 A real federation on Flower's deployment engine: one SuperLink (the server), one
 SuperNode per data owner, and `flwr run` to submit. TLS and SuperNode
-authentication are always on, runtime dependency installation is off, and each
-process gets FLWR_HOME inside its own state directory.
+authentication are always on, runtime dependency installation is off, each
+process gets FLWR_HOME inside its own state directory, and the SuperLink's
+Control API listens on 127.0.0.1 only (nodes reach a Fleet-only port).
 
-  server machine   fedtune deploy certs --out certs --host SERVER_ADDRESS
-                   fedtune keygen --out ckks            (give ckks/secret.ctx to every node)
-                   fedtune deploy superlink --certs certs --state-dir server-state
+  key holder       fedtune keygen --out ckks     (secret.ctx to every node; ONLY public.ctx
+                                                  goes to the server machine)
+  operator         fedtune deploy certs --out certs --ca-dir ca-offline --host SERVER_ADDRESS
+                       (copy certs/ to the server; keep ca-offline/ off it)
+  server machine   fedtune deploy superlink --certs certs --state-dir server-state \\
+                       --fleet-host 0.0.0.0 --fleet-port 9092
   each node        fedtune deploy node-key --out node-key NAME     (send NAME.pub to the operator)
-  operator         fedtune deploy register --superlink ADDR:9093 --ca certs/ca.crt \\
-                       --home op NAME.pub
-  each node        fedtune deploy supernode --superlink ADDR:9093 --ca ca.crt --key node-key/NAME \\
-                       --state-dir state --data-path my.csv --secret-context secret.ctx --port 9094
-  operator         fedtune deploy run FILE.toml --superlink ADDR:9093 --ca certs/ca.crt --home op \\
-                       --run-dir /srv/fedtune/run1 --public-context ckks/public.ctx [--resume]
+  operator         fedtune deploy register --superlink 127.0.0.1:9093 --ca certs/ca.crt \\
+                       --home op NAME.pub          (on the server, or through ssh -L 9093:...)
+  each node        fedtune deploy supernode --superlink SERVER_ADDRESS:9092 --ca ca.crt \\
+                       --key node-key/NAME --state-dir state --data-path my.csv \\
+                       --secret-context secret.ctx --port 9094
+  operator         fedtune deploy run FILE.toml --superlink 127.0.0.1:9093 --ca certs/ca.crt \\
+                       --home op --run-dir /srv/fedtune/run1 --public-context public.ctx [--resume]
   each node        fedtune export state --key secret.ctx          (the final PEFT adapter)
 """
 
@@ -60,19 +69,36 @@ def add_parser(sub: Any) -> None:
     certs = roles.add_parser(
         "certs",
         help="a CA and the SuperLink's TLS certificate",
-        description="Write OUT/ca.crt, ca.key, server.pem, server.key (keys mode 0600). "
-        "Give ca.crt to every node and operator; keep the rest on the server.",
+        description="Write CA_DIR/ca.key and ca.crt (the CA: keep CA_DIR offline, never on "
+        "the SuperLink) and OUT/ca.crt, server.pem, server.key (copy OUT to the SuperLink). "
+        "Private keys are mode 0600, certificates 0644, both directories 0700. Give ca.crt "
+        "to every node and operator. 127.0.0.1 is always in the server certificate (the "
+        "SuperLink's Control API listens there).",
     )
-    certs.add_argument("--out", required=True, type=Path, metavar="DIR")
+    certs.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="the SuperLink's certificates"
+    )
+    certs.add_argument(
+        "--ca-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the CA's private key and certificate (keep it offline)",
+    )
     certs.add_argument(
         "--host",
         action="append",
         dest="hosts",
         metavar="ADDRESS",
-        help="an address nodes use to reach the SuperLink (repeatable; "
-        "default: 127.0.0.1 and localhost)",
+        help="an IP address or DNS name nodes use to reach the SuperLink (repeatable; "
+        "no wildcards; default: 127.0.0.1 and localhost)",
     )
-    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    certs.add_argument(
+        "--days",
+        type=int,
+        default=365,
+        help=f"validity in days (default 365, at most {MAX_DAYS}); renew by running certs again",
+    )
 
     nk = roles.add_parser(
         "node-key",
@@ -88,12 +114,28 @@ def add_parser(sub: Any) -> None:
         help="start the SuperLink (TLS, node authentication, no runtime installs)",
         description="Run flower-superlink in the foreground with TLS from --certs, SuperNode "
         "authentication, runtime dependency installation off, its database and FLWR_HOME in "
-        "--state-dir (registrations and runs survive a restart).",
+        "--state-dir (registrations and runs survive a restart). Flower serves its Control "
+        "API (register nodes, submit runs; no authentication in open-source Flower) on the "
+        "same listener as the Fleet API, so the SuperLink listens on 127.0.0.1:CONTROL_PORT "
+        "only and a Fleet-only gateway on FLEET_HOST:FLEET_PORT faces the nodes. Refuses to "
+        "start if a CKKS secret context or the CA private key is in --certs or --state-dir.",
     )
-    sl.add_argument("--certs", required=True, type=Path, metavar="DIR", help="from `certs`")
+    sl.add_argument("--certs", required=True, type=Path, metavar="DIR", help="from `certs --out`")
     sl.add_argument("--state-dir", required=True, type=Path, metavar="DIR")
-    sl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sl.add_argument("--port", type=int, default=9093, help="the one HTTPS port (default 9093)")
+    sl.add_argument(
+        "--fleet-host",
+        default="127.0.0.1",
+        help="node-facing address of the Fleet API (default 127.0.0.1; 0.0.0.0 for all)",
+    )
+    sl.add_argument(
+        "--fleet-port", type=int, default=9092, help="node-facing Fleet API port (default 9092)"
+    )
+    sl.add_argument(
+        "--control-port",
+        type=int,
+        default=9093,
+        help="the SuperLink's own port on 127.0.0.1: Control API for `flwr` (default 9093)",
+    )
 
     reg = roles.add_parser(
         "register",
@@ -144,6 +186,43 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--quiet", action="store_true", help="do not stream the run's log")
 
 
+def _supervise_pair(first: Launch, second: Launch) -> int:
+    """Run two children until either ends (or SIGTERM / SIGINT), then stop the other."""
+    children = []
+    for launch in (first, second):
+        name = launch.argv[2] if launch.argv[0] == sys.executable else launch.argv[0]
+        print(f"fedtune deploy: starting {name}", file=sys.stderr, flush=True)
+        children.append(subprocess.Popen(launch.argv, env=launch.env))
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    codes = [child.returncode for child in children]
+    if stopping:
+        return 0
+    return next((c for c in codes if c != 0), 0) or 1
+
+
 def _supervise(argv: list[str], env: dict[str, str], *, key: Path) -> int:
     """Run ``flower-supernode`` as a child (forwarding SIGTERM / SIGINT) and explain a refusal."""
     print(f"fedtune deploy: starting {argv[0]}", file=sys.stderr, flush=True)
@@ -166,23 +245,22 @@ def _supervise(argv: list[str], env: dict[str, str], *, key: Path) -> int:
     return code
 
 
-def _exec(argv: list[str], env: dict[str, str]) -> int:
-    print(f"fedtune deploy: starting {' '.join(argv[:1])}", file=sys.stderr, flush=True)
-    os.execvpe(argv[0], argv, env)
-    return 0  # not reached
-
-
 def run(args: argparse.Namespace) -> int:
     """Carry out ``fedtune deploy ROLE``."""
     from fedtune.deploy import pki, roles, submit  # noqa: PLC0415
 
     if args.role == "certs":
         files = pki.make_tls(
-            args.out, hosts=args.hosts or ["127.0.0.1", "localhost"], days=args.days
+            args.out,
+            ca_dir=args.ca_dir,
+            hosts=args.hosts or ["127.0.0.1", "localhost"],
+            days=args.days,
         )
         print(f"CA certificate (every node and operator): {files.ca_cert}")
+        print(f"CA private key (keep offline, never on the SuperLink): {files.ca_key}")
         print(
-            f"server certificate and key (SuperLink only): {files.server_cert}, {files.server_key}"
+            f"SuperLink directory (copy to the server): {files.server_ca_cert.parent} "
+            f"({files.server_cert.name}, {files.server_key.name}, {files.server_ca_cert.name})"
         )
         return 0
     if args.role == "node-key":
@@ -191,10 +269,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: private {key.private} (stays on the node), public {key.public}")
         return 0
     if args.role == "superlink":
-        launch = roles.superlink(
-            certs=args.certs, state_dir=args.state_dir, host=args.host, port=args.port
+        link = roles.superlink(
+            certs=args.certs, state_dir=args.state_dir, control_port=args.control_port
         )
-        return _exec(launch.argv, launch.env)
+        gateway = roles.fleet_gateway(
+            certs=args.certs,
+            host=args.fleet_host,
+            port=args.fleet_port,
+            control_port=args.control_port,
+        )
+        return _supervise_pair(link, gateway)
     if args.role == "supernode":
         config = roles.node_config(
             state_dir=args.state_dir,

@@ -1,24 +1,31 @@
 """What a secured deployment needs besides CKKS keys: TLS certificates and node keys.
 
-* :func:`make_tls` writes a private CA (``ca.crt``, ``ca.key``) and a server
-  certificate signed by it (``server.pem``, ``server.key``) whose subject
-  alternative names are the addresses client nodes will dial. The SuperLink gets
-  ``ca.crt``, ``server.pem`` and ``server.key``; every SuperNode and ``flwr``
-  CLI user gets only ``ca.crt``.
+* :func:`make_tls` writes a private CA into a directory of its own (``ca.key``,
+  ``ca.crt``: the operator keeps it offline) and the SuperLink's certificate
+  directory (``ca.crt``, ``server.pem``, ``server.key``) whose server certificate
+  names the addresses client nodes will dial (and always ``127.0.0.1``, where the
+  SuperLink's own Control and runtime API listen). Every SuperNode and ``flwr``
+  CLI user gets only ``ca.crt``. The CA key never sits beside the server key:
+  whoever takes the SuperLink could otherwise mint certificates for any name.
 * :func:`make_node_key` writes one SuperNode authentication key pair in the
-  OpenSSH format Flower reads: an ECDSA key on NIST P-384 (``NAME``, mode
-  0600, stays on the node) and its public half (``NAME.pub``, registered with
-  the SuperLink by ``flwr supernode register``).
+  OpenSSH format Flower reads: an ECDSA key on NIST P-384 (``NAME``, stays on
+  the node) and its public half (``NAME.pub``, registered with the SuperLink by
+  ``flwr supernode register``).
 
-Both use ``cryptography`` (already a dependency of Flower). Existing files are
-never overwritten: a deployment's identities must not change by accident.
+Every file gets an explicit mode whatever the umask (private keys 0600, public
+files 0644) and every directory that holds a private key is 0700. Both use
+``cryptography`` (already a dependency of Flower). Existing files are never
+overwritten: a deployment's identities must not change by accident.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +36,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedtune.config import ConfigError
 
+#: Longest certificate validity ``make_tls`` issues (days; about 27 months, the old
+#: CA/Browser Forum limit). Renew with a fresh ``fedtune deploy certs``.
+MAX_DAYS = 825
+#: The address the SuperLink's own APIs listen on; always in the server certificate.
+LOOPBACK = "127.0.0.1"
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+SECRET_DIR_MODE = 0o700
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -36,6 +54,7 @@ class TlsFiles:
 
     ca_cert: Path
     ca_key: Path
+    server_ca_cert: Path
     server_cert: Path
     server_key: Path
 
@@ -49,48 +68,107 @@ class NodeKey:
 
 
 def _refuse_existing(*paths: Path) -> None:
-    existing = [str(p) for p in paths if p.exists()]
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
     if existing:
         raise ConfigError(f"{existing} already exist; fedtune never overwrites keys.")
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file readable by its owner only (mode 0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a new file with exactly ``mode`` (the umask does not apply)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)
         fh.write(data)
 
 
-def _san(host: str) -> x509.GeneralName:
+def secret_dir(path: Path, option: str) -> Path:
+    """Create ``path`` with mode 0700, or check that an existing one is not open to others."""
+    path = Path(path)
+    if path.is_symlink():
+        raise ConfigError(f"{option} {str(path)!r} is a symbolic link; give the directory itself.")
+    if not path.exists():
+        path.mkdir(parents=True, mode=SECRET_DIR_MODE)
+        path.chmod(SECRET_DIR_MODE)  # mkdir's mode is filtered by the umask
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} is not a directory.")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"{option} {str(path)!r} is open to other users (mode {mode:04o}) and would hold "
+            f"a private key; give a new directory or run `chmod 700 {path}` first."
+        )
+    return path
+
+
+def check_san(host: str) -> x509.GeneralName:
+    """A subject alternative name for ``host``: an IP address or an RFC 1123 DNS name.
+
+    Wildcards, empty labels, spaces and the unspecified address are refused: a
+    certificate names the exact addresses nodes dial, nothing broader.
+    """
     try:
-        return x509.IPAddress(ipaddress.ip_address(host))
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return x509.DNSName(host)
+        ip = None
+    if ip is not None:
+        if ip.is_unspecified or ip.is_multicast:
+            raise ConfigError(
+                f"--host {host!r} is not an address a node can dial; name the server's own "
+                "IP address or DNS name (listening on all interfaces is `--fleet-host`)."
+            )
+        return x509.IPAddress(ip)
+    name = host.lower()
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ConfigError(
+            f"--host must be an IP address or a DNS name of letters, digits and inner hyphens "
+            f"(RFC 1123 labels of 1-63 characters, no wildcard, no trailing dot), got {host!r}."
+        )
+    return x509.DNSName(name)
 
 
-def make_tls(out_dir: Path, *, hosts: list[str], days: int = 365) -> TlsFiles:
-    """Write a CA and a server certificate valid for ``hosts`` (IPs or DNS names).
+def make_tls(out_dir: Path, *, ca_dir: Path, hosts: list[str], days: int = 365) -> TlsFiles:
+    """Write a CA into ``ca_dir`` and the SuperLink's certificates into ``out_dir``.
 
     Parameters
     ----------
     out_dir : Path
-        Created if needed; must not already hold these files.
+        The SuperLink's certificate directory (``ca.crt``, ``server.pem``,
+        ``server.key``); created with mode 0700; must not already hold these files.
+    ca_dir : Path
+        The CA's own directory (``ca.key``, ``ca.crt``), mode 0700: keep it off the
+        SuperLink, offline. Must differ from ``out_dir``.
     hosts : list[str]
-        Every address a SuperNode or ``flwr`` will use to reach the SuperLink,
-        e.g. ``["127.0.0.1", "localhost"]`` or ``["superlink.example.org"]``.
+        Every address a SuperNode will use to reach the SuperLink, e.g.
+        ``["superlink.example.org"]``; ``127.0.0.1`` is always added (the Control
+        API and the ServerApp's runtime API listen there).
     days : int
-        Validity of both certificates.
+        Validity of both certificates, 1 to :data:`MAX_DAYS`.
     """
     if not hosts or any(not h.strip() for h in hosts):
         raise ConfigError(f"--host must name at least one address, got {hosts!r}.")
-    if days < 1:
-        raise ConfigError(f"--days must be >= 1, got {days}.")
-    out_dir = Path(out_dir)
+    sans = [check_san(h) for h in hosts]
+    if x509.IPAddress(ipaddress.ip_address(LOOPBACK)) not in sans:
+        sans.append(x509.IPAddress(ipaddress.ip_address(LOOPBACK)))
+    sans = list(dict.fromkeys(sans))
+    if not 1 <= days <= MAX_DAYS:
+        raise ConfigError(f"--days must be in 1..{MAX_DAYS}, got {days}.")
+    out_dir, ca_dir = Path(out_dir), Path(ca_dir)
+    if out_dir.resolve() == ca_dir.resolve():
+        raise ConfigError(
+            f"--ca-dir must not be --out ({str(out_dir)!r}): the CA key stays off the SuperLink."
+        )
     files = TlsFiles(
-        out_dir / "ca.crt", out_dir / "ca.key", out_dir / "server.pem", out_dir / "server.key"
+        ca_dir / "ca.crt",
+        ca_dir / "ca.key",
+        out_dir / "ca.crt",
+        out_dir / "server.pem",
+        out_dir / "server.key",
     )
-    _refuse_existing(files.ca_cert, files.ca_key, files.server_cert, files.server_key)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_existing(*dataclasses.astuple(files))
+    secret_dir(ca_dir, "--ca-dir")
+    secret_dir(out_dir, "--out")
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtune deployment CA")])
@@ -122,13 +200,13 @@ def make_tls(out_dir: Path, *, hosts: list[str], days: int = 365) -> TlsFiles:
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(sans[0].value))]))
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -136,32 +214,35 @@ def make_tls(out_dir: Path, *, hosts: list[str], days: int = 365) -> TlsFiles:
     pem = serialization.Encoding.PEM
     pkcs8 = serialization.PrivateFormat.PKCS8
     none = serialization.NoEncryption()
-    files.ca_cert.write_bytes(ca_cert.public_bytes(pem))
-    _write_private(files.ca_key, ca_key.private_bytes(pem, pkcs8, none))
-    files.server_cert.write_bytes(server_cert.public_bytes(pem))
-    _write_private(files.server_key, server_key.private_bytes(pem, pkcs8, none))
+    ca_pem = ca_cert.public_bytes(pem)
+    _write(files.ca_key, ca_key.private_bytes(pem, pkcs8, none), PRIVATE_MODE)
+    _write(files.ca_cert, ca_pem, PUBLIC_MODE)
+    _write(files.server_ca_cert, ca_pem, PUBLIC_MODE)
+    _write(files.server_cert, server_cert.public_bytes(pem), PUBLIC_MODE)
+    _write(files.server_key, server_key.private_bytes(pem, pkcs8, none), PRIVATE_MODE)
     return files
 
 
 def make_node_key(out_dir: Path, name: str) -> NodeKey:
-    """Write ``out_dir/name`` (private, 0600) and ``out_dir/name.pub`` (OpenSSH, P-384)."""
-    if not name or "/" in name or name.startswith("."):
+    """Write ``out_dir/name`` (private, 0600) and ``out_dir/name.pub`` (0644; OpenSSH, P-384)."""
+    if not name or "/" in name or name.startswith(".") or not name.isprintable() or " " in name:
         raise ConfigError(f"node name must be a plain file name, got {name!r}.")
     out_dir = Path(out_dir)
     key = NodeKey(out_dir / name, out_dir / f"{name}.pub")
     _refuse_existing(key.private, key.public)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    secret_dir(out_dir, "--out")
     private = ec.generate_private_key(ec.SECP384R1())
-    _write_private(
+    _write(
         key.private,
         private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         ),
+        PRIVATE_MODE,
     )
     public = private.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    key.public.write_bytes(public + f" {name}\n".encode())
+    _write(key.public, public + f" {name}\n".encode(), PUBLIC_MODE)
     return key

@@ -11,7 +11,10 @@ always with
 * runtime dependency installation off (the SuperLink's default is on; SuperNodes
   never install),
 * ``FLWR_HOME`` set per process inside a directory the operator chose, so nothing
-  lands in ``~`` by surprise, and model hubs offline.
+  lands in ``~`` by surprise, and model hubs offline,
+* the SuperLink bound to ``127.0.0.1`` (its Control API accepts anyone who reaches
+  it) and only its Fleet API on the node-facing address, through
+  :mod:`fedtune.deploy.gateway`.
 
 Every function returns a :class:`Launch` (argv + environment); ``fedtune deploy``
 executes it. Values given to Flower's ``--node-config`` / ``--run-config`` are TOML.
@@ -20,11 +23,14 @@ executes it. Values given to Flower's ``--node-config`` / ``--run-config`` are T
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ConfigError, _toml_value
+from fedtune.deploy.guard import check_superlink_dirs
+from fedtune.deploy.pki import secret_dir
 
 #: Environment every fedtune process of a deployment gets (no hub, no telemetry).
 OFFLINE_ENV = {
@@ -34,6 +40,9 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "FLWR_TELEMETRY_ENABLED": "0",
 }
+
+#: Where the SuperLink itself listens (Control, runtime and Fleet API together).
+LOOPBACK = "127.0.0.1"
 
 #: The name of the SuperLink connection fedtune writes into the operator's FLWR_HOME.
 CONNECTION = "fedtune"
@@ -52,6 +61,12 @@ def _file(path: Path, what: str, option: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{option} {str(path)!r} ({what}) does not exist.")
     return path
+
+
+def _port(port: int, option: str) -> int:
+    if not 0 < port < 65536:
+        raise ConfigError(f"{option} must be in 1..65535, got {port}.")
+    return port
 
 
 def _address(address: str) -> str:
@@ -73,26 +88,31 @@ def superlink(
     *,
     certs: Path,
     state_dir: Path,
-    host: str = "127.0.0.1",
-    port: int = 9093,
+    control_port: int = 9093,
     base_env: Mapping[str, str] | None = None,
 ) -> Launch:
     """``flower-superlink`` with TLS, node authentication and a persistent database.
 
-    Its one HTTPS port serves the Fleet API (SuperNodes), the Control API (``flwr``)
-    and the ServerApp's runtime API. The database in ``state_dir`` keeps registered
-    nodes and runs across a restart. The ServerApp process that the SuperLink
-    starts inherits this environment (``FLWR_HOME`` = ``state_dir/flwr-home``).
+    Flower 1.41 serves the Fleet API (SuperNodes), the Control API (``flwr``: register
+    nodes, submit runs) and the ServerApp's runtime API on this one listener, and
+    its open-source Control API authenticates nobody. It is therefore bound to
+    ``127.0.0.1:control_port`` only; nodes reach the Fleet API through
+    :func:`fleet_gateway`. It refuses to start when a CKKS secret context or the
+    CA's private key sits in ``certs`` or ``state_dir``
+    (:func:`fedtune.deploy.guard.check_superlink_dirs`). The database in
+    ``state_dir`` keeps registered nodes and runs across a restart; the ServerApp
+    process inherits this environment (``FLWR_HOME`` = ``state_dir/flwr-home``).
     """
     certs = Path(certs).expanduser().resolve()
     state_dir = Path(state_dir).expanduser().resolve()
     ca = _file(certs / "ca.crt", "the CA certificate", "--certs")
     cert = _file(certs / "server.pem", "the server certificate", "--certs")
     key = _file(certs / "server.key", "the server key", "--certs")
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {port}.")
+    _port(control_port, "--control-port")
+    check_superlink_dirs(certs=certs, state_dir=state_dir)
+    secret_dir(state_dir, "--state-dir")
     home = state_dir / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(exist_ok=True, mode=0o700)
     argv = [
         "flower-superlink",
         f"--ssl-ca-certfile={ca}",
@@ -100,11 +120,41 @@ def superlink(
         f"--ssl-keyfile={key}",
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
-        f"--host={host}",
-        f"--port={port}",
+        f"--host={LOOPBACK}",
+        f"--port={control_port}",
         f"--database={state_dir / 'superlink.db'}",
     ]
     return Launch(argv, _environment(home, base_env))
+
+
+def fleet_gateway(
+    *,
+    certs: Path,
+    host: str,
+    port: int,
+    control_port: int,
+    base_env: Mapping[str, str] | None = None,
+) -> Launch:
+    """The node-facing Fleet-only listener (:mod:`fedtune.deploy.gateway`) on ``host:port``."""
+    certs = Path(certs).expanduser().resolve()
+    _port(port, "--fleet-port")
+    if port == control_port:
+        raise ConfigError(
+            f"--fleet-port and --control-port must differ, both are {port}: nodes get the "
+            "Fleet API only, the Control API stays on 127.0.0.1."
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "fedtune.deploy.gateway",
+        f"--host={host}",
+        f"--port={port}",
+        f"--upstream-port={control_port}",
+        f"--certs={certs}",
+    ]
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(OFFLINE_ENV)
+    return Launch(argv, env)
 
 
 def node_config(
@@ -161,10 +211,9 @@ def supernode(
     """``flower-supernode`` dialling the SuperLink over TLS with its authentication key."""
     ca = _file(ca, "the CA certificate", "--ca")
     key = _file(key, "this node's private key", "--key")
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {port}.")
-    home = Path(str(config["state-dir"])) / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
+    _port(port, "--port")
+    home = secret_dir(Path(str(config["state-dir"])), "--state-dir") / "flwr-home"
+    home.mkdir(exist_ok=True, mode=0o700)
     pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
     argv = [
         "flower-supernode",
