@@ -47,8 +47,8 @@ Two key sources, one method:
 * :class:`CsprngNoise` (the default everywhere): a fresh key from the OS CSPRNG
   (:func:`secrets.token_bytes`), never stored, so the noise cannot be reproduced.
 * :class:`SeededNoise`: the key is SHA-256 of a seed, so the noise is reproducible --
-  for simulations and tests only. Anyone who knows the seed knows the noise; never use
-  it on real data.
+  for simulations and tests. Anyone who knows the seed knows the noise; never use it on
+  real data with a seed that is not a secret (see the class).
 
 Draw ``i`` of a source (``i = 0, 1, ...``) reads the keystream under nonce ``i`` from
 block 0, so no (key, nonce) pair is ever reused and a :class:`SeededNoise` replays the
@@ -202,12 +202,16 @@ class CsprngNoise(ChaChaNoise):
 
 
 class SeededNoise(ChaChaNoise):
-    """Reproducible noise, key = SHA-256 of ``seed``: for simulations and tests only.
+    """Reproducible noise, key = SHA-256 of ``seed``: for simulations and tests.
 
     Same method as :class:`CsprngNoise`; only the key differs. Whoever knows the seed
     can recompute and subtract the noise, so the DP guarantee holds only against
-    someone who does not, and never when the seed is derived from public values.
-    Do not use it on real data.
+    someone who does not. With a seed derived from public values (a simulation's run
+    seed, a round number) that is everyone: never use such a seed on real data. The
+    one legitimate use on real data is a *secret* seed of at least 128 random bits
+    (``bytes``, e.g. an HMAC of the node's own secret key with run, round and client),
+    when a retried release must repeat the same noise rather than publish a second,
+    unaccounted draw.
     """
 
     def __init__(self, seed: int | bytes) -> None:
