@@ -11,13 +11,12 @@ import pytest
 
 pytest.importorskip("opacus")
 
-from fedtune.privacy.accounting import AccountantState  # noqa: E402
-from fedtune.privacy.audit import audit_records  # noqa: E402
+from fedtune.privacy.accounting import AccountantState, compute_epsilon  # noqa: E402
+from fedtune.privacy.audit import RunExpectation, audit_records  # noqa: E402
 from fedtune.privacy.client_level import (  # noqa: E402
     clip_update,
     compose_client_round,
     distributed_noise,
-    effective_noise_multiplier,
 )
 from fedtune.privacy.ledger import (  # noqa: E402
     LedgerConflictError,
@@ -25,30 +24,52 @@ from fedtune.privacy.ledger import (  # noqa: E402
     LedgerRecord,
     PrivacyLedger,
 )
+from fedtune.privacy.noise import SeededNoise  # noqa: E402
 
 DELTA = 1e-5
-ROUND = dict(noise_multiplier=1.0, sample_rate=0.05, steps=40, max_grad_norm=1.0, delta=DELTA)
+# q = batch_size / num_examples = 20 / 400, steps = local_epochs * int(1 / q) = 2 * 20
+ROUND = dict(
+    noise_multiplier=1.0,
+    sample_rate=0.05,
+    steps=40,
+    max_grad_norm=1.0,
+    delta=DELTA,
+    accountant="prv",
+    relation="replace-one",
+    level="example",
+    noise="csprng",
+    batch_size=20,
+    local_epochs=2,
+    num_examples=400,
+)
 
 
 def _fill(
-    ledger: PrivacyLedger, rounds: int, client: str = "c0", run_id: str = "run"
+    ledger: PrivacyLedger, rounds: int, client: str = "c0", run_id: str = "run", nonce: str = "n1"
 ) -> list[LedgerRecord]:
     return [
-        ledger.record(run_id=run_id, round=r, client=client, timestamp=1000.0 + r, **ROUND)
+        ledger.record(
+            run_id=run_id,
+            run_nonce=nonce,
+            input_hash=f"h{r}",
+            round=r,
+            client=client,
+            timestamp=1000.0 + r,
+            **ROUND,
+        )
         for r in range(1, rounds + 1)
     ]
 
 
 def test_ledger_epsilon_equals_one_shot_accountant(tmp_path: Path) -> None:
-    from opacus.accountants import PRVAccountant
-
     ledger = PrivacyLedger(tmp_path / "privacy" / "c0.jsonl")
     recs = _fill(ledger, 3)
-    one_shot = PRVAccountant()
-    one_shot.history = [(1.0, 0.05, 120)]
-    assert recs[-1].epsilon == one_shot.get_epsilon(delta=DELTA)
+    one_shot = compute_epsilon(
+        [(1.0, 0.05, 120)], delta=DELTA, accountant="prv", relation="replace-one"
+    )
+    assert recs[-1].epsilon == one_shot
     assert recs[0].epsilon < recs[1].epsilon < recs[2].epsilon
-    assert ledger.history() == AccountantState().compose(
+    assert ledger.history(client="c0", level="example") == AccountantState().compose(
         noise_multiplier=1.0, sample_rate=0.05, steps=40
     ).compose(noise_multiplier=1.0, sample_rate=0.05, steps=40).compose(
         noise_multiplier=1.0, sample_rate=0.05, steps=40
@@ -56,14 +77,38 @@ def test_ledger_epsilon_equals_one_shot_accountant(tmp_path: Path) -> None:
     assert [json.loads(line)["round"] for line in ledger.path.read_text().splitlines()] == [1, 2, 3]
 
 
-def test_resumed_round_is_not_counted_twice(tmp_path: Path) -> None:
+def _again(ledger: PrivacyLedger, **change: object) -> LedgerRecord:
+    kw = dict(run_id="run", run_nonce="n1", input_hash="h2", round=2, client="c0", **ROUND)
+    return ledger.record(**{**kw, **change})  # type: ignore[arg-type]
+
+
+def test_replayed_release_is_not_counted_twice(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "c0.jsonl")
     first = _fill(ledger, 2)
-    again = ledger.record(run_id="run", round=2, client="c0", timestamp=5.0, **ROUND)
+    again = _again(ledger, timestamp=5.0)
     assert again == first[1]  # the stored record, timestamp included
     assert len(ledger.records()) == 2
-    with pytest.raises(LedgerConflictError, match=r"round \('run', 2, 'c0'\) is already in"):
-        ledger.record(run_id="run", round=2, client="c0", **{**ROUND, "steps": 41})
+    with pytest.raises(LedgerConflictError, match=r"release \('n1', 2, 'c0'\) is already in"):
+        _again(ledger, steps=41)
+
+
+def test_second_release_of_a_round_from_another_input_is_refused(tmp_path: Path) -> None:
+    # Before releases were nonce-keyed, this was "already recorded": skipped, not counted.
+    ledger = PrivacyLedger(tmp_path / "c0.jsonl")
+    _fill(ledger, 2)
+    with pytest.raises(LedgerConflictError, match="another input or parameters"):
+        _again(ledger, input_hash="another-global-state")
+    assert len(ledger.records()) == 2
+
+
+def test_a_new_run_under_the_same_run_id_is_a_new_counted_release(tmp_path: Path) -> None:
+    # Same run-id (e.g. a second run-dir with the same basename), same round: the client's
+    # own nonce differs, so the release is appended and composes with the first run.
+    ledger = PrivacyLedger(tmp_path / "c0.jsonl")
+    first = _fill(ledger, 1)
+    second = _fill(ledger, 1, nonce="n2")
+    assert len(ledger.records()) == 2
+    assert second[0].epsilon > first[0].epsilon
 
 
 def test_torn_last_line_is_ignored_then_repaired(tmp_path: Path) -> None:
@@ -74,7 +119,7 @@ def test_torn_last_line_is_ignored_then_repaired(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning, match="torn last line"):
         assert ledger.records() == recs
     with pytest.warns(RuntimeWarning, match="torn last line"):
-        third = ledger.record(run_id="run", round=3, client="c0", timestamp=3.0, **ROUND)
+        third = _again(ledger, round=3, input_hash="h3", timestamp=3.0)
     assert ledger.records() == [*recs, third]  # no warning any more: repaired
     assert ledger.path.read_bytes().endswith(b"}\n")
 
@@ -84,7 +129,7 @@ def test_complete_last_record_missing_newline_is_kept(tmp_path: Path) -> None:
     _fill(ledger, 2)
     ledger.path.write_bytes(ledger.path.read_bytes()[:-1])
     assert len(ledger.records()) == 2
-    ledger.record(run_id="run", round=3, client="c0", **ROUND)
+    _again(ledger, round=3, input_hash="h3")
     assert len(ledger.records()) == 3
 
 
@@ -97,20 +142,51 @@ def test_corrupt_middle_line_raises(tmp_path: Path) -> None:
         ledger.records()
 
 
-def test_history_refuses_mixed_clients(tmp_path: Path) -> None:
+def test_history_is_per_client_and_example_level_counts_client_level_rounds(
+    tmp_path: Path,
+) -> None:
     ledger = PrivacyLedger(tmp_path / "all.jsonl")
     _fill(ledger, 2, client="a")
     _fill(ledger, 1, client="b")
-    with pytest.raises(ValueError, match=r"several values of `client` \(\['a', 'b'\]\)"):
-        ledger.history()
-    assert ledger.history(client="b").total_steps == 40
-    assert ledger.history("run", client="a").total_steps == 80
+    assert ledger.history(client="b", level="example").total_steps == 40
+    assert ledger.history(client="a", level="example").total_steps == 80
+    client_round = {
+        **ROUND,
+        "level": "client",
+        "sample_rate": 1.0,
+        "steps": 1,
+        "batch_size": 0,
+        "local_epochs": 0,
+        "sampled_clients": 4,
+        "tolerance": 1,
+    }
+    rec = ledger.record(
+        run_id="r2", run_nonce="n9", input_hash="x", round=1, client="a", **client_round
+    )
+    # the client-level ε composes client-level releases only ...
+    assert rec.epsilon == compute_epsilon(
+        [(1.0, 1.0, 1)], delta=DELTA, accountant="prv", relation="replace-one"
+    )
+    assert ledger.history(client="a", level="client").total_steps == 1
+    # ... the example-level guarantee is spent by every release of the data
+    assert ledger.history(client="a", level="example").total_steps == 81
+
+
+def test_legacy_records_load_as_replace_one_seeded_and_keyed_by_run_id(tmp_path: Path) -> None:
+    legacy = {
+        "run_id": "run", "round": 1, "client": "c0", "noise_multiplier": 1.0,
+        "sample_rate": 0.05, "steps": 40, "max_grad_norm": 1.0, "delta": DELTA,
+        "accountant": "prv", "epsilon": 1.0, "level": "example", "timestamp": 1.0,
+    }  # fmt: skip
+    rec = LedgerRecord.from_dict(legacy)
+    assert rec.legacy and rec.key == ("legacy:run", 1, "c0")
+    assert (rec.relation, rec.noise) == ("replace-one", "seeded")
 
 
 def test_cumulative_epsilon_spans_runs(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "node.jsonl")
     first = _fill(ledger, 1, run_id="r1")
-    second = _fill(ledger, 1, run_id="r2")
+    second = _fill(ledger, 1, run_id="r2", nonce="n2")
     assert second[0].epsilon > first[0].epsilon  # same data, second run adds up
 
 
@@ -123,10 +199,15 @@ def test_cumulative_epsilon_spans_runs(tmp_path: Path) -> None:
         ("client", "", r"`client` must be a non-empty string, got ''"),
         ("delta", 0.0, r"`delta` must be a delta in \(0, 1\), got 0.0"),
         ("accountant", "gdp", r"`accountant` must be one of \('prv', 'rdp'\), got 'gdp'"),
+        ("relation", "zero-out", r"`relation` must be one of .*got 'zero-out'"),
+        ("noise", "mt19937", r"`noise` must be one of \('csprng', 'seeded'\), got 'mt19937'"),
+        ("run_nonce", "", r"`run_nonce` must be the client's own nonce"),
+        ("input_hash", "x" * 200, r"`input_hash` must be a short printable string"),
+        ("batch_size", -1, r"`batch_size` must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_record_inputs(tmp_path: Path, field: str, value: object, match: str) -> None:
-    kw = dict(run_id="run", round=1, client="c0", **ROUND)
+    kw = dict(run_id="run", run_nonce="n1", input_hash="h", round=1, client="c0", **ROUND)
     kw[field] = value
     with pytest.raises(ValueError, match=match):
         PrivacyLedger(tmp_path / "x.jsonl").record(**kw)  # type: ignore[arg-type]
@@ -144,7 +225,7 @@ def _ledger_dicts(tmp_path: Path, rounds: int = 3) -> list[dict]:
 
 def test_audit_ok(tmp_path: Path) -> None:
     records = _ledger_dicts(tmp_path)
-    report = audit_records(records, budget_epsilon=records[-1]["epsilon"] + 0.5)
+    report = audit_records(records, budget_epsilon=records[-1]["epsilon"] + 0.5, delta=DELTA)
     assert report.ok
     (c,) = report.clients
     assert (c.rounds, c.total_steps, c.noise_multipliers, c.sample_rates) == (
@@ -153,6 +234,7 @@ def test_audit_ok(tmp_path: Path) -> None:
         (1.0,),
         (0.05,),
     )
+    assert (c.relation, c.noise) == ("replace-one", "csprng")
     assert c.epsilon_prv == records[-1]["epsilon"] < c.epsilon_rdp
     json.dumps(report.to_dict())
 
@@ -160,36 +242,92 @@ def test_audit_ok(tmp_path: Path) -> None:
 def test_audit_catches_epsilon_edited_down(tmp_path: Path) -> None:
     records = _ledger_dicts(tmp_path)
     records[1]["epsilon"] -= 0.1  # a middle record massaged down
-    report = audit_records(records, budget_epsilon=None)
+    report = audit_records(records, budget_epsilon=None, delta=DELTA)
     (c,) = report.clients
     assert c.verdict == "under-reported" and not report.ok
     assert "round 2" in c.problems[0]
     # within the stated tolerance it is numerics, not under-reporting
     records = _ledger_dicts(tmp_path / "b")
     records[-1]["epsilon"] -= 0.01
-    assert audit_records(records, budget_epsilon=None).ok
+    assert audit_records(records, budget_epsilon=None, delta=DELTA).ok
 
 
 def test_audit_catches_overrun(tmp_path: Path) -> None:
     records = _ledger_dicts(tmp_path)
     spent = records[-1]["epsilon"]
-    report = audit_records(records, budget_epsilon=spent - 0.05)
+    report = audit_records(records, budget_epsilon=spent - 0.05, delta=DELTA)
     assert report.clients[0].verdict == "overrun"
     assert "budget" in report.clients[0].problems[0]
     # an overrun that was also hidden in the report is still an overrun
     records[-1]["epsilon"] = 0.1
-    assert audit_records(records, budget_epsilon=spent - 0.05).clients[0].verdict == "overrun"
+    verdict = audit_records(records, budget_epsilon=spent - 0.05, delta=DELTA).clients[0].verdict
+    assert verdict == "overrun"
+
+
+def test_audit_recomputes_at_the_configured_delta_not_the_records_delta(tmp_path: Path) -> None:
+    # A ledger written at δ = 0.05 states a small ε that is honest *at 0.05*; at the
+    # configured δ = 1e-5 the same mechanism is far over the budget. Today's code (before
+    # this fix) audited each record at its own δ and passed it.
+    ledger = PrivacyLedger(tmp_path / "c0.jsonl")
+    for r in range(1, 4):
+        ledger.record(
+            run_id="run",
+            run_nonce="n1",
+            input_hash=f"h{r}",
+            round=r,
+            client="c0",
+            **{**ROUND, "delta": 0.05, "noise_multiplier": 0.7},
+        )
+    records = ledger.records()
+    assert records[-1].epsilon < 8.0  # honest at δ = 0.05
+    report = audit_records(records, budget_epsilon=8.0, delta=DELTA)
+    (c,) = report.clients
+    assert c.verdict == "overrun" and c.epsilon_prv > 8.0 and c.delta == DELTA
+    assert any("recorded at δ=0.05, not the audit δ=1e-05" in p for p in c.problems)
+    # within the budget but at the wrong δ: still not ok
+    loose = audit_records(records, budget_epsilon=1e6, delta=DELTA).clients[0]
+    assert loose.verdict == "inconsistent"
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"num_examples": 500}, "is not batch_size / num_examples"),
+        ({"steps": 39}, "is not local_epochs · int(1/q)"),
+    ],
+)
+def test_audit_cross_checks_the_composition(tmp_path: Path, change: dict, problem: str) -> None:
+    records = [dict(r, **change) for r in _ledger_dicts(tmp_path, rounds=1)]
+    (c,) = audit_records(records, budget_epsilon=None, delta=DELTA, tolerance=100).clients
+    assert c.verdict == "inconsistent" and any(problem in p for p in c.problems), c.problems
+
+
+def test_audit_checks_records_against_the_run_config(tmp_path: Path) -> None:
+    records = _ledger_dicts(tmp_path, rounds=1)
+    expect = RunExpectation(batch_size=64, local_epochs=2, max_grad_norm=1.0)
+    (c,) = audit_records(records, budget_epsilon=None, delta=DELTA, expect=expect).clients
+    assert c.verdict == "inconsistent"
+    assert any("batch_size=20, the run config says 64" in p for p in c.problems)
+
+
+def test_audit_marks_seeded_noise_as_not_for_real_data(tmp_path: Path) -> None:
+    records = [dict(r, noise="seeded") for r in _ledger_dicts(tmp_path, rounds=1)]
+    (c,) = audit_records(records, budget_epsilon=None, delta=DELTA).clients
+    assert c.verdict == "ok" and c.noise == "seeded"
+    assert any("not for real data" in p for p in c.problems)
 
 
 def test_audit_bad_inputs(tmp_path: Path) -> None:
     records = _ledger_dicts(tmp_path, rounds=1)
     with pytest.raises(ValueError, match=r"`budget_epsilon` must be a finite epsilon > 0, got 0"):
-        audit_records(records, budget_epsilon=0)
+        audit_records(records, budget_epsilon=0, delta=DELTA)
     with pytest.raises(ValueError, match=r"`tolerance` must be finite and >= 0, got -1"):
-        audit_records(records, budget_epsilon=None, tolerance=-1)
+        audit_records(records, budget_epsilon=None, delta=DELTA, tolerance=-1)
+    with pytest.raises(ValueError, match=r"`delta` must be a delta in \(0, 1\), got 2"):
+        audit_records(records, budget_epsilon=None, delta=2)
     bad = dict(records[0], sample_rate=0.0)
     with pytest.raises(ValueError, match=r"`sample_rate` must be a sampling probability"):
-        audit_records([bad], budget_epsilon=None)
+        audit_records([bad], budget_epsilon=None, delta=DELTA)
 
 
 # -- client-level DP ---------------------------------------------------------------------
@@ -207,46 +345,24 @@ def test_clip_update_by_hand() -> None:
         clip_update(np.array([np.nan]), clip_norm=1.0)
 
 
-def test_distributed_noise_sums_to_central_std() -> None:
-    sigma, clip, m = 1.2, 0.5, 8
-    rng = np.random.default_rng(0)
-    shares = [
-        distributed_noise(
-            200_000, noise_multiplier=sigma, clip_norm=clip, num_sampled_clients=m, generator=rng
-        )
-        for _ in range(m)
-    ]
-    # each share has std σC/√m; the sum over m clients has std σC = 0.6
-    assert np.std(shares[0]) == pytest.approx(sigma * clip / math.sqrt(m), rel=0.01)
-    assert np.std(np.sum(shares, axis=0)) == pytest.approx(sigma * clip, rel=0.01)
+def test_distributed_noise_keeps_sigma_with_t_shares_missing() -> None:
+    sigma, clip, m, t = 1.2, 0.5, 8, 2
+    noise = SeededNoise(0)
+    kw = dict(noise_multiplier=sigma, clip_norm=clip, num_sampled_clients=m, tolerance=t)
+    shares = [distributed_noise(200_000, noise=noise, **kw) for _ in range(m)]
+    # each share has std σC/√(m-t); any m - t of them sum to std σC = 0.6
+    assert np.std(shares[0]) == pytest.approx(sigma * clip / math.sqrt(m - t), rel=0.01)
+    assert np.std(np.sum(shares[: m - t], axis=0)) == pytest.approx(sigma * clip, rel=0.01)
     with pytest.raises(ValueError, match=r"`num_sampled_clients` must be an integer >= 1, got 0"):
-        distributed_noise(
-            3, noise_multiplier=1.0, clip_norm=1.0, num_sampled_clients=0, generator=rng
-        )
+        distributed_noise(3, noise=noise, **{**kw, "num_sampled_clients": 0})
     with pytest.raises(ValueError, match=r"`noise_multiplier` must be finite and > 0, got -1"):
-        distributed_noise(
-            3, noise_multiplier=-1, clip_norm=1.0, num_sampled_clients=2, generator=rng
-        )
-    with pytest.raises(ValueError, match="`generator` must be a numpy.random.Generator"):
-        distributed_noise(3, noise_multiplier=1, clip_norm=1.0, num_sampled_clients=2, generator=0)  # type: ignore[arg-type]
+        distributed_noise(3, noise=noise, **{**kw, "noise_multiplier": -1})
+    with pytest.raises(ValueError, match=r"`tolerance` must be an integer in \[0, 7\]"):
+        distributed_noise(3, noise=noise, **{**kw, "tolerance": 8})
 
 
-def test_client_level_accounting() -> None:
-    state = compose_client_round(
-        AccountantState(), noise_multiplier=1.0, num_sampled_clients=10, num_clients=100
-    )
-    assert state.opacus_history() == [(1.0, 0.1, 1)]
-    assert (
-        effective_noise_multiplier(
-            noise_multiplier=2.0, num_sampled_clients=8, num_aggregated_clients=2
-        )
-        == 1.0
-    )
-    with pytest.raises(
-        ValueError, match=r"`num_sampled_clients` \(5\) cannot exceed `num_clients` \(4\)"
-    ):
-        compose_client_round(state, noise_multiplier=1.0, num_sampled_clients=5, num_clients=4)
-    with pytest.raises(ValueError, match=r"`num_aggregated_clients` \(3\) cannot exceed"):
-        effective_noise_multiplier(
-            noise_multiplier=1.0, num_sampled_clients=2, num_aggregated_clients=3
-        )
+def test_client_level_accounting_is_one_unamplified_step_per_round() -> None:
+    # The server picks the clients from a seed it knows: no amplification (q = 1), and
+    # not q = m / N as before this fix.
+    state = compose_client_round(AccountantState(), noise_multiplier=1.0)
+    assert state.opacus_history() == [(1.0, 1.0, 1)]

@@ -39,6 +39,7 @@ is the cross-check, PRV is the tight figure) but it is an upper bound.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -113,17 +114,27 @@ def replace_one_rdp(
 
     Every order must be a multiple of 1/2 and at least 1.5.
     """
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    out = []
     for alpha in orders:
         if alpha < 1.5 or not float(2 * alpha).is_integer():
             raise ValueError(f"replace-one RDP orders must be k/2 with k >= 3, got {alpha!r}.")
-        hi, lo = rdp_analysis.compute_rdp(
-            q=sample_rate,
-            noise_multiplier=noise_multiplier,
-            steps=steps,
-            orders=[2 * alpha, 2 * alpha - 1],
-        )
-        out.append((alpha - 0.5) / (alpha - 1) * hi + lo)
-    return np.asarray(out, dtype=np.float64)
+    per_step = _add_remove_rdp(float(sample_rate), float(noise_multiplier))
+    out = [
+        (alpha - 0.5) / (alpha - 1) * per_step[int(2 * alpha)] + per_step[int(2 * alpha) - 1]
+        for alpha in orders
+    ]
+    return steps * np.asarray(out, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _add_remove_rdp(sample_rate: float, noise_multiplier: float) -> dict[int, float]:
+    """Opacus' exact add/remove RDP of one step at every integer order the grid needs."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    needed = sorted(
+        {int(2 * a) for a in REPLACE_ONE_RDP_ORDERS}
+        | {int(2 * a) - 1 for a in REPLACE_ONE_RDP_ORDERS}
+    )
+    values = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=needed
+    )
+    return dict(zip(needed, (float(v) for v in values), strict=True))
