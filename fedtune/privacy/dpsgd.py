@@ -328,6 +328,13 @@ def make_dp_training(
         collate_fn=collate_fn,  # type: ignore[arg-type]
         generator=generator,
     )
+    # Opacus shapes an empty Poisson batch after the first non-empty one it collated, and
+    # guesses (wrongly, for dict items) when the very first batch is empty. Collate one
+    # real item up front so that an empty batch is the same dict with zero rows; the step
+    # on it adds pure noise (fedtune.train), as the accounting assumes.
+    wrapped = loader.collate_fn
+    if getattr(wrapped, "first_batch", False) is None and hasattr(wrapped, "wrapped_collator_fn"):
+        wrapped.first_batch = wrapped.wrapped_collator_fn([dataset[0]])  # type: ignore[index]
     gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
     # Poisson batches must each be one optimizer step; as PrivacyEngine does, make a
     # second backward without step()/zero_grad() an error instead of a silent merge.
