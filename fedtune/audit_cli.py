@@ -201,11 +201,6 @@ def _run(args: argparse.Namespace) -> int:
     ledgers, notes = _read_ledgers(files)
     budget = _find_budget(args.budget, path)
     facts = _run_facts(args.delta, path)
-    if facts.delta is None:
-        notes.append(
-            f"no δ to audit at ({facts.delta_source}): each client's ε is stated at its own "
-            "records' δ; pass --delta to audit at the δ you were promised."
-        )
     report, sources = _audit(
         ledgers,
         budget=budget.epsilon,
@@ -301,22 +296,20 @@ def _run_facts(given: float | None, path: Path) -> _RunFacts:
     flat: dict[str, object] = {}
     if path.is_dir() and config.is_file():
         flat = load_toml(config)
-    expect = RunExpectation()
-    if flat:
-        try:
-            cfg = parse_run_config(flat, ignore=frozenset(flat) - frozenset(_CHECKED_KEYS))
-        except ConfigError as err:
-            raise ConfigError(f"{str(config)!r}: {err}") from err
-        expect = RunExpectation(
-            batch_size=cfg.train.batch_size,
-            local_epochs=cfg.train.local_epochs,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-        )
+    checked = {k: flat[k] for k in _CHECKED_KEYS if k in flat}
+    try:
+        cfg = parse_run_config(checked)
+    except ConfigError as err:
+        raise ConfigError(f"{str(config)!r}: {err}") from err
+    expect = RunExpectation(
+        batch_size=cfg.train.batch_size if "batch-size" in checked else None,
+        local_epochs=cfg.train.local_epochs if "local-epochs" in checked else None,
+        max_grad_norm=cfg.privacy.max_grad_norm if "max-grad-norm" in checked else None,
+    )
     if given is not None:
         return _RunFacts(given, "--delta", expect)
-    if "target-delta" in flat:
-        delta = float(flat["target-delta"])  # type: ignore[arg-type]  # parsed above
-        return _RunFacts(delta, f"target-delta in {config}", expect)
+    if "target-delta" in checked:
+        return _RunFacts(cfg.privacy.target_delta, f"target-delta in {config}", expect)
     where = "a single ledger file" if path.is_file() else f"no {str(config)!r}"
     return _RunFacts(None, f"no --delta and {where}", expect)
 

@@ -18,11 +18,25 @@ from fedtune.privacy import PrivacyLedger, compute_epsilon  # noqa: E402
 DELTA = 1e-5
 # q = 1 (no subsampling) keeps each PRV evaluation at ~20 ms; a subsampled history
 # takes ~0.5 s, which over every record of every test would blow the time budget.
-ROUND = dict(sample_rate=1.0, steps=1, max_grad_norm=1.0, delta=DELTA)
-SIGMAS = {"client-0": 4.0, "client-1": 3.0}
+# (a full batch of 10 of 10 examples, one epoch: the q = 1 / steps = 1 the records claim)
+ROUND = dict(
+    sample_rate=1.0,
+    steps=1,
+    max_grad_norm=1.0,
+    delta=DELTA,
+    accountant="prv",
+    relation="replace-one",
+    level="example",
+    noise="csprng",
+    batch_size=10,
+    local_epochs=1,
+    num_examples=10,
+)
+RO = {"relation": "replace-one"}
+SIGMAS = {"client-0": 8.0, "client-1": 6.0}
 ROUNDS = 3
-# PRV ε after 3 rounds: σ=4 -> 1.708, σ=3 -> 2.352 (compute_epsilon, checked below), so a
-# budget of 2.0 is overrun by client-1 only.
+# Replace-one PRV ε after 3 rounds (q = 1: sensitivity 2): σ=8 -> 1.708, σ=6 -> 2.352
+# (compute_epsilon, checked below), so a budget of 2.0 is overrun by client-1 only.
 SPLIT_BUDGET = 2.0
 
 
@@ -38,6 +52,8 @@ def _write_ledgers(folder: Path) -> None:
         for r in range(1, ROUNDS + 1):
             ledger.record(
                 run_id="run-a",
+                run_nonce="nonce-a",
+                input_hash=f"input-{r}",
                 round=r,
                 client=client,
                 noise_multiplier=sigma,
@@ -69,7 +85,7 @@ def _json_report(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, d
 
 def test_golden_epsilons_split_the_budget() -> None:
     eps = {
-        c: compute_epsilon([(s, 1.0, ROUNDS)], delta=DELTA, accountant="prv")
+        c: compute_epsilon([(s, 1.0, ROUNDS)], delta=DELTA, accountant="prv", **RO)
         for c, s in SIGMAS.items()
     }
     assert eps["client-0"] < SPLIT_BUDGET < eps["client-1"]
@@ -85,6 +101,7 @@ def test_clean_run_exits_0_and_lists_every_client(
     assert "reported ε" in out and "PRV ε" in out
     assert "audit ok: all 2 clients ok" in out
     assert "budget NOT checked" in out  # no --budget, no config.toml: said, not hidden
+    assert "δ NOT fixed" in out and "replace-one" in out and "csprng" in out
     assert err == ""  # metrics.jsonl was not taken for a ledger
 
 
@@ -142,10 +159,10 @@ def test_json_report_has_verdicts_and_recomputed_epsilons(
         c = clients[client]
         history = [(sigma, 1.0, ROUNDS)]
         assert c["epsilon_prv"] == pytest.approx(
-            compute_epsilon(history, delta=DELTA, accountant="prv")
+            compute_epsilon(history, delta=DELTA, accountant="prv", **RO)
         )
         assert c["epsilon_rdp"] == pytest.approx(
-            compute_epsilon(history, delta=DELTA, accountant="rdp")
+            compute_epsilon(history, delta=DELTA, accountant="rdp", **RO)
         )
         assert c["epsilon_rdp"] >= c["epsilon_prv"]  # RDP is the looser bound
         assert (c["rounds"], c["total_steps"], c["noise_multipliers"]) == (ROUNDS, ROUNDS, [sigma])
@@ -317,3 +334,37 @@ def test_client_in_several_ledgers_is_audited_per_file_with_a_warning(
     assert code == 0
     assert [c["verdict"] for c in report["clients"]] == ["ok", "ok"]
     assert "client 'client-0' (example-level) appears in 2 ledgers (a.jsonl, b.jsonl)" in err
+
+
+def test_delta_comes_from_config_toml_and_records_at_another_delta_fail(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run_dir / "config.toml").write_text("target-delta = 1e-5\ntarget-epsilon = 8.0\n")
+    code, report, _ = _json_report(capsys, str(run_dir))
+    assert (code, report["delta"]) == (0, DELTA) and "target-delta in" in report["delta_source"]
+    # the run promised δ = 1e-7: every record (written at 1e-5) is flagged, and ε is
+    # recomputed at 1e-7 (larger than what the records state)
+    code, report, err = _json_report(capsys, str(run_dir), "--delta", "1e-7")
+    assert code == 1 and report["delta_source"] == "--delta"
+    assert {c["verdict"] for c in report["clients"]} == {"inconsistent"}
+    assert "recorded at δ=1e-05, not the audit δ=1e-07" in err
+    for c in report["clients"]:
+        assert c["epsilon_prv"] > c["reported_epsilon"]
+
+
+def test_records_that_disagree_with_the_run_config_fail(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run_dir / "config.toml").write_text("target-delta = 1e-5\nbatch-size = 64\n")
+    code, report, err = _json_report(capsys, str(run_dir))
+    assert code == 1 and {c["verdict"] for c in report["clients"]} == {"inconsistent"}
+    assert "batch_size=10, the run config says 64" in err
+
+
+@pytest.mark.parametrize("value", ["0", "1", "x"])
+def test_bad_delta_flag_exits_2(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    with pytest.raises(SystemExit, match="2"):
+        _audit(str(run_dir), "--delta", value)
+    assert f"argument --delta: expected a δ in (0, 1), got {value!r}" in capsys.readouterr().err

@@ -84,7 +84,9 @@ TRAIN_ARGS = (
 )
 
 
-def _simulate(run_dir: Path, model: Path, data: Path, *extra: str, rounds: int = 6) -> None:
+def _simulate(
+    run_dir: Path, model: Path, data: Path, *extra: str, rounds: int = 6
+) -> subprocess.CompletedProcess[str]:
     proc = _fedtune(
         "simulate",
         "--run-dir",
@@ -100,6 +102,7 @@ def _simulate(run_dir: Path, model: Path, data: Path, *extra: str, rounds: int =
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"round {rounds}/{rounds}" in proc.stderr
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +276,7 @@ def private_run(
     tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     run_dir = tmp_path_factory.mktemp("private") / "run"
-    _simulate(
+    proc = _simulate(
         run_dir,
         tiny_model_dir,
         toy_csv,
@@ -283,8 +286,11 @@ def private_run(
         "dp=example",
         "--set",
         "target-epsilon=3",
+        "--set",
+        "label-names=animal,food,tool",
         rounds=3,
     )
+    (run_dir.parent / "cli-output.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
 
 
@@ -305,6 +311,22 @@ def test_private_encrypted_run_ledgers_agree_with_metrics_and_audit(private_run:
     report = json.loads(audit.stdout)
     assert {c["client"] for c in report["clients"]} == {"client-0", "client-1", "client-2"}
     assert all(c["verdict"] == "ok" for c in report["clients"])
+    assert report["delta"] == 1e-5 and "target-delta" in report["delta_source"]
+
+
+@pytest.mark.slow
+def test_a_dp_run_writes_no_training_statistic_of_any_client(private_run: Path) -> None:
+    # Before the fix DP clients sent train-loss and train-seconds in plaintext, and the
+    # server logged them and wrote them to metrics.jsonl.
+    for record in _records(private_run)[1:]:
+        assert "train-loss" not in record
+        for values in record["clients"].values():
+            assert set(values) <= {"num-examples", "epsilon", "eval-loss", "eval-accuracy",
+                                   "eval-examples"}, values  # fmt: skip
+            assert "train-loss" not in values and "train-seconds" not in values
+    log = (private_run.parent / "cli-output.txt").read_text()
+    assert "round 3/3" in log and "epsilon" in log
+    assert "train-loss" not in log and "train-seconds" not in log
 
 
 @pytest.mark.slow
@@ -312,6 +334,7 @@ def test_budget_spent_clients_decline_and_run_stops_clearly(
     tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
     # sigma fixed by hand: the budget covers 2 of the 6 planned rounds, then clients decline.
+    # Replace-one RDP (q = 8/32, 16 steps a round): 6.476, 9.214, 11.419 > 10.
     proc = _fedtune(
         "simulate",
         "--run-dir",
@@ -324,18 +347,19 @@ def test_budget_spent_clients_decline_and_run_stops_clearly(
         "--set",
         "dp=example",
         "--set",
-        "noise-multiplier=1.0",
+        "noise-multiplier=2.0",
         "--set",
-        "epsilon-budget=12",
+        "epsilon-budget=10",
         "--set",
         "accountant=rdp",
+        "--set",
+        "label-names=animal,food,tool",
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "stopped: Round" in last and "fewer than `min-clients` = 2" in last
     assert "Round 3:" in last and "declined by client-0: privacy budget" in last
     records = _records(tmp_path / "run")
-    # RDP: one round costs 8.26, two 11.26, three 13.72 > 12: round 3 is declined.
     assert [r["round"] for r in records] == [0, 1, 2]
-    assert records[-1]["epsilon"] == pytest.approx(11.263, abs=1e-3)
+    assert records[-1]["epsilon"] == pytest.approx(9.214, abs=1e-3)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()  # nothing lost

@@ -121,3 +121,60 @@ def test_vanished_and_silent_nodes_are_named_by_the_node_they_were_sent_to() -> 
         "node-8": "client error: Node Unavailable",
         "node-9": "no reply before `round-timeout`",
     }
+
+
+def _dp_update(codec: PlainCodec, node: int, vector: list[float], n: int = 1) -> Message:
+    """A DP client's reply: no training statistics, ε instead."""
+    return _reply(
+        node,
+        RecordDict(
+            {
+                "update": ConfigRecord(dict(codec.encode(np.asarray(vector) * n))),
+                "info": ConfigRecord({"client": f"client-{node}"}),
+                "metrics": MetricRecord({"num-examples": n, "epsilon": 1.5}),
+            }
+        ),
+    )
+
+
+def test_train_messages_carry_the_sampled_count() -> None:
+    strategy = _strategy(PlainCodec(length=2))
+    messages = strategy._messages(3, [11, 12, 13], MessageType.TRAIN)
+    assert [m.content.config_records["config"]["sampled-clients"] for m in messages] == [3] * 3
+    evaluate = strategy._messages(3, [11, 12], MessageType.EVALUATE)
+    assert "sampled-clients" not in evaluate[0].content.config_records["config"]
+
+
+def test_dp_replies_without_train_loss_aggregate_and_report_none() -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    _, metrics = strategy.aggregate_train(1, [_dp_update(codec, 1, [1.0, 1.0], 5)])
+    assert metrics is not None and "train-loss" not in metrics
+    assert strategy.last_train.accepted["client-1"] == {"num-examples": 5.0, "epsilon": 1.5}
+
+
+def test_client_level_round_with_fewer_than_m_minus_t_shares_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    codec = PlainCodec(length=2)
+    strategy = FedTuneStrategy(
+        codec=codec,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_clients=1,
+        seed=0,
+        client_dp_tolerance=1,
+    )
+    strategy._messages(1, [1, 2, 3, 4], MessageType.TRAIN)  # m = 4 sampled, t = 1
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        _, metrics = strategy.aggregate_train(
+            1, [_dp_update(codec, 1, [1.0, 0.0]), _dp_update(codec, 2, [0.0, 1.0])]
+        )
+    assert metrics is None and strategy.global_payload is None
+    assert "2 of 4 sampled clients' noise shares arrived" in strategy.last_refusal
+    assert "needs at least 3" in caplog.text
+    replies = [_dp_update(codec, k, [1.0, 0.0]) for k in (1, 2, 3)]
+    replies.append(_dp_update(codec, 4, [1.0, 0.0], n=7))  # a client-level reply must say n = 1
+    _, metrics = strategy.aggregate_train(2, replies)
+    assert metrics is not None and metrics["num-examples"] == 3
+    assert "num-examples must be 1, got 7" in strategy.last_train.dropped["client-4"]
