@@ -366,3 +366,35 @@ def test_client_level_accounting_is_one_unamplified_step_per_round() -> None:
     # not q = m / N as before this fix.
     state = compose_client_round(AccountantState(), noise_multiplier=1.0)
     assert state.opacus_history() == [(1.0, 1.0, 1)]
+
+
+def test_audit_agrees_with_google_dp_accounting_on_a_realistic_ledger(tmp_path: Path) -> None:
+    # private.toml's client: n_k = 400, batch 64 (q = 0.16), 2 epochs of 6 steps, 5 rounds,
+    # σ = 1.48 (what a target of ε = 8 calibrates under replace-one); then a second run of
+    # the same data with another σ: the audit composes both, as the budget does.
+    dpa = pytest.importorskip("dp_accounting")
+    from dp_accounting.pld import PLDAccountant
+
+    ledger = PrivacyLedger(tmp_path / "node.jsonl")
+    base = {**ROUND, "sample_rate": 0.16, "steps": 12, "batch_size": 64, "num_examples": 400}
+    for nonce, sigma, rounds in (("run-1", 1.48, 5), ("run-2", 2.0, 3)):
+        for r in range(1, rounds + 1):
+            ledger.record(
+                run_id=nonce,
+                run_nonce=nonce,
+                input_hash=f"{nonce}-{r}",
+                round=r,
+                client="c0",
+                **{**base, "noise_multiplier": sigma},
+            )
+    (c,) = audit_records(ledger.records(), budget_epsilon=None, delta=DELTA).clients
+    assert c.verdict == "ok", c.problems
+    pld = PLDAccountant(
+        neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=1e-3,
+    )
+    for sigma, steps in ((1.48, 60), (2.0, 36)):
+        pld.compose(dpa.PoissonSampledDpEvent(0.16, dpa.GaussianDpEvent(sigma)), steps)
+    independent = pld.get_epsilon(DELTA)
+    assert independent - 0.005 <= c.epsilon_prv <= independent + 0.03, (c.epsilon_prv, independent)
+    assert c.epsilon_rdp >= c.epsilon_prv
