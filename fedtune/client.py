@@ -142,6 +142,14 @@ def make_codec(*, length: int, secret_context: Path | None = None) -> Codec:
     return CkksCodec(crypto.load_context(secret_context), length=length)
 
 
+def _checked_mean(mean: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``mean`` if every entry is finite and within the adapter value bound, else raise."""
+    from fedtune.bounds import check_global_mean  # noqa: PLC0415
+
+    check_global_mean(mean)
+    return mean
+
+
 class ClientRuntime:
     """A client's partition, model and codec, built once per process."""
 
@@ -255,12 +263,24 @@ class ClientRuntime:
         )
 
     def global_vector(self, state: GlobalState | None) -> NDArray[np.float64]:
-        """The current global adapter: the seeded initial one in round 1, else ``S / N``."""
+        """The current global adapter: the seeded initial one in round 1, else ``S / N``.
+
+        A key holder checks what it decrypted before using it (:func:`_checked_mean`):
+        every entry finite and within :data:`fedtune.bounds.VALUE_BOUND`, else a
+        :class:`fedtune.bounds.BoundError` (a ``ValueError``), which the ClientApp
+        turns into an error reply that the server drops with a log line.
+
+        This limits what a forged or scaled update can do to the model; it does not
+        stop a malicious key holder whose update stays within the bound, and it
+        compares with no previous global (no norm-jump check). The cryptographic
+        answer, zero-knowledge norm proofs on each encrypted update (RoFL, ACORN), is
+        not built.
+        """
         if state is None:
             return self.initial.copy()
         self.codec.validate(state.payload, aggregate=True)
         total = self.codec.decode(state.payload)
-        return WeightedSum(total=total, num_examples=state.num_examples).mean()
+        return _checked_mean(WeightedSum(total=total, num_examples=state.num_examples).mean())
 
     def train(
         self, state: GlobalState | None, *, server_round: int, sampled_clients: int = 0

@@ -206,6 +206,11 @@ class FederationConfig:
 
     ``client-cpus`` / ``client-gpus`` are the simulation engine's resources per
     simulated client (Ray runs ``cores // client-cpus`` clients at once).
+
+    ``max-client-examples`` caps the example count a client may claim (its FedAvg
+    weight, an untrusted number): the server drops a reply above it, and with
+    encryption on refuses to start unless ``num-clients x max-client-examples x 64``
+    fits the CKKS range (``2 ** 24`` by default; see :mod:`fedtune.bounds`).
     """
 
     num_rounds: int = 5
@@ -217,9 +222,16 @@ class FederationConfig:
     round_timeout: float = 3600.0
     client_cpus: int = 0
     client_gpus: float = -1.0
+    max_client_examples: int = 50_000
 
     def __post_init__(self) -> None:
         _require(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
+        _require(
+            self.max_client_examples >= 1,
+            "max-client-examples",
+            self.max_client_examples,
+            "must be >= 1 (the largest example count a client may claim)",
+        )
         _require(self.num_clients >= 1, "num-clients", self.num_clients, "must be >= 1")
         _require(
             0.0 < self.fraction_train <= 1.0,

@@ -18,12 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedtune import bounds
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.config import WIRING_KEYS, RunConfig, coerce_value, parse_run_config
 from fedtune.metrics import add_perplexity, append_record, read_records
 from fedtune.model import adapter_layout, build_model
-from fedtune.wire import Codec, PayloadError, PlainCodec
+from fedtune.wire import CkksCodec, Codec, PayloadError, PlainCodec
 from server.strategy import FedTuneStrategy, NotEnoughClients
 
 log = logging.getLogger("fedtune.server")
@@ -55,7 +56,31 @@ def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
     return CkksCodec(context, length=length)
 
 
+def server_capacity(cfg: RunConfig, codec: Codec) -> float | None:
+    """The CKKS range the strategy keeps the sum in (``None`` in plaintext).
+
+    Refuses to start (:class:`fedtune.config.ConfigError` naming the keys) when
+    ``num-clients x max-client-examples x VALUE_BOUND`` exceeds it; under
+    client-level DP every update claims one example, so the check uses 1.
+    """
+    if not isinstance(codec, CkksCodec):
+        return None
+    capacity = bounds.ckks_capacity(codec.context.params)
+    per_client = 1 if cfg.privacy.dp == "client" else cfg.federation.max_client_examples
+    bounds.check_capacity(
+        num_clients=cfg.federation.num_clients,
+        max_client_examples=per_client,
+        capacity=capacity,
+    )
+    return capacity
+
+
 def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
+    """The round's clients, train and evaluate merged by the strategy's node-bound key.
+
+    A key is a client's name while that name is bound to one node (else
+    ``node-<id>``); replies that could not be tabled sit under ``dropped``.
+    """
     clients: dict[str, dict[str, float]] = {}
     for name, values in strategy.last_train.accepted.items():
         clients.setdefault(name, {}).update(values)
@@ -211,8 +236,9 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.toml").exists():  # a deployment: `fedtune export` reads it
             (run_dir / "config.toml").write_text(cfg.to_toml())
+        codec = server_codec(cfg, flat)
         strategy = FedTuneStrategy(
-            codec=server_codec(cfg, flat),
+            codec=codec,
             fraction_train=cfg.federation.fraction_train,
             fraction_evaluate=cfg.federation.fraction_evaluate,
             min_clients=cfg.federation.min_clients,
@@ -220,6 +246,8 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
             client_dp_tolerance=(
                 cfg.privacy.client_dp_tolerance if cfg.privacy.dp == "client" else None
             ),
+            max_client_examples=cfg.federation.max_client_examples,
+            capacity=server_capacity(cfg, codec),
         )
         strategy.summary()
         first = resume_round(

@@ -6,12 +6,22 @@ It never divides and never decodes, so with a CKKS codec built on a public
 context it aggregates updates it cannot read. Replies are untrusted: each is
 validated by the codec before anything is deserialised, and a bad reply is
 dropped from the round with a log line naming the client.
+
+Replies are keyed by the node they came from (the destination of the server's own
+message, else the reply's source node id), never by what a client calls itself: a
+self-reported name is a display label, bound to the first node that used it for
+the rest of the run, and a node keeps its first name. A reply that states another
+node's name, or a second reply from one node in one round, is dropped. Metrics are
+range-checked, counts capped at ``max-client-examples``, and (see
+:mod:`fedtune.bounds`) the sum of counts kept inside the CKKS range; plaintext
+updates are checked entry by entry against the adapter value bound.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,14 +31,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedtune import bounds
 from fedtune.aggregation import FederationError
+from fedtune.config import FederationConfig
 from fedtune.metrics import weighted_mean
-from fedtune.wire import Codec, PayloadError, WirePayload
+from fedtune.wire import Codec, PayloadError, PlainCodec, WirePayload
 
 log = logging.getLogger("fedtune.server")
 
-#: Upper bound on a client's reported example count (an untrusted number).
-MAX_CLIENT_EXAMPLES = 10_000_000
+#: What a client may call itself: a short, readable label. ``@`` is not allowed, so
+#: the labels the strategy makes for dropped replies (``name@node``) never collide.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: Allowed range of each metric the server reads: (low, high, as words).
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "epsilon": (0.0, math.inf, "finite and >= 0"),
+    "train-loss": (0.0, math.inf, "finite and >= 0"),
+    "eval-loss": (0.0, math.inf, "finite and >= 0"),
+    "eval-accuracy": (0.0, 1.0, "in [0, 1]"),
+}
 
 
 class NotEnoughClients(FederationError):
@@ -44,24 +65,25 @@ class RoundOutcome:
     declined: dict[str, str] = field(default_factory=dict)
 
 
-def _client_name(msg: Message, sent_to: dict[str, int] | None = None) -> str:
-    """The client's self-reported name (untrusted: bounded), else its node id.
+def _node(msg: Message, sent_to: dict[str, int]) -> int:
+    """The node a reply answers for: where the server sent the message, else its source.
 
     An error reply made by the SuperLink for a node that vanished carries the
     SuperLink as its source; ``sent_to`` (message id -> destination node) names
     the node the original message went to.
     """
-    src = (sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-    node = f"node-{src}"
+    return int(sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+
+
+def _stated_name(msg: Message) -> str | None:
+    """The client's self-reported name if it is a valid label (untrusted), else None."""
     if not msg.has_content():
-        return node
+        return None
     try:
         name = msg.content.config_records["info"]["client"]
     except (KeyError, TypeError):
-        return node
-    if isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable():
-        return name
-    return node
+        return None
+    return name if isinstance(name, str) and _NAME.fullmatch(name) else None
 
 
 def _declined(msg: Message) -> str:
@@ -74,22 +96,21 @@ def _declined(msg: Message) -> str:
 
 
 def _metric(msg: Message, key: str) -> float:
+    """A metric of a reply, a number within its range in :data:`_RANGES` (finite at least)."""
     records = msg.content.metric_records
     if "metrics" not in records or key not in records["metrics"]:
         raise PayloadError(f"reply has no metric {key!r}.")
     value = records["metrics"][key]
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise PayloadError(f"metric {key!r} must be a number, got {value!r}.")
-    return float(value)
-
-
-def _num_examples(msg: Message) -> int:
-    n = _metric(msg, "num-examples")
-    if not (n.is_integer() and 1 <= n <= MAX_CLIENT_EXAMPLES):
-        raise PayloadError(
-            f"num-examples must be an integer in [1, {MAX_CLIENT_EXAMPLES}], got {n!r}."
-        )
-    return int(n)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    low, high, words = _RANGES.get(key, (-math.inf, math.inf, "finite"))
+    if not (math.isfinite(number) and low <= number <= high):
+        raise PayloadError(f"{key} must be {words}, got {value!r}.")
+    return number
 
 
 class FedTuneStrategy(Strategy):
@@ -108,6 +129,15 @@ class FedTuneStrategy(Strategy):
         ``(seed, t, phase)``, so a resumed run samples exactly as an uninterrupted one.
     connect_timeout : float
         Seconds to wait for ``min_clients`` to connect before giving up.
+    max_client_examples : int
+        Largest ``num-examples`` a reply may claim (``max-client-examples``).
+    capacity : float | None
+        With encryption: the largest ``|sum_k n_k w_k|`` the CKKS parameters hold
+        (:func:`fedtune.bounds.ckks_capacity`); a reply whose count would take
+        ``sum_k n_k * value_bound`` past it is dropped. ``None`` in plaintext.
+    value_bound : float
+        Bound on every adapter entry (:data:`fedtune.bounds.VALUE_BOUND`); with a
+        plaintext codec each update ``n_k w_k / n_k`` is checked against it.
     client_dp_tolerance : int | None
         Client-level DP only: each sampled client's noise share is sized so that any
         ``m - t`` shares carry the round's σ; a round with fewer than ``m - t``
@@ -125,6 +155,9 @@ class FedTuneStrategy(Strategy):
         seed: int,
         connect_timeout: float = 300.0,
         client_dp_tolerance: int | None = None,
+        max_client_examples: int = FederationConfig.max_client_examples,
+        capacity: float | None = None,
+        value_bound: float = bounds.VALUE_BOUND,
     ) -> None:
         self.codec = codec
         self.fraction_train = fraction_train
@@ -133,6 +166,14 @@ class FedTuneStrategy(Strategy):
         self.seed = seed
         self.connect_timeout = connect_timeout
         self.client_dp_tolerance = client_dp_tolerance
+        self.max_client_examples = max_client_examples
+        self.capacity = capacity
+        self.value_bound = value_bound
+        # Only a plaintext codec lets the server read, hence clip, an update.
+        self._readable = isinstance(codec, PlainCodec)
+        # A name is bound to the first node that used it, a node to its first name.
+        self._node_of_name: dict[str, int] = {}
+        self._name_of_node: dict[int, str] = {}
         self.global_payload: WirePayload | None = None
         self.global_examples = 0
         self.last_train = RoundOutcome()
@@ -202,7 +243,52 @@ class FedTuneStrategy(Strategy):
         answered = {m.metadata.reply_to_message_id for m in replies}
         for message_id, node in self._sent_to().items():
             if message_id not in answered:
-                self._drop(outcome, f"node-{node}", "no reply before `round-timeout`", phase)
+                self._drop(outcome, self._key(node), "no reply before `round-timeout`", phase, node)
+
+    def _key(self, node: int) -> str:
+        """A node's table key: its bound name, else ``node-<id>``.
+
+        ``node-<id>@<id>`` if another node already took ``node-<id>`` as its name.
+        """
+        if node in self._name_of_node:
+            return self._name_of_node[node]
+        label = f"node-{node}"
+        return label if self._node_of_name.get(label, node) == node else f"{label}@{node}"
+
+    def _identify(self, msg: Message, node: int, seen: set[int]) -> tuple[str, str]:
+        """``(key, problem)`` of a reply: where to table it, and why to drop it ('' = keep).
+
+        The first reply that states a name binds it to its node for the run.
+        """
+        if node in seen:
+            return (
+                f"{self._key(node)}@{node}",
+                f"second reply from node {node} this round; the first was kept",
+            )
+        seen.add(node)
+        name = _stated_name(msg)
+        if name is None:
+            return self._key(node), ""
+        bound = self._name_of_node.get(node)
+        if bound is not None and bound != name:
+            return (
+                f"{name}@{node}",
+                f"node {node} replied as {bound!r} before; a node keeps its first name",
+            )
+        owner = self._node_of_name.setdefault(name, node)
+        if owner != node:
+            return f"{name}@{node}", f"name {name!r} is already used by node {owner}"
+        self._name_of_node[node] = name
+        return name, ""
+
+    def _num_examples(self, msg: Message) -> int:
+        n = _metric(msg, "num-examples")
+        if not (n.is_integer() and 1 <= n <= self.max_client_examples):
+            raise PayloadError(
+                f"num-examples must be an integer in [1, {self.max_client_examples}] "
+                f"(`max-client-examples`), got {n!r}."
+            )
+        return int(n)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -221,9 +307,12 @@ class FedTuneStrategy(Strategy):
         nodes = self._sample(grid, self.fraction_evaluate, server_round, 1)
         return self._messages(server_round, nodes, MessageType.EVALUATE)
 
-    def _drop(self, outcome: RoundOutcome, who: str, reason: str, phase: str) -> None:
+    def _drop(
+        self, outcome: RoundOutcome, who: str, reason: str, phase: str, node: int | None = None
+    ) -> None:
         outcome.dropped[who] = reason
-        log.warning("Dropped %s reply from %s: %s", phase, who, reason)
+        where = f" (node {node})" if node is not None else ""
+        log.warning("Dropped %s reply from %s%s: %s", phase, who, where, reason)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -234,11 +323,16 @@ class FedTuneStrategy(Strategy):
         counts: list[int] = []
         replies = list(replies)
         sent_to = self._sent_to()
+        seen: set[int] = set()
         self._missing(outcome, replies, "train")
         for msg in replies:
-            who = _client_name(msg, sent_to)
+            node = _node(msg, sent_to)
+            who, problem = self._identify(msg, node, seen)
+            if problem:
+                self._drop(outcome, who, problem, "train", node)
+                continue
             if msg.has_error():
-                self._drop(outcome, who, f"client error: {msg.error.reason}", "train")
+                self._drop(outcome, who, f"client error: {msg.error.reason}", "train", node)
                 continue
             reason = _declined(msg)
             if reason:
@@ -248,16 +342,25 @@ class FedTuneStrategy(Strategy):
             try:
                 if "update" not in msg.content.config_records:
                     raise PayloadError("reply has no 'update' record.")
-                n = _num_examples(msg)
+                n = self._num_examples(msg)
                 if self.client_dp_tolerance is not None and n != 1:
                     raise PayloadError(f"client-level DP: num-examples must be 1, got {n}.")
+                total_after = (sum(counts) + n) * self.value_bound
+                if self.capacity is not None and total_after > self.capacity:
+                    raise PayloadError(
+                        f"num-examples {n} would take the encrypted sum past the CKKS range "
+                        f"({sum(counts)} + {n} examples x |w| <= {self.value_bound:g} > "
+                        f"{self.capacity:.4g})."
+                    )
                 payload = self.codec.validate(dict(msg.content.config_records["update"]))
+                if self._readable:
+                    bounds.check_update(self.codec.decode(payload), n, self.value_bound)
                 values = {"num-examples": float(n)}
                 for key in ("train-loss", "epsilon"):  # DP clients send no train-loss
                     if key in msg.content.metric_records["metrics"]:
                         values[key] = _metric(msg, key)
-            except PayloadError as err:
-                self._drop(outcome, who, str(err), "train")
+            except (PayloadError, bounds.BoundError) as err:
+                self._drop(outcome, who, str(err), "train", node)
                 continue
             payloads.append(payload)
             counts.append(n)
@@ -310,17 +413,22 @@ class FedTuneStrategy(Strategy):
         outcome = RoundOutcome()
         replies = list(replies)
         sent_to = self._sent_to()
+        seen: set[int] = set()
         self._missing(outcome, replies, "evaluate")
         for msg in replies:
-            who = _client_name(msg, sent_to)
+            node = _node(msg, sent_to)
+            who, problem = self._identify(msg, node, seen)
+            if problem:
+                self._drop(outcome, who, problem, "evaluate", node)
+                continue
             if msg.has_error():
-                self._drop(outcome, who, f"client error: {msg.error.reason}", "evaluate")
+                self._drop(outcome, who, f"client error: {msg.error.reason}", "evaluate", node)
                 continue
             try:
-                n = _num_examples(msg)
+                n = self._num_examples(msg)
                 values = {k: _metric(msg, k) for k in ("eval-loss", "eval-accuracy")}
             except PayloadError as err:
-                self._drop(outcome, who, str(err), "evaluate")
+                self._drop(outcome, who, str(err), "evaluate", node)
                 continue
             outcome.accepted[who] = {**values, "eval-examples": float(n)}
         self.last_evaluate = outcome

@@ -178,3 +178,209 @@ def test_client_level_round_with_fewer_than_m_minus_t_shares_is_refused(
     _, metrics = strategy.aggregate_train(2, replies)
     assert metrics is not None and metrics["num-examples"] == 3
     assert "num-examples must be 1, got 7" in strategy.last_train.dropped["client-4"]
+
+
+# --- Issue 11: replies keyed by node id, metrics range-checked, bounded influence ---------
+
+
+def _named(
+    codec: PlainCodec, node: int, name: str, vector: list[float], n: int, **metrics: object
+) -> Message:
+    msg = _update(codec, node, vector, n, **metrics)
+    msg.content.config_records["info"]["client"] = name
+    return msg
+
+
+def _evaluation(node: int, name: str, n: int, loss: float, accuracy: float) -> Message:
+    return _reply(
+        node,
+        RecordDict(
+            {
+                "info": ConfigRecord({"client": name}),
+                "metrics": MetricRecord(
+                    {"num-examples": n, "eval-loss": loss, "eval-accuracy": accuracy}
+                ),
+            }
+        ),
+    )
+
+
+def test_a_copied_name_does_not_replace_the_honest_clients_entry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before the fix the table was keyed by the stated name: node 2 calling itself
+    # client-1 replaced client-1's ε (1.5 -> 0.0) and both updates were added.
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    honest = _named(codec, 1, "client-1", [1.0, 1.0], 2, epsilon=1.5)
+    spoof = _named(codec, 2, "client-1", [9.0, 9.0], 2, epsilon=0.0)
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        _, metrics = strategy.aggregate_train(1, [honest, spoof])
+    assert metrics is not None and metrics["num-examples"] == 2  # node 1's 2 only
+    assert strategy.last_train.accepted == {
+        "client-1": {"num-examples": 2.0, "train-loss": 1.0, "epsilon": 1.5}
+    }
+    assert "already used by node 1" in strategy.last_train.dropped["client-1@2"]
+    assert "client-1@2" in caplog.text
+    # The name stays bound to node 1 for the rest of the run, in either phase and order.
+    strategy.aggregate_train(2, [_named(codec, 2, "client-1", [0.0, 0.0], 1), honest])
+    assert set(strategy.last_train.accepted) == {"client-1"}
+    assert strategy.last_train.accepted["client-1"]["epsilon"] == 1.5
+    strategy.aggregate_evaluate(2, [_evaluation(2, "client-1", 10, 0.0, 1.0)])
+    assert strategy.last_evaluate.accepted == {}
+    assert set(strategy.last_evaluate.dropped) == {"client-1@2"}
+
+
+def test_a_node_keeps_its_first_name_and_errors_are_tabled_under_it() -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    strategy.aggregate_train(1, [_named(codec, 3, "alice", [1.0, 0.0], 1)])
+    _, metrics = strategy.aggregate_train(
+        2, [_named(codec, 3, "bob", [1.0, 0.0], 1), _named(codec, 4, "carol", [0.0, 1.0], 1)]
+    )
+    assert metrics is not None and metrics["num-examples"] == 1
+    assert "node 3 replied as 'alice' before" in strategy.last_train.dropped["bob@3"]
+    strategy.aggregate_train(
+        3, [_reply(3, Error(code=2, reason="boom")), _named(codec, 4, "carol", [0.0, 1.0], 1)]
+    )
+    assert strategy.last_train.dropped == {"alice": "client error: boom"}
+
+
+def test_an_unprintable_or_claimed_fallback_name_is_keyed_by_node() -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    squatter = _named(codec, 3, "node-5", [0.0, 0.0], 1)  # claims node 5's fallback label
+    bad_name = _named(codec, 5, "evil\nname", [2.0, 2.0], 1)
+    at_sign = _named(codec, 6, "x@7", [2.0, 2.0], 1)
+    strategy.aggregate_train(1, [squatter, bad_name, at_sign])
+    assert set(strategy.last_train.accepted) == {"node-5", "node-5@5", "node-6"}
+    assert strategy.last_train.accepted["node-5@5"]["num-examples"] == 1.0
+
+
+def test_a_second_reply_from_one_node_in_a_round_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before the fix both replies were added: num-examples 3 + 3 and mean of a doubled update.
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    first = _update(codec, 1, [1.0, 2.0], 3)
+    again = _update(codec, 1, [5.0, 5.0], 3)
+    other = _update(codec, 2, [4.0, -1.0], 1)
+    with caplog.at_level(logging.WARNING, logger="fedtune.server"):
+        _, metrics = strategy.aggregate_train(1, [first, again, other])
+    assert metrics is not None and metrics["num-examples"] == 4
+    assert strategy.global_payload is not None
+    mean = codec.decode(strategy.global_payload) / strategy.global_examples
+    np.testing.assert_allclose(mean, [(1.0 * 3 + 4.0) / 4, (2.0 * 3 - 1.0) / 4])
+    assert "second reply from node 1" in strategy.last_train.dropped["client-1@1"]
+    assert "node 1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("epsilon", float("nan"), "epsilon must be finite and >= 0"),
+        ("epsilon", float("inf"), "epsilon must be finite and >= 0"),
+        ("epsilon", -0.5, "epsilon must be finite and >= 0"),
+        ("train-loss", float("inf"), "train-loss must be finite and >= 0"),
+        ("train-loss", -1.0, "train-loss must be finite and >= 0"),
+    ],
+)
+def test_train_metrics_out_of_range_drop_the_reply(key: str, value: float, expected: str) -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    bad = _update(codec, 2, [9.0, 9.0], 5, epsilon=1.0)
+    bad.content.metric_records["metrics"][key] = value
+    _, metrics = strategy.aggregate_train(1, [_update(codec, 1, [1.0, 1.0], 2, epsilon=1.0), bad])
+    assert metrics is not None and metrics["num-examples"] == 2  # node 2 not added
+    assert expected in strategy.last_train.dropped["client-2"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "accuracy", "expected"),
+    [
+        (0.5, 1.5, "eval-accuracy must be in [0, 1]"),
+        (0.5, -0.1, "eval-accuracy must be in [0, 1]"),
+        (0.5, float("nan"), "eval-accuracy must be in [0, 1]"),
+        (float("nan"), 0.5, "eval-loss must be finite and >= 0"),
+        (-2.0, 0.5, "eval-loss must be finite and >= 0"),
+    ],
+)
+def test_evaluation_metrics_out_of_range_drop_that_evaluation(
+    loss: float, accuracy: float, expected: str
+) -> None:
+    strategy = _strategy(PlainCodec(length=2))
+    result = strategy.aggregate_evaluate(
+        1,
+        [
+            _evaluation(1, "a", 10, 1.0, 0.5),
+            _evaluation(2, "b", 30, 2.0, 0.9),
+            _evaluation(3, "c", 1000, loss, accuracy),
+        ],
+    )
+    assert result is not None
+    assert result["eval-examples"] == 40
+    assert result["eval-loss"] == pytest.approx((1.0 * 10 + 2.0 * 30) / 40)  # 1.75
+    assert result["eval-accuracy"] == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)  # 0.8
+    assert expected in strategy.last_evaluate.dropped["c"]
+
+
+def test_counts_above_the_configured_maximum_are_dropped() -> None:
+    codec = PlainCodec(length=2)
+    strategy = FedTuneStrategy(
+        codec=codec,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_clients=1,
+        seed=0,
+        max_client_examples=10,
+    )
+    _, metrics = strategy.aggregate_train(
+        1, [_update(codec, 1, [1.0, 1.0], 10), _update(codec, 2, [1.0, 1.0], 11)]
+    )
+    assert metrics is not None and metrics["num-examples"] == 10
+    assert (
+        "integer in [1, 10] (`max-client-examples`), got 11"
+        in (strategy.last_train.dropped["client-2"])
+    )
+
+
+def test_plaintext_updates_beyond_the_value_bound_are_dropped() -> None:
+    # Before the fix two finite 1e308 updates summed to inf and became the global state.
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    huge = [_update(codec, k, [1e308, 0.0], 1) for k in (1, 2)]
+    arrays, metrics = strategy.aggregate_train(1, huge)
+    assert (arrays, metrics) == (None, None) and strategy.global_payload is None
+    assert "magnitude 1e+308" in strategy.last_train.dropped["client-1"]
+    # |w| <= 64 per coordinate after dividing by n: 64 * 4 / 4 passes, 65 does not.
+    edge = _update(codec, 3, [64.0, -64.0], 4)
+    over = _update(codec, 4, [65.0, 0.0], 4)
+    _, metrics = strategy.aggregate_train(2, [edge, over])
+    assert metrics is not None and metrics["num-examples"] == 4
+    assert strategy.global_payload is not None
+    np.testing.assert_allclose(codec.decode(strategy.global_payload), [256.0, -256.0])
+    assert "|w| <= 64" in strategy.last_train.dropped["client-4"]
+
+
+def test_updates_that_would_pass_the_ckks_range_are_dropped() -> None:
+    # capacity 1000 at |w| <= 64 holds floor(1000 / 64) = 15 examples: 10 fits, 10 + 6 does not.
+    codec = PlainCodec(length=2)
+    strategy = FedTuneStrategy(
+        codec=codec,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_clients=1,
+        seed=0,
+        capacity=1000.0,
+    )
+    _, metrics = strategy.aggregate_train(
+        1,
+        [
+            _update(codec, 1, [1.0, 1.0], 10),
+            _update(codec, 2, [1.0, 1.0], 6),
+            _update(codec, 3, [1.0, 1.0], 5),
+        ],
+    )
+    assert metrics is not None and metrics["num-examples"] == 15
+    assert "CKKS range" in strategy.last_train.dropped["client-2"]

@@ -1,0 +1,115 @@
+"""Bounded influence: the CKKS capacity check, the value bound, the key holders' check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtune import bounds, crypto
+from fedtune.client import ClientRuntime, GlobalState
+from fedtune.config import ConfigError, FederationConfig, parse_run_config
+
+CAPACITY = bounds.ckks_capacity(crypto.DEFAULT_PARAMS)
+
+
+def test_default_capacity_is_two_to_the_24() -> None:
+    # 59-bit modulus, scale 2**33: 2 ** (59 - 33 - 2); 2**24 / 64 = 262,144 examples.
+    assert CAPACITY == 2.0**24 == 16_777_216
+    assert bounds.max_total_examples(capacity=CAPACITY) == 262_144
+
+
+def test_the_reported_wrap_is_refused_at_start() -> None:
+    # The finding: 4 clients x 1e7 examples x |w| = 0.9 is 3.6e7, past the range.
+    with pytest.raises(ConfigError, match=r"`num-clients` \(4\) x `max-client-examples`"):
+        bounds.check_capacity(
+            num_clients=4, max_client_examples=10_000_000, capacity=CAPACITY, value_bound=0.9
+        )
+
+
+def test_capacity_edge_by_hand() -> None:
+    # 4 x 65,536 x 64 = 2**24 exactly fits; one more example per client does not.
+    bounds.check_capacity(num_clients=4, max_client_examples=65_536, capacity=CAPACITY)
+    with pytest.raises(ConfigError, match="at most 65536 \\(at most 262144 examples in all\\)"):
+        bounds.check_capacity(num_clients=4, max_client_examples=65_537, capacity=CAPACITY)
+
+
+def test_the_default_config_fits_the_default_parameters() -> None:
+    fed = FederationConfig()
+    bounds.check_capacity(
+        num_clients=fed.num_clients, max_client_examples=fed.max_client_examples, capacity=CAPACITY
+    )
+
+
+def test_max_client_examples_is_validated() -> None:
+    with pytest.raises(ConfigError, match="`max-client-examples` must be >= 1"):
+        parse_run_config({"max-client-examples": 0})
+
+
+def test_ckks_sum_at_capacity_decrypts_and_past_it_wraps() -> None:
+    # Golden check of the bound itself: a sum of 2**24 per coordinate decrypts to within
+    # 1e-3; the reported case, 4 x 9e6 = 3.6e7, wraps to about -3.1e7 (mean -0.78, not 0.9).
+    # A full chunk of equal values: each polynomial coefficient then equals the value
+    # (a short vector spreads over the coefficients and would not wrap).
+    ctx = crypto.make_secret_context()
+    public = crypto.public_context(ctx)
+
+    def decrypted_sum(value: float, count: int) -> float:
+        parts = [
+            crypto.encrypt_vector(ctx, np.full(crypto.DEFAULT_PARAMS.values_per_chunk, value))
+            for _ in range(count)
+        ]
+        total = crypto.sum_encrypted(public, parts)
+        return float(crypto.decrypt_vector(ctx, total)[0])
+
+    assert decrypted_sum(2.0**22, 4) == pytest.approx(2.0**24, abs=1e-3)
+    wrapped = decrypted_sum(9e6, 4)
+    assert wrapped < 0
+    assert wrapped / 4e7 == pytest.approx(-0.78, abs=0.01)
+
+
+def test_update_check_divides_by_the_count() -> None:
+    bounds.check_update(np.array([256.0, -256.0]), 4)  # w = (64, -64): on the bound
+    with pytest.raises(bounds.BoundError, match="magnitude 65; .*\\|w\\| <= 64"):
+        bounds.check_update(np.array([260.0, 0.0]), 4)
+    with pytest.raises(bounds.BoundError, match="1 NaN or infinite entries"):
+        bounds.check_update(np.array([np.inf, 0.0]), 1)
+
+
+@pytest.mark.parametrize(
+    ("mean", "expected"),
+    [
+        ([0.0, 64.5], "magnitude 64.5"),
+        ([np.nan, 0.0], "1 NaN or infinite entries"),
+        ([-np.inf, np.inf], "2 NaN or infinite entries"),
+    ],
+)
+def test_global_mean_check_names_what_it_found(mean: list[float], expected: str) -> None:
+    with pytest.raises(bounds.BoundError, match=expected):
+        bounds.check_global_mean(np.array(mean))
+    bounds.check_global_mean(np.array([64.0, -64.0, 0.0]))
+
+
+def test_key_holder_refuses_a_scaled_global(tiny_model_dir: Path, toy_csv: Path) -> None:
+    cfg = parse_run_config(
+        {
+            "model-path": str(tiny_model_dir),
+            "data-path": str(toy_csv),
+            "num-clients": 2,
+            "label-names": "animal,food,tool",
+        }
+    )
+    runtime = ClientRuntime(cfg, partition_id=0, num_partitions=2)
+    size = runtime.initial.size
+    honest = runtime.codec.encode(np.full(size, 0.5) * 3)
+    np.testing.assert_allclose(runtime.global_vector(GlobalState(honest, 3)), 0.5)
+    # Entry 7 of one client's update scaled by 1000: the sum is 1.5 + 500, the mean
+    # (1.5 + 500) / 3 = 167.17 > 64.
+    total = np.full(size, 1.5)
+    total[7] += 1000 * 0.5
+    forged = GlobalState(runtime.codec.encode(total), 3)
+    with pytest.raises(ValueError, match="magnitude 167.2, .*forged or scaled update"):
+        runtime.global_vector(forged)
+    with pytest.raises(ValueError, match="forged or scaled"):
+        runtime.evaluate(forged)
