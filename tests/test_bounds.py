@@ -113,3 +113,21 @@ def test_key_holder_refuses_a_scaled_global(tiny_model_dir: Path, toy_csv: Path)
         runtime.global_vector(forged)
     with pytest.raises(ValueError, match="forged or scaled"):
         runtime.evaluate(forged)
+
+
+def test_server_refuses_to_start_past_the_ckks_range() -> None:
+    from fedtune.wire import CkksCodec, PlainCodec
+    from server.app import server_capacity
+
+    codec = CkksCodec(crypto.public_context(crypto.make_secret_context()), length=8)
+    # 6 x 50,000 x 64 = 1.92e7 > 2**24; 5 x 50,000 x 64 = 1.6e7 fits.
+    too_many = parse_run_config({"num-clients": 6, "encryption": True})
+    with pytest.raises(
+        ConfigError, match="`num-clients` \\(6\\) x `max-client-examples` \\(50000\\)"
+    ):
+        server_capacity(too_many, codec)
+    assert server_capacity(parse_run_config({"num-clients": 5}), codec) == 2.0**24
+    # Client-level DP: every update claims 1 example, so 6 clients fit easily.
+    client_dp = parse_run_config({"num-clients": 6, "encryption": True, "dp": "client"})
+    assert server_capacity(client_dp, codec) == 2.0**24
+    assert server_capacity(too_many, PlainCodec(length=8)) is None  # float64: no modulus
