@@ -51,7 +51,7 @@ def _scalar_box_muller(words: list[int], i: int) -> float:
         r, t = r_theta(j % pairs)
         return r * math.sin(t)
 
-    return cos_of(i) + cos_of(n + i) + (sin_of(i + 1) + sin_of(n + i + 1))
+    return cos_of(i) + cos_of(n + i) + sin_of(i + 1) + sin_of(n + i + 1)
 
 
 @pytest.mark.parametrize("flavour", ["numpy", "torch"])
@@ -134,8 +134,16 @@ def test_seeded_noise_is_reproducible_and_seed_specific() -> None:
 
 def test_torch_and_numpy_flavours_agree() -> None:
     t = SeededNoise(3).normal((4, 5), 1.5, dtype=torch.float64).numpy()
-    n = SeededNoise(3).normal_numpy((4, 5), 1.5)
-    np.testing.assert_allclose(t, n, rtol=1e-12, atol=1e-15)
+    assert np.array_equal(t, SeededNoise(3).normal_numpy((4, 5), 1.5))  # same CPU code
+
+
+def test_draws_larger_than_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtune.privacy import noise
+
+    monkeypatch.setattr(noise, "_CHUNK_VALUES", 8)
+    z = SeededNoise(6).normal_numpy((17,), 1.0)  # chunks of 8, 8 and 1 value(s)
+    assert z.shape == (17,) and np.isfinite(z).all() and len(np.unique(z)) == 17
+    assert np.array_equal(SeededNoise(6).normal((17,), 1.0, dtype=torch.float64).numpy(), z)
 
 
 def test_csprng_noise_is_not_reproducible_and_hides_its_key() -> None:
@@ -154,6 +162,15 @@ def test_dtype_and_shape(dtype: torch.dtype | None) -> None:
     z = SeededNoise(0).normal((3, 4), 1.0, dtype=dtype)
     assert z.dtype == (torch.float32 if dtype is None else dtype)
     assert z.shape == (3, 4) and z.device.type == "cpu"
+
+
+def test_gpu_kernel_computes_the_numpy_recipe() -> None:
+    """The torch version (used on CUDA) run on the CPU, against the numpy one."""
+    from fedtune.privacy.noise import _sum_of_four_numpy, _sum_of_four_torch
+
+    words = ChaChaNoise(bytes(32))._words(4 * 1001)
+    got = _sum_of_four_torch(torch.from_numpy(words.view(np.int64))).numpy()
+    np.testing.assert_allclose(got, _sum_of_four_numpy(words), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -151,11 +151,7 @@ class ChaChaNoise:
         n = math.prod(dims)
         if std == 0.0 or n == 0:
             return np.zeros(dims, dtype=np.float64)
-        out = np.empty(n, dtype=np.float64)
-        for lo in range(0, n, _CHUNK_VALUES):
-            hi = min(lo + _CHUNK_VALUES, n)
-            m = max(hi - lo, 2)  # four distinct pairs per value need two values' words
-            out[lo:hi] = _sum_of_four_numpy(self._words(_WORDS_PER_VALUE * m))[: hi - lo]
+        out = self._standard_sums(n)
         out *= std / 2.0
         return out.reshape(dims)
 
@@ -169,9 +165,11 @@ class ChaChaNoise:
     ) -> torch.Tensor:
         """``N(0, std^2)`` values of ``shape`` on ``device`` in ``dtype`` (default float32).
 
-        The keystream is made on the CPU; the Box--Muller arithmetic runs in float64 on
-        ``device`` (CPU or CUDA; other devices compute on the CPU and copy), and the
-        result is rounded once to ``dtype``.
+        The keystream is made on the CPU; the Box--Muller arithmetic runs in float64, on
+        the GPU for a CUDA ``device`` and otherwise with numpy on the CPU (one thread:
+        torch's multi-threaded kernels measured 50x slower than numpy when simulated
+        clients oversubscribe the cores), and the result is rounded once to ``dtype``.
+        On the CPU the values are exactly :meth:`normal_numpy`'s.
         """
         import torch
 
@@ -183,15 +181,25 @@ class ChaChaNoise:
         n = math.prod(dims)
         if std == 0.0 or n == 0:
             return torch.zeros(dims, device=device, dtype=dtype)
-        work = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+        if device.type != "cuda":
+            values = torch.from_numpy(self.normal_numpy(dims, std))
+            return values.to(device=device, dtype=dtype)
         parts = []
+        for lo in range(0, n, _CHUNK_VALUES):
+            m = max(min(lo + _CHUNK_VALUES, n) - lo, 2)  # see _standard_sums
+            words = torch.from_numpy(self._words(_WORDS_PER_VALUE * m).view(np.int64))
+            parts.append(_sum_of_four_torch(words.to(device))[: min(m, n - lo)])
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return (flat * (std / 2.0)).to(device=device, dtype=dtype).reshape(dims)
+
+    def _standard_sums(self, n: int) -> NDArray[np.float64]:
+        """``n`` values of ``g_1 + g_2 + g_3 + g_4`` (numpy, in chunks)."""
+        out = np.empty(n, dtype=np.float64)
         for lo in range(0, n, _CHUNK_VALUES):
             hi = min(lo + _CHUNK_VALUES, n)
             m = max(hi - lo, 2)  # four distinct pairs per value need two values' words
-            words = torch.from_numpy(self._words(_WORDS_PER_VALUE * m).view(np.int64))
-            parts.append(_sum_of_four_torch(words.to(work))[: hi - lo])
-        total = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return (total * (std / 2.0)).to(device=device, dtype=dtype).reshape(dims)
+            out[lo:hi] = _sum_of_four_numpy(self._words(_WORDS_PER_VALUE * m))[: hi - lo]
+        return out
 
 
 class CsprngNoise(ChaChaNoise):
@@ -238,31 +246,48 @@ def _sum_of_four_numpy(words: NDArray[np.uint64]) -> NDArray[np.float64]:
     """``g_1 + g_2 + g_3 + g_4`` per value from ``4 n`` words (Box--Muller, float64).
 
     Words ``j`` and ``2n + j`` make pair ``j`` (``u1``, ``u2``) of ``2n`` pairs, each
-    giving ``c_j = r_j cos`` and ``s_j = r_j sin``. Value ``i`` takes ``c_i``,
-    ``c_(n+i)``, ``s_(i+1)`` and ``s_(n+i+1)`` (indices mod ``2n``): four different
+    giving ``c_j = r_j cos`` and ``s_j = r_j sin``. Value ``i`` is
+    ``((c_i + c_(n+i)) + s_(i+1)) + s_(n+i+1)`` (indices mod ``2n``): four different
     pairs for ``n >= 2`` (callers pass at least 8 words), each normal used once. Adding
     ``c_j + s_j`` instead would be ``sqrt(2) r_j sin(theta_j + pi/4)``, a single
-    Gaussian, and halve the number of summed samples the method relies on.
+    Gaussian, and halve the number of summed samples the method relies on. In place
+    where possible: this runs once per DP-SGD step.
     """
     k = (words >> np.uint64(64 - _MANTISSA)).astype(np.float64)  # exact: < 2^53
     pairs = len(k) // 2
-    u1 = (k[:pairs] + 1.0) * _TWO_POW_M53  # (0, 1]: log never sees 0
-    theta = k[pairs:] * (2.0 * math.pi * _TWO_POW_M53)  # [0, 2 pi)
-    r = np.sqrt(-2.0 * np.log(u1))
     n = pairs // 2
-    c, s = r * np.cos(theta), np.roll(r * np.sin(theta), -1)
-    return c[:n] + c[n:] + (s[:n] + s[n:])
+    r = k[:pairs]
+    r += 1.0
+    r *= _TWO_POW_M53  # u1 in (0, 1]: log never sees 0
+    np.log(r, out=r)
+    r *= -2.0
+    np.sqrt(r, out=r)
+    theta = k[pairs:]
+    theta *= 2.0 * math.pi * _TWO_POW_M53  # [0, 2 pi)
+    c = np.cos(theta)
+    c *= r
+    s = np.sin(theta, out=theta)
+    s *= r
+    out = c[:n] + c[n:]
+    out += s[1 : n + 1]
+    out[: n - 1] += s[n + 1 :]
+    out[n - 1] += s[0]
+    return out
 
 
 def _sum_of_four_torch(words: torch.Tensor) -> torch.Tensor:
-    """As :func:`_sum_of_four_numpy` for int64 words (bit patterns) on any device."""
+    """As :func:`_sum_of_four_numpy` for int64 words (bit patterns), on a CUDA device."""
     import torch
 
     k = ((words >> (64 - _MANTISSA)) & ((1 << _MANTISSA) - 1)).to(torch.float64)
     pairs = k.numel() // 2
-    u1 = (k[:pairs] + 1.0) * _TWO_POW_M53
-    theta = k[pairs:] * (2.0 * math.pi * _TWO_POW_M53)
-    r = torch.sqrt(-2.0 * torch.log(u1))
     n = pairs // 2
-    c, s = r * torch.cos(theta), torch.roll(r * torch.sin(theta), -1)
-    return c[:n] + c[n:] + (s[:n] + s[n:])
+    r = torch.sqrt(-2.0 * torch.log((k[:pairs] + 1.0) * _TWO_POW_M53))
+    theta = k[pairs:] * (2.0 * math.pi * _TWO_POW_M53)
+    c = r * torch.cos(theta)
+    s = r * torch.sin(theta)
+    out = c[:n] + c[n:]
+    out += s[1 : n + 1]
+    out[: n - 1] += s[n + 1 :]
+    out[n - 1] += s[0]
+    return out
