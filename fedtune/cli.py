@@ -161,7 +161,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     console = Console()
     table = Table(title=f"fedtune simulate: {result.run_dir}")
     has_eps = any("epsilon" in r for r in result.records)
-    columns = ["round", "clients", "train-loss", "eval-loss", "eval-accuracy"]
+    columns = ["round", "clients"]
+    # DP clients send no training statistic: no train-loss column for a DP run
+    columns += ["train-loss"] if any("train-loss" in r for r in result.records) else []
+    columns += ["eval-loss", "eval-accuracy"]
     columns += ["eval-perplexity"] if any("eval-perplexity" in r for r in result.records) else []
     columns += ["epsilon"] if has_eps else []
     for col in [*columns, "seconds"]:
