@@ -80,9 +80,10 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path) -> None:
         ax_acc.set(title="held-out accuracy", xlabel="round", ylim=(0, 1))
     ax_acc.legend(fontsize=7)
     ax_loss.plot(rounds, [r.get("eval-loss", math.nan) for r in records], "o-", label="eval")
-    ax_loss.plot(
-        rounds, [r.get("train-loss", math.nan) for r in records], "s--", label="train (local)"
-    )
+    if any("train-loss" in r for r in records):  # DP clients send no training statistic
+        ax_loss.plot(
+            rounds, [r.get("train-loss", math.nan) for r in records], "s--", label="train (local)"
+        )
     ax_loss.set(title="loss", xlabel="round")
     ax_loss.legend(fontsize=7)
     if has_eps:
