@@ -235,6 +235,10 @@ def test_export_decrypts_with_the_key_and_refuses_without(
         (["--set", "label-column=category"], "`label-column` is 'category', but"),
         (["--set", "num-clients=40"], "`num-clients` is 40, but the data set has only 30 examples"),
         (["--set", "dirichlet-alpha=0"], "`dirichlet-alpha` must be > 0"),
+        (
+            ["--set", "dp=client", "--set", "encryption=false"],
+            "`dp` = 'client' needs `encryption` = true, got `encryption` = false",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(
