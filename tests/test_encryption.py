@@ -91,7 +91,7 @@ def test_wrong_key_is_rejected_by_fingerprint(
             None,
             None,
         )
-    assert "Dropped train reply from client-4: payload fingerprint" in caplog.text
+    assert "Dropped train reply from client-4 (node 4): payload fingerprint" in caplog.text
     with pytest.raises(PayloadError, match="does not match"):
         server.validate(stranger.encode(np.ones(10)))
 
