@@ -64,32 +64,25 @@ def main() -> None:
     def dp_setup(csprng: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
         model = fmodel.build_model(cfg, num_labels=8, seed=0).to(device).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        if not csprng:  # Opacus' own torch.normal noise: the baseline the CSPRNG replaces
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                legacy = make_dp_training(
-                    module=model,
-                    optimizer=opt,
-                    data=train,
-                    expected_batch_size=args.batch_size,
-                    noise_multiplier=1.0,
-                    max_grad_norm=1.0,
-                    generator=torch.Generator().manual_seed(0),
-                    noise_generator=torch.Generator().manual_seed(1),
-                    collate_fn=pad_collate(train.pad_id),
-                )
-            return legacy.module, legacy.optimizer, legacy.data_loader
-        dp = make_dp_training(
-            module=model,
-            optimizer=opt,
-            data=train,
-            expected_batch_size=args.batch_size,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            generator=torch.Generator().manual_seed(0),
-            collate_fn=pad_collate(train.pad_id),
-            noise=CsprngNoise(),
+        # csprng=False: Opacus' own torch.normal noise, the baseline the CSPRNG replaces
+        noise_kw = (
+            {"noise": CsprngNoise()}
+            if csprng
+            else {"noise_generator": torch.Generator().manual_seed(1)}
         )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the noise_generator path
+            dp = make_dp_training(
+                module=model,
+                optimizer=opt,
+                data=train,
+                expected_batch_size=args.batch_size,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                generator=torch.Generator().manual_seed(0),
+                collate_fn=pad_collate(train.pad_id),
+                **noise_kw,  # type: ignore[arg-type]
+            )
         return dp.module, dp.optimizer, dp.data_loader
 
     def timed_steps(

@@ -299,13 +299,7 @@ class ClientRuntime:
             seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
             fmodel.set_adapter_vector(self.model, start)
             with fmodel.seeded(seed):
-                result = train_local(
-                    self.model,
-                    self._loader(seed),
-                    self.cfg.train,
-                    device=self.device,
-                    loss_fn=self.loss_fn,
-                )
+                result = self._train_plain(seed)
             trained = fmodel.get_adapter_vector(self.model)
             n = self.num_train_examples
             return TrainOutcome(
@@ -379,7 +373,7 @@ class ClientRuntime:
                 f"noise shares need between {plan.tolerance + 1} and the planned "
                 f"{plan.sampled_clients} (`client-dp-tolerance` = {plan.tolerance})"
             )
-        refusal = self._budget_refusal(server_round)
+        refusal = self._budget_refusal(server_round, ledger)
         if refusal:
             return self._decline(refusal)
         noise = self._noise_source(nonce, digest)
@@ -393,14 +387,7 @@ class ClientRuntime:
             if plan.level == "example":
                 result, used = self._train_dpsgd(seed, noise)
             else:
-                result = train_local(
-                    self.model,
-                    self._loader(seed),
-                    self.cfg.train,
-                    device=self.device,
-                    loss_fn=self.loss_fn,
-                )
-                used = plan
+                result, used = self._train_plain(seed), plan
         trained = fmodel.get_adapter_vector(self.model)
         n = self.num_train_examples
         if plan.level == "client":
@@ -449,18 +436,22 @@ class ClientRuntime:
             return SeededNoise(release_seed(self.cfg.federation.seed, nonce, digest))
         return CsprngNoise()
 
-    def _loader(self, seed: int):  # type: ignore[no-untyped-def]
+    def _train_plain(self, seed: int) -> TrainResult:
+        """Local training without DP-SGD (no DP, or client-level DP before clipping)."""
         generator = torch.Generator().manual_seed(seed)
-        return make_loader(
+        loader = make_loader(
             self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator
         )
+        return train_local(
+            self.model, loader, self.cfg.train, device=self.device, loss_fn=self.loss_fn
+        )
 
-    def _budget_refusal(self, server_round: int) -> str:
+    def _budget_refusal(self, server_round: int, ledger: PrivacyLedger) -> str:
         from fedtune.privacy import check_budget  # noqa: PLC0415
 
         p, plan = self.cfg.privacy, self.plan
         check = check_budget(
-            self.ledger().history(client=self.name, level=plan.level),
+            ledger.history(client=self.name, level=plan.level),
             budget_epsilon=p.budget,
             delta=p.target_delta,
             noise_multiplier=plan.noise_multiplier,
