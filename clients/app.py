@@ -182,10 +182,9 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
         flat = dict(config) if config is not None else dict(context.run_config)
         runtime = _runtime(flat, context, deployed=config is None)
         state = _global_state(msg)
-        runtime.keep_global(
-            state, server_round=_int(msg.content.config_records["config"], "server-round")
-        )
-        result = runtime.evaluate(state)
+        server_round = _int(msg.content.config_records["config"], "server-round")
+        runtime.keep_global(state, server_round=server_round)
+        result = runtime.evaluate(state, server_round=server_round)
         info: dict[str, object] = {"client": runtime.name}
         metrics: dict[str, object] = {
             "num-examples": result.num_examples,

@@ -208,6 +208,16 @@ class ClientRuntime:
         self.initial = fmodel.get_adapter_vector(self.model)
         self.codec = make_codec(length=self.initial.size, secret_context=secret_context)
         self._plan: PrivacyPlan | None = None
+        from fedtune.bounds import StepGuard  # noqa: PLC0415
+
+        if state_dir is not None:
+            guard_path: Path | None = state_dir / "step-guard.npz"
+        else:
+            guard_path = privacy_dir / f"{self.name}.step-guard.npz" if privacy_dir else None
+        config_digest = hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:16]
+        self.step_guard = StepGuard(
+            cfg.federation.max_step_factor, path=guard_path, run=f"{run_id}/{config_digest}"
+        )
         if cfg.privacy.enabled and privacy_dir is None:
             raise ValueError("DP is on but the client has no directory for its privacy ledger.")
 
@@ -262,25 +272,29 @@ class ClientRuntime:
             Checkpoint(round=server_round, payload=payload, num_examples=state.num_examples),
         )
 
-    def global_vector(self, state: GlobalState | None) -> NDArray[np.float64]:
+    def global_vector(self, state: GlobalState | None, *, server_round: int) -> NDArray[np.float64]:
         """The current global adapter: the seeded initial one in round 1, else ``S / N``.
 
-        A key holder checks what it decrypted before using it (:func:`_checked_mean`):
-        every entry finite and within :data:`fedtune.bounds.VALUE_BOUND`, else a
+        ``server_round`` is the round whose aggregate ``state`` is. A key holder
+        checks what it decrypted before using it: every entry finite and within
+        :data:`fedtune.bounds.VALUE_BOUND` (:func:`_checked_mean`), and a step from
+        the last global it accepted within ``max-step-factor`` times the largest
+        step before (:class:`fedtune.bounds.StepGuard`). Else a
         :class:`fedtune.bounds.BoundError` (a ``ValueError``), which the ClientApp
         turns into an error reply that the server drops with a log line.
 
         This limits what a forged or scaled update can do to the model; it does not
-        stop a malicious key holder whose update stays within the bound, and it
-        compares with no previous global (no norm-jump check). The cryptographic
-        answer, zero-knowledge norm proofs on each encrypted update (RoFL, ACORN), is
-        not built.
+        stop a malicious key holder whose update stays within the bounds. The
+        cryptographic answer, zero-knowledge norm proofs on each encrypted update
+        (RoFL, ACORN), is not built.
         """
         if state is None:
             return self.initial.copy()
         self.codec.validate(state.payload, aggregate=True)
         total = self.codec.decode(state.payload)
-        return _checked_mean(WeightedSum(total=total, num_examples=state.num_examples).mean())
+        mean = _checked_mean(WeightedSum(total=total, num_examples=state.num_examples).mean())
+        self.step_guard.check(mean, server_round=server_round)
+        return mean
 
     def train(
         self, state: GlobalState | None, *, server_round: int, sampled_clients: int = 0
@@ -294,7 +308,7 @@ class ClientRuntime:
         the ledger before its reply leaves. ``sampled_clients`` is the server's count
         of clients trained this round (client-level DP sizes its noise share from it).
         """
-        start = self.global_vector(state)
+        start = self.global_vector(state, server_round=server_round - 1)
         if not self.cfg.privacy.enabled:
             seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
             fmodel.set_adapter_vector(self.model, start)
@@ -544,9 +558,10 @@ class ClientRuntime:
         )
         return start + clipped + share
 
-    def evaluate(self, state: GlobalState | None) -> EvalResult:
-        """Held-out loss and accuracy of the global adapter on this client's test split."""
-        fmodel.set_adapter_vector(self.model, self.global_vector(state))
+    def evaluate(self, state: GlobalState | None, *, server_round: int) -> EvalResult:
+        """Held-out loss and accuracy of round ``server_round``'s global adapter (test split)."""
+        start = self.global_vector(state, server_round=server_round)
+        fmodel.set_adapter_vector(self.model, start)
         loader = make_loader(self.test_set, batch_size=64, shuffle=False)
         if self.cfg.model.task == "causal-lm":
             from fedtune.lm_train import evaluate_lm  # noqa: PLC0415

@@ -34,7 +34,15 @@ Task = Literal["classification", "causal-lm"]
 #: Run-config keys that belong to the wiring (paths set per run or per process),
 #: not to :class:`RunConfig`; both apps accept and skip them.
 WIRING_KEYS = frozenset(
-    {"run-dir", "run-id", "state-dir", "secret-context", "public-context", "resume"}
+    {
+        "run-dir",
+        "run-id",
+        "state-dir",
+        "secret-context",
+        "public-context",
+        "resume",
+        "node-limits",
+    }
 )
 
 
@@ -211,6 +219,11 @@ class FederationConfig:
     weight, an untrusted number): the server drops a reply above it, and with
     encryption on refuses to start unless ``num-clients x max-client-examples x 64``
     fits the CKKS range (``2 ** 24`` by default; see :mod:`fedtune.bounds`).
+
+    ``max-step-factor`` is the key holders' norm-jump check
+    (:class:`fedtune.bounds.StepGuard`): a client refuses a decrypted global whose
+    distance from the previous one it accepted, per round, is more than this many
+    times the largest such step it accepted before (0 turns the check off).
     """
 
     num_rounds: int = 5
@@ -223,9 +236,16 @@ class FederationConfig:
     client_cpus: int = 0
     client_gpus: float = -1.0
     max_client_examples: int = 50_000
+    max_step_factor: float = 10.0
 
     def __post_init__(self) -> None:
         _require(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
+        _require(
+            self.max_step_factor == 0 or self.max_step_factor >= 1,
+            "max-step-factor",
+            self.max_step_factor,
+            "must be >= 1, or 0 to turn the key holders' step check off",
+        )
         _require(
             self.max_client_examples >= 1,
             "max-client-examples",

@@ -21,7 +21,7 @@ from rich.console import Console
 from fedtune import bounds
 from fedtune.aggregation import FederationError
 from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from fedtune.config import WIRING_KEYS, RunConfig, coerce_value, parse_run_config
+from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, coerce_value, parse_run_config
 from fedtune.metrics import add_perplexity, append_record, read_records
 from fedtune.model import adapter_layout, build_model
 from fedtune.wire import CkksCodec, Codec, PayloadError, PlainCodec
@@ -73,6 +73,27 @@ def server_capacity(cfg: RunConfig, codec: Codec) -> float | None:
         capacity=capacity,
     )
     return capacity
+
+
+def parse_node_limits(value: object) -> dict[int, int]:
+    """The ``node-limits`` wiring key (``"ID=N,ID=N"``, from ``fedtune deploy run``).
+
+    Raises
+    ------
+    ConfigError
+        Naming the entry that is not ``node id = count >= 1``.
+    """
+    text = str(value or "").strip()
+    limits: dict[int, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        node, sep, limit = item.partition("=")
+        if not (sep and node.strip().isdigit() and limit.strip().isdigit() and int(limit) >= 1):
+            raise ConfigError(
+                f"`node-limits` entry {item!r} is not NODE_ID=COUNT with COUNT >= 1 "
+                f"(in {text[:200]!r})."
+            )
+        limits[int(node)] = int(limit)
+    return limits
 
 
 def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
@@ -247,9 +268,15 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
                 cfg.privacy.client_dp_tolerance if cfg.privacy.dp == "client" else None
             ),
             max_client_examples=cfg.federation.max_client_examples,
+            node_limits=parse_node_limits(flat.get("node-limits", "")),
             capacity=server_capacity(cfg, codec),
         )
         strategy.summary()
+        if strategy.node_limits:
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                "per-node example limits (set at registration): "
+                + ", ".join(f"node {k} <= {v}" for k, v in sorted(strategy.node_limits.items()))
+            )
         first = resume_round(
             run_dir, strategy, resume=bool(coerce_value("resume", flat.get("resume", False), False))
         )

@@ -12,7 +12,8 @@ message, else the reply's source node id), never by what a client calls itself: 
 self-reported name is a display label, bound to the first node that used it for
 the rest of the run, and a node keeps its first name. A reply that states another
 node's name, or a second reply from one node in one round, is dropped. Metrics are
-range-checked, counts capped at ``max-client-examples``, and (see
+range-checked, counts capped at ``max-client-examples`` (or the node's own
+limit, set when the operator registered it), and (see
 :mod:`fedtune.bounds`) the sum of counts kept inside the CKKS range; plaintext
 updates are checked entry by entry against the adapter value bound.
 """
@@ -23,7 +24,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,6 +132,10 @@ class FedTuneStrategy(Strategy):
         Seconds to wait for ``min_clients`` to connect before giving up.
     max_client_examples : int
         Largest ``num-examples`` a reply may claim (``max-client-examples``).
+    node_limits : Mapping[int, int] | None
+        Node id -> the largest count that node may claim, set by the operator at
+        registration (``fedtune deploy register --max-examples``); other nodes are
+        held to ``max_client_examples``.
     capacity : float | None
         With encryption: the largest ``|sum_k n_k w_k|`` the CKKS parameters hold
         (:func:`fedtune.bounds.ckks_capacity`); a reply whose count would take
@@ -156,6 +161,7 @@ class FedTuneStrategy(Strategy):
         connect_timeout: float = 300.0,
         client_dp_tolerance: int | None = None,
         max_client_examples: int = FederationConfig.max_client_examples,
+        node_limits: Mapping[int, int] | None = None,
         capacity: float | None = None,
         value_bound: float = bounds.VALUE_BOUND,
     ) -> None:
@@ -167,6 +173,7 @@ class FedTuneStrategy(Strategy):
         self.connect_timeout = connect_timeout
         self.client_dp_tolerance = client_dp_tolerance
         self.max_client_examples = max_client_examples
+        self.node_limits = dict(node_limits or {})
         self.capacity = capacity
         self.value_bound = value_bound
         # Only a plaintext codec lets the server read, hence clip, an update.
@@ -190,6 +197,7 @@ class FedTuneStrategy(Strategy):
             self.min_clients,
             type(self.codec).__name__,
         )
+
 
     def resume(self, payload: WirePayload, num_examples: int) -> None:
         """Continue from a checkpointed global sum (validated by the codec first)."""
@@ -281,12 +289,16 @@ class FedTuneStrategy(Strategy):
         self._name_of_node[node] = name
         return name, ""
 
-    def _num_examples(self, msg: Message) -> int:
+    def _num_examples(self, msg: Message, node: int) -> int:
         n = _metric(msg, "num-examples")
-        if not (n.is_integer() and 1 <= n <= self.max_client_examples):
+        if node in self.node_limits:
+            limit = self.node_limits[node]
+            source = f"`--max-examples` registered for node {node}"
+        else:
+            limit, source = self.max_client_examples, "`max-client-examples`"
+        if not (n.is_integer() and 1 <= n <= limit):
             raise PayloadError(
-                f"num-examples must be an integer in [1, {self.max_client_examples}] "
-                f"(`max-client-examples`), got {n!r}."
+                f"num-examples must be an integer in [1, {limit}] ({source}), got {n!r}."
             )
         return int(n)
 
@@ -342,7 +354,7 @@ class FedTuneStrategy(Strategy):
             try:
                 if "update" not in msg.content.config_records:
                     raise PayloadError("reply has no 'update' record.")
-                n = self._num_examples(msg)
+                n = self._num_examples(msg, node)
                 if self.client_dp_tolerance is not None and n != 1:
                     raise PayloadError(f"client-level DP: num-examples must be 1, got {n}.")
                 total_after = (sum(counts) + n) * self.value_bound
@@ -425,7 +437,7 @@ class FedTuneStrategy(Strategy):
                 self._drop(outcome, who, f"client error: {msg.error.reason}", "evaluate", node)
                 continue
             try:
-                n = self._num_examples(msg)
+                n = self._num_examples(msg, node)
                 values = {k: _metric(msg, k) for k in ("eval-loss", "eval-accuracy")}
             except PayloadError as err:
                 self._drop(outcome, who, str(err), "evaluate", node)

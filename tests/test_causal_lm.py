@@ -63,7 +63,9 @@ def test_truncation_cuts_the_answer_and_drops_examples_without_answer_tokens() -
 def test_collate_pads_right_with_ignored_labels() -> None:
     tok = tiny_word_tokenizer()
     data = lm_data.InstructionDataset(
-        tok, ["what is a dog ?", "what is a cat ?"], ["a dog", "a cat is a kind of animal ."],
+        tok,
+        ["what is a dog ?", "what is a cat ?"],
+        ["a dog", "a cat is a kind of animal ."],
         max_length=64,
     )
     batch = data.collate_fn()([data[0], data[1]])
@@ -243,13 +245,13 @@ def test_one_client_round_with_dp_lowers_held_out_loss(
         }
     )
     client = ClientRuntime(cfg, partition_id=0, num_partitions=1, privacy_dir=tmp_path)
-    before = client.evaluate(None)
+    before = client.evaluate(None, server_round=0)
     outcome = client.train(None, server_round=1)
     assert outcome.payload is not None and outcome.epsilon is not None and outcome.epsilon > 0
     from fedtune.client import GlobalState
 
     after = client.evaluate(
-        GlobalState(payload=outcome.payload, num_examples=outcome.num_examples)
+        GlobalState(payload=outcome.payload, num_examples=outcome.num_examples), server_round=1
     )
     # Random init, LoRA on attention only: the loss moves slowly, the greedy tokens fast.
     assert after.loss < before.loss - 0.1, (before, after)

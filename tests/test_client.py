@@ -51,7 +51,7 @@ def test_global_state_is_the_weighted_mean(tiny_model_dir: Path, toy_csv: Path) 
             (r1.codec.decode(u1.payload), u1.num_examples),
         ]
     ).mean()
-    np.testing.assert_allclose(r0.global_vector(state), expected)
+    np.testing.assert_allclose(r0.global_vector(state, server_round=1), expected)
     np.testing.assert_array_equal(
-        r0.global_vector(None), r1.global_vector(None)
+        r0.global_vector(None, server_round=0), r1.global_vector(None, server_round=0)
     )  # same seeded init

@@ -162,7 +162,7 @@ def test_client_level_dp_clips_and_sizes_its_share_for_the_tolerance(
         secret_context=secret_ctx,
         **{"noise-multiplier": 2.0, "max-grad-norm": 0.01, "num-clients": 4},
     )
-    start = runtime.global_vector(None)
+    start = runtime.global_vector(None, server_round=0)
     outcome = runtime.train(None, server_round=1, sampled_clients=4)
     assert outcome.num_examples == 1  # uniform weights under client-level DP
     update = runtime.codec.decode(outcome.payload) - start  # type: ignore[arg-type]

@@ -34,6 +34,10 @@ pytestmark = pytest.mark.slow
 TAG = "FEDTUNE_DEPLOY_TEST"
 NODES = ("node-0", "node-1", "node-2")
 LABELS = "animal,food,tool"
+#: The limit the full run's nodes are registered with (each holds 16 rows, split
+#: into train and test): honest counts pass it.
+MAX_EXAMPLES = 16
+
 RUN_CONFIG = {
     "num-rounds": 3,
     "num-clients": 3,
@@ -146,6 +150,9 @@ class Federation:
         self.fleet_address = f"127.0.0.1:{self.fleet_port}"
         self.home = self.dir / "operator"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.registered = ""  # what `fedtune deploy register` printed
+        self.online: set[int] = set()  # node ids online at the last wait_online
+        self.run_output = ""
 
     # -- roles ---------------------------------------------------------------
     def _start(self, role: str, cmd: list[str]) -> subprocess.Popen[bytes]:
@@ -194,8 +201,9 @@ class Federation:
             time.sleep(0.5)
         raise AssertionError("SuperLink did not start:\n" + self.log("superlink"))
 
-    def register(self, *names: str) -> None:
+    def register(self, *names: str, max_examples: int | None = None) -> None:
         keys = [str(self.files.keys / f"{n}.pub") for n in names]
+        limit = [] if max_examples is None else ["--max-examples", str(max_examples)]
         done = subprocess.run(
             _fedtune(
                 "deploy",
@@ -206,6 +214,7 @@ class Federation:
                 str(self.files.certs / "ca.crt"),
                 "--home",
                 str(self.home),
+                *limit,
                 *keys,
             ),
             env=_env(f"{self.tag}/register"),
@@ -215,6 +224,7 @@ class Federation:
             timeout=120,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+        self.registered = done.stdout
 
     def start_node(self, name: str, *, key: str = "", ckks: Path | None = None) -> None:
         self._start(
@@ -262,6 +272,7 @@ class Federation:
             except (ValueError, KeyError):
                 online = 0
             if online >= count:
+                self.online = {int(n["node-id"]) for n in nodes if n["status"] == "online"}
                 return
             time.sleep(2)
         raise AssertionError(f"{online} of {count} SuperNodes online")
@@ -284,10 +295,10 @@ class Federation:
             *extra,
         )
 
-    def launch(self, *, intruder: bool = False) -> None:
+    def launch(self, *, intruder: bool = False, max_examples: int | None = None) -> None:
         """SuperLink, registered keys, the three nodes (and one with another CKKS key)."""
         self.start_superlink()
-        self.register(*NODES, *(["rogue"] if intruder else []))
+        self.register(*NODES, *(["rogue"] if intruder else []), max_examples=max_examples)
         for name in NODES:
             self.start_node(name)
         if intruder:
@@ -375,11 +386,12 @@ def full_run(files: Files) -> Iterator[tuple[Federation, Path]]:
     """Three registered nodes, DP and encryption on, three rounds, nobody fails."""
     fed = Federation(files, "full")
     try:
-        fed.launch()
+        fed.launch(max_examples=MAX_EXAMPLES)
         fed.start_node("rogue")  # its key was never registered
         run_dir = fed.dir / "server-run"
         done = fed.run(run_dir)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        fed.run_output = done.stdout + done.stderr
         yield fed, run_dir
     finally:
         fed.stop()
@@ -406,6 +418,20 @@ def test_secured_federation_ledgers_agree_with_server_metrics(
         timeout=300,
     )
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_registration_limits_reach_the_server_for_the_nodes_that_are_online(
+    full_run: tuple[Federation, Path],
+) -> None:
+    fed, _ = full_run
+    from fedtune.deploy.roles import node_limits
+
+    limits = node_limits(fed.home)
+    assert len(limits) == len(NODES) and set(limits.values()) == {MAX_EXAMPLES}
+    assert set(limits) <= fed.online  # the ids registration gave are the nodes' own ids
+    for node in limits:
+        assert f"as node {node} (at most {MAX_EXAMPLES} examples per round" in fed.registered
+        assert f"node {node} <= {MAX_EXAMPLES}" in fed.run_output
 
 
 def test_unregistered_node_is_refused(full_run: tuple[Federation, Path]) -> None:

@@ -77,6 +77,35 @@ def test_run_config_needs_labels_and_public_context(tmp_path: Path) -> None:
     assert flat["public-context"] == str((tmp_path / "public.ctx").resolve())
 
 
+def test_registration_limits_reach_the_run_config(tmp_path: Path) -> None:
+    from fedtune.deploy.roles import node_limits, record_node
+    from fedtune.deploy.submit import run_config
+
+    home = tmp_path / "op"
+    home.mkdir()
+    assert node_limits(home) == {}
+    record_node(home, node_id=11, name="alice", max_examples=300)
+    record_node(home, node_id=12, name="bob", max_examples=None)  # the run's cap
+    record_node(home, node_id=13, name="alice", max_examples=200)  # re-registered
+    assert node_limits(home) == {13: 200}
+    assert oct((home / "nodes.toml").stat().st_mode & 0o777) == "0o644"
+    assert '[nodes."12"]\nname = "bob"' in (home / "nodes.toml").read_text()
+    flat = run_config({"label-names": "a,b"}, run_dir=tmp_path / "run", node_limits={13: 200})
+    assert flat["node-limits"] == "13=200"
+    assert "node-limits" not in run_config({"label-names": "a,b"}, run_dir=tmp_path / "r")
+    with pytest.raises(
+        ConfigError, match="node 13 was registered with --max-examples 200, outside \\[1, 100\\]"
+    ):
+        run_config(
+            {"label-names": "a,b", "max-client-examples": 100},
+            run_dir=tmp_path / "run",
+            node_limits={13: 200},
+        )
+    (home / "nodes.toml").write_text('[nodes."x"]\nmax-examples = 3\n')
+    with pytest.raises(ConfigError, match="is not a fedtune node list"):
+        node_limits(home)
+
+
 def test_role_command_lines_keep_tls_auth_and_loopback(tmp_path: Path) -> None:
     from fedtune.deploy import roles
 

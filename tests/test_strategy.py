@@ -345,6 +345,45 @@ def test_counts_above_the_configured_maximum_are_dropped() -> None:
     )
 
 
+def test_a_node_is_held_to_the_limit_set_at_its_registration() -> None:
+    # Node 1 was registered with --max-examples 5, node 2 without: node 2 may claim up
+    # to max-client-examples, node 1 only 5, whatever either calls itself.
+    codec = PlainCodec(length=2)
+    strategy = FedTuneStrategy(
+        codec=codec,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_clients=1,
+        seed=0,
+        max_client_examples=10,
+        node_limits={1: 5},
+    )
+    _, metrics = strategy.aggregate_train(
+        1, [_update(codec, 1, [1.0, 1.0], 6), _update(codec, 2, [1.0, 1.0], 9)]
+    )
+    assert metrics is not None and metrics["num-examples"] == 9
+    assert strategy.last_train.dropped["client-1"] == (
+        "num-examples must be an integer in [1, 5] (`--max-examples` registered for node 1), "
+        "got 6.0."
+    )
+    _, metrics = strategy.aggregate_train(
+        2, [_update(codec, 1, [1.0, 1.0], 5), _update(codec, 2, [1.0, 1.0], 9)]
+    )
+    assert metrics is not None and metrics["num-examples"] == 14
+
+
+def test_node_limits_wiring_key_is_parsed_strictly() -> None:
+    from fedtune.config import ConfigError
+    from fedtune.deploy.submit import format_node_limits
+    from server.app import parse_node_limits
+
+    assert parse_node_limits("") == {}
+    assert parse_node_limits(format_node_limits({9: 50, 7: 100})) == {7: 100, 9: 50}
+    for bad in ("7=0", "7", "x=3", "7=-1", "7=1e9", "7=3,=4"):
+        with pytest.raises(ConfigError, match="`node-limits` entry"):
+            parse_node_limits(bad)
+
+
 def test_plaintext_updates_beyond_the_value_bound_are_dropped() -> None:
     # Before the fix two finite 1e308 updates summed to inf and became the global state.
     codec = PlainCodec(length=2)

@@ -145,6 +145,13 @@ def add_parser(sub: Any) -> None:
     )
     _connection(reg)
     reg.add_argument("keys", nargs="+", type=Path, metavar="NAME.pub")
+    reg.add_argument(
+        "--max-examples",
+        type=int,
+        metavar="N",
+        help="the most examples these nodes may claim per round (their FedAvg weight); "
+        "the server drops a reply above it. Default: the run's `max-client-examples`",
+    )
 
     sn = roles.add_parser(
         "supernode",
@@ -245,6 +252,59 @@ def _supervise(argv: list[str], env: dict[str, str], *, key: Path) -> int:
     return code
 
 
+def _register(args: argparse.Namespace) -> int:
+    """``flwr supernode register`` each key; note its node id and limit in ``nodes.toml``."""
+    import json  # noqa: PLC0415
+
+    from fedtune.deploy import roles  # noqa: PLC0415
+
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}.")
+    status = 0
+    for key in args.keys:
+        if not key.is_file():
+            raise ConfigError(f"public key {str(key)!r} does not exist.")
+        name = key.name.removesuffix(".pub")
+        launch = roles.flwr_cli(
+            args.home,
+            "supernode",
+            "register",
+            str(key.resolve()),
+            roles.CONNECTION,
+            "--name",
+            name,
+            "--format",
+            "json",
+        )
+        done = subprocess.run(
+            launch.argv, env=launch.env, check=False, capture_output=True, text=True
+        )
+        try:
+            reply = json.loads(done.stdout)
+            node_id = int(reply["node-id"]) if reply.get("success") else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            reply, node_id = {}, None
+        if node_id is None:
+            why = reply.get("error-message") if isinstance(reply, dict) else None
+            print(
+                f"fedtune deploy register: error: {name}: "
+                f"{why or (done.stdout + done.stderr).strip()[-1000:]}",
+                file=sys.stderr,
+            )
+            status = status or done.returncode or 1
+            continue
+        path = roles.record_node(
+            args.home, node_id=node_id, name=name, max_examples=args.max_examples
+        )
+        limit = (
+            f"at most {args.max_examples} examples per round"
+            if args.max_examples is not None
+            else "the run's `max-client-examples`"
+        )
+        print(f"registered {name} as node {node_id} ({limit}; noted in {path})")
+    return status
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out ``fedtune deploy ROLE``."""
     from fedtune.deploy import pki, roles, submit  # noqa: PLC0415
@@ -300,22 +360,7 @@ def run(args: argparse.Namespace) -> int:
         return _supervise(launch.argv, launch.env, key=args.key)
     roles.write_connection(args.home, superlink_address=args.superlink, ca=args.ca)
     if args.role == "register":
-        status = 0
-        for key in args.keys:
-            if not key.is_file():
-                raise ConfigError(f"public key {str(key)!r} does not exist.")
-            launch = roles.flwr_cli(
-                args.home,
-                "supernode",
-                "register",
-                str(key.resolve()),
-                roles.CONNECTION,
-                "--name",
-                key.name.removesuffix(".pub"),
-            )
-            done = subprocess.run(launch.argv, env=launch.env, check=False)
-            status = status or done.returncode
-        return status
+        return _register(args)
     # run
     config = submit.run_config(
         collect_overrides(args.config, args.overrides),
@@ -323,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         public_context=args.public_context,
         resume=args.resume,
+        node_limits=roles.node_limits(args.home),
     )
     outcome = submit.submit_run(args.home, config, stream=not args.quiet)
     if outcome.ok:

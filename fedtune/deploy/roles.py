@@ -246,3 +246,52 @@ def flwr_cli(home: Path, *args: str, base_env: Mapping[str, str] | None = None) 
     """A ``flwr`` CLI call against the connection written by :func:`write_connection`."""
     home = Path(home).expanduser().resolve()
     return Launch(["flwr", *args], _environment(home, base_env))
+
+
+#: The operator's record of registered nodes, beside the flwr CLI's config in ``--home``.
+NODES_FILE = "nodes.toml"
+
+
+def record_node(home: Path, *, node_id: int, name: str, max_examples: int | None) -> Path:
+    """Note a registered node (and the example count it may claim) in ``HOME/nodes.toml``.
+
+    ``fedtune deploy run`` passes the limits to the server as the ``node-limits``
+    wiring key; a node registered without ``--max-examples`` is held to the run's
+    ``max-client-examples``. Re-registering a name replaces its entry.
+    """
+    import tomllib  # noqa: PLC0415
+
+    path = Path(home).expanduser().resolve() / NODES_FILE
+    nodes = tomllib.loads(path.read_text())["nodes"] if path.is_file() else {}
+    nodes = {k: v for k, v in nodes.items() if v.get("name") != name}
+    entry: dict[str, object] = {"name": name}
+    if max_examples is not None:
+        entry["max-examples"] = max_examples
+    nodes[str(node_id)] = entry
+    text = "".join(
+        f'[nodes."{node}"]\n' + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+        for node, values in sorted(nodes.items())
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o644)
+    return path
+
+
+def node_limits(home: Path) -> dict[int, int]:
+    """``node id -> max-examples`` of the nodes registered with a limit (empty if none)."""
+    import tomllib  # noqa: PLC0415
+
+    path = Path(home).expanduser().resolve() / NODES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        nodes = tomllib.loads(path.read_text()).get("nodes", {})
+        return {
+            int(node): int(values["max-examples"])
+            for node, values in nodes.items()
+            if "max-examples" in values
+        }
+    except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{str(path)!r} is not a fedtune node list: {err}") from None

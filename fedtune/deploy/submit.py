@@ -50,6 +50,11 @@ def app_dir() -> Path:
     return root
 
 
+def format_node_limits(limits: Mapping[int, int]) -> str:
+    """``{7: 100, 9: 50}`` -> ``"7=100,9=50"`` (the ``node-limits`` wiring key)."""
+    return ",".join(f"{node}={limit}" for node, limit in sorted(limits.items()))
+
+
 def run_config(
     flat: Mapping[str, object],
     *,
@@ -57,9 +62,23 @@ def run_config(
     run_id: str = "",
     public_context: Path | None = None,
     resume: bool = False,
+    node_limits: Mapping[int, int] | None = None,
 ) -> dict[str, object]:
-    """The checked config plus wiring keys, as the ServerApp and ClientApps read it."""
+    """The checked config plus wiring keys, as the ServerApp and ClientApps read it.
+
+    ``node_limits`` (node id -> the most examples it may claim, set at registration)
+    travels as ``node-limits`` (``"ID=N,ID=N"``); each must be within
+    ``max-client-examples``, the bound the CKKS capacity check uses.
+    """
     cfg = parse_run_config(flat)
+    cap = cfg.federation.max_client_examples
+    for node, limit in sorted((node_limits or {}).items()):
+        if not 1 <= limit <= cap:
+            raise ConfigError(
+                f"node {node} was registered with --max-examples {limit}, outside [1, {cap}] "
+                f"(`max-client-examples` of this run); raise `max-client-examples` or "
+                "register the node again with a smaller limit."
+            )
     if len(cfg.data.labels) < 2:
         raise ConfigError(
             "A deployment needs `label-names` (comma-separated, in the order every node "
@@ -74,6 +93,8 @@ def run_config(
         "run-id": run_id or run_dir.name,
         "resume": resume,
     }
+    if node_limits:
+        wiring["node-limits"] = format_node_limits(node_limits)
     if cfg.crypto.encryption and public_context is not None:
         wiring["public-context"] = str(Path(public_context).expanduser().resolve())
     return {**cfg.to_flat(), **wiring}
