@@ -33,32 +33,33 @@ def test_first_draw_is_the_rfc8439_keystream() -> None:
     assert words.astype("<u8").tobytes() == RFC8439_A1_KEYSTREAM
 
 
-def _scalar_box_muller(words: list[int], i: int) -> float:
-    """Value ``i`` of the sum-of-four recipe, one float at a time with ``math``."""
-    pairs = len(words) // 2
-    n = pairs // 2
-
-    def r_theta(j: int) -> tuple[float, float]:
-        u1 = ((words[j] >> 11) + 1) * 2.0**-53
-        u2 = (words[pairs + j] >> 11) * 2.0**-53
-        return math.sqrt(-2.0 * math.log(u1)), 2.0 * math.pi * u2
-
-    def cos_of(j: int) -> float:
-        r, t = r_theta(j)
-        return r * math.cos(t)
-
-    def sin_of(j: int) -> float:
-        r, t = r_theta(j % pairs)
-        return r * math.sin(t)
-
-    return cos_of(i) + cos_of(n + i) + sin_of(i + 1) + sin_of(n + i + 1)
+def _scalar_polar(words: list[int], count: int) -> list[tuple[float, float]]:
+    """The polar method one candidate at a time with ``math``: the first accepted pairs."""
+    m = len(words) // 2
+    out = []
+    for t in range(m):
+        u = (words[t] >> 11) * 2.0**-52 - 1.0
+        v = (words[m + t] >> 11) * 2.0**-52 - 1.0
+        s = u * u + v * v
+        if 0.0 < s < 1.0:
+            f = math.sqrt(-2.0 * math.log(s) / s)
+            out.append((u * f, v * f))
+    assert len(out) >= count, "the first request accepted too few; pick another key"
+    return out[:count]
 
 
 @pytest.mark.parametrize("flavour", ["numpy", "torch"])
 def test_values_follow_the_documented_recipe(flavour: str) -> None:
-    """std * (g1 + g2 + g3 + g4) / 2 from the RFC keystream, recomputed with ``math``."""
-    words = [int(w) for w in np.frombuffer(RFC8439_A1_KEYSTREAM, dtype="<u8")]
-    expected = [3.0 * _scalar_box_muller(words, i) / 2.0 for i in range(2)]
+    """std * (g1 + g2 + g3 + g4) / 2 from the keystream, recomputed with ``math``."""
+    from fedtune.privacy.noise import _candidates
+
+    # Two values need four accepted pairs; the first request is _candidates(4) pairs
+    # under nonce 0, whose first eight words are the RFC 8439 test vector.
+    words = [int(w) for w in ChaChaNoise(bytes(32))._words(2 * _candidates(4))]
+    assert np.array(words[:8], dtype="<u8").tobytes() == RFC8439_A1_KEYSTREAM
+    z = _scalar_polar(words, 4)
+    g = [z[0][0] + z[2][0] + z[1][1] + z[3][1], z[1][0] + z[3][0] + z[2][1] + z[0][1]]
+    expected = [3.0 * x / 2.0 for x in g]
     source = ChaChaNoise(bytes(32))
     if flavour == "numpy":
         got = source.normal_numpy((2,), 3.0)
@@ -68,19 +69,50 @@ def test_values_follow_the_documented_recipe(flavour: str) -> None:
 
 
 def test_no_value_sums_both_normals_of_one_pair() -> None:
-    """Changing one word moves one Box--Muller pair, i.e. two normals: they must land in
-    two different values (cos+sin of one pair is a single rotated Gaussian)."""
-    from fedtune.privacy.noise import _sum_of_four_numpy
+    """Both normals of one accepted pair must land in two different values ((u + v) f,
+    the sum of one pair's normals, is a single Gaussian)."""
+    from fedtune.privacy.noise import _combine
 
     rng = np.random.default_rng(0)
     n = 5
-    words = rng.integers(0, 2**64, size=4 * n, dtype=np.uint64)
-    base = _sum_of_four_numpy(words)
-    for j in range(4 * n):
-        bumped = words.copy()
-        bumped[j] ^= np.uint64(1 << 40)
-        changed = np.flatnonzero(_sum_of_four_numpy(bumped) != base)
-        assert len(changed) == 2, f"word {j} changed values {changed.tolist()}"
+    z1, z2 = rng.standard_normal(2 * n), rng.standard_normal(2 * n)
+    base = _combine(z1.copy(), z2.copy())
+    for j in range(2 * n):
+        b1, b2 = z1.copy(), z2.copy()
+        b1[j] += 1.0
+        b2[j] += 1.0
+        changed = np.flatnonzero(_combine(b1, b2) != base)
+        assert len(changed) == 2, f"pair {j} changed values {changed.tolist()}"
+
+
+def test_polar_method_rejects_outside_the_unit_disc_and_zero() -> None:
+    from fedtune.privacy.noise import _polar_numpy
+
+    def word(u: float) -> int:  # the word whose top 53 bits give u = k 2^-52 - 1
+        return int((u + 1.0) * 2**52) << 11
+
+    us = [0.6, 0.0, 0.9, -1.0, 0.3]
+    vs = [0.8, 0.0, 0.5, 0.0, -0.4]  # s = 1.0 (out), 0 (out), 1.06 (out), 1.0 (out), 0.25
+    words = np.array([word(u) for u in us] + [word(v) for v in vs], dtype=np.uint64)
+    z1, z2 = _polar_numpy(words)
+    f = math.sqrt(-2.0 * math.log(0.25) / 0.25)
+    np.testing.assert_allclose(z1, [0.3 * f], rtol=1e-12)
+    np.testing.assert_allclose(z2, [-0.4 * f], rtol=1e-12)
+
+
+def test_too_few_accepted_pairs_are_made_up_by_further_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedtune.privacy import noise
+
+    monkeypatch.setattr(noise, "_candidates", lambda pairs: 3)  # about 2.4 accepted each
+    source = SeededNoise(21)
+    z = source.normal_numpy((1000,), 1.0)
+    assert source._draws > 600  # 2000 pairs from requests of 3 candidates
+    assert np.isfinite(z).all() and len(np.unique(z)) == 1000
+    assert abs(z.std() - 1.0) < 0.15
+    again = SeededNoise(21).normal((1000,), 1.0, dtype=torch.float64).numpy()
+    assert np.array_equal(again, z)
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -150,7 +182,8 @@ def test_csprng_noise_is_not_reproducible_and_hides_its_key() -> None:
     a, b = CsprngNoise(), CsprngNoise()
     assert not torch.equal(a.normal((64,), 1.0), b.normal((64,), 1.0))
     assert not np.array_equal(a.normal_numpy((64,), 1.0), a.normal_numpy((64,), 1.0))
-    assert a._key.hex() not in repr(a) and repr(a) == "CsprngNoise(draws=3)"
+    assert a._key.hex() not in repr(a) and repr(a) == f"CsprngNoise(draws={a._draws})"
+    assert a._draws >= 3
     assert isinstance(a, NoiseSource) and isinstance(SeededNoise(0), NoiseSource)
 
 
@@ -166,11 +199,14 @@ def test_dtype_and_shape(dtype: torch.dtype | None) -> None:
 
 def test_gpu_kernel_computes_the_numpy_recipe() -> None:
     """The torch version (used on CUDA) run on the CPU, against the numpy one."""
-    from fedtune.privacy.noise import _sum_of_four_numpy, _sum_of_four_torch
+    from fedtune.privacy.noise import _polar_numpy, _polar_torch
 
-    words = ChaChaNoise(bytes(32))._words(4 * 1001)
-    got = _sum_of_four_torch(torch.from_numpy(words.view(np.int64))).numpy()
-    np.testing.assert_allclose(got, _sum_of_four_numpy(words), rtol=1e-12, atol=1e-14)
+    words = ChaChaNoise(bytes(32))._words(2 * 1001)
+    got = _polar_torch(torch.from_numpy(words.view(np.int64)))
+    want = _polar_numpy(words)
+    assert len(want[0]) > 700  # about pi/4 of 1001 candidates accepted
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
