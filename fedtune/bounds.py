@@ -158,8 +158,8 @@ def check_global_mean(mean: NDArray[np.floating], value_bound: float = VALUE_BOU
             f"|w| <= {value_bound:g} (fedtune.bounds.VALUE_BOUND): some client sent a "
             "forged or scaled update, or the encrypted sum wrapped the CKKS modulus. "
             "This client refuses to train or evaluate on it; the operator should find "
-            "the node (metrics.jsonl lists each round's clients) and resume from an "
-            "earlier checkpoint without it."
+            "the node (metrics.jsonl lists each round's clients) and resume from the "
+            "server's RUN_DIR/checkpoint.previous (one round back) without it."
         )
 
 
@@ -180,7 +180,8 @@ class StepGuard:
     per round (each accepted step may raise the scale), or any update whose effect
     stays within the honest step size. Because the server cannot tell which
     encrypted update caused a jump, a refusal stops the round for every key holder;
-    the operator resumes from an earlier checkpoint without the suspected node. The
+    the operator resumes from the server's ``checkpoint.previous`` (one round back)
+    without the suspected node. The
     cryptographic answer (zero-knowledge norm proofs on each encrypted update,
     RoFL / ACORN, see the module docstring) is not built.
 
@@ -262,8 +263,8 @@ class StepGuard:
                 f"from the one of round {last_round}, {step / largest:.3g} times the largest "
                 f"step accepted so far ({largest:.4g}; `max-step-factor` is {self.factor:g}): "
                 "some client sent a scaled or replaced update. This client refuses to train "
-                "or evaluate on it; the operator should resume from an earlier checkpoint "
-                "without the suspected node."
+                "or evaluate on it; the operator should resume from the server's "
+                "RUN_DIR/checkpoint.previous (one round back)."
             )
         log.info(
             "Step check: round %d moved %.4g per round from round %d (largest before %.4g)",

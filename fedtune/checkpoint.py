@@ -329,6 +329,7 @@ def save_checkpoint(
     key_dir: Path | None = None,
     max_examples: int = MAX_EXAMPLES,
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    keep_previous: bool = False,
 ) -> None:
     """Atomically replace ``directory`` with ``checkpoint``, signed with the key in ``key_dir``.
 
@@ -343,6 +344,9 @@ def save_checkpoint(
         Never inside ``directory``.
     max_examples, max_chunk_bytes : int
         The same caps :func:`load_checkpoint` applies.
+    keep_previous : bool
+        Keep the checkpoint it replaces as ``<directory>.previous`` (one round back), so
+        an operator can resume before a round that key holders refused.
     """
     directory = Path(directory)
     key_path = _key_path(directory, key_dir)
@@ -377,6 +381,11 @@ def save_checkpoint(
         directory.rename(old)
     tmp.rename(directory)
     _fsync_dir(directory.parent)
+    if keep_previous and os.path.isdir(old) and not os.path.islink(old):
+        previous = directory.with_name(directory.name + ".previous")
+        _remove(previous)
+        old.rename(previous)
+        _fsync_dir(directory.parent)
     _remove(old)
 
 

@@ -203,6 +203,7 @@ def run_rounds(
                 round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples
             ),
             key_dir=run_dir,
+            keep_previous=True,
         )
         with console.status(f"round {rnd}/{fed.num_rounds}: evaluating…"):
             ev = evaluate(rnd)

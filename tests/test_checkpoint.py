@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,26 @@ def test_a_second_save_replaces_the_first_with_the_same_key(ckpt_dir: Path) -> N
     assert (ckpt_dir.parent / "checkpoint.key").read_bytes() == key
     assert load_checkpoint(ckpt_dir).round == 4
     assert sorted(p.name for p in ckpt_dir.parent.iterdir()) == ["checkpoint", "checkpoint.key"]
+
+
+def test_the_server_keeps_one_checkpoint_back_to_resume_before_a_refused_round(
+    ckpt_dir: Path,
+) -> None:
+    # Key holders refused round 5's global (StepGuard): the operator resumes from round 4.
+    for rnd in (4, 5):
+        save_checkpoint(
+            ckpt_dir, Checkpoint(rnd, CODEC.encode(np.full(4, rnd)), 6), keep_previous=True
+        )
+    previous = ckpt_dir.with_name("checkpoint.previous")
+    assert (load_checkpoint(ckpt_dir).round, load_checkpoint(previous).round) == (5, 4)
+    assert stat.S_IMODE(previous.stat().st_mode) == 0o700
+    shutil.rmtree(ckpt_dir)
+    previous.rename(ckpt_dir)  # what the README tells the operator to do
+    strategy = FedTuneStrategy(
+        codec=CODEC, fraction_train=1.0, fraction_evaluate=1.0, min_clients=1, seed=0
+    )
+    assert resume_round(ckpt_dir.parent, strategy, resume=True) == 5
+    np.testing.assert_array_equal(CODEC.decode(strategy.global_payload), np.full(4, 4.0))  # type: ignore[arg-type]
 
 
 def test_files_have_explicit_modes_whatever_the_umask(ckpt_dir: Path, umask_022: None) -> None:
