@@ -6,9 +6,10 @@ Both optimisers train the same LoRA model (bundled MiniLM-L6, r=8 on query/value
 8-way head) on the same WordNet batches; DP-SGD adds Opacus' per-example gradients
 (hooks on the LoRA and head layers only), clipping and the noise of
 ``fedtune.privacy.noise.CsprngNoise`` (ChaCha20 keystream, sum of four Gaussians), the
-default of ``make_dp_training``. Steps of the two kinds are interleaved in blocks so
-that machine noise hits both alike. Also printed: the time of one step's noise draw
-alone (all trainable values, float64 on the step's device). Goal: ratio <= 1.10.
+default of ``make_dp_training``. All arms step on the same batches (Poisson-sampled,
+as DP-SGD draws them; ``--own-loaders`` gives each its own), in interleaved blocks of
+five, so batch shapes and machine noise hit them alike. Also printed: the time of one
+step's noise draw alone (all trainable values, float64 on the step's device). Goal: ratio <= 1.10.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--own-loaders",
+        action="store_true",
+        help="each arm draws its own batches (plain: fixed size) instead of all sharing "
+        "the same Poisson batches; adds batch-shape noise to the ratio",
+    )
     args = parser.parse_args()
 
     import torch
@@ -85,21 +92,22 @@ def main() -> None:
             )
         return dp.module, dp.optimizer, dp.data_loader
 
+    def draw(loader: object, n: int) -> list[dict[str, torch.Tensor]]:
+        """``n`` non-empty batches of ``loader`` (cycling), on the device."""
+        out: list[dict[str, torch.Tensor]] = []
+        while len(out) < n:
+            for raw in loader:  # type: ignore[attr-defined]
+                if len(raw["labels"]) and len(out) < n:
+                    out.append({k: v.to(device) for k, v in raw.items()})
+        return out
+
     def timed_steps(
-        setup: tuple[torch.nn.Module, torch.optim.Optimizer, object], n: int
+        setup: tuple[torch.nn.Module, torch.optim.Optimizer, object],
+        batches: list[dict[str, torch.Tensor]],
     ) -> list[float]:
-        model, opt, loader = setup
+        model, opt, _ = setup
         times: list[float] = []
-        it = iter(loader)  # type: ignore[call-overload]
-        while len(times) < n:
-            try:
-                raw = next(it)
-            except StopIteration:
-                it = iter(loader)  # type: ignore[call-overload]
-                continue
-            if len(raw["labels"]) == 0:
-                continue
-            batch = {k: v.to(device) for k, v in raw.items()}
+        for batch in batches:
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
@@ -110,17 +118,23 @@ def main() -> None:
         return times
 
     plain, dp, opacus = plain_setup(), dp_setup(), dp_setup(csprng=False)
-    timed_steps(plain, 3)  # warm-up
-    timed_steps(dp, 3)
-    timed_steps(opacus, 3)
+    block = 5
+    steps = max(block, args.steps // block * block)
+    # Every arm trains on the same batches: Poisson ones (mean batch-size), as DP-SGD
+    # draws them, unless --own-loaders gives each arm its own loader (plain: fixed size).
+    if args.own_loaders:
+        feeds = [draw(arm[2], steps + 3) for arm in (plain, dp, opacus)]
+    else:
+        feeds = [draw(dp[2], steps + 3)] * 3
+    for arm, feed in zip((plain, dp, opacus), feeds, strict=True):
+        timed_steps(arm, feed[:3])  # warm-up
     plain_t: list[float] = []
     dp_t: list[float] = []
     opacus_t: list[float] = []
-    block = 5
-    for _ in range(max(1, args.steps // block)):
-        plain_t += timed_steps(plain, block)
-        dp_t += timed_steps(dp, block)
-        opacus_t += timed_steps(opacus, block)
+    for lo in range(3, steps + 3, block):
+        plain_t += timed_steps(plain, feeds[0][lo : lo + block])
+        dp_t += timed_steps(dp, feeds[1][lo : lo + block])
+        opacus_t += timed_steps(opacus, feeds[2][lo : lo + block])
     p_med, d_med = statistics.median(plain_t), statistics.median(dp_t)
     o_med = statistics.median(opacus_t)
     trainable = sum(p.numel() for p in plain[0].parameters() if p.requires_grad)
@@ -133,9 +147,14 @@ def main() -> None:
             torch.cuda.synchronize()
         noise_t.append(time.perf_counter() - start)
     n_med = statistics.median(noise_t[2:])
+    feed = (
+        "each arm on its own loader (plain: fixed size)"
+        if args.own_loaders
+        else "all arms on the same Poisson batches"
+    )
     print(
         f"device {device}, threads {args.threads}, batch size {args.batch_size} "
-        f"(DP: Poisson, mean {args.batch_size})"
+        f"(Poisson, mean {args.batch_size}); {feed}"
     )
     print(f"trainable parameters {trainable}")
     print(f"plain step  median {p_med * 1e3:7.1f} ms over {len(plain_t)} steps")

@@ -249,9 +249,7 @@ def encode_example(
     head = prompt_text(tokenizer, prompt)
     eos_ids: list[int] = []
     if getattr(tokenizer, "chat_template", None):
-        full = str(
-            tokenizer.apply_chat_template(chat_messages(prompt, answer), tokenize=False)
-        )
+        full = str(tokenizer.apply_chat_template(chat_messages(prompt, answer), tokenize=False))
         if not full.startswith(head):
             raise ConfigError(
                 "The tokenizer's chat template renders prompt and answer so that the "
