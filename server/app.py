@@ -194,7 +194,8 @@ def run_rounds(
             raise NotEnoughClients(
                 f"Round {rnd}: {len(last.accepted)} of {len(messages)} sampled clients returned "
                 f"a usable update: {strategy.last_refusal}. Stopping; the "
-                f"checkpoint of round {rnd - 1} is kept." + ("".join(f" {n}." for n in notes))
+                f"checkpoint of round {rnd - 1} is kept."
+                + ("".join(f" {n.rstrip('.')}." for n in notes))
             )
         assert strategy.global_payload is not None  # set by a successful aggregate_train
         save_checkpoint(

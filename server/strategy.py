@@ -198,7 +198,6 @@ class FedTuneStrategy(Strategy):
             type(self.codec).__name__,
         )
 
-
     def resume(self, payload: WirePayload, num_examples: int) -> None:
         """Continue from a checkpointed global sum (validated by the codec first)."""
         self.global_payload = self.codec.validate(payload, aggregate=True)
