@@ -145,7 +145,7 @@ class ChaChaNoise:
         nonce = bytes(4) + draw.to_bytes(12, "little")
         encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
         out = np.empty(count, dtype="<u8")
-        view = memoryview(out).cast("B")
+        view = memoryview(out.data).cast("B")
         zeros = _zeros(min(_STEP_BYTES, nbytes))
         for start in range(0, nbytes, _STEP_BYTES):
             stop = min(start + _STEP_BYTES, nbytes)
@@ -210,14 +210,14 @@ class ChaChaNoise:
         while have < count:  # requests of at most 2^14 candidates stay in the CPU caches
             words = self._words(2 * min(_candidates(count - have), _CANDIDATES_PER_REQUEST))
             if device is None:
-                z1, z2 = _polar_numpy(words)
+                pair: tuple = _polar_numpy(words)  # type: ignore[type-arg]
             else:
                 import torch
 
-                z1, z2 = _polar_torch(torch.from_numpy(words.view(np.int64)).to(device))
-            first.append(z1)
-            second.append(z2)
-            have += len(z1)
+                pair = _polar_torch(torch.from_numpy(words.view(np.int64)).to(device))
+            first.append(pair[0])
+            second.append(pair[1])
+            have += len(pair[0])
         if device is None:
             return np.concatenate(first)[:count], np.concatenate(second)[:count]
         import torch
