@@ -119,6 +119,11 @@ def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) ->
                 "`seeded-noise` = true is for simulations only: a deployed node draws its "
                 "DP noise from a CSPRNG. Remove it from the run config."
             )
+        if deployed and cfg.privacy.audit_canaries:
+            raise ConfigError(
+                "`audit-canaries` is for simulations only: a deployed node trains on its "
+                "own data and nothing else. Remove it from the run config."
+            )
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)

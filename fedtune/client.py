@@ -312,9 +312,13 @@ class ClientRuntime:
         if not self.cfg.privacy.enabled:
             seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
             fmodel.set_adapter_vector(self.model, start)
+            canaries = self._canaries()
             with fmodel.seeded(seed):
-                result = self._train_plain(seed)
+                result = self._train_plain(
+                    seed, canaries=canaries and canaries.step_source(server_round)
+                )
             trained = fmodel.get_adapter_vector(self.model)
+            self._score_canaries(canaries, server_round, trained - start)
             n = self.num_train_examples
             return TrainOutcome(
                 payload=self.codec.encode(prescale(trained, n)), num_examples=n, result=result
@@ -397,12 +401,16 @@ class ClientRuntime:
             if not p.seeded_noise
             else release_seed(self.cfg.federation.seed, nonce, digest)
         )
+        canaries = self._canaries()
         with fmodel.seeded(seed):
             if plan.level == "example":
-                result, used = self._train_dpsgd(seed, noise)
+                result, used = self._train_dpsgd(
+                    seed, noise, canaries=canaries and canaries.step_source(server_round)
+                )
             else:
                 result, used = self._train_plain(seed), plan
         trained = fmodel.get_adapter_vector(self.model)
+        self._score_canaries(canaries, server_round, trained - start)
         n = self.num_train_examples
         if plan.level == "client":
             trained, n = self._privatise_update(start, trained, noise, sampled=m), 1
@@ -450,14 +458,67 @@ class ClientRuntime:
             return SeededNoise(release_seed(self.cfg.federation.seed, nonce, digest))
         return CsprngNoise()
 
-    def _train_plain(self, seed: int) -> TrainResult:
-        """Local training without DP-SGD (no DP, or client-level DP before clipping)."""
-        generator = torch.Generator().manual_seed(seed)
-        loader = make_loader(
-            self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator
+    def _canaries(self):  # type: ignore[no-untyped-def]
+        """This client's audit canaries (``audit-canaries``), or None."""
+        m = self.cfg.privacy.audit_canaries
+        if not m:
+            return None
+        from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries  # noqa: PLC0415
+
+        assert self.privacy_dir is not None  # a simulation always has one
+        path = canary_file(self.privacy_dir, self.name)
+        if path.is_file():
+            return load_canaries(path)
+        seed = round_seed(self.cfg.federation.seed, 0, self.partition_id)
+        return CanaryState.create(
+            m=m,
+            num_coords=self.initial.size,
+            clip_norm=self.cfg.privacy.max_grad_norm,
+            seed=seed,
         )
+
+    def _score_canaries(self, canaries, server_round: int, update: NDArray[np.float64]) -> None:  # type: ignore[no-untyped-def]
+        if canaries is None:
+            return
+        from fedtune.privacy.canaries import canary_file  # noqa: PLC0415
+
+        assert self.privacy_dir is not None
+        canaries.add_release(server_round, update)
+        canaries.save(canary_file(self.privacy_dir, self.name))
+
+    def _train_plain(self, seed: int, canaries=None) -> TrainResult:  # type: ignore[no-untyped-def]
+        """Local training without DP-SGD (no DP, or client-level DP before clipping).
+
+        ``canaries`` (audits without DP): a :class:`fedtune.privacy.canaries.CanaryStep`
+        whose drawn canaries add ``-C e_j / batch-size`` to each step's mean gradient.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = self.cfg.train.batch_size
+        loader = make_loader(
+            self.train_set, batch_size=batch_size, shuffle=True, generator=generator
+        )
+        optimizer = None
+        if canaries is not None:
+            from fedtune.train import make_optimizer  # noqa: PLC0415
+
+            optimizer = make_optimizer(self.model, self.cfg.train)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            rate = min(1.0, batch_size / max(1, self.num_train_examples))
+
+            def add_canaries(*_: object) -> None:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                canaries.add(grads, sample_rate=rate, scale=1.0 / batch_size)
+
+            optimizer.register_step_pre_hook(add_canaries)
         return train_local(
-            self.model, loader, self.cfg.train, device=self.device, loss_fn=self.loss_fn
+            self.model,
+            loader,
+            self.cfg.train,
+            device=self.device,
+            loss_fn=self.loss_fn,
+            optimizer=optimizer,
         )
 
     def _budget_refusal(self, server_round: int, ledger: PrivacyLedger) -> str:
@@ -482,7 +543,7 @@ class ClientRuntime:
             f"{p.budget:g} (delta {p.target_delta:g})"
         )
 
-    def _train_dpsgd(self, seed: int, noise) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
+    def _train_dpsgd(self, seed: int, noise, canaries=None) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
         """One round of DP-SGD; returns the result and σ, q, steps as Opacus ran them."""
         from fedtune.privacy import make_dp_training  # noqa: PLC0415
         from fedtune.train import make_optimizer  # noqa: PLC0415
@@ -500,6 +561,7 @@ class ClientRuntime:
             generator=torch.Generator().manual_seed(seed),
             noise=noise,
             collate_fn=self.train_set.collate_fn(),
+            canaries=canaries,
         )
         try:
             with warnings.catch_warnings():

@@ -333,6 +333,11 @@ class PrivacyConfig:
     Noise comes from a CSPRNG (:mod:`fedtune.privacy.noise`); ``seeded-noise = true``
     draws it from the run seed instead, for reproducible simulations only: the ledger
     records it, the audit marks it, and a deployed node refuses it.
+
+    ``audit-canaries = m`` (simulations only; a deployed node refuses it) trains every
+    client with ``m`` gradient canaries for one-run privacy auditing
+    (:mod:`fedtune.privacy.canaries`); ``fedtune audit`` then reports an empirical
+    lower bound on ε beside the claimed one.
     """
 
     dp: DPLevel = "off"
@@ -344,9 +349,22 @@ class PrivacyConfig:
     epsilon_budget: float = 0.0
     client_dp_tolerance: int = 1
     seeded_noise: bool = False
+    audit_canaries: int = 0
 
     def __post_init__(self) -> None:
         _choice("dp", self.dp, get_args(DPLevel))
+        _require(
+            self.audit_canaries >= 0,
+            "audit-canaries",
+            self.audit_canaries,
+            "must be >= 0 (0 = no canaries; simulations only)",
+        )
+        _require(
+            self.audit_canaries == 0 or self.dp != "client",
+            "audit-canaries",
+            self.audit_canaries,
+            'needs dp = "example" or "off": its gradient canaries audit DP-SGD',
+        )
         _require(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "must be > 0")
         _require(
             0.0 < self.target_delta < 1.0, "target-delta", self.target_delta, "must be in (0, 1)"

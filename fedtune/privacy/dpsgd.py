@@ -204,6 +204,18 @@ def sourced_dp_optimizer() -> type[Any]:
         ) -> None:
             super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
             self.noise = noise
+            self.canaries: Any = None  # a fedtune.privacy.canaries.CanaryStep, audits only
+            self.canary_rate = 0.0
+
+        def clip_and_accumulate(self) -> None:
+            if self.canaries is not None:  # canary records join the batch, to be clipped
+                rows = self.canaries.rows(self.params, sample_rate=self.canary_rate)
+                for p, extra in zip(self.params, rows, strict=True):
+                    if len(extra):
+                        own = p.grad_sample
+                        own = torch.cat(own) if isinstance(own, list) else own
+                        p.grad_sample = torch.cat([own, extra.to(own.dtype)])
+            super().clip_and_accumulate()
 
         def add_noise(self) -> None:
             std = self.noise_multiplier * self.max_grad_norm
@@ -245,6 +257,7 @@ def make_dp_training(
     collate_fn: object | None = None,
     secure_mode: bool = False,
     allow_functorch: bool = False,
+    canaries: Any = None,
 ) -> DPTraining:
     """Wrap ``module``, ``optimizer`` and ``data`` for one round of DP-SGD.
 
@@ -283,6 +296,10 @@ def make_dp_training(
         ``torch.normal`` draws from a (still non-cryptographic) torch generator.
     allow_functorch
         Accept trainable layers without a dedicated grad sampler.
+    canaries
+        Audits only: a :class:`fedtune.privacy.canaries.CanaryStep` whose drawn,
+        included canaries join each step's per-example gradients, to be clipped and
+        noised like any example (each slot drawn with the same ``q`` as every example).
 
     Returns
     -------
@@ -374,6 +391,10 @@ def make_dp_training(
             expected_batch_size=batch,
             loss_reduction="mean",
         )
+        dp_optimizer.canaries = canaries  # type: ignore[attr-defined]
+        dp_optimizer.canary_rate = sample_rate  # type: ignore[attr-defined]
+    if canaries is not None and legacy_noise:
+        raise ValueError("`canaries` need the `noise` path, not `noise_generator`.")
     return DPTraining(
         module=gsm,
         optimizer=dp_optimizer,

@@ -1,0 +1,202 @@
+"""Gradient canaries and the empirical ε lower bound they give (one-run auditing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune.client import ClientRuntime, GlobalState
+from fedtune.config import ConfigError, parse_run_config
+from fedtune.privacy import PrivacyLedger
+from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries
+
+
+def _runtime(model: Path, data: Path, privacy_dir: Path, **extra: object) -> ClientRuntime:
+    cfg = parse_run_config(
+        {
+            "model-path": str(model),
+            "data-path": str(data),
+            "num-clients": 2,
+            "batch-size": 8,
+            "label-names": "animal,food,tool",
+            "num-rounds": 10,
+            "optimizer": "sgd",
+            "learning-rate": 0.5,
+            "momentum": 0.0,
+            "accountant": "rdp",
+            "epsilon-budget": 1e9,
+            "max-step-factor": 0,
+            **extra,
+        }
+    )
+    return ClientRuntime(cfg, partition_id=0, num_partitions=2, privacy_dir=privacy_dir)
+
+
+def _federate(runtime: ClientRuntime, rounds: int) -> None:
+    """One client alone: each round starts from what it released the round before."""
+    state = None
+    for rnd in range(1, rounds + 1):
+        out = runtime.train(state, server_round=rnd)
+        assert out.payload is not None, out.declined
+        state = GlobalState(out.payload, out.num_examples)
+
+
+def _bound_and_claim(runtime: ClientRuntime, privacy_dir: Path) -> tuple[float, float]:
+    canaries = load_canaries(canary_file(privacy_dir, runtime.name))
+    result = canaries.bound(delta=runtime.cfg.privacy.target_delta)
+    records = PrivacyLedger(privacy_dir / f"{runtime.name}.jsonl").records()
+    claimed = records[-1].epsilon if records else float("inf")
+    print(
+        f"canaries {result.canaries}, {result.correct}/{result.guesses} right, "
+        f"bound {result.epsilon_lower_bound:.3f}, claimed {claimed:.3f}"
+    )
+    return result.epsilon_lower_bound, claimed
+
+
+def test_canaries_are_the_auditors_and_survive_a_new_process(tmp_path: Path) -> None:
+    a = CanaryState.create(m=50, num_coords=200, clip_norm=1.0, seed=7)
+    b = CanaryState.create(m=50, num_coords=200, clip_norm=1.0, seed=7)
+    assert np.array_equal(a.coords, b.coords) and np.array_equal(a.included, b.included)
+    assert len(set(a.coords.tolist())) == 50 and 10 < a.included.sum() < 40
+    other = CanaryState.create(m=50, num_coords=200, clip_norm=1.0, seed=8)
+    assert not np.array_equal(a.included, other.included)
+    a.add_release(1, np.arange(200.0))
+    a.save(tmp_path / "c.canaries.json")
+    back = load_canaries(tmp_path / "c.canaries.json")
+    assert np.array_equal(back.scores, a.coords.astype(float)) and back.rounds == [1]
+    assert oct((tmp_path / "c.canaries.json").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ValueError, match="needs as many trainable coordinates"):
+        CanaryState.create(m=201, num_coords=200, clip_norm=1.0, seed=7)
+    (tmp_path / "bad.json").write_text('{"format": "x"}')
+    with pytest.raises(ValueError, match="is not a fedtune canary file"):
+        load_canaries(tmp_path / "bad.json")
+
+
+def test_included_canaries_join_the_clipped_sum_before_the_noise() -> None:
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from fedtune.privacy.dpsgd import make_dp_training
+    from fedtune.privacy.noise import SeededNoise
+
+    state = CanaryState.create(m=6, num_coords=12, clip_norm=2.0, seed=1)
+    model = nn.Sequential(nn.Linear(3, 3))  # 9 weights + 3 biases = 12 coordinates
+    data = TensorDataset(torch.randn(4, 3), torch.zeros(4))
+    dp = make_dp_training(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data=data,
+        expected_batch_size=4,  # q = 1: every canary slot is drawn every step
+        noise_multiplier=1e-9,
+        max_grad_norm=2.0,
+        generator=torch.Generator().manual_seed(0),
+        noise=SeededNoise(0),
+        canaries=state.step_source(1),
+    )
+    x, _ = next(iter(dp.data_loader))
+    dp.optimizer.zero_grad()
+    (dp.module(x) * 0.0).sum().backward()  # real examples: zero gradient
+    dp.optimizer.step()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()]).numpy()
+    dp.close()
+    expected = np.zeros(12)
+    expected[state.coords[state.included]] = -2.0 / 4  # -C e_j in the sum, / expected batch
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+
+
+def test_it_has_power_with_almost_no_noise(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    runtime = _runtime(
+        tiny_model_dir,
+        toy_csv,
+        tmp_path,
+        dp="example",
+        **{"noise-multiplier": 0.05, "audit-canaries": 500},
+    )
+    _federate(runtime, 10)
+    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    assert bound >= 2.0, bound
+    assert bound <= claimed
+
+
+def test_a_correctly_private_run_stays_under_its_claim(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    runtime = _runtime(
+        tiny_model_dir,
+        toy_csv,
+        tmp_path,
+        dp="example",
+        **{"noise-multiplier": 2.0, "audit-canaries": 500},
+    )
+    _federate(runtime, 10)
+    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    assert bound <= claimed, (bound, claimed)
+
+
+def _broken_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The noise is never added, while the ledger still records the planned σ."""
+    from fedtune.privacy.dpsgd import sourced_dp_optimizer
+
+    cls = sourced_dp_optimizer()
+    honest = cls.add_noise
+
+    def without_noise(self):  # type: ignore[no-untyped-def]
+        saved, self.noise_multiplier = self.noise_multiplier, 0.0
+        try:
+            honest(self)
+        finally:
+            self.noise_multiplier = saved
+
+    monkeypatch.setattr(cls, "add_noise", without_noise)
+
+
+def _broken_clipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-example gradients are never clipped (the noise is still σ C)."""
+    from opacus.optimizers import DPOptimizer
+
+    honest = DPOptimizer.clip_and_accumulate
+
+    def without_clipping(self):  # type: ignore[no-untyped-def]
+        saved, self.max_grad_norm = self.max_grad_norm, float("inf")
+        try:
+            honest(self)
+        finally:
+            self.max_grad_norm = saved
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", without_clipping)
+
+
+@pytest.mark.parametrize("breakage", [_broken_noise, _broken_clipping])
+def test_the_audit_fails_on_a_broken_mechanism(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breakage
+) -> None:  # type: ignore[no-untyped-def]
+    breakage(monkeypatch)
+    runtime = _runtime(
+        tiny_model_dir,
+        toy_csv,
+        tmp_path,
+        dp="example",
+        **{"noise-multiplier": 6.0, "audit-canaries": 1000},
+    )
+    _federate(runtime, 10)
+    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    assert bound > claimed, (bound, claimed)
+
+
+def test_without_dp_canaries_are_found(tiny_model_dir: Path, toy_csv: Path, tmp_path: Path) -> None:
+    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"audit-canaries": 500})
+    _federate(runtime, 5)
+    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    assert claimed == float("inf") and bound >= 2.0
+
+
+def test_canaries_are_refused_where_they_cannot_mean_anything() -> None:
+    with pytest.raises(ConfigError, match="`audit-canaries`.*needs dp"):
+        parse_run_config({"audit-canaries": 10, "dp": "client", "encryption": True})
+    with pytest.raises(ConfigError, match="`audit-canaries`.*>= 0"):
+        parse_run_config({"audit-canaries": -1})
