@@ -12,8 +12,9 @@ Exit codes
 ----------
 0  every client's verdict is ``ok``.
 1  some client overran the budget, reported less ε than recomputed, or has records
-   inconsistent with the audit δ or the run config; stderr names the client and the
-   numbers.
+   inconsistent with the audit δ or the run config; or (runs with ``audit-canaries``)
+   its canaries prove an ε lower bound above the claimed ε. stderr names the client
+   and the numbers.
 2  bad input: no such path, no ledger found, an unreadable or corrupt ledger, an
    unusable ``config.toml``. One line ``fedtune audit: error: ...`` on stderr, naming
    the path. :func:`run` returns 2 itself (it never raises for these), so it behaves
@@ -64,11 +65,17 @@ Verdicts: "overrun" (recomputed PRV ε or reported ε above the budget), "under-
 (some record's ε below the PRV ε recomputed for it by more than --tolerance),
 "inconsistent" (a record at another δ, or a composition that does not follow from the
 recorded batch size, epochs and example count or from the run config), "ok".
+
+Runs made with `audit-canaries = m` also get an empirical lower bound on each client's
+ε from its gradient canaries (one-run auditing, Steinke, Nasr & Jagielski 2023; 95%
+confidence, 10% of the canaries guessed in and 10% out); a bound above the claimed ε
+refutes the claim.
 """
 
 EPILOG = """\
-exit status: 0 all clients ok; 1 an overrun or under-reported ε (stderr names the
-client and the numbers); 2 bad input (missing path, no ledgers, corrupt ledger).
+exit status: 0 all clients ok; 1 an overrun or under-reported ε, or canaries that
+refute the claimed ε (stderr names the client and the numbers); 2 bad input (missing
+path, no ledgers, corrupt ledger).
 """
 
 
@@ -197,7 +204,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     path: Path = args.path
-    files, ledger_dir = _find_ledgers(path)
+    canary_dir = _canary_dir(path)
+    try:
+        files, ledger_dir = _find_ledgers(path)
+    except ConfigError:
+        if canary_dir is None:
+            raise
+        return _canaries_only(args, path, canary_dir)
     ledgers, notes = _read_ledgers(files)
     budget = _find_budget(args.budget, path)
     facts = _run_facts(args.delta, path)
@@ -209,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
         expect=facts.expect,
     )
     notes += _shared_clients(report, sources)
+    empirical = _empirical(canary_dir, report, delta=facts.delta)
 
     plot: Path | None = None
     if not args.no_plot:
@@ -222,6 +236,10 @@ def _run(args: argparse.Namespace) -> int:
         out = report.to_dict()
         for entry, source in zip(out["clients"], sources, strict=True):
             entry["ledger"] = str(source)
+            if entry["level"] == "example" and entry["client"] in empirical:
+                entry["empirical"] = empirical[entry["client"]]
+        if empirical:
+            out["empirical"] = _worst(empirical)
         out.update(
             path=str(path),
             ledgers=[str(f) for f in files],
@@ -233,6 +251,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1))
     else:
         _print_table(report, path=path, files=files, budget=budget, facts=facts, plot=plot)
+        if empirical:
+            _print_empirical(empirical)
+    refuted = _refutations(empirical)
     for c in report.clients:
         kind = "warning" if c.verdict == "ok" else c.verdict  # ok may still note duplicates
         for problem in c.problems:
@@ -240,7 +261,124 @@ def _run(args: argparse.Namespace) -> int:
                 f"fedtune audit: client {c.client!r} ({c.level}-level) {kind}: {problem}",
                 file=sys.stderr,
             )
-    return 0 if report.ok else 1
+    return 0 if report.ok and not refuted else 1
+
+
+# -- empirical lower bounds (audit-canaries) ---------------------------------------------
+def _canary_dir(path: Path) -> Path | None:
+    """The folder holding ``*.canaries.json`` files under ``path`` (None: none)."""
+    if not path.is_dir():
+        return None
+    for folder in (path / "privacy", path):
+        if any(folder.glob("*.canaries.json")):
+            return folder
+    return None
+
+
+def _empirical(
+    folder: Path | None, report: AuditReport | None, *, delta: float | None
+) -> dict[str, dict[str, object]]:
+    """Each canary client's ε lower bound beside its claimed ε (∞ without a ledger)."""
+    if folder is None:
+        return {}
+    from fedtune.privacy.canaries import load_canaries  # noqa: PLC0415
+
+    claims = {
+        c.client: c.reported_epsilon
+        for c in (report.clients if report is not None else ())
+        if c.level == "example"
+    }
+    audit_delta = delta
+    if audit_delta is None and report is not None and report.clients:
+        audit_delta = report.clients[0].delta
+    out: dict[str, dict[str, object]] = {}
+    for f in sorted(folder.glob("*.canaries.json")):
+        client = f.name.removesuffix(".canaries.json")
+        try:
+            state = load_canaries(f)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        bound = state.bound(delta=audit_delta if audit_delta is not None else 1e-5)
+        claimed = claims.get(client, math.inf)
+        out[client] = {
+            **bound.to_json(),
+            "epsilon-claimed": claimed if math.isfinite(claimed) else "inf",
+            "rounds": len(state.rounds),
+            "refuted": bound.epsilon_lower_bound > claimed,
+            "canary-file": str(f),
+        }
+    return out
+
+
+def _worst(empirical: dict[str, dict[str, object]]) -> dict[str, object]:
+    """The client whose lower bound comes closest to (or beyond) its claim."""
+
+    def margin(item: tuple[str, dict[str, object]]) -> float:
+        claimed = item[1]["epsilon-claimed"]
+        bound = float(item[1]["epsilon-lower-bound"])  # type: ignore[arg-type]
+        return bound - (math.inf if claimed == "inf" else float(claimed))  # type: ignore[arg-type]
+
+    client, values = max(empirical.items(), key=margin)
+    return {"client": client, **values}
+
+
+def _refutations(empirical: dict[str, dict[str, object]]) -> list[str]:
+    """Print (stderr) and return the clients whose lower bound exceeds the claimed ε."""
+    refuted = []
+    for client, e in empirical.items():
+        if e["refuted"]:
+            refuted.append(client)
+            print(
+                f"fedtune audit: client {client!r} refuted: {e['correct']} of {e['guesses']} "
+                f"canary guesses right prove ε >= {float(e['epsilon-lower-bound']):.3f} "  # type: ignore[arg-type]
+                f"(confidence {e['confidence']}, δ={e['delta']:g}), more than the claimed "  # type: ignore[str-format]
+                f"ε = {float(e['epsilon-claimed']):.3f}: the mechanism leaks more than its "  # type: ignore[arg-type]
+                "ledger says.",
+                file=sys.stderr,
+            )
+    return refuted
+
+
+def _print_empirical(empirical: dict[str, dict[str, object]]) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    table = Table(title="empirical lower bounds (one-run audit, Steinke, Nasr & Jagielski 2023)")
+    for col in ("client", "canaries", "rounds", "right / guesses", "δ", "confidence"):
+        table.add_column(col, justify="left" if col == "client" else "right")
+    for col in ("empirical ε ≥", "claimed ε", "verdict"):
+        table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
+    for client, e in empirical.items():
+        claimed = e["epsilon-claimed"]
+        table.add_row(
+            client,
+            str(e["canaries"]),
+            str(e["rounds"]),
+            f"{e['correct']} / {e['guesses']}",
+            f"{e['delta']:g}",  # type: ignore[str-format]
+            f"{e['confidence']:g}",  # type: ignore[str-format]
+            f"{float(e['epsilon-lower-bound']):.3f}",  # type: ignore[arg-type]
+            "∞ (no DP)" if claimed == "inf" else f"{float(claimed):.3f}",  # type: ignore[arg-type]
+            "[bold red]refuted[/]" if e["refuted"] else "consistent",
+        )
+    console.print(table)
+
+
+def _canaries_only(args: argparse.Namespace, path: Path, folder: Path) -> int:
+    """A canary run without DP: no ledgers, only the empirical bound (claimed ε = ∞)."""
+    facts = _run_facts(args.delta, path)
+    empirical = _empirical(folder, None, delta=facts.delta)
+    if args.json:
+        out = {"path": str(path), "clients": [], "empirical": _worst(empirical)}
+        out["canary-clients"] = empirical  # type: ignore[assignment]
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"fedtune audit: {path}: no privacy ledgers (dp = off); canaries only")
+        _print_empirical(empirical)
+    return 0
 
 
 # -- input ---------------------------------------------------------------------------

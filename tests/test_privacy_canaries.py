@@ -44,6 +44,19 @@ def _federate(runtime: ClientRuntime, rounds: int) -> None:
         state = GlobalState(out.payload, out.num_examples)
 
 
+def _audit(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:  # type: ignore[type-arg]
+    import argparse
+    import json
+
+    from fedtune.audit_cli import add_parser, run
+
+    parser = argparse.ArgumentParser(prog="fedtune")
+    add_parser(parser.add_subparsers(dest="command"))
+    capsys.readouterr()
+    code = run(parser.parse_args(["audit", str(path), "--json", "--no-plot", "--delta", "1e-5"]))
+    return code, json.loads(capsys.readouterr().out)
+
+
 def _bound_and_claim(runtime: ClientRuntime, privacy_dir: Path) -> tuple[float, float]:
     canaries = load_canaries(canary_file(privacy_dir, runtime.name))
     result = canaries.bound(delta=runtime.cfg.privacy.target_delta)
@@ -124,7 +137,7 @@ def test_it_has_power_with_almost_no_noise(
 
 
 def test_a_correctly_private_run_stays_under_its_claim(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     runtime = _runtime(
         tiny_model_dir,
@@ -136,6 +149,8 @@ def test_a_correctly_private_run_stays_under_its_claim(
     _federate(runtime, 10)
     bound, claimed = _bound_and_claim(runtime, tmp_path)
     assert bound <= claimed, (bound, claimed)
+    code, out = _audit(tmp_path, capsys)
+    assert code == 0 and out["empirical"]["refuted"] is False
 
 
 def _broken_noise(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,9 +187,14 @@ def _broken_clipping(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("breakage", [_broken_noise, _broken_clipping])
-def test_the_audit_fails_on_a_broken_mechanism(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breakage
-) -> None:  # type: ignore[no-untyped-def]
+def test_the_audit_fails_on_a_broken_mechanism(  # noqa: PLR0917 - fixtures
+    tiny_model_dir: Path,
+    toy_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    breakage,  # type: ignore[no-untyped-def]
+) -> None:
     breakage(monkeypatch)
     runtime = _runtime(
         tiny_model_dir,
@@ -186,13 +206,26 @@ def test_the_audit_fails_on_a_broken_mechanism(
     _federate(runtime, 10)
     bound, claimed = _bound_and_claim(runtime, tmp_path)
     assert bound > claimed, (bound, claimed)
+    code, out = _audit(tmp_path, capsys)
+    assert code == 1  # the ledger's arithmetic is fine; the canaries refute it
+    assert [c["verdict"] for c in out["clients"]] == ["ok"]
+    empirical = out["empirical"]
+    assert empirical["client"] == "client-0" and empirical["refuted"] is True
+    assert empirical["epsilon-lower-bound"] == pytest.approx(bound)
+    assert empirical["epsilon-claimed"] == pytest.approx(claimed)
+    assert {"confidence", "canaries", "guesses", "correct"} <= set(empirical)
+    assert out["clients"][0]["empirical"]["canaries"] == 1000
 
 
-def test_without_dp_canaries_are_found(tiny_model_dir: Path, toy_csv: Path, tmp_path: Path) -> None:
+def test_without_dp_canaries_are_found(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"audit-canaries": 500})
     _federate(runtime, 5)
     bound, claimed = _bound_and_claim(runtime, tmp_path)
     assert claimed == float("inf") and bound >= 2.0
+    code, out = _audit(tmp_path, capsys)  # no ledger: the bound alone, claimed ε = ∞
+    assert code == 0 and out["empirical"]["epsilon-claimed"] == "inf"
 
 
 def test_canaries_are_refused_where_they_cannot_mean_anything() -> None:
