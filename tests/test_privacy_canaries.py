@@ -233,3 +233,20 @@ def test_canaries_are_refused_where_they_cannot_mean_anything() -> None:
         parse_run_config({"audit-canaries": 10, "dp": "client", "encryption": True})
     with pytest.raises(ConfigError, match="`audit-canaries`.*>= 0"):
         parse_run_config({"audit-canaries": -1})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("audit-canaries", 10, "`audit-canaries` is for simulations only"),
+        ("seeded-noise", True, "`seeded-noise` = true is for simulations only"),
+    ],
+)
+def test_a_deployed_node_refuses_simulation_only_keys(key: str, value: object, match: str) -> None:
+    from types import SimpleNamespace
+
+    from clients.app import _runtime
+
+    context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 1})
+    with pytest.raises(ConfigError, match=match):
+        _runtime({key: value}, context, deployed=True)  # type: ignore[arg-type]
