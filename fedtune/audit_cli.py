@@ -190,6 +190,12 @@ def add_parser(
         ),
     )
     plot.add_argument("--no-plot", action="store_true", help="do not write a plot")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.html",
+        help="also write one self-contained HTML page (tables, plot, what ε does not cover)",
+    )
     return parser
 
 
@@ -254,6 +260,16 @@ def _run(args: argparse.Namespace) -> int:
         if empirical:
             _print_empirical(empirical)
     refuted = _refutations(empirical)
+    if args.report is not None:
+        _report_page(
+            args.report,
+            path,
+            report=report,
+            empirical=empirical,
+            ledgers=ledgers,
+            notes=notes,
+            refuted=refuted,
+        )
     for c in report.clients:
         kind = "warning" if c.verdict == "ok" else c.verdict  # ok may still note duplicates
         for problem in c.problems:
@@ -367,6 +383,55 @@ def _print_empirical(empirical: dict[str, dict[str, object]]) -> None:
     console.print(table)
 
 
+def _summary(report: AuditReport | None, refuted: Sequence[str]) -> str:
+    if report is None:
+        head = "no privacy ledger (dp = off): claimed ε = ∞"
+    else:
+        verdicts = [c.verdict for c in report.clients]
+        bad = [f"{verdicts.count(v)} {v}" for v in ("overrun", "under-reported", "inconsistent")]
+        bad = [b for b in bad if not b.startswith("0 ")]
+        head = (
+            f"audit ok: all {_plural(len(verdicts), 'client')} ok"
+            if report.ok
+            else f"audit FAILED: {', '.join(bad)} of {_plural(len(verdicts), 'client')}"
+        )
+    if refuted:
+        head += f"; canaries refute the claimed ε of {', '.join(refuted)}"
+        head = head.replace("audit ok", "audit FAILED", 1)
+    return head
+
+
+def _report_page(
+    out: Path,
+    path: Path,
+    *,
+    report: AuditReport | None,
+    empirical: dict[str, dict[str, object]],
+    ledgers: Sequence[_Ledger],
+    notes: Sequence[str],
+    refuted: Sequence[str],
+) -> None:
+    import tempfile  # noqa: PLC0415
+
+    from fedtune.audit_report import write_report  # noqa: PLC0415
+
+    png: bytes | None = None
+    if report is not None and ledgers:
+        with tempfile.TemporaryDirectory() as tmp:
+            _plot(ledgers, report, Path(tmp) / "epsilon.png")
+            png = (Path(tmp) / "epsilon.png").read_bytes()
+    write_report(
+        out,
+        source=path,
+        report=report,
+        empirical=empirical,
+        plot_png=png,
+        summary=_summary(report, refuted),
+        notes=notes,
+    )
+    print(f"fedtune audit: report {out}", file=sys.stderr)
+
+
 def _canaries_only(args: argparse.Namespace, path: Path, folder: Path) -> int:
     """A canary run without DP: no ledgers, only the empirical bound (claimed ε = ∞)."""
     facts = _run_facts(args.delta, path)
@@ -378,6 +443,10 @@ def _canaries_only(args: argparse.Namespace, path: Path, folder: Path) -> int:
     else:
         print(f"fedtune audit: {path}: no privacy ledgers (dp = off); canaries only")
         _print_empirical(empirical)
+    if args.report is not None:
+        _report_page(
+            args.report, path, report=None, empirical=empirical, ledgers=(), notes=(), refuted=[]
+        )
     return 0
 
 

@@ -368,3 +368,20 @@ def test_bad_delta_flag_exits_2(
     with pytest.raises(SystemExit, match="2"):
         _audit(str(run_dir), "--delta", value)
     assert f"argument --delta: expected a δ in (0, 1), got {value!r}" in capsys.readouterr().err
+
+
+def test_html_report_is_one_self_contained_page(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "out" / "audit.html"
+    assert _audit(str(run_dir), "--no-plot", "--report", str(page), "--budget", "2.0") == 1
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    for client in SIGMAS:
+        assert f"<td class=\"l\">{client}</td>" in text
+    assert "audit FAILED: 1 overrun of 2 clients" in text
+    assert "replace-one" in text and "What ε does not cover" in text
+    assert "Held-out evaluation metrics" in text
+    assert 'src="data:image/png;base64,' in text  # the plot is embedded, even with --no-plot
+    assert "<script" not in text and "http" not in text.replace("https://", "")  # offline
+    assert f"report {page}" in capsys.readouterr().err
