@@ -381,6 +381,13 @@ def _print_empirical(empirical: dict[str, dict[str, object]]) -> None:
             "[bold red]refuted[/]" if e["refuted"] else "consistent",
         )
     console.print(table)
+    refuted = [client for client, e in empirical.items() if e["refuted"]]
+    if refuted:
+        console.print(
+            f"audit FAILED: the canaries refute the claimed ε of {', '.join(refuted)}",
+            highlight=False,
+            markup=False,
+        )
 
 
 def _summary(report: AuditReport | None, refuted: Sequence[str]) -> str:
@@ -396,8 +403,10 @@ def _summary(report: AuditReport | None, refuted: Sequence[str]) -> str:
             else f"audit FAILED: {', '.join(bad)} of {_plural(len(verdicts), 'client')}"
         )
     if refuted:
-        head += f"; canaries refute the claimed ε of {', '.join(refuted)}"
-        head = head.replace("audit ok", "audit FAILED", 1)
+        who = ", ".join(refuted)
+        if head.startswith("audit ok"):
+            head = "audit FAILED: the ledgers add up" + head.removeprefix("audit ok")
+        head += f"; but the canaries refute the claimed ε of {who}"
     return head
 
 
