@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE: dict[str, tuple[str, list[str]]] = {
-    "no-dp": ("simulations/quickstart.toml", []),
-    "eps8": ("simulations/private.toml", ["target-epsilon=8"]),
-    "eps4": ("simulations/private.toml", ["target-epsilon=4"]),
-    "eps1": ("simulations/private.toml", ["target-epsilon=1"]),
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import ROOT, SETTINGS  # noqa: E402 - the same named federations as the ε sweep
+
+BASE = {
+    name: SETTINGS[key]
+    for name, key in (("no-dp", "quickstart"), ("eps8", "eps8"), ("eps4", "eps4"), ("eps1", "eps1"))
 }
 
 

@@ -378,7 +378,7 @@ def test_html_report_is_one_self_contained_page(
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     for client in SIGMAS:
-        assert f"<td class=\"l\">{client}</td>" in text
+        assert f'<td class="l">{client}</td>' in text
     assert "audit FAILED: 1 overrun of 2 clients" in text
     assert "replace-one" in text and "What ε does not cover" in text
     assert "Held-out evaluation metrics" in text

@@ -120,37 +120,32 @@ def test_included_canaries_join_the_clipped_sum_before_the_noise() -> None:
     np.testing.assert_allclose(grad, expected, atol=1e-6)
 
 
-def test_it_has_power_with_almost_no_noise(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("sigma", "least"),
+    [(0.05, 2.0), (2.0, 0.0)],  # almost no noise: the issue asks for >= 2 with 500 canaries
+)
+def test_a_correct_run_stays_under_its_claim_and_the_audit_has_power(  # noqa: PLR0917
+    tiny_model_dir: Path,
+    toy_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    sigma: float,
+    least: float,
 ) -> None:
     runtime = _runtime(
         tiny_model_dir,
         toy_csv,
         tmp_path,
         dp="example",
-        **{"noise-multiplier": 0.05, "audit-canaries": 500},
+        **{"noise-multiplier": sigma, "audit-canaries": 500},
     )
     _federate(runtime, 10)
     bound, claimed = _bound_and_claim(runtime, tmp_path)
-    assert bound >= 2.0, bound
-    assert bound <= claimed
-
-
-def test_a_correctly_private_run_stays_under_its_claim(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    runtime = _runtime(
-        tiny_model_dir,
-        toy_csv,
-        tmp_path,
-        dp="example",
-        **{"noise-multiplier": 2.0, "audit-canaries": 500},
-    )
-    _federate(runtime, 10)
-    bound, claimed = _bound_and_claim(runtime, tmp_path)
-    assert bound <= claimed, (bound, claimed)
+    assert least <= bound <= claimed, (bound, claimed)
     code, out = _audit(tmp_path, capsys)
-    assert code == 0 and out["empirical"]["refuted"] is False
+    assert out["empirical"]["refuted"] is False
+    if sigma >= 1:  # at σ = 0.05 PRV recomputes ε = ∞ against RDP's 95,484: "under-reported"
+        assert code == 0
 
 
 def _broken_noise(monkeypatch: pytest.MonkeyPatch) -> None:
