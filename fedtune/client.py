@@ -410,7 +410,7 @@ class ClientRuntime:
             else:
                 result, used = self._train_plain(seed), plan
         trained = fmodel.get_adapter_vector(self.model)
-        self._score_canaries(canaries, server_round, trained - start)
+        canary_update = trained - start  # scored once the release is recorded and stored
         n = self.num_train_examples
         if plan.level == "client":
             trained, n = self._privatise_update(start, trained, noise, sampled=m), 1
@@ -449,6 +449,7 @@ class ClientRuntime:
                 epsilon=epsilon,
             ),
         )
+        self._score_canaries(canaries, server_round, canary_update)
         return TrainOutcome(payload=payload, num_examples=n, result=result, epsilon=epsilon)
 
     def _noise_source(self, nonce: str, digest: str):  # type: ignore[no-untyped-def]
