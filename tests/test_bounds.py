@@ -91,7 +91,9 @@ def test_global_mean_check_names_what_it_found(mean: list[float], expected: str)
     bounds.check_global_mean(np.array([64.0, -64.0, 0.0]))
 
 
-def test_key_holder_refuses_a_scaled_global(tiny_model_dir: Path, toy_csv: Path) -> None:
+@pytest.fixture
+def runtime(tiny_model_dir: Path, toy_csv: Path) -> ClientRuntime:
+    """Client 0 of a two-client run on the tiny model (a key holder, plaintext codec)."""
     cfg = parse_run_config(
         {
             "model-path": str(tiny_model_dir),
@@ -100,7 +102,10 @@ def test_key_holder_refuses_a_scaled_global(tiny_model_dir: Path, toy_csv: Path)
             "label-names": "animal,food,tool",
         }
     )
-    runtime = ClientRuntime(cfg, partition_id=0, num_partitions=2)
+    return ClientRuntime(cfg, partition_id=0, num_partitions=2)
+
+
+def test_key_holder_refuses_a_scaled_global(runtime: ClientRuntime) -> None:
     size = runtime.initial.size
     honest = runtime.codec.encode(np.full(size, 0.5) * 3)
     np.testing.assert_allclose(runtime.global_vector(GlobalState(honest, 3), server_round=1), 0.5)
@@ -207,16 +212,7 @@ def test_max_step_factor_is_checked() -> None:
     assert FederationConfig().max_step_factor == 10.0
 
 
-def test_key_holder_refuses_a_global_that_jumps(tiny_model_dir: Path, toy_csv: Path) -> None:
-    cfg = parse_run_config(
-        {
-            "model-path": str(tiny_model_dir),
-            "data-path": str(toy_csv),
-            "num-clients": 2,
-            "label-names": "animal,food,tool",
-        }
-    )
-    runtime = ClientRuntime(cfg, partition_id=0, num_partitions=2)
+def test_key_holder_refuses_a_global_that_jumps(runtime: ClientRuntime) -> None:
     size = runtime.initial.size
     start = runtime.initial
     steps = [start + 0.01 * k for k in range(1, 3)]  # honest: 0.01 * sqrt(size) per round

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,13 +40,15 @@ def _update(
     )
 
 
-def _strategy(codec: PlainCodec, min_clients: int = 1) -> FedTuneStrategy:
+def _strategy(codec: PlainCodec, min_clients: int = 1, **limits: Any) -> FedTuneStrategy:
+    """Full participation, seed 0; ``limits``: any other FedTuneStrategy keyword."""
     return FedTuneStrategy(
         codec=codec,
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_clients=min_clients,
         seed=0,
+        **limits,
     )
 
 
@@ -157,14 +160,7 @@ def test_client_level_round_with_fewer_than_m_minus_t_shares_is_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     codec = PlainCodec(length=2)
-    strategy = FedTuneStrategy(
-        codec=codec,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_clients=1,
-        seed=0,
-        client_dp_tolerance=1,
-    )
+    strategy = _strategy(codec, client_dp_tolerance=1)
     strategy._messages(1, [1, 2, 3, 4], MessageType.TRAIN)  # m = 4 sampled, t = 1
     with caplog.at_level(logging.WARNING, logger="fedtune.server"):
         _, metrics = strategy.aggregate_train(
@@ -327,14 +323,7 @@ def test_evaluation_metrics_out_of_range_drop_that_evaluation(
 
 def test_counts_above_the_configured_maximum_are_dropped() -> None:
     codec = PlainCodec(length=2)
-    strategy = FedTuneStrategy(
-        codec=codec,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_clients=1,
-        seed=0,
-        max_client_examples=10,
-    )
+    strategy = _strategy(codec, max_client_examples=10)
     _, metrics = strategy.aggregate_train(
         1, [_update(codec, 1, [1.0, 1.0], 10), _update(codec, 2, [1.0, 1.0], 11)]
     )
@@ -349,15 +338,7 @@ def test_a_node_is_held_to_the_limit_set_at_its_registration() -> None:
     # Node 1 was registered with --max-examples 5, node 2 without: node 2 may claim up
     # to max-client-examples, node 1 only 5, whatever either calls itself.
     codec = PlainCodec(length=2)
-    strategy = FedTuneStrategy(
-        codec=codec,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_clients=1,
-        seed=0,
-        max_client_examples=10,
-        node_limits={1: 5},
-    )
+    strategy = _strategy(codec, max_client_examples=10, node_limits={1: 5})
     _, metrics = strategy.aggregate_train(
         1, [_update(codec, 1, [1.0, 1.0], 6), _update(codec, 2, [1.0, 1.0], 9)]
     )
@@ -405,14 +386,7 @@ def test_plaintext_updates_beyond_the_value_bound_are_dropped() -> None:
 def test_updates_that_would_pass_the_ckks_range_are_dropped() -> None:
     # capacity 1000 at |w| <= 64 holds floor(1000 / 64) = 15 examples: 10 fits, 10 + 6 does not.
     codec = PlainCodec(length=2)
-    strategy = FedTuneStrategy(
-        codec=codec,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_clients=1,
-        seed=0,
-        capacity=1000.0,
-    )
+    strategy = _strategy(codec, capacity=1000.0)
     _, metrics = strategy.aggregate_train(
         1,
         [
