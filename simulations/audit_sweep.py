@@ -18,11 +18,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import ROOT, SETTINGS  # noqa: E402 - the same named federations as the ε sweep
+from sweep import ROOT, SETTINGS, simulate  # noqa: E402 - the same named federations as the ε sweep
 
 BASE = {
     name: SETTINGS[key]
@@ -41,13 +40,7 @@ def _settings(canaries: int) -> dict[str, tuple[str, list[str]]]:
 
 def _run(name: str, config: str, sets: list[str], out: Path) -> dict[str, object]:
     run_dir = out / name
-    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", config, "--run-dir", str(run_dir)]
-    for s in sets:
-        cmd += ["--set", s]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records, wall = simulate(config, sets, run_dir)
     row: dict[str, object] = {
         "setting": name,
         "final-accuracy": records[-1]["eval-accuracy"],

@@ -33,6 +33,18 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def simulate(config: str, sets: list[str], run_dir: Path) -> tuple[list[dict[str, object]], float]:
+    """``fedtune simulate CONFIG --set ...`` into ``run_dir``: its metrics records, wall seconds."""
+    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", config, "--run-dir", str(run_dir)]
+    for s in sets:
+        cmd += ["--set", s]
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    wall = time.perf_counter() - start
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], wall
+
+
 def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
     config, sets = SETTINGS[name]
     run_dir = out / name
@@ -41,13 +53,7 @@ def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         wall = sum(float(r.get("round-seconds", r.get("eval-seconds", 0.0))) for r in records)
     else:
-        cmd = [sys.executable, "-m", "fedtune.cli", "simulate", config, "--run-dir", str(run_dir)]
-        for s in sets:
-            cmd += ["--set", s]
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True)
-        wall = time.perf_counter() - start
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records, wall = simulate(config, sets, run_dir)
     row: dict[str, object] = {
         "setting": name,
         "round-0": records[0]["eval-accuracy"],

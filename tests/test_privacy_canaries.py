@@ -69,6 +69,21 @@ def _bound_and_claim(runtime: ClientRuntime, privacy_dir: Path) -> tuple[float, 
     return result.epsilon_lower_bound, claimed
 
 
+def _dp_run(
+    model: Path, data: Path, privacy_dir: Path, *, sigma: float, canaries: int
+) -> tuple[float, float]:
+    """Ten DP-SGD rounds of one client with canaries: (empirical bound, claimed ε)."""
+    runtime = _runtime(
+        model,
+        data,
+        privacy_dir,
+        dp="example",
+        **{"noise-multiplier": sigma, "audit-canaries": canaries},
+    )
+    _federate(runtime, 10)
+    return _bound_and_claim(runtime, privacy_dir)
+
+
 def test_canaries_are_the_auditors_and_survive_a_new_process(tmp_path: Path) -> None:
     a = CanaryState.create(m=50, num_coords=200, clip_norm=1.0, seed=7)
     b = CanaryState.create(m=50, num_coords=200, clip_norm=1.0, seed=7)
@@ -132,15 +147,7 @@ def test_a_correct_run_stays_under_its_claim_and_the_audit_has_power(  # noqa: P
     sigma: float,
     least: float,
 ) -> None:
-    runtime = _runtime(
-        tiny_model_dir,
-        toy_csv,
-        tmp_path,
-        dp="example",
-        **{"noise-multiplier": sigma, "audit-canaries": 500},
-    )
-    _federate(runtime, 10)
-    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    bound, claimed = _dp_run(tiny_model_dir, toy_csv, tmp_path, sigma=sigma, canaries=500)
     assert least <= bound <= claimed, (bound, claimed)
     code, out = _audit(tmp_path, capsys)
     assert out["empirical"]["refuted"] is False
@@ -191,15 +198,7 @@ def test_the_audit_fails_on_a_broken_mechanism(  # noqa: PLR0917 - fixtures
     breakage,  # type: ignore[no-untyped-def]
 ) -> None:
     breakage(monkeypatch)
-    runtime = _runtime(
-        tiny_model_dir,
-        toy_csv,
-        tmp_path,
-        dp="example",
-        **{"noise-multiplier": 6.0, "audit-canaries": 1000},
-    )
-    _federate(runtime, 10)
-    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    bound, claimed = _dp_run(tiny_model_dir, toy_csv, tmp_path, sigma=6.0, canaries=1000)
     assert bound > claimed, (bound, claimed)
     code, out = _audit(tmp_path, capsys)
     assert code == 1  # the ledger's arithmetic is fine; the canaries refute it
