@@ -96,6 +96,14 @@ def test_canaries_are_the_auditors_and_survive_a_new_process(tmp_path: Path) -> 
     back = load_canaries(tmp_path / "c.canaries.json")
     assert np.array_equal(back.scores, a.coords.astype(float)) and back.rounds == [1]
     assert oct((tmp_path / "c.canaries.json").stat().st_mode & 0o777) == "0o600"
+    assert not back.repeated and back.bound(delta=1e-5) == a.bound(delta=1e-5)
+    a.add_release(1, np.arange(200.0) + 2 * (np.arange(200) % 2))  # round 1 again
+    assert a.repeated and a.repeat_scores is not None
+    np.testing.assert_array_equal(a.repeat_scores, 2.0 * (a.coords % 2))
+    assert np.array_equal(a.scores, back.scores)  # a repeat is scored apart
+    a.save(tmp_path / "c.canaries.json")
+    again = load_canaries(tmp_path / "c.canaries.json")
+    assert again.repeated and again.bound(delta=1e-5) == a.bound(delta=1e-5)
     with pytest.raises(ValueError, match="needs as many trainable coordinates"):
         CanaryState.create(m=201, num_coords=200, clip_norm=1.0, seed=7)
     (tmp_path / "bad.json").write_text('{"format": "x"}')
@@ -199,6 +207,74 @@ def test_the_audit_fails_on_a_broken_mechanism(  # noqa: PLR0917 - fixtures
 ) -> None:
     breakage(monkeypatch)
     bound, claimed = _dp_run(tiny_model_dir, toy_csv, tmp_path, sigma=6.0, canaries=1000)
+    _assert_refuted(tmp_path, capsys, bound, claimed)
+
+
+def test_the_audit_fails_when_a_round_is_released_twice(
+    tiny_model_dir: Path,
+    toy_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Broken: the client forgets it released a round and trains it again.
+
+    The ledger's record of the round is idempotent, so the second release is never
+    counted; the retraining samples fresh batches while the noise, keyed to the round
+    (``seeded-noise``), is the same, so the two releases differ by a noise-free
+    difference of two clipped sums. (Released again under fresh noise instead, the
+    round's ε grows by about √2: below what one run with 1000 canaries resolves.)
+    """
+    import secrets
+
+    monkeypatch.setattr(PrivacyLedger, "release", lambda self, **_: None)
+    honest = ClientRuntime._train_dpsgd
+
+    def fresh_batches(self, seed, noise, canaries=None):  # type: ignore[no-untyped-def]
+        if canaries is not None:  # canary slots are drawn with the batches
+            canaries.rng = np.random.default_rng(secrets.randbits(63))
+        return honest(self, secrets.randbits(63), noise, canaries)
+
+    monkeypatch.setattr(ClientRuntime, "_train_dpsgd", fresh_batches)
+    runtime = _runtime(
+        tiny_model_dir,
+        toy_csv,
+        tmp_path,
+        dp="example",
+        **{"noise-multiplier": 6.0, "audit-canaries": 1000, "seeded-noise": True},
+    )
+    state = None
+    for rnd in range(1, 11):
+        first = runtime.train(state, server_round=rnd)
+        again = runtime.train(state, server_round=rnd)
+        assert first.payload is not None and again.payload is not None
+        assert again.epsilon == first.epsilon  # the second release is not counted
+        state = GlobalState(first.payload, first.num_examples)
+    assert len(PrivacyLedger(tmp_path / f"{runtime.name}.jsonl").records()) == 10
+    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    _assert_refuted(tmp_path, capsys, bound, claimed)
+
+
+def test_an_honest_replay_is_not_scored_again(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    runtime = _runtime(
+        tiny_model_dir,
+        toy_csv,
+        tmp_path,
+        dp="example",
+        **{"noise-multiplier": 6.0, "audit-canaries": 50},
+    )
+    first = runtime.train(None, server_round=1)
+    again = runtime.train(None, server_round=1)
+    assert again.replayed and again.payload == first.payload
+    canaries = load_canaries(canary_file(tmp_path, runtime.name))
+    assert canaries.rounds == [1] and not canaries.repeated
+
+
+def _assert_refuted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bound: float, claimed: float
+) -> None:
     assert bound > claimed, (bound, claimed)
     code, out = _audit(tmp_path, capsys)
     assert code == 1  # the ledger's arithmetic is fine; the canaries refute it
@@ -244,3 +320,33 @@ def test_a_deployed_node_refuses_simulation_only_keys(key: str, value: object, m
     context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 1})
     with pytest.raises(ConfigError, match=match):
         _runtime({key: value}, context, deployed=True)  # type: ignore[arg-type]
+
+
+def test_canaries_audit_the_causal_lm_task(
+    tiny_llama_dir: Path, toy_instructions: Path, tmp_path: Path
+) -> None:
+    """The instruction task's DP-SGD takes canaries the same way (answer-token loss)."""
+    cfg = parse_run_config(
+        {
+            "task": "causal-lm",
+            "model-path": str(tiny_llama_dir),
+            "data-path": str(toy_instructions),
+            "lora-target-modules": "q_proj,v_proj",
+            "num-clients": 1,
+            "min-clients": 1,
+            "batch-size": 8,
+            "optimizer": "sgd",
+            "learning-rate": 0.5,
+            "momentum": 0.0,
+            "dp": "example",
+            "noise-multiplier": 0.05,
+            "accountant": "rdp",
+            "epsilon-budget": 1e9,
+            "max-step-factor": 0,
+            "audit-canaries": 500,
+        }
+    )
+    runtime = ClientRuntime(cfg, partition_id=0, num_partitions=1, privacy_dir=tmp_path)
+    _federate(runtime, 3)
+    bound, claimed = _bound_and_claim(runtime, tmp_path)
+    assert 2.0 <= bound <= claimed, (bound, claimed)

@@ -20,6 +20,15 @@ largest any record can contribute (and which a broken clip would let through 16x
 * **Scores.** After each release the client adds the released update along each
   canary's coordinate, ``(trained - start)[j_i]``, to the canary's score: a canary
   that took part pushed its coordinate up.
+* **A round released twice.** An honest client replays its stored reply and never
+  releases a round again; if a round *is* released again (a broken mechanism), the
+  auditor scores by ``|second - first|`` along each canary's coordinate instead, summed
+  over the repeated rounds. Were the noise drawn again, the two releases would only
+  average it down (ε grows by about √2 for that round, far below what ``m`` <= a few
+  thousand canaries can resolve); were it reused, as a round-keyed noise seed does,
+  the difference cancels it and shows every canary that was drawn in one training and
+  not the other. Which score is used depends only on which rounds were released, never
+  on the scores or the coins, so the guesses stay fixed in advance as the theorem needs.
 
 The coins, coordinates and scores live in ``PRIVACY_DIR/<client>.canaries.json`` and
 never in the client's data files; the ledger is unchanged (every record, canary or
@@ -33,7 +42,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +61,7 @@ CANARY_NORM = 16.0
 #: for the bottom 10% (20% of the canaries guessed, the rest abstained on).
 GUESS_FRACTION = 0.1
 
-FORMAT = "fedtune-canaries-1"
+FORMAT = "fedtune-canaries-2"
 
 
 def canary_file(privacy_dir: Path, client: str) -> Path:
@@ -70,6 +79,10 @@ class CanaryState:
     clip_norm: float
     seed: int
     rounds: list[int]
+    #: The first release of every round along the canary coordinates (round -> m values).
+    first: dict[int, NDArray[np.float64]] = field(default_factory=dict)
+    #: ``sum |repeat - first|`` over every repeated release (zeros while there is none).
+    repeat_scores: NDArray[np.float64] | None = None
 
     @classmethod
     def create(cls, *, m: int, num_coords: int, clip_norm: float, seed: int) -> CanaryState:
@@ -90,14 +103,29 @@ class CanaryState:
 
     def add_release(self, server_round: int, update: NDArray[np.floating]) -> None:
         """Score the update a client released in ``server_round`` (``trained - start``)."""
-        self.scores += np.asarray(update, dtype=np.float64)[self.coords]
-        self.rounds.append(int(server_round))
+        values = np.asarray(update, dtype=np.float64)[self.coords]
+        rnd = int(server_round)
+        if rnd in self.first:  # released again: only a broken mechanism gets here
+            if self.repeat_scores is None:
+                self.repeat_scores = np.zeros(len(self.coords))
+            self.repeat_scores += np.abs(values - self.first[rnd])
+        else:
+            self.first[rnd] = values
+            self.scores += values
+        self.rounds.append(rnd)
+
+    @property
+    def repeated(self) -> bool:
+        """Whether some round was released more than once."""
+        return len(self.rounds) > len(set(self.rounds))
 
     def bound(self, *, delta: float, confidence: float = 0.95) -> EmpiricalBound:
         """The ε lower bound the scores prove (guesses fixed by :data:`GUESS_FRACTION`)."""
         k = int(GUESS_FRACTION * len(self.coords))
+        scores = self.repeat_scores if self.repeated else self.scores
+        assert scores is not None  # a repeated release always sets repeat_scores
         return audit_scores(
-            self.scores, self.included, k_plus=k, k_minus=k, delta=delta, confidence=confidence
+            scores, self.included, k_plus=k, k_minus=k, delta=delta, confidence=confidence
         )
 
     def save(self, path: Path) -> None:
@@ -110,6 +138,8 @@ class CanaryState:
             "included": self.included.astype(int).tolist(),
             "scores": self.scores.tolist(),
             "rounds": self.rounds,
+            "first": {str(r): v.tolist() for r, v in self.first.items()},
+            "repeat-scores": None if self.repeat_scores is None else self.repeat_scores.tolist(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -136,13 +166,25 @@ def load_canaries(path: Path) -> CanaryState:
         scores = np.asarray(data["scores"], dtype=np.float64)
         if not (coords.shape == included.shape == scores.shape and coords.ndim == 1):
             raise ValueError("coords, included and scores differ in length")
+        first = {int(r): np.asarray(v, dtype=np.float64) for r, v in dict(data["first"]).items()}
+        repeat = data["repeat-scores"]
+        repeat_scores = None if repeat is None else np.asarray(repeat, dtype=np.float64)
+        rounds = [int(r) for r in data["rounds"]]
+        if any(v.shape != coords.shape for v in first.values()) or set(first) != set(rounds):
+            raise ValueError("first releases do not match the canaries or the rounds")
+        if (len(rounds) > len(set(rounds))) != (repeat_scores is not None) or (
+            repeat_scores is not None and repeat_scores.shape != coords.shape
+        ):
+            raise ValueError("repeat-scores do not match the repeated rounds")
         return CanaryState(
             coords,
             included,
             scores,
             float(data["clip-norm"]),
             int(data["seed"]),
-            [int(r) for r in data["rounds"]],
+            rounds,
+            first,
+            repeat_scores,
         )
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{str(path)!r} is not a fedtune canary file: {err}") from None
