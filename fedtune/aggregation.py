@@ -24,12 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-
-class FederationError(RuntimeError):
-    """A federated run cannot go on (e.g. too few clients took part)."""
+from fedtune.errors import FedtuneError
 
 
-class AggregationError(ValueError):
+class AggregationError(FedtuneError, ValueError):
     """Updates cannot be combined (wrong shapes or counts)."""
 
 

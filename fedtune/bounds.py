@@ -44,6 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedtune.config import ConfigError
+from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
     from fedtune.crypto.params import CkksParams
@@ -57,7 +58,7 @@ log = logging.getLogger("fedtune.client")
 VALUE_BOUND = 64.0
 
 
-class BoundError(ValueError):
+class BoundError(FedtuneError, ValueError):
     """A vector leaves the range :data:`VALUE_BOUND` allows (or is not finite)."""
 
 

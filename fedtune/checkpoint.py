@@ -55,6 +55,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.errors import FedtuneError
 from fedtune.wire import WirePayload
 
 FORMAT = "fedtune-checkpoint-2"
@@ -83,7 +84,7 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FedtuneError, ValueError):
     """A checkpoint is missing, damaged, or not written with this key."""
 
 

@@ -21,11 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedtune import audit_cli, generate
-from fedtune.aggregation import FederationError
-from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, collect_overrides, describe_keys, load_toml
-from fedtune.crypto.errors import CryptoError
 from fedtune.deploy import cli as deploy_cli
+from fedtune.errors import FederationError, FedtuneError
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -254,12 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ConfigError, CheckpointError, CryptoError) as err:
-        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except FederationError as err:
         print(f"fedtune {args.command}: stopped: {err}", file=sys.stderr)
         return 1
+    except FedtuneError as err:
+        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"fedtune {args.command}: interrupted", file=sys.stderr)
         return 130

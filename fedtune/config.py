@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from fedtune.errors import FedtuneError
+
 Partitioning = Literal["iid", "dirichlet"]
 DPLevel = Literal["off", "example", "client"]
 AccountantName = Literal["prv", "rdp"]
@@ -46,7 +48,7 @@ WIRING_KEYS = frozenset(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(FedtuneError, ValueError):
     """A configuration key or value is invalid; the message names both."""
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import data as fdata
-from fedtune.aggregation import FederationError
 from fedtune.config import ConfigError, RunConfig, parse_run_config
+from fedtune.errors import FederationError
 from fedtune.export import export_adapter
 from fedtune.metrics import plot_metrics, read_records
 from fedtune.model import build_model, resolve_model_path

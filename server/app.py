@@ -19,9 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedtune import bounds
-from fedtune.aggregation import FederationError
 from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, coerce_value, parse_run_config
+from fedtune.errors import FederationError
 from fedtune.metrics import add_perplexity, append_record, read_records
 from fedtune.model import adapter_layout, build_model
 from fedtune.wire import CkksCodec, Codec, PayloadError, PlainCodec

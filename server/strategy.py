@@ -33,8 +33,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import bounds
-from fedtune.aggregation import FederationError
 from fedtune.config import FederationConfig
+from fedtune.errors import FederationError
 from fedtune.metrics import weighted_mean
 from fedtune.wire import Codec, PayloadError, PlainCodec, WirePayload
 

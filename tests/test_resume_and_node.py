@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from clients.app import node_settings
-from fedtune.aggregation import FederationError
 from fedtune.checkpoint import Checkpoint, save_checkpoint
+from fedtune.errors import FederationError
 from fedtune.wire import PlainCodec
 from server.app import resume_round
 from server.strategy import FedTuneStrategy

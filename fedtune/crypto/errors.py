@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from fedtune.errors import FedtuneError
+
 __all__ = ["CryptoError", "PayloadError"]
 
 
-class CryptoError(Exception):
+class CryptoError(FedtuneError):
     """A cryptographic operation cannot be carried out with what it was given.
 
     Raised, for example, when a context without the secret key is asked to

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedtune.errors import FedtuneError
 from fedtune.privacy._checks import check_positive, check_positive_int
 from fedtune.privacy.noise import CsprngNoise, NoiseSource
 
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(FedtuneError, ValueError):
     """The model cannot be trained with per-example DP-SGD as configured."""
 
 

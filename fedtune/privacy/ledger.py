@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedtune.errors import FedtuneError
 from fedtune.privacy._checks import (
     check_delta,
     check_non_negative,
@@ -77,11 +78,11 @@ _LEGACY_DEFAULTS: dict[str, Any] = {
 }
 
 
-class LedgerConflictError(ValueError):
+class LedgerConflictError(FedtuneError, ValueError):
     """A (run_nonce, round, client) is recorded again with another input or parameters."""
 
 
-class LedgerCorruptError(ValueError):
+class LedgerCorruptError(FedtuneError, ValueError):
     """A ledger line other than a torn last line cannot be read."""
 
 

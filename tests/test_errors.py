@@ -1,0 +1,58 @@
+"""One error root: every error a user can cause is a FedtuneError, and the CLI catches it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.errors import FederationError, FedtuneError
+
+
+def test_every_fedtune_error_class_has_the_one_root() -> None:
+    from fedtune.aggregation import AggregationError
+    from fedtune.bounds import BoundError
+    from fedtune.checkpoint import CheckpointError
+    from fedtune.config import ConfigError
+    from fedtune.crypto.errors import CryptoError, PayloadError
+    from fedtune.model import ModelError
+    from fedtune.privacy.dpsgd import UnsupportedLayerError
+    from fedtune.privacy.ledger import LedgerConflictError, LedgerCorruptError
+    from fedtune.wire import PayloadError as WirePayloadError
+
+    for cls in (
+        AggregationError,
+        BoundError,
+        CheckpointError,
+        ConfigError,
+        CryptoError,
+        PayloadError,
+        WirePayloadError,
+        ModelError,
+        UnsupportedLayerError,
+        LedgerConflictError,
+        LedgerCorruptError,
+        FederationError,
+    ):
+        assert issubclass(cls, FedtuneError), cls
+    assert issubclass(ConfigError, ValueError) and issubclass(FederationError, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "word"),
+    [(FedtuneError("no such thing"), 2, "error"), (FederationError("too few"), 1, "stopped")],
+)
+def test_the_cli_prints_a_fedtune_error_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: FedtuneError,
+    code: int,
+    word: str,
+) -> None:
+    from fedtune import cli
+
+    def fail(_args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_evaluate", fail)
+    assert cli.main(["evaluate", "some-run"]) == code
+    err = capsys.readouterr().err
+    assert err == f"fedtune evaluate: {word}: {error}\n"
