@@ -45,9 +45,11 @@ def main() -> None:
     from fedtune import data as fdata
     from fedtune import model as fmodel
     from fedtune.config import DataConfig, ModelConfig
+    from fedtune.data.collate import pad_collate
     from fedtune.privacy import make_dp_training
     from fedtune.privacy.noise import CsprngNoise
-    from fedtune.train import EncodedDataset, make_loader, pad_collate, select_device
+    from fedtune.tasks.classification import EncodedDataset
+    from fedtune.train import make_loader, select_device
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

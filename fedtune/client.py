@@ -19,19 +19,17 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from fedtune import data as fdata
 from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.accounting import Relation
+from fedtune.tasks import get_task
 from fedtune.train import (
     Batchable,
-    EncodedDataset,
     EvalResult,
     LossFn,
     TrainResult,
-    evaluate,
     make_loader,
     select_device,
     train_local,
@@ -173,36 +171,15 @@ class ClientRuntime:
         self.state_dir = state_dir
         seed = cfg.federation.seed
         self.device = select_device(cfg.train.device)
+        self.task = get_task(cfg.model.task)
         tokenizer = fmodel.load_tokenizer(cfg.model)
-        self.loss_fn: LossFn | None = None
-        self.train_set: Batchable
-        self.test_set: Batchable
-        if cfg.model.task == "causal-lm":
-            from fedtune import lm_train  # noqa: PLC0415
-
-            self.label_names = cfg.data.labels
-            lm = lm_train.client_datasets(
-                cfg, tokenizer, partition_id=partition_id, num_partitions=num_partitions
-            )
-            self.train_set, self.test_set = lm.train_set, lm.test_set
-            self.loss_fn = lm_train.answer_loss
-        else:
-            dataset = fdata.load_data(cfg.data, seed=seed)
-            self.label_names = dataset.label_names
-            self.split = fdata.client_data(
-                dataset,
-                cfg.data,
-                partition_id=partition_id,
-                num_partitions=num_partitions,
-                seed=seed,
-            )
-            max_len = cfg.data.max_seq_length
-            self.train_set = EncodedDataset(
-                tokenizer, self.split.train_texts, self.split.train_labels, max_length=max_len
-            )
-            self.test_set = EncodedDataset(
-                tokenizer, self.split.test_texts, self.split.test_labels, max_length=max_len
-            )
+        sets = self.task.client_datasets(
+            cfg, tokenizer, partition_id=partition_id, num_partitions=num_partitions
+        )
+        self.train_set: Batchable = sets.train_set
+        self.test_set: Batchable = sets.test_set
+        self.label_names = sets.label_names
+        self.loss_fn: LossFn | None = self.task.loss_fn
         self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
         self.model.to(self.device)
         self.initial = fmodel.get_adapter_vector(self.model)
@@ -626,8 +603,4 @@ class ClientRuntime:
         start = self.global_vector(state, server_round=server_round)
         fmodel.set_adapter_vector(self.model, start)
         loader = make_loader(self.test_set, batch_size=64, shuffle=False)
-        if self.cfg.model.task == "causal-lm":
-            from fedtune.lm_train import evaluate_lm  # noqa: PLC0415
-
-            return evaluate_lm(self.model, loader, device=self.device)
-        return evaluate(self.model, loader, device=self.device)
+        return self.task.evaluate(self.model, loader, device=self.device)

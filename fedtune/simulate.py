@@ -16,16 +16,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune import data as fdata
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
 from fedtune.export import export_adapter
 from fedtune.metrics import plot_metrics, read_records
-from fedtune.model import build_model, resolve_model_path
+from fedtune.tasks import get_task
 
 log = logging.getLogger("fedtune")
 
@@ -46,17 +45,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
     Returns the config with ``label-names`` resolved from the data, so that every
     client and the server agree on the label order.
     """
-    fed = cfg.federation
-    if cfg.model.task == "causal-lm":
-        from fedtune.lm_train import preflight_lm  # noqa: PLC0415
-
-        return preflight_lm(cfg)
-    resolve_model_path(cfg.model)  # the cheapest check first
-    dataset = fdata.load_data(cfg.data, seed=fed.seed)
-    fdata.partition_indices(dataset.labels, cfg.data, num_partitions=fed.num_clients, seed=fed.seed)
-    cfg = replace(cfg, data=replace(cfg.data, label_names=",".join(dataset.label_names)))
-    build_model(cfg.model, num_labels=len(dataset.label_names), seed=fed.seed)  # checks modules
-    return cfg
+    return get_task(cfg.model.task).preflight(cfg)
 
 
 def new_run_dir(base: Path = Path("runs")) -> Path:
@@ -204,8 +193,5 @@ def finish_run(run_dir: Path, cfg: RunConfig, *, secret_context: Path | None = N
     """Write ``metrics.png`` and, as the key holder, ``adapter/`` from the last checkpoint."""
     plot_metrics(read_records(run_dir / "metrics.jsonl"), run_dir / "metrics.png")
     adapter = export_adapter(run_dir, cfg, secret_context=secret_context)
-    if cfg.model.task == "causal-lm":
-        from fedtune.generate import write_samples  # noqa: PLC0415
-
-        write_samples(run_dir)
+    get_task(cfg.model.task).finish_run(run_dir)
     return adapter

@@ -1,21 +1,21 @@
-"""Local training and evaluation loops for sequence classification.
+"""The local training loop every task shares, and what it reports.
 
 The device is chosen once per process: ``cuda`` when present (``device = "auto"``),
-else ``cpu``. Batches are padded per batch, which keeps short WordNet definitions
-cheap on CPU.
+else ``cpu``. A task's held-out evaluation is the task's own
+(:meth:`fedtune.tasks.base.Task.evaluate`); batches come padded by its collate function.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from fedtune.config import Device, TrainConfig
 
@@ -27,31 +27,6 @@ def select_device(preference: Device) -> torch.device:
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
-
-
-class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
-    """Tokenised texts and their labels; items are unpadded 1-D tensors."""
-
-    def __init__(
-        self, tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, max_length: int
-    ) -> None:
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-        self.input_ids: list[list[int]] = enc["input_ids"]
-        self.labels = list(labels)
-        self.pad_id = int(tokenizer.pad_token_id or 0)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": torch.tensor(self.input_ids[i], dtype=torch.long),
-            "labels": torch.tensor(self.labels[i], dtype=torch.long),
-        }
-
-    def collate_fn(self):  # type: ignore[no-untyped-def]
-        """The collate function for batches of this dataset."""
-        return pad_collate(self.pad_id)
 
 
 class Batchable(Protocol):
@@ -67,27 +42,6 @@ class Batchable(Protocol):
 
 #: ``loss_fn(model, batch)``: the batch's loss as a mean over its rows (examples).
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def pad_collate(pad_id: int):  # type: ignore[no-untyped-def]
-    """Collate unpadded items into a batch padded to its longest sequence."""
-
-    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = max((len(it["input_ids"]) for it in items), default=1)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[row, :n] = it["input_ids"]
-            mask[row, :n] = 1
-        labels = (
-            torch.stack([it["labels"] for it in items])
-            if items
-            else torch.zeros(0, dtype=torch.long)
-        )
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    return collate
 
 
 def make_loader(
@@ -188,20 +142,3 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     for p in optimizer.params:  # type: ignore[attr-defined]  # a DPOptimizer
         p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
     optimizer.step()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> EvalResult:
-    """Mean cross-entropy and accuracy over ``loader``."""
-    model.to(device).eval()
-    total, correct, seen = 0.0, 0, 0
-    for raw in loader:
-        batch = {k: v.to(device) for k, v in raw.items()}
-        out = model(**batch)
-        n = len(batch["labels"])
-        total += float(out.loss) * n
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-        seen += n
-    if not seen:
-        return EvalResult(loss=math.nan, accuracy=math.nan, num_examples=0)
-    return EvalResult(loss=total / seen, accuracy=correct / seen, num_examples=seen)

@@ -22,8 +22,9 @@ from fedtune import bounds
 from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, coerce_value, parse_run_config
 from fedtune.errors import FederationError
-from fedtune.metrics import add_perplexity, append_record, read_records
+from fedtune.metrics import append_record, read_records
 from fedtune.model import adapter_layout, build_model
+from fedtune.tasks import get_task
 from fedtune.wire import CkksCodec, Codec, PayloadError, PlainCodec
 from server.strategy import FedTuneStrategy, NotEnoughClients
 
@@ -33,7 +34,7 @@ log = logging.getLogger("fedtune.server")
 def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
     """Plain codec, or a CKKS codec on the *public* context; never a secret one."""
     num_labels = len(cfg.data.labels)
-    if num_labels < 2 and cfg.model.task == "classification":
+    if num_labels < 2 and get_task(cfg.model.task).uses_labels:
         raise ValueError(
             "The server needs `label-names` (comma-separated) to know the head's size; "
             f"got {cfg.data.label_names!r}."
@@ -157,7 +158,9 @@ def run_rounds(
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     fed = cfg.federation
     metrics_path = run_dir / "metrics.jsonl"
-    causal = cfg.model.task == "causal-lm"  # held-out perplexity on answer tokens too
+    task = get_task(cfg.model.task)
+    # A headline other than accuracy (causal LM: answer perplexity) is printed beside it.
+    extra = task.headline.key if task.headline.key != "eval-accuracy" else ""
 
     def evaluate(rnd: int) -> dict[str, Any]:
         start = time.perf_counter()
@@ -170,13 +173,12 @@ def run_rounds(
 
     if first_round == 1:
         record: dict[str, Any] = {"round": 0, **evaluate(0), "clients": _client_table(strategy)}
-        if causal:
-            add_perplexity(record)
+        task.derive_metrics(record)
         append_record(metrics_path, record)
         console.print(
             f"round 0/{fed.num_rounds}  "
             f"eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}"
-            + (f"  eval-perplexity {record['eval-perplexity']:.2f}" if causal else "")
+            + (f"  {extra} {record[extra]:.2f}" if extra in record else "")
         )
     else:
         console.print(f"resuming at round {first_round}/{fed.num_rounds}")
@@ -226,15 +228,14 @@ def run_rounds(
         eps = [c["epsilon"] for c in record["clients"].values() if "epsilon" in c]
         if eps:
             record["epsilon"] = max(eps)
-        if causal:
-            add_perplexity(record)
+        task.derive_metrics(record)
         append_record(metrics_path, record)
         console.print(
             f"round {rnd}/{fed.num_rounds}  clients {record['clients-trained']}/{len(messages)}  "
             + (f"train-loss {record['train-loss']:.3f}  " if "train-loss" in record else "")
             + f"eval-loss {ev.get('eval-loss', float('nan')):.3f}  "
             f"eval-accuracy {ev.get('eval-accuracy', float('nan')):.3f}"
-            + (f"  eval-perplexity {record['eval-perplexity']:.2f}" if causal else "")
+            + (f"  {extra} {record[extra]:.2f}" if extra in record else "")
             + (f"  epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
             + f"  {record['round-seconds']:.1f}s"
         )

@@ -23,7 +23,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("gguf")
-    from fedtune.lm_model import convert_gguf, gguf_path
+    from fedtune.tasks.causal_lm.model import convert_gguf, gguf_path
 
     return convert_gguf(gguf_path(), tmp_path_factory.mktemp("cache") / "smollm2")
 
@@ -41,9 +41,9 @@ def test_converted_model_loads_and_answers(converted: Path) -> None:
     import torch
 
     from fedtune.config import ModelConfig
-    from fedtune.generate import generate_answers
-    from fedtune.lm_model import load_causal_model
     from fedtune.model import load_tokenizer
+    from fedtune.tasks.causal_lm.generate import generate_answers
+    from fedtune.tasks.causal_lm.model import load_causal_model
 
     # A plain safetensors load (no GGUF dequantisation); how long it takes is measured,
     # not asserted here: the machine is shared (README, "Instruction tuning").
@@ -62,8 +62,8 @@ def test_converted_model_loads_and_answers(converted: Path) -> None:
 
 def test_smollm_chat_template_mask_token_by_token(converted: Path) -> None:
     from fedtune.config import ModelConfig
-    from fedtune.lm_data import IGNORE, encode_example
     from fedtune.model import load_tokenizer
+    from fedtune.tasks.causal_lm.data import IGNORE, encode_example
 
     tok = load_tokenizer(ModelConfig(task="causal-lm", model_path=str(converted)))
     ids, labels = encode_example(tok, 'Define the word "dog".', "a domestic canine", max_length=128)
@@ -86,7 +86,7 @@ def test_default_path_converts_once_into_the_cache(
 ) -> None:
     import shutil
 
-    from fedtune import lm_model
+    from fedtune.tasks.causal_lm import model as lm_model
 
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path))
     expected = tmp_path / (

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import tiny_word_tokenizer
 
-from fedtune import lm_data, lm_train
 from fedtune.config import ConfigError, DataConfig, parse_run_config
+from fedtune.tasks.causal_lm import data as lm_data
+from fedtune.tasks.causal_lm import loss as lm_train
 
 IGN = "_"  # a masked label, in the expected sequences below
 

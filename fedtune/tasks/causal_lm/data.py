@@ -42,9 +42,7 @@ from torch.utils.data import Dataset
 
 from fedtune import data as fdata
 from fedtune.config import ConfigError, DataConfig
-
-#: Label value that ``torch.nn.functional.cross_entropy`` ignores.
-IGNORE = -100
+from fedtune.data.collate import IGNORE, pad_collate
 
 
 @dataclass(frozen=True)
@@ -75,57 +73,15 @@ def wordnet_prompt(word: str) -> str:
     return f'Define the word "{word}".'
 
 
-def read_wordnet_pairs(directory: Path) -> list[tuple[int, str, str]]:
-    """``(lexicographer file, first lemma, definition)`` for every noun synset."""
-    path = directory / "data.noun"
-    if not path.is_file():
-        raise ConfigError(
-            f"`wordnet-dir` {str(directory)!r} has no data.noun: install the Debian "
-            "package `wordnet-base`, or set `data-path` to your own JSONL file with "
-            "prompt/answer fields."
-        )
-    out: list[tuple[int, str, str]] = []
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.startswith("  "):  # licence header
-                continue
-            head, sep, gloss = line.partition(" | ")
-            fields = head.split(" ")
-            if not sep or len(fields) < 5:
-                continue
-            definition = fdata.wordnet_definition(gloss)
-            if definition:
-                out.append((int(fields[1]), fields[4].replace("_", " "), definition))
-    return out
-
-
 def load_wordnet_instructions(cfg: DataConfig, *, seed: int) -> InstructionData:
     """WordNet instruction pairs, ``examples-per-label`` per category (seeded)."""
-    by_name = {name: lexfile for lexfile, name in fdata.WORDNET_CATEGORIES.items()}
-    names = cfg.labels or list(by_name)
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ConfigError(
-            f"`label-names` is {cfg.label_names!r}; with the WordNet data it must name "
-            f"categories among: {', '.join(by_name)}."
-        )
-    pools: dict[int, list[tuple[str, str]]] = {by_name[n]: [] for n in names}
-    for lexfile, word, definition in read_wordnet_pairs(Path(cfg.wordnet_dir)):
-        if lexfile in pools:
-            pools[lexfile].append((word, definition))
-    rng = np.random.default_rng(seed)
-    prompts: list[str] = []
-    answers: list[str] = []
-    groups: list[int] = []
-    for group, name in enumerate(names):
-        pool = pools[by_name[name]]
-        take = len(pool) if cfg.examples_per_label == 0 else min(cfg.examples_per_label, len(pool))
-        for i in sorted(rng.choice(len(pool), size=take, replace=False).tolist()):
-            word, definition = pool[i]
-            prompts.append(wordnet_prompt(word))
-            answers.append(definition)
-            groups.append(group)
-    return InstructionData(prompts, answers, groups)
+    names = fdata.wordnet_categories(cfg, at_least=1)
+    drawn = fdata.sample_by_category(cfg, names, seed=seed)
+    return InstructionData(
+        [wordnet_prompt(s.lemma) for _, s in drawn],
+        [s.definition for _, s in drawn],
+        [group for group, _ in drawn],
+    )
 
 
 def load_instruction_table(cfg: DataConfig) -> InstructionData:
@@ -139,7 +95,7 @@ def load_instruction_table(cfg: DataConfig) -> InstructionData:
     path = Path(cfg.data_path).expanduser()
     if not path.exists():
         raise ConfigError(f"`data-path` {cfg.data_path!r} does not exist.")
-    table = fdata._read_table(path)
+    table = fdata.read_table(path)
     columns = list(table.column_names)
     has_prompt, has_answer = cfg.prompt_column in columns, cfg.answer_column in columns
     if not has_prompt and not has_answer and cfg.text_column in columns:
@@ -192,23 +148,18 @@ def load_instructions(cfg: DataConfig, *, seed: int) -> InstructionData:
 def instruction_split(
     data: InstructionData, cfg: DataConfig, *, partition_id: int, num_partitions: int, seed: int
 ) -> InstructionSplit:
-    """One client's partition and held-out split, exactly as for classification.
+    """One client's partition and held-out split, by the rule every task shares.
 
-    The example *indices* go through :func:`fedtune.data.client_data`, so both tasks
-    share one partitioning and splitting rule.
+    The topic groups drive a ``dirichlet`` partition as labels do for classification.
     """
-    names = [str(g) for g in sorted(set(data.groups))] or ["0"]
-    index_data = fdata.LabelledData([str(i) for i in range(len(data))], data.groups, names)
-    split = fdata.client_data(
-        index_data, cfg, partition_id=partition_id, num_partitions=num_partitions, seed=seed
+    split = fdata.client_split(
+        data.groups, cfg, partition_id=partition_id, num_partitions=num_partitions, seed=seed
     )
-    train = [int(i) for i in split.train_texts]
-    test = [int(i) for i in split.test_texts]
     return InstructionSplit(
-        train_prompts=[data.prompts[i] for i in train],
-        train_answers=[data.answers[i] for i in train],
-        test_prompts=[data.prompts[i] for i in test],
-        test_answers=[data.answers[i] for i in test],
+        train_prompts=[data.prompts[i] for i in split.train],
+        train_answers=[data.answers[i] for i in split.train],
+        test_prompts=[data.prompts[i] for i in split.test],
+        test_answers=[data.answers[i] for i in split.test],
     )
 
 
@@ -335,22 +286,4 @@ class InstructionDataset(Dataset[dict[str, torch.Tensor]]):
 
     def collate_fn(self):  # type: ignore[no-untyped-def]
         """Right-pad a batch to its longest row (labels padded with ``-100``)."""
-        return lm_collate(self.pad_id)
-
-
-def lm_collate(pad_id: int):  # type: ignore[no-untyped-def]
-    """Collate unpadded items into right-padded ``input_ids``, ``attention_mask``, ``labels``."""
-
-    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = max((len(it["input_ids"]) for it in items), default=1)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[row, :n] = it["input_ids"]
-            mask[row, :n] = 1
-            labels[row, :n] = it["labels"]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    return collate
+        return pad_collate(self.pad_id)

@@ -1,15 +1,13 @@
-"""Data sources, partitioning across clients and tokenising.
+"""Data sources shared by the tasks: WordNet, the user's own tables, labelled texts.
 
-Sources
--------
-* the bundled default: WordNet 3.0 noun definitions (Debian package
-  ``wordnet-base``) labelled by lexicographer category, 8 categories;
-* a ``.csv`` or ``.jsonl`` file with a text and a label column;
-* a Hugging Face dataset directory written by ``Dataset.save_to_disk``.
-
-Partitioning uses ``flwr-datasets`` partitioners (``IidPartitioner`` over a
-seeded shuffle, ``DirichletPartitioner`` for label skew), and each client keeps
-a seeded held-out split of its own partition. Same seed, same partitions.
+* the bundled default: WordNet 3.0 noun synsets (Debian package ``wordnet-base``,
+  WordNet licence: use, copy, modify and distribute freely), read once by
+  :func:`read_wordnet` and drawn per lexicographer category by
+  :func:`sample_by_category` (classification labels its definitions by category;
+  the causal-LM task turns them into instruction pairs);
+* a ``.csv`` or ``.jsonl`` file, or a Hugging Face dataset directory written by
+  ``Dataset.save_to_disk`` (:func:`read_table`), for classification with a text and
+  a label column (:func:`load_table`).
 """
 
 from __future__ import annotations
@@ -50,73 +48,83 @@ class LabelledData:
         return len(self.texts)
 
 
-@dataclass(frozen=True)
-class ClientData:
-    """One client's partition, split into train and held-out test examples."""
-
-    train_texts: list[str]
-    train_labels: list[int]
-    test_texts: list[str]
-    test_labels: list[int]
-
-
 def wordnet_definition(gloss: str) -> str:
     """Keep a gloss's definition and drop its quoted usage examples."""
     return gloss.split('; "', 1)[0].strip().strip('"').strip()
 
 
-def read_wordnet(directory: Path) -> list[tuple[int, str]]:
-    """Parse ``data.noun`` into ``(lexicographer file number, definition)`` pairs."""
+@dataclass(frozen=True)
+class Synset:
+    """One WordNet noun synset: lexicographer file number, first lemma, definition."""
+
+    lexfile: int
+    lemma: str
+    definition: str
+
+
+def read_wordnet(directory: Path) -> list[Synset]:
+    """Every noun synset of ``directory/data.noun`` that has a definition."""
     path = directory / "data.noun"
     if not path.is_file():
         raise ConfigError(
             f"`wordnet-dir` {str(directory)!r} has no data.noun: install the Debian "
             "package `wordnet-base` (apt-get install wordnet-base), or set `data-path` "
-            "to your own CSV/JSONL file."
+            "to your own data file."
         )
-    out: list[tuple[int, str]] = []
+    out: list[Synset] = []
     with path.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
             if line.startswith("  "):  # licence header
                 continue
             head, sep, gloss = line.partition(" | ")
             fields = head.split(" ")
-            if not sep or len(fields) < 2:
+            if not sep or len(fields) < 5:
                 continue
-            out.append((int(fields[1]), wordnet_definition(gloss)))
+            definition = wordnet_definition(gloss)
+            if definition:
+                out.append(Synset(int(fields[1]), fields[4].replace("_", " "), definition))
+    return out
+
+
+def wordnet_categories(cfg: DataConfig, *, at_least: int) -> list[str]:
+    """The categories ``label-names`` picks (default all 8), in the given order."""
+    names = cfg.labels or list(WORDNET_CATEGORIES.values())
+    known = set(WORDNET_CATEGORIES.values())
+    if any(n not in known for n in names) or len(names) < at_least:
+        raise ConfigError(
+            f"`label-names` is {cfg.label_names!r}; with the WordNet data it must name at "
+            f"least {at_least} of: {', '.join(WORDNET_CATEGORIES.values())}."
+        )
+    return names
+
+
+def sample_by_category(cfg: DataConfig, names: list[str], *, seed: int) -> list[tuple[int, Synset]]:
+    """``(category index, synset)``: ``examples-per-label`` per category (0: all), seeded.
+
+    Within a category the drawn synsets keep their file order.
+    """
+    by_name = {name: lexfile for lexfile, name in WORDNET_CATEGORIES.items()}
+    pools: dict[int, list[Synset]] = {by_name[n]: [] for n in names}
+    for synset in read_wordnet(Path(cfg.wordnet_dir)):
+        if synset.lexfile in pools:
+            pools[synset.lexfile].append(synset)
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, Synset]] = []
+    for label, name in enumerate(names):
+        pool = pools[by_name[name]]
+        take = len(pool) if cfg.examples_per_label == 0 else min(cfg.examples_per_label, len(pool))
+        out.extend((label, pool[i]) for i in sorted(rng.choice(len(pool), take, replace=False)))
     return out
 
 
 def load_wordnet(cfg: DataConfig, *, seed: int) -> LabelledData:
-    """WordNet noun definitions, ``examples-per-label`` drawn per category (seeded).
-
-    ``label-names`` may pick a subset of the 8 categories (in the given order).
-    """
-    by_name = {name: lexfile for lexfile, name in WORDNET_CATEGORIES.items()}
-    names = cfg.labels or list(by_name)
-    unknown = [n for n in names if n not in by_name]
-    if unknown or len(names) < 2:
-        raise ConfigError(
-            f"`label-names` is {cfg.label_names!r}; with the WordNet data it must name at "
-            f"least 2 of: {', '.join(by_name)}."
-        )
-    by_category: dict[int, list[str]] = {by_name[n]: [] for n in names}
-    for lexfile, definition in read_wordnet(Path(cfg.wordnet_dir)):
-        if lexfile in by_category and definition:
-            by_category[lexfile].append(definition)
-    rng = np.random.default_rng(seed)
-    texts: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(names):
-        pool = by_category[by_name[name]]
-        take = len(pool) if cfg.examples_per_label == 0 else min(cfg.examples_per_label, len(pool))
-        for i in sorted(rng.choice(len(pool), size=take, replace=False).tolist()):
-            texts.append(pool[i])
-            labels.append(label)
-    return LabelledData(texts, labels, names)
+    """WordNet noun definitions labelled by category (``label-names`` picks >= 2)."""
+    names = wordnet_categories(cfg, at_least=2)
+    drawn = sample_by_category(cfg, names, seed=seed)
+    return LabelledData([s.definition for _, s in drawn], [label for label, _ in drawn], names)
 
 
-def _read_table(path: Path) -> Any:
+def read_table(path: Path) -> Any:
     """Load a CSV / JSONL file or a saved HF dataset as a ``datasets.Dataset``."""
     import datasets  # noqa: PLC0415 - heavy import
 
@@ -152,7 +160,7 @@ def load_table(cfg: DataConfig) -> LabelledData:
     path = Path(cfg.data_path).expanduser()
     if not path.exists():
         raise ConfigError(f"`data-path` {cfg.data_path!r} does not exist.")
-    table = _read_table(path)
+    table = read_table(path)
     for key, column in (("text-column", cfg.text_column), ("label-column", cfg.label_column)):
         if column not in table.column_names:
             raise ConfigError(
@@ -194,72 +202,3 @@ def load_data(cfg: DataConfig, *, seed: int) -> LabelledData:
             [data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names
         )
     return data
-
-
-def partition_indices(
-    labels: list[int], cfg: DataConfig, *, num_partitions: int, seed: int
-) -> list[list[int]]:
-    """Assign example indices to ``num_partitions`` clients with flwr-datasets.
-
-    Raises
-    ------
-    ConfigError
-        If there are fewer examples than clients, or the Dirichlet split cannot
-        give every client at least 2 examples.
-    """
-    import datasets  # noqa: PLC0415
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner  # noqa: PLC0415
-
-    if len(labels) < 2 * num_partitions:
-        raise ConfigError(
-            f"`num-clients` is {num_partitions}, but the data set has only {len(labels)} "
-            "examples; every client needs at least 2 (one to train, one to test). Use "
-            "fewer clients or more data."
-        )
-    table = datasets.Dataset.from_dict({"index": list(range(len(labels))), LABEL: labels})
-    if cfg.partitioning == "iid":
-        table = table.shuffle(seed=seed)
-        partitioner: Any = IidPartitioner(num_partitions=num_partitions)
-    else:
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by=LABEL,
-            alpha=cfg.dirichlet_alpha,
-            min_partition_size=2,
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-    partitioner.dataset = table
-    try:
-        return [list(partitioner.load_partition(i)["index"]) for i in range(num_partitions)]
-    except ValueError as err:
-        raise ConfigError(
-            f"Could not split {len(labels)} examples over {num_partitions} clients with "
-            f"`dirichlet-alpha` = {cfg.dirichlet_alpha}: {err}"
-        ) from err
-
-
-def client_data(
-    data: LabelledData, cfg: DataConfig, *, partition_id: int, num_partitions: int, seed: int
-) -> ClientData:
-    """One client's partition with its seeded held-out split."""
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}.")
-    parts = partition_indices(data.labels, cfg, num_partitions=num_partitions, seed=seed)
-    idx = np.asarray(parts[partition_id])
-    rng = np.random.default_rng([seed, partition_id])
-    idx = idx[rng.permutation(len(idx))]
-    n_test = min(max(1, round(cfg.test_fraction * len(idx))), len(idx) - 1)
-    test, train = idx[:n_test], idx[n_test:]
-    return ClientData(
-        train_texts=[data.texts[i] for i in train],
-        train_labels=[data.labels[i] for i in train],
-        test_texts=[data.texts[i] for i in test],
-        test_labels=[data.labels[i] for i in test],
-    )
-
-
-def label_counts(labels: list[int], num_labels: int) -> list[int]:
-    """Examples per label, for logging a partition's skew."""
-    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).tolist()

@@ -1,4 +1,4 @@
-"""Answer-only loss, held-out perplexity and the causal-LM pieces of a client and a run.
+"""Answer-only loss and held-out metrics (token loss, accuracy, perplexity) of a causal LM.
 
 The training loss is a mean over examples of each example's mean token
 cross-entropy on its answer tokens::
@@ -21,7 +21,6 @@ answer tokens the model predicts exactly (greedy next token).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +28,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the usual alias
 from torch.utils.data import DataLoader
 
-from fedtune import lm_data
-from fedtune.config import ConfigError, RunConfig
+from fedtune.data.collate import IGNORE
 from fedtune.train import EvalResult
 
 
@@ -46,11 +44,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     ``(B, T - 1)`` with ``nll = 0`` where the label is ``-100``.
     """
     shifted = labels[:, 1:]
-    mask = shifted != lm_data.IGNORE
+    mask = shifted != IGNORE
     nll = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
         shifted.reshape(-1),
-        ignore_index=lm_data.IGNORE,
+        ignore_index=IGNORE,
         reduction="none",
     ).view(shifted.shape)
     return nll, mask
@@ -89,57 +87,3 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
-
-
-@dataclass(frozen=True)
-class LMClientData:
-    """A client's tokenised train and held-out instruction data."""
-
-    train_set: lm_data.InstructionDataset
-    test_set: lm_data.InstructionDataset
-
-
-def client_datasets(
-    cfg: RunConfig, tokenizer: Any, *, partition_id: int, num_partitions: int
-) -> LMClientData:
-    """Load, partition, split and tokenise one client's instruction data."""
-    seed = cfg.federation.seed
-    data = lm_data.load_instructions(cfg.data, seed=seed)
-    split = lm_data.instruction_split(
-        data, cfg.data, partition_id=partition_id, num_partitions=num_partitions, seed=seed
-    )
-    max_len = cfg.data.max_seq_length
-    train = lm_data.InstructionDataset(
-        tokenizer, split.train_prompts, split.train_answers, max_length=max_len
-    )
-    test = lm_data.InstructionDataset(
-        tokenizer, split.test_prompts, split.test_answers, max_length=max_len
-    )
-    if len(train) == 0:
-        raise ConfigError(
-            f"`max-seq-length` is {max_len}, too short for any training example of client "
-            f"{partition_id} to keep an answer token after its prompt; raise it."
-        )
-    return LMClientData(train, test)
-
-
-def preflight_lm(cfg: RunConfig) -> RunConfig:
-    """Check model, tokenizer, data and partitions of a causal-LM run before it starts."""
-    from fedtune import data as fdata  # noqa: PLC0415
-    from fedtune.model import build_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
-
-    fed = cfg.federation
-    resolve_model_path(cfg.model)
-    data = lm_data.load_instructions(cfg.data, seed=fed.seed)
-    fdata.partition_indices(data.groups, cfg.data, num_partitions=fed.num_clients, seed=fed.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    probe = lm_data.InstructionDataset(
-        tokenizer, data.prompts[:64], data.answers[:64], max_length=cfg.data.max_seq_length
-    )
-    if len(probe) == 0:
-        raise ConfigError(
-            f"`max-seq-length` is {cfg.data.max_seq_length}: no example keeps an answer "
-            "token after its (templated) prompt; raise it."
-        )
-    build_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
-    return cfg

@@ -1,0 +1,123 @@
+"""Partitioning across clients and each client's held-out split (one rule for every task).
+
+Partitioning uses ``flwr-datasets`` partitioners (``IidPartitioner`` over a
+seeded shuffle, ``DirichletPartitioner`` for skew by label or topic group), and
+each client keeps a seeded held-out split of its own partition. Same seed, same
+partitions. Tasks call :func:`client_split` with their examples' groups and pick
+their own examples by the returned indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedtune.config import ConfigError, DataConfig
+from fedtune.data.sources import LABEL, LabelledData
+
+__all__ = [
+    "ClientData",
+    "ClientSplit",
+    "client_data",
+    "client_split",
+    "label_counts",
+    "partition_indices",
+]
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """Indices into the whole data set of one client's train and held-out examples."""
+
+    train: list[int]
+    test: list[int]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's partition, split into train and held-out test examples."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+
+
+def partition_indices(
+    labels: list[int], cfg: DataConfig, *, num_partitions: int, seed: int
+) -> list[list[int]]:
+    """Assign example indices to ``num_partitions`` clients with flwr-datasets.
+
+    Raises
+    ------
+    ConfigError
+        If there are fewer examples than clients, or the Dirichlet split cannot
+        give every client at least 2 examples.
+    """
+    import datasets  # noqa: PLC0415
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner  # noqa: PLC0415
+
+    if len(labels) < 2 * num_partitions:
+        raise ConfigError(
+            f"`num-clients` is {num_partitions}, but the data set has only {len(labels)} "
+            "examples; every client needs at least 2 (one to train, one to test). Use "
+            "fewer clients or more data."
+        )
+    table = datasets.Dataset.from_dict({"index": list(range(len(labels))), LABEL: labels})
+    if cfg.partitioning == "iid":
+        table = table.shuffle(seed=seed)
+        partitioner: Any = IidPartitioner(num_partitions=num_partitions)
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL,
+            alpha=cfg.dirichlet_alpha,
+            min_partition_size=2,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    partitioner.dataset = table
+    try:
+        return [list(partitioner.load_partition(i)["index"]) for i in range(num_partitions)]
+    except ValueError as err:
+        raise ConfigError(
+            f"Could not split {len(labels)} examples over {num_partitions} clients with "
+            f"`dirichlet-alpha` = {cfg.dirichlet_alpha}: {err}"
+        ) from err
+
+
+def client_split(
+    groups: list[int], cfg: DataConfig, *, partition_id: int, num_partitions: int, seed: int
+) -> ClientSplit:
+    """One client's partition of examples with these ``groups`` and its seeded held-out split."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}.")
+    parts = partition_indices(groups, cfg, num_partitions=num_partitions, seed=seed)
+    idx = np.asarray(parts[partition_id])
+    rng = np.random.default_rng([seed, partition_id])
+    idx = idx[rng.permutation(len(idx))]
+    n_test = min(max(1, round(cfg.test_fraction * len(idx))), len(idx) - 1)
+    return ClientSplit(train=[int(i) for i in idx[n_test:]], test=[int(i) for i in idx[:n_test]])
+
+
+def client_data(
+    data: LabelledData, cfg: DataConfig, *, partition_id: int, num_partitions: int, seed: int
+) -> ClientData:
+    """One client's labelled texts with its seeded held-out split."""
+    split = client_split(
+        data.labels, cfg, partition_id=partition_id, num_partitions=num_partitions, seed=seed
+    )
+    return ClientData(
+        train_texts=[data.texts[i] for i in split.train],
+        train_labels=[data.labels[i] for i in split.train],
+        test_texts=[data.texts[i] for i in split.test],
+        test_labels=[data.labels[i] for i in split.test],
+    )
+
+
+def label_counts(labels: list[int], num_labels: int) -> list[int]:
+    """Examples per label, for logging a partition's skew."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).tolist()

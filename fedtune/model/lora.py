@@ -1,0 +1,70 @@
+"""The LoRA adapter on a task's base model (PEFT), seeded so every client builds the same one.
+
+``lora-variant = "ffa"`` freezes the ``A`` matrices at their seeded initialisation
+(FFA-LoRA, Sun et al., ICLR 2024): only ``B`` trains and travels.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from fedtune.config import ConfigError, ModelConfig
+from fedtune.model.loading import resolve_model_path, seeded
+from fedtune.tasks import get_task
+
+__all__ = ["build_model", "linear_module_names", "load_base_model"]
+
+
+def load_base_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
+    """The task's frozen base model (with a new ``num_labels`` head where it has one)."""
+    path = resolve_model_path(cfg)
+    return get_task(cfg.task).load_base_model(path, num_labels=num_labels, seed=seed)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    names = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    return sorted(names)
+
+
+def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
+    """Load the base model and wrap it with a LoRA adapter.
+
+    Every client calls this with the run seed and gets bit-identical adapter and
+    head initialisations, so round 1 needs no weights from the server.
+
+    Raises
+    ------
+    ConfigError
+        If a target module does not exist in the model (the message lists the
+        linear layers the model has).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model  # noqa: PLC0415
+
+    task = get_task(cfg.task)
+    base = load_base_model(cfg, num_labels=num_labels, seed=seed)
+    available = linear_module_names(base)
+    missing = [m for m in cfg.target_modules if m not in available]
+    if missing:
+        raise ConfigError(
+            f"`lora-target-modules` names {', '.join(repr(m) for m in missing)}, which "
+            f"the model does not have; its linear layers are: {', '.join(available)}."
+        )
+    lora = LoraConfig(
+        task_type=TaskType[task.peft_task_type],
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+    )
+    with seeded(seed + 1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
+        model = get_peft_model(base, lora)
+    if cfg.lora_variant == "ffa":
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return model

@@ -1,0 +1,65 @@
+"""Tasks registered by name: ``task = "classification"`` or ``"causal-lm"`` (or yours).
+
+:func:`get_task` returns the :class:`~fedtune.tasks.base.Task` for a config's
+``task`` key; nothing outside this package branches on which task it is. The two
+built-in tasks are imported only when first asked for (they import torch and
+transformers). Adding a task::
+
+    from fedtune.tasks import register_task
+    register_task("my-task", MyTask)   # MyTask() implements fedtune.tasks.base.Task
+
+after which ``task = "my-task"`` is a valid config value.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedtune.tasks.base import Task
+
+__all__ = ["get_task", "register_task", "task_names"]
+
+#: name -> ``"module:attribute"`` of a built-in task (imported on first use).
+_BUILTIN = {
+    "classification": "fedtune.tasks.classification:ClassificationTask",
+    "causal-lm": "fedtune.tasks.causal_lm:CausalLMTask",
+}
+_FACTORIES: dict[str, Callable[[], Task]] = {}
+_INSTANCES: dict[str, Task] = {}
+
+
+def register_task(name: str, factory: Callable[[], Task]) -> None:
+    """Make ``task = name`` valid; ``factory()`` builds the task on first use."""
+    if not name or name in _BUILTIN or name in _FACTORIES:
+        raise ValueError(f"a task named {name!r} is already registered (or the name is empty).")
+    _FACTORIES[name] = factory
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task added with :func:`register_task` (tests use this to clean up)."""
+    _FACTORIES.pop(name, None)
+    _INSTANCES.pop(name, None)
+
+
+def task_names() -> tuple[str, ...]:
+    """Every registered task name, built-ins first."""
+    return (*_BUILTIN, *_FACTORIES)
+
+
+def get_task(name: str) -> Task:
+    """The task registered as ``name`` (one instance per process)."""
+    if name not in _INSTANCES:
+        if name in _BUILTIN:
+            module, attribute = _BUILTIN[name].split(":")
+            factory = getattr(importlib.import_module(module), attribute)
+        elif name in _FACTORIES:
+            factory = _FACTORIES[name]
+        else:
+            from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this module
+
+            raise ConfigError(f"`task` must be one of {', '.join(task_names())}, got {name!r}.")
+        _INSTANCES[name] = factory()
+    return _INSTANCES[name]
