@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of each kind")
     args = parser.parse_args()
 
-    from fedtune.client import ClientRuntime
     from fedtune.config import load_toml, parse_run_config
+    from fedtune.train.runtime import ClientRuntime
 
     warnings.filterwarnings("ignore")
     flat = {**load_toml(ROOT / "simulations" / "instruct.toml"), "encryption": False}

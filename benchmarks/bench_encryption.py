@@ -7,10 +7,10 @@ Run on demand::
     python benchmarks/bench_encryption.py --threads 1           # on a busy shared machine
 
 Simulates ``--clients`` clients for ``--rounds`` rounds in one process, twice
-side by side: once with plaintext updates (:class:`fedtune.wire.PlainCodec`)
-and once encrypted (:class:`fedtune.wire.CkksCodec`, clients on ``secret.ctx``,
+side by side: once with plaintext updates (:class:`fedtune.secure.plain.PlainCodec`)
+and once encrypted (:class:`fedtune.secure.ckks.CkksCodec`, clients on ``secret.ctx``,
 the server on ``public.ctx`` from :func:`fedtune.crypto.save_keys`). Each
-client is a :class:`fedtune.client.ClientRuntime` on the bundled MiniLM-L6 and
+client is a :class:`fedtune.train.runtime.ClientRuntime` on the bundled MiniLM-L6 and
 WordNet data; per round every client decodes the last aggregate and trains
 (``runtime.train``), then the "server" validates and adds the payloads
 (``codec.validate``, ``codec.add``), as ``server/strategy.py`` does.
@@ -46,10 +46,12 @@ from numpy.typing import NDArray
 
 from fedtune import crypto
 from fedtune.aggregation import add_updates
-from fedtune.client import ClientRuntime, GlobalState
 from fedtune.config import DataConfig, FederationConfig, RunConfig, TrainConfig
 from fedtune.model import get_adapter_vector
-from fedtune.wire import CkksCodec, Codec, PlainCodec, WirePayload, payload_nbytes
+from fedtune.secure.ckks import CkksCodec
+from fedtune.secure.codec import Codec, WirePayload, payload_nbytes
+from fedtune.secure.plain import PlainCodec
+from fedtune.train.runtime import ClientRuntime, GlobalState
 
 T = TypeVar("T")
 

@@ -29,9 +29,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.client import ClientRuntime, GlobalState, TrainOutcome
 from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config
 from fedtune.messages import check_reply
+from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
 
 _RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
 

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.errors import FedtuneError
-from fedtune.wire import WirePayload
+from fedtune.secure.codec import WirePayload
 
 FORMAT = "fedtune-checkpoint-2"
 KEY_NAME = "checkpoint.key"

@@ -152,7 +152,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    from fedtune.simulate import simulate  # noqa: PLC0415
+    from simulation.driver import simulate  # noqa: PLC0415 - imports both apps
 
     flat = collect_overrides(args.config, args.overrides)
     result = simulate(flat, run_dir=args.run_dir, verbose=args.verbose)

@@ -24,15 +24,17 @@ from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, coerce_value, pa
 from fedtune.errors import FederationError
 from fedtune.metrics import append_record, read_records
 from fedtune.model import adapter_layout, build_model
+from fedtune.secure import make_codec
+from fedtune.secure.ckks import CkksCodec
+from fedtune.secure.codec import Codec, PayloadError
 from fedtune.tasks import get_task
-from fedtune.wire import CkksCodec, Codec, PayloadError, PlainCodec
 from server.strategy import FedTuneStrategy, NotEnoughClients
 
 log = logging.getLogger("fedtune.server")
 
 
 def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
-    """Plain codec, or a CKKS codec on the *public* context; never a secret one."""
+    """The run's codec on the *public* context (never a secret one), or a plain one."""
     num_labels = len(cfg.data.labels)
     if num_labels < 2 and get_task(cfg.model.task).uses_labels:
         raise ValueError(
@@ -43,18 +45,9 @@ def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
         build_model(cfg.model, num_labels=num_labels, seed=cfg.federation.seed)
     ).size
     public = str(flat.get("public-context", "") or "")
-    if not public:
-        return PlainCodec(length=length)
-    from fedtune import crypto  # noqa: PLC0415 - only with encryption
-    from fedtune.wire import CkksCodec  # noqa: PLC0415
-
-    context = crypto.load_context(Path(public))
-    if crypto.has_secret_key(context):
-        raise crypto.CryptoError(
-            f"`public-context` {public!r} holds a secret key; the server must only get the "
-            "public context (public.ctx from `fedtune keygen`)."
-        )
-    return CkksCodec(context, length=length)
+    return make_codec(
+        cfg.crypto.codec_name, length=length, context=Path(public) if public else None, public=True
+    )
 
 
 def server_capacity(cfg: RunConfig, codec: Codec) -> float | None:

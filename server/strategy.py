@@ -36,7 +36,8 @@ from fedtune import bounds
 from fedtune.config import FederationConfig
 from fedtune.errors import FederationError
 from fedtune.metrics import weighted_mean
-from fedtune.wire import Codec, PayloadError, PlainCodec, WirePayload
+from fedtune.secure.codec import Codec, PayloadError, WirePayload
+from fedtune.secure.plain import PlainCodec
 
 log = logging.getLogger("fedtune.server")
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fedtune.aggregation import AggregationError, add_updates, prescale
-from fedtune.wire import PayloadError, PlainCodec
+from fedtune.secure.codec import PayloadError
+from fedtune.secure.plain import PlainCodec
 
 
 def test_weighted_mean_by_hand() -> None:

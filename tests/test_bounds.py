@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedtune import bounds, crypto
-from fedtune.client import ClientRuntime, GlobalState
 from fedtune.config import ConfigError, FederationConfig, parse_run_config
+from fedtune.train.runtime import ClientRuntime, GlobalState
 
 CAPACITY = bounds.ckks_capacity(crypto.DEFAULT_PARAMS)
 
@@ -121,7 +121,8 @@ def test_key_holder_refuses_a_scaled_global(runtime: ClientRuntime) -> None:
 
 
 def test_server_refuses_to_start_past_the_ckks_range() -> None:
-    from fedtune.wire import CkksCodec, PlainCodec
+    from fedtune.secure.ckks import CkksCodec
+    from fedtune.secure.plain import PlainCodec
     from server.app import server_capacity
 
     codec = CkksCodec(crypto.public_context(crypto.make_secret_context()), length=8)

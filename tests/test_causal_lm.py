@@ -224,7 +224,7 @@ def test_classifier_directory_is_refused_for_the_causal_task(tiny_model_dir: Pat
 def test_one_client_round_with_dp_lowers_held_out_loss(
     tiny_llama_dir: Path, toy_instructions: Path, tmp_path: Path
 ) -> None:
-    from fedtune.client import ClientRuntime
+    from fedtune.train.runtime import ClientRuntime
 
     cfg = parse_run_config(
         {
@@ -249,7 +249,7 @@ def test_one_client_round_with_dp_lowers_held_out_loss(
     before = client.evaluate(None, server_round=0)
     outcome = client.train(None, server_round=1)
     assert outcome.payload is not None and outcome.epsilon is not None and outcome.epsilon > 0
-    from fedtune.client import GlobalState
+    from fedtune.train.runtime import GlobalState
 
     after = client.evaluate(
         GlobalState(payload=outcome.payload, num_examples=outcome.num_examples), server_round=1

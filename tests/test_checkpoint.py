@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from fedtune.wire import PlainCodec
+from fedtune.secure.plain import PlainCodec
 from server.app import resume_round
 from server.strategy import FedTuneStrategy
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from fedtune.aggregation import add_updates
-from fedtune.client import ClientRuntime, GlobalState
 from fedtune.config import parse_run_config
+from fedtune.train.runtime import ClientRuntime, GlobalState
 
 
 def _runtime(model: Path, data: Path, pid: int = 0) -> ClientRuntime:

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtune.client import ClientRuntime, GlobalState, privacy_plan
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.privacy import PrivacyLedger, compute_epsilon
+from fedtune.train.plan import privacy_plan
+from fedtune.train.runtime import ClientRuntime, GlobalState
 
 RO = {"relation": "replace-one"}
 

@@ -13,7 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune import crypto
 from fedtune.config import ModelConfig, parse_run_config
 from fedtune.model import build_model, get_adapter_vector
-from fedtune.wire import CkksCodec, PayloadError
+from fedtune.secure.ckks import CkksCodec
+from fedtune.secure.codec import PayloadError
 from server.app import server_codec
 from server.strategy import FedTuneStrategy
 

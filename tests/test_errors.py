@@ -16,7 +16,7 @@ def test_every_fedtune_error_class_has_the_one_root() -> None:
     from fedtune.model import ModelError
     from fedtune.privacy.dpsgd import UnsupportedLayerError
     from fedtune.privacy.ledger import LedgerConflictError, LedgerCorruptError
-    from fedtune.wire import PayloadError as WirePayloadError
+    from fedtune.secure.codec import PayloadError as WirePayloadError
 
     for cls in (
         AggregationError,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.client import ClientRuntime, GlobalState
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries
+from fedtune.train.runtime import ClientRuntime, GlobalState
 
 
 def _runtime(model: Path, data: Path, privacy_dir: Path, **extra: object) -> ClientRuntime:

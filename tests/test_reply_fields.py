@@ -8,10 +8,10 @@ import pytest
 from flwr.app import RecordDict
 
 from clients.app import train_reply
-from fedtune.client import ClientRuntime, TrainOutcome
 from fedtune.config import parse_run_config
 from fedtune.messages import EVALUATE_FIELDS, STATUSES, TRAIN_FIELDS, check_reply
 from fedtune.train import TrainResult
+from fedtune.train.runtime import ClientRuntime, TrainOutcome
 
 
 def _fields(content: RecordDict) -> set[tuple[str, str]]:

@@ -11,7 +11,7 @@ import pytest
 from clients.app import node_settings
 from fedtune.checkpoint import Checkpoint, save_checkpoint
 from fedtune.errors import FederationError
-from fedtune.wire import PlainCodec
+from fedtune.secure.plain import PlainCodec
 from server.app import resume_round
 from server.strategy import FedTuneStrategy
 

@@ -26,7 +26,8 @@ import pytest
 import zstandard
 
 from fedtune import crypto
-from fedtune.wire import CkksCodec, PayloadError
+from fedtune.secure.ckks import CkksCodec
+from fedtune.secure.codec import PayloadError
 
 N = crypto.DEFAULT_PARAMS.poly_modulus_degree
 LENGTH = N - 3  # one chunk
@@ -142,7 +143,7 @@ def child_main(case: str) -> dict[str, str]:
             "validate": _outcome(lambda: server.validate(bad)),
             "add": _outcome(lambda: server.add([server.validate(upload), bad])),
         }
-    # the same bytes as the global sum: fedtune/client.py validates, then decodes
+    # the same bytes as the global sum: fedtune/train/runtime.py validates, then decodes
     return {
         "validate": _outcome(lambda: client.validate(bad, aggregate=True)),
         "decode": _outcome(lambda: client.decode(bad)),

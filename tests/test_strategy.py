@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.wire import PlainCodec
+from fedtune.secure.plain import PlainCodec
 from server.strategy import FedTuneStrategy
 
 

@@ -24,6 +24,7 @@ from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
 from fedtune.export import export_adapter
 from fedtune.metrics import plot_metrics, read_records
+from fedtune.secure import get_backend
 from fedtune.tasks import get_task
 
 log = logging.getLogger("fedtune")
@@ -139,14 +140,15 @@ def simulate(
     (run_dir / "config.toml").write_text(cfg.to_toml())
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
     client_wiring, server_wiring = dict(wiring), dict(wiring)
-    if cfg.crypto.encryption:
+    backend = get_backend(cfg.crypto.codec_name)
+    secret: Path | None = None
+    if backend.uses_keys:
         # The driver is the key holder of a simulated run: fresh keys per run; the
         # server side only ever gets the path of the public context.
-        from fedtune import crypto  # noqa: PLC0415
-
-        keys = crypto.save_keys(crypto.make_secret_context(), run_dir / "keys")
-        client_wiring["secret-context"] = str(keys.secret.resolve())
-        server_wiring["public-context"] = str(keys.public.resolve())
+        keys = backend.make_keys(run_dir / "keys")
+        secret = Path(keys.secret)
+        client_wiring["secret-context"] = str(secret.resolve())
+        server_wiring["public-context"] = str(Path(keys.public).resolve())
 
     from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
 
@@ -179,7 +181,6 @@ def simulate(
         _restore(old_env)
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
-    secret = run_dir / "keys" / "secret.ctx" if cfg.crypto.encryption else None
     if stopped is not None:
         # Nothing lost: plot what ran and export the last completed round's adapter.
         if (run_dir / "checkpoint").is_dir():

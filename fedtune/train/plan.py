@@ -1,0 +1,64 @@
+"""A client's DP plan: σ, q and steps per round, fixed for the whole run before it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtune.config import RunConfig
+from fedtune.privacy.accounting import Relation
+
+__all__ = ["RELATION", "PrivacyPlan", "privacy_plan", "sampled_clients"]
+
+#: The neighbouring relation of every fedtune release: the example count is public.
+RELATION: Relation = "replace-one"
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """One round's DP parameters, fixed for the whole run (checked before training)."""
+
+    level: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    sampled_clients: int
+    tolerance: int
+
+
+def sampled_clients(cfg: RunConfig) -> int:
+    """How many clients the server samples per round with all clients connected."""
+    return cfg.federation.sampled_per_round
+
+
+def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
+    """σ, q and steps per round; σ calibrated once for the planned rounds if not given.
+
+    Example level: ``q = batch-size / n_k``, ``steps = local-epochs * int(1 / q)``
+    (Opacus' Poisson epochs). Client level: ``q = 1`` and one step per round: the
+    server picks the clients from a seed it knows, so sampling amplifies nothing
+    against it. Both under the replace-one relation (``n_k`` is public).
+    """
+    from fedtune.privacy import calibrate_noise  # noqa: PLC0415
+
+    p, fed = cfg.privacy, cfg.federation
+    if p.dp == "example":
+        q = min(1.0, cfg.train.batch_size / num_train_examples)
+        steps = cfg.train.local_epochs * int(1 / q)
+    else:
+        q, steps = 1.0, 1
+    sigma = p.noise_multiplier or calibrate_noise(
+        target_epsilon=p.target_epsilon,
+        target_delta=p.target_delta,
+        sample_rate=q,
+        steps=steps * fed.num_rounds,
+        accountant=p.accountant,
+        relation=RELATION,
+    )
+    return PrivacyPlan(
+        level=p.dp,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        sampled_clients=sampled_clients(cfg),
+        tolerance=p.client_dp_tolerance,
+    )

@@ -1,0 +1,220 @@
+"""A DP client's round as a *release*: replayed, refused or recorded before it leaves.
+
+With DP on, a round is a release keyed by the client's own run nonce and a hash of
+what the server sent (:mod:`fedtune.privacy.releases`): a retry with the same input
+gets the stored reply verbatim, another input for a released round is refused, and
+a new release is budget-checked first, trained at its DP level
+(:mod:`fedtune.train.levels`), appended to the ledger and stored before its reply
+leaves. Audit canaries (``audit-canaries``) are scored only after that.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedtune import model as fmodel
+from fedtune.aggregation import prescale
+from fedtune.privacy import PrivacyLedger
+from fedtune.train.levels import dp_level
+from fedtune.train.plan import RELATION
+from fedtune.train.seeds import release_seed, round_seed
+from fedtune.train.state import GlobalState, TrainOutcome
+
+if TYPE_CHECKING:
+    from fedtune.train.runtime import ClientRuntime
+
+__all__ = ["client_canaries", "decline", "score_canaries", "train_private"]
+
+log = logging.getLogger("fedtune.client")
+
+
+def decline(runtime: ClientRuntime, reason: str) -> TrainOutcome:
+
+    log.warning("%s declined a round: %s", runtime.name, reason)
+    return TrainOutcome(payload=None, num_examples=0, result=None, declined=reason)
+
+
+def train_private(
+    runtime: ClientRuntime,
+    state: GlobalState | None,
+    start: NDArray[np.float64],
+    *,
+    server_round: int,
+    sampled_clients: int,
+) -> TrainOutcome:
+    from fedtune.privacy.releases import (  # noqa: PLC0415
+        StoredReply,
+        input_hash,
+        load_reply,
+        run_nonce,
+        store_reply,
+    )
+
+    assert runtime.privacy_dir is not None  # checked in __init__
+    p, plan = runtime.cfg.privacy, runtime.plan
+    nonce = run_nonce(
+        runtime.privacy_dir,
+        client=runtime.name,
+        run_id=runtime.run_id,
+        config=runtime.cfg.to_flat(),
+    )
+    digest = input_hash(
+        server_round=server_round,
+        payload=None if state is None else state.payload,
+        num_examples=0 if state is None else state.num_examples,
+        sampled_clients=sampled_clients,
+    )
+    ledger = runtime.ledger()
+    released = ledger.release(run_nonce=nonce, round=server_round, client=runtime.name)
+    if released is not None:
+        if released.input_hash != digest:
+            return decline(
+                runtime,
+                f"round {server_round} of this run was already released from another "
+                "global state; a second release of one round is refused",
+            )
+        stored = load_reply(runtime.privacy_dir, client=runtime.name)
+        if stored is None or (stored.run_nonce, stored.round, stored.input_hash) != (
+            nonce,
+            server_round,
+            digest,
+        ):
+            return decline(
+                runtime,
+                f"round {server_round} was already released and its reply is no longer "
+                "stored; it is not trained again",
+            )
+        log.info("%s replays its reply to round %d (same input)", runtime.name, server_round)
+        return TrainOutcome(
+            payload=stored.payload,
+            num_examples=stored.num_examples,
+            result=None,
+            epsilon=stored.epsilon,
+            replayed=True,
+        )
+    m = sampled_clients
+    level = dp_level(plan.level)
+    refusal = level.refusal(plan, sampled_clients=m)
+    if refusal:
+        return decline(runtime, refusal)
+    refusal = _budget_refusal(runtime, server_round, ledger)
+    if refusal:
+        return decline(runtime, refusal)
+    noise = _noise_source(runtime, nonce, digest)
+    fmodel.set_adapter_vector(runtime.model, start)
+    seed = (
+        secrets.randbits(63)
+        if not p.seeded_noise
+        else release_seed(runtime.cfg.federation.seed, nonce, digest)
+    )
+    canaries = client_canaries(runtime)
+    with fmodel.seeded(seed):
+        result, used = level.train(
+            runtime, seed, noise, canaries and canaries.step_source(server_round)
+        )
+    trained = fmodel.get_adapter_vector(runtime.model)
+    canary_update = trained - start  # scored once the release is recorded and stored
+    out = level.transform(start, trained, runtime=runtime, noise=noise, sampled_clients=m)
+    record = ledger.record(
+        run_id=runtime.run_id,
+        run_nonce=nonce,
+        input_hash=digest,
+        round=server_round,
+        client=runtime.name,
+        noise_multiplier=used.noise_multiplier,
+        sample_rate=used.sample_rate,
+        steps=used.steps,
+        max_grad_norm=p.max_grad_norm,
+        delta=p.target_delta,
+        accountant=p.accountant,
+        relation=RELATION,
+        level=plan.level,
+        noise="seeded" if p.seeded_noise else "csprng",
+        num_examples=runtime.num_train_examples,
+        **level.ledger_fields(runtime, sampled_clients=m),
+    )
+    n = out.num_examples
+    payload = runtime.codec.encode(prescale(out.vector, n))
+    epsilon = float(record.epsilon)
+    store_reply(
+        runtime.privacy_dir,
+        client=runtime.name,
+        reply=StoredReply(
+            run_nonce=nonce,
+            round=server_round,
+            input_hash=digest,
+            payload=payload,
+            num_examples=n,
+            epsilon=epsilon,
+        ),
+    )
+    score_canaries(runtime, canaries, server_round, canary_update)
+    return TrainOutcome(payload=payload, num_examples=n, result=result, epsilon=epsilon)
+
+
+def _noise_source(runtime: ClientRuntime, nonce: str, digest: str):  # type: ignore[no-untyped-def]
+    from fedtune.privacy.noise import CsprngNoise, SeededNoise  # noqa: PLC0415
+
+    if runtime.cfg.privacy.seeded_noise:
+        return SeededNoise(release_seed(runtime.cfg.federation.seed, nonce, digest))
+    return CsprngNoise()
+
+
+def client_canaries(runtime: ClientRuntime):  # type: ignore[no-untyped-def]
+    """This client's audit canaries (``audit-canaries``), or None."""
+    m = runtime.cfg.privacy.audit_canaries
+    if not m:
+        return None
+    from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries  # noqa: PLC0415
+
+    assert runtime.privacy_dir is not None  # a simulation always has one
+    path = canary_file(runtime.privacy_dir, runtime.name)
+    if path.is_file():
+        return load_canaries(path)
+    seed = round_seed(runtime.cfg.federation.seed, 0, runtime.partition_id)
+    return CanaryState.create(
+        m=m,
+        num_coords=runtime.initial.size,
+        clip_norm=runtime.cfg.privacy.max_grad_norm,
+        seed=seed,
+    )
+
+
+def score_canaries(
+    runtime: ClientRuntime, canaries, server_round: int, update: NDArray[np.float64]
+) -> None:  # type: ignore[no-untyped-def]
+    if canaries is None:
+        return
+    from fedtune.privacy.canaries import canary_file  # noqa: PLC0415
+
+    assert runtime.privacy_dir is not None
+    canaries.add_release(server_round, update)
+    canaries.save(canary_file(runtime.privacy_dir, runtime.name))
+
+
+def _budget_refusal(runtime: ClientRuntime, server_round: int, ledger: PrivacyLedger) -> str:
+    from fedtune.privacy import check_budget  # noqa: PLC0415
+
+    p, plan = runtime.cfg.privacy, runtime.plan
+    check = check_budget(
+        ledger.history(client=runtime.name, level=plan.level),
+        budget_epsilon=p.budget,
+        delta=p.target_delta,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        accountant=p.accountant,
+        relation=RELATION,
+    )
+    if not check.would_exceed:
+        return ""
+    return (
+        f"privacy budget: round {server_round} would take epsilon from "
+        f"{check.spent_epsilon:.3f} to {check.epsilon_after:.3f}, over the budget "
+        f"{p.budget:g} (delta {p.target_delta:g})"
+    )

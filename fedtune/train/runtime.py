@@ -1,0 +1,309 @@
+"""One client's work, independent of Flower: decode the global adapter, train, encode.
+
+:class:`ClientRuntime` holds what a client keeps between rounds in one process:
+its data partition (tokenised), the model with its LoRA adapter, the adapter's
+seeded initial value and its codec. ``clients/app.py`` turns Flower messages into
+calls on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from fedtune import model as fmodel
+from fedtune.aggregation import WeightedSum, prescale
+from fedtune.config import RunConfig
+from fedtune.privacy import PrivacyLedger
+from fedtune.secure import make_codec
+from fedtune.tasks import get_task
+from fedtune.train.loop import (
+    Batchable,
+    EvalResult,
+    LossFn,
+    TrainResult,
+    make_loader,
+    make_optimizer,
+    select_device,
+    train_local,
+)
+from fedtune.train.plan import PrivacyPlan, privacy_plan
+from fedtune.train.seeds import round_seed
+from fedtune.train.state import GlobalState, TrainOutcome
+
+__all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
+
+log = logging.getLogger("fedtune.client")
+
+
+def _checked_mean(mean: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``mean`` if every entry is finite and within the adapter value bound, else raise."""
+    from fedtune.bounds import check_global_mean  # noqa: PLC0415
+
+    check_global_mean(mean)
+    return mean
+
+
+class ClientRuntime:
+    """A client's partition, model and codec, built once per process."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        partition_id: int,
+        num_partitions: int,
+        name: str | None = None,
+        secret_context: Path | None = None,
+        privacy_dir: Path | None = None,
+        state_dir: Path | None = None,
+        run_id: str = "run",
+    ) -> None:
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.name = name or f"client-{partition_id}"
+        self.run_id = run_id
+        self.privacy_dir = privacy_dir
+        self.state_dir = state_dir
+        seed = cfg.federation.seed
+        self.device = select_device(cfg.train.device)
+        self.task = get_task(cfg.model.task)
+        tokenizer = fmodel.load_tokenizer(cfg.model)
+        sets = self.task.client_datasets(
+            cfg, tokenizer, partition_id=partition_id, num_partitions=num_partitions
+        )
+        self.train_set: Batchable = sets.train_set
+        self.test_set: Batchable = sets.test_set
+        self.label_names = sets.label_names
+        self.loss_fn: LossFn | None = self.task.loss_fn
+        self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
+        self.model.to(self.device)
+        self.initial = fmodel.get_adapter_vector(self.model)
+        self.codec = make_codec(
+            cfg.crypto.codec_name, length=self.initial.size, context=secret_context
+        )
+        self._plan: PrivacyPlan | None = None
+        from fedtune.bounds import StepGuard  # noqa: PLC0415
+
+        if state_dir is not None:
+            guard_path: Path | None = state_dir / "step-guard.npz"
+        else:
+            guard_path = privacy_dir / f"{self.name}.step-guard.npz" if privacy_dir else None
+        config_digest = hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:16]
+        self.step_guard = StepGuard(
+            cfg.federation.max_step_factor, path=guard_path, run=f"{run_id}/{config_digest}"
+        )
+        if cfg.privacy.enabled and privacy_dir is None:
+            raise ValueError("DP is on but the client has no directory for its privacy ledger.")
+
+    @property
+    def plan(self) -> PrivacyPlan:
+        """This client's DP parameters (calibrated on first use)."""
+        if self._plan is None:
+            self._plan = privacy_plan(self.cfg, num_train_examples=self.num_train_examples)
+        return self._plan
+
+    def ledger(self) -> PrivacyLedger:
+        """This client's append-only privacy ledger."""
+        if self.privacy_dir is None:
+            raise ValueError("This client has no privacy directory (DP is off).")
+        return PrivacyLedger(self.privacy_dir / f"{self.name}.jsonl")
+
+    @property
+    def num_train_examples(self) -> int:
+        """Examples this client trains on each epoch."""
+        return len(self.train_set)
+
+    def keep_global(self, state: GlobalState | None, *, server_round: int) -> None:
+        """On a node, keep the newest global sum in ``STATE_DIR/checkpoint``.
+
+        With the resolved ``STATE_DIR/config.toml`` beside it, ``fedtune export
+        STATE_DIR --key SECRET`` writes the PEFT adapter on the node itself, from the
+        same files a server checkpoint has (the server cannot: it holds no key).
+        """
+        if self.state_dir is None or state is None:
+            return
+        from fedtune.checkpoint import (  # noqa: PLC0415
+            Checkpoint,
+            CheckpointError,
+            load_checkpoint,
+            save_checkpoint,
+        )
+
+        directory = self.state_dir / "checkpoint"
+        try:
+            if load_checkpoint(directory).round >= server_round:
+                return
+        except CheckpointError:
+            pass
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        config = replace(
+            self.cfg, data=replace(self.cfg.data, label_names=",".join(self.label_names))
+        )
+        (self.state_dir / "config.toml").write_text(config.to_toml())
+        payload = self.codec.validate(state.payload, aggregate=True)
+        save_checkpoint(
+            directory,
+            Checkpoint(round=server_round, payload=payload, num_examples=state.num_examples),
+        )
+
+    def global_vector(self, state: GlobalState | None, *, server_round: int) -> NDArray[np.float64]:
+        """The current global adapter: the seeded initial one in round 1, else ``S / N``.
+
+        ``server_round`` is the round whose aggregate ``state`` is. A key holder
+        checks what it decrypted before using it: every entry finite and within
+        :data:`fedtune.bounds.VALUE_BOUND` (:func:`_checked_mean`), and a step from
+        the last global it accepted within ``max-step-factor`` times the largest
+        step before (:class:`fedtune.bounds.StepGuard`). Else a
+        :class:`fedtune.bounds.BoundError` (a ``ValueError``), which the ClientApp
+        turns into an error reply that the server drops with a log line.
+
+        This limits what a forged or scaled update can do to the model; it does not
+        stop a malicious key holder whose update stays within the bounds. The
+        cryptographic answer, zero-knowledge norm proofs on each encrypted update
+        (RoFL, ACORN), is not built.
+        """
+        if state is None:
+            return self.initial.copy()
+        self.codec.validate(state.payload, aggregate=True)
+        total = self.codec.decode(state.payload)
+        mean = _checked_mean(WeightedSum(total=total, num_examples=state.num_examples).mean())
+        self.step_guard.check(mean, server_round=server_round)
+        return mean
+
+    def train(
+        self, state: GlobalState | None, *, server_round: int, sampled_clients: int = 0
+    ) -> TrainOutcome:
+        """Train from the global adapter; return the encoded ``n_k w_k`` or a refusal.
+
+        With DP on, a round is a *release* keyed by this client's own run nonce and a
+        hash of what the server sent (:mod:`fedtune.privacy.releases`): a retry with
+        the same input gets the stored reply verbatim, another input for a released
+        round is refused, and a new release is budget-checked first and appended to
+        the ledger before its reply leaves. ``sampled_clients`` is the server's count
+        of clients trained this round (client-level DP sizes its noise share from it).
+        """
+        start = self.global_vector(state, server_round=server_round - 1)
+        from fedtune.train.release import (  # noqa: PLC0415 - it imports this module
+            client_canaries,
+            score_canaries,
+            train_private,
+        )
+
+        if not self.cfg.privacy.enabled:
+            seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
+            fmodel.set_adapter_vector(self.model, start)
+            canaries = client_canaries(self)
+            with fmodel.seeded(seed):
+                result = self._train_plain(
+                    seed, canaries=canaries and canaries.step_source(server_round)
+                )
+            trained = fmodel.get_adapter_vector(self.model)
+            score_canaries(self, canaries, server_round, trained - start)
+            n = self.num_train_examples
+            return TrainOutcome(
+                payload=self.codec.encode(prescale(trained, n)), num_examples=n, result=result
+            )
+        return train_private(
+            self, state, start, server_round=server_round, sampled_clients=sampled_clients
+        )
+
+    def _train_plain(self, seed: int, canaries=None) -> TrainResult:  # type: ignore[no-untyped-def]
+        """Local training without DP-SGD (no DP, or client-level DP before clipping).
+
+        ``canaries`` (audits without DP): a :class:`fedtune.privacy.canaries.CanaryStep`
+        whose drawn canaries add ``-C e_j / batch-size`` to each step's mean gradient.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = self.cfg.train.batch_size
+        loader = make_loader(
+            self.train_set, batch_size=batch_size, shuffle=True, generator=generator
+        )
+        optimizer = None
+        if canaries is not None:
+            optimizer = make_optimizer(self.model, self.cfg.train)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            rate = min(1.0, batch_size / max(1, self.num_train_examples))
+
+            def add_canaries(*_: object) -> None:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                canaries.add(grads, sample_rate=rate, scale=1.0 / batch_size)
+
+            optimizer.register_step_pre_hook(add_canaries)
+        return train_local(
+            self.model,
+            loader,
+            self.cfg.train,
+            device=self.device,
+            loss_fn=self.loss_fn,
+            optimizer=optimizer,
+        )
+
+    def _train_dpsgd(self, seed: int, noise, canaries=None) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
+        """One round of DP-SGD; returns the result and σ, q, steps as Opacus ran them."""
+        from fedtune.privacy import make_dp_training  # noqa: PLC0415
+
+        cfg, plan = self.cfg, self.plan
+        optimizer = make_optimizer(self.model, cfg.train)
+        self.model.train()
+        dp = make_dp_training(
+            module=self.model,
+            optimizer=optimizer,
+            data=self.train_set,  # type: ignore[arg-type]  # a map-style Dataset
+            expected_batch_size=cfg.train.batch_size,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            generator=torch.Generator().manual_seed(seed),
+            noise=noise,
+            collate_fn=self.train_set.collate_fn(),
+            canaries=canaries,
+        )
+        try:
+            with warnings.catch_warnings():
+                # The first LoRA layer's inputs come from frozen layers; Opacus' hooks are fine.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                result = train_local(
+                    dp.module,
+                    dp.data_loader,
+                    cfg.train,
+                    device=self.device,
+                    optimizer=dp.optimizer,
+                    loss_fn=self.loss_fn,
+                    private=True,
+                )
+        finally:
+            self.model = dp.close()
+        used = replace(
+            plan,
+            noise_multiplier=float(dp.optimizer.noise_multiplier),  # type: ignore[attr-defined]
+            sample_rate=float(dp.sample_rate),
+            steps=int(result.steps),
+        )
+        if (used.noise_multiplier, used.sample_rate, used.steps) != (
+            plan.noise_multiplier,
+            plan.sample_rate,
+            plan.steps,
+        ):
+            # The ledger records what ran; a mismatch means the budget check was wrong.
+            raise RuntimeError(
+                f"DP-SGD ran sigma={used.noise_multiplier}, q={used.sample_rate}, "
+                f"steps={used.steps}, but the budget was checked for sigma="
+                f"{plan.noise_multiplier}, q={plan.sample_rate}, steps={plan.steps}."
+            )
+        return result, used
+
+    def evaluate(self, state: GlobalState | None, *, server_round: int) -> EvalResult:
+        """Held-out loss and accuracy of round ``server_round``'s global adapter (test split)."""
+        start = self.global_vector(state, server_round=server_round)
+        fmodel.set_adapter_vector(self.model, start)
+        loader = make_loader(self.test_set, batch_size=64, shuffle=False)
+        return self.task.evaluate(self.model, loader, device=self.device)
