@@ -20,7 +20,7 @@ from fedtune.aggregation import WeightedSum
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import ConfigError, RunConfig
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
-from fedtune.secure import make_codec
+from fedtune.secure import run_codec
 
 
 def write_adapter(
@@ -61,7 +61,7 @@ def export_adapter(
     if cfg.crypto.encryption and secret_context is None:
         raise ConfigError(f"{str(run_dir)!r} is encrypted: pass the secret context (--key).")
     secret = secret_context if cfg.crypto.encryption else None
-    codec = make_codec(cfg.crypto.codec_name, length=layout.size, context=secret)
+    codec = run_codec(cfg.crypto.encryption_backend, length=layout.size, context=secret)
     payload = codec.validate(checkpoint.payload, aggregate=True)
     vector = WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
     return write_adapter(out_dir or run_dir / "adapter", cfg, vector, round_=checkpoint.round)

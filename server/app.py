@@ -24,7 +24,7 @@ from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, coerce_value, pa
 from fedtune.errors import FederationError
 from fedtune.metrics import append_record, read_records
 from fedtune.model import adapter_layout, build_model
-from fedtune.secure import make_codec
+from fedtune.secure import run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError
 from fedtune.tasks import get_task
@@ -45,8 +45,11 @@ def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
         build_model(cfg.model, num_labels=num_labels, seed=cfg.federation.seed)
     ).size
     public = str(flat.get("public-context", "") or "")
-    return make_codec(
-        cfg.crypto.codec_name, length=length, context=Path(public) if public else None, public=True
+    return run_codec(
+        cfg.crypto.encryption_backend,
+        length=length,
+        context=Path(public) if public else None,
+        public=True,
     )
 
 

@@ -11,6 +11,12 @@ The codec types live in ``codec`` (the protocol, ``PayloadError``), ``plain`` an
     from fedtune.secure import register_backend
     register_backend("my-he", MyBackend)   # MyBackend() implements CodecBackend
 
+in one process, or for every process of a run (simulation workers, nodes) as an
+entry point of an installed package::
+
+    [project.entry-points."fedtune.codecs"]
+    my-he = "my_package.my_he:MyBackend"
+
 Client (:class:`fedtune.train.runtime.ClientRuntime`), server
 (``server/app.py``), export and the simulation driver all call :func:`make_codec`
 and :func:`get_backend`; none of them names a backend.
@@ -19,6 +25,7 @@ and :func:`get_backend`; none of them names a backend.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,6 +39,7 @@ __all__ = [
     "get_backend",
     "make_codec",
     "register_backend",
+    "run_codec",
     "unregister_backend",
 ]
 
@@ -57,6 +65,9 @@ class CodecBackend(Protocol):
         ...
 
 
+#: Entry-point group of backends that installed packages provide.
+ENTRY_POINT_GROUP = "fedtune.codecs"
+
 #: name -> ``"module:attribute"`` of a built-in backend (imported on first use).
 _BUILTIN = {
     "plain": "fedtune.secure.plain:PlainBackend",
@@ -77,9 +88,15 @@ def unregister_backend(name: str) -> None:
     _FACTORIES.pop(name, None)
 
 
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep for ep in found if ep.name not in _BUILTIN}
+
+
 def backend_names() -> tuple[str, ...]:
-    """Every registered backend name."""
-    return (*_BUILTIN, *_FACTORIES)
+    """Every known backend: built-ins, then installed entry points, then registered."""
+    installed = [n for n in _entry_points() if n not in _FACTORIES]
+    return (*_BUILTIN, *installed, *_FACTORIES)
 
 
 def get_backend(name: str) -> CodecBackend:
@@ -87,13 +104,15 @@ def get_backend(name: str) -> CodecBackend:
     if name in _BUILTIN:
         module, attribute = _BUILTIN[name].split(":")
         return getattr(importlib.import_module(module), attribute)()  # type: ignore[no-any-return]
-    if name not in _FACTORIES:
-        from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this package
+    if name in _FACTORIES:
+        return _FACTORIES[name]()
+    if name in (installed := _entry_points()):
+        return installed[name].load()()  # type: ignore[no-any-return]
+    from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this package
 
-        raise ConfigError(
-            f"`encryption-backend` must be one of {', '.join(backend_names())}, got {name!r}."
-        )
-    return _FACTORIES[name]()
+    raise ConfigError(
+        f"`encryption-backend` must be one of {', '.join(backend_names())}, got {name!r}."
+    )
 
 
 def make_codec(
@@ -104,3 +123,16 @@ def make_codec(
     ``public``: for the server, which must only ever hold a public key.
     """
     return get_backend(name).codec(length=length, context=context, public=public)
+
+
+def run_codec(
+    backend: str, *, length: int, context: Path | None = None, public: bool = False
+) -> Codec:
+    """A party's codec for a run: ``backend`` on its key file, ``plain`` without one.
+
+    ``backend`` is the config's ``encryption-backend``. A party is given a key file
+    exactly when the run encrypts (the key holder hands them out), so the file, not
+    a flag beside it, decides.
+    """
+    name = backend if context is not None else "plain"
+    return make_codec(name, length=length, context=context, public=public)

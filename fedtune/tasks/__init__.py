@@ -8,19 +8,29 @@ transformers). Adding a task::
     from fedtune.tasks import register_task
     register_task("my-task", MyTask)   # MyTask() implements fedtune.tasks.base.Task
 
-after which ``task = "my-task"`` is a valid config value.
+after which ``task = "my-task"`` is a valid config value in that process. A task
+that must work in every process of a run (Flower's simulation runs each client in
+its own worker; each node is its own machine) is declared by its installed package
+as an entry point, which every process finds::
+
+    [project.entry-points."fedtune.tasks"]
+    my-task = "my_package.my_task:MyTask"
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fedtune.tasks.base import Task
 
-__all__ = ["get_task", "register_task", "task_names"]
+__all__ = ["ENTRY_POINT_GROUP", "get_task", "register_task", "task_names", "unregister_task"]
+
+#: Entry-point group of tasks that installed packages provide.
+ENTRY_POINT_GROUP = "fedtune.tasks"
 
 #: name -> ``"module:attribute"`` of a built-in task (imported on first use).
 _BUILTIN = {
@@ -44,9 +54,15 @@ def unregister_task(name: str) -> None:
     _INSTANCES.pop(name, None)
 
 
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep for ep in found if ep.name not in _BUILTIN}
+
+
 def task_names() -> tuple[str, ...]:
-    """Every registered task name, built-ins first."""
-    return (*_BUILTIN, *_FACTORIES)
+    """Every known task name: built-ins, then installed entry points, then registered."""
+    installed = [n for n in _entry_points() if n not in _FACTORIES]
+    return (*_BUILTIN, *installed, *_FACTORIES)
 
 
 def get_task(name: str) -> Task:
@@ -57,6 +73,8 @@ def get_task(name: str) -> Task:
             factory = getattr(importlib.import_module(module), attribute)
         elif name in _FACTORIES:
             factory = _FACTORIES[name]
+        elif name in (installed := _entry_points()):
+            factory = installed[name].load()
         else:
             from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this module
 

@@ -22,7 +22,7 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.privacy import PrivacyLedger
-from fedtune.secure import make_codec
+from fedtune.secure import run_codec
 from fedtune.tasks import get_task
 from fedtune.train.loop import (
     Batchable,
@@ -86,8 +86,8 @@ class ClientRuntime:
         self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
         self.model.to(self.device)
         self.initial = fmodel.get_adapter_vector(self.model)
-        self.codec = make_codec(
-            cfg.crypto.codec_name, length=self.initial.size, context=secret_context
+        self.codec = run_codec(
+            cfg.crypto.encryption_backend, length=self.initial.size, context=secret_context
         )
         self._plan: PrivacyPlan | None = None
         from fedtune.bounds import StepGuard  # noqa: PLC0415

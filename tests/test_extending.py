@@ -1,0 +1,220 @@
+"""Adding a task or an encryption backend: one module and one registration each.
+
+The toy task and the toy codec below are what the README's developer note
+describes; these tests check that client, server and export use them through the
+registries without any of them naming the new task or backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from fedtune.config import ConfigError, parse_run_config
+from fedtune.tasks import get_task, register_task, task_names, unregister_task
+from fedtune.tasks.base import ClientDatasets, Headline
+from fedtune.tasks.classification import ClassificationTask, EncodedDataset
+
+# -- a toy task: "does the text name an animal?", data made in code ----------------------
+
+
+class AnimalOrNot:
+    """Binary keyword task; model loading and evaluation composed from classification."""
+
+    name = "animal-or-not"
+    peft_task_type = "SEQ_CLS"
+    uses_labels = True
+    generative = False
+    headline = Headline("eval-accuracy", "held-out accuracy", (0.0, 1.0))
+    loss_fn = None
+
+    def __init__(self) -> None:
+        self._classification = ClassificationTask()
+
+    def default_model_path(self) -> Path:
+        return self._classification.default_model_path()
+
+    def check_model_path(self, cfg: Any, path: Path) -> None:
+        self._classification.check_model_path(cfg, path)
+
+    def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> Any:
+        return self._classification.load_base_model(path, num_labels=num_labels, seed=seed)
+
+    def preflight(self, cfg: Any) -> Any:
+        return replace(cfg, data=replace(cfg.data, label_names="other,animal"))
+
+    def _texts(self, partition_id: int) -> tuple[list[str], list[int]]:
+        from conftest import toy_rows
+
+        rows = toy_rows(20, seed=partition_id)
+        return [r["text"] for r in rows], [int(r["label"] == "animal") for r in rows]
+
+    def client_datasets(
+        self, cfg: Any, tokenizer: Any, *, partition_id: int, num_partitions: int
+    ) -> ClientDatasets:
+        texts, labels = self._texts(partition_id)
+        cut = len(texts) * 3 // 4
+        encode = lambda t, y: EncodedDataset(tokenizer, t, y, max_length=16)  # noqa: E731
+        return ClientDatasets(
+            train_set=encode(texts[:cut], labels[:cut]),
+            test_set=encode(texts[cut:], labels[cut:]),
+            label_names=["other", "animal"],
+        )
+
+    def evaluate(self, model: Any, loader: Any, *, device: Any) -> Any:
+        return self._classification.evaluate(model, loader, device=device)
+
+    def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
+        record["eval-error"] = 1.0 - record["eval-accuracy"]
+        return record
+
+    def finish_run(self, run_dir: Path) -> None:
+        (run_dir / "toy-finished").write_text("yes")
+
+    def rescore(self, run_dir: Path, cfg: Any) -> dict[str, Any]:
+        return {"eval-accuracy": math.nan}
+
+
+@pytest.fixture
+def toy_task() -> Iterator[str]:
+    register_task(AnimalOrNot.name, AnimalOrNot)
+    yield AnimalOrNot.name
+    unregister_task(AnimalOrNot.name)
+
+
+def test_a_registered_task_runs_through_the_client_without_a_branch(
+    toy_task: str, tiny_model_dir: Path
+) -> None:
+    from fedtune.train.runtime import ClientRuntime, GlobalState
+
+    assert toy_task in task_names() and get_task(toy_task).headline.key == "eval-accuracy"
+    cfg = get_task(toy_task).preflight(
+        parse_run_config(
+            {
+                "task": toy_task,
+                "model-path": str(tiny_model_dir),
+                "num-clients": 2,
+                "batch-size": 8,
+                "learning-rate": 0.05,
+                "local-epochs": 3,
+            }
+        )
+    )
+    client = ClientRuntime(cfg, partition_id=0, num_partitions=2)
+    assert client.label_names == ["other", "animal"] and client.num_train_examples == 45
+    before = client.evaluate(None, server_round=0)
+    out = client.train(None, server_round=1)
+    assert out.payload is not None
+    after = client.evaluate(GlobalState(out.payload, out.num_examples), server_round=1)
+    assert after.loss < before.loss, (before, after)
+    record = get_task(toy_task).derive_metrics({"eval-accuracy": after.accuracy})
+    assert record["eval-error"] == pytest.approx(1.0 - after.accuracy)
+
+
+def test_an_unknown_task_names_every_registered_one(toy_task: str) -> None:
+    with pytest.raises(ConfigError, match=r"`task` must be one of .*animal-or-not, got 'nope'"):
+        parse_run_config({"task": "nope"})
+
+
+# -- a toy codec: multiply by a secret scale (additively homomorphic, NOT secure) ---------
+
+
+class ScaledCodec:
+    """Float64 bytes of ``k * v``; ``k`` is the secret. A demonstration, not encryption."""
+
+    def __init__(self, *, length: int, scale: float | None) -> None:
+        self.length, self.scale = length, scale
+        self.fingerprint = "scaled:" + hashlib.sha256(f"{length}".encode()).hexdigest()[:16]
+
+    def encode(self, vector: NDArray[np.floating]) -> dict[str, Any]:
+        assert self.scale is not None, "only a key holder encodes"
+        data = (np.asarray(vector, dtype="<f8") * self.scale).tobytes()
+        return {"chunks": [data], "length": self.length, "fingerprint": self.fingerprint}
+
+    def validate(self, payload: object, *, aggregate: bool = False) -> dict[str, Any]:
+        from fedtune.secure.codec import PayloadError, check_common
+
+        checked = dict(check_common(payload, fingerprint=self.fingerprint, length=self.length))
+        if [len(c) for c in checked["chunks"]] != [8 * self.length]:
+            raise PayloadError("scaled payload must be one chunk of float64 values.")
+        return checked
+
+    def add(self, payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        total = sum(np.frombuffer(p["chunks"][0], dtype="<f8") for p in payloads)
+        data = np.asarray(total, dtype="<f8").tobytes()
+        return {"chunks": [data], "length": self.length, "fingerprint": self.fingerprint}
+
+    def decode(self, payload: dict[str, Any]) -> NDArray[np.float64]:
+        assert self.scale is not None, "only a key holder decodes"
+        return np.frombuffer(payload["chunks"][0], dtype="<f8") / self.scale
+
+
+class ScaledBackend:
+    name = "scaled"
+    uses_keys = True
+
+    def make_keys(self, directory: Path) -> Any:
+        from types import SimpleNamespace
+
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "secret.key").write_text("3.5")
+        (directory / "public.key").write_text("")
+        return SimpleNamespace(secret=directory / "secret.key", public=directory / "public.key")
+
+    def codec(self, *, length: int, context: Path | None = None, public: bool = False) -> Any:
+        text = context.read_text() if context is not None else ""
+        if public and text:
+            raise ValueError("the server must not hold the scale")
+        return ScaledCodec(length=length, scale=None if public else float(text))
+
+
+@pytest.fixture
+def toy_codec() -> Iterator[str]:
+    from fedtune.secure import register_backend, unregister_backend
+
+    register_backend(ScaledBackend.name, ScaledBackend)
+    yield ScaledBackend.name
+    unregister_backend(ScaledBackend.name)
+
+
+def test_a_registered_codec_is_used_by_client_server_and_export(
+    toy_codec: str, tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    from fedtune.secure import get_backend
+    from fedtune.train.runtime import ClientRuntime, GlobalState
+    from server.app import server_codec
+
+    flat = {
+        "model-path": str(tiny_model_dir),
+        "data-path": str(toy_csv),
+        "label-names": "animal,food,tool",
+        "num-clients": 2,
+        "batch-size": 8,
+        "encryption": True,
+        "encryption-backend": toy_codec,
+    }
+    cfg = parse_run_config(flat)
+    assert cfg.crypto.codec_name == toy_codec
+    keys = get_backend(toy_codec).make_keys(tmp_path / "keys")
+    clients = [
+        ClientRuntime(cfg, partition_id=k, num_partitions=2, secret_context=keys.secret)
+        for k in (0, 1)
+    ]
+    server = server_codec(cfg, {"public-context": str(keys.public)})
+    assert isinstance(server, ScaledCodec) and server.scale is None  # cannot decode
+    outs = [c.train(None, server_round=1) for c in clients]
+    total = server.add([server.validate(o.payload) for o in outs])
+    state = GlobalState(total, sum(o.num_examples for o in outs))
+    mean = clients[0].global_vector(state, server_round=1)
+    plain = [c.codec.decode(o.payload) for c, o in zip(clients, outs, strict=True)]
+    np.testing.assert_allclose(mean, sum(plain) / state.num_examples)
+    with pytest.raises(ValueError, match="must not hold the scale"):
+        server_codec(cfg, {"public-context": str(keys.secret)})
