@@ -24,7 +24,7 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.privacy import PrivacyLedger
-from fedtune.privacy.accounting import Relation
+from fedtune.privacy.analysis import Relation
 from fedtune.train import (
     Batchable,
     EncodedDataset,
