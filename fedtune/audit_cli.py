@@ -35,7 +35,8 @@ from pathlib import Path
 
 from fedtune.config import ConfigError, load_toml, parse_run_config
 from fedtune.privacy.audit import AuditReport, ClientAudit, RunExpectation, audit_records
-from fedtune.privacy.ledger import LedgerCorruptError, LedgerRecord, PrivacyLedger
+from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger
+from fedtune.privacy.record import LedgerRecord
 
 __all__ = ["add_parser", "run"]
 

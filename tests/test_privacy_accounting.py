@@ -11,14 +11,8 @@ pytest.importorskip("opacus")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fedtune.privacy.accounting import (  # noqa: E402
-    SIGMA_MIN,
-    AccountantState,
-    calibrate_noise,
-    check_budget,
-    compute_epsilon,
-    epsilon_after,
-)
+from fedtune.privacy.accountant import AccountantState, compute_epsilon, epsilon_after  # noqa: E402
+from fedtune.privacy.budget import SIGMA_MIN, calibrate_noise, check_budget  # noqa: E402
 
 DELTA = 1e-5
 RO = {"relation": "replace-one"}

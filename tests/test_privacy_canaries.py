@@ -165,7 +165,7 @@ def test_a_correct_run_stays_under_its_claim_and_the_audit_has_power(  # noqa: P
 
 def _broken_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     """The noise is never added, while the ledger still records the planned σ."""
-    from fedtune.privacy.dpsgd import sourced_dp_optimizer
+    from fedtune.privacy.optimizer import sourced_dp_optimizer
 
     cls = sourced_dp_optimizer()
     honest = cls.add_noise

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("opacus")
 
-from fedtune.privacy.accounting import AccountantState, compute_epsilon  # noqa: E402
+from fedtune.privacy.accountant import AccountantState, compute_epsilon  # noqa: E402
 from fedtune.privacy.audit import RunExpectation, audit_records  # noqa: E402
 from fedtune.privacy.client_level import (  # noqa: E402
     clip_update,
@@ -21,10 +21,10 @@ from fedtune.privacy.client_level import (  # noqa: E402
 from fedtune.privacy.ledger import (  # noqa: E402
     LedgerConflictError,
     LedgerCorruptError,
-    LedgerRecord,
     PrivacyLedger,
 )
 from fedtune.privacy.noise import SeededNoise  # noqa: E402
+from fedtune.privacy.record import LedgerRecord  # noqa: E402
 
 DELTA = 1e-5
 # q = batch_size / num_examples = 20 / 400, steps = local_epochs * int(1 / q) = 2 * 20

@@ -335,7 +335,7 @@ def test_clipping_and_scaling_are_opacus_own() -> None:
     from opacus.optimizers import DPOptimizer
     from torch import nn
 
-    from fedtune.privacy.dpsgd import sourced_dp_optimizer
+    from fedtune.privacy.optimizer import sourced_dp_optimizer
 
     grads = []
     for make in (
@@ -369,7 +369,7 @@ def test_empty_poisson_batch_takes_a_pure_noise_step() -> None:
     from opacus.grad_sample import GradSampleModule
     from torch import nn
 
-    from fedtune.privacy.dpsgd import sourced_dp_optimizer
+    from fedtune.privacy.optimizer import sourced_dp_optimizer
 
     torch.manual_seed(0)
     model = GradSampleModule(nn.Linear(16, 4), loss_reduction="mean")

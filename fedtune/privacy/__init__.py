@@ -8,20 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fedtune.privacy.accounting import (
+from fedtune.privacy.accountant import (
     ACCOUNTANTS,
-    PRV_EPS_ERROR,
-    RELATIONS,
     Accountant,
     AccountantState,
-    BudgetCheck,
     Composition,
-    calibrate_noise,
-    check_budget,
     compute_epsilon,
     epsilon_after,
 )
+from fedtune.privacy.analysis import PRV_EPS_ERROR, RELATIONS
 from fedtune.privacy.audit import AuditReport, ClientAudit, audit_records
+from fedtune.privacy.budget import BudgetCheck, calibrate_noise, check_budget
 from fedtune.privacy.client_level import (
     ClippedUpdate,
     clip_update,
@@ -29,12 +26,8 @@ from fedtune.privacy.client_level import (
     distributed_noise,
     share_std,
 )
-from fedtune.privacy.ledger import (
-    LedgerConflictError,
-    LedgerCorruptError,
-    LedgerRecord,
-    PrivacyLedger,
-)
+from fedtune.privacy.ledger import LedgerConflictError, LedgerCorruptError, PrivacyLedger
+from fedtune.privacy.record import LedgerRecord
 
 if TYPE_CHECKING:
     from fedtune.privacy.dpsgd import (

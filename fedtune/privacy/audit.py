@@ -42,8 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.privacy._checks import check_delta, check_epsilon, check_non_negative
-from fedtune.privacy.accounting import PRV_EPS_ERROR, AccountantState
-from fedtune.privacy.ledger import LedgerRecord, counted_for, history_of
+from fedtune.privacy.accountant import AccountantState
+from fedtune.privacy.analysis import PRV_EPS_ERROR
+from fedtune.privacy.ledger import counted_for, history_of
+from fedtune.privacy.record import LedgerRecord
 
 __all__ = ["BUDGET_SLACK", "AuditReport", "ClientAudit", "RunExpectation", "audit_records"]
 

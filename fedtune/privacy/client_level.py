@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedtune.privacy._checks import check_positive, check_positive_int
-from fedtune.privacy.accounting import AccountantState
+from fedtune.privacy.accountant import AccountantState
 from fedtune.privacy.noise import NoiseSource
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.config import RunConfig
-from fedtune.privacy.accounting import Relation
+from fedtune.privacy.analysis import Relation
 
 __all__ = ["RELATION", "PrivacyPlan", "privacy_plan", "sampled_clients"]
 
