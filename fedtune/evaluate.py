@@ -13,8 +13,8 @@ from typing import Any
 from fedtune import data as fdata
 from fedtune.config import ConfigError, load_toml, parse_run_config
 from fedtune.export import load_adapter
-from fedtune.metrics import read_records, weighted_mean
 from fedtune.model import load_tokenizer
+from fedtune.run.metrics import read_records, weighted_mean
 from fedtune.train import EncodedDataset, evaluate, make_loader, select_device
 
 

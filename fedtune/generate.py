@@ -128,7 +128,7 @@ def write_samples(run_dir: Path) -> Path:
 def evaluate_lm_run(run_dir: Path) -> dict[str, Any]:
     """Per-client and weighted held-out answer loss / perplexity of ``RUN_DIR/adapter``."""
     from fedtune import lm_train  # noqa: PLC0415
-    from fedtune.metrics import read_records, weighted_mean  # noqa: PLC0415
+    from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
     from fedtune.train import make_loader, select_device  # noqa: PLC0415
 
     cfg, model, tokenizer = load_lm(run_dir)

@@ -24,8 +24,8 @@ from fedtune import data as fdata
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
 from fedtune.export import export_adapter
-from fedtune.metrics import plot_metrics, read_records
 from fedtune.model import build_model, resolve_model_path
+from fedtune.run.metrics import plot_metrics, read_records
 
 log = logging.getLogger("fedtune")
 

@@ -19,19 +19,45 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedtune import bounds
-from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, coerce_value, parse_run_config
+from fedtune.config import (
+    WIRING_KEYS,
+    RunConfig,
+    Wiring,
+    parse_node_limits,
+    parse_run_config,
+    parse_wiring,
+)
 from fedtune.errors import FederationError
-from fedtune.metrics import add_perplexity, append_record, read_records
 from fedtune.model import adapter_layout, build_model
+from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.run.metrics import add_perplexity, append_record, read_records
 from fedtune.wire import CkksCodec, Codec, PayloadError, PlainCodec
 from server.strategy import FedTuneStrategy, NotEnoughClients
 
+__all__ = [
+    "app",
+    "make_server_app",
+    "parse_node_limits",
+    "resume_round",
+    "run_rounds",
+    "server_capacity",
+    "server_codec",
+]
+
 log = logging.getLogger("fedtune.server")
 
+#: Where the server writes when the run config sets no ``run-dir``.
+DEFAULT_RUN_DIR = Path("runs/server")
 
-def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
-    """Plain codec, or a CKKS codec on the *public* context; never a secret one."""
+
+def server_codec(cfg: RunConfig, wiring: Wiring | Mapping[str, object]) -> Codec:
+    """Plain codec, or a CKKS codec on the *public* context; never a secret one.
+
+    ``wiring`` is the run's :class:`~fedtune.config.Wiring` (a flat run config is
+    parsed into one first); its ``public-context`` selects encryption.
+    """
+    if not isinstance(wiring, Wiring):
+        wiring = parse_wiring(wiring)
     num_labels = len(cfg.data.labels)
     if num_labels < 2 and cfg.model.task == "classification":
         raise ValueError(
@@ -41,9 +67,9 @@ def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
     length = adapter_layout(
         build_model(cfg.model, num_labels=num_labels, seed=cfg.federation.seed)
     ).size
-    public = str(flat.get("public-context", "") or "")
-    if not public:
+    if wiring.public_context is None:
         return PlainCodec(length=length)
+    public = str(wiring.public_context)
     from fedtune import crypto  # noqa: PLC0415 - only with encryption
     from fedtune.wire import CkksCodec  # noqa: PLC0415
 
@@ -75,27 +101,6 @@ def server_capacity(cfg: RunConfig, codec: Codec) -> float | None:
     return capacity
 
 
-def parse_node_limits(value: object) -> dict[int, int]:
-    """The ``node-limits`` wiring key (``"ID=N,ID=N"``, from ``fedtune deploy run``).
-
-    Raises
-    ------
-    ConfigError
-        Naming the entry that is not ``node id = count >= 1``.
-    """
-    text = str(value or "").strip()
-    limits: dict[int, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        node, sep, limit = item.partition("=")
-        if not (sep and node.strip().isdigit() and limit.strip().isdigit() and int(limit) >= 1):
-            raise ConfigError(
-                f"`node-limits` entry {item!r} is not NODE_ID=COUNT with COUNT >= 1 "
-                f"(in {text[:200]!r})."
-            )
-        limits[int(node)] = int(limit)
-    return limits
-
-
 def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
     """The round's clients, train and evaluate merged by the strategy's node-bound key.
 
@@ -117,7 +122,7 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
     overwritten); a resumed run loads the checkpoint into the strategy and drops the
     ``metrics.jsonl`` lines of rounds after it (they are trained again). The
     checkpoint must verify against ``run-dir/checkpoint.key`` (see
-    :mod:`fedtune.checkpoint`); one that does not stops the server with one line.
+    :mod:`fedtune.run.checkpoint`); one that does not stops the server with one line.
     """
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_dir = run_dir / "checkpoint"
@@ -255,11 +260,12 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         flat = dict(config) if config is not None else dict(context.run_config)
         cfg = parse_run_config(flat, ignore=WIRING_KEYS)
-        run_dir = Path(str(flat.get("run-dir") or "runs/server"))
+        wiring = parse_wiring(flat)
+        run_dir = wiring.run_dir or DEFAULT_RUN_DIR
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.toml").exists():  # a deployment: `fedtune export` reads it
             (run_dir / "config.toml").write_text(cfg.to_toml())
-        codec = server_codec(cfg, flat)
+        codec = server_codec(cfg, wiring)
         strategy = FedTuneStrategy(
             codec=codec,
             fraction_train=cfg.federation.fraction_train,
@@ -270,7 +276,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
                 cfg.privacy.client_dp_tolerance if cfg.privacy.dp == "client" else None
             ),
             max_client_examples=cfg.federation.max_client_examples,
-            node_limits=parse_node_limits(flat.get("node-limits", "")),
+            node_limits=wiring.node_limits,
             capacity=server_capacity(cfg, codec),
         )
         strategy.summary()
@@ -279,9 +285,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
                 "per-node example limits (set at registration): "
                 + ", ".join(f"node {k} <= {v}" for k, v in sorted(strategy.node_limits.items()))
             )
-        first = resume_round(
-            run_dir, strategy, resume=bool(coerce_value("resume", flat.get("resume", False), False))
-        )
+        first = resume_round(run_dir, strategy, resume=wiring.resume)
         run_rounds(grid, cfg, strategy, run_dir, first_round=first)
 
     return app

@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtune import bounds
 from fedtune.config import FederationConfig
 from fedtune.errors import FederationError
-from fedtune.metrics import weighted_mean
+from fedtune.run.metrics import weighted_mean
 from fedtune.wire import Codec, PayloadError, PlainCodec, WirePayload
 
 log = logging.getLogger("fedtune.server")

@@ -373,8 +373,8 @@ def _ledger(fed: Federation, name: str) -> list[dict[str, Any]]:
 
 def _final_vector(run_dir: Path, secret: Path) -> np.ndarray:
     from fedtune.aggregation import WeightedSum
-    from fedtune.checkpoint import load_checkpoint
     from fedtune.client import make_codec
+    from fedtune.run.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run_dir / "checkpoint")
     codec = make_codec(length=int(ckpt.payload["length"]), secret_context=secret)
