@@ -29,7 +29,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config
+from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config, parse_wiring
 from fedtune.messages import check_reply
 from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
 
@@ -98,14 +98,17 @@ def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) ->
     partition_id = int(str(merged.pop("partition-id")))
     num_partitions = int(str(merged.pop("num-partitions")))
     name = str(merged.pop("name"))
-    secret = str(merged.get("secret-context", "") or "")
-    run_dir = str(merged.get("run-dir", "") or "")
-    state_dir = str(merged.get("state-dir", "") or "")
-    if deployed and not state_dir and parse_run_config(merged, ignore=WIRING_KEYS).privacy.enabled:
+    wiring = parse_wiring(merged)
+    state_dir = wiring.state_dir
+    if (
+        deployed
+        and state_dir is None
+        and parse_run_config(merged, ignore=WIRING_KEYS).privacy.enabled
+    ):
         raise ValueError("DP is on: this node's node-config needs `state-dir` for its ledger.")
     # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy.
-    privacy_dir = Path(state_dir) / "privacy" if state_dir else Path(run_dir or ".") / "privacy"
-    run_id = str(merged.get("run-id", "") or Path(run_dir or "run").name)
+    privacy_dir = (state_dir or wiring.run_dir or Path(".")) / "privacy"
+    run_id = wiring.run_id or (wiring.run_dir or Path("run")).name
     key = (
         tuple(sorted((k, str(v)) for k, v in merged.items())),
         partition_id,
@@ -132,9 +135,9 @@ def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) ->
             partition_id=partition_id,
             num_partitions=num_partitions,
             name=name,
-            secret_context=Path(secret) if secret else None,
+            secret_context=wiring.secret_context,
             privacy_dir=privacy_dir,
-            state_dir=Path(state_dir) if state_dir else None,
+            state_dir=state_dir,
             run_id=run_id,
         )
     return _RUNTIMES[key]

@@ -17,9 +17,9 @@ from numpy.typing import NDArray
 from torch import nn
 
 from fedtune.aggregation import WeightedSum
-from fedtune.checkpoint import load_checkpoint
 from fedtune.config import ConfigError, RunConfig
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
+from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
 
 

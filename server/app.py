@@ -19,22 +19,48 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedtune import bounds
-from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, coerce_value, parse_run_config
+from fedtune.config import (
+    WIRING_KEYS,
+    RunConfig,
+    Wiring,
+    parse_node_limits,
+    parse_run_config,
+    parse_wiring,
+)
 from fedtune.errors import FederationError
-from fedtune.metrics import append_record, read_records
 from fedtune.model import adapter_layout, build_model
+from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.run.metrics import append_record, read_records
 from fedtune.secure import run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError
 from fedtune.tasks import get_task
 from server.strategy import FedTuneStrategy, NotEnoughClients
 
+__all__ = [
+    "app",
+    "make_server_app",
+    "parse_node_limits",
+    "resume_round",
+    "run_rounds",
+    "server_capacity",
+    "server_codec",
+]
+
 log = logging.getLogger("fedtune.server")
 
+#: Where the server writes when the run config sets no ``run-dir``.
+DEFAULT_RUN_DIR = Path("runs/server")
 
-def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
-    """The run's codec on the *public* context (never a secret one), or a plain one."""
+
+def server_codec(cfg: RunConfig, wiring: Wiring | Mapping[str, object]) -> Codec:
+    """The run's codec on the *public* context (never a secret one), or a plain one.
+
+    ``wiring`` is the run's :class:`~fedtune.config.Wiring` (a flat run config is
+    parsed into one first); its ``public-context`` selects encryption.
+    """
+    if not isinstance(wiring, Wiring):
+        wiring = parse_wiring(wiring)
     num_labels = len(cfg.data.labels)
     if num_labels < 2 and get_task(cfg.model.task).uses_labels:
         raise ValueError(
@@ -44,12 +70,8 @@ def server_codec(cfg: RunConfig, flat: Mapping[str, object]) -> Codec:
     length = adapter_layout(
         build_model(cfg.model, num_labels=num_labels, seed=cfg.federation.seed)
     ).size
-    public = str(flat.get("public-context", "") or "")
     return run_codec(
-        cfg.crypto.encryption_backend,
-        length=length,
-        context=Path(public) if public else None,
-        public=True,
+        cfg.crypto.encryption_backend, length=length, context=wiring.public_context, public=True
     )
 
 
@@ -70,27 +92,6 @@ def server_capacity(cfg: RunConfig, codec: Codec) -> float | None:
         capacity=capacity,
     )
     return capacity
-
-
-def parse_node_limits(value: object) -> dict[int, int]:
-    """The ``node-limits`` wiring key (``"ID=N,ID=N"``, from ``fedtune deploy run``).
-
-    Raises
-    ------
-    ConfigError
-        Naming the entry that is not ``node id = count >= 1``.
-    """
-    text = str(value or "").strip()
-    limits: dict[int, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        node, sep, limit = item.partition("=")
-        if not (sep and node.strip().isdigit() and limit.strip().isdigit() and int(limit) >= 1):
-            raise ConfigError(
-                f"`node-limits` entry {item!r} is not NODE_ID=COUNT with COUNT >= 1 "
-                f"(in {text[:200]!r})."
-            )
-        limits[int(node)] = int(limit)
-    return limits
 
 
 def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
@@ -114,7 +115,7 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
     overwritten); a resumed run loads the checkpoint into the strategy and drops the
     ``metrics.jsonl`` lines of rounds after it (they are trained again). The
     checkpoint must verify against ``run-dir/checkpoint.key`` (see
-    :mod:`fedtune.checkpoint`); one that does not stops the server with one line.
+    :mod:`fedtune.run.checkpoint`); one that does not stops the server with one line.
     """
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_dir = run_dir / "checkpoint"
@@ -252,11 +253,12 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         flat = dict(config) if config is not None else dict(context.run_config)
         cfg = parse_run_config(flat, ignore=WIRING_KEYS)
-        run_dir = Path(str(flat.get("run-dir") or "runs/server"))
+        wiring = parse_wiring(flat)
+        run_dir = wiring.run_dir or DEFAULT_RUN_DIR
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.toml").exists():  # a deployment: `fedtune export` reads it
             (run_dir / "config.toml").write_text(cfg.to_toml())
-        codec = server_codec(cfg, flat)
+        codec = server_codec(cfg, wiring)
         strategy = FedTuneStrategy(
             codec=codec,
             fraction_train=cfg.federation.fraction_train,
@@ -267,7 +269,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
                 cfg.privacy.client_dp_tolerance if cfg.privacy.dp == "client" else None
             ),
             max_client_examples=cfg.federation.max_client_examples,
-            node_limits=parse_node_limits(flat.get("node-limits", "")),
+            node_limits=wiring.node_limits,
             capacity=server_capacity(cfg, codec),
         )
         strategy.summary()
@@ -276,9 +278,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
                 "per-node example limits (set at registration): "
                 + ", ".join(f"node {k} <= {v}" for k, v in sorted(strategy.node_limits.items()))
             )
-        first = resume_round(
-            run_dir, strategy, resume=bool(coerce_value("resume", flat.get("resume", False), False))
-        )
+        first = resume_round(run_dir, strategy, resume=wiring.resume)
         run_rounds(grid, cfg, strategy, run_dir, first_round=first)
 
     return app

@@ -7,25 +7,22 @@ context it aggregates updates it cannot read. Replies are untrusted: each is
 validated by the codec before anything is deserialised, and a bad reply is
 dropped from the round with a log line naming the client.
 
-Replies are keyed by the node they came from (the destination of the server's own
-message, else the reply's source node id), never by what a client calls itself: a
-self-reported name is a display label, bound to the first node that used it for
-the rest of the run, and a node keeps its first name. A reply that states another
-node's name, or a second reply from one node in one round, is dropped. Metrics are
-range-checked, counts capped at ``max-client-examples`` (or the node's own
-limit, set when the operator registered it), and (see
-:mod:`fedtune.bounds`) the sum of counts kept inside the CKKS range; plaintext
-updates are checked entry by entry against the adapter value bound.
+Replies are keyed by the node they came from, never by what a client calls itself
+(:mod:`server.replies`). A reply that states another node's name, or a second reply
+from one node in one round, is dropped; train and evaluate replies pass the same
+checks (:meth:`FedTuneStrategy._collect`). Metrics are range-checked, counts capped
+at ``max-client-examples`` (or the node's own limit, set when the operator
+registered it), and (see :mod:`fedtune.bounds`) the sum of counts kept inside the
+CKKS range; plaintext updates are checked entry by entry against the adapter value
+bound. Clients are sampled with :func:`fedtune.config.sample_size`, the formula the
+clients size their client-level DP noise share by.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -33,86 +30,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import bounds
-from fedtune.config import FederationConfig
+from fedtune.config import FederationConfig, sample_size
 from fedtune.errors import FederationError
-from fedtune.metrics import weighted_mean
+from fedtune.run.metrics import weighted_mean
 from fedtune.secure.codec import Codec, PayloadError, WirePayload
 from fedtune.secure.plain import PlainCodec
+from server.replies import NodeNames, RoundOutcome, declined_reason, read_metric, reply_node
+
+__all__ = ["FedTuneStrategy", "NotEnoughClients", "RoundOutcome"]
 
 log = logging.getLogger("fedtune.server")
-
-#: What a client may call itself: a short, readable label. ``@`` is not allowed, so
-#: the labels the strategy makes for dropped replies (``name@node``) never collide.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-#: Allowed range of each metric the server reads: (low, high, as words).
-_RANGES: dict[str, tuple[float, float, str]] = {
-    "epsilon": (0.0, math.inf, "finite and >= 0"),
-    "train-loss": (0.0, math.inf, "finite and >= 0"),
-    "eval-loss": (0.0, math.inf, "finite and >= 0"),
-    "eval-accuracy": (0.0, 1.0, "in [0, 1]"),
-}
 
 
 class NotEnoughClients(FederationError):
     """Fewer clients than ``min-clients`` connected or took part in a round."""
-
-
-@dataclass
-class RoundOutcome:
-    """What the strategy saw in one phase of one round."""
-
-    accepted: dict[str, dict[str, float]] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    declined: dict[str, str] = field(default_factory=dict)
-
-
-def _node(msg: Message, sent_to: dict[str, int]) -> int:
-    """The node a reply answers for: where the server sent the message, else its source.
-
-    An error reply made by the SuperLink for a node that vanished carries the
-    SuperLink as its source; ``sent_to`` (message id -> destination node) names
-    the node the original message went to.
-    """
-    return int(sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
-
-
-def _stated_name(msg: Message) -> str | None:
-    """The client's self-reported name if it is a valid label (untrusted), else None."""
-    if not msg.has_content():
-        return None
-    try:
-        name = msg.content.config_records["info"]["client"]
-    except (KeyError, TypeError):
-        return None
-    return name if isinstance(name, str) and _NAME.fullmatch(name) else None
-
-
-def _declined(msg: Message) -> str:
-    """The reason a client gave for declining the round ('' if it did not)."""
-    try:
-        reason = msg.content.config_records["info"]["declined"]
-    except (KeyError, TypeError):
-        return ""
-    return reason[:500] if isinstance(reason, str) else ""
-
-
-def _metric(msg: Message, key: str) -> float:
-    """A metric of a reply, a number within its range in :data:`_RANGES` (finite at least)."""
-    records = msg.content.metric_records
-    if "metrics" not in records or key not in records["metrics"]:
-        raise PayloadError(f"reply has no metric {key!r}.")
-    value = records["metrics"][key]
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise PayloadError(f"metric {key!r} must be a number, got {value!r}.")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    low, high, words = _RANGES.get(key, (-math.inf, math.inf, "finite"))
-    if not (math.isfinite(number) and low <= number <= high):
-        raise PayloadError(f"{key} must be {words}, got {value!r}.")
-    return number
 
 
 class FedTuneStrategy(Strategy):
@@ -180,8 +111,7 @@ class FedTuneStrategy(Strategy):
         # Only a plaintext codec lets the server read, hence clip, an update.
         self._readable = isinstance(codec, PlainCodec)
         # A name is bound to the first node that used it, a node to its first name.
-        self._node_of_name: dict[str, int] = {}
-        self._name_of_node: dict[int, str] = {}
+        self._names = NodeNames()
         self.global_payload: WirePayload | None = None
         self.global_examples = 0
         self.last_train = RoundOutcome()
@@ -213,7 +143,7 @@ class FedTuneStrategy(Strategy):
                     f"`min-clients` is {self.min_clients}."
                 )
             time.sleep(0.5)
-        size = min(len(nodes), max(math.ceil(fraction * len(nodes)), self.min_clients))
+        size = sample_size(len(nodes), fraction, self.min_clients)
         # Node ids are uint64; draw positions, not ids, so numpy never converts them.
         rng = np.random.default_rng([self.seed, server_round, phase])
         picks = rng.choice(len(nodes), size=size, replace=False)
@@ -251,46 +181,12 @@ class FedTuneStrategy(Strategy):
         answered = {m.metadata.reply_to_message_id for m in replies}
         for message_id, node in self._sent_to().items():
             if message_id not in answered:
-                self._drop(outcome, self._key(node), "no reply before `round-timeout`", phase, node)
-
-    def _key(self, node: int) -> str:
-        """A node's table key: its bound name, else ``node-<id>``.
-
-        ``node-<id>@<id>`` if another node already took ``node-<id>`` as its name.
-        """
-        if node in self._name_of_node:
-            return self._name_of_node[node]
-        label = f"node-{node}"
-        return label if self._node_of_name.get(label, node) == node else f"{label}@{node}"
-
-    def _identify(self, msg: Message, node: int, seen: set[int]) -> tuple[str, str]:
-        """``(key, problem)`` of a reply: where to table it, and why to drop it ('' = keep).
-
-        The first reply that states a name binds it to its node for the run.
-        """
-        if node in seen:
-            return (
-                f"{self._key(node)}@{node}",
-                f"second reply from node {node} this round; the first was kept",
-            )
-        seen.add(node)
-        name = _stated_name(msg)
-        if name is None:
-            return self._key(node), ""
-        bound = self._name_of_node.get(node)
-        if bound is not None and bound != name:
-            return (
-                f"{name}@{node}",
-                f"node {node} replied as {bound!r} before; a node keeps its first name",
-            )
-        owner = self._node_of_name.setdefault(name, node)
-        if owner != node:
-            return f"{name}@{node}", f"name {name!r} is already used by node {owner}"
-        self._name_of_node[node] = name
-        return name, ""
+                self._drop(
+                    outcome, self._names.key(node), "no reply before `round-timeout`", phase, node
+                )
 
     def _num_examples(self, msg: Message, node: int) -> int:
-        n = _metric(msg, "num-examples")
+        n = read_metric(msg, "num-examples")
         if node in self.node_limits:
             limit = self.node_limits[node]
             source = f"`--max-examples` registered for node {node}"
@@ -326,57 +222,86 @@ class FedTuneStrategy(Strategy):
         where = f" (node {node})" if node is not None else ""
         log.warning("Dropped %s reply from %s%s: %s", phase, who, where, reason)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, add the good ones, keep the sums as the new global state."""
+    def _collect(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        phase: str,
+        read: Callable[[Message, int], dict[str, float]],
+        *,
+        may_decline: bool = False,
+    ) -> RoundOutcome:
+        """Table each reply of one phase: accepted, dropped (with why) or declined.
+
+        A reply is dropped when it is a second one from its node, states a name that is
+        not its node's, is an error, or ``read(msg, node)`` (its metric values, having
+        checked its content) raises; sampled nodes that sent nothing are dropped too.
+        With ``may_decline`` a reply that gives a reason for declining is tabled as such.
+        """
         outcome = RoundOutcome()
-        payloads: list[WirePayload] = []
-        counts: list[int] = []
         replies = list(replies)
         sent_to = self._sent_to()
         seen: set[int] = set()
-        self._missing(outcome, replies, "train")
+        self._missing(outcome, replies, phase)
         for msg in replies:
-            node = _node(msg, sent_to)
-            who, problem = self._identify(msg, node, seen)
+            node = reply_node(msg, sent_to)
+            who, problem = self._names.identify(msg, node, seen)
             if problem:
-                self._drop(outcome, who, problem, "train", node)
+                self._drop(outcome, who, problem, phase, node)
                 continue
             if msg.has_error():
-                self._drop(outcome, who, f"client error: {msg.error.reason}", "train", node)
+                self._drop(outcome, who, f"client error: {msg.error.reason}", phase, node)
                 continue
-            reason = _declined(msg)
+            reason = declined_reason(msg) if may_decline else ""
             if reason:
                 outcome.declined[who] = reason
                 log.info("Client %s declined round %d: %s", who, server_round, reason)
                 continue
             try:
-                if "update" not in msg.content.config_records:
-                    raise PayloadError("reply has no 'update' record.")
-                n = self._num_examples(msg, node)
-                if self.client_dp_tolerance is not None and n != 1:
-                    raise PayloadError(f"client-level DP: num-examples must be 1, got {n}.")
-                total_after = (sum(counts) + n) * self.value_bound
-                if self.capacity is not None and total_after > self.capacity:
-                    raise PayloadError(
-                        f"num-examples {n} would take the encrypted sum past the CKKS range "
-                        f"({sum(counts)} + {n} examples x |w| <= {self.value_bound:g} > "
-                        f"{self.capacity:.4g})."
-                    )
-                payload = self.codec.validate(dict(msg.content.config_records["update"]))
-                if self._readable:
-                    bounds.check_update(self.codec.decode(payload), n, self.value_bound)
-                values = {"num-examples": float(n)}
-                for key in ("train-loss", "epsilon"):  # DP clients send no train-loss
-                    if key in msg.content.metric_records["metrics"]:
-                        values[key] = _metric(msg, key)
+                values = read(msg, node)
             except (PayloadError, bounds.BoundError) as err:
-                self._drop(outcome, who, str(err), "train", node)
+                self._drop(outcome, who, str(err), phase, node)
                 continue
+            outcome.accepted[who] = values
+        return outcome
+
+    def _read_update(self, msg: Message, node: int, counted: int) -> tuple[WirePayload, int]:
+        """A train reply's validated payload and count, ``counted`` examples already added."""
+        if "update" not in msg.content.config_records:
+            raise PayloadError("reply has no 'update' record.")
+        n = self._num_examples(msg, node)
+        if self.client_dp_tolerance is not None and n != 1:
+            raise PayloadError(f"client-level DP: num-examples must be 1, got {n}.")
+        total_after = (counted + n) * self.value_bound
+        if self.capacity is not None and total_after > self.capacity:
+            raise PayloadError(
+                f"num-examples {n} would take the encrypted sum past the CKKS range "
+                f"({counted} + {n} examples x |w| <= {self.value_bound:g} > "
+                f"{self.capacity:.4g})."
+            )
+        payload = self.codec.validate(dict(msg.content.config_records["update"]))
+        if self._readable:
+            bounds.check_update(self.codec.decode(payload), n, self.value_bound)
+        return payload, n
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, add the good ones, keep the sums as the new global state."""
+        payloads: list[WirePayload] = []
+        counts: list[int] = []
+
+        def read(msg: Message, node: int) -> dict[str, float]:
+            payload, n = self._read_update(msg, node, sum(counts))
+            values = {"num-examples": float(n)}
+            for key in ("train-loss", "epsilon"):  # DP clients send no train-loss
+                if key in msg.content.metric_records["metrics"]:
+                    values[key] = read_metric(msg, key)
             payloads.append(payload)
             counts.append(n)
-            outcome.accepted[who] = values
+            return values
+
+        outcome = self._collect(server_round, replies, "train", read, may_decline=True)
         self.last_train = outcome
         sampled = len(self._sent)
         tolerance = self.client_dp_tolerance
@@ -422,27 +347,13 @@ class FedTuneStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted held-out loss and accuracy over the clients that replied."""
-        outcome = RoundOutcome()
-        replies = list(replies)
-        sent_to = self._sent_to()
-        seen: set[int] = set()
-        self._missing(outcome, replies, "evaluate")
-        for msg in replies:
-            node = _node(msg, sent_to)
-            who, problem = self._identify(msg, node, seen)
-            if problem:
-                self._drop(outcome, who, problem, "evaluate", node)
-                continue
-            if msg.has_error():
-                self._drop(outcome, who, f"client error: {msg.error.reason}", "evaluate", node)
-                continue
-            try:
-                n = self._num_examples(msg, node)
-                values = {k: _metric(msg, k) for k in ("eval-loss", "eval-accuracy")}
-            except PayloadError as err:
-                self._drop(outcome, who, str(err), "evaluate", node)
-                continue
-            outcome.accepted[who] = {**values, "eval-examples": float(n)}
+
+        def read(msg: Message, node: int) -> dict[str, float]:
+            n = self._num_examples(msg, node)
+            values = {k: read_metric(msg, k) for k in ("eval-loss", "eval-accuracy")}
+            return {**values, "eval-examples": float(n)}
+
+        outcome = self._collect(server_round, replies, "evaluate", read)
         self.last_evaluate = outcome
         if not outcome.accepted:
             return None

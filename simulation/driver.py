@@ -23,7 +23,7 @@ from typing import Any
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
 from fedtune.export import export_adapter
-from fedtune.metrics import plot_metrics, read_records
+from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
 from fedtune.tasks import get_task
 
@@ -192,7 +192,10 @@ def simulate(
 
 def finish_run(run_dir: Path, cfg: RunConfig, *, secret_context: Path | None = None) -> Path:
     """Write ``metrics.png`` and, as the key holder, ``adapter/`` from the last checkpoint."""
-    plot_metrics(read_records(run_dir / "metrics.jsonl"), run_dir / "metrics.png")
+    task = get_task(cfg.model.task)
+    plot_metrics(
+        read_records(run_dir / "metrics.jsonl"), run_dir / "metrics.png", headline=task.headline
+    )
     adapter = export_adapter(run_dir, cfg, secret_context=secret_context)
-    get_task(cfg.model.task).finish_run(run_dir)
+    task.finish_run(run_dir)
     return adapter

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.secure.plain import PlainCodec
 from server.app import resume_round
 from server.strategy import FedTuneStrategy

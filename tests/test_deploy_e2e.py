@@ -373,7 +373,7 @@ def _ledger(fed: Federation, name: str) -> list[dict[str, Any]]:
 
 def _final_vector(run_dir: Path, secret: Path) -> np.ndarray:
     from fedtune.aggregation import WeightedSum
-    from fedtune.checkpoint import load_checkpoint
+    from fedtune.run.checkpoint import load_checkpoint
     from fedtune.secure import make_codec
 
     ckpt = load_checkpoint(run_dir / "checkpoint")

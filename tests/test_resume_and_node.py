@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from clients.app import node_settings
-from fedtune.checkpoint import Checkpoint, save_checkpoint
 from fedtune.errors import FederationError
+from fedtune.run.checkpoint import Checkpoint, save_checkpoint
 from fedtune.secure.plain import PlainCodec
 from server.app import resume_round
 from server.strategy import FedTuneStrategy
@@ -64,7 +64,7 @@ def test_resume_rejects_a_checkpoint_of_another_shape(tmp_path: Path) -> None:
 
 
 def test_resume_without_checkpoint_says_so(tmp_path: Path) -> None:
-    from fedtune.checkpoint import CheckpointError
+    from fedtune.run.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="No checkpoint"):
         resume_round(tmp_path, _strategy(PlainCodec(length=2)), resume=True)

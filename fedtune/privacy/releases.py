@@ -29,12 +29,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedtune.run.files import read_private, write_private
 
 __all__ = ["MAX_REPLY_BYTES", "StoredReply", "input_hash", "load_reply", "run_nonce", "store_reply"]
 
@@ -65,43 +66,11 @@ def input_hash(
     return hashlib.sha256(_canonical(message)).hexdigest()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_private(path: Path, limit: int) -> bytes | None:
-    """Read a regular file of at most ``limit`` bytes (no symlinks); None if absent."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        import stat  # noqa: PLC0415
-
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise ValueError(f"{str(path)!r} is not a regular file.")
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{str(path)!r} is larger than {limit} bytes.")
-    return data
-
-
 def run_nonce(directory: Path, *, client: str, run_id: str, config: Mapping[str, Any]) -> str:
     """This client's nonce for the run ``(run_id, config)``, made on first sight."""
     path = directory / f"{client}.runs.json"
     key = hashlib.sha256(_canonical({"run-id": run_id, "config": dict(config)})).hexdigest()
-    raw = _read_private(path, 16 << 20)
+    raw = read_private(path, 16 << 20)
     runs: dict[str, str] = {}
     if raw is not None:
         loaded = json.loads(raw)
@@ -112,7 +81,7 @@ def run_nonce(directory: Path, *, client: str, run_id: str, config: Mapping[str,
         runs = loaded
     if key not in runs:
         runs[key] = secrets.token_hex(16)
-        _write_private(path, _canonical(runs))
+        write_private(path, _canonical(runs))
     return runs[key]
 
 
@@ -140,13 +109,13 @@ def store_reply(directory: Path, *, client: str, reply: StoredReply) -> None:
         "num-examples": reply.num_examples,
         "epsilon": reply.epsilon,
     }
-    _write_private(directory / f"{client}.reply.json", json.dumps(body).encode())
+    write_private(directory / f"{client}.reply.json", json.dumps(body).encode())
 
 
 def load_reply(directory: Path, *, client: str) -> StoredReply | None:
     """The stored reply, or None if there is none or it cannot be read back intact."""
     try:
-        raw = _read_private(directory / f"{client}.reply.json", MAX_REPLY_BYTES)
+        raw = read_private(directory / f"{client}.reply.json", MAX_REPLY_BYTES)
         if raw is None:
             return None
         body = json.loads(raw)

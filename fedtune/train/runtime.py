@@ -130,7 +130,7 @@ class ClientRuntime:
         """
         if self.state_dir is None or state is None:
             return
-        from fedtune.checkpoint import (  # noqa: PLC0415
+        from fedtune.run.checkpoint import (  # noqa: PLC0415
             Checkpoint,
             CheckpointError,
             load_checkpoint,

@@ -128,7 +128,7 @@ def write_samples(run_dir: Path) -> Path:
 
 def rescore_run(run_dir: Path) -> dict[str, Any]:
     """Per-client and weighted held-out answer loss / perplexity of ``RUN_DIR/adapter``."""
-    from fedtune.metrics import read_records, weighted_mean  # noqa: PLC0415
+    from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
     from fedtune.tasks.causal_lm.loss import evaluate_lm, perplexity  # noqa: PLC0415
     from fedtune.train import make_loader, select_device  # noqa: PLC0415
 

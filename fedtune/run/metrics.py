@@ -20,26 +20,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtune.tasks.base import Headline
+
 
 def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
     """``sum v_k n_k / sum n_k`` over finite values; NaN when nothing counts."""
     good = [(v, n) for v, n in pairs if n > 0 and math.isfinite(v)]
     total = sum(n for _, n in good)
     return sum(v * n for v, n in good) / total if total else math.nan
-
-
-def add_perplexity(record: dict[str, Any]) -> dict[str, Any]:
-    """Add ``eval-perplexity = exp(eval-loss)`` to a causal-LM record and its clients.
-
-    Per client it is the perplexity of its held-out answer tokens; the weighted one
-    is ``exp`` of the example-weighted mean loss (a weighted geometric mean of the
-    clients' perplexities).
-    """
-    for part in [record, *record.get("clients", {}).values()]:
-        loss = part.get("eval-loss")
-        if isinstance(loss, (int, float)) and math.isfinite(loss):
-            part["eval-perplexity"] = math.exp(min(float(loss), 700.0))
-    return record
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
@@ -54,30 +42,35 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def plot_metrics(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write accuracy, loss and (when present) ε per round to a PNG."""
+def plot_metrics(
+    records: Sequence[Mapping[str, Any]], path: Path, *, headline: Headline | None = None
+) -> None:
+    """Write the task's headline metric, loss and (when present) ε per round to a PNG.
+
+    ``headline``: the task's (:attr:`fedtune.tasks.base.Task.headline`); default
+    held-out accuracy.
+    """
     import matplotlib  # noqa: PLC0415 - plotting is optional and slow to import
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rounds = [r["round"] for r in records]
-    # Causal-LM runs: held-out answer perplexity takes the place of accuracy.
-    causal = any("eval-perplexity" in r for r in records)
-    headline = "eval-perplexity" if causal else "eval-accuracy"
+    if headline is None:
+        headline = Headline("eval-accuracy", "held-out accuracy", (0.0, 1.0))
+    key = headline.key
     has_eps = any(r.get("epsilon") is not None for r in records)
     ncols = 3 if has_eps else 2
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
     ax_acc, ax_loss = axes[0], axes[1]
-    ax_acc.plot(rounds, [r.get(headline, math.nan) for r in records], "o-", label="weighted")
+    ax_acc.plot(rounds, [r.get(key, math.nan) for r in records], "o-", label="weighted")
     clients = sorted({c for r in records for c in r.get("clients", {})})
     for c in clients:
-        ys = [r.get("clients", {}).get(c, {}).get(headline, math.nan) for r in records]
+        ys = [r.get("clients", {}).get(c, {}).get(key, math.nan) for r in records]
         ax_acc.plot(rounds, ys, ".", alpha=0.45, label=c if len(clients) <= 8 else None)
-    if causal:
-        ax_acc.set(title="held-out answer perplexity", xlabel="round")
-    else:
-        ax_acc.set(title="held-out accuracy", xlabel="round", ylim=(0, 1))
+    ax_acc.set(title=headline.title, xlabel="round")
+    if headline.ylim is not None:
+        ax_acc.set(ylim=headline.ylim)
     ax_acc.legend(fontsize=7)
     ax_loss.plot(rounds, [r.get("eval-loss", math.nan) for r in records], "o-", label="eval")
     if any("train-loss" in r for r in records):  # DP clients send no training statistic

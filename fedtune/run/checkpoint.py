@@ -27,7 +27,9 @@ limit; each field's type and range is checked (``round`` in 0..:data:`MAX_ROUND`
 printable ``fingerprint`` of at most :data:`MAX_FINGERPRINT` characters, 1..
 :data:`MAX_CHUNKS` chunks of at most ``max_chunk_bytes`` each); then the HMAC;
 then each chunk is read up to its recorded size plus one byte and its SHA-256
-compared.
+compared. The ``state.json`` format and its checks live in
+:mod:`fedtune.run.manifest`; the no-symlink, mode-0600 file handling in
+:mod:`fedtune.run.files`.
 
 What this stops: anyone who can write to the checkpoint directory but cannot read
 ``checkpoint.key`` (a swapped or edited chunk, a recomputed digest, a changed
@@ -44,48 +46,33 @@ model.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.errors import FedtuneError
+from fedtune.run.files import fsync_dir, open_regular, read_at_most, remove, write_new
+from fedtune.run.manifest import (
+    FORMAT,
+    MAX_CHUNK_BYTES,
+    MAX_EXAMPLES,
+    MAX_STATE_BYTES,
+    CheckpointError,
+    check_fields,
+    mac,
+    parse_state,
+)
 from fedtune.secure.codec import WirePayload
 
-FORMAT = "fedtune-checkpoint-2"
+__all__ = ["KEY_NAME", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+
 KEY_NAME = "checkpoint.key"
 KEY_BYTES = 32
-MAX_STATE_BYTES = 1 << 20
-MAX_ROUND = 10**6
-MAX_EXAMPLES = 10**9
-MAX_LENGTH = 10**9
-MAX_FINGERPRINT = 256
-MAX_CHUNKS = 4096
-MAX_CHUNK_BYTES = 256 << 20  # a plain float64 adapter of 33M parameters
-
-_FIELDS = (
-    "format",
-    "round",
-    "num-examples",
-    "length",
-    "fingerprint",
-    "chunks",
-    "chunk-bytes",
-    "hmac-sha256",
-)
-_HEX = frozenset("0123456789abcdef")
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO can't hang
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class CheckpointError(FedtuneError, ValueError):
-    """A checkpoint is missing, damaged, or not written with this key."""
 
 
 @dataclass(frozen=True)
@@ -95,152 +82,6 @@ class Checkpoint:
     round: int
     payload: WirePayload
     num_examples: int
-
-
-class _Literal:
-    """A JSON number or constant that no field accepts (kept as text for the error)."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text if len(self.text) <= 40 else self.text[:40] + "..."
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:80] + "..."
-
-
-def _is_hex_digest(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
-
-
-def _int_field(value: object, label: str, low: int, high: int, where: str) -> int:
-    if type(value) is not int or not low <= value <= high:  # `type`: True is no count
-        raise CheckpointError(
-            f"Checkpoint field {label} must be an integer in {low}..{high}; got {_show(value)} "
-            f"(in {where})."
-        )
-    return value
-
-
-@dataclass(frozen=True)
-class _Fields:
-    """``state.json`` after its types and ranges passed (its HMAC not yet checked)."""
-
-    round: int
-    num_examples: int
-    length: int
-    fingerprint: str
-    digests: list[str]
-    sizes: list[int]
-
-
-def _check_fields(
-    manifest: dict[str, object], where: str, *, max_examples: int, max_chunk_bytes: int
-) -> _Fields:
-    """Check every field's type and range (not the HMAC); raise CheckpointError naming it."""
-    missing = [k for k in _FIELDS if k not in manifest]
-    unexpected = [_show(k) for k in manifest if k not in _FIELDS][:5]
-    if missing or unexpected:
-        found = [f"missing {', '.join(map(repr, missing))}"] if missing else []
-        found += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
-        legacy = (
-            "; a checkpoint written before fedtune signed its checkpoints cannot be resumed"
-            if "hmac-sha256" in missing
-            else ""
-        )
-        raise CheckpointError(
-            f"{where} fields must be exactly {', '.join(_FIELDS)}; {'; '.join(found)}{legacy}."
-        )
-    if manifest["format"] != FORMAT:
-        raise CheckpointError(
-            f"Checkpoint field `format` must be {FORMAT!r}; got {_show(manifest['format'])} "
-            f"(in {where})."
-        )
-    round_ = _int_field(manifest["round"], "`round`", 0, MAX_ROUND, where)
-    examples = _int_field(manifest["num-examples"], "`num-examples`", 1, max_examples, where)
-    length = _int_field(manifest["length"], "`length`", 1, MAX_LENGTH, where)
-    fingerprint = manifest["fingerprint"]
-    if not (
-        isinstance(fingerprint, str)
-        and len(fingerprint) <= MAX_FINGERPRINT
-        and fingerprint.isascii()
-        and fingerprint.isprintable()
-    ):
-        raise CheckpointError(
-            f"Checkpoint field `fingerprint` must be printable ASCII of at most "
-            f"{MAX_FINGERPRINT} characters; got {_show(fingerprint)} (in {where})."
-        )
-    chunks = manifest["chunks"]
-    if not isinstance(chunks, list) or not 1 <= len(chunks) <= MAX_CHUNKS:
-        got = f"{len(chunks)} entries" if isinstance(chunks, list) else _show(chunks)
-        raise CheckpointError(
-            f"Checkpoint field `chunks` must be a list of 1..{MAX_CHUNKS} SHA-256 hex digests; "
-            f"got {got} (in {where})."
-        )
-    digests: list[str] = []
-    for i, digest in enumerate(chunks):
-        if isinstance(digest, str) and _is_hex_digest(digest):
-            digests.append(digest)
-        else:
-            raise CheckpointError(
-                f"Checkpoint field `chunks` entry {i} must be a SHA-256 hex digest; "
-                f"got {_show(digest)} (in {where})."
-            )
-    sizes = manifest["chunk-bytes"]
-    if not isinstance(sizes, list) or len(sizes) != len(chunks):
-        got = f"{len(sizes)} entries" if isinstance(sizes, list) else _show(sizes)
-        raise CheckpointError(
-            f"Checkpoint field `chunk-bytes` must be a list of {len(chunks)} sizes, one per "
-            f"chunk; got {got} (in {where})."
-        )
-    ints = [
-        _int_field(size, f"`chunk-bytes` entry {i}", 0, max_chunk_bytes, where)
-        for i, size in enumerate(sizes)
-    ]
-    if not _is_hex_digest(manifest["hmac-sha256"]):
-        raise CheckpointError(
-            f"Checkpoint field `hmac-sha256` must be a hex digest; "
-            f"got {_show(manifest['hmac-sha256'])} (in {where})."
-        )
-    return _Fields(round_, examples, length, fingerprint, digests, ints)
-
-
-def _mac(key: bytes, manifest: dict[str, object]) -> str:
-    """HMAC-SHA256 over the canonical JSON of every field but the HMAC itself."""
-    fields = {k: v for k, v in manifest.items() if k != "hmac-sha256"}
-    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hmac.new(key, body.encode("ascii"), hashlib.sha256).hexdigest()
-
-
-def _open_regular(path: str, *, dir_fd: int | None, what: str) -> int:
-    """Open ``path`` for reading; refuse symlinks and anything but a regular file."""
-    try:
-        fd = os.open(path, _READ, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise
-    except OSError as err:
-        if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise CheckpointError(f"{what} is a symlink or not a regular file.") from err
-        raise CheckpointError(f"{what} cannot be opened: {err}") from err
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{what} is a symlink or not a regular file.")
-    return fd
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes from ``fd`` (callers pass cap + 1 to detect an overrun)."""
-    parts, left = [], limit
-    while left > 0:
-        block = os.read(fd, min(left, 1 << 20))
-        if not block:
-            break
-        parts.append(block)
-        left -= len(block)
-    return b"".join(parts)
 
 
 def _key_path(directory: Path, key_dir: Path | None) -> Path:
@@ -257,7 +98,7 @@ def _key_path(directory: Path, key_dir: Path | None) -> Path:
 
 def _read_key(path: Path) -> bytes:
     try:
-        fd = _open_regular(str(path), dir_fd=None, what=f"Checkpoint key {str(path)!r}")
+        fd = open_regular(path, what=f"Checkpoint key {str(path)!r}", error=CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(
             f"No checkpoint key at {str(path)!r}: a checkpoint can only be loaded with the key "
@@ -270,7 +111,7 @@ def _read_key(path: Path) -> bytes:
                 f"Checkpoint key {str(path)!r} is open to other users (mode {mode:04o}); whoever "
                 f"reads it can forge checkpoints. Run `chmod 600 {path}`."
             )
-        key = _read_at_most(fd, KEY_BYTES + 1)
+        key = read_at_most(fd, KEY_BYTES + 1)
     finally:
         os.close(fd)
     if len(key) != KEY_BYTES:
@@ -280,47 +121,19 @@ def _read_key(path: Path) -> bytes:
     return key
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, _CREATE, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # explicit, whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ensure_key(path: Path) -> bytes:
     """The key at ``path``, made from `secrets` (32 bytes, mode 0600) if there is none."""
     if not os.path.lexists(path):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{KEY_NAME}.{secrets.token_hex(8)}")
         try:
-            _write_file(tmp, secrets.token_bytes(KEY_BYTES))
+            write_new(tmp, secrets.token_bytes(KEY_BYTES))
             with contextlib.suppress(FileExistsError):  # a concurrent writer's key wins
                 os.link(tmp, path)  # atomic: never a half-written key
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return _read_key(path)
-
-
-def _remove(path: Path) -> None:
-    """Remove ``path`` without following a symlink (a link is unlinked, not its target)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
 
 
 def save_checkpoint(
@@ -365,51 +178,29 @@ def save_checkpoint(
         "hmac-sha256": "0" * 64,
     }
     where = f"the checkpoint to write to {str(directory)!r}"
-    _check_fields(manifest, where, max_examples=max_examples, max_chunk_bytes=max_chunk_bytes)
-    manifest["hmac-sha256"] = _mac(_ensure_key(key_path), manifest)
+    check_fields(manifest, where, max_examples=max_examples, max_chunk_bytes=max_chunk_bytes)
+    manifest["hmac-sha256"] = mac(_ensure_key(key_path), manifest)
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
-    _remove(tmp)
+    remove(tmp)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(mode=0o700)
     os.chmod(tmp, 0o700)
     for i, chunk in enumerate(chunks):
-        _write_file(tmp / f"chunk-{i:05d}.bin", chunk)
-    _write_file(tmp / "state.json", json.dumps(manifest, indent=1).encode("ascii"))
-    _fsync_dir(tmp)
-    _remove(old)
+        write_new(tmp / f"chunk-{i:05d}.bin", chunk)
+    write_new(tmp / "state.json", json.dumps(manifest, indent=1).encode("ascii"))
+    fsync_dir(tmp)
+    remove(old)
     if os.path.lexists(directory):
         directory.rename(old)
     tmp.rename(directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     if keep_previous and os.path.isdir(old) and not os.path.islink(old):
         previous = directory.with_name(directory.name + ".previous")
-        _remove(previous)
+        remove(previous)
         old.rename(previous)
-        _fsync_dir(directory.parent)
-    _remove(old)
-
-
-def _parse_state(raw: bytes, where: str) -> dict[str, object]:
-    def literal(text: str) -> object:
-        return _Literal(text)
-
-    def small_int(text: str) -> object:
-        return int(text) if len(text) <= 32 else _Literal(text)
-
-    try:
-        manifest = json.loads(
-            raw.decode("utf-8"), parse_constant=literal, parse_float=literal, parse_int=small_int
-        )
-    except RecursionError:
-        raise CheckpointError(f"{where} nests too deeply to be a checkpoint.") from None
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{where} is not UTF-8 text: {err}") from None
-    except ValueError as err:
-        raise CheckpointError(f"{where} is not valid JSON: {err}") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{where} must hold a JSON object; got {type(manifest).__name__}.")
-    return manifest
+        fsync_dir(directory.parent)
+    remove(old)
 
 
 def load_checkpoint(
@@ -458,9 +249,9 @@ def load_checkpoint(
 
 def _read_member(dir_fd: int, name: str, limit: int, what: str) -> tuple[bytes, int]:
     """At most ``limit`` bytes of ``name`` under ``dir_fd`` and its size on disk."""
-    fd = _open_regular(name, dir_fd=dir_fd, what=what)
+    fd = open_regular(name, dir_fd=dir_fd, what=what, error=CheckpointError)
     try:
-        return _read_at_most(fd, limit), os.fstat(fd).st_size
+        return read_at_most(fd, limit), os.fstat(fd).st_size
     finally:
         os.close(fd)
 
@@ -475,11 +266,11 @@ def _load(
         raise CheckpointError(f"No checkpoint at {str(directory)!r} (no state.json).") from None
     if len(raw) > MAX_STATE_BYTES:
         raise CheckpointError(f"{where} is larger than {MAX_STATE_BYTES} bytes.")
-    manifest = _parse_state(raw, where)
-    fields = _check_fields(
+    manifest = parse_state(raw, where)
+    fields = check_fields(
         manifest, where, max_examples=max_examples, max_chunk_bytes=max_chunk_bytes
     )
-    expected = _mac(_read_key(key_path), manifest)
+    expected = mac(_read_key(key_path), manifest)
     if not hmac.compare_digest(expected, str(manifest["hmac-sha256"])):
         raise CheckpointError(
             f"Checkpoint {str(directory)!r}: its HMAC does not match the key "

@@ -1,0 +1,34 @@
+"""Encrypted aggregation (``encryption``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtune.config._checks import choice
+
+__all__ = ["CryptoConfig"]
+
+
+@dataclass(frozen=True)
+class CryptoConfig:
+    """Encrypted aggregation.
+
+    With ``encryption = true`` clients send ciphertexts of ``n_k w_k`` from the
+    ``encryption-backend`` (default ``ckks``: CKKS, :mod:`fedtune.secure`) and the
+    server adds them with a public context (no secret key). A simulation makes
+    fresh keys per run in ``RUN_DIR/keys``; a deployment uses ``fedtune keygen``.
+    """
+
+    encryption: bool = False
+    encryption_backend: str = "ckks"
+
+    def __post_init__(self) -> None:
+        from fedtune.secure import backend_names  # noqa: PLC0415 - registry, no cycle at import
+
+        names = tuple(n for n in backend_names() if n != "plain")
+        choice("encryption-backend", self.encryption_backend, names)
+
+    @property
+    def codec_name(self) -> str:
+        """The backend every party's codec comes from: ``plain`` with encryption off."""
+        return self.encryption_backend if self.encryption else "plain"

@@ -1,0 +1,102 @@
+"""Rounds, client sampling and the federation's size (``num-rounds``, ``fraction-*``, ...)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedtune.config._checks import require
+
+__all__ = ["FederationConfig", "sample_size"]
+
+
+def sample_size(connected: int, fraction: float, min_clients: int) -> int:
+    """Clients sampled from ``connected`` at ``fraction``: ``min(K, max(ceil(f K), m))``.
+
+    The one sampling formula: the server's strategy samples this many nodes per
+    round, and a client sizes its client-level DP noise share by it
+    (:attr:`FederationConfig.sampled_per_round`).
+    """
+    return min(connected, max(math.ceil(fraction * connected), min_clients))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, client sampling and the simulated federation's size.
+
+    ``client-cpus`` / ``client-gpus`` are the simulation engine's resources per
+    simulated client (Ray runs ``cores // client-cpus`` clients at once).
+
+    ``max-client-examples`` caps the example count a client may claim (its FedAvg
+    weight, an untrusted number): the server drops a reply above it, and with
+    encryption on refuses to start unless ``num-clients x max-client-examples x 64``
+    fits the CKKS range (``2 ** 24`` by default; see :mod:`fedtune.bounds`).
+
+    ``max-step-factor`` is the key holders' norm-jump check
+    (:class:`fedtune.bounds.StepGuard`): a client refuses a decrypted global whose
+    distance from the previous one it accepted, per round, is more than this many
+    times the largest such step it accepted before (0 turns the check off).
+    """
+
+    num_rounds: int = 5
+    num_clients: int = 4
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_clients: int = 2
+    seed: int = 42
+    round_timeout: float = 3600.0
+    client_cpus: int = 0
+    client_gpus: float = -1.0
+    max_client_examples: int = 50_000
+    max_step_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        require(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
+        require(
+            self.max_step_factor == 0 or self.max_step_factor >= 1,
+            "max-step-factor",
+            self.max_step_factor,
+            "must be >= 1, or 0 to turn the key holders' step check off",
+        )
+        require(
+            self.max_client_examples >= 1,
+            "max-client-examples",
+            self.max_client_examples,
+            "must be >= 1 (the largest example count a client may claim)",
+        )
+        require(self.num_clients >= 1, "num-clients", self.num_clients, "must be >= 1")
+        require(
+            0.0 < self.fraction_train <= 1.0,
+            "fraction-train",
+            self.fraction_train,
+            "must be in (0, 1]",
+        )
+        require(
+            0.0 < self.fraction_evaluate <= 1.0,
+            "fraction-evaluate",
+            self.fraction_evaluate,
+            "must be in (0, 1]",
+        )
+        require(self.min_clients >= 1, "min-clients", self.min_clients, "must be >= 1")
+        require(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0")
+        require(
+            self.client_cpus >= 0,
+            "client-cpus",
+            self.client_cpus,
+            "must be >= 0 (0 = all cores, one simulated client at a time)",
+        )
+        require(
+            self.client_gpus == -1.0 or self.client_gpus >= 0,
+            "client-gpus",
+            self.client_gpus,
+            "must be >= 0, or -1 for automatic (1 when CUDA is present, else 0)",
+        )
+
+    def sampled(self, connected: int, fraction: float) -> int:
+        """Clients sampled from ``connected`` at ``fraction`` (at least ``min-clients``)."""
+        return sample_size(connected, fraction, self.min_clients)
+
+    @property
+    def sampled_per_round(self) -> int:
+        """Clients trained per round when all ``num-clients`` are connected."""
+        return self.sampled(self.num_clients, self.fraction_train)

