@@ -196,14 +196,14 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
         info: dict[str, object] = {"client": runtime.name}
         metrics: dict[str, object] = {
             "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-accuracy": result.accuracy,
+            **result.metrics(),
             "partition-id": runtime.partition_id,
         }
         check_reply(
             {"info": info, "metrics": metrics},
             phase="evaluate",
             private=runtime.cfg.privacy.enabled,
+            held_out=runtime.task.eval_metrics,
         )
         reply = RecordDict(
             {"info": ConfigRecord(info), "metrics": MetricRecord(metrics)}  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ when a field appears that is not here. A field is one of:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 __all__ = ["EVALUATE_FIELDS", "STATUSES", "TRAIN_FIELDS", "check_reply"]
 
@@ -44,13 +44,18 @@ TRAIN_FIELDS: dict[tuple[str, str], str] = {
 EVALUATE_FIELDS: dict[tuple[str, str], str] = {
     ("info", "client"): "public",
     ("metrics", "num-examples"): "held-out",  # size of the test split
-    ("metrics", "eval-loss"): "held-out",
-    ("metrics", "eval-accuracy"): "held-out",
     ("metrics", "partition-id"): "public",
+    # + the task's own held-out metrics (``Task.eval_metrics``: eval-loss, eval-accuracy, ...)
 }
 
 
-def check_reply(content: Mapping[str, Mapping[str, object]], *, phase: str, private: bool) -> None:
+def check_reply(
+    content: Mapping[str, Mapping[str, object]],
+    *,
+    phase: str,
+    private: bool,
+    held_out: Collection[str] = (),
+) -> None:
     """Raise ``ValueError`` if ``content`` holds a field a client may not send.
 
     Parameters
@@ -61,8 +66,13 @@ def check_reply(content: Mapping[str, Mapping[str, object]], *, phase: str, priv
         ``"train"`` or ``"evaluate"``.
     private
         DP is on: ``"plain"`` fields are refused too.
+    held_out
+        The task's held-out metric keys (``Task.eval_metrics``), evaluate replies only:
+        computed on the test split, status ``"held-out"``.
     """
-    schema = {"train": TRAIN_FIELDS, "evaluate": EVALUATE_FIELDS}[phase]
+    schema = dict({"train": TRAIN_FIELDS, "evaluate": EVALUATE_FIELDS}[phase])
+    if phase == "evaluate":
+        schema.update({("metrics", key): "held-out" for key in held_out})
     for record, values in content.items():
         for key in values:
             status = schema.get((record, key))

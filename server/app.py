@@ -271,6 +271,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
             max_client_examples=cfg.federation.max_client_examples,
             node_limits=wiring.node_limits,
             capacity=server_capacity(cfg, codec),
+            eval_metrics=get_task(cfg.model.task).eval_metrics,
         )
         strategy.summary()
         if strategy.node_limits:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -81,8 +82,13 @@ def declined_reason(msg: Message) -> str:
     return reason[:500] if isinstance(reason, str) else ""
 
 
-def read_metric(msg: Message, key: str) -> float:
-    """A metric of a reply, a number within its range in :data:`RANGES` (finite at least)."""
+def read_metric(
+    msg: Message, key: str, ranges: Mapping[str, tuple[float, float, str]] | None = None
+) -> float:
+    """A metric of a reply, a number within its range (``ranges``, else :data:`RANGES`).
+
+    Without a range for ``key`` the number must be finite.
+    """
     records = msg.content.metric_records
     if "metrics" not in records or key not in records["metrics"]:
         raise PayloadError(f"reply has no metric {key!r}.")
@@ -93,7 +99,9 @@ def read_metric(msg: Message, key: str) -> float:
         number = float(value)
     except OverflowError:
         number = math.inf
-    low, high, words = RANGES.get(key, (-math.inf, math.inf, "finite"))
+    low, high, words = (RANGES if ranges is None else ranges).get(
+        key, (-math.inf, math.inf, "finite")
+    )
     if not (math.isfinite(number) and low <= number <= high):
         raise PayloadError(f"{key} must be {words}, got {value!r}.")
     return number

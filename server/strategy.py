@@ -35,6 +35,7 @@ from fedtune.errors import FederationError
 from fedtune.run.metrics import weighted_mean
 from fedtune.secure.codec import Codec, PayloadError, WirePayload
 from fedtune.secure.plain import PlainCodec
+from fedtune.tasks.base import HELD_OUT_METRICS
 from server.replies import NodeNames, RoundOutcome, declined_reason, read_metric, reply_node
 
 __all__ = ["FedTuneStrategy", "NotEnoughClients", "RoundOutcome"]
@@ -96,6 +97,7 @@ class FedTuneStrategy(Strategy):
         node_limits: Mapping[int, int] | None = None,
         capacity: float | None = None,
         value_bound: float = bounds.VALUE_BOUND,
+        eval_metrics: Mapping[str, tuple[float, float, str]] = HELD_OUT_METRICS,
     ) -> None:
         self.codec = codec
         self.fraction_train = fraction_train
@@ -108,6 +110,7 @@ class FedTuneStrategy(Strategy):
         self.node_limits = dict(node_limits or {})
         self.capacity = capacity
         self.value_bound = value_bound
+        self.eval_metrics = dict(eval_metrics)  # the task's held-out metrics and ranges
         # Only a plaintext codec lets the server read, hence clip, an update.
         self._readable = isinstance(codec, PlainCodec)
         # A name is bound to the first node that used it, a node to its first name.
@@ -346,11 +349,11 @@ class FedTuneStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Weighted held-out loss and accuracy over the clients that replied."""
+        """Weighted means of the task's held-out metrics over the clients that replied."""
 
         def read(msg: Message, node: int) -> dict[str, float]:
             n = self._num_examples(msg, node)
-            values = {k: read_metric(msg, k) for k in ("eval-loss", "eval-accuracy")}
+            values = {k: read_metric(msg, k, self.eval_metrics) for k in self.eval_metrics}
             return {**values, "eval-examples": float(n)}
 
         outcome = self._collect(server_round, replies, "evaluate", read)
@@ -360,12 +363,10 @@ class FedTuneStrategy(Strategy):
         pairs = list(outcome.accepted.values())
         return MetricRecord(
             {
-                "eval-loss": weighted_mean(
-                    [(m["eval-loss"], int(m["eval-examples"])) for m in pairs]
-                ),
-                "eval-accuracy": weighted_mean(
-                    [(m["eval-accuracy"], int(m["eval-examples"])) for m in pairs]
-                ),
+                **{
+                    key: weighted_mean([(m[key], int(m["eval-examples"])) for m in pairs])
+                    for key in self.eval_metrics
+                },
                 "eval-examples": int(sum(m["eval-examples"] for m in pairs)),
             }
         )

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.tasks import get_task, register_task, task_names, unregister_task
-from fedtune.tasks.base import ClientDatasets, Headline
+from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 from fedtune.tasks.classification import ClassificationTask, EncodedDataset
 
 # -- a toy task: "does the text name an animal?", data made in code ----------------------
@@ -34,6 +34,7 @@ class AnimalOrNot:
     uses_labels = True
     generative = False
     headline = Headline("eval-accuracy", "held-out accuracy", (0.0, 1.0))
+    eval_metrics = HELD_OUT_METRICS
     loss_fn = None
 
     def __init__(self) -> None:

@@ -9,6 +9,7 @@ module implementing this protocol plus one :func:`fedtune.tasks.register_task` c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,17 @@ if TYPE_CHECKING:
     from fedtune.config import ModelConfig, RunConfig
     from fedtune.train import Batchable, EvalResult, LossFn
 
-__all__ = ["ClientDatasets", "Headline", "Task"]
+__all__ = ["HELD_OUT_METRICS", "ClientDatasets", "Headline", "MetricRange", "Task"]
+
+#: ``(low, high, as words)``: the range the server accepts for one reported metric.
+MetricRange = tuple[float, float, str]
+
+#: The held-out metrics both built-in tasks report (loss, and accuracy per example or
+#: per answer token); a task with other metrics declares its own.
+HELD_OUT_METRICS: Mapping[str, MetricRange] = {
+    "eval-loss": (0.0, math.inf, "finite and >= 0"),
+    "eval-accuracy": (0.0, 1.0, "in [0, 1]"),
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,9 @@ class Task(Protocol):
     generative: bool
     #: The headline held-out metric of the records, the console and the plot.
     headline: Headline
+    #: Every held-out metric a client reports (``EvalResult.metrics()`` keys), with the
+    #: range the server accepts; each is declared "held-out" in ``fedtune/messages.py``.
+    eval_metrics: Mapping[str, MetricRange]
 
     def default_model_path(self) -> Path:
         """The bundled base model used when ``model-path`` is empty."""
@@ -87,7 +101,7 @@ class Task(Protocol):
     def evaluate(
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device
     ) -> EvalResult:
-        """Held-out loss and the task's accuracy over ``loader``."""
+        """Held-out metrics over ``loader``; ``metrics()`` has the ``eval_metrics`` keys."""
         ...
 
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:

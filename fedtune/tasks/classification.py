@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.tasks.base import ClientDatasets, Headline
+from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,7 @@ class ClassificationTask:
     uses_labels = True
     generative = False
     headline = Headline("eval-accuracy", "held-out accuracy", (0.0, 1.0))
+    eval_metrics = HELD_OUT_METRICS
     loss_fn = None  # the model's own cross-entropy (a mean over rows)
 
     def default_model_path(self) -> Path:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -83,11 +83,17 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Held-out loss and accuracy of one client."""
+    """Held-out loss and accuracy of one client, and any further metrics of its task."""
 
     loss: float
     accuracy: float
     num_examples: int
+    #: Further held-out metrics of the task, by record key (e.g. ``"eval-margin"``).
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Every held-out metric by record key: ``eval-loss``, ``eval-accuracy``, extras."""
+        return {"eval-loss": self.loss, "eval-accuracy": self.accuracy, **self.extra}
 
 
 def train_local(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.tasks.base import ClientDatasets, Headline
+from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +33,7 @@ class CausalLMTask:
     uses_labels = False
     generative = True
     headline = Headline("eval-perplexity", "held-out answer perplexity")
+    eval_metrics = HELD_OUT_METRICS
 
     @property
     def loss_fn(self):  # type: ignore[no-untyped-def]
