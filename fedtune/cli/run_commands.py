@@ -1,14 +1,8 @@
-"""The ``fedtune`` command.
+"""``fedtune simulate``, ``evaluate``, ``keygen`` and ``export``: make, score and unlock a run.
 
-Subcommands
------------
-simulate   run a simulated federation and write a run directory
-evaluate   reload a run's adapter with stock PEFT and re-score the clients' held-out data
-keygen     make a CKKS key pair (secret context for clients, public for the server)
-audit      recompute every client's epsilon from its ledger and check budgets
-export     decrypt a run's checkpoint and write the final PEFT adapter
-deploy     run a real federation: certificates, node keys, SuperLink, SuperNodes, flwr run
-generate   answer a prompt with a causal-LM run's base model and final adapter
+Each command has its parser in :func:`add_parsers` and a ``run_*`` function that takes
+the parsed arguments and returns the exit code; a user error is raised as a
+:class:`~fedtune.errors.FedtuneError` for :func:`fedtune.cli.main` to print.
 """
 
 from __future__ import annotations
@@ -16,14 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from fedtune import audit_cli, generate
 from fedtune.config import ConfigError, collect_overrides, describe_keys, load_toml
-from fedtune.deploy import cli as deploy_cli
-from fedtune.errors import FederationError, FedtuneError
+
+__all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -47,17 +38,8 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for ``fedtune`` and its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="fedtune",
-        description=(
-            "Privacy-preserving federated LoRA fine-tuning of Transformers on Flower. "
-            "Run `fedtune COMMAND --help` for a command's options."
-        ),
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``simulate``, ``evaluate``, ``keygen`` and ``export`` on ``sub``."""
     sim = sub.add_parser(
         "simulate",
         help="run a simulated federation on Flower's simulation engine",
@@ -142,13 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, metavar="DIR", help="output directory (default: RUN_DIR/adapter)"
     )
 
-    audit_cli.add_parser(sub)
-    deploy_cli.add_parser(sub)
-    generate.add_parser(sub)
-    return parser
 
-
-def _cmd_simulate(args: argparse.Namespace) -> int:
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run the federation ``args`` describe and print one table row per round."""
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
@@ -181,7 +159,8 @@ def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "-"
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Re-score ``args.run_dir``'s adapter and print it beside what the run reported."""
     from fedtune.evaluate import evaluate_run  # noqa: PLC0415
 
     report = evaluate_run(args.run_dir)
@@ -202,16 +181,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """No per-file progress bars from datasets / transformers in the CLI's output."""
-    import datasets  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def _cmd_keygen(args: argparse.Namespace) -> int:
+def run_keygen(args: argparse.Namespace) -> int:
+    """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
     from fedtune import crypto  # noqa: PLC0415
 
     if (args.out / "secret.ctx").exists():
@@ -223,7 +194,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
+    """Decrypt (with ``args.key``) and write ``args.run_dir``'s final adapter."""
     from fedtune.config import parse_run_config  # noqa: PLC0415
     from fedtune.export import export_adapter  # noqa: PLC0415
 
@@ -234,34 +206,3 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
     print(f"adapter written to {out}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedtune`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    commands = {
-        "simulate": _cmd_simulate,
-        "evaluate": _cmd_evaluate,
-        "keygen": _cmd_keygen,
-        "export": _cmd_export,
-        "audit": audit_cli.run,
-        "deploy": deploy_cli.run,
-        "generate": generate.run,
-    }
-    try:
-        return commands[args.command](args)
-    except FederationError as err:
-        print(f"fedtune {args.command}: stopped: {err}", file=sys.stderr)
-        return 1
-    except FedtuneError as err:
-        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fedtune {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
