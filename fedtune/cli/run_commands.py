@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 from pathlib import Path
 
 from fedtune.config import ConfigError, collect_overrides, describe_keys, load_toml
@@ -125,6 +126,35 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
 
 
+def _output_dir(path: Path, flag: str) -> None:
+    """Raise a :class:`ConfigError` naming ``path`` unless it is, or can become, a
+    directory this process can write in.
+
+    Checked before any work starts, so a mistyped ``--out`` / ``--run-dir`` costs no
+    federation or decryption and ends in one line, not in an ``OSError`` traceback.
+    Writability is tested by making (and removing) an empty temporary directory, the
+    only test that also holds for root and for file systems such as ``/proc``.
+    """
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{flag} {str(path)!r} is a broken symbolic link.")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file; expected a directory.")
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(
+            f"{flag} {str(path)!r}: {str(where)!r} is a file, so no directory can be made there."
+        )
+    try:
+        tempfile.TemporaryDirectory(dir=where).cleanup()
+    except OSError as err:
+        raise ConfigError(
+            f"{flag} {str(path)!r}: cannot make a directory in {str(where)!r} "
+            f"({err.strerror or err})."
+        ) from err
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the federation ``args`` describe and print one table row per round."""
     from rich.console import Console  # noqa: PLC0415
@@ -132,6 +162,12 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     from fedtune.simulate import simulate  # noqa: PLC0415
 
+    if args.config is not None and args.config.is_dir():
+        raise ConfigError(
+            f"config {str(args.config)!r} is a directory; expected a TOML file of config keys."
+        )
+    if args.run_dir is not None:
+        _output_dir(args.run_dir, "--run-dir")
     flat = collect_overrides(args.config, args.overrides)
     result = simulate(flat, run_dir=args.run_dir, verbose=args.verbose)
     console = Console()
@@ -187,7 +223,11 @@ def run_keygen(args: argparse.Namespace) -> int:
 
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
-    files = crypto.save_keys(crypto.make_secret_context(), args.out)
+    _output_dir(args.out, "--out")
+    try:
+        files = crypto.save_keys(crypto.make_secret_context(), args.out)
+    except OSError as err:  # a race with the checks above, a full disk
+        raise ConfigError(f"cannot write the keys to {str(args.out)!r}: {err}") from err
     print(f"secret context (clients only, mode 0600): {files.secret}")
     print(f"public context (server): {files.public}")
     print(f"fingerprint: {files.fingerprint.read_text().strip()}")
@@ -199,10 +239,29 @@ def run_export(args: argparse.Namespace) -> int:
     from fedtune.config import parse_run_config  # noqa: PLC0415
     from fedtune.export import export_adapter  # noqa: PLC0415
 
+    if not args.run_dir.exists():
+        raise ConfigError(
+            f"{str(args.run_dir)!r} does not exist; expected a run directory "
+            "with config.toml and checkpoint/."
+        )
+    if not args.run_dir.is_dir():
+        raise ConfigError(
+            f"{str(args.run_dir)!r} is not a run directory "
+            "(expected config.toml and checkpoint/ in it)."
+        )
     config = args.run_dir / "config.toml"
     cfg = parse_run_config(load_toml(config))
+    if args.key is not None and args.key.is_dir():
+        raise ConfigError(
+            f"--key {str(args.key)!r} is a directory; "
+            "expected the secret.ctx file from `fedtune keygen`."
+        )
     if args.key is not None and not args.key.is_file():
         raise ConfigError(f"--key {str(args.key)!r} does not exist.")
-    out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
+    _output_dir(args.out or args.run_dir / "adapter", "--out")
+    try:
+        out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
+    except OSError as err:  # a race with the checks above, a full disk, an unreadable key
+        raise ConfigError(f"cannot export {str(args.run_dir)!r}: {err}") from err
     print(f"adapter written to {out}")
     return 0
