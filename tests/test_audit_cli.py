@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("opacus")
 
-from fedtune.audit_cli import add_parser, run  # noqa: E402
+from fedtune.cli.audit import add_parser, run  # noqa: E402
 from fedtune.privacy import PrivacyLedger, compute_epsilon  # noqa: E402
 
 DELTA = 1e-5

@@ -47,7 +47,7 @@ def test_the_cli_prints_a_fedtune_error_without_a_traceback(
     code: int,
     word: str,
 ) -> None:
-    from fedtune import cli
+    from fedtune.cli import dispatch as cli
 
     def fail(_args: object) -> int:
         raise error

@@ -48,7 +48,7 @@ def _audit(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]: 
     import argparse
     import json
 
-    from fedtune.audit_cli import add_parser, run
+    from fedtune.cli.audit import add_parser, run
 
     parser = argparse.ArgumentParser(prog="fedtune")
     add_parser(parser.add_subparsers(dest="command"))

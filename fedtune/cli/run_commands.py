@@ -1,14 +1,8 @@
-"""The ``fedtune`` command.
+"""``fedtune simulate``, ``evaluate``, ``keygen`` and ``export``: make, score and unlock a run.
 
-Subcommands
------------
-simulate   run a simulated federation and write a run directory
-evaluate   reload a run's adapter with stock PEFT and re-score the clients' held-out data
-keygen     make a CKKS key pair (secret context for clients, public for the server)
-audit      recompute every client's epsilon from its ledger and check budgets
-export     decrypt a run's checkpoint and write the final PEFT adapter
-deploy     run a real federation: certificates, node keys, SuperLink, SuperNodes, flwr run
-generate   answer a prompt with a causal-LM run's base model and final adapter
+Each command has its parser in :func:`add_parsers` and a ``run_*`` function that takes
+the parsed arguments and returns the exit code; a user error is raised as a
+:class:`~fedtune.errors.FedtuneError` for :func:`fedtune.cli.main` to print.
 """
 
 from __future__ import annotations
@@ -16,14 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from collections.abc import Sequence
+import tempfile
 from pathlib import Path
 
-from fedtune import audit_cli, generate
 from fedtune.config import ConfigError, collect_overrides, describe_keys, load_toml
-from fedtune.deploy import cli as deploy_cli
-from fedtune.errors import FederationError, FedtuneError
+
+__all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -47,17 +39,8 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for ``fedtune`` and its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="fedtune",
-        description=(
-            "Privacy-preserving federated LoRA fine-tuning of Transformers on Flower. "
-            "Run `fedtune COMMAND --help` for a command's options."
-        ),
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``simulate``, ``evaluate``, ``keygen`` and ``export`` on ``sub``."""
     sim = sub.add_parser(
         "simulate",
         help="run a simulated federation on Flower's simulation engine",
@@ -142,18 +125,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, metavar="DIR", help="output directory (default: RUN_DIR/adapter)"
     )
 
-    audit_cli.add_parser(sub)
-    deploy_cli.add_parser(sub)
-    generate.add_parser(sub)
-    return parser
+
+def _output_dir(path: Path, flag: str) -> None:
+    """Raise a :class:`ConfigError` naming ``path`` unless it is, or can become, a
+    directory this process can write in.
+
+    Checked before any work starts, so a mistyped ``--out`` / ``--run-dir`` costs no
+    federation or decryption and ends in one line, not in an ``OSError`` traceback.
+    Writability is tested by making (and removing) an empty temporary directory, the
+    only test that also holds for root and for file systems such as ``/proc``.
+    """
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{flag} {str(path)!r} is a broken symbolic link.")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file; expected a directory.")
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(
+            f"{flag} {str(path)!r}: {str(where)!r} is a file, so no directory can be made there."
+        )
+    try:
+        tempfile.TemporaryDirectory(dir=where).cleanup()
+    except OSError as err:
+        raise ConfigError(
+            f"{flag} {str(path)!r}: cannot make a directory in {str(where)!r} "
+            f"({err.strerror or err})."
+        ) from err
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run the federation ``args`` describe and print one table row per round."""
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     from simulation.driver import simulate  # noqa: PLC0415 - imports both apps
 
+    if args.config is not None and args.config.is_dir():
+        raise ConfigError(
+            f"config {str(args.config)!r} is a directory; expected a TOML file of config keys."
+        )
+    if args.run_dir is not None:
+        _output_dir(args.run_dir, "--run-dir")
     flat = collect_overrides(args.config, args.overrides)
     result = simulate(flat, run_dir=args.run_dir, verbose=args.verbose)
     console = Console()
@@ -181,7 +195,8 @@ def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "-"
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Re-score ``args.run_dir``'s adapter and print it beside what the run reported."""
     from fedtune.evaluate import evaluate_run  # noqa: PLC0415
 
     report = evaluate_run(args.run_dir)
@@ -202,66 +217,51 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """No per-file progress bars from datasets / transformers in the CLI's output."""
-    import datasets  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def _cmd_keygen(args: argparse.Namespace) -> int:
+def run_keygen(args: argparse.Namespace) -> int:
+    """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
     from fedtune import crypto  # noqa: PLC0415
 
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
-    files = crypto.save_keys(crypto.make_secret_context(), args.out)
+    _output_dir(args.out, "--out")
+    try:
+        files = crypto.save_keys(crypto.make_secret_context(), args.out)
+    except OSError as err:  # a race with the checks above, a full disk
+        raise ConfigError(f"cannot write the keys to {str(args.out)!r}: {err}") from err
     print(f"secret context (clients only, mode 0600): {files.secret}")
     print(f"public context (server): {files.public}")
     print(f"fingerprint: {files.fingerprint.read_text().strip()}")
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
+    """Decrypt (with ``args.key``) and write ``args.run_dir``'s final adapter."""
     from fedtune.config import parse_run_config  # noqa: PLC0415
     from fedtune.export import export_adapter  # noqa: PLC0415
 
+    if not args.run_dir.exists():
+        raise ConfigError(
+            f"{str(args.run_dir)!r} does not exist; expected a run directory "
+            "with config.toml and checkpoint/."
+        )
+    if not args.run_dir.is_dir():
+        raise ConfigError(
+            f"{str(args.run_dir)!r} is not a run directory "
+            "(expected config.toml and checkpoint/ in it)."
+        )
     config = args.run_dir / "config.toml"
     cfg = parse_run_config(load_toml(config))
+    if args.key is not None and args.key.is_dir():
+        raise ConfigError(
+            f"--key {str(args.key)!r} is a directory; "
+            "expected the secret.ctx file from `fedtune keygen`."
+        )
     if args.key is not None and not args.key.is_file():
         raise ConfigError(f"--key {str(args.key)!r} does not exist.")
-    out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
+    _output_dir(args.out or args.run_dir / "adapter", "--out")
+    try:
+        out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
+    except OSError as err:  # a race with the checks above, a full disk, an unreadable key
+        raise ConfigError(f"cannot export {str(args.run_dir)!r}: {err}") from err
     print(f"adapter written to {out}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedtune`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    commands = {
-        "simulate": _cmd_simulate,
-        "evaluate": _cmd_evaluate,
-        "keygen": _cmd_keygen,
-        "export": _cmd_export,
-        "audit": audit_cli.run,
-        "deploy": deploy_cli.run,
-        "generate": generate.run,
-    }
-    try:
-        return commands[args.command](args)
-    except FederationError as err:
-        print(f"fedtune {args.command}: stopped: {err}", file=sys.stderr)
-        return 1
-    except FedtuneError as err:
-        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fedtune {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""The ``fedtune`` command: the parser and dispatch, and one module per command group.
+
+Modules
+-------
+dispatch          the parser of every subcommand, dispatch, and the error-to-exit-code rule
+run_commands      simulate, evaluate, keygen, export
+audit             ``fedtune audit``: its options, the steps of a run, the exit code
+audit_inputs      the ledgers, budget, δ and run config an audit reads
+audit_empirical   the canaries' empirical lower bounds on ε
+audit_view        the terminal table, the JSON report, the ε plot
+audit_report      the self-contained HTML page of ``--report``
+
+``deploy`` and ``generate`` register themselves from :mod:`fedtune.deploy.cli` and
+:mod:`fedtune.generate`.
+"""
+
+from __future__ import annotations
+
+from fedtune.cli.dispatch import build_parser, main
+
+__all__ = ["build_parser", "main"]

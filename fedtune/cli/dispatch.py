@@ -1,0 +1,92 @@
+"""The ``fedtune`` command: its parser, dispatch to a subcommand, and the exit codes.
+
+Subcommands
+-----------
+simulate   run a simulated federation and write a run directory
+evaluate   reload a run's adapter with stock PEFT and re-score the clients' held-out data
+keygen     make a CKKS key pair (secret context for clients, public for the server)
+audit      recompute every client's epsilon from its ledger and check budgets
+export     decrypt a run's checkpoint and write the final PEFT adapter
+deploy     run a real federation: certificates, node keys, SuperLink, SuperNodes, flwr run
+generate   answer a prompt with a causal-LM run's base model and final adapter
+
+Exit codes
+----------
+A subcommand returns its own code. A :class:`~fedtune.errors.FederationError` (a run
+that stopped) prints ``fedtune COMMAND: stopped: ...`` and exits 1; any other
+:class:`~fedtune.errors.FedtuneError` prints ``fedtune COMMAND: error: ...`` and exits 2;
+Ctrl-C exits 130. No user error ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fedtune import generate
+from fedtune.cli import audit, run_commands
+from fedtune.deploy import cli as deploy_cli
+from fedtune.errors import FederationError, FedtuneError
+
+__all__ = ["build_parser", "main"]
+
+# Names of this module that main() looks up when it runs, so a test can replace one
+# command here (tests/test_errors.py) and still go through main()'s error handling.
+_cmd_simulate = run_commands.run_simulate
+_cmd_evaluate = run_commands.run_evaluate
+_cmd_keygen = run_commands.run_keygen
+_cmd_export = run_commands.run_export
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``fedtune`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="fedtune",
+        description=(
+            "Privacy-preserving federated LoRA fine-tuning of Transformers on Flower. "
+            "Run `fedtune COMMAND --help` for a command's options."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run_commands.add_parsers(sub)
+    audit.add_parser(sub)
+    deploy_cli.add_parser(sub)
+    generate.add_parser(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """No per-file progress bars from datasets / transformers in the CLI's output."""
+    import datasets  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedtune`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    commands = {
+        "simulate": _cmd_simulate,
+        "evaluate": _cmd_evaluate,
+        "keygen": _cmd_keygen,
+        "export": _cmd_export,
+        "audit": audit.run,
+        "deploy": deploy_cli.run,
+        "generate": generate.run,
+    }
+    try:
+        return commands[args.command](args)
+    except FederationError as err:
+        print(f"fedtune {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except FedtuneError as err:
+        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedtune {args.command}: interrupted", file=sys.stderr)
+        return 130
