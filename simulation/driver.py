@@ -22,7 +22,7 @@ from typing import Any
 
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
-from fedtune.export import export_adapter
+from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
 from fedtune.tasks import get_task

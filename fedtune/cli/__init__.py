@@ -11,7 +11,7 @@ audit_view        the terminal table, the JSON report, the ε plot
 audit_report      the self-contained HTML page of ``--report``
 
 ``deploy`` and ``generate`` register themselves from :mod:`fedtune.deploy.cli` and
-:mod:`fedtune.generate`.
+:mod:`fedtune.cli.generate`.
 """
 
 from __future__ import annotations

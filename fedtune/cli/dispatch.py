@@ -24,8 +24,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedtune import generate
-from fedtune.cli import audit, run_commands
+from fedtune.cli import audit, generate, run_commands
 from fedtune.deploy import cli as deploy_cli
 from fedtune.errors import FederationError, FedtuneError
 

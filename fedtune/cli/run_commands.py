@@ -197,7 +197,7 @@ def _fmt(value: object) -> str:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Re-score ``args.run_dir``'s adapter and print it beside what the run reported."""
-    from fedtune.evaluate import evaluate_run  # noqa: PLC0415
+    from fedtune.run.rescore import evaluate_run  # noqa: PLC0415
 
     report = evaluate_run(args.run_dir)
     if args.json:
@@ -237,7 +237,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Decrypt (with ``args.key``) and write ``args.run_dir``'s final adapter."""
     from fedtune.config import parse_run_config  # noqa: PLC0415
-    from fedtune.export import export_adapter  # noqa: PLC0415
+    from fedtune.run.export import export_adapter  # noqa: PLC0415
 
     if not args.run_dir.exists():
         raise ConfigError(

@@ -169,8 +169,8 @@ class ClassificationTask:
 
     def rescore(self, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
         """Per-client and weighted accuracy of ``run_dir/adapter`` beside the reported one."""
-        from fedtune.export import load_adapter  # noqa: PLC0415
         from fedtune.model import load_tokenizer  # noqa: PLC0415
+        from fedtune.run.export import load_adapter  # noqa: PLC0415
         from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
         from fedtune.train import make_loader, select_device  # noqa: PLC0415
 

@@ -49,8 +49,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def load_lm(run_dir: Path) -> tuple[RunConfig, nn.Module, Any]:
     """``(cfg, model, tokenizer)``: the base causal LM with ``RUN_DIR/adapter`` (stock PEFT)."""
-    from fedtune.export import load_adapter  # noqa: PLC0415
     from fedtune.model import load_tokenizer  # noqa: PLC0415
+    from fedtune.run.export import load_adapter  # noqa: PLC0415
 
     cfg = load_run_config(run_dir)
     model = load_adapter(Path(run_dir) / "adapter", cfg)
