@@ -8,10 +8,16 @@ splits) and the adapter is loaded with ``peft.PeftModel.from_pretrained``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import ConfigError, load_toml, parse_run_config
 from fedtune.tasks import get_task
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedtune.config import RunConfig
+    from fedtune.tasks.base import Task
 
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
@@ -24,3 +30,23 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
             )
     cfg = parse_run_config(load_toml(run_dir / "config.toml"))
     return dict(get_task(cfg.model.task).rescore(run_dir, cfg))
+
+
+def held_out_results(
+    task: Task, cfg: RunConfig, model: nn.Module, tokenizer: Any
+) -> dict[str, Any]:
+    """``client-k`` -> the task's :class:`~fedtune.train.EvalResult` of ``model`` on its test split.
+
+    The partitions are rebuilt from ``cfg`` exactly as the clients built them.
+    """
+    from fedtune.train import make_loader, select_device  # noqa: PLC0415
+
+    device = select_device(cfg.train.device)
+    results: dict[str, Any] = {}
+    for pid in range(cfg.federation.num_clients):
+        sets = task.client_datasets(
+            cfg, tokenizer, partition_id=pid, num_partitions=cfg.federation.num_clients
+        )
+        loader = make_loader(sets.test_set, batch_size=64, shuffle=False)
+        results[f"client-{pid}"] = task.evaluate(model, loader, device=device)
+    return results

@@ -95,8 +95,10 @@ class Task(Protocol):
         """Load, partition, split and tokenise one client's data."""
         ...
 
-    #: ``loss_fn(model, batch)``, a mean over rows; None uses the model's own loss.
-    loss_fn: LossFn | None
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """``loss_fn(model, batch)``, a mean over rows; None uses the model's own loss."""
+        ...
 
     def evaluate(
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device

@@ -172,22 +172,14 @@ class ClassificationTask:
         from fedtune.model import load_tokenizer  # noqa: PLC0415
         from fedtune.run.export import load_adapter  # noqa: PLC0415
         from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
-        from fedtune.train import make_loader, select_device  # noqa: PLC0415
+        from fedtune.run.rescore import held_out_results  # noqa: PLC0415
 
         model = load_adapter(run_dir / "adapter", cfg)
-        tokenizer = load_tokenizer(cfg.model)
-        device = select_device(cfg.train.device)
-        clients: dict[str, dict[str, float]] = {}
-        for pid in range(cfg.federation.num_clients):
-            sets = self.client_datasets(
-                cfg, tokenizer, partition_id=pid, num_partitions=cfg.federation.num_clients
-            )
-            loader = make_loader(sets.test_set, batch_size=64, shuffle=False)
-            result = self.evaluate(model, loader, device=device)
-            clients[f"client-{pid}"] = {
-                "eval-accuracy": result.accuracy,
-                "eval-examples": result.num_examples,
-            }
+        results = held_out_results(self, cfg, model, load_tokenizer(cfg.model))
+        clients = {
+            name: {"eval-accuracy": r.accuracy, "eval-examples": r.num_examples}
+            for name, r in results.items()
+        }
         last = read_records(run_dir / "metrics.jsonl")[-1]
         return {
             "round": last["round"],

@@ -129,25 +129,20 @@ def write_samples(run_dir: Path) -> Path:
 def rescore_run(run_dir: Path) -> dict[str, Any]:
     """Per-client and weighted held-out answer loss / perplexity of ``RUN_DIR/adapter``."""
     from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
-    from fedtune.tasks.causal_lm.loss import evaluate_lm, perplexity  # noqa: PLC0415
-    from fedtune.train import make_loader, select_device  # noqa: PLC0415
+    from fedtune.run.rescore import held_out_results  # noqa: PLC0415
+    from fedtune.tasks.causal_lm.loss import perplexity  # noqa: PLC0415
 
     cfg, model, tokenizer = load_lm(run_dir)
-    task = get_task(cfg.model.task)
-    device = select_device(cfg.train.device)
-    clients: dict[str, dict[str, float]] = {}
-    for pid in range(cfg.federation.num_clients):
-        sets = task.client_datasets(
-            cfg, tokenizer, partition_id=pid, num_partitions=cfg.federation.num_clients
-        )
-        loader = make_loader(sets.test_set, batch_size=64, shuffle=False)
-        result = evaluate_lm(model, loader, device=device)
-        clients[f"client-{pid}"] = {
-            "eval-loss": result.loss,
-            "eval-perplexity": perplexity(result.loss),
-            "eval-accuracy": result.accuracy,
-            "eval-examples": result.num_examples,
+    results = held_out_results(get_task(cfg.model.task), cfg, model, tokenizer)
+    clients = {
+        name: {
+            "eval-loss": r.loss,
+            "eval-perplexity": perplexity(r.loss),
+            "eval-accuracy": r.accuracy,
+            "eval-examples": r.num_examples,
         }
+        for name, r in results.items()
+    }
     pairs = [(c["eval-loss"], int(c["eval-examples"])) for c in clients.values()]
     loss = weighted_mean(pairs)
     last = read_records(Path(run_dir) / "metrics.jsonl")[-1]
