@@ -219,3 +219,42 @@ def test_a_registered_codec_is_used_by_client_server_and_export(
     np.testing.assert_allclose(mean, sum(plain) / state.num_examples)
     with pytest.raises(ValueError, match="must not hold the scale"):
         server_codec(cfg, {"public-context": str(keys.secret)})
+
+
+def test_the_strategy_checks_and_averages_a_tasks_own_held_out_metrics() -> None:
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtune.secure.plain import PlainCodec
+    from server.strategy import FedTuneStrategy
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    metrics = {
+        "eval-loss": (0.0, math.inf, "finite and >= 0"),
+        "eval-margin": (-5.0, 5.0, "in [-5, 5]"),
+    }
+    strategy = FedTuneStrategy(
+        codec=PlainCodec(length=2),
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_clients=1,
+        seed=0,
+        eval_metrics=metrics,
+    )
+
+    def reply(node: int, n: int, loss: float, margin: float) -> Message:
+        ins = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+        content = {"num-examples": n, "eval-loss": loss, "eval-margin": margin}
+        return Message(
+            RecordDict(
+                {"info": ConfigRecord({"client": f"c{node}"}), "metrics": MetricRecord(content)}  # type: ignore[arg-type]
+            ),
+            reply_to=ins,
+        )
+
+    result = strategy.aggregate_evaluate(
+        1, [reply(1, 10, 1.0, -1.0), reply(2, 30, 2.0, 3.0), reply(3, 5, 1.0, 9.0)]
+    )
+    assert result is not None and set(result) == {"eval-loss", "eval-margin", "eval-examples"}
+    assert result["eval-margin"] == pytest.approx((-1.0 * 10 + 3.0 * 30) / 40)  # 2.0
+    assert "eval-margin must be in [-5, 5]" in strategy.last_evaluate.dropped["c3"]
