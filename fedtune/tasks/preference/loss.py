@@ -21,7 +21,9 @@ log-probabilities are computed under ``torch.no_grad()``, where Opacus' hooks re
 nothing, so they are constants of the loss.
 
 Held-out metrics: ``eval-loss`` (mean DPO loss), ``eval-accuracy`` (share of pairs
-with ``r(y_w) > r(y_l)``) and ``eval-reward-margin`` (mean ``r(y_w) - r(y_l)``).
+with ``r(y_w) > r(y_l)``, a tie counting one half: before training the policy *is*
+the reference, every reward is 0, and the accuracy is chance, 0.5) and
+``eval-reward-margin`` (mean ``r(y_w) - r(y_l)``).
 """
 
 from __future__ import annotations
@@ -90,13 +92,13 @@ def evaluate_preferences(
 ) -> EvalResult:
     """Mean DPO loss, preference accuracy and mean reward margin over ``loader``."""
     model.to(device).eval()
-    total, correct, margin, seen = 0.0, 0, 0.0, 0
+    total, correct, margin, seen = 0.0, 0.0, 0.0, 0
     for raw in loader:
         batch = {k: v.to(device) for k, v in raw.items()}
         reward_w, reward_l = pair_rewards(model, batch, beta=beta)
         diff = (reward_w - reward_l).double()
         total += float(-F.logsigmoid(diff).sum())
-        correct += int((diff > 0).sum())
+        correct += float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
         margin += float(diff.sum())
         seen += len(diff)
     if not seen:
