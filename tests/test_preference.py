@@ -187,3 +187,25 @@ def test_own_triples_and_errors_that_name_the_column(toy_preferences: Path, tmp_
         pref_data.load_preferences(DataConfig(data_path=str(bad)), seed=0)
     with pytest.raises(ConfigError, match=r"`beta` must be > 0"):
         parse_run_config({"task": "preference", "beta": 0})
+
+
+def test_the_reference_pass_leaves_ffa_loras_frozen_a_frozen(tiny_llama_dir: Path) -> None:
+    # PEFT's disable_adapter() marks every adapter tensor trainable again on exit: before
+    # the fix one DPO step unfroze FFA-LoRA's A (the payload grew from B to A + B).
+    from fedtune.config import ModelConfig
+    from fedtune.model import adapter_layout, build_model
+
+    cfg = ModelConfig(
+        task="preference",
+        model_path=str(tiny_llama_dir),
+        lora_target_modules="q_proj,v_proj",
+        lora_variant="ffa",
+    )
+    model = build_model(cfg, num_labels=0, seed=0)
+    before = adapter_layout(model)
+    assert before.names and all("lora_B" in n for n in before.names)
+    rows = [("what is a dog ?", "a dog is a kind of animal .", "a dog is a kind of food .")]
+    data = pref_data.PreferenceData(*map(list, zip(*rows, strict=True)), [0])
+    dataset = pref_data.PreferenceDataset(tiny_word_tokenizer(), data, max_length=64)
+    dpo_loss(model, dataset.collate_fn()([dataset[0]]), beta=0.1).backward()
+    assert adapter_layout(model) == before

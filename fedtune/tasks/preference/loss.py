@@ -28,7 +28,9 @@ the reference, every reward is 0, and the accuracy is chance, 0.5) and
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,15 +41,35 @@ from torch.utils.data import DataLoader
 from fedtune.data.collate import IGNORE
 from fedtune.train import EvalResult
 
-__all__ = ["dpo_loss", "evaluate_preferences", "pair_rewards", "sequence_logprob"]
+__all__ = [
+    "dpo_loss",
+    "evaluate_preferences",
+    "pair_rewards",
+    "reference_policy",
+    "sequence_logprob",
+]
 
 #: The reward-margin metric's record key.
 MARGIN = "eval-reward-margin"
 
 
-def _peft_model(model: nn.Module) -> Any:
-    """The PEFT model, also from inside Opacus' ``GradSampleModule`` (its ``_module``)."""
-    return getattr(model, "_module", model)
+@contextlib.contextmanager
+def reference_policy(model: nn.Module) -> Iterator[None]:
+    """Run a block as ``π_ref``: the adapter disabled, every ``requires_grad`` kept as it was.
+
+    PEFT's ``disable_adapter()`` re-enables the adapter on exit through
+    ``set_adapter``, which marks *every* adapter tensor trainable again: that would
+    unfreeze FFA-LoRA's ``A`` and change the set of tensors Opacus and the payload
+    count on. The flags are put back exactly. ``model`` may be Opacus'
+    ``GradSampleModule`` (the PEFT model is its ``_module``).
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with getattr(model, "_module", model).disable_adapter():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def sequence_logprob(
@@ -74,7 +96,7 @@ def pair_rewards(
     """Implicit rewards ``(r(y_w), r(y_l))`` per row; the policy terms keep their graph."""
     chosen = sequence_logprob(model, *_half(batch, ""))
     rejected = sequence_logprob(model, *_half(batch, "rejected_"))
-    with torch.no_grad(), _peft_model(model).disable_adapter():
+    with torch.no_grad(), reference_policy(model):
         ref_chosen = sequence_logprob(model, *_half(batch, ""))
         ref_rejected = sequence_logprob(model, *_half(batch, "rejected_"))
     return beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
