@@ -171,3 +171,35 @@ def toy_instructions(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for row in toy_instruction_rows():
             fh.write(json.dumps(row) + "\n")
     return path
+
+
+def toy_preference_rows(n_per_label: int = 8, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt, the right answer (chosen) and the same answer with a wrong category (rejected)."""
+    import random
+
+    rng = random.Random(seed)
+    labels = list(WORDS)
+    rows = []
+    for label, words in WORDS.items():
+        for _ in range(n_per_label):
+            w = rng.choice(words)
+            wrong = rng.choice([other for other in labels if other != label])
+            rows.append(
+                {
+                    "prompt": f"what is a {w} ?",
+                    "chosen": f"a {w} is a kind of {label} .",
+                    "rejected": f"a {w} is a kind of {wrong} .",
+                }
+            )
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy_preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JSONL file of 24 prompt/chosen/rejected triples (3 topics)."""
+    path = tmp_path_factory.mktemp("toy-pref") / "preferences.jsonl"
+    with path.open("w") as fh:
+        for row in toy_preference_rows():
+            fh.write(json.dumps(row) + "\n")
+    return path

@@ -207,7 +207,9 @@ def test_bad_instruction_data_names_key_and_value(
 
 
 def test_unknown_task_names_key_and_value() -> None:
-    with pytest.raises(ConfigError, match="`task` must be one of classification, causal-lm, got"):
+    with pytest.raises(
+        ConfigError, match="`task` must be one of classification, causal-lm, preference, got"
+    ):
         parse_run_config({"task": "seq2seq"})
     with pytest.raises(ConfigError, match="`max-new-tokens` must be >= 1, got 0"):
         parse_run_config({"max-new-tokens": 0})

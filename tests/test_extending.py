@@ -35,7 +35,6 @@ class AnimalOrNot:
     generative = False
     headline = Headline("eval-accuracy", "held-out accuracy", (0.0, 1.0))
     eval_metrics = HELD_OUT_METRICS
-    loss_fn = None
 
     def __init__(self) -> None:
         self._classification = ClassificationTask()
@@ -70,8 +69,11 @@ class AnimalOrNot:
             label_names=["other", "animal"],
         )
 
-    def evaluate(self, model: Any, loader: Any, *, device: Any) -> Any:
-        return self._classification.evaluate(model, loader, device=device)
+    def loss_fn(self, cfg: Any) -> None:
+        return None
+
+    def evaluate(self, model: Any, loader: Any, *, device: Any, cfg: Any) -> Any:
+        return self._classification.evaluate(model, loader, device=device, cfg=cfg)
 
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
         record["eval-error"] = 1.0 - record["eval-accuracy"]

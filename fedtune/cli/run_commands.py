@@ -177,7 +177,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     # DP clients send no training statistic: no train-loss column for a DP run
     columns += ["train-loss"] if any("train-loss" in r for r in result.records) else []
     columns += ["eval-loss", "eval-accuracy"]
-    columns += ["eval-perplexity"] if any("eval-perplexity" in r for r in result.records) else []
+    # The task's further held-out metrics (perplexity, reward margin), in record order.
+    shown = {"eval-loss", "eval-accuracy", "eval-examples", "eval-seconds"}
+    extra = [k for r in result.records for k in r if k.startswith("eval-") and k not in shown]
+    columns += list(dict.fromkeys(extra))
     columns += ["epsilon"] if has_eps else []
     for col in [*columns, "seconds"]:
         table.add_column(col, justify="right")
@@ -214,6 +217,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f"weighted answer perplexity {report['eval-perplexity']:.4f} "
                 f"(the run reported {report['reported-perplexity']:.4f})"
             )
+        if "eval-reward-margin" in report:  # preference: accuracy is preference accuracy
+            print(f"weighted reward margin {report['eval-reward-margin']:.4f}")
     return 0
 
 

@@ -22,7 +22,9 @@ class DataConfig:
 
     With ``task = "causal-lm"`` the default is WordNet instruction pairs
     ("Define the word X." -> its gloss); own data has ``prompt-column`` and
-    ``answer-column`` (or only ``text-column``: plain text, loss on every token).
+    ``answer-column`` (or only ``text-column``: plain text, loss on every token);
+    preference data (``task = "preference"``) has ``prompt-column``, ``chosen-column``
+    and ``rejected-column``.
     """
 
     data_path: str = ""
@@ -31,6 +33,8 @@ class DataConfig:
     label_column: str = "label"
     prompt_column: str = "prompt"
     answer_column: str = "answer"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     wordnet_dir: str = "/usr/share/wordnet"
     examples_per_label: int = 250
     max_examples: int = 0
@@ -55,6 +59,10 @@ class DataConfig:
         require(bool(self.label_column), "label-column", self.label_column, "must not be empty")
         require(bool(self.prompt_column), "prompt-column", self.prompt_column, "must not be empty")
         require(bool(self.answer_column), "answer-column", self.answer_column, "must not be empty")
+        require(bool(self.chosen_column), "chosen-column", self.chosen_column, "must not be empty")
+        require(
+            bool(self.rejected_column), "rejected-column", self.rejected_column, "must not be empty"
+        )
         require(
             self.examples_per_label >= 0,
             "examples-per-label",

@@ -20,6 +20,9 @@ class TrainConfig:
     ``optimizer = "sgd"`` (with ``momentum``) is the usual choice under DP-SGD:
     Adam's per-coordinate normalisation turns the DP noise into full-size steps in
     every coordinate, which drowns the signal of a small data set.
+
+    ``beta`` is DPO's β (``task = "preference"``): how far the implicit reward
+    ``β log(π / π_ref)`` lets the policy move from the reference.
     """
 
     local_epochs: int = 1
@@ -29,6 +32,7 @@ class TrainConfig:
     optimizer: OptimizerName = "adamw"
     momentum: float = 0.9
     device: Device = "auto"
+    beta: float = 0.1
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
@@ -38,3 +42,4 @@ class TrainConfig:
         choice("optimizer", self.optimizer, get_args(OptimizerName))
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         choice("device", self.device, get_args(Device))
+        require(self.beta > 0, "beta", self.beta, "must be > 0 (DPO's β, e.g. 0.1)")

@@ -55,11 +55,17 @@ def wordnet_definition(gloss: str) -> str:
 
 @dataclass(frozen=True)
 class Synset:
-    """One WordNet noun synset: lexicographer file number, first lemma, definition."""
+    """One WordNet noun synset: lexicographer file, first lemma, definition, place in the tree.
+
+    ``offset`` is the synset's id in ``data.noun``; ``hypernyms`` are the offsets of
+    its hypernyms (pointers ``@`` and ``@i``), so synsets that share one are siblings.
+    """
 
     lexfile: int
     lemma: str
     definition: str
+    offset: int = 0
+    hypernyms: tuple[int, ...] = ()
 
 
 def read_wordnet(directory: Path) -> list[Synset]:
@@ -82,8 +88,27 @@ def read_wordnet(directory: Path) -> list[Synset]:
                 continue
             definition = wordnet_definition(gloss)
             if definition:
-                out.append(Synset(int(fields[1]), fields[4].replace("_", " "), definition))
+                lemma = fields[4].replace("_", " ")
+                out.append(
+                    Synset(int(fields[1]), lemma, definition, int(fields[0]), _hypernyms(fields))
+                )
     return out
+
+
+def _hypernyms(fields: list[str]) -> tuple[int, ...]:
+    """Hypernym offsets from a ``data.noun`` line's fields (``()`` if it has none or is odd)."""
+    try:
+        words = int(fields[3], 16)
+        count_at = 4 + 2 * words
+        pointers = int(fields[count_at])
+        out = []
+        for k in range(pointers):
+            symbol, offset = fields[count_at + 1 + 4 * k], fields[count_at + 2 + 4 * k]
+            if symbol in ("@", "@i"):
+                out.append(int(offset))
+        return tuple(out)
+    except (IndexError, ValueError):
+        return ()
 
 
 def wordnet_categories(cfg: DataConfig, *, at_least: int) -> list[str]:

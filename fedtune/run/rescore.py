@@ -48,5 +48,5 @@ def held_out_results(
             cfg, tokenizer, partition_id=pid, num_partitions=cfg.federation.num_clients
         )
         loader = make_loader(sets.test_set, batch_size=64, shuffle=False)
-        results[f"client-{pid}"] = task.evaluate(model, loader, device=device)
+        results[f"client-{pid}"] = task.evaluate(model, loader, device=device, cfg=cfg)
     return results

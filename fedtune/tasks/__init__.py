@@ -1,4 +1,4 @@
-"""Tasks registered by name: ``task = "classification"`` or ``"causal-lm"`` (or yours).
+"""Tasks registered by name: ``"classification"``, ``"causal-lm"``, ``"preference"`` (or yours).
 
 :func:`get_task` returns the :class:`~fedtune.tasks.base.Task` for a config's
 ``task`` key; nothing outside this package branches on which task it is. The two
@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "fedtune.tasks"
 _BUILTIN = {
     "classification": "fedtune.tasks.classification:ClassificationTask",
     "causal-lm": "fedtune.tasks.causal_lm:CausalLMTask",
+    "preference": "fedtune.tasks.preference:PreferenceTask",
 }
 _FACTORIES: dict[str, Callable[[], Task]] = {}
 _INSTANCES: dict[str, Task] = {}

@@ -95,13 +95,12 @@ class Task(Protocol):
         """Load, partition, split and tokenise one client's data."""
         ...
 
-    @property
-    def loss_fn(self) -> LossFn | None:
+    def loss_fn(self, cfg: RunConfig) -> LossFn | None:
         """``loss_fn(model, batch)``, a mean over rows; None uses the model's own loss."""
         ...
 
     def evaluate(
-        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device
+        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> EvalResult:
         """Held-out metrics over ``loader``; ``metrics()`` has the ``eval_metrics`` keys."""
         ...

@@ -66,7 +66,6 @@ class ClassificationTask:
     generative = False
     headline = Headline("eval-accuracy", "held-out accuracy", (0.0, 1.0))
     eval_metrics = HELD_OUT_METRICS
-    loss_fn = None  # the model's own cross-entropy (a mean over rows)
 
     def default_model_path(self) -> Path:
         """The bundled MiniLM-L6 directory."""
@@ -138,8 +137,12 @@ class ClassificationTask:
             label_names=dataset.label_names,
         )
 
+    def loss_fn(self, cfg: RunConfig) -> None:
+        """None: the model's own cross-entropy (a mean over rows)."""
+        return None
+
     def evaluate(
-        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device
+        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> EvalResult:
         """Mean cross-entropy and accuracy over ``loader``."""
         import torch  # noqa: PLC0415

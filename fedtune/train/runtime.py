@@ -82,7 +82,7 @@ class ClientRuntime:
         self.train_set: Batchable = sets.train_set
         self.test_set: Batchable = sets.test_set
         self.label_names = sets.label_names
-        self.loss_fn: LossFn | None = self.task.loss_fn
+        self.loss_fn: LossFn | None = self.task.loss_fn(cfg)
         self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
         self.model.to(self.device)
         self.initial = fmodel.get_adapter_vector(self.model)
@@ -306,4 +306,4 @@ class ClientRuntime:
         start = self.global_vector(state, server_round=server_round)
         fmodel.set_adapter_vector(self.model, start)
         loader = make_loader(self.test_set, batch_size=64, shuffle=False)
-        return self.task.evaluate(self.model, loader, device=self.device)
+        return self.task.evaluate(self.model, loader, device=self.device, cfg=self.cfg)

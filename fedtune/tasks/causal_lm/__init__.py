@@ -35,8 +35,7 @@ class CausalLMTask:
     headline = Headline("eval-perplexity", "held-out answer perplexity")
     eval_metrics = HELD_OUT_METRICS
 
-    @property
-    def loss_fn(self):  # type: ignore[no-untyped-def]
+    def loss_fn(self, cfg: RunConfig):  # type: ignore[no-untyped-def]
         """The mean over rows of each row's mean answer-token NLL."""
         from fedtune.tasks.causal_lm.loss import answer_loss  # noqa: PLC0415
 
@@ -112,7 +111,7 @@ class CausalLMTask:
         return ClientDatasets(train_set=train, test_set=test, label_names=cfg.data.labels)
 
     def evaluate(
-        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device
+        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> EvalResult:
         """Answer-token loss and token accuracy over ``loader``."""
         from fedtune.tasks.causal_lm.loss import evaluate_lm  # noqa: PLC0415

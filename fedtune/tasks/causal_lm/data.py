@@ -99,7 +99,7 @@ def load_instruction_table(cfg: DataConfig) -> InstructionData:
     columns = list(table.column_names)
     has_prompt, has_answer = cfg.prompt_column in columns, cfg.answer_column in columns
     if not has_prompt and not has_answer and cfg.text_column in columns:
-        texts = [_cell(v, cfg.text_column, path) for v in table[cfg.text_column]]
+        texts = [table_cell(v, cfg.text_column, path) for v in table[cfg.text_column]]
         return InstructionData([""] * len(texts), texts, [0] * len(texts), plain_text=True)
     for key, column, present in (
         ("prompt-column", cfg.prompt_column, has_prompt),
@@ -111,12 +111,13 @@ def load_instruction_table(cfg: DataConfig) -> InstructionData:
                 f"are: {', '.join(columns)}. Instruction data needs `prompt-column` and "
                 f"`answer-column` (or only `text-column` for plain text)."
             )
-    prompts = [_cell(v, cfg.prompt_column, path) for v in table[cfg.prompt_column]]
-    answers = [_cell(v, cfg.answer_column, path) for v in table[cfg.answer_column]]
+    prompts = [table_cell(v, cfg.prompt_column, path) for v in table[cfg.prompt_column]]
+    answers = [table_cell(v, cfg.answer_column, path) for v in table[cfg.answer_column]]
     return InstructionData(prompts, answers, [0] * len(answers))
 
 
-def _cell(value: object, column: str, path: Path) -> str:
+def table_cell(value: object, column: str, path: Path) -> str:
+    """One cell of a text column as a string; an empty one is an error naming the column."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ConfigError(f"Column {column!r} in {str(path)!r} has an empty value.")
     return str(value)

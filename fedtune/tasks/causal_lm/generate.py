@@ -103,14 +103,19 @@ def fixed_prompts(cfg: RunConfig) -> list[tuple[str, str]]:
     return pairs[:NUM_SAMPLES]
 
 
-def write_samples(run_dir: Path) -> Path:
-    """Answer the fixed prompts with the base model and the final adapter; write JSONL."""
+def write_samples(run_dir: Path, rows: list[dict[str, str]] | None = None) -> Path:
+    """Answer fixed held-out prompts with the base model and the final adapter; write JSONL.
+
+    ``rows``: each with ``prompt`` and ``reference`` (and any other fields to keep
+    beside them); default :func:`fixed_prompts` of the run.
+    """
     from fedtune.train import select_device  # noqa: PLC0415
 
     cfg, model, tokenizer = load_lm(run_dir)
     device = select_device(cfg.train.device)
-    pairs = fixed_prompts(cfg)
-    prompts = [p for p, _ in pairs]
+    if rows is None:
+        rows = [{"prompt": p, "reference": r} for p, r in fixed_prompts(cfg)]
+    prompts = [row["prompt"] for row in rows]
     tuned = generate_answers(
         model, tokenizer, prompts, max_new_tokens=cfg.model.max_new_tokens, device=device
     )
@@ -120,9 +125,8 @@ def write_samples(run_dir: Path) -> Path:
         )
     path = Path(run_dir) / "samples.jsonl"
     with path.open("w") as fh:
-        for (prompt, reference), b, t in zip(pairs, base, tuned, strict=True):
-            row = {"prompt": prompt, "reference": reference, "base": b, "adapter": t}
-            fh.write(json.dumps(row) + "\n")
+        for row, b, t in zip(rows, base, tuned, strict=True):
+            fh.write(json.dumps({**row, "base": b, "adapter": t}) + "\n")
     return path
 
 
