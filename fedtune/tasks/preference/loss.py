@@ -64,8 +64,9 @@ def reference_policy(model: nn.Module) -> Iterator[None]:
     ``GradSampleModule`` (the PEFT model is its ``_module``).
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    peft_model: Any = getattr(model, "_module", model)
     try:
-        with getattr(model, "_module", model).disable_adapter():
+        with peft_model.disable_adapter():
             yield
     finally:
         for p, flag in flags:
