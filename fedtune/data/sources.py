@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,18 @@ def wordnet_categories(cfg: DataConfig, *, at_least: int) -> list[str]:
     return names
 
 
-def sample_by_category(cfg: DataConfig, names: list[str], *, seed: int) -> list[tuple[int, Synset]]:
+def sample_by_category(
+    cfg: DataConfig, names: list[str], *, seed: int, synsets: Sequence[Synset] | None = None
+) -> list[tuple[int, Synset]]:
     """``(category index, synset)``: ``examples-per-label`` per category (0: all), seeded.
 
-    Within a category the drawn synsets keep their file order.
+    Within a category the drawn synsets keep their file order. ``synsets``: the
+    caller's :func:`read_wordnet` result, so a caller that needs the whole tree too
+    reads ``data.noun`` once (default: read it here).
     """
     by_name = {name: lexfile for lexfile, name in WORDNET_CATEGORIES.items()}
     pools: dict[int, list[Synset]] = {by_name[n]: [] for n in names}
-    for synset in read_wordnet(Path(cfg.wordnet_dir)):
+    for synset in read_wordnet(Path(cfg.wordnet_dir)) if synsets is None else synsets:
         if synset.lexfile in pools:
             pools[synset.lexfile].append(synset)
     rng = np.random.default_rng(seed)

@@ -79,9 +79,10 @@ class PreferenceSplit:
 def wordnet_preferences(cfg: DataConfig, *, seed: int) -> PreferenceData:
     """WordNet triples: a synset's definition preferred to a sibling's (seeded)."""
     names = fdata.wordnet_categories(cfg, at_least=1)
-    drawn = fdata.sample_by_category(cfg, names, seed=seed)
+    synsets = fdata.read_wordnet(Path(cfg.wordnet_dir))
+    drawn = fdata.sample_by_category(cfg, names, seed=seed, synsets=synsets)
     children: dict[int, list[fdata.Synset]] = defaultdict(list)
-    for synset in fdata.read_wordnet(Path(cfg.wordnet_dir)):
+    for synset in synsets:
         for parent in synset.hypernyms:
             children[parent].append(synset)
     rng = np.random.default_rng([seed, 0xD9F0])
