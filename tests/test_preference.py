@@ -111,7 +111,9 @@ def test_each_half_of_a_pair_is_labelled_on_its_answer_only() -> None:
         "rejected_input_ids",
         "rejected_attention_mask",
         "rejected_labels",
+        "row",
     }
+    assert batch["row"].tolist() == [0, 0]
     short = pref_data.PreferenceDataset(tok, data, max_length=4)  # no answer token fits
     assert len(short) == 0 and short.dropped == 1
 
@@ -159,10 +161,58 @@ def test_opacus_per_sample_gradients_are_each_pairs_own_gradient(tiny_llama_dir:
             torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_reference_cache_changes_no_gradient(tiny_llama_dir: Path) -> None:
+    # The reference log-probabilities are kept after a pair's first pass; a warm cache
+    # must give the same per-sample gradients (within float noise) as recomputing them.
+    from conftest import toy_preference_rows
+    from opacus.grad_sample import GradSampleModule
+
+    from fedtune.tasks import get_task
+    from fedtune.tasks.preference.loss import ReferenceCache
+
+    model = _tiny_lora_llama(tiny_llama_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    rows = toy_preference_rows(1)
+    data = pref_data.PreferenceData(
+        [r["prompt"] for r in rows],
+        [r["chosen"] for r in rows],
+        [r["rejected"] for r in rows],
+        [0] * 3,
+    )
+    dataset = pref_data.PreferenceDataset(tiny_word_tokenizer(), data, max_length=64)
+    collate = dataset.collate_fn()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def per_sample(batch, reference):  # type: ignore[no-untyped-def]
+        gsm.zero_grad(set_to_none=True)
+        for p in trainable:
+            p.grad_sample = None
+        dpo_loss(gsm, batch, beta=0.3, reference=reference).backward()
+        return [p.grad_sample.detach().clone() for p in trainable]
+
+    cache = ReferenceCache()
+    first = per_sample(collate([dataset[2], dataset[0]]), cache)  # computes rows 2 and 0
+    assert len(cache) == 2
+    warm = per_sample(collate([dataset[2], dataset[0]]), cache)  # served from the cache
+    cold = per_sample(collate([dataset[2], dataset[0]]), None)
+    for a, b, c in zip(first, warm, cold, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6)
+    per_sample(collate([dataset[1], dataset[0]]), cache)  # one new row: recomputed as a batch
+    assert len(cache) == 3
+    task = get_task("preference")
+    cfg = parse_run_config({"task": "preference"})
+    assert task.loss_fn(cfg).keywords["reference"] is not task.loss_fn(cfg).keywords["reference"]
+
+
 def test_wordnet_pairs_prefer_the_synsets_own_definition_to_a_siblings() -> None:
     from fedtune import data as fdata
 
-    cfg = DataConfig(examples_per_label=3)
+    cfg = DataConfig(examples_per_label=3, preference_pairs="sibling")
     data = pref_data.wordnet_preferences(cfg, seed=1)
     again = pref_data.wordnet_preferences(cfg, seed=1)
     assert data == again and 20 <= len(data) <= 24 and sorted(set(data.groups)) == list(range(8))
@@ -173,6 +223,32 @@ def test_wordnet_pairs_prefer_the_synsets_own_definition_to_a_siblings() -> None
         assert prompt == f'Define the word "{own.lemma}".' and good != bad
         assert set(own.hypernyms) & set(sibling.hypernyms), (own, sibling)
     assert pref_data.wordnet_preferences(cfg, seed=2) != data
+
+
+def test_wordnet_pairs_prefer_the_definition_with_its_usage_example() -> None:
+    from fedtune import data as fdata
+
+    cfg = DataConfig(examples_per_label=3)  # preference-pairs = "usage-example", the default
+    data = pref_data.wordnet_preferences(cfg, seed=1)
+    assert data == pref_data.wordnet_preferences(cfg, seed=1)
+    assert len(data) == 24 and sorted(set(data.groups)) == list(range(8))
+    by_definition = {s.definition: s for s in fdata.read_wordnet(Path(cfg.wordnet_dir))}
+    for prompt, good, bad in zip(data.prompts, data.chosen, data.rejected, strict=True):
+        synset = by_definition[bad]  # the rejected answer is a bare WordNet definition
+        assert prompt == f'Define the word "{synset.lemma}".'
+        assert good == f'{bad}. For example: "{synset.examples[0]}"'
+    assert pref_data.wordnet_preferences(cfg, seed=2) != data
+    with pytest.raises(ConfigError, match=r"`preference-pairs` must be one of"):
+        parse_run_config({"task": "preference", "preference-pairs": "random"})
+
+
+def test_usage_examples_are_read_from_the_gloss() -> None:
+    from fedtune.data import wordnet_definition, wordnet_examples
+
+    gloss = 'a small domesticated carnivore; "the cat sat"; "cats purr" - anon  \n'
+    assert wordnet_definition(gloss) == "a small domesticated carnivore"
+    assert wordnet_examples(gloss) == ("the cat sat", "cats purr")
+    assert wordnet_examples("no example here  ") == ()
 
 
 def test_own_triples_and_errors_that_name_the_column(toy_preferences: Path, tmp_path: Path) -> None:

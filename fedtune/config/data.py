@@ -7,9 +7,11 @@ from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
 
-__all__ = ["DataConfig", "Partitioning"]
+__all__ = ["DataConfig", "Partitioning", "PreferencePairs"]
 
 Partitioning = Literal["iid", "dirichlet"]
+#: How the default (WordNet) preference data pairs a chosen with a rejected answer.
+PreferencePairs = Literal["usage-example", "sibling"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,8 @@ class DataConfig:
     ("Define the word X." -> its gloss); own data has ``prompt-column`` and
     ``answer-column`` (or only ``text-column``: plain text, loss on every token);
     preference data (``task = "preference"``) has ``prompt-column``, ``chosen-column``
-    and ``rejected-column``.
+    and ``rejected-column``; its WordNet default pairs answers by ``preference-pairs``
+    (see :mod:`fedtune.tasks.preference.data`).
     """
 
     data_path: str = ""
@@ -35,6 +38,7 @@ class DataConfig:
     answer_column: str = "answer"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    preference_pairs: PreferencePairs = "usage-example"
     wordnet_dir: str = "/usr/share/wordnet"
     examples_per_label: int = 250
     max_examples: int = 0
@@ -76,6 +80,7 @@ class DataConfig:
             "must be >= 0 (0 keeps every example)",
         )
         choice("partitioning", self.partitioning, get_args(Partitioning))
+        choice("preference-pairs", self.preference_pairs, get_args(PreferencePairs))
         require(
             self.dirichlet_alpha > 0,
             "dirichlet-alpha",

@@ -30,6 +30,7 @@ from fedtune.data.sources import (
     sample_by_category,
     wordnet_categories,
     wordnet_definition,
+    wordnet_examples,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "sample_by_category",
     "wordnet_categories",
     "wordnet_definition",
+    "wordnet_examples",
 ]

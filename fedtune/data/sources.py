@@ -54,12 +54,19 @@ def wordnet_definition(gloss: str) -> str:
     return gloss.split('; "', 1)[0].strip().strip('"').strip()
 
 
+def wordnet_examples(gloss: str) -> tuple[str, ...]:
+    """A gloss's quoted usage examples (``definition; "example"; "another"``), in order."""
+    quoted = (part.split('"', 1)[0].strip() for part in gloss.split('; "')[1:])
+    return tuple(example for example in quoted if example)
+
+
 @dataclass(frozen=True)
 class Synset:
     """One WordNet noun synset: lexicographer file, first lemma, definition, place in the tree.
 
     ``offset`` is the synset's id in ``data.noun``; ``hypernyms`` are the offsets of
     its hypernyms (pointers ``@`` and ``@i``), so synsets that share one are siblings.
+    ``examples`` are the gloss's quoted usage examples (most synsets have none).
     """
 
     lexfile: int
@@ -67,6 +74,7 @@ class Synset:
     definition: str
     offset: int = 0
     hypernyms: tuple[int, ...] = ()
+    examples: tuple[str, ...] = ()
 
 
 def read_wordnet(directory: Path) -> list[Synset]:
@@ -91,7 +99,14 @@ def read_wordnet(directory: Path) -> list[Synset]:
             if definition:
                 lemma = fields[4].replace("_", " ")
                 out.append(
-                    Synset(int(fields[1]), lemma, definition, int(fields[0]), _hypernyms(fields))
+                    Synset(
+                        int(fields[1]),
+                        lemma,
+                        definition,
+                        int(fields[0]),
+                        _hypernyms(fields),
+                        wordnet_examples(gloss),
+                    )
                 )
     return out
 

@@ -48,10 +48,14 @@ class PreferenceTask:
         self._causal = CausalLMTask()  # the model side is the causal LM's
 
     def loss_fn(self, cfg: RunConfig) -> LossFn:
-        """DPO's loss at the run's ``beta``: a mean over pairs of each pair's own loss."""
-        from fedtune.tasks.preference.loss import dpo_loss  # noqa: PLC0415
+        """DPO's loss at the run's ``beta``: a mean over pairs of each pair's own loss.
 
-        return partial(dpo_loss, beta=cfg.train.beta)
+        Each call makes a new :class:`~fedtune.tasks.preference.loss.ReferenceCache`:
+        one loss function serves one client's training set.
+        """
+        from fedtune.tasks.preference.loss import ReferenceCache, dpo_loss  # noqa: PLC0415
+
+        return partial(dpo_loss, beta=cfg.train.beta, reference=ReferenceCache())
 
     def default_model_path(self) -> Path:
         """SmolLM2-135M-Instruct, as for ``causal-lm``."""

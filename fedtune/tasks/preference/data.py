@@ -4,12 +4,24 @@ Sources
 -------
 * the bundled default: WordNet 3.0 noun synsets (Debian package ``wordnet-base``,
   WordNet licence: use, copy, modify and distribute freely). The prompt is
-  ``Define the word "X".`` for a synset's first lemma, the chosen answer its own
-  definition, the rejected answer the definition of a *sibling* (another synset
-  under the same hypernym, drawn with the run seed): a close but wrong answer, so
-  the preference is real, and checkable by anyone with WordNet. A synset without a
-  sibling is skipped. ``examples-per-label`` synsets are drawn per lexicographer
-  category, so ``dirichlet`` partitions skew clients by topic.
+  ``Define the word "X".`` for a synset's first lemma; ``examples-per-label``
+  synsets are drawn per lexicographer category (so ``dirichlet`` partitions skew
+  clients by topic) and ``preference-pairs`` says which answer is preferred:
+
+  - ``"usage-example"`` (default): the chosen answer is X's definition followed by
+    its first WordNet usage example (``<definition>. For example: "<example>"``),
+    the rejected one the bare definition. A reader of a dictionary prefers the
+    answer that shows the word in use; the two answers share every token up to the
+    end of the definition, so the preference is exactly "add the example", and
+    anyone can check it against WordNet. Only synsets with a usage example are
+    drawn (2,034 of the 8 categories' 48,994).
+  - ``"sibling"``: the chosen answer is X's own definition, the rejected one the
+    definition of a *sibling* (another synset under the same hypernym, drawn with
+    the run seed): a close but wrong answer. A synset without a sibling is skipped.
+    This preference is specific to each word: measured at the start of training,
+    two pairs' DPO gradients are nearly orthogonal (mean cosine 0.0005, against
+    0.27 for ``usage-example``), so DP-SGD's noise hides it unless a client holds
+    many thousands of pairs (README, "Preference tuning").
 * a ``.csv`` / ``.jsonl`` file or saved HF dataset with ``prompt-column``,
   ``chosen-column`` and ``rejected-column``.
 
@@ -17,7 +29,8 @@ Each answer is encoded exactly as the causal-LM task encodes its answers
 (:func:`fedtune.tasks.causal_lm.data.encode_example`: the chat template, labels only
 on the answer and its end-of-turn token). One pair is one row: the chosen answer in
 ``input_ids`` / ``labels``, the rejected one in ``rejected_input_ids`` /
-``rejected_labels``, each right-padded by the one collate function.
+``rejected_labels``, each right-padded by the one collate function, and ``row`` (the
+pair's index in its data set: the key of the training loss's reference cache).
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ __all__ = [
     "PreferenceSplit",
     "load_preferences",
     "preference_split",
+    "usage_answer",
     "wordnet_preferences",
 ]
 
@@ -77,9 +91,18 @@ class PreferenceSplit:
 
 
 def wordnet_preferences(cfg: DataConfig, *, seed: int) -> PreferenceData:
-    """WordNet triples: a synset's definition preferred to a sibling's (seeded)."""
+    """WordNet triples by ``preference-pairs`` (see the module docstring), seeded."""
     names = fdata.wordnet_categories(cfg, at_least=1)
     synsets = fdata.read_wordnet(Path(cfg.wordnet_dir))
+    if cfg.preference_pairs == "usage-example":
+        with_example = [s for s in synsets if s.examples]
+        drawn = fdata.sample_by_category(cfg, names, seed=seed, synsets=with_example)
+        return PreferenceData(
+            [wordnet_prompt(s.lemma) for _, s in drawn],
+            [usage_answer(s) for _, s in drawn],
+            [s.definition for _, s in drawn],
+            [group for group, _ in drawn],
+        )
     drawn = fdata.sample_by_category(cfg, names, seed=seed, synsets=synsets)
     children: dict[int, list[fdata.Synset]] = defaultdict(list)
     for synset in synsets:
@@ -105,6 +128,11 @@ def wordnet_preferences(cfg: DataConfig, *, seed: int) -> PreferenceData:
         rejected.append(sibling.definition)
         groups.append(group)
     return PreferenceData(prompts, chosen, rejected, groups)
+
+
+def usage_answer(synset: fdata.Synset) -> str:
+    """A definition with its first usage example: ``<definition>. For example: "<example>"``."""
+    return f'{synset.definition}. For example: "{synset.examples[0]}"'
 
 
 def load_preference_table(cfg: DataConfig) -> PreferenceData:
@@ -192,6 +220,7 @@ class PreferenceDataset:
             "labels": as_tensor(labels_w),
             "rejected_input_ids": as_tensor(ids_l),
             "rejected_labels": as_tensor(labels_l),
+            "row": torch.tensor(i, dtype=torch.long),
         }
 
     def collate_fn(self):  # type: ignore[no-untyped-def]
@@ -206,6 +235,7 @@ class PreferenceDataset:
                     for it in items
                 ]
             )
-            return {**chosen, **{f"rejected_{k}": v for k, v in rejected.items()}}
+            rows = {"row": torch.stack([it["row"] for it in items])}
+            return {**chosen, **{f"rejected_{k}": v for k, v in rejected.items()}, **rows}
 
         return collate

@@ -18,7 +18,12 @@ example: one row for Poisson sampling and for per-example clipping. The chosen a
 the rejected answers go through the policy as two forward passes of the same ``B``
 rows; Opacus adds the two passes' per-sample gradients row by row. The reference
 log-probabilities are computed under ``torch.no_grad()``, where Opacus' hooks record
-nothing, so they are constants of the loss.
+nothing, so they are constants of the loss. The reference never changes (the base
+model is frozen), so training keeps each pair's two reference values after their
+first pass (:class:`ReferenceCache`, keyed by the pair's ``row`` in the client's
+training set): from the second epoch or round on a step runs two forward passes, not
+four. The values are a function of the pair and the public base model only, and they
+never leave the client.
 
 Held-out metrics: ``eval-loss`` (mean DPO loss), ``eval-accuracy`` (share of pairs
 with ``r(y_w) > r(y_l)``, a tie counting one half: before training the policy *is*
@@ -42,6 +47,7 @@ from fedtune.data.collate import IGNORE
 from fedtune.train import EvalResult
 
 __all__ = [
+    "ReferenceCache",
     "dpo_loss",
     "evaluate_preferences",
     "pair_rewards",
@@ -91,21 +97,70 @@ def _half(batch: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, ..
     return tuple(batch[f"{prefix}{key}"] for key in ("input_ids", "attention_mask", "labels"))
 
 
+def _reference_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log π_ref(y_w|x), log π_ref(y_l|x))`` per row, without gradients."""
+    with torch.no_grad(), reference_policy(model):
+        return sequence_logprob(model, *_half(batch, "")), sequence_logprob(
+            model, *_half(batch, "rejected_")
+        )
+
+
+class ReferenceCache:
+    """Each training pair's reference log-probabilities, computed on its first pass only.
+
+    Keyed by the batch's ``row`` (the pair's index in one client's training set): one
+    cache belongs to one training set. A batch with a row not seen yet computes the
+    reference for the whole batch, exactly as without a cache.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[int, tuple[float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def logprobs(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [int(r) for r in batch["row"]]
+        if any(r not in self._values for r in rows):
+            chosen, rejected = _reference_logprobs(model, batch)
+            for r, w, lose in zip(rows, chosen.tolist(), rejected.tolist(), strict=True):
+                self._values[r] = (w, lose)
+            return chosen, rejected
+        device = batch["input_ids"].device
+        values = torch.tensor([self._values[r] for r in rows], device=device).reshape(-1, 2)
+        return values[:, 0], values[:, 1]
+
+
 def pair_rewards(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, beta: float
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    reference: ReferenceCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Implicit rewards ``(r(y_w), r(y_l))`` per row; the policy terms keep their graph."""
     chosen = sequence_logprob(model, *_half(batch, ""))
     rejected = sequence_logprob(model, *_half(batch, "rejected_"))
-    with torch.no_grad(), reference_policy(model):
-        ref_chosen = sequence_logprob(model, *_half(batch, ""))
-        ref_rejected = sequence_logprob(model, *_half(batch, "rejected_"))
+    if reference is not None and "row" in batch:
+        ref_chosen, ref_rejected = reference.logprobs(model, batch)
+    else:
+        ref_chosen, ref_rejected = _reference_logprobs(model, batch)
     return beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
 
 
-def dpo_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, beta: float) -> torch.Tensor:
+def dpo_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    reference: ReferenceCache | None = None,
+) -> torch.Tensor:
     """Mean over pairs of ``-log σ(r(y_w) - r(y_l))`` (see the module docstring)."""
-    reward_w, reward_l = pair_rewards(model, batch, beta=beta)
+    reward_w, reward_l = pair_rewards(model, batch, beta=beta, reference=reference)
     return -F.logsigmoid(reward_w - reward_l).mean()
 
 
