@@ -73,3 +73,21 @@ def test_missing_target_module_lists_available_layers(tiny_model_dir: Path) -> N
 def test_default_model_is_the_bundled_minilm() -> None:
     path = fmodel.resolve_model_path(ModelConfig())
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def test_lora_layers_adapt_only_the_named_blocks(tiny_model_dir: Path) -> None:
+    # The tiny BERT has 2 blocks: an adapter on block 1 only, and errors naming the key.
+    top = fmodel.build_model(
+        ModelConfig(model_path=str(tiny_model_dir), lora_layers="1"), num_labels=3, seed=0
+    )
+    lora = [n for n in fmodel.adapter_layout(top).names if ".lora_" in n]
+    assert lora and all(".layer.1." in n for n in lora)
+    assert ModelConfig(lora_layers="20-22, 25").layers == [20, 21, 22, 25]
+    assert ModelConfig().layers is None
+    with pytest.raises(ConfigError, match=r"the model has 2 blocks \(0-1\)"):
+        fmodel.build_model(
+            ModelConfig(model_path=str(tiny_model_dir), lora_layers="1-2"), num_labels=3, seed=0
+        )
+    for bad in ("top", "5-3", "-1"):
+        with pytest.raises(ConfigError, match=rf"`lora-layers` is '{bad}'"):
+            ModelConfig(lora_layers=bad)

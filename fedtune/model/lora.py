@@ -40,7 +40,7 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
     ------
     ConfigError
         If a target module does not exist in the model (the message lists the
-        linear layers the model has).
+        linear layers the model has), or ``lora-layers`` names a block it lacks.
     """
     from peft import LoraConfig, TaskType, get_peft_model  # noqa: PLC0415
 
@@ -53,12 +53,21 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
             f"`lora-target-modules` names {', '.join(repr(m) for m in missing)}, which "
             f"the model does not have; its linear layers are: {', '.join(available)}."
         )
+    layers = cfg.layers
+    if layers is not None:
+        blocks = int(getattr(getattr(base, "config", None), "num_hidden_layers", 0) or 0)
+        if blocks and layers[-1] >= blocks:
+            raise ConfigError(
+                f"`lora-layers` is {cfg.lora_layers!r}, but the model has {blocks} blocks "
+                f"(0-{blocks - 1})."
+            )
     lora = LoraConfig(
         task_type=TaskType[task.peft_task_type],
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
+        layers_to_transform=layers,
     )
     with seeded(seed + 1), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
