@@ -1,12 +1,13 @@
 """How much of a DPO gradient is shared between pairs, for each WordNet pairing rule.
 
-    python benchmarks/bench_pref_gradients.py [--pairs 16]
+    python benchmarks/bench_pref_gradients.py [--pairs 16] [--set lora-layers=]
 
 DP-SGD adds noise of the same size to every step, so it learns what the clipped
 per-pair gradients have *in common*: their mean over a batch of B pairs keeps that
 shared part, while each pair's own part shrinks like 1/sqrt(B). This script takes
 ``--pairs`` training pairs of ``simulations/preference.toml`` (the model and adapter
-as configured: SmolLM2-135M-Instruct, FFA-LoRA r=4 on q_proj/v_proj, β = 0.1) for
+as configured: SmolLM2-135M-Instruct, FFA-LoRA r=4 on q_proj/v_proj of the top 8
+blocks, β = 0.1; ``--set lora-layers=`` for every block) for
 each ``preference-pairs`` rule, computes every pair's DPO gradient at the start of
 training with Opacus' per-sample gradients, and prints the median gradient norm and
 the mean cosine between two pairs' gradients. A mean cosine c means the shared part
@@ -29,6 +30,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pairs", type=int, default=16, help="pairs per rule (one batch)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     args = parser.parse_args()
 
     import torch
@@ -41,6 +45,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     flat = {**load_toml(ROOT / "simulations" / "preference.toml"), "dp": "off"}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        flat[key] = type(flat[key])(value) if key in flat else value
     for rule in ("sibling", "usage-example"):
         cfg = parse_run_config({**flat, "preference-pairs": rule})
         tokenizer = fmodel.load_tokenizer(cfg.model)

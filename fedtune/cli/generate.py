@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
         "run_dir",
         type=Path,
         metavar="RUN_DIR",
-        help="a directory written by `fedtune simulate` with task = 'causal-lm'",
+        help="a directory written by `fedtune simulate` with task = 'causal-lm' or 'preference'",
     )
     gen.add_argument(
         "--prompt",
