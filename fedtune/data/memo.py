@@ -19,9 +19,12 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-__all__ = ["clear_process_memos", "file_stamp", "process_memo"]
+if TYPE_CHECKING:
+    from fedtune.config import DataConfig
+
+__all__ = ["clear_process_memos", "data_key", "file_stamp", "process_memo"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,6 +39,12 @@ def file_stamp(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     except OSError:
         return (str(path), -1, -1)
     return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def data_key(cfg: DataConfig, *, seed: int) -> tuple[object, ...]:
+    """The memo key of a whole data set: its config, seed and source file's stamp."""
+    source = cfg.data_path or str(Path(cfg.wordnet_dir) / "data.noun")
+    return (cfg, seed, file_stamp(source))
 
 
 def process_memo(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import ConfigError, DataConfig
-from fedtune.data.memo import file_stamp, process_memo
+from fedtune.data.memo import data_key, file_stamp, process_memo
 
 #: WordNet lexicographer file number -> category name (see ``lexnames(5WN)``).
 WORDNET_CATEGORIES: dict[int, str] = {
@@ -237,12 +237,7 @@ def load_table(cfg: DataConfig) -> LabelledData:
     return LabelledData(texts, [index[str(v)] for v in raw], names)
 
 
-def _source_key(cfg: DataConfig, *, seed: int) -> tuple[object, ...]:
-    source = cfg.data_path or str(Path(cfg.wordnet_dir) / "data.noun")
-    return (cfg, seed, file_stamp(source))
-
-
-@process_memo(_source_key, maxsize=4)
+@process_memo(data_key, maxsize=4)
 def load_data(cfg: DataConfig, *, seed: int) -> LabelledData:
     """Load the configured data set, capped at ``max-examples`` (seeded).
 

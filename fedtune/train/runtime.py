@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
-from fedtune.data.memo import file_stamp
+from fedtune.data.memo import data_key
 from fedtune.privacy import PrivacyLedger
 from fedtune.tasks import get_task
 from fedtune.tasks.base import ClientDatasets
@@ -118,15 +118,8 @@ class ClientRuntime:
     def datasets(self) -> ClientDatasets:
         """This client's tokenised partition, from the worker's LRU (rebuilt if evicted)."""
         cfg = self.cfg
-        source = cfg.data.data_path or str(Path(cfg.data.wordnet_dir) / "data.noun")
-        key = (
-            cfg.model,
-            cfg.data,
-            cfg.federation.seed,
-            self.partition_id,
-            self.num_partitions,
-            file_stamp(source),
-        )
+        data = data_key(cfg.data, seed=cfg.federation.seed)
+        key = (cfg.model, data, self.partition_id, self.num_partitions)
 
         def build() -> ClientDatasets:
             tokenizer = worker_cache().tokenizer(cfg.model)
