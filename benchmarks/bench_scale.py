@@ -19,7 +19,8 @@ ServerApp thread, Ray's own processes and its worker actors) every 0.25 s and pr
   process) and of its summed PSS (shared pages split between their processes);
 * the memory per additional client: the slope of the peak RSS over ``K``;
 * the last round's time (``round-seconds`` of ``metrics.jsonl``: train and evaluate)
-  divided by the reference's last round (goal <= 1.25).
+  divided by the reference's last round (goal <= 1.25). The reference runs before and
+  after the others and the ratio uses the mean of its two last rounds.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def run_one(clients: int, fraction: float, max_examples: int, rounds: int) -> di
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(tmp, ignore_errors=True)
     last = records[-1]
-    return {
+    result = {
         "clients": clients,
         "sampled": last["clients-sampled"],
         "examples": max_examples or ALL_EXAMPLES,
@@ -118,6 +119,8 @@ def run_one(clients: int, fraction: float, max_examples: int, rounds: int) -> di
         "last-train": last["train-seconds"],
         "accuracy": last.get("eval-accuracy", float("nan")),
     }
+    print(json.dumps(result), flush=True)  # each federation as it ends
+    return result
 
 
 def child(flat_json: str, run_dir: str) -> None:
@@ -144,9 +147,17 @@ def main() -> None:
     # data a client of it holds, all sampled.
     per_round = math.ceil(args.fraction * sizes[-1])
     reference_examples = ALL_EXAMPLES * per_round // sizes[-1]
-    results = [run_one(per_round, 1.0, reference_examples, args.rounds)]
-    results += [run_one(k, args.fraction, 0, args.rounds) for k in sizes]
-    ref = results[0]
+    # The reference runs first and last, so that a machine whose load drifts during the
+    # run shows up as two different reference times; the ratio uses their mean.
+    first = run_one(per_round, 1.0, reference_examples, args.rounds)
+    results = [first] + [run_one(k, args.fraction, 0, args.rounds) for k in sizes]
+    last = run_one(per_round, 1.0, reference_examples, args.rounds)
+    results.append(last)
+    ref = {**first, "last-round": (first["last-round"] + last["last-round"]) / 2}
+    print(
+        f"\nreference last round: {first['last-round']:.1f} s before, "
+        f"{last['last-round']:.1f} s after the others (mean {ref['last-round']:.1f} s)"
+    )
     print(
         f"\n{'clients':>8} {'sampled':>8} {'examples':>9} {'peak RSS GiB':>13} "
         f"{'peak PSS GiB':>13} {'wall s':>8} {'last round s':>13} {'/ reference':>12} "
@@ -159,7 +170,7 @@ def main() -> None:
             f"{r['last-round']:>13.1f} {r['last-round'] / ref['last-round']:>12.3f} "
             f"{r['accuracy']:>9.3f}"
         )
-    big = results[1:]
+    big = results[1:-1]
     if len(big) >= 2:
         lo, hi = big[0], big[-1]
         slope = (hi["peak-rss"] - lo["peak-rss"]) / (hi["clients"] - lo["clients"])
