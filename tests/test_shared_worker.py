@@ -103,6 +103,12 @@ def test_partitions_are_disjoint_and_evaluation_uses_the_given_adapter(
     clear_worker_cache()
     cfg = _cfg(tiny_model_dir, toy_csv)
     a, b = _client(cfg, 0), _client(cfg, 1)
+    # Everything trainable travels in the vector, the new classifier head included, and
+    # nothing else is trainable: so nothing trained stays behind on the shared model.
+    from fedtune.model import adapter_layout
+
+    names = adapter_layout(a.model).names
+    assert any("classifier" in n for n in names) and any("lora_A" in n for n in names)
     rows_a = {tuple(a.train_set[i]["input_ids"].tolist()) for i in range(len(a.train_set))}
     assert a.train_set is not b.train_set and a.test_set is not b.test_set
     assert len(a.train_set) == a.num_train_examples
