@@ -21,9 +21,10 @@ is checked against it before it leaves.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -33,7 +34,12 @@ from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config
 from fedtune.messages import check_reply
 from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
 
+#: This process's clients (their own state only: the model and data are shared, see
+#: :mod:`fedtune.train.shared`), by run config digest, partition and name.
 _RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
+
+#: The node config Flower's simulation engine gives each simulated SuperNode.
+SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 
 
 #: Node-config keys a SuperNode may set (``flower-supernode --node-config``).
@@ -87,12 +93,32 @@ def node_settings(
     return merged
 
 
+def simulated_node(node_config: Mapping[str, object]) -> bool:
+    """Whether this ClientApp runs on Flower's simulation engine, not on a real node.
+
+    ``flwr run`` on a local simulation (``--federation-config "num-supernodes=N"``
+    or a ``:local:`` SuperLink connection) runs ClientApps in Ray actors with the
+    node config ``partition-id`` / ``num-partitions`` and nothing else. A real node
+    runs them in ``flwr-clientapp`` processes, never in a Ray actor, and a fedtune
+    node always has a ``state-dir`` (``fedtune deploy supernode`` sets it). Only a
+    simulated node takes paths (``data-path``, ``secret-context``, ``run-dir``) from
+    the run config, as it does under ``fedtune simulate``.
+    """
+    if set(node_config) != SIMULATION_NODE_KEYS:
+        return False
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().get_actor_id() is not None
+
+
 def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) -> ClientRuntime:
     """Build (once per process and partition) the client's runtime.
 
-    Simulation actors serve many messages; rebuilding the model and re-tokenising
-    the partition each time would dominate a round, so the runtime is kept in a
-    process-local cache filled on first use (never at import).
+    Simulation actors serve many messages; the runtime is kept in a process-local
+    cache filled on first use (never at import). It holds only the client's own
+    state: the model, tokenizer, codec and the data set are the worker's
+    (:mod:`fedtune.train.shared`), the tokenised partition sits in its bounded LRU.
     """
     merged = node_settings(flat, dict(context.node_config), deployed=deployed)
     partition_id = int(str(merged.pop("partition-id")))
@@ -106,11 +132,14 @@ def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) ->
         and parse_run_config(merged, ignore=WIRING_KEYS).privacy.enabled
     ):
         raise ValueError("DP is on: this node's node-config needs `state-dir` for its ledger.")
-    # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy.
-    privacy_dir = (state_dir or wiring.run_dir or Path(".")) / "privacy"
-    run_id = wiring.run_id or (wiring.run_dir or Path("run")).name
+    # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy
+    # (``run-dir``, else the run directory of this Flower run, as the server names it).
+    privacy_dir = (state_dir or wiring.run_dir_for(context.run_id)) / "privacy"
+    run_id = wiring.run_name(context.run_id)
+    digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in merged.items())).encode())
     key = (
-        tuple(sorted((k, str(v)) for k, v in merged.items())),
+        digest.hexdigest(),
+        context.run_id,
         partition_id,
         num_partitions,
         name,
@@ -143,6 +172,11 @@ def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) ->
     return _RUNTIMES[key]
 
 
+def _deployed(config: Mapping[str, object] | None, context: Context) -> bool:
+    """A real node: ``flwr run`` against a deployment (not a simulation, not Python-driven)."""
+    return config is None and not simulated_node(dict(context.node_config))
+
+
 def _global_state(msg: Message) -> GlobalState | None:
     if "global" not in msg.content.config_records:
         return None
@@ -173,7 +207,7 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         flat = dict(config) if config is not None else dict(context.run_config)
-        runtime = _runtime(flat, context, deployed=config is None)
+        runtime = _runtime(flat, context, deployed=_deployed(config, context))
         server_config = msg.content.config_records["config"]
         server_round = _int(server_config, "server-round")
         sampled = (
@@ -188,7 +222,7 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         flat = dict(config) if config is not None else dict(context.run_config)
-        runtime = _runtime(flat, context, deployed=config is None)
+        runtime = _runtime(flat, context, deployed=_deployed(config, context))
         state = _global_state(msg)
         server_round = _int(msg.content.config_records["config"], "server-round")
         runtime.keep_global(state, server_round=server_round)

@@ -229,9 +229,10 @@ class StepGuard:
         return last_round, vector, largest
 
     def _store(self, server_round: int, vector: NDArray[np.float64], largest: float) -> None:
-        self._memory = (server_round, vector.copy(), largest)
         if self.path is None:
+            self._memory = (server_round, vector.copy(), largest)
             return
+        # With a file the memory is the file: no copy per client stays in the process.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

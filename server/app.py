@@ -39,18 +39,47 @@ from server.strategy import FedTuneStrategy, NotEnoughClients
 
 __all__ = [
     "app",
+    "check_keys",
     "make_server_app",
     "parse_node_limits",
     "resume_round",
     "run_rounds",
     "server_capacity",
     "server_codec",
+    "with_default_labels",
 ]
 
 log = logging.getLogger("fedtune.server")
 
-#: Where the server writes when the run config sets no ``run-dir``.
-DEFAULT_RUN_DIR = Path("runs/server")
+
+def with_default_labels(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``label-names`` filled in for the default data (all 8 WordNet categories).
+
+    The server sizes the payload from the label count before any client replies;
+    with the default data it knows the labels the clients will find, so ``flwr run .``
+    needs no ``label-names``. With the user's own data it must be given.
+    """
+    if cfg.data.labels or not get_task(cfg.model.task).uses_labels:
+        return cfg
+    from dataclasses import replace  # noqa: PLC0415
+
+    from fedtune.data import default_label_names  # noqa: PLC0415
+
+    names = ",".join(default_label_names(cfg.data))
+    return replace(cfg, data=replace(cfg.data, label_names=names))
+
+
+def check_keys(cfg: RunConfig, wiring: Wiring) -> None:
+    """Refuse an encrypted run without the server's ``public-context`` (no silent plaintext)."""
+    from fedtune.config import ConfigError  # noqa: PLC0415
+    from fedtune.secure import get_backend  # noqa: PLC0415
+
+    if get_backend(cfg.crypto.codec_name).uses_keys and wiring.public_context is None:
+        raise ConfigError(
+            "`encryption` = true needs the server's `public-context` (and the clients' "
+            "`secret-context`): make them with `fedtune keygen --out DIR` and pass both "
+            "paths in the run config, or use `fedtune simulate`, which makes a run's keys."
+        )
 
 
 def server_codec(cfg: RunConfig, wiring: Wiring | Mapping[str, object]) -> Codec:
@@ -252,9 +281,11 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         flat = dict(config) if config is not None else dict(context.run_config)
-        cfg = parse_run_config(flat, ignore=WIRING_KEYS)
+        cfg = with_default_labels(parse_run_config(flat, ignore=WIRING_KEYS))
         wiring = parse_wiring(flat)
-        run_dir = wiring.run_dir or DEFAULT_RUN_DIR
+        check_keys(cfg, wiring)
+        # Each Flower run gets its own directory unless the run config names one.
+        run_dir = wiring.run_dir_for(context.run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.toml").exists():  # a deployment: `fedtune export` reads it
             (run_dir / "config.toml").write_text(cfg.to_toml())

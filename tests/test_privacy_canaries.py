@@ -317,7 +317,7 @@ def test_a_deployed_node_refuses_simulation_only_keys(key: str, value: object, m
 
     from clients.app import _runtime
 
-    context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 1})
+    context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 1}, run_id=1)
     with pytest.raises(ConfigError, match=match):
         _runtime({key: value}, context, deployed=True)  # type: ignore[arg-type]
 

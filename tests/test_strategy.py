@@ -397,3 +397,24 @@ def test_updates_that_would_pass_the_ckks_range_are_dropped() -> None:
     )
     assert metrics is not None and metrics["num-examples"] == 15
     assert "CKKS range" in strategy.last_train.dropped["client-2"]
+
+
+def test_a_round_builds_messages_for_the_sampled_clients_only() -> None:
+    """100,000 connected nodes, 50 sampled: 50 messages, and sampling takes well under a second."""
+    import time
+
+    class _Large:
+        def get_node_ids(self) -> list[int]:
+            return list(range(1, 100_001))
+
+    codec = PlainCodec(length=2)
+    strategy = FedTuneStrategy(
+        codec=codec, fraction_train=0.0005, fraction_evaluate=0.0005, min_clients=2, seed=0
+    )
+    start = time.perf_counter()
+    sent = list(strategy.configure_train(1, None, None, _Large()))  # type: ignore[arg-type]
+    evaluate = list(strategy.configure_evaluate(1, None, None, _Large()))  # type: ignore[arg-type]
+    assert time.perf_counter() - start < 1.0
+    assert len(sent) == len(evaluate) == 50
+    assert len({m.metadata.dst_node_id for m in sent}) == 50
+    assert sent[0].content["config"]["sampled-clients"] == 50

@@ -36,6 +36,10 @@ class FederationConfig:
     (:class:`fedtune.bounds.StepGuard`): a client refuses a decrypted global whose
     distance from the previous one it accepted, per round, is more than this many
     times the largest such step it accepted before (0 turns the check off).
+
+    ``partition-cache-size`` bounds the tokenised client partitions one worker
+    process keeps (an LRU, :mod:`fedtune.train.shared`); an evicted one is rebuilt,
+    deterministically, from the data set the worker read and partitioned once.
     """
 
     num_rounds: int = 5
@@ -49,8 +53,15 @@ class FederationConfig:
     client_gpus: float = -1.0
     max_client_examples: int = 50_000
     max_step_factor: float = 10.0
+    partition_cache_size: int = 128
 
     def __post_init__(self) -> None:
+        require(
+            self.partition_cache_size >= 1,
+            "partition-cache-size",
+            self.partition_cache_size,
+            "must be >= 1 (tokenised client partitions a worker process keeps)",
+        )
         require(self.num_rounds >= 1, "num-rounds", self.num_rounds, "must be >= 1")
         require(
             self.max_step_factor == 0 or self.max_step_factor >= 1,

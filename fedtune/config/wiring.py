@@ -53,6 +53,19 @@ class Wiring:
     resume: bool = False
     node_limits: Mapping[int, int] = field(default_factory=dict)
 
+    def run_dir_for(self, flower_run_id: int | str) -> Path:
+        """``run-dir``, else ``runs/flwr-<run id>``: a new directory for each Flower run.
+
+        ``flwr run`` gives every run its own id; the server and, in a simulation,
+        the clients (their ledgers are in ``RUN_DIR/privacy``) derive the same path
+        from it, relative to the simulation's working directory.
+        """
+        return self.run_dir or Path("runs") / f"flwr-{flower_run_id}"
+
+    def run_name(self, flower_run_id: int | str) -> str:
+        """``run-id``, else the run directory's name (the key of the clients' ledgers)."""
+        return self.run_id or self.run_dir_for(flower_run_id).name
+
 
 #: Run-config keys that belong to the wiring (paths set per run or per process),
 #: not to :class:`~fedtune.config.RunConfig`; both apps accept and skip them.

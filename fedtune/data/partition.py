@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import ConfigError, DataConfig
+from fedtune.data.memo import process_memo
 from fedtune.data.sources import LABEL, LabelledData
 
 __all__ = [
@@ -45,10 +46,21 @@ class ClientData:
     test_labels: list[int]
 
 
+def _partition_key(
+    labels: list[int], cfg: DataConfig, *, num_partitions: int, seed: int
+) -> tuple[object, ...]:
+    return (tuple(labels), cfg.partitioning, cfg.dirichlet_alpha, num_partitions, seed)
+
+
+@process_memo(_partition_key, maxsize=4)
 def partition_indices(
     labels: list[int], cfg: DataConfig, *, num_partitions: int, seed: int
 ) -> list[list[int]]:
     """Assign example indices to ``num_partitions`` clients with flwr-datasets.
+
+    Computed once per process for a data set and split (:mod:`fedtune.data.memo`):
+    the partitioner works out every partition, so per client it would cost
+    ``O(num-clients)``. Callers must not modify the returned lists.
 
     Raises
     ------

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import ConfigError, DataConfig
+from fedtune.data.memo import data_key, file_stamp, process_memo
 
 #: WordNet lexicographer file number -> category name (see ``lexnames(5WN)``).
 WORDNET_CATEGORIES: dict[int, str] = {
@@ -77,8 +78,12 @@ class Synset:
     examples: tuple[str, ...] = ()
 
 
+@process_memo(lambda directory: file_stamp(Path(directory) / "data.noun"), maxsize=2)
 def read_wordnet(directory: Path) -> list[Synset]:
-    """Every noun synset of ``directory/data.noun`` that has a definition."""
+    """Every noun synset of ``directory/data.noun`` that has a definition.
+
+    Read once per process (:mod:`fedtune.data.memo`); callers must not modify the list.
+    """
     path = directory / "data.noun"
     if not path.is_file():
         raise ConfigError(
@@ -137,6 +142,17 @@ def wordnet_categories(cfg: DataConfig, *, at_least: int) -> list[str]:
             f"least {at_least} of: {', '.join(WORDNET_CATEGORIES.values())}."
         )
     return names
+
+
+def default_label_names(cfg: DataConfig) -> list[str]:
+    """``label-names`` as configured, else the default data's: all 8 WordNet categories.
+
+    With the user's own data (``data-path``) nothing is assumed: its labels come
+    from the file, and a party that cannot read it (the server) needs them set.
+    """
+    if cfg.labels or cfg.data_path:
+        return list(cfg.labels)
+    return list(WORDNET_CATEGORIES.values())
 
 
 def sample_by_category(
@@ -236,8 +252,13 @@ def load_table(cfg: DataConfig) -> LabelledData:
     return LabelledData(texts, [index[str(v)] for v in raw], names)
 
 
+@process_memo(data_key, maxsize=4)
 def load_data(cfg: DataConfig, *, seed: int) -> LabelledData:
-    """Load the configured data set, capped at ``max-examples`` (seeded)."""
+    """Load the configured data set, capped at ``max-examples`` (seeded).
+
+    Loaded once per process and configuration (:mod:`fedtune.data.memo`): every
+    client of a simulation worker gets the same (read-only) object.
+    """
     data = load_wordnet(cfg, seed=seed) if not cfg.data_path else load_table(cfg)
     if cfg.max_examples and len(data) > cfg.max_examples:
         keep = sorted(

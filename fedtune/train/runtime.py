@@ -1,9 +1,12 @@
 """One client's work, independent of Flower: decode the global adapter, train, encode.
 
 :class:`ClientRuntime` holds what a client keeps between rounds in one process:
-its data partition (tokenised), the model with its LoRA adapter, the adapter's
-seeded initial value and its codec. ``clients/app.py`` turns Flower messages into
-calls on it.
+its name and partition, its privacy plan, ledger and step guard. What every
+client of a worker process shares lives in :mod:`fedtune.train.shared`: the base
+model with its LoRA adapter (a client sets its adapter vector in, trains, reads
+it back), the tokenizer, the codec, and a bounded LRU of tokenised partitions
+(rebuilt deterministically when evicted). ``clients/app.py`` turns Flower messages
+into calls on it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from numpy.typing import NDArray
 from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
+from fedtune.data.memo import data_key
 from fedtune.privacy import PrivacyLedger
-from fedtune.secure import run_codec
 from fedtune.tasks import get_task
+from fedtune.tasks.base import ClientDatasets
 from fedtune.train.loop import (
     Batchable,
     EvalResult,
@@ -36,6 +40,7 @@ from fedtune.train.loop import (
 )
 from fedtune.train.plan import PrivacyPlan, privacy_plan
 from fedtune.train.seeds import round_seed
+from fedtune.train.shared import SharedModel, release_model, worker_cache
 from fedtune.train.state import GlobalState, TrainOutcome
 
 __all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
@@ -52,7 +57,12 @@ def _checked_mean(mean: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 class ClientRuntime:
-    """A client's partition, model and codec, built once per process."""
+    """A client's own state; the model, tokenizer, codec and data are the worker's.
+
+    Built on a client's first message in a process. Its partition is tokenised
+    then (for the sizes and label names kept here) and again only after the
+    worker's partition LRU (``partition-cache-size``) evicted it.
+    """
 
     def __init__(
         self,
@@ -68,25 +78,26 @@ class ClientRuntime:
     ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
+        self.num_partitions = num_partitions
         self.name = name or f"client-{partition_id}"
         self.run_id = run_id
         self.privacy_dir = privacy_dir
         self.state_dir = state_dir
-        seed = cfg.federation.seed
         self.device = select_device(cfg.train.device)
         self.task = get_task(cfg.model.task)
-        tokenizer = fmodel.load_tokenizer(cfg.model)
-        sets = self.task.client_datasets(
-            cfg, tokenizer, partition_id=partition_id, num_partitions=num_partitions
-        )
-        self.train_set: Batchable = sets.train_set
-        self.test_set: Batchable = sets.test_set
-        self.label_names = sets.label_names
+        cache = worker_cache()
+        cache.partitions.resize(cfg.federation.partition_cache_size)
+        sets = self.datasets
+        self.label_names = list(sets.label_names)
+        self._num_train = len(sets.train_set)
         self.loss_fn: LossFn | None = self.task.loss_fn(cfg)
-        self.model = fmodel.build_model(cfg.model, num_labels=len(self.label_names), seed=seed)
-        self.model.to(self.device)
-        self.initial = fmodel.get_adapter_vector(self.model)
-        self.codec = run_codec(
+        self._shared: SharedModel = cache.model(
+            cfg.model,
+            num_labels=len(self.label_names),
+            seed=cfg.federation.seed,
+            device=self.device,
+        )
+        self.codec = cache.codec(
             cfg.crypto.encryption_backend, length=self.initial.size, context=secret_context
         )
         self._plan: PrivacyPlan | None = None
@@ -104,6 +115,46 @@ class ClientRuntime:
             raise ValueError("DP is on but the client has no directory for its privacy ledger.")
 
     @property
+    def datasets(self) -> ClientDatasets:
+        """This client's tokenised partition, from the worker's LRU (rebuilt if evicted)."""
+        cfg = self.cfg
+        data = data_key(cfg.data, seed=cfg.federation.seed)
+        key = (cfg.model, data, self.partition_id, self.num_partitions)
+
+        def build() -> ClientDatasets:
+            tokenizer = worker_cache().tokenizer(cfg.model)
+            return self.task.client_datasets(
+                cfg, tokenizer, partition_id=self.partition_id, num_partitions=self.num_partitions
+            )
+
+        return worker_cache().partitions.get(key, build)
+
+    @property
+    def train_set(self) -> Batchable:
+        """This client's tokenised training examples."""
+        return self.datasets.train_set
+
+    @property
+    def test_set(self) -> Batchable:
+        """This client's tokenised held-out examples."""
+        return self.datasets.test_set
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The worker's shared model; set this client's adapter vector in before use."""
+        return self._shared.model
+
+    @model.setter
+    def model(self, module: torch.nn.Module) -> None:
+        # DP-SGD hands back the model it unwrapped (the same module, Opacus' hooks removed).
+        self._shared.model = module
+
+    @property
+    def initial(self) -> NDArray[np.float64]:
+        """The seeded initial adapter every client starts round 1 from (read-only)."""
+        return self._shared.initial
+
+    @property
     def plan(self) -> PrivacyPlan:
         """This client's DP parameters (calibrated on first use)."""
         if self._plan is None:
@@ -119,7 +170,7 @@ class ClientRuntime:
     @property
     def num_train_examples(self) -> int:
         """Examples this client trains on each epoch."""
-        return len(self.train_set)
+        return self._num_train
 
     def keep_global(self, state: GlobalState | None, *, server_round: int) -> None:
         """On a node, keep the newest global sum in ``STATE_DIR/checkpoint``.
@@ -239,14 +290,17 @@ class ClientRuntime:
                 canaries.add(grads, sample_rate=rate, scale=1.0 / batch_size)
 
             optimizer.register_step_pre_hook(add_canaries)
-        return train_local(
-            self.model,
-            loader,
-            self.cfg.train,
-            device=self.device,
-            loss_fn=self.loss_fn,
-            optimizer=optimizer,
-        )
+        try:
+            return train_local(
+                self.model,
+                loader,
+                self.cfg.train,
+                device=self.device,
+                loss_fn=self.loss_fn,
+                optimizer=optimizer,
+            )
+        finally:
+            release_model(self.model)  # the next client of this worker starts clean
 
     def _train_dpsgd(self, seed: int, noise, canaries=None) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
         """One round of DP-SGD; returns the result and σ, q, steps as Opacus ran them."""
@@ -282,6 +336,7 @@ class ClientRuntime:
                 )
         finally:
             self.model = dp.close()
+            release_model(self.model)  # the next client of this worker starts clean
         used = replace(
             plan,
             noise_multiplier=float(dp.optimizer.noise_multiplier),  # type: ignore[attr-defined]

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from fedtune import data as fdata
 from fedtune.config import ConfigError, DataConfig
 from fedtune.data.collate import IGNORE, pad_collate
+from fedtune.data.memo import data_key, process_memo
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,12 @@ def table_cell(value: object, column: str, path: Path) -> str:
     return str(value)
 
 
+@process_memo(data_key, maxsize=4)
 def load_instructions(cfg: DataConfig, *, seed: int) -> InstructionData:
-    """The configured instruction data, capped at ``max-examples`` (seeded)."""
+    """The configured instruction data, capped at ``max-examples`` (seeded).
+
+    Loaded once per process and configuration (:mod:`fedtune.data.memo`; read-only).
+    """
     if cfg.data_path:
         data = load_instruction_table(cfg)
     else:
