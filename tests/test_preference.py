@@ -126,16 +126,15 @@ def _tiny_lora_llama(path: Path) -> nn.Module:
     return build_model(cfg, num_labels=0, seed=0)
 
 
-def test_opacus_per_sample_gradients_are_each_pairs_own_gradient(tiny_llama_dir: Path) -> None:
+def _moved_model_and_pairs(path: Path) -> tuple[nn.Module, pref_data.PreferenceDataset]:
+    """The tiny LoRA Llama with B moved off zero (policy != reference) and 3 toy pairs."""
     from conftest import toy_preference_rows
-    from opacus.grad_sample import GradSampleModule
 
-    model = _tiny_lora_llama(tiny_llama_dir)
+    model = _tiny_lora_llama(path)
     with torch.no_grad():  # B starts at zero: move it so that policy and reference differ
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    model.train()
     rows = toy_preference_rows(1)
     data = pref_data.PreferenceData(
         [r["prompt"] for r in rows],
@@ -143,7 +142,14 @@ def test_opacus_per_sample_gradients_are_each_pairs_own_gradient(tiny_llama_dir:
         [r["rejected"] for r in rows],
         [0] * 3,
     )
-    dataset = pref_data.PreferenceDataset(tiny_word_tokenizer(), data, max_length=64)
+    return model, pref_data.PreferenceDataset(tiny_word_tokenizer(), data, max_length=64)
+
+
+def test_opacus_per_sample_gradients_are_each_pairs_own_gradient(tiny_llama_dir: Path) -> None:
+    from opacus.grad_sample import GradSampleModule
+
+    model, dataset = _moved_model_and_pairs(tiny_llama_dir)
+    model.train()
     batch = dataset.collate_fn()([dataset[i] for i in range(3)])
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     gsm.forbid_grad_accumulation()
@@ -164,25 +170,12 @@ def test_opacus_per_sample_gradients_are_each_pairs_own_gradient(tiny_llama_dir:
 def test_the_reference_cache_changes_no_gradient(tiny_llama_dir: Path) -> None:
     # The reference log-probabilities are kept after a pair's first pass; a warm cache
     # must give the same per-sample gradients (within float noise) as recomputing them.
-    from conftest import toy_preference_rows
     from opacus.grad_sample import GradSampleModule
 
     from fedtune.tasks import get_task
     from fedtune.tasks.preference.loss import ReferenceCache
 
-    model = _tiny_lora_llama(tiny_llama_dir)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    rows = toy_preference_rows(1)
-    data = pref_data.PreferenceData(
-        [r["prompt"] for r in rows],
-        [r["chosen"] for r in rows],
-        [r["rejected"] for r in rows],
-        [0] * 3,
-    )
-    dataset = pref_data.PreferenceDataset(tiny_word_tokenizer(), data, max_length=64)
+    model, dataset = _moved_model_and_pairs(tiny_llama_dir)
     collate = dataset.collate_fn()
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
