@@ -1,96 +1,35 @@
-"""The fedtune ClientApp: translate Flower messages into :class:`ClientRuntime` calls.
+"""The fedtune ClientApp: hand each Flower message to the node's round code.
 
-Message contents (keys in the ``RecordDict``):
+On a real node this app is thin: it imports no torch and forwards each message to
+the node's long-lived worker (:mod:`fedtune.node.worker`) over the Unix socket named
+by the node config's ``worker`` key (``fedtune deploy supernode`` sets it), then
+sends the worker's reply back. Flower starts a fresh ``flwr-clientapp`` process for
+every message, so all that costs time (torch, the model, the data, the calibrated
+noise) lives in the worker, and all that is secret (the data, ``secret.ctx``, the
+ledger) too: this process may run as a user who cannot read them.
 
-* server -> client: ``config`` (ConfigRecord: ``server-round``, and for train
-  messages ``sampled-clients``, the number of clients trained this round), and from
-  round 2 on ``global`` (ConfigRecord: a wire payload of ``sum n_k w_k`` plus
-  ``num-examples``).
-* client -> server (train): ``update`` (ConfigRecord: the wire payload of
-  ``n_k w_k``), ``info`` (ConfigRecord: ``client``, ``declined``), ``metrics``
-  (MetricRecord: ``num-examples``, ``partition-id``; ``epsilon`` with DP on;
-  ``train-loss`` and ``train-seconds`` only with DP off). A client that declines
-  (its privacy budget, or a second release of one round) replies with ``info``
-  only, ``declined`` saying why.
-* client -> server (evaluate): ``info`` and ``metrics`` (``num-examples``,
-  ``eval-loss``, ``eval-accuracy``, ``partition-id``).
-
-The privacy status of every field is declared in :mod:`fedtune.messages`; each reply
-is checked against it before it leaves.
+In a simulation (``fedtune simulate``, or ``flwr run`` on Flower's local simulation)
+the same round code (:mod:`fedtune.node.round`) runs in this process, the Ray actor
+that serves many clients. Message contents are documented there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 from collections.abc import Mapping
 
-import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-
-from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config, parse_wiring
-from fedtune.messages import check_reply
-from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
-
-#: This process's clients (their own state only: the model and data are shared, see
-#: :mod:`fedtune.train.shared`), by run config digest, partition and name.
-_RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
 
 #: The node config Flower's simulation engine gives each simulated SuperNode.
 SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 
+#: Node-config keys of a real node's SuperNode: the worker's socket, how long to wait
+#: for it to be ready (seconds; a restarting worker), and the node's name.
+WORKER_KEYS = frozenset({"worker", "worker-wait", "name"})
 
-#: Node-config keys a SuperNode may set (``flower-supernode --node-config``).
-NODE_KEYS = frozenset(
-    {
-        "partition-id",
-        "num-partitions",
-        "name",
-        "data-path",
-        "state-dir",
-        "secret-context",
-        "epsilon-budget",
-    }
-)
-
-
-def node_settings(
-    flat: Mapping[str, object], node_config: Mapping[str, object], *, deployed: bool
-) -> dict[str, object]:
-    """Merge a node's own settings over the run config and check them.
-
-    A real node brings its own ``data-path`` (then its whole file is its data:
-    one partition of one), ``state-dir`` (privacy ledger, last global state),
-    ``secret-context`` and ``epsilon-budget``; these never come from the server's
-    run config on a deployed node, so a node cannot be pointed at another node's
-    files by the server. In simulation the driver passes them in the run config.
-    """
-    unknown = sorted(set(node_config) - NODE_KEYS)
-    if unknown:
-        raise ValueError(
-            f"Unknown node-config key(s) {unknown}; a fedtune node accepts "
-            f"{', '.join(sorted(NODE_KEYS))}."
-        )
-    merged = dict(flat)
-    if deployed:
-        for key in ("data-path", "secret-context", "state-dir"):
-            merged.pop(key, None)
-    for key in ("data-path", "state-dir", "secret-context", "epsilon-budget"):
-        if key in node_config:
-            merged[key] = node_config[key]
-    own_data = deployed and bool(node_config.get("data-path"))
-    default_parts = (0, 1) if own_data else (None, None)
-    for key, default in zip(("partition-id", "num-partitions"), default_parts, strict=True):
-        value = node_config.get(key, default)
-        if value is None:
-            raise ValueError(
-                f"node-config needs `{key}` (or a `data-path` of the node's own data)."
-            )
-        merged[key] = int(str(value))
-    merged["name"] = str(node_config.get("name") or f"client-{merged['partition-id']}")
-    return merged
+#: Seconds a message waits for a (re)starting worker before the node sits the round out.
+WORKER_WAIT = 60.0
 
 
 def simulated_node(node_config: Mapping[str, object]) -> bool:
@@ -100,7 +39,7 @@ def simulated_node(node_config: Mapping[str, object]) -> bool:
     or a ``:local:`` SuperLink connection) runs ClientApps in Ray actors with the
     node config ``partition-id`` / ``num-partitions`` and nothing else. A real node
     runs them in ``flwr-clientapp`` processes, never in a Ray actor, and a fedtune
-    node always has a ``state-dir`` (``fedtune deploy supernode`` sets it). Only a
+    node always has a ``worker`` (``fedtune deploy supernode`` sets it). Only a
     simulated node takes paths (``data-path``, ``secret-context``, ``run-dir``) from
     the run config, as it does under ``fedtune simulate``.
     """
@@ -112,85 +51,52 @@ def simulated_node(node_config: Mapping[str, object]) -> bool:
     return ray.get_runtime_context().get_actor_id() is not None
 
 
-def _runtime(flat: Mapping[str, object], context: Context, *, deployed: bool) -> ClientRuntime:
-    """Build (once per process and partition) the client's runtime.
+def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
+    """A real node: the worker's reply (it holds the model, the data and the keys)."""
+    from fedtune.node.channel import forward, wait_ready  # noqa: PLC0415 - no torch
 
-    Simulation actors serve many messages; the runtime is kept in a process-local
-    cache filled on first use (never at import). It holds only the client's own
-    state: the model, tokenizer, codec and the data set are the worker's
-    (:mod:`fedtune.train.shared`), the tokenised partition sits in its bounded LRU.
-    """
-    merged = node_settings(flat, dict(context.node_config), deployed=deployed)
-    partition_id = int(str(merged.pop("partition-id")))
-    num_partitions = int(str(merged.pop("num-partitions")))
-    name = str(merged.pop("name"))
-    wiring = parse_wiring(merged)
-    state_dir = wiring.state_dir
-    if (
-        deployed
-        and state_dir is None
-        and parse_run_config(merged, ignore=WIRING_KEYS).privacy.enabled
-    ):
-        raise ValueError("DP is on: this node's node-config needs `state-dir` for its ledger.")
-    # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy
-    # (``run-dir``, else the run directory of this Flower run, as the server names it).
-    privacy_dir = (state_dir or wiring.run_dir_for(context.run_id)) / "privacy"
-    run_id = wiring.run_name(context.run_id)
-    digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in merged.items())).encode())
-    key = (
-        digest.hexdigest(),
-        context.run_id,
-        partition_id,
-        num_partitions,
-        name,
-    )
-    if key not in _RUNTIMES:
-        cfg: RunConfig = parse_run_config(merged, ignore=WIRING_KEYS)
-        if deployed and cfg.privacy.seeded_noise:
-            raise ConfigError(
-                "`seeded-noise` = true is for simulations only: a deployed node draws its "
-                "DP noise from a CSPRNG. Remove it from the run config."
-            )
-        if deployed and cfg.privacy.audit_canaries:
-            raise ConfigError(
-                "`audit-canaries` is for simulations only: a deployed node trains on its "
-                "own data and nothing else. Remove it from the run config."
-            )
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
-        _RUNTIMES[key] = ClientRuntime(
-            cfg,
-            partition_id=partition_id,
-            num_partitions=num_partitions,
-            name=name,
-            secret_context=wiring.secret_context,
-            privacy_dir=privacy_dir,
-            state_dir=state_dir,
-            run_id=run_id,
+    node = dict(context.node_config)
+    unknown = sorted(set(node) - WORKER_KEYS)
+    if "worker" not in node or unknown:
+        raise ValueError(
+            "This ClientApp runs on a real node but its node config "
+            + (f"has unknown key(s) {unknown}" if unknown else "names no `worker`")
+            + "; start the node with `fedtune deploy supernode`, which starts the node's "
+            "worker and gives the SuperNode its socket."
         )
-    return _RUNTIMES[key]
+    address = str(node["worker"])
+    wait = float(str(node.get("worker-wait", WORKER_WAIT)))
+    if not wait_ready(address, timeout=wait):
+        from fedtune.node.channel import WorkerUnavailable  # noqa: PLC0415
+
+        raise WorkerUnavailable(
+            f"this node's fedtune worker at {address} is not ready after {wait:.0f} s; the "
+            "node sits out this round. Is `fedtune deploy supernode` running (see its log)?"
+        )
+    return forward(
+        address,
+        kind,
+        msg.content,
+        run_id=int(context.run_id),
+        run_config=dict(context.run_config),
+    )
 
 
-def _deployed(config: Mapping[str, object] | None, context: Context) -> bool:
-    """A real node: ``flwr run`` against a deployment (not a simulation, not Python-driven)."""
-    return config is None and not simulated_node(dict(context.node_config))
+def _in_process(
+    kind: str, msg: Message, context: Context, config: Mapping[str, object] | None
+) -> RecordDict:
+    """A simulated client: the round code runs here (the actor keeps the model loaded)."""
+    from fedtune.node import round as node_round  # noqa: PLC0415 - imports torch
 
-
-def _global_state(msg: Message) -> GlobalState | None:
-    if "global" not in msg.content.config_records:
-        return None
-    record = msg.content.config_records["global"]
-    payload = {k: record[k] for k in ("chunks", "length", "fingerprint") if k in record}
-    return GlobalState(payload=payload, num_examples=_int(record, "num-examples"))
-
-
-def _int(record: ConfigRecord, key: str) -> int:
-    """An integer field of a server message (checked: the codec validates the rest)."""
-    value = record.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"server message field {key!r} must be an integer, got {value!r}.")
-    return value
+    flat = dict(config) if config is not None else dict(context.run_config)
+    return node_round.handle(
+        kind,
+        msg.content,
+        run_config=flat,
+        node_config=dict(context.node_config),
+        run_id=int(context.run_id),
+        deployed=False,
+    )
 
 
 def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
@@ -201,76 +107,27 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     config : Mapping[str, object] | None
         Flat run config for Python-driven simulations (``run_simulation`` passes no
         run config); ``None`` reads ``context.run_config`` as ``flwr run`` sets it.
+        ``None`` on a node that is not simulated means a real node: messages go to
+        its worker.
     """
     app = ClientApp()
 
+    def reply(kind: str, msg: Message, context: Context) -> Message:
+        if config is None and not simulated_node(dict(context.node_config)):
+            content = _forward(kind, msg, context)
+        else:
+            content = _in_process(kind, msg, context, config)
+        return Message(content, reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        flat = dict(config) if config is not None else dict(context.run_config)
-        runtime = _runtime(flat, context, deployed=_deployed(config, context))
-        server_config = msg.content.config_records["config"]
-        server_round = _int(server_config, "server-round")
-        sampled = (
-            _int(server_config, "sampled-clients") if "sampled-clients" in server_config else 0
-        )
-        state = _global_state(msg)
-        # The sum the server sent is the result of round server_round - 1.
-        runtime.keep_global(state, server_round=server_round - 1)
-        outcome = runtime.train(state, server_round=server_round, sampled_clients=sampled)
-        return Message(train_reply(runtime, outcome), reply_to=msg)
+        return reply("train", msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        flat = dict(config) if config is not None else dict(context.run_config)
-        runtime = _runtime(flat, context, deployed=_deployed(config, context))
-        state = _global_state(msg)
-        server_round = _int(msg.content.config_records["config"], "server-round")
-        runtime.keep_global(state, server_round=server_round)
-        result = runtime.evaluate(state, server_round=server_round)
-        info: dict[str, object] = {"client": runtime.name}
-        metrics: dict[str, object] = {
-            "num-examples": result.num_examples,
-            **result.metrics(),
-            "partition-id": runtime.partition_id,
-        }
-        check_reply(
-            {"info": info, "metrics": metrics},
-            phase="evaluate",
-            private=runtime.cfg.privacy.enabled,
-            held_out=runtime.task.eval_metrics,
-        )
-        reply = RecordDict(
-            {"info": ConfigRecord(info), "metrics": MetricRecord(metrics)}  # type: ignore[arg-type]
-        )
-        return Message(reply, reply_to=msg)
+        return reply("evaluate", msg, context)
 
     return app
-
-
-def train_reply(runtime: ClientRuntime, outcome: TrainOutcome) -> RecordDict:
-    """The train reply: only fields :mod:`fedtune.messages` allows (checked here)."""
-    private = runtime.cfg.privacy.enabled
-    info: dict[str, object] = {"client": runtime.name, "declined": outcome.declined}
-    content: dict[str, dict[str, object]] = {"info": info}
-    if outcome.payload is not None:  # declined: nothing else to send
-        metrics: dict[str, object] = {
-            "num-examples": outcome.num_examples,
-            "partition-id": runtime.partition_id,
-        }
-        if private:
-            assert outcome.epsilon is not None  # a DP release always has its ε
-            metrics["epsilon"] = outcome.epsilon
-        elif outcome.result is not None:
-            metrics["train-loss"] = outcome.result.loss
-            metrics["train-seconds"] = outcome.result.seconds
-        content["update"] = dict(outcome.payload)
-        content["metrics"] = metrics
-    check_reply(content, phase="train", private=private)
-    records = {
-        name: MetricRecord(values) if name == "metrics" else ConfigRecord(values)  # type: ignore[arg-type]
-        for name, values in content.items()
-    }
-    return RecordDict(records)  # type: ignore[arg-type]
 
 
 #: The ClientApp that ``flwr run`` loads (``[tool.flwr.app.components]``).

@@ -48,6 +48,16 @@ EVALUATE_FIELDS: dict[tuple[str, str], str] = {
     # + the task's own held-out metrics (``Task.eval_metrics``: eval-loss, eval-accuracy, ...)
 }
 
+#: A train reply's ``evaluation`` record (when the server asked for the held-out metrics
+#: of the global state it sent): the evaluate reply's ``metrics``, computed before training.
+TRAIN_FIELDS.update(
+    {
+        ("evaluation", key): status
+        for (record, key), status in EVALUATE_FIELDS.items()
+        if record == "metrics"
+    }
+)
+
 
 def check_reply(
     content: Mapping[str, Mapping[str, object]],
@@ -67,12 +77,13 @@ def check_reply(
     private
         DP is on: ``"plain"`` fields are refused too.
     held_out
-        The task's held-out metric keys (``Task.eval_metrics``), evaluate replies only:
-        computed on the test split, status ``"held-out"``.
+        The task's held-out metric keys (``Task.eval_metrics``): computed on the test
+        split, status ``"held-out"``, in an evaluate reply's ``metrics`` and a train
+        reply's ``evaluation``.
     """
     schema = dict({"train": TRAIN_FIELDS, "evaluate": EVALUATE_FIELDS}[phase])
-    if phase == "evaluate":
-        schema.update({("metrics", key): "held-out" for key in held_out})
+    record = "metrics" if phase == "evaluate" else "evaluation"
+    schema.update({(record, key): "held-out" for key in held_out})
     for record, values in content.items():
         for key in values:
             status = schema.get((record, key))

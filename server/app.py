@@ -1,9 +1,11 @@
 """The fedtune ServerApp: parse the config once, build the strategy, run the rounds.
 
-The server holds no secret key and no data. Each round it samples clients,
-sends them the current global sum, adds their (possibly encrypted) replies,
-checkpoints the new sum and asks clients for held-out metrics; it writes one
-line of ``metrics.jsonl`` per round (round 0 evaluates the initial adapter).
+The server holds no secret key and no data. Each round it samples clients and
+sends each one message: the current global sum to train from, and (to the clients
+sampled for evaluation) a request for the held-out metrics of that sum; it adds
+the (possibly encrypted) updates and checkpoints the new sum. One evaluation
+follows the last round. It writes one line of ``metrics.jsonl`` per round (round 0
+evaluates the initial adapter).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
@@ -123,18 +125,52 @@ def server_capacity(cfg: RunConfig, codec: Codec) -> float | None:
     return capacity
 
 
-def _client_table(strategy: FedTuneStrategy) -> dict[str, dict[str, float]]:
-    """The round's clients, train and evaluate merged by the strategy's node-bound key.
+def _table(outcome_accepted: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    return {name: dict(values) for name, values in outcome_accepted.items()}
+
+
+def _merge_clients(
+    train: Mapping[str, Mapping[str, float]], evaluate: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """A round's clients, train and evaluate merged by the strategy's node-bound key.
 
     A key is a client's name while that name is bound to one node (else
     ``node-<id>``); replies that could not be tabled sit under ``dropped``.
     """
     clients: dict[str, dict[str, float]] = {}
-    for name, values in strategy.last_train.accepted.items():
-        clients.setdefault(name, {}).update(values)
-    for name, values in strategy.last_evaluate.accepted.items():
-        clients.setdefault(name, {}).update(values)
+    for table in (train, evaluate):
+        for name, values in table.items():
+            clients.setdefault(name, {}).update(values)
     return dict(sorted(clients.items()))
+
+
+#: The train half of the last trained round, kept until its evaluation arrives with
+#: the next round's replies (so a resumed server still writes it).
+PENDING = "pending-round.json"
+
+
+def _save_pending(run_dir: Path, record: Mapping[str, Any]) -> None:
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    path = run_dir / PENDING
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def _load_pending(run_dir: Path, rnd: int) -> dict[str, Any]:
+    """The train half of round ``rnd`` if it was kept, else a record with the round only."""
+    import json  # noqa: PLC0415
+
+    path = run_dir / PENDING
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and record.get("round") == rnd:
+            return record
+    except (OSError, ValueError):
+        pass
+    return {"round": rnd}
 
 
 def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> int:
@@ -142,7 +178,7 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
 
     A new run refuses a ``run-dir`` that already holds a checkpoint (it would be
     overwritten); a resumed run loads the checkpoint into the strategy and drops the
-    ``metrics.jsonl`` lines of rounds after it (they are trained again). The
+    ``metrics.jsonl`` lines of its round and after (they are written again). The
     checkpoint must verify against ``run-dir/checkpoint.key`` (see
     :mod:`fedtune.run.checkpoint`); one that does not stops the server with one line.
     """
@@ -155,6 +191,7 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
                 "(`resume = true`, `fedtune deploy run --resume`) or choose a new run-dir."
             )
         metrics_path.unlink(missing_ok=True)
+        (run_dir / PENDING).unlink(missing_ok=True)
         return 1
     try:
         checkpoint = load_checkpoint(checkpoint_dir, key_dir=run_dir)
@@ -169,7 +206,9 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
             f"The checkpoint in {str(checkpoint_dir)!r} does not fit this run: {err}"
         ) from err
     previous = read_records(metrics_path) if metrics_path.is_file() else []
-    kept = [r for r in previous if int(r["round"]) <= checkpoint.round]
+    # The checkpoint round's own line is written again, with its evaluation, by the
+    # first exchange of the resumed run (its train half is in PENDING).
+    kept = [r for r in previous if int(r["round"]) < checkpoint.round]
     metrics_path.unlink(missing_ok=True)
     for record in kept:
         append_record(metrics_path, record)
@@ -180,7 +219,17 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
 def run_rounds(
     grid: Grid, cfg: RunConfig, strategy: FedTuneStrategy, run_dir: Path, *, first_round: int = 1
 ) -> None:
-    """Round 0 evaluation (new runs), then train / checkpoint / evaluate each round."""
+    """Each round one message per node, then one evaluation of the last round.
+
+    Round ``r``'s exchange trains round ``r`` and evaluates round ``r - 1``'s global
+    state (:meth:`FedTuneStrategy.configure_round`): round 0 (the initial adapter) is
+    evaluated with round 1's messages. A ``metrics.jsonl`` line is written for round
+    ``r`` once its evaluation is in: its train fields from round ``r``'s exchange
+    (``train-seconds``: that exchange's wall time), its ``eval-*`` fields from round
+    ``r + 1``'s; the last round's from a final evaluate exchange (``eval-seconds``,
+    and ``round-seconds`` is both). The checkpoint of round ``r`` is written as soon
+    as it is trained, its train half beside it (:data:`PENDING`).
+    """
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     fed = cfg.federation
     metrics_path = run_dir / "metrics.jsonl"
@@ -188,40 +237,58 @@ def run_rounds(
     # A headline other than accuracy (causal LM: answer perplexity) is printed beside it.
     extra = task.headline.key if task.headline.key != "eval-accuracy" else ""
 
-    def evaluate(rnd: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        messages = strategy.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid)
-        result = strategy.aggregate_evaluate(
-            rnd, grid.send_and_receive(messages, timeout=fed.round_timeout)
+    def write(pending: dict[str, Any], evaluation: MetricRecord | None) -> None:
+        """Complete round ``pending['round']``'s line with its evaluation and append it."""
+        record: dict[str, Any] = dict(pending)
+        record.update(dict(evaluation) if evaluation is not None else {})
+        record["clients"] = _merge_clients(
+            pending.get("clients", {}), strategy.last_evaluate.accepted
         )
-        values = dict(result) if result is not None else {}
-        return {**values, "eval-seconds": time.perf_counter() - start}
-
-    if first_round == 1:
-        record: dict[str, Any] = {"round": 0, **evaluate(0), "clients": _client_table(strategy)}
+        if strategy.last_evaluate.dropped:
+            record["eval-dropped"] = dict(strategy.last_evaluate.dropped)
         task.derive_metrics(record)
         append_record(metrics_path, record)
-        console.print(
-            f"round 0/{fed.num_rounds}  "
-            f"eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}"
-            + (f"  {extra} {record[extra]:.2f}" if extra in record else "")
-        )
+        rnd = record["round"]
+        line = f"round {rnd}/{fed.num_rounds}  "
+        if rnd > 0 and "clients-trained" in record:
+            line += f"clients {record['clients-trained']}/{record['clients-sampled']}  "
+        if "train-loss" in record:
+            line += f"train-loss {record['train-loss']:.3f}  "
+        if rnd > 0:
+            line += f"eval-loss {record.get('eval-loss', float('nan')):.3f}  "
+        line += f"eval-accuracy {record.get('eval-accuracy', float('nan')):.3f}"
+        if extra in record:
+            line += f"  {extra} {record[extra]:.2f}"
+        if "epsilon" in record:
+            line += f"  epsilon {record['epsilon']:.3f}"
+        if "round-seconds" in record:
+            line += f"  {record['round-seconds']:.1f}s"
+        console.print(line)
+
+    if first_round == 1:
+        pending: dict[str, Any] = {"round": 0}
     else:
         console.print(f"resuming at round {first_round}/{fed.num_rounds}")
+        pending = _load_pending(run_dir, first_round - 1)
     for rnd in range(first_round, fed.num_rounds + 1):
         start = time.perf_counter()
-        with console.status(f"round {rnd}/{fed.num_rounds}: training…"):
-            messages = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        with console.status(
+            f"round {rnd}/{fed.num_rounds}: training (and evaluating round {rnd - 1})…"
+        ):
+            messages = strategy.configure_round(rnd, grid)
             replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
-            _, train_metrics = strategy.aggregate_train(rnd, replies)
-        train_seconds = time.perf_counter() - start
+            train_replies, evaluate_replies = strategy.split_replies(replies)
+            evaluation = strategy.aggregate_evaluate(rnd - 1, evaluate_replies)
+            _, train_metrics = strategy.aggregate_train(rnd, train_replies)
+        seconds = time.perf_counter() - start
+        write(pending, evaluation)
+        last = strategy.last_train
         if train_metrics is None:
-            last = strategy.last_train
             notes = [f"declined by {k}: {v}" for k, v in last.declined.items()]
             notes += [f"dropped {k}: {v}" for k, v in last.dropped.items()]
             raise NotEnoughClients(
-                f"Round {rnd}: {len(last.accepted)} of {len(messages)} sampled clients returned "
-                f"a usable update: {strategy.last_refusal}. Stopping; the "
+                f"Round {rnd}: {len(last.accepted)} of {len(strategy.train_messages)} sampled "
+                f"clients returned a usable update: {strategy.last_refusal}. Stopping; the "
                 f"checkpoint of round {rnd - 1} is kept."
                 + ("".join(f" {n.rstrip('.')}." for n in notes))
             )
@@ -234,37 +301,37 @@ def run_rounds(
             key_dir=run_dir,
             keep_previous=True,
         )
-        with console.status(f"round {rnd}/{fed.num_rounds}: evaluating…"):
-            ev = evaluate(rnd)
-        record = {
+        pending = {
             "round": rnd,
-            "train-seconds": train_seconds,
-            **ev,
-            "round-seconds": time.perf_counter() - start,
-            "clients-sampled": len(messages),
-            "clients-trained": len(strategy.last_train.accepted),
-            "clients-dropped": len(strategy.last_train.dropped),
-            "clients-declined": len(strategy.last_train.declined),
-            "dropped": dict(strategy.last_train.dropped),
-            "declined": dict(strategy.last_train.declined),
-            "clients": _client_table(strategy),
+            "train-seconds": seconds,
+            "round-seconds": seconds,
+            "clients-sampled": len(strategy.train_messages),
+            "clients-trained": len(last.accepted),
+            "clients-dropped": len(last.dropped),
+            "clients-declined": len(last.declined),
+            "dropped": dict(last.dropped),
+            "declined": dict(last.declined),
+            "clients": _table(last.accepted),
         }
         if "train-loss" in train_metrics:  # DP clients send no training statistics
-            record["train-loss"] = train_metrics["train-loss"]
-        eps = [c["epsilon"] for c in record["clients"].values() if "epsilon" in c]
+            pending["train-loss"] = train_metrics["train-loss"]
+        eps = [c["epsilon"] for c in last.accepted.values() if "epsilon" in c]
         if eps:
-            record["epsilon"] = max(eps)
-        task.derive_metrics(record)
-        append_record(metrics_path, record)
-        console.print(
-            f"round {rnd}/{fed.num_rounds}  clients {record['clients-trained']}/{len(messages)}  "
-            + (f"train-loss {record['train-loss']:.3f}  " if "train-loss" in record else "")
-            + f"eval-loss {ev.get('eval-loss', float('nan')):.3f}  "
-            f"eval-accuracy {ev.get('eval-accuracy', float('nan')):.3f}"
-            + (f"  {extra} {record[extra]:.2f}" if extra in record else "")
-            + (f"  epsilon {record['epsilon']:.3f}" if "epsilon" in record else "")
-            + f"  {record['round-seconds']:.1f}s"
+            pending["epsilon"] = max(eps)
+        _save_pending(run_dir, pending)
+    # The last round's state: one evaluate message per sampled node.
+    start = time.perf_counter()
+    with console.status(f"round {fed.num_rounds}/{fed.num_rounds}: evaluating…"):
+        messages = list(
+            strategy.configure_evaluate(pending["round"], ArrayRecord(), ConfigRecord(), grid)
         )
+        evaluation = strategy.aggregate_evaluate(
+            pending["round"], grid.send_and_receive(messages, timeout=fed.round_timeout)
+        )
+    pending["eval-seconds"] = time.perf_counter() - start
+    pending["round-seconds"] = pending.get("train-seconds", 0.0) + pending["eval-seconds"]
+    write(pending, evaluation)
+    (run_dir / PENDING).unlink(missing_ok=True)
 
 
 def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:

@@ -83,16 +83,22 @@ def declined_reason(msg: Message) -> str:
 
 
 def read_metric(
-    msg: Message, key: str, ranges: Mapping[str, tuple[float, float, str]] | None = None
+    msg: Message,
+    key: str,
+    ranges: Mapping[str, tuple[float, float, str]] | None = None,
+    *,
+    record: str = "metrics",
 ) -> float:
-    """A metric of a reply, a number within its range (``ranges``, else :data:`RANGES`).
+    """A metric of a reply's ``record``, a number within its range (``ranges``, else
+    :data:`RANGES`).
 
     Without a range for ``key`` the number must be finite.
     """
     records = msg.content.metric_records
-    if "metrics" not in records or key not in records["metrics"]:
-        raise PayloadError(f"reply has no metric {key!r}.")
-    value = records["metrics"][key]
+    if record not in records or key not in records[record]:
+        where = "" if record == "metrics" else f" in its {record!r} record"
+        raise PayloadError(f"reply has no metric {key!r}{where}.")
+    value = records[record][key]
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise PayloadError(f"metric {key!r} must be a number, got {value!r}.")
     try:

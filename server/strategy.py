@@ -16,6 +16,11 @@ registered it), and (see :mod:`fedtune.bounds`) the sum of counts kept inside th
 CKKS range; plaintext updates are checked entry by entry against the adapter value
 bound. Clients are sampled with :func:`fedtune.config.sample_size`, the formula the
 clients size their client-level DP noise share by.
+
+This module is longer than the ~400-line guideline on purpose: it is the whole of a
+round as the server sees it (sampling, the one message per node, and every check a
+reply passes before its payload is added), and an attacker's reply is easier to
+reason about when every check it meets is in one class.
 """
 
 from __future__ import annotations
@@ -120,7 +125,13 @@ class FedTuneStrategy(Strategy):
         self.last_train = RoundOutcome()
         self.last_evaluate = RoundOutcome()
         self.last_refusal = ""
-        self._sent: list[Message] = []
+        self._sent_train: list[Message] = []  # this round's train messages
+        self._sent_evaluate: list[Message] = []  # the messages that ask for an evaluation
+
+    @property
+    def train_messages(self) -> list[Message]:
+        """The train messages of the last round configured."""
+        return list(self._sent_train)
 
     def summary(self) -> None:
         """Log the sampling configuration."""
@@ -152,10 +163,14 @@ class FedTuneStrategy(Strategy):
         picks = rng.choice(len(nodes), size=size, replace=False)
         return sorted(int(nodes[i]) for i in picks)
 
-    def _content(self, server_round: int, sampled: int | None = None) -> RecordDict:
+    def _content(
+        self, server_round: int, sampled: int | None = None, evaluate_round: int | None = None
+    ) -> RecordDict:
         config: dict[str, int | float | str | bytes | bool] = {"server-round": server_round}
         if sampled is not None:  # train messages: client-level DP sizes its noise share by it
             config["sampled-clients"] = sampled
+        if evaluate_round is not None:  # a train message that also asks for an evaluation
+            config["evaluate-round"] = evaluate_round
         content = RecordDict({"config": ConfigRecord(config)})  # type: ignore[arg-type]
         if self.global_payload is not None:
             content["global"] = ConfigRecord(
@@ -165,31 +180,49 @@ class FedTuneStrategy(Strategy):
 
     def _messages(self, server_round: int, nodes: list[int], kind: str) -> list[Message]:
         sampled = len(nodes) if kind == MessageType.TRAIN else None
-        self._sent = [
+        sent = [
             Message(content=self._content(server_round, sampled), dst_node_id=n, message_type=kind)
             for n in nodes
         ]
-        return list(self._sent)
+        if kind == MessageType.TRAIN:
+            self._sent_train = sent
+        else:
+            self._sent_evaluate = sent
+        return list(sent)
 
-    def _sent_to(self) -> dict[str, int]:
+    @staticmethod
+    def _sent_to(sent: list[Message]) -> dict[str, int]:
         """Message id (set by the grid when it sent them) -> destination node."""
         return {
-            m.metadata.message_id: m.metadata.dst_node_id
-            for m in self._sent
-            if m.metadata.message_id
+            m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
         }
 
-    def _missing(self, outcome: RoundOutcome, replies: list[Message], phase: str) -> None:
+    def split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
+        """A :meth:`configure_round` exchange's replies: (train replies, evaluation replies).
+
+        A train reply of a node that was also asked for an evaluation is in both.
+        """
+        train_ids = set(self._sent_to(self._sent_train))
+        evaluate_ids = set(self._sent_to(self._sent_evaluate))
+        replies = list(replies)
+        return (
+            [m for m in replies if m.metadata.reply_to_message_id in train_ids],
+            [m for m in replies if m.metadata.reply_to_message_id in evaluate_ids],
+        )
+
+    def _missing(
+        self, outcome: RoundOutcome, replies: list[Message], phase: str, sent: list[Message]
+    ) -> None:
         """Name the sampled nodes that sent nothing back before the round timed out."""
         answered = {m.metadata.reply_to_message_id for m in replies}
-        for message_id, node in self._sent_to().items():
+        for message_id, node in self._sent_to(sent).items():
             if message_id not in answered:
                 self._drop(
                     outcome, self._names.key(node), "no reply before `round-timeout`", phase, node
                 )
 
-    def _num_examples(self, msg: Message, node: int) -> int:
-        n = read_metric(msg, "num-examples")
+    def _num_examples(self, msg: Message, node: int, record: str = "metrics") -> int:
+        n = read_metric(msg, "num-examples", record=record)
         if node in self.node_limits:
             limit = self.node_limits[node]
             source = f"`--max-examples` registered for node {node}"
@@ -216,7 +249,43 @@ class FedTuneStrategy(Strategy):
     ) -> Iterable[Message]:
         """One evaluate message per sampled client."""
         nodes = self._sample(grid, self.fraction_evaluate, server_round, 1)
+        self._sent_train = []
         return self._messages(server_round, nodes, MessageType.EVALUATE)
+
+    def configure_round(self, server_round: int, grid: Grid) -> list[Message]:
+        """Round ``server_round``'s messages: one per node, training and evaluating at once.
+
+        The clients sampled for training get a train message; those of them sampled
+        to evaluate the state it carries (round ``server_round - 1``'s, drawn as
+        :meth:`configure_evaluate` would for that round) are asked to evaluate it
+        first (``evaluate-round``); the other evaluation clients get an evaluate
+        message. Split the replies with :meth:`split_replies`.
+        """
+        previous = server_round - 1
+        train_nodes = self._sample(grid, self.fraction_train, server_round, 0)
+        evaluate_nodes = self._sample(grid, self.fraction_evaluate, previous, 1)
+        asked = set(evaluate_nodes)
+        self._sent_train = [
+            Message(
+                content=self._content(
+                    server_round, len(train_nodes), previous if n in asked else None
+                ),
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+            )
+            for n in train_nodes
+        ]
+        only_evaluate = [
+            Message(
+                content=self._content(previous), dst_node_id=n, message_type=MessageType.EVALUATE
+            )
+            for n in evaluate_nodes
+            if n not in set(train_nodes)
+        ]
+        self._sent_evaluate = [
+            m for m in self._sent_train if m.metadata.dst_node_id in asked
+        ] + only_evaluate
+        return self._sent_train + only_evaluate
 
     def _drop(
         self, outcome: RoundOutcome, who: str, reason: str, phase: str, node: int | None = None
@@ -243,9 +312,10 @@ class FedTuneStrategy(Strategy):
         """
         outcome = RoundOutcome()
         replies = list(replies)
-        sent_to = self._sent_to()
+        sent = self._sent_train if phase == "train" else self._sent_evaluate
+        sent_to = self._sent_to(sent)
         seen: set[int] = set()
-        self._missing(outcome, replies, phase)
+        self._missing(outcome, replies, phase, sent)
         for msg in replies:
             node = reply_node(msg, sent_to)
             who, problem = self._names.identify(msg, node, seen)
@@ -306,7 +376,7 @@ class FedTuneStrategy(Strategy):
 
         outcome = self._collect(server_round, replies, "train", read, may_decline=True)
         self.last_train = outcome
-        sampled = len(self._sent)
+        sampled = len(self._sent_train)
         tolerance = self.client_dp_tolerance
         if tolerance is not None and len(payloads) < sampled - tolerance:
             self.last_refusal = (
@@ -349,11 +419,18 @@ class FedTuneStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Weighted means of the task's held-out metrics over the clients that replied."""
+        """Weighted means of the task's held-out metrics over the clients that replied.
+
+        An evaluate reply has them in its ``metrics``, a train reply that was asked for
+        an evaluation (:meth:`configure_round`) in its ``evaluation``.
+        """
 
         def read(msg: Message, node: int) -> dict[str, float]:
-            n = self._num_examples(msg, node)
-            values = {k: read_metric(msg, k, self.eval_metrics) for k in self.eval_metrics}
+            record = "evaluation" if msg.metadata.message_type == MessageType.TRAIN else "metrics"
+            n = self._num_examples(msg, node, record)
+            values = {
+                k: read_metric(msg, k, self.eval_metrics, record=record) for k in self.eval_metrics
+            }
             return {**values, "eval-examples": float(n)}
 
         outcome = self._collect(server_round, replies, "evaluate", read)

@@ -10,6 +10,7 @@ PEFT adapter, the metrics plot and a summary. Ray is shut down by Flower before
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,6 +29,53 @@ from fedtune.secure import get_backend
 from fedtune.tasks import get_task
 
 log = logging.getLogger("fedtune")
+
+
+def _poll_pending_nodes(original: Any) -> Any:
+    """Flower's ``add_messages_to_queue``, asking only the nodes that have a message.
+
+    Flower 1.41's simulation runtime asks *every* virtual node for its messages ten
+    times a second, and each ask checks every stored message
+    (``InMemoryLinkState.get_message_ins``): with 1000 nodes and 100 messages in
+    flight that is a million checks a second in the driver, which took a core from
+    the clients and made a round of 1000 clients cost 1.5 times the same work on 50.
+    This asks, in the same order, only the nodes with an undelivered message (a look
+    at the state's store under its lock), so the cost grows with the messages in a
+    round, not with the federation. Any other state falls back to Flower's loop.
+    """
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        store = getattr(state, "message_ins_store", None)
+        lock = getattr(state, "lock", None)
+        if not isinstance(store, dict) or lock is None:
+            original(state, queue, nodes_mapping, f_stop)
+            return
+        nodes = list(nodes_mapping.keys())
+        while not f_stop.is_set():
+            with lock:
+                pending = {
+                    m.metadata.dst_node_id for m in store.values() if not m.metadata.delivered_at
+                }
+            if pending:
+                for node_id in [n for n in nodes if n in pending]:
+                    for msg in state.get_message_ins(node_id=node_id, limit=1):
+                        queue.put(msg)
+            f_stop.wait(0.1)
+
+    return add_messages_to_queue
+
+
+@contextlib.contextmanager
+def _fast_polling() -> Any:
+    """Install :func:`_poll_pending_nodes` in Flower's simulation runtime for one run."""
+    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
+
+    original = vce_api.add_messages_to_queue
+    vce_api.add_messages_to_queue = _poll_pending_nodes(original)
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
 
 
 @dataclass(frozen=True)
@@ -166,13 +214,14 @@ def simulate(
     start = time.perf_counter()
     stopped: FederationError | None = None
     try:
-        run_simulation(
-            server_app=make_server_app(server_wiring),
-            client_app=make_client_app(client_wiring),
-            num_supernodes=cfg.federation.num_clients,
-            backend_config=_backend_config(cfg, tmp, verbose=verbose),  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        with _fast_polling():
+            run_simulation(
+                server_app=make_server_app(server_wiring),
+                client_app=make_client_app(client_wiring),
+                num_supernodes=cfg.federation.num_clients,
+                backend_config=_backend_config(cfg, tmp, verbose=verbose),  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
     except FederationError as err:
         stopped = err
     finally:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,9 +29,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import toy_rows
+from tests.conftest import toy_instruction_rows, toy_rows
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 TAG = "FEDTUNE_DEPLOY_TEST"
 NODES = ("node-0", "node-1", "node-2")
@@ -53,6 +56,32 @@ RUN_CONFIG = {
     "round-timeout": 150.0,
     "seed": 7,
 }
+
+
+def _runtime_user() -> str | None:
+    """``nobody`` when this test runs as root and ``nobody`` can run this checkout."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+    done = subprocess.run(
+        [sys.executable, "-c", "import flwr, clients.app"],
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+        cwd="/",
+        env={"PATH": os.environ.get("PATH", "")},
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
+    return "nobody" if done.returncode == 0 else None
+
+
+#: The user the SuperNodes (and every ClientApp) run as, where the test can switch users.
+RUNTIME_USER = _runtime_user()
 
 
 def _fedtune(*args: str) -> list[str]:
@@ -102,10 +131,11 @@ class Files:
     keys: Path
     data: dict[str, Path]
     config: Path
+    runtime: Path  # runtime directories (outside pytest's 0700 tmp: the runtime user enters)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Files:
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Files]:
     root = tmp_path_factory.mktemp("deploy")
     f = Files(
         root,
@@ -116,7 +146,9 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Fil
         root / "keys",
         {n: root / f"{n}.csv" for n in NODES},
         root / "federation.toml",
+        Path(tempfile.mkdtemp(prefix="fedtune-deploy-runtime-")),
     )
+    f.runtime.chmod(0o711)
     for cmd in (
         _fedtune("deploy", "certs", "--out", str(f.certs), "--ca-dir", str(f.ca)),
         _fedtune("keygen", "--out", str(f.ckks)),
@@ -127,6 +159,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Fil
     for i, path in enumerate(f.data.values()):  # each node's own, different data
         lines = ["text,label"] + [f"{r['text']},{r['label']}" for r in toy_rows(16, seed=i)]
         path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)  # only the node's worker reads its data
     config = {**RUN_CONFIG, "model-path": str(tiny_model_dir)}
     f.config.write_text(
         "".join(
@@ -134,14 +167,25 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Fil
             for k, v in config.items()
         )
     )
-    return f
+    yield f
+    subprocess.run(["rm", "-rf", str(f.runtime)], check=False)
 
 
 class Federation:
     """One SuperLink and its SuperNodes, started with `fedtune deploy` on 127.0.0.1."""
 
-    def __init__(self, files: Files, name: str) -> None:
+    def __init__(
+        self,
+        files: Files,
+        name: str,
+        *,
+        config: Path | None = None,
+        data: dict[str, Path] | None = None,
+    ) -> None:
         self.files = files
+        self.config = config or files.config
+        self.data = data or files.data
+        self.name = name
         self.dir = files.root / name
         self.tag = f"{uuid.uuid4().hex}-{name}"
         self.port = _free_port()  # the SuperLink itself: Control API (operator only)
@@ -243,11 +287,21 @@ class Federation:
                 "--port",
                 str(_free_port()),
                 "--data-path",
-                str(self.files.data.get(name, self.files.data["node-0"])),
+                str(self.data.get(name, self.data["node-0"])),
                 "--secret-context",
                 str((ckks or self.files.ckks) / "secret.ctx"),
                 "--name",
                 name,
+                *(
+                    [
+                        "--runtime-user",
+                        RUNTIME_USER,
+                        "--runtime-dir",
+                        str(self.files.runtime / self.name / name),
+                    ]
+                    if RUNTIME_USER
+                    else []
+                ),
             ),
         )
 
@@ -281,7 +335,7 @@ class Federation:
         return _fedtune(
             "deploy",
             "run",
-            str(self.files.config),
+            str(self.config),
             "--superlink",
             self.address,
             "--ca",
@@ -306,7 +360,7 @@ class Federation:
         self.wait_online(len(NODES) + intruder)
 
     def start_run(self, run_dir: Path, *, until_round: int) -> subprocess.Popen[bytes]:
-        """Submit in the background; return once ``until_round`` is in metrics.jsonl."""
+        """Submit in the background; return once round ``until_round`` is trained."""
         runner = subprocess.Popen(
             self.run_cmd(run_dir),
             env=_env(f"{self.tag}/run"),
@@ -314,13 +368,44 @@ class Federation:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 600
-        metrics = run_dir / "metrics.jsonl"
+        self.wait_trained(run_dir, until_round)
+        return runner
+
+    @staticmethod
+    def wait_trained(run_dir: Path, rnd: int, timeout: float = 600) -> None:
+        """Until the server has checkpointed round ``rnd`` (its pending line says so)."""
+        deadline = time.monotonic() + timeout
+        pending = run_dir / "pending-round.json"
         while time.monotonic() < deadline:
-            if metrics.exists() and len(_records(run_dir)) > until_round:
-                return runner
-            time.sleep(0.5)
-        raise AssertionError(f"round {until_round} never finished")
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(pending.read_text())["round"] >= rnd:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"round {rnd} never finished")
+
+    def wait_log(self, role: str, text: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log(role):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{role} never logged {text!r}:\n{self.log(role)[-3000:]}")
+
+    def pids(self, role: str, command: bytes) -> list[int]:
+        """Tagged processes of ``role`` whose command line contains ``command``."""
+        found = []
+        for pid in _tagged(f"{self.tag}/{role}"):
+            with contextlib.suppress(OSError):
+                if command in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+        return found
+
+    def kill_worker(self, name: str) -> None:
+        """SIGKILL one node's worker process (its SuperNode and supervisor live on)."""
+        pids = self.pids(name, b"fedtune.node.worker")
+        assert pids, f"no worker process for {name}"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
 
     def run(self, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -610,9 +695,11 @@ def test_node_killed_in_round_two_and_node_with_wrong_ckks_key_are_left_out(
         fed.stop()
 
 
-def test_server_killed_after_round_two_resumes_and_counts_each_round_once(
+def test_worker_killed_mid_round_and_server_killed_after_round_two_count_each_round_once(
     files: Files, full_run: tuple[Federation, Path]
 ) -> None:
+    """node-1's worker dies in round 2 (the node sits it out, is back for round 3); then
+    the server machine dies after round 2 and the run resumes."""
     _, uninterrupted = full_run
     fed = Federation(files, "resume")
     for name in NODES:
@@ -621,22 +708,132 @@ def test_server_killed_after_round_two_resumes_and_counts_each_round_once(
     try:
         fed.launch()
         run_dir = fed.dir / "server-run"
-        runner = fed.start_run(run_dir, until_round=2)
+        runner = fed.start_run(run_dir, until_round=1)
+        fed.wait_log("node-1", "round 2: train message")
+        fed.kill_worker("node-1")  # mid-round: its reply never leaves
+        fed.wait_trained(run_dir, 2)
         fed.kill("superlink")  # the server machine dies after round 2
         runner.communicate(timeout=300)
         assert runner.returncode != 0
+        assert "the node worker stopped (exit -9); restarting it" in fed.log("node-1")
         fed.start_superlink()  # same state dir: registrations survive
         fed.wait_online(len(NODES), timeout=180)
         done = fed.run(run_dir, "--resume")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert [r["round"] for r in _records(run_dir)] == [0, 1, 2, 3]
-        for name in NODES:  # round 3 counted once, even if it was half done when the server died
+        records = _records(run_dir)
+        assert [r["round"] for r in records] == [0, 1, 2, 3]
+        assert [r["clients-trained"] for r in records[1:]] == [3, 2, 3]
+        reason = records[2]["dropped"]["node-1"]
+        assert "fedtune worker" in reason, reason  # the ClientApp said why
+        for name in ("node-0", "node-2"):  # round 3 counted once, even if half done
             assert [e["round"] for e in _ledger(fed, name)] == [1, 2, 3]
+        ledger = _ledger(fed, "node-1")
+        rounds = [e["round"] for e in ledger]
+        # Round 2 is in the ledger only if it was recorded before the kill; never twice.
+        assert rounds in ([1, 3], [1, 2, 3]), rounds
+        assert ledger[-1]["epsilon"] == pytest.approx(records[3]["clients"]["node-1"]["epsilon"])
         secret = files.ckks / "secret.ctx"
         resumed, straight = _final_vector(run_dir, secret), _final_vector(uninterrupted, secret)
         # CSPRNG noise: a resumed run is not bit-identical to the uninterrupted one, but it
         # is the same federation (both learned from the same start; one release per round)
         assert np.all(np.isfinite(resumed)) and resumed.shape == straight.shape
         assert np.max(np.abs(resumed - straight)) < 10 * np.max(np.abs(straight))
+    finally:
+        fed.stop()
+
+
+def test_the_supernode_and_its_client_apps_cannot_read_the_nodes_files(
+    full_run: tuple[Federation, Path], files: Files
+) -> None:
+    """The SuperNode (and so every ClientApp it starts) runs as the runtime user."""
+    if RUNTIME_USER is None:
+        pytest.skip("running the SuperNode as another user needs root and a `nobody` user")
+    fed, _ = full_run
+    user = pwd.getpwnam(RUNTIME_USER)
+
+    def uid(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1])
+
+    node_files = []
+    for name in NODES:
+        supernodes = fed.pids(name, b"flower-supernode")
+        workers = fed.pids(name, b"fedtune.node.worker")
+        assert supernodes and workers, name
+        assert {uid(pid) for pid in supernodes} == {user.pw_uid}
+        assert {uid(pid) for pid in workers} == {os.geteuid()}
+        node_files += [
+            fed.data[name],
+            files.ckks / "secret.ctx",
+            fed.state(name) / "privacy" / f"{name}.jsonl",
+            fed.state(name) / "checkpoint" / "state.json",
+        ]
+        assert "starting flower-supernode as nobody" in fed.log(name)
+    assert all(path.exists() for path in node_files[:3])
+    probe = (
+        "import sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        open(path, 'rb').close()\n"
+        "        print('READ', path)\n"
+        "    except OSError as err:\n"
+        "        print('refused', type(err).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, node_files)],
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+        cwd="/",
+        env={"PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "READ" not in done.stdout, done.stdout
+    assert done.stdout.count("refused") == len(node_files), done.stdout + done.stderr
+
+
+def test_causal_lm_federation_over_three_nodes(files: Files, tiny_llama_dir: Path) -> None:
+    """Instruction tuning on real nodes: each node's own prompt/answer file, DP + CKKS."""
+    fed = Federation(files, "causal")
+    fed.dir.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for i, name in enumerate(NODES):
+        path = fed.dir / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in toy_instruction_rows(8, seed=i)))
+        path.chmod(0o600)
+        data[name] = path
+    config = {
+        **{k: v for k, v in RUN_CONFIG.items() if k != "label-names"},
+        "task": "causal-lm",
+        "model-path": str(tiny_llama_dir),
+        "lora-target-modules": "q_proj,v_proj",
+        "max-seq-length": 64,
+        "num-rounds": 2,
+    }
+    fed.config = fed.dir / "causal.toml"
+    fed.config.write_text(
+        "".join(
+            f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n"
+            for k, v in config.items()
+        )
+    )
+    fed.data = data
+    try:
+        fed.launch()
+        run_dir = fed.dir / "server-run"
+        done = fed.run(run_dir)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        records = _records(run_dir)
+        assert [r["round"] for r in records] == [0, 1, 2]
+        assert [r["clients-trained"] for r in records[1:]] == [3, 3]
+        for record in records:
+            assert np.isfinite(record["eval-loss"]) and record["eval-examples"] > 0
+        for name in NODES:
+            ledger = _ledger(fed, name)
+            assert [e["round"] for e in ledger] == [1, 2]
+            assert ledger[-1]["epsilon"] <= RUN_CONFIG["target-epsilon"] + 1e-9
     finally:
         fed.stop()

@@ -372,3 +372,63 @@ def test_gateway_forwards_fleet_calls_unchanged_and_bounds_their_size() -> None:
     assert codes == [200, 413]
     assert [str(r.url) for r in seen] == ["https://127.0.0.1:9093/v1/fleet/pull-messages"]
     assert seen[0].content == b"body" and seen[0].headers["x-flwr-signature"] == "sig"
+
+
+def test_runtime_dir_and_runtime_user_are_checked(tmp_path: Path) -> None:
+    import os
+
+    from fedtune.deploy import node, roles
+
+    state = tmp_path / "state"
+    assert roles.runtime_dir(state, None, runtime_user=None) == state.resolve() / "runtime"
+    with pytest.raises(ConfigError, match="--runtime-user needs --runtime-dir"):
+        roles.runtime_dir(state, None, runtime_user="nobody")
+    with pytest.raises(ConfigError, match="must lie outside --state-dir"):
+        roles.runtime_dir(state, state / "rt", runtime_user="nobody")
+    with pytest.raises(ConfigError, match="--runtime-user 'no-such-user-x' does not exist"):
+        node.runtime_user("no-such-user-x")
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError, match="needs root"):
+            node.runtime_user("nobody")
+    else:
+        with pytest.raises(ConfigError, match="uid 0, the worker's own or root's"):
+            node.runtime_user("root")
+
+
+def test_a_node_file_the_runtime_user_could_read_is_refused_by_name(tmp_path: Path) -> None:
+    import os
+    import tempfile
+
+    from fedtune.deploy import node
+
+    if os.geteuid() != 0:
+        pytest.skip("trying files as another user needs root")
+    user = node.runtime_user("nobody")
+    assert user is not None
+    root = Path(tempfile.mkdtemp(prefix="fedtune-runtime-unit-"))
+    try:
+        root.chmod(0o711)
+        data = root / "data.csv"
+        data.write_text("text,label\n")
+        data.chmod(0o644)
+        key, ca = root / "node.key", root / "ca.crt"
+        key.write_text("k")
+        ca.write_text("c")
+        with pytest.raises(
+            ConfigError,
+            match=r"--data-path '.*data.csv' can be read by "
+            r"--runtime-user 'nobody'.*chmod go-rwx",
+        ):
+            node.prepare_runtime(root / "rt", user, private={"--data-path": data}, key=key, ca=ca)
+        data.chmod(0o600)
+        assert not node.readable_by(user, data)
+        copies = node.prepare_runtime(
+            root / "rt", user, private={"--data-path": data}, key=key, ca=ca
+        )
+        for path in (*copies, root / "rt", root / "rt" / "flwr-home"):
+            assert path.stat().st_uid == user.uid
+        assert node.readable_by(user, copies[0])
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "fedtune"
 APPS = ("server", "clients", "simulation")
 #: Modules that may exceed the ~400-line guideline, with the reason in their docstring.
-LONG_MODULES: frozenset[str] = frozenset()
+LONG_MODULES: frozenset[str] = frozenset({"server.strategy"})
 
 
 def _modules() -> dict[str, Path]:

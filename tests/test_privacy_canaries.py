@@ -313,13 +313,11 @@ def test_canaries_are_refused_where_they_cannot_mean_anything() -> None:
     ],
 )
 def test_a_deployed_node_refuses_simulation_only_keys(key: str, value: object, match: str) -> None:
-    from types import SimpleNamespace
+    from fedtune.node.round import runtime_for
 
-    from clients.app import _runtime
-
-    context = SimpleNamespace(node_config={"partition-id": 0, "num-partitions": 1}, run_id=1)
+    node = {"partition-id": 0, "num-partitions": 1}
     with pytest.raises(ConfigError, match=match):
-        _runtime({key: value}, context, deployed=True)  # type: ignore[arg-type]
+        runtime_for({key: value}, node, run_id=1, deployed=True)
 
 
 def test_canaries_audit_the_causal_lm_task(

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from flwr.app import RecordDict
 
-from clients.app import train_reply
 from fedtune.config import parse_run_config
 from fedtune.messages import EVALUATE_FIELDS, STATUSES, TRAIN_FIELDS, check_reply
+from fedtune.node.round import train_reply
 from fedtune.train import TrainResult
 from fedtune.train.runtime import ClientRuntime, TrainOutcome
 

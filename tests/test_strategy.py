@@ -20,8 +20,8 @@ def _task_identity() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _reply(node: int, content: RecordDict | Error) -> Message:
-    ins = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+def _reply(node: int, content: RecordDict | Error, kind: str = MessageType.TRAIN) -> Message:
+    ins = Message(RecordDict(), dst_node_id=node, message_type=kind)
     return Message(content, reply_to=ins)
 
 
@@ -198,6 +198,7 @@ def _evaluation(node: int, name: str, n: int, loss: float, accuracy: float) -> M
                 ),
             }
         ),
+        MessageType.EVALUATE,
     )
 
 
@@ -418,3 +419,66 @@ def test_a_round_builds_messages_for_the_sampled_clients_only() -> None:
     assert len(sent) == len(evaluate) == 50
     assert len({m.metadata.dst_node_id for m in sent}) == 50
     assert sent[0].content["config"]["sampled-clients"] == 50
+
+
+def test_a_round_is_one_message_per_node_that_trains_and_evaluates() -> None:
+    """configure_round: train messages ask the nodes sampled to evaluate for it too."""
+
+    class _Six:
+        def get_node_ids(self) -> list[int]:
+            return [11, 12, 13, 14, 15, 16]
+
+    codec = PlainCodec(length=2)
+    strategy = FedTuneStrategy(
+        codec=codec, fraction_train=0.5, fraction_evaluate=0.5, min_clients=1, seed=4
+    )
+    # Who evaluates round 2's state: the nodes configure_evaluate(2) would pick.
+    evaluators = {
+        m.metadata.dst_node_id
+        for m in strategy.configure_evaluate(2, None, None, _Six())  # type: ignore[arg-type]
+    }
+    messages = strategy.configure_round(3, _Six())  # type: ignore[arg-type]
+    nodes = [m.metadata.dst_node_id for m in messages]
+    assert len(nodes) == len(set(nodes))  # one message per node
+    train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+    evaluate = [m for m in messages if m.metadata.message_type == MessageType.EVALUATE]
+    assert len(train) == 3 and strategy.train_messages == train
+    for m in train:
+        config = m.content["config"]
+        assert config["server-round"] == 3 and config["sampled-clients"] == 3
+        asked = m.metadata.dst_node_id in evaluators
+        assert ("evaluate-round" in config) == asked
+        if asked:
+            assert config["evaluate-round"] == 2
+    assert {m.metadata.dst_node_id for m in evaluate} == evaluators - set(
+        m.metadata.dst_node_id for m in train
+    )
+    assert all(m.content["config"]["server-round"] == 2 for m in evaluate)
+    # Replies split by the message they answer: a train reply that evaluated is in both.
+    for i, m in enumerate(messages):
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+    replies = [Message(RecordDict(), reply_to=m) for m in messages]
+    train_replies, evaluate_replies = strategy.split_replies(replies)
+    assert [r.metadata.reply_to_message_id for r in train_replies] == [
+        m.metadata.message_id for m in train
+    ]
+    assert len(evaluate_replies) == len(evaluators)
+
+
+def test_the_evaluation_a_train_reply_carries_is_read_and_checked() -> None:
+    codec = PlainCodec(length=2)
+    strategy = _strategy(codec)
+    good = _update(codec, 1, [1.0, 1.0], 4)
+    good.content["evaluation"] = MetricRecord(
+        {"num-examples": 5, "eval-loss": 0.5, "eval-accuracy": 0.8}
+    )
+    bad = _update(codec, 2, [1.0, 1.0], 4)
+    bad.content["evaluation"] = MetricRecord(
+        {"num-examples": 5, "eval-loss": 0.5, "eval-accuracy": 1.5}
+    )
+    missing = _update(codec, 3, [1.0, 1.0], 4)
+    result = strategy.aggregate_evaluate(2, [good, bad, missing])
+    assert result is not None and result["eval-accuracy"] == pytest.approx(0.8)
+    dropped = strategy.last_evaluate.dropped
+    assert "eval-accuracy must be in [0, 1]" in dropped["client-2"]
+    assert "no metric 'num-examples' in its 'evaluation' record" in dropped["client-3"]

@@ -155,10 +155,14 @@ def add_parser(sub: Any) -> None:
 
     sn = roles.add_parser(
         "supernode",
-        help="start a SuperNode with this node's data, state, key and budget",
-        description="Run flower-supernode in the foreground. The node's node config carries "
-        "its own data path, state directory (privacy ledger, last global state), CKKS secret "
-        "context and privacy budget; the server never chooses them.",
+        help="start this node: its worker (data, state, keys, budget) and its SuperNode",
+        description="Run the node in the foreground: a long-lived worker that holds the "
+        "model, this node's data, state directory (privacy ledger, last global state), CKKS "
+        "secret context and privacy budget (the server never chooses them), and "
+        "flower-supernode, whose ClientApps forward each message to the worker over a Unix "
+        "socket (mode 0600). A worker that dies is restarted. With --runtime-user (as root) "
+        "the SuperNode and every ClientApp run as that user, who cannot read the node's "
+        "files (checked before start).",
     )
     _connection(sn, home=False)
     sn.add_argument("--key", required=True, type=Path, help="this node's private key")
@@ -171,6 +175,25 @@ def add_parser(sub: Any) -> None:
     sn.add_argument("--epsilon-budget", type=float, help="the ε this node will not exceed")
     sn.add_argument("--partition-id", type=int, help="with a shared data set: this partition")
     sn.add_argument("--num-partitions", type=int, help="with a shared data set: how many")
+    sn.add_argument(
+        "--runtime-user",
+        metavar="USER",
+        help="run the SuperNode and its ClientApps as USER (needs root; USER must not be "
+        "able to read the data, the secret context or --state-dir)",
+    )
+    sn.add_argument(
+        "--worker-user",
+        metavar="USER",
+        help="run the node worker as USER (needs root; it binds the socket as root, then "
+        "drops to USER, who must own --state-dir and read the data and the secret context)",
+    )
+    sn.add_argument(
+        "--runtime-dir",
+        type=Path,
+        metavar="DIR",
+        help="the SuperNode's own directory (FLWR_HOME, the worker's socket); default "
+        "STATE_DIR/runtime, required with --runtime-user (outside --state-dir)",
+    )
 
     run = roles.add_parser(
         "run",
@@ -228,28 +251,6 @@ def _supervise_pair(first: Launch, second: Launch) -> int:
     if stopping:
         return 0
     return next((c for c in codes if c != 0), 0) or 1
-
-
-def _supervise(argv: list[str], env: dict[str, str], *, key: Path) -> int:
-    """Run ``flower-supernode`` as a child (forwarding SIGTERM / SIGINT) and explain a refusal."""
-    print(f"fedtune deploy: starting {argv[0]}", file=sys.stderr, flush=True)
-    child = subprocess.Popen(argv, env=env)
-
-    def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-    code = child.wait()
-    if code > 0:  # Flower exits 1 on any error; its log line above has the code (305: refused)
-        print(
-            f"fedtune deploy supernode: error: flower-supernode stopped (exit {code}). If it "
-            "says 'Failed to activate SuperNode' (Exit Code 305), the SuperLink refused this "
-            f"node: its key {str(key)!r} is not registered there (the operator runs `fedtune "
-            f"deploy register ... {key.name}.pub`), or --superlink / --ca point elsewhere.",
-            file=sys.stderr,
-        )
-    return code
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -349,15 +350,9 @@ def run(args: argparse.Namespace) -> int:
             partition_id=args.partition_id,
             num_partitions=args.num_partitions,
         )
-        launch = roles.supernode(
-            superlink_address=args.superlink,
-            ca=args.ca,
-            key=args.key,
-            port=args.port,
-            host=args.host,
-            config=config,
-        )
-        return _supervise(launch.argv, launch.env, key=args.key)
+        from fedtune.deploy.node import start_node  # noqa: PLC0415
+
+        return start_node(args, config)
     roles.write_connection(args.home, superlink_address=args.superlink, ca=args.ca)
     if args.role == "register":
         return _register(args)

@@ -198,6 +198,65 @@ def node_config(
     return config
 
 
+#: The worker's socket in the node's runtime directory.
+WORKER_SOCKET = "worker.sock"
+
+
+def runtime_dir(state_dir: Path, runtime: Path | None, *, runtime_user: str | None) -> Path:
+    """The SuperNode's own directory (its FLWR_HOME and the worker's socket).
+
+    Without a runtime user it defaults to ``STATE_DIR/runtime``. With one it must be
+    given and lie outside ``--state-dir``: the runtime user may enter it, and must
+    never enter the state directory.
+    """
+    state_dir = Path(state_dir).expanduser().resolve()
+    if runtime is None:
+        if runtime_user:
+            raise ConfigError(
+                "--runtime-user needs --runtime-dir: a directory outside --state-dir for the "
+                "SuperNode's own files and the worker's socket (the runtime user may enter it "
+                "and must never enter --state-dir)."
+            )
+        return state_dir / "runtime"
+    runtime = Path(runtime).expanduser().resolve()
+    if runtime == state_dir or state_dir in runtime.parents or runtime in state_dir.parents:
+        raise ConfigError(
+            f"--runtime-dir {str(runtime)!r} must lie outside --state-dir {str(state_dir)!r} "
+            "(and not contain it)."
+        )
+    return runtime
+
+
+def node_worker(
+    *,
+    config: Mapping[str, object],
+    socket: Path,
+    runtime_user: str | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> Launch:
+    """The node's long-lived worker (:mod:`fedtune.node.worker`) on ``socket``.
+
+    It runs as the user who starts ``fedtune deploy supernode`` (the owner of the
+    node's data, secret context and state directory); with ``runtime_user`` its
+    socket is handed to that user, who runs the SuperNode.
+    """
+    import json  # noqa: PLC0415
+
+    state = secret_dir(Path(str(config["state-dir"])), "--state-dir")
+    argv = [
+        sys.executable,
+        "-m",
+        "fedtune.node.worker",
+        f"--socket={socket}",
+        f"--node-config={json.dumps(dict(config))}",
+    ]
+    if runtime_user:
+        argv.append(f"--socket-owner={runtime_user}")
+    env = _environment(state / "worker-home", base_env)
+    env.pop("FLWR_HOME")  # the worker runs no Flower process
+    return Launch(argv, env)
+
+
 def supernode(
     *,
     superlink_address: str,
@@ -206,13 +265,19 @@ def supernode(
     port: int,
     config: Mapping[str, object],
     host: str = "127.0.0.1",
+    home: Path | None = None,
     base_env: Mapping[str, str] | None = None,
 ) -> Launch:
-    """``flower-supernode`` dialling the SuperLink over TLS with its authentication key."""
+    """``flower-supernode`` dialling the SuperLink over TLS with its authentication key.
+
+    ``config`` is its node config (what its ClientApps see); ``home`` its FLWR_HOME
+    (default ``STATE_DIR/flwr-home`` for a config with a ``state-dir``).
+    """
     ca = _file(ca, "the CA certificate", "--ca")
     key = _file(key, "this node's private key", "--key")
     _port(port, "--port")
-    home = secret_dir(Path(str(config["state-dir"])), "--state-dir") / "flwr-home"
+    if home is None:
+        home = secret_dir(Path(str(config["state-dir"])), "--state-dir") / "flwr-home"
     home.mkdir(exist_ok=True, mode=0o700)
     pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
     argv = [

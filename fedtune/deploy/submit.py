@@ -79,7 +79,9 @@ def run_config(
                 f"(`max-client-examples` of this run); raise `max-client-examples` or "
                 "register the node again with a smaller limit."
             )
-    if len(cfg.data.labels) < 2:
+    from fedtune.tasks import get_task  # noqa: PLC0415
+
+    if get_task(cfg.model.task).uses_labels and len(cfg.data.labels) < 2:
         raise ConfigError(
             "A deployment needs `label-names` (comma-separated, in the order every node "
             f"uses): nodes hold different data and must agree on the head; got "

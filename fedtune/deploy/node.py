@@ -1,0 +1,333 @@
+"""``fedtune deploy supernode``: the node's worker and its SuperNode, each as its own user.
+
+The worker (:mod:`fedtune.node.worker`) runs as the user who starts this command, the
+owner of the node's files: its data, ``secret.ctx`` and ``--state-dir`` (ledger, noise
+state, last global sum); that is root when the SuperNode is to run as another user,
+unless ``--worker-user`` names a third one it drops to after binding its socket.
+With ``--runtime-user USER`` (as root) the SuperNode, and so every ClientApp process
+it starts whatever app the SuperLink sent, runs as ``USER``, who can reach the
+worker's socket (mode 0600, owned by ``USER``) and the runtime directory, and nothing
+of the node's own: this module checks that before it starts anything, by trying as
+``USER`` (:func:`readable_by`).
+
+The supervisor restarts a worker that dies (the round it was in drops the node; the
+node is back for the next one) and stops both when either the SuperNode ends or it
+gets SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ConfigError
+from fedtune.deploy.roles import Launch
+
+__all__ = [
+    "RuntimeUser",
+    "prepare_runtime",
+    "start_node",
+    "readable_by",
+    "runtime_user",
+    "supervise_node",
+    "worker_user",
+]
+
+#: How to separate a node's two sides: the worker (who owns the node's files) and the
+#: SuperNode with its ClientApps (a user of their own).
+USERS_HINT = (
+    "create two users, `useradd --system --no-create-home fedtune-node` (owns the data, "
+    "secret.ctx and --state-dir) and `useradd --system --no-create-home fedtune-app` (runs the "
+    "SuperNode and its ClientApps), and start the node as root with `--worker-user "
+    "fedtune-node --runtime-user fedtune-app --runtime-dir DIR` (DIR outside --state-dir)"
+)
+
+
+@dataclass(frozen=True)
+class RuntimeUser:
+    """The OS user the SuperNode and its ClientApps run as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def runtime_user(name: str | None) -> RuntimeUser | None:
+    """The checked ``--runtime-user`` (``None`` without one: no separation, say so)."""
+    if not name:
+        print(
+            "fedtune deploy supernode: note: the SuperNode and its ClientApps run as your own "
+            "user, so an app the SuperLink sends could read this node's data, secret context "
+            f"and ledger. To separate them, {USERS_HINT}.",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"--runtime-user {name!r} does not exist; {USERS_HINT}.") from None
+    if os.geteuid() != 0:
+        raise ConfigError(
+            f"--runtime-user {name!r}: starting the SuperNode as another user needs root "
+            f"(this command runs as uid {os.geteuid()}). Run it as root (e.g. a systemd "
+            "unit), or leave --runtime-user out and accept that the SuperNode runs as you."
+        )
+    if entry.pw_uid in (0, os.geteuid()):
+        raise ConfigError(
+            f"--runtime-user {name!r} has uid {entry.pw_uid}, the worker's own or root's; "
+            "it must be a user without access to this node's files."
+        )
+    return RuntimeUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def worker_user(name: str, *, state: Path, runtime: RuntimeUser | None) -> RuntimeUser:
+    """The checked ``--worker-user``: it gets ``state`` (created by now) as its own."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"--worker-user {name!r} does not exist.") from None
+    if os.geteuid() != 0:
+        raise ConfigError(
+            f"--worker-user {name!r}: dropping the worker to another user needs root."
+        )
+    if runtime is not None and entry.pw_uid == runtime.uid:
+        raise ConfigError(
+            f"--worker-user and --runtime-user are both {name!r}; the worker must be a user "
+            "the SuperNode is not."
+        )
+    owner = state.stat().st_uid
+    fresh = owner == os.geteuid() and not any(state.iterdir())  # just made for this node
+    if owner != entry.pw_uid and not fresh:
+        raise ConfigError(
+            f"--state-dir {str(state)!r} belongs to uid {owner}, not to --worker-user "
+            f"{name!r}; `chown -R {name} {state}` first."
+        )
+    os.chown(state, entry.pw_uid, entry.pw_gid)
+    return RuntimeUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def readable_by(user: RuntimeUser, path: Path) -> bool:
+    """Whether ``user`` can read ``path`` (a directory: list and enter it), tried as them.
+
+    The test runs coreutils' ``test`` as ``user`` (``access(2)`` with their ids), so it
+    needs no interpreter that ``user`` may not be able to run.
+    """
+    checks = ["-r", str(path), "-a", "-x", str(path)] if Path(path).is_dir() else ["-r", str(path)]
+    done = subprocess.run(
+        ["test", *checks],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=[],
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+    return done.returncode == 0
+
+
+def prepare_runtime(
+    runtime: Path,
+    user: RuntimeUser | None,
+    *,
+    private: dict[str, Path],
+    key: Path,
+    ca: Path,
+) -> tuple[Path, Path]:
+    """Make the runtime directory; return the SuperNode's copies of its key and CA.
+
+    With a runtime user: ``runtime`` becomes theirs (mode 0700) with the node's auth
+    key and the CA certificate copied in (the SuperNode reads both), and each of
+    ``private`` (option -> path: the data, the secret context, the state directory)
+    must be closed to them, else a :class:`ConfigError` says which and how to close it.
+    """
+    runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    runtime.chmod(0o700)
+    if user is None:
+        return key, ca
+    for option, path in private.items():
+        if readable_by(user, path):
+            raise ConfigError(
+                f"{option} {str(path)!r} can be read by --runtime-user {user.name!r}, who "
+                "runs the SuperNode and every app the SuperLink sends; close it first "
+                f"(`chmod go-rwx {path}`) so that only the worker reads it."
+            )
+    copies = []
+    for source, name in ((key, "node.key"), (ca, "ca.crt")):
+        target = runtime / name
+        shutil.copyfile(source, target)
+        os.chmod(target, 0o600)
+        os.chown(target, user.uid, user.gid)
+        copies.append(target)
+    home = runtime / "flwr-home"
+    home.mkdir(exist_ok=True, mode=0o700)
+    for path in (runtime, home):
+        os.chown(path, user.uid, user.gid)
+    if not readable_by(user, runtime):
+        raise ConfigError(
+            f"--runtime-user {user.name!r} cannot enter --runtime-dir {str(runtime)!r}: a "
+            "directory above it is closed to them (each parent needs `chmod o+x`)."
+        )
+    return copies[0], copies[1]
+
+
+def _wait_ready(worker: subprocess.Popen[bytes], socket: Path, timeout: float) -> bool:
+    from fedtune.node.channel import wait_ready  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            return False
+        if socket.exists() and wait_ready(str(socket), timeout=2):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def supervise_node(
+    worker: Launch,
+    node: Launch,
+    *,
+    socket: Path,
+    user: RuntimeUser | None,
+    key: Path,
+    ready_timeout: float = 600.0,
+) -> int:
+    """Run the worker, then the SuperNode; restart the worker if it dies; stop both at the end."""
+    stopping = False
+    children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        print("fedtune deploy: starting the node worker", file=sys.stderr, flush=True)
+        proc = subprocess.Popen(worker.argv, env=worker.env)
+        children["worker"] = proc
+        return proc
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    try:
+        proc = start_worker()
+        if not _wait_ready(proc, socket, ready_timeout):
+            if stopping:
+                return 0
+            print(
+                f"fedtune deploy supernode: error: the node worker did not become ready on "
+                f"{socket} (exit {proc.poll()}); see its log above.",
+                file=sys.stderr,
+            )
+            return 1
+        print(
+            f"fedtune deploy: node worker ready on {socket}; starting flower-supernode"
+            + (f" as {user.name}" if user else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        extra = (
+            {"user": user.uid, "group": user.gid, "extra_groups": [], "cwd": str(socket.parent)}
+            if user
+            else {}
+        )
+        children["supernode"] = subprocess.Popen(node.argv, env=node.env, **extra)  # type: ignore[call-overload]
+        backoff, up_since = 1.0, time.monotonic()
+        while not stopping and children["supernode"].poll() is None:
+            time.sleep(0.2)
+            worker_proc = children["worker"]
+            if worker_proc.poll() is not None and not stopping:
+                if time.monotonic() - up_since > 60:
+                    backoff = 1.0
+                print(
+                    f"fedtune deploy supernode: the node worker stopped (exit "
+                    f"{worker_proc.returncode}); restarting it in {backoff:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(backoff)
+                backoff = min(30.0, backoff * 2)
+                if not stopping:
+                    start_worker()
+                    up_since = time.monotonic()
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in children.values():
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    if stopping:
+        return 0
+    code = children["supernode"].returncode
+    if code > 0:  # Flower exits 1 on any error; its log line above has the code (305: refused)
+        print(
+            f"fedtune deploy supernode: error: flower-supernode stopped (exit {code}). If it "
+            "says 'Failed to activate SuperNode' (Exit Code 305), the SuperLink refused this "
+            f"node: its key {str(key)!r} is not registered there (the operator runs `fedtune "
+            f"deploy register ... {key.name}.pub`), or --superlink / --ca point elsewhere.",
+            file=sys.stderr,
+        )
+    return code
+
+
+def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
+    """Start the node's worker, then its SuperNode (as ``--runtime-user`` if given)."""
+    from fedtune.deploy import roles  # noqa: PLC0415
+
+    user = runtime_user(args.runtime_user)
+    worker_config = dict(config)
+    state = Path(str(worker_config["state-dir"]))
+    runtime = roles.runtime_dir(state, args.runtime_dir, runtime_user=args.runtime_user)
+    socket = runtime / roles.WORKER_SOCKET
+    worker = roles.node_worker(
+        config=worker_config, socket=socket, runtime_user=user.name if user else None
+    )
+    if args.worker_user:
+        owner = worker_user(args.worker_user, state=state, runtime=user)
+        for option, name in (("--data-path", "data-path"), ("--secret-context", "secret-context")):
+            if name in worker_config and not readable_by(owner, Path(str(worker_config[name]))):
+                raise ConfigError(
+                    f"--worker-user {owner.name!r} cannot read {option} {worker_config[name]!r}; "
+                    f"give it to them (`chown {owner.name} {worker_config[name]}`)."
+                )
+        worker.argv.append(f"--user={owner.name}")
+        worker.env["HOME"] = str(state)
+    private = {"--state-dir": state}
+    for option, name in (("--data-path", "data-path"), ("--secret-context", "secret-context")):
+        if name in worker_config:
+            private[option] = Path(str(worker_config[name]))
+    key, ca = prepare_runtime(
+        runtime, user, private=private, key=args.key.resolve(), ca=args.ca.resolve()
+    )
+    node_config: dict[str, object] = {"worker": str(socket)}
+    if args.name:
+        node_config["name"] = args.name
+    launch = roles.supernode(
+        superlink_address=args.superlink,
+        ca=ca,
+        key=key,
+        port=args.port,
+        host=args.host,
+        config=node_config,
+        home=runtime / "flwr-home",
+    )
+    if user is not None:
+        launch.env["HOME"] = str(runtime)
+    return supervise_node(worker, launch, socket=socket, user=user, key=args.key)

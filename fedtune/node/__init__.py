@@ -1,0 +1,9 @@
+"""A node's own side of a federation.
+
+* :mod:`fedtune.node.round` -- one round's work on a node: a server message's content in,
+  the reply's content out (imports torch; simulated clients and node workers run it).
+* :mod:`fedtune.node.channel` -- the node-local gRPC channel from the thin ClientApp to
+  the node's worker (imports no torch).
+* :mod:`fedtune.node.worker` -- the long-lived worker process that holds the model, the
+  data, the CKKS secret context and the ledger, started by ``fedtune deploy supernode``.
+"""

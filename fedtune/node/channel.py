@@ -1,0 +1,148 @@
+"""The node-local channel: the thin ClientApp forwards each message to the node's worker.
+
+A unary gRPC call on a Unix socket in the node's runtime directory (mode 0600, owned
+by the OS user the SuperNode runs as). Both request and reply are Flower's own record
+bytes (a serialised ``flwr.proto.recorddict_pb2.RecordDict``): the request is the
+server message's content plus two records of the ClientApp's own,
+
+* ``fedtune.request`` (ConfigRecord): ``message-type`` and ``run-id``;
+* ``fedtune.run-config`` (ConfigRecord): the run config the server sent,
+
+and the reply is the content of the reply message. Readiness is the standard gRPC
+health-checking service (``grpc.health.v1``), serving :data:`SERVICE` once the worker
+has imported torch and can take a message. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+__all__ = [
+    "HANDLE",
+    "MAX_MESSAGE_BYTES",
+    "REQUEST",
+    "RUN_CONFIG",
+    "SERVICE",
+    "WorkerError",
+    "WorkerUnavailable",
+    "decode",
+    "encode",
+    "forward",
+    "wait_ready",
+]
+
+#: The worker's gRPC service and its one method.
+SERVICE = "fedtune.node.v1.NodeWorker"
+HANDLE = f"/{SERVICE}/Handle"
+
+#: The largest request or reply (Flower's own gRPC limit: a CKKS global of a real LLM
+#: adapter is tens of MB).
+MAX_MESSAGE_BYTES = 536_870_912
+
+#: Record names the ClientApp adds to the server's content (the worker removes them).
+REQUEST = "fedtune.request"
+RUN_CONFIG = "fedtune.run-config"
+
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class WorkerUnavailable(RuntimeError):
+    """The ClientApp cannot reach this node's worker (the node drops out of the round)."""
+
+
+class WorkerError(RuntimeError):
+    """The worker refused or failed the message; its reason is the message."""
+
+
+def encode(content: RecordDict) -> bytes:
+    """A ``RecordDict`` as Flower's record bytes."""
+    return bytes(recorddict_to_proto(content).SerializeToString())
+
+
+def decode(data: bytes) -> RecordDict:
+    """Flower's record bytes as a ``RecordDict`` (``ValueError`` if they are not)."""
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(data)
+        return recorddict_from_proto(proto)
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise ValueError(f"not a Flower RecordDict: {err}") from None
+
+
+def request(
+    message_type: str, content: RecordDict, *, run_id: int, run_config: Mapping[str, object]
+) -> bytes:
+    """The request bytes for one server message."""
+    records = dict(content.items())
+    records[REQUEST] = ConfigRecord({"message-type": message_type, "run-id": str(run_id)})
+    records[RUN_CONFIG] = ConfigRecord(dict(run_config))  # type: ignore[arg-type]
+    return encode(RecordDict(records))  # type: ignore[arg-type]
+
+
+def socket_target(address: str) -> str:
+    """``unix:/abs/path`` for a socket path (or an address that already says ``unix:``)."""
+    return address if address.startswith("unix:") else f"unix:{address}"
+
+
+def forward(
+    address: str,
+    message_type: str,
+    content: RecordDict,
+    *,
+    run_id: int,
+    run_config: Mapping[str, object],
+    timeout: float | None = None,
+) -> RecordDict:
+    """Send one server message to the worker at ``address``; its reply content.
+
+    Raises :class:`WorkerUnavailable` when nothing answers on the socket (the worker
+    is down or restarting) and :class:`WorkerError` with the worker's reason when it
+    refused or failed the message.
+    """
+    target = socket_target(address)
+    data = request(message_type, content, run_id=run_id, run_config=run_config)
+    with grpc.insecure_channel(target, options=_OPTIONS) as channel:
+        call = channel.unary_unary(HANDLE)
+        try:
+            reply = call(data, timeout=timeout)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            details = err.details() if hasattr(err, "details") else str(err)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise WorkerUnavailable(
+                    f"cannot reach this node's fedtune worker at {target} ({details}); "
+                    "the node sits out this round. Is `fedtune deploy supernode` running, "
+                    "and did its worker start (see its log)?"
+                ) from None
+            raise WorkerError(
+                f"the node's worker refused the {message_type} message: {details}"
+            ) from None
+    return decode(reply)
+
+
+def wait_ready(address: str, *, timeout: float) -> bool:
+    """Whether the worker's health service reports SERVING within ``timeout`` seconds."""
+    import time  # noqa: PLC0415
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(socket_target(address)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    return False

@@ -1,0 +1,232 @@
+"""The node worker: one long-lived process per node that does the node's rounds.
+
+Flower 1.41 runs every message in a fresh ``flwr-clientapp`` process, which would
+re-import torch, re-read the data and rebuild the model twice a round. The worker
+holds all of that instead (torch, the model with its adapter, the tokenised data,
+the CKKS secret context, the ledger) and answers the thin ClientApp
+(``clients/app.py``) over a gRPC Unix socket (:mod:`fedtune.node.channel`).
+
+It is also the node's security boundary. ``fedtune deploy supernode`` starts it as
+the user who owns the node's files, and the SuperNode (with every ClientApp it
+starts, whatever app the SuperLink sent) as another user, who can reach the socket
+and nothing else. The socket is mode 0600 and owned by that runtime user; the
+worker's one method does a round's train or evaluate message and nothing more, with
+the node's own settings (data, state directory, secret context, budget) fixed on the
+worker's command line, never taken from a message.
+
+What the node keeps is on disk before a reply leaves (:mod:`fedtune.train.release`
+appends the ledger and stores the reply first; the last global sum is checkpointed
+before training), so a worker killed mid-round loses nothing and counts nothing
+twice; ``fedtune deploy supernode`` restarts it.
+
+    python -m fedtune.node.worker --socket PATH --node-config JSON
+        [--socket-owner USER] [--user USER]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import pwd
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedtune.node.channel import (
+    MAX_MESSAGE_BYTES,
+    REQUEST,
+    RUN_CONFIG,
+    SERVICE,
+    decode,
+    encode,
+)
+
+__all__ = ["NodeWorker", "main", "serve"]
+
+log = logging.getLogger("fedtune.node")
+
+
+class NodeWorker:
+    """The worker's one method: a server message's content in, its reply content out.
+
+    Messages are handled one at a time (the node has one model); the health service
+    answers meanwhile.
+    """
+
+    def __init__(self, node_config: Mapping[str, object]) -> None:
+        self.node_config = dict(node_config)
+        self._lock = threading.Lock()
+        self.handled = 0
+
+    def handle(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        """gRPC entry point: decode, do the round's work, encode (errors abort the call)."""
+        from fedtune.errors import FedtuneError  # noqa: PLC0415
+        from fedtune.node import round as node_round  # noqa: PLC0415
+
+        try:
+            content = decode(data)
+            message_type, run_id, run_config = _unwrap(content)
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
+        with self._lock:
+            start = time.perf_counter()
+            server_round = _round_of(content)
+            log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
+            try:
+                reply = node_round.handle(
+                    message_type,
+                    content,
+                    run_config=run_config,
+                    node_config=self.node_config,
+                    run_id=run_id,
+                    deployed=True,
+                )
+            except (ValueError, FedtuneError) as err:  # a refusal: the node says why
+                log.warning("round %s: %s refused: %s", server_round, message_type, err)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            except Exception as err:  # noqa: BLE001 - the reply names it; the worker lives on
+                log.exception("round %s: %s failed", server_round, message_type)
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            self.handled += 1
+            log.info(
+                "round %s: %s reply after %.1f s",
+                server_round,
+                message_type,
+                time.perf_counter() - start,
+            )
+            return encode(reply)
+
+
+def _unwrap(content: Any) -> tuple[str, int, dict[str, object]]:
+    """Remove the ClientApp's two records from ``content``; check and return them."""
+    if REQUEST not in content.config_records or RUN_CONFIG not in content.config_records:
+        raise ValueError(f"the request needs the {REQUEST!r} and {RUN_CONFIG!r} records.")
+    meta = content.config_records.pop(REQUEST)
+    run_config = dict(content.config_records.pop(RUN_CONFIG))
+    message_type = meta.get("message-type")
+    if message_type not in ("train", "evaluate"):
+        raise ValueError(f"message-type must be 'train' or 'evaluate', got {message_type!r}.")
+    run_id = meta.get("run-id")
+    if not isinstance(run_id, str) or not run_id.isdigit() or len(run_id) > 20:
+        raise ValueError(f"run-id must be a decimal run id, got {run_id!r}.")
+    return message_type, int(run_id), run_config
+
+
+def _round_of(content: Any) -> object:
+    try:
+        return content.config_records["config"]["server-round"]
+    except (KeyError, TypeError):
+        return "?"
+
+
+def _bind_socket(server: grpc.Server, path: Path, owner: str | None) -> None:
+    """Listen on ``path`` (mode 0600, owned by ``owner`` if given); replace a stale socket."""
+    if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.lstat().st_mode)):
+        raise SystemExit(f"fedtune worker: {str(path)!r} exists and is not a socket; refusing.")
+    path.unlink(missing_ok=True)
+    if server.add_insecure_port(f"unix:{path}") == 0:
+        raise SystemExit(f"fedtune worker: cannot listen on {str(path)!r}.")
+    os.chmod(path, 0o600)
+    if owner:
+        user = pwd.getpwnam(owner)
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def _drop_to(user_name: str) -> None:
+    """Become ``user_name`` (after the socket is bound and handed to its owner)."""
+    user = pwd.getpwnam(user_name)
+    os.setgroups([])
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+    os.environ["HOME"] = user.pw_dir
+
+
+def serve(
+    node_config: Mapping[str, object],
+    socket_path: Path,
+    *,
+    socket_owner: str | None = None,
+    user: str | None = None,
+) -> None:
+    """Serve the node's rounds on ``socket_path`` until SIGTERM / SIGINT."""
+    os.umask(0o077)  # everything the worker writes (ledger, checkpoint) is its own
+    socket_path = Path(socket_path).resolve()
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    worker = NodeWorker(node_config)
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"Handle": grpc.unary_unary_rpc_method_handler(worker.handle)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    _bind_socket(server, socket_path, socket_owner)
+    if user:
+        _drop_to(user)
+    server.start()
+    started = time.perf_counter()
+    # What every round needs, loaded once: torch, transformers, peft, Opacus, TenSEAL.
+    import fedtune.node.round  # noqa: F401, PLC0415
+    import fedtune.privacy.dpsgd  # noqa: F401, PLC0415
+    import fedtune.secure.ckks  # noqa: F401, PLC0415
+
+    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "fedtune worker ready on %s (pid %d, imports %.1f s)",
+        socket_path,
+        os.getpid(),
+        time.perf_counter() - started,
+    )
+    stopped = threading.Event()
+
+    def stop(_signum: int, _frame: object) -> None:
+        stopped.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    stopped.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=5).wait()
+    with contextlib.suppress(OSError):  # after dropping to --user it may not be ours to remove
+        socket_path.unlink(missing_ok=True)
+    log.info("fedtune worker stopped after %d message(s)", worker.handled)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedtune.node.worker", description=__doc__)
+    parser.add_argument("--socket", required=True, type=Path, help="the Unix socket to listen on")
+    parser.add_argument(
+        "--node-config", required=True, help="the node's own settings (JSON object)"
+    )
+    parser.add_argument("--socket-owner", help="the OS user the SuperNode runs as")
+    parser.add_argument("--user", help="drop to this OS user after binding the socket")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s fedtune-worker %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    config = json.loads(args.node_config)
+    if not isinstance(config, dict):
+        raise SystemExit("--node-config must be a JSON object.")
+    serve(config, args.socket, socket_owner=args.socket_owner, user=args.user)
+
+
+if __name__ == "__main__":
+    main()
