@@ -66,17 +66,20 @@ def _runtime_user() -> str | None:
         user = pwd.getpwnam("nobody")
     except KeyError:
         return None
-    done = subprocess.run(
-        [sys.executable, "-c", "import flwr, clients.app"],
-        user=user.pw_uid,
-        group=user.pw_gid,
-        extra_groups=[],
-        cwd="/",
-        env={"PATH": os.environ.get("PATH", "")},
-        check=False,
-        capture_output=True,
-        timeout=120,
-    )
+    try:  # e.g. a Python under a 0700 /root is not theirs to run
+        done = subprocess.run(
+            [sys.executable, "-c", "import flwr, clients.app"],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": os.environ.get("PATH", "")},
+            check=False,
+            capture_output=True,
+            timeout=120,
+        )
+    except OSError:
+        return None
     return "nobody" if done.returncode == 0 else None
 
 
@@ -441,10 +444,13 @@ class Federation:
         deadline = time.monotonic() + 30
         while (left := _tagged(self.tag)) and time.monotonic() < deadline:
             time.sleep(0.5)
+        commands = {}
         for pid in left:
+            with contextlib.suppress(OSError):
+                commands[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes left behind: {left}"
+        assert not left, f"processes left behind: {left} {commands}"
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -747,7 +753,10 @@ def test_the_supernode_and_its_client_apps_cannot_read_the_nodes_files(
 ) -> None:
     """The SuperNode (and so every ClientApp it starts) runs as the runtime user."""
     if RUNTIME_USER is None:
-        pytest.skip("running the SuperNode as another user needs root and a `nobody` user")
+        pytest.skip(
+            "running the SuperNode as `nobody` needs root and a Python `nobody` may run "
+            f"({sys.executable} is not theirs to run here)"
+        )
     fed, _ = full_run
     user = pwd.getpwnam(RUNTIME_USER)
 

@@ -115,6 +115,22 @@ def worker_user(name: str, *, state: Path, runtime: RuntimeUser | None) -> Runti
     return RuntimeUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
+def _runs(user: RuntimeUser, program: Path) -> bool:
+    """Whether ``user`` may execute ``program`` (every directory above it included)."""
+    done = subprocess.run(
+        ["test", "-x", str(program)],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=[],
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+    return done.returncode == 0
+
+
 def readable_by(user: RuntimeUser, path: Path) -> bool:
     """Whether ``user`` can read ``path`` (a directory: list and enter it), tried as them.
 
@@ -162,6 +178,12 @@ def prepare_runtime(
                 "runs the SuperNode and every app the SuperLink sends; close it first "
                 f"(`chmod go-rwx {path}`) so that only the worker reads it."
             )
+    if not _runs(user, Path(sys.executable)):
+        raise ConfigError(
+            f"--runtime-user {user.name!r} cannot run this Python ({sys.executable}): the "
+            "SuperNode would not start. Install fedtune with a Python every user may run "
+            "(e.g. a system Python or one under /opt), or leave --runtime-user out."
+        )
     copies = []
     for source, name in ((key, "node.key"), (ca, "ca.crt")):
         target = runtime / name

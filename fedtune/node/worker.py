@@ -70,6 +70,10 @@ class NodeWorker:
         self._lock = threading.Lock()
         self.handled = 0
 
+    def busy(self) -> bool:
+        """Whether a message is being handled right now."""
+        return self._lock.locked()
+
     def handle(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         """gRPC entry point: decode, do the round's work, encode (errors abort the call)."""
         from fedtune.errors import FedtuneError  # noqa: PLC0415
@@ -202,7 +206,13 @@ def serve(
         signal.signal(signum, stop)
     stopped.wait()
     health_servicer.enter_graceful_shutdown()
-    server.stop(grace=5).wait()
+    server.stop(grace=2).wait()
+    if worker.busy():
+        # A message still running: stop now rather than finish it (its reply could not
+        # leave anyway). What it wrote is on disk, as after a kill.
+        log.warning("fedtune worker stopped during a message; its round drops this node")
+        logging.shutdown()
+        os._exit(0)
     with contextlib.suppress(OSError):  # after dropping to --user it may not be ours to remove
         socket_path.unlink(missing_ok=True)
     log.info("fedtune worker stopped after %d message(s)", worker.handled)
