@@ -58,29 +58,68 @@ RUN_CONFIG = {
 }
 
 
+#: Where the SuperNode's entry points for the runtime user live (see _runtime_bin).
+RUNTIME_BIN = Path(tempfile.gettempdir()) / f"fedtune-deploy-bin-{os.getpid()}"
+
+
+def _runtime_bin(user: pwd.struct_passwd) -> Path | None:
+    """``flower-supernode`` and the commands it starts, runnable by ``user``, or None.
+
+    A deployment installs Python where every user may run it. This machine's Python
+    may sit under a 0700 ``/root``; then the SuperNode runs under the system
+    ``python3.X`` of the same version, on this environment's own site-packages (pure
+    Flower code; the ClientApp imports no torch), through two small entry points.
+    """
+    site = next(Path(p) for p in sys.path if p.endswith("site-packages"))
+    candidates = [
+        Path(sys.executable),
+        Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"),
+    ]
+    for python in candidates:
+        try:
+            ok = (
+                subprocess.run(
+                    [str(python), "-c", "import flwr, clients.app"],
+                    user=user.pw_uid,
+                    group=user.pw_gid,
+                    extra_groups=[],
+                    cwd="/",
+                    env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"},
+                    check=False,
+                    capture_output=True,
+                    timeout=120,
+                ).returncode
+                == 0
+            )
+        except OSError:  # not theirs to run
+            ok = False
+        if not ok:
+            continue
+        RUNTIME_BIN.mkdir(mode=0o755, exist_ok=True)
+        for name, module, function in (
+            ("flower-supernode", "flwr.supernode.cli", "flower_supernode"),
+            ("flwr-clientapp", "flwr.supernode.cli", "flwr_clientapp"),
+            ("flower-superexec", "flwr.supercore.cli", "flower_superexec"),
+        ):
+            script = RUNTIME_BIN / name
+            script.write_text(
+                f"#!{python}\nimport sys\nsys.path[:0] = [{str(site)!r}, {str(ROOT)!r}]\n"
+                f"from {module} import {function}\nsys.exit({function}())\n"
+            )
+            script.chmod(0o755)
+        return RUNTIME_BIN
+    return None
+
+
 def _runtime_user() -> str | None:
-    """``nobody`` when this test runs as root and ``nobody`` can run this checkout."""
+    """``nobody`` when this test runs as root and ``nobody`` can run a SuperNode here."""
     if os.geteuid() != 0:
         return None
     try:
         user = pwd.getpwnam("nobody")
     except KeyError:
         return None
-    try:  # e.g. a Python under a 0700 /root is not theirs to run
-        done = subprocess.run(
-            [sys.executable, "-c", "import flwr, clients.app"],
-            user=user.pw_uid,
-            group=user.pw_gid,
-            extra_groups=[],
-            cwd="/",
-            env={"PATH": os.environ.get("PATH", "")},
-            check=False,
-            capture_output=True,
-            timeout=120,
-        )
-    except OSError:
-        return None
-    return "nobody" if done.returncode == 0 else None
+    return "nobody" if _runtime_bin(user) is not None else None
 
 
 #: The user the SuperNodes (and every ClientApp) run as, where the test can switch users.
@@ -95,6 +134,8 @@ def _env(tag: str) -> dict[str, str]:
     env = dict(os.environ)
     env[TAG] = tag
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if RUNTIME_USER:  # the SuperNode's entry points, found first
+        env["PATH"] = f"{RUNTIME_BIN}{os.pathsep}{env['PATH']}"
     env["OMP_NUM_THREADS"] = "1"
     return env
 
@@ -171,7 +212,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         )
     )
     yield f
-    subprocess.run(["rm", "-rf", str(f.runtime)], check=False)
+    subprocess.run(["rm", "-rf", str(f.runtime), str(RUNTIME_BIN)], check=False)
 
 
 class Federation:
@@ -753,10 +794,7 @@ def test_the_supernode_and_its_client_apps_cannot_read_the_nodes_files(
 ) -> None:
     """The SuperNode (and so every ClientApp it starts) runs as the runtime user."""
     if RUNTIME_USER is None:
-        pytest.skip(
-            "running the SuperNode as `nobody` needs root and a Python `nobody` may run "
-            f"({sys.executable} is not theirs to run here)"
-        )
+        pytest.skip("running the SuperNode as `nobody` needs root and a Python `nobody` may run")
     fed, _ = full_run
     user = pwd.getpwnam(RUNTIME_USER)
 
@@ -788,8 +826,10 @@ def test_the_supernode_and_its_client_apps_cannot_read_the_nodes_files(
         "    except OSError as err:\n"
         "        print('refused', type(err).__name__)\n"
     )
+    # The interpreter the node's ClientApps run under (this one, or the system's).
+    python = (RUNTIME_BIN / "flwr-clientapp").read_text().splitlines()[0][2:]
     done = subprocess.run(
-        [sys.executable, "-c", probe, *map(str, node_files)],
+        [python, "-c", probe, *map(str, node_files)],
         user=user.pw_uid,
         group=user.pw_gid,
         extra_groups=[],

@@ -18,6 +18,7 @@ gets SIGTERM / SIGINT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
 import shutil
@@ -116,19 +117,27 @@ def worker_user(name: str, *, state: Path, runtime: RuntimeUser | None) -> Runti
 
 
 def _runs(user: RuntimeUser, program: Path) -> bool:
-    """Whether ``user`` may execute ``program`` (every directory above it included)."""
-    done = subprocess.run(
-        ["test", "-x", str(program)],
-        user=user.uid,
-        group=user.gid,
-        extra_groups=[],
-        env={"PATH": "/usr/bin:/bin"},
-        cwd="/",
-        check=False,
-        capture_output=True,
-        timeout=60,
-    )
-    return done.returncode == 0
+    """Whether ``user`` may execute ``program`` and the interpreter its ``#!`` line names."""
+    paths = [Path(program)]
+    with contextlib.suppress(OSError):
+        first = Path(program).read_bytes()[:256].split(b"\n")[0]
+        if first.startswith(b"#!"):
+            paths.append(Path(first[2:].decode(errors="replace").split()[0]))
+    for path in paths:
+        done = subprocess.run(
+            ["test", "-x", str(path)],
+            user=user.uid,
+            group=user.gid,
+            extra_groups=[],
+            env={"PATH": "/usr/bin:/bin"},
+            cwd="/",
+            check=False,
+            capture_output=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            return False
+    return True
 
 
 def readable_by(user: RuntimeUser, path: Path) -> bool:
@@ -178,11 +187,14 @@ def prepare_runtime(
                 "runs the SuperNode and every app the SuperLink sends; close it first "
                 f"(`chmod go-rwx {path}`) so that only the worker reads it."
             )
-    if not _runs(user, Path(sys.executable)):
+    program = shutil.which("flower-supernode")
+    if program is None:
+        raise ConfigError("flower-supernode is not on PATH; activate fedtune's environment.")
+    if not _runs(user, Path(program)):
         raise ConfigError(
-            f"--runtime-user {user.name!r} cannot run this Python ({sys.executable}): the "
-            "SuperNode would not start. Install fedtune with a Python every user may run "
-            "(e.g. a system Python or one under /opt), or leave --runtime-user out."
+            f"--runtime-user {user.name!r} cannot run {program} (or the Python it starts "
+            "with): the SuperNode would not start. Install fedtune with a Python every user "
+            "may run (a system Python, or one under /opt), or leave --runtime-user out."
         )
     copies = []
     for source, name in ((key, "node.key"), (ca, "ca.crt")):
