@@ -170,7 +170,9 @@ def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float
             ),
         )
     deadline = time.monotonic() + 600
-    while not all("node worker ready" in logs[n].read_text() for n in names):
+    # (A node of a fedtune without the worker says only that its SuperNode started.)
+    started = ("node worker ready", "Starting Flower SuperNode")
+    while not all(any(x in logs[n].read_text() for x in started) for n in names):
         if time.monotonic() > deadline:
             raise SystemExit("the node workers did not start:\n" + logs[names[0]].read_text())
         time.sleep(1)
@@ -199,7 +201,8 @@ def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float
     wall = time.perf_counter() - start_wall
     # The slowest node's own time on the last round's train message.
     pattern = re.compile(rf"round {rounds}: train reply after ([0-9.]+) s")
-    worker = max(float(m.group(1)) for n in names for m in pattern.finditer(logs[n].read_text()))
+    times = [float(m.group(1)) for n in names for m in pattern.finditer(logs[n].read_text())]
+    worker = max(times) if times else float("nan")  # nan: no worker (an older fedtune)
     for proc in procs[1:] + procs[:1]:  # the nodes, then the SuperLink
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
