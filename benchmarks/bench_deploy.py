@@ -14,6 +14,9 @@ partitioner and seed), the same config. Both with ``--set num-rounds=ROUNDS``. I
 * the per-message overhead of the deployment: the last train exchange's wall time minus
   the slowest node's own time on that message (its worker's ``reply after`` log line).
 
+The three nodes share this machine's cores, so each gets ``cores // 3`` torch threads
+(``OMP_NUM_THREADS``, at least 1), as three real machines would each have their own.
+
 Every process it starts carries an environment tag and is stopped at the end; nothing
 listens beyond 127.0.0.1.
 """
@@ -48,6 +51,11 @@ def _free_port() -> int:
 
 def _fedtune(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedtune.cli", *args]
+
+
+#: Torch threads of each node: the nodes share this machine's cores, as the one simulated
+#: client at a time has them all (more threads than cores make every node slower).
+NODE_THREADS = str(max(1, (os.cpu_count() or 1) // NODES))
 
 
 def _env(tag: str) -> dict[str, str]:
@@ -98,11 +106,14 @@ def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float
 
     def start(role: str, cmd: list[str]) -> None:
         logs[role] = work / f"{role}.log"
+        env = _env(tag)
+        if role.startswith("node-"):
+            env["OMP_NUM_THREADS"] = NODE_THREADS
         with logs[role].open("wb") as out:
             procs.append(
                 subprocess.Popen(
                     cmd,
-                    env=_env(tag),
+                    env=env,
                     cwd=ROOT,
                     stdout=out,
                     stderr=subprocess.STDOUT,

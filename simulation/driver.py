@@ -65,17 +65,52 @@ def _poll_pending_nodes(original: Any) -> Any:
     return add_messages_to_queue
 
 
-@contextlib.contextmanager
-def _fast_polling() -> Any:
-    """Install :func:`_poll_pending_nodes` in Flower's simulation runtime for one run."""
-    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
+def _seeded_node_ids(seed: int) -> Any:
+    """Flower's ``generate_rand_int_from_bytes``, drawn from a generator seeded by ``seed``.
 
-    original = vce_api.add_messages_to_queue
-    vce_api.add_messages_to_queue = _poll_pending_nodes(original)
+    Flower 1.41 gives simulated nodes random ids (``secrets``) and maps the i-th node
+    created to partition i. The strategy samples positions among the sorted node ids,
+    so with random ids a run that samples fewer than all clients trained other
+    partitions each time it ran: the same seed did not give the same run. Used only
+    while the nodes are registered.
+    """
+    import random  # noqa: PLC0415
+
+    rng = random.Random(f"fedtune-simulated-node-ids/{seed}")
+
+    def generate(num_bytes: int, exclude: set[int] | None = None) -> int:
+        while True:
+            value = rng.getrandbits(8 * num_bytes)
+            if value and value not in (exclude or set()):
+                return value
+
+    return generate
+
+
+@contextlib.contextmanager
+def _flower_patches(seed: int) -> Any:
+    """For one run: :func:`_poll_pending_nodes`, and node ids from :func:`_seeded_node_ids`."""
+    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
+    from flwr.server.superlink.linkstate import in_memory_linkstate  # noqa: PLC0415
+
+    original_poll = vce_api.add_messages_to_queue
+    original_register = vce_api._register_nodes  # noqa: SLF001
+
+    def register_nodes(*args: Any, **kwargs: Any) -> Any:
+        random_ids = in_memory_linkstate.generate_rand_int_from_bytes
+        in_memory_linkstate.generate_rand_int_from_bytes = _seeded_node_ids(seed)
+        try:
+            return original_register(*args, **kwargs)
+        finally:
+            in_memory_linkstate.generate_rand_int_from_bytes = random_ids
+
+    vce_api.add_messages_to_queue = _poll_pending_nodes(original_poll)
+    vce_api._register_nodes = register_nodes  # noqa: SLF001
     try:
         yield
     finally:
-        vce_api.add_messages_to_queue = original
+        vce_api.add_messages_to_queue = original_poll
+        vce_api._register_nodes = original_register  # noqa: SLF001
 
 
 @dataclass(frozen=True)
@@ -214,7 +249,7 @@ def simulate(
     start = time.perf_counter()
     stopped: FederationError | None = None
     try:
-        with _fast_polling():
+        with _flower_patches(cfg.federation.seed):
             run_simulation(
                 server_app=make_server_app(server_wiring),
                 client_app=make_client_app(client_wiring),
