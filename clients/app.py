@@ -67,11 +67,15 @@ def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
     address = str(node["worker"])
     wait = float(str(node.get("worker-wait", WORKER_WAIT)))
     if not wait_ready(address, timeout=wait):
+        from pathlib import Path  # noqa: PLC0415
+
         from fedtune.node.channel import WorkerUnavailable  # noqa: PLC0415
 
+        state = "is not ready" if Path(address).exists() else "is not running (no socket)"
         raise WorkerUnavailable(
-            f"this node's fedtune worker at {address} is not ready after {wait:.0f} s; the "
-            "node sits out this round. Is `fedtune deploy supernode` running (see its log)?"
+            f"this node's fedtune worker at {address} {state} after waiting up to "
+            f"{wait:.0f} s; the node sits out this round. Is `fedtune deploy supernode` "
+            "running (see its log)?"
         )
     return forward(
         address,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
@@ -37,6 +37,7 @@ from fedtune.secure import run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError
 from fedtune.tasks import get_task
+from server.exchange import PENDING, exchange, load_pending, save_pending
 from server.strategy import FedTuneStrategy, NotEnoughClients
 
 __all__ = [
@@ -144,35 +145,6 @@ def _merge_clients(
     return dict(sorted(clients.items()))
 
 
-#: The train half of the last trained round, kept until its evaluation arrives with
-#: the next round's replies (so a resumed server still writes it).
-PENDING = "pending-round.json"
-
-
-def _save_pending(run_dir: Path, record: Mapping[str, Any]) -> None:
-    import json  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    path = run_dir / PENDING
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
-
-
-def _load_pending(run_dir: Path, rnd: int) -> dict[str, Any]:
-    """The train half of round ``rnd`` if it was kept, else a record with the round only."""
-    import json  # noqa: PLC0415
-
-    path = run_dir / PENDING
-    try:
-        record = json.loads(path.read_text())
-        if isinstance(record, dict) and record.get("round") == rnd:
-            return record
-    except (OSError, ValueError):
-        pass
-    return {"round": rnd}
-
-
 def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> int:
     """The first round to train: 1 for a new run, checkpoint round + 1 with ``resume``.
 
@@ -214,30 +186,6 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
         append_record(metrics_path, record)
     log.info("Resuming after round %d from %s", checkpoint.round, checkpoint_dir)
     return checkpoint.round + 1
-
-
-#: Seconds between two looks for replies (Flower's deployed Grid waits 3 s between them).
-POLL_SECONDS = 0.2
-
-
-def exchange(grid: Grid, messages: list[Message], *, timeout: float) -> list[Message]:
-    """Send ``messages`` and collect their replies until all are in or ``timeout`` passed.
-
-    Flower's ``Grid.send_and_receive``, looking for replies every :data:`POLL_SECONDS`
-    instead of every 3 s (its deployed Grid's fixed interval): a round ends when its
-    last reply arrives, not up to 3 s later.
-    """
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while pending:
-        arrived = list(grid.pull_messages(pending))
-        replies += arrived
-        pending -= {m.metadata.reply_to_message_id for m in arrived}
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_SECONDS)
-    return replies
 
 
 def run_rounds(
@@ -293,7 +241,7 @@ def run_rounds(
         pending: dict[str, Any] = {"round": 0}
     else:
         console.print(f"resuming at round {first_round}/{fed.num_rounds}")
-        pending = _load_pending(run_dir, first_round - 1)
+        pending = load_pending(run_dir, first_round - 1)
     for rnd in range(first_round, fed.num_rounds + 1):
         start = time.perf_counter()
         with console.status(
@@ -342,7 +290,7 @@ def run_rounds(
         eps = [c["epsilon"] for c in last.accepted.values() if "epsilon" in c]
         if eps:
             pending["epsilon"] = max(eps)
-        _save_pending(run_dir, pending)
+        save_pending(run_dir, pending)
     # The last round's state: one evaluate message per sampled node.
     start = time.perf_counter()
     with console.status(f"round {fed.num_rounds}/{fed.num_rounds}: evaluating…"):

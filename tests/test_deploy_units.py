@@ -429,8 +429,13 @@ def test_a_node_file_the_runtime_user_could_read_is_refused_by_name(tmp_path: Pa
         data.chmod(0o600)
         assert not node.readable_by(user, data)
         import shutil
+        import sys
 
-        program = Path(shutil.which("flower-supernode") or "flower-supernode")
+        program = Path(
+            shutil.which("flower-supernode")
+            or shutil.which("flower-supernode", path=str(Path(sys.executable).parent))
+            or "flower-supernode"
+        )
         if not node._runs(user, program):  # e.g. a Python under a 0700 /root
             with pytest.raises(ConfigError, match="'nobody' cannot run .*flower-supernode"):
                 node.prepare_runtime(

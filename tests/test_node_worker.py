@@ -249,14 +249,16 @@ def test_a_client_app_that_cannot_reach_its_worker_says_so(tmp_path: Path) -> No
     context = Context(
         run_id=1,
         node_id=1,
-        node_config={"worker": str(nowhere), "worker-wait": 1.0},
+        node_config={"worker": str(nowhere), "worker-wait": 60.0},
         state=RecordDict(),
         run_config={},
     )
     start = time.monotonic()
-    with pytest.raises(WorkerUnavailable, match="not ready after 1 s; the node sits out") as err:
+    with pytest.raises(
+        WorkerUnavailable, match="is not running \\(no socket\\) after waiting up to 60 s; the node"
+    ) as err:
         app(msg, context)
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 15  # no socket: no worker is coming, no 60 s wait
     assert str(nowhere) in str(err.value)
     bare = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="names no `worker`; start the node with `fedtune deploy"):

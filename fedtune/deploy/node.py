@@ -116,37 +116,11 @@ def worker_user(name: str, *, state: Path, runtime: RuntimeUser | None) -> Runti
     return RuntimeUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
-def _runs(user: RuntimeUser, program: Path) -> bool:
-    """Whether ``user`` may execute ``program`` and the interpreter its ``#!`` line names."""
-    paths = [Path(program)]
-    with contextlib.suppress(OSError):
-        first = Path(program).read_bytes()[:256].split(b"\n")[0]
-        if first.startswith(b"#!"):
-            paths.append(Path(first[2:].decode(errors="replace").split()[0]))
-    for path in paths:
-        done = subprocess.run(
-            ["test", "-x", str(path)],
-            user=user.uid,
-            group=user.gid,
-            extra_groups=[],
-            env={"PATH": "/usr/bin:/bin"},
-            cwd="/",
-            check=False,
-            capture_output=True,
-            timeout=60,
-        )
-        if done.returncode != 0:
-            return False
-    return True
+def _test_as(user: RuntimeUser, *checks: str) -> bool:
+    """coreutils' ``test CHECKS`` run as ``user`` (``access(2)`` with their ids).
 
-
-def readable_by(user: RuntimeUser, path: Path) -> bool:
-    """Whether ``user`` can read ``path`` (a directory: list and enter it), tried as them.
-
-    The test runs coreutils' ``test`` as ``user`` (``access(2)`` with their ids), so it
-    needs no interpreter that ``user`` may not be able to run.
+    It needs no interpreter that ``user`` may not be able to run.
     """
-    checks = ["-r", str(path), "-a", "-x", str(path)] if Path(path).is_dir() else ["-r", str(path)]
     done = subprocess.run(
         ["test", *checks],
         user=user.uid,
@@ -159,6 +133,23 @@ def readable_by(user: RuntimeUser, path: Path) -> bool:
         timeout=60,
     )
     return done.returncode == 0
+
+
+def _runs(user: RuntimeUser, program: Path) -> bool:
+    """Whether ``user`` may execute ``program`` and the interpreter its ``#!`` line names."""
+    paths = [Path(program)]
+    with contextlib.suppress(OSError):
+        first = Path(program).read_bytes()[:256].split(b"\n")[0]
+        if first.startswith(b"#!"):
+            paths.append(Path(first[2:].decode(errors="replace").split()[0]))
+    return all(_test_as(user, "-x", str(path)) for path in paths)
+
+
+def readable_by(user: RuntimeUser, path: Path) -> bool:
+    """Whether ``user`` can read ``path`` (a directory: list and enter it), tried as them."""
+    if Path(path).is_dir():
+        return _test_as(user, "-r", str(path), "-a", "-x", str(path))
+    return _test_as(user, "-r", str(path))
 
 
 def prepare_runtime(
@@ -187,7 +178,9 @@ def prepare_runtime(
                 "runs the SuperNode and every app the SuperLink sends; close it first "
                 f"(`chmod go-rwx {path}`) so that only the worker reads it."
             )
-    program = shutil.which("flower-supernode")
+    program = shutil.which("flower-supernode") or shutil.which(
+        "flower-supernode", path=str(Path(sys.executable).parent)
+    )
     if program is None:
         raise ConfigError("flower-supernode is not on PATH; activate fedtune's environment.")
     if not _runs(user, Path(program)):
@@ -213,6 +206,35 @@ def prepare_runtime(
             "directory above it is closed to them (each parent needs `chmod o+x`)."
         )
     return copies[0], copies[1]
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (from ``/proc``; empty where there is none)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _stop_all(pids: set[int], timeout: float = 10.0) -> None:
+    """SIGTERM ``pids``, then SIGKILL those still alive after ``timeout`` seconds."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _wait_ready(worker: subprocess.Popen[bytes], socket: Path, timeout: float) -> bool:
@@ -298,6 +320,11 @@ def supervise_node(
                     start_worker()
                     up_since = time.monotonic()
     finally:
+        # The SuperNode's own children (its SuperExec and the ClientApps it started) are
+        # stopped with it: found now, before they are orphaned.
+        below = set()
+        for child in children.values():
+            below |= _descendants(child.pid)
         for child in children.values():
             if child.poll() is None:
                 child.terminate()
@@ -307,6 +334,7 @@ def supervise_node(
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        _stop_all(below)
     if stopping:
         return 0
     code = children["supernode"].returncode

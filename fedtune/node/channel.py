@@ -128,21 +128,40 @@ def forward(
     return decode(reply)
 
 
+#: A socket file missing this long means no worker is coming (a restarting worker's
+#: stale socket stays until the new one replaces it).
+GONE_SECONDS = 3.0
+
+
 def wait_ready(address: str, *, timeout: float) -> bool:
-    """Whether the worker's health service reports SERVING within ``timeout`` seconds."""
+    """Whether the worker's health service reports SERVING within ``timeout`` seconds.
+
+    Gives up early when the socket file is missing for :data:`GONE_SECONDS`: the worker
+    was stopped (it removes its socket), not restarted.
+    """
     import time  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
-    deadline = time.monotonic() + timeout
+    path = Path(socket_target(address).removeprefix("unix:"))
+    start = time.monotonic()
+    deadline = start + timeout
+    missing_since: float | None = None
     with grpc.insecure_channel(socket_target(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
+            if path.exists():
+                missing_since = None
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return True
+                except grpc.RpcError:
+                    pass
+            else:
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since >= GONE_SECONDS:
+                    return False
             time.sleep(0.2)
     return False
