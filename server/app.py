@@ -264,15 +264,6 @@ def run_rounds(
                 f"checkpoint of round {rnd - 1} is kept."
                 + ("".join(f" {n.rstrip('.')}." for n in notes))
             )
-        assert strategy.global_payload is not None  # set by a successful aggregate_train
-        save_checkpoint(
-            run_dir / "checkpoint",
-            Checkpoint(
-                round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples
-            ),
-            key_dir=run_dir,
-            keep_previous=True,
-        )
         pending = {
             "round": rnd,
             "train-seconds": seconds,
@@ -291,6 +282,15 @@ def run_rounds(
         if eps:
             pending["epsilon"] = max(eps)
         save_pending(run_dir, pending)
+        assert strategy.global_payload is not None  # set by a successful aggregate_train
+        save_checkpoint(
+            run_dir / "checkpoint",
+            Checkpoint(
+                round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples
+            ),
+            key_dir=run_dir,
+            keep_previous=True,
+        )
     # The last round's state: one evaluate message per sampled node.
     start = time.perf_counter()
     with console.status(f"round {fed.num_rounds}/{fed.num_rounds}: evaluating…"):
@@ -303,7 +303,6 @@ def run_rounds(
     pending["eval-seconds"] = time.perf_counter() - start
     pending["round-seconds"] = pending.get("train-seconds", 0.0) + pending["eval-seconds"]
     write(pending, evaluation)
-    (run_dir / PENDING).unlink(missing_ok=True)
 
 
 def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:

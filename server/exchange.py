@@ -49,20 +49,33 @@ PENDING = "pending-round.json"
 
 
 def save_pending(run_dir: Path, record: Mapping[str, Any]) -> None:
-    """Keep ``record`` (a round's train half) in ``RUN_DIR/PENDING``, replaced atomically."""
+    """Keep ``record`` (a round's train half) in ``RUN_DIR/PENDING`` with the one before.
+
+    Two are kept, replaced atomically, so a server that stops between writing round
+    ``r``'s checkpoint and this file, or just after, still finds the train half of the
+    round its checkpoint holds; the file stays after the run (a resumed finished run
+    writes its last line again, whole).
+    """
     path = run_dir / PENDING
+    kept = [r for r in _read(path) if r.get("round") != record.get("round")][-1:]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
+    tmp.write_text(json.dumps([*kept, dict(record)]))
     os.replace(tmp, path)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if isinstance(records, dict):
+        records = [records]
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
 
 def load_pending(run_dir: Path, rnd: int) -> dict[str, Any]:
     """The train half of round ``rnd`` if it was kept, else a record with the round only."""
-    path = run_dir / PENDING
-    try:
-        record = json.loads(path.read_text())
-        if isinstance(record, dict) and record.get("round") == rnd:
+    for record in _read(run_dir / PENDING):
+        if record.get("round") == rnd:
             return record
-    except (OSError, ValueError):
-        pass
     return {"round": rnd}

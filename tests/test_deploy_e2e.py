@@ -417,12 +417,12 @@ class Federation:
 
     @staticmethod
     def wait_trained(run_dir: Path, rnd: int, timeout: float = 600) -> None:
-        """Until the server has checkpointed round ``rnd`` (its pending line says so)."""
+        """Until the server has checkpointed round ``rnd``."""
         deadline = time.monotonic() + timeout
-        pending = run_dir / "pending-round.json"
+        state = run_dir / "checkpoint" / "state.json"
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads(pending.read_text())["round"] >= rnd:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if json.loads(state.read_text())["round"] >= rnd:
                     return
             time.sleep(0.2)
         raise AssertionError(f"round {rnd} never finished")

@@ -428,6 +428,17 @@ def test_a_node_file_the_runtime_user_could_read_is_refused_by_name(tmp_path: Pa
             node.prepare_runtime(root / "rt", user, private={"--data-path": data}, key=key, ca=ca)
         data.chmod(0o600)
         assert not node.readable_by(user, data)
+        # A runtime directory the runtime user could write to is refused, by name.
+        theirs = root / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, user.uid, user.gid)
+        with pytest.raises(ConfigError, match=r"--runtime-dir '.*theirs' must belong to uid 0"):
+            node.prepare_runtime(theirs, user, private={"--data-path": data}, key=key, ca=ca)
+        # A planted link is never written through.
+        (root / "planted").symlink_to(data)
+        with pytest.raises(ConfigError, match="a link, or not ours"):
+            node._write_for(user, key, root / "planted")
+        assert data.read_text() == "text,label\n"
         import shutil
         import sys
 
@@ -445,8 +456,10 @@ def test_a_node_file_the_runtime_user_could_read_is_refused_by_name(tmp_path: Pa
         copies = node.prepare_runtime(
             root / "rt", user, private={"--data-path": data}, key=key, ca=ca
         )
-        for path in (*copies, root / "rt", root / "rt" / "flwr-home"):
+        for path in (*copies, root / "rt" / "flwr-home"):
             assert path.stat().st_uid == user.uid
+        runtime = (root / "rt").stat()  # stays ours: the runtime user can plant nothing there
+        assert runtime.st_uid == 0 and stat.S_IMODE(runtime.st_mode) == 0o711
         assert node.readable_by(user, copies[0])
     finally:
         import shutil

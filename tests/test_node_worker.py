@@ -73,7 +73,7 @@ def worker(tiny_model_dir: Path) -> Iterator[Worker]:
     root.chmod(0o711)
     state, runtime = root / "state", root / "runtime"
     state.mkdir(mode=0o700)
-    runtime.mkdir(mode=0o700)
+    runtime.mkdir(mode=0o711)  # ours, as `fedtune deploy supernode` keeps it
     data = state / "own.csv"
     with data.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["text", "label"])
@@ -90,7 +90,6 @@ def worker(tiny_model_dir: Path) -> Iterator[Worker]:
         f"--node-config={json.dumps(node_config)}",
     ]
     if AS_ROOT:
-        os.chown(runtime, pwd.getpwnam("nobody").pw_uid, -1)
         argv.append("--socket-owner=nobody")
     log = root / "worker.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -285,3 +284,26 @@ def test_a_message_to_a_worker_that_died_drops_the_node_with_a_reason(
         s.bind(str(path))  # bound, never listening, then closed: like a dead worker's
     with pytest.raises(WorkerUnavailable, match="cannot reach this node's fedtune worker"):
         forward(str(path), "train", _train_content(), run_id=1, run_config={})
+
+
+@pytest.mark.parametrize(
+    ("node", "run", "match"),
+    [
+        ({"epsilon-budget": 4.0}, {"dp": "off"}, "own `epsilon-budget`, so it trains only with DP"),
+        (
+            {"secret-context": "/nonexistent/secret.ctx"},
+            {"encryption": False},
+            "holds a CKKS secret context, so it sends only encrypted updates",
+        ),
+    ],
+)
+def test_a_real_node_refuses_a_run_config_that_would_lower_its_protection(
+    node: dict[str, object], run: dict[str, object], match: str, tmp_path: Path
+) -> None:
+    """Whatever the server (or an app on the node) sends: the node's own policy holds."""
+    from fedtune.config import ConfigError
+    from fedtune.node.round import runtime_for
+
+    own = {"partition-id": 0, "num-partitions": 1, "state-dir": str(tmp_path), **node}
+    with pytest.raises(ConfigError, match=match):
+        runtime_for(run, own, run_id=1, deployed=True)

@@ -20,17 +20,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import pwd
-import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ConfigError
 from fedtune.deploy.roles import Launch
+from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's one entry point
+    RuntimeUser,
+    _runs,
+    _test_as,
+    _write_for,
+    prepare_runtime,
+    readable_by,
+    runtime_user,
+    worker_user,
+)
 
 __all__ = [
     "RuntimeUser",
@@ -41,171 +49,6 @@ __all__ = [
     "supervise_node",
     "worker_user",
 ]
-
-#: How to separate a node's two sides: the worker (who owns the node's files) and the
-#: SuperNode with its ClientApps (a user of their own).
-USERS_HINT = (
-    "create two users, `useradd --system --no-create-home fedtune-node` (owns the data, "
-    "secret.ctx and --state-dir) and `useradd --system --no-create-home fedtune-app` (runs the "
-    "SuperNode and its ClientApps), and start the node as root with `--worker-user "
-    "fedtune-node --runtime-user fedtune-app --runtime-dir DIR` (DIR outside --state-dir)"
-)
-
-
-@dataclass(frozen=True)
-class RuntimeUser:
-    """The OS user the SuperNode and its ClientApps run as."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-
-
-def runtime_user(name: str | None) -> RuntimeUser | None:
-    """The checked ``--runtime-user`` (``None`` without one: no separation, say so)."""
-    if not name:
-        print(
-            "fedtune deploy supernode: note: the SuperNode and its ClientApps run as your own "
-            "user, so an app the SuperLink sends could read this node's data, secret context "
-            f"and ledger. To separate them, {USERS_HINT}.",
-            file=sys.stderr,
-        )
-        return None
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigError(f"--runtime-user {name!r} does not exist; {USERS_HINT}.") from None
-    if os.geteuid() != 0:
-        raise ConfigError(
-            f"--runtime-user {name!r}: starting the SuperNode as another user needs root "
-            f"(this command runs as uid {os.geteuid()}). Run it as root (e.g. a systemd "
-            "unit), or leave --runtime-user out and accept that the SuperNode runs as you."
-        )
-    if entry.pw_uid in (0, os.geteuid()):
-        raise ConfigError(
-            f"--runtime-user {name!r} has uid {entry.pw_uid}, the worker's own or root's; "
-            "it must be a user without access to this node's files."
-        )
-    return RuntimeUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
-
-
-def worker_user(name: str, *, state: Path, runtime: RuntimeUser | None) -> RuntimeUser:
-    """The checked ``--worker-user``: it gets ``state`` (created by now) as its own."""
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigError(f"--worker-user {name!r} does not exist.") from None
-    if os.geteuid() != 0:
-        raise ConfigError(
-            f"--worker-user {name!r}: dropping the worker to another user needs root."
-        )
-    if runtime is not None and entry.pw_uid == runtime.uid:
-        raise ConfigError(
-            f"--worker-user and --runtime-user are both {name!r}; the worker must be a user "
-            "the SuperNode is not."
-        )
-    owner = state.stat().st_uid
-    fresh = owner == os.geteuid() and not any(state.iterdir())  # just made for this node
-    if owner != entry.pw_uid and not fresh:
-        raise ConfigError(
-            f"--state-dir {str(state)!r} belongs to uid {owner}, not to --worker-user "
-            f"{name!r}; `chown -R {name} {state}` first."
-        )
-    os.chown(state, entry.pw_uid, entry.pw_gid)
-    return RuntimeUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
-
-
-def _test_as(user: RuntimeUser, *checks: str) -> bool:
-    """coreutils' ``test CHECKS`` run as ``user`` (``access(2)`` with their ids).
-
-    It needs no interpreter that ``user`` may not be able to run.
-    """
-    done = subprocess.run(
-        ["test", *checks],
-        user=user.uid,
-        group=user.gid,
-        extra_groups=[],
-        env={"PATH": "/usr/bin:/bin"},
-        cwd="/",
-        check=False,
-        capture_output=True,
-        timeout=60,
-    )
-    return done.returncode == 0
-
-
-def _runs(user: RuntimeUser, program: Path) -> bool:
-    """Whether ``user`` may execute ``program`` and the interpreter its ``#!`` line names."""
-    paths = [Path(program)]
-    with contextlib.suppress(OSError):
-        first = Path(program).read_bytes()[:256].split(b"\n")[0]
-        if first.startswith(b"#!"):
-            paths.append(Path(first[2:].decode(errors="replace").split()[0]))
-    return all(_test_as(user, "-x", str(path)) for path in paths)
-
-
-def readable_by(user: RuntimeUser, path: Path) -> bool:
-    """Whether ``user`` can read ``path`` (a directory: list and enter it), tried as them."""
-    if Path(path).is_dir():
-        return _test_as(user, "-r", str(path), "-a", "-x", str(path))
-    return _test_as(user, "-r", str(path))
-
-
-def prepare_runtime(
-    runtime: Path,
-    user: RuntimeUser | None,
-    *,
-    private: dict[str, Path],
-    key: Path,
-    ca: Path,
-) -> tuple[Path, Path]:
-    """Make the runtime directory; return the SuperNode's copies of its key and CA.
-
-    With a runtime user: ``runtime`` becomes theirs (mode 0700) with the node's auth
-    key and the CA certificate copied in (the SuperNode reads both), and each of
-    ``private`` (option -> path: the data, the secret context, the state directory)
-    must be closed to them, else a :class:`ConfigError` says which and how to close it.
-    """
-    runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
-    runtime.chmod(0o700)
-    if user is None:
-        return key, ca
-    for option, path in private.items():
-        if readable_by(user, path):
-            raise ConfigError(
-                f"{option} {str(path)!r} can be read by --runtime-user {user.name!r}, who "
-                "runs the SuperNode and every app the SuperLink sends; close it first "
-                f"(`chmod go-rwx {path}`) so that only the worker reads it."
-            )
-    program = shutil.which("flower-supernode") or shutil.which(
-        "flower-supernode", path=str(Path(sys.executable).parent)
-    )
-    if program is None:
-        raise ConfigError("flower-supernode is not on PATH; activate fedtune's environment.")
-    if not _runs(user, Path(program)):
-        raise ConfigError(
-            f"--runtime-user {user.name!r} cannot run {program} (or the Python it starts "
-            "with): the SuperNode would not start. Install fedtune with a Python every user "
-            "may run (a system Python, or one under /opt), or leave --runtime-user out."
-        )
-    copies = []
-    for source, name in ((key, "node.key"), (ca, "ca.crt")):
-        target = runtime / name
-        shutil.copyfile(source, target)
-        os.chmod(target, 0o600)
-        os.chown(target, user.uid, user.gid)
-        copies.append(target)
-    home = runtime / "flwr-home"
-    home.mkdir(exist_ok=True, mode=0o700)
-    for path in (runtime, home):
-        os.chown(path, user.uid, user.gid)
-    if not readable_by(user, runtime):
-        raise ConfigError(
-            f"--runtime-user {user.name!r} cannot enter --runtime-dir {str(runtime)!r}: a "
-            "directory above it is closed to them (each parent needs `chmod o+x`)."
-        )
-    return copies[0], copies[1]
 
 
 def _descendants(pid: int) -> set[int]:
@@ -296,7 +139,12 @@ def supervise_node(
             flush=True,
         )
         extra = (
-            {"user": user.uid, "group": user.gid, "extra_groups": [], "cwd": str(socket.parent)}
+            {
+                "user": user.uid,
+                "group": user.gid,
+                "extra_groups": [],
+                "cwd": str(socket.parent / "flwr-home"),
+            }
             if user
             else {}
         )
@@ -335,6 +183,11 @@ def supervise_node(
                 child.kill()
                 child.wait()
         _stop_all(below)
+        # A worker that dropped to --worker-user cannot remove its socket from our
+        # directory; without it a ClientApp knows at once that no worker is coming.
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(socket).st_mode):
+                socket.unlink()
     if stopping:
         return 0
     code = children["supernode"].returncode
@@ -391,5 +244,5 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
         home=runtime / "flwr-home",
     )
     if user is not None:
-        launch.env["HOME"] = str(runtime)
+        launch.env["HOME"] = str(runtime / "flwr-home")
     return supervise_node(worker, launch, socket=socket, user=user, key=args.key)

@@ -150,6 +150,8 @@ def runtime_for(
                 "`seeded-noise` = true is for simulations only: a deployed node draws its "
                 "DP noise from a CSPRNG. Remove it from the run config."
             )
+        if deployed:
+            _node_policy(cfg, node_config)
         if deployed and cfg.privacy.audit_canaries:
             raise ConfigError(
                 "`audit-canaries` is for simulations only: a deployed node trains on its "
@@ -169,6 +171,25 @@ def runtime_for(
             run_id=ledger_run,
         )
     return _RUNTIMES[key]
+
+
+def _node_policy(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
+    """What a real node refuses whatever run config it is sent (by the server or an app).
+
+    A node with its own ``epsilon-budget`` trains only with DP (a run with ``dp`` off
+    would release updates its ledger never counts); a node holding a CKKS secret
+    context sends only encrypted updates.
+    """
+    if "epsilon-budget" in node_config and not cfg.privacy.enabled:
+        raise ConfigError(
+            "this node has its own `epsilon-budget`, so it trains only with DP; the run "
+            'config has `dp` = "off". Submit the run with `dp` = "example" or "client".'
+        )
+    if node_config.get("secret-context") and not cfg.crypto.encryption:
+        raise ConfigError(
+            "this node holds a CKKS secret context, so it sends only encrypted updates; the "
+            "run config has `encryption` = false. Submit the run with `encryption` = true."
+        )
 
 
 def _global_state(content: RecordDict) -> GlobalState | None:

@@ -136,16 +136,25 @@ def _round_of(content: Any) -> object:
 
 
 def _bind_socket(server: grpc.Server, path: Path, owner: str | None) -> None:
-    """Listen on ``path`` (mode 0600, owned by ``owner`` if given); replace a stale socket."""
+    """Listen on ``path`` (mode 0600, owned by ``owner`` if given); replace a stale socket.
+
+    ``fedtune deploy supernode`` keeps the socket's directory its own (the runtime user
+    can plant nothing there); the socket is still made 0600 by the umask at creation and
+    handed over with ``lchown``, so no step follows a link.
+    """
     if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.lstat().st_mode)):
         raise SystemExit(f"fedtune worker: {str(path)!r} exists and is not a socket; refusing.")
     path.unlink(missing_ok=True)
-    if server.add_insecure_port(f"unix:{path}") == 0:
+    umask = os.umask(0o177)
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(umask)
+    if bound == 0 or not stat.S_ISSOCK(path.lstat().st_mode):
         raise SystemExit(f"fedtune worker: cannot listen on {str(path)!r}.")
-    os.chmod(path, 0o600)
     if owner:
         user = pwd.getpwnam(owner)
-        os.chown(path, user.pw_uid, user.pw_gid)
+        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
 
 
 def _drop_to(user_name: str) -> None:
@@ -166,7 +175,7 @@ def serve(
 ) -> None:
     """Serve the node's rounds on ``socket_path`` until SIGTERM / SIGINT."""
     os.umask(0o077)  # everything the worker writes (ledger, checkpoint) is its own
-    socket_path = Path(socket_path).resolve()
+    socket_path = Path(socket_path).parent.resolve() / Path(socket_path).name  # no link followed
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
