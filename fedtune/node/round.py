@@ -218,7 +218,6 @@ def _evaluation(
     runtime: ClientRuntime, state: GlobalState | None, server_round: int
 ) -> dict[str, object]:
     """The held-out metrics of round ``server_round``'s global state (checked fields)."""
-    runtime.keep_global(state, server_round=server_round)
     result = runtime.evaluate(state, server_round=server_round)
     metrics: dict[str, object] = {
         "num-examples": result.num_examples,
@@ -240,17 +239,15 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     server_round = _int(server_config, "server-round")
     sampled = _int(server_config, "sampled-clients") if "sampled-clients" in server_config else 0
     state = _global_state(content)
-    evaluation = None
-    if "evaluate-round" in server_config:
-        evaluate_round = _int(server_config, "evaluate-round")
-        if evaluate_round != server_round - 1:
-            raise ValueError(
-                f"server message asks to evaluate round {evaluate_round} in the train "
-                f"message of round {server_round}; it carries round {server_round - 1}'s state."
-            )
-        evaluation = _evaluation(runtime, state, evaluate_round)
-    # The sum the server sent is the result of round server_round - 1.
+    asked = "evaluate-round" in server_config
+    if asked and (evaluate_round := _int(server_config, "evaluate-round")) != server_round - 1:
+        raise ValueError(
+            f"server message asks to evaluate round {evaluate_round} in the train "
+            f"message of round {server_round}; it carries round {server_round - 1}'s state."
+        )
+    # The sum the server sent is the result of round server_round - 1 (kept once).
     runtime.keep_global(state, server_round=server_round - 1)
+    evaluation = _evaluation(runtime, state, server_round - 1) if asked else None
     outcome = runtime.train(state, server_round=server_round, sampled_clients=sampled)
     return train_reply(runtime, outcome, evaluation=evaluation)
 
@@ -258,7 +255,9 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
 def evaluate(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     """An evaluate message: the held-out metrics of the global state it brings."""
     server_round = _int(_server_config(content), "server-round")
-    metrics = _evaluation(runtime, _global_state(content), server_round)
+    state = _global_state(content)
+    runtime.keep_global(state, server_round=server_round)
+    metrics = _evaluation(runtime, state, server_round)
     return RecordDict(
         {
             "info": ConfigRecord({"client": runtime.name}),
