@@ -1,16 +1,25 @@
-"""Run the quickstart federation in several privacy / encryption settings and tabulate.
+"""Run a federation in several privacy / encryption settings and tabulate.
 
-    python simulations/sweep.py [--out runs/sweep] [--only eps8,private-no-dp,...]
+    python simulations/sweep.py [--suite quickstart|silos] [--out DIR] [--only a,b,...]
 
-Each setting is one `fedtune simulate` run in OUT/<setting>: the quickstart (the
-same model, data, clients and rounds without DP: ε = ∞) with and without
-encryption, and `simulations/private.toml` (DP-SGD + encryption) at ε in {8, 4, 1}.
-`private-no-dp` is private.toml with `dp = "off"`: its SGD learning rate is tuned for
-clipped, noisy gradients and is too large without them, so it is not the ε = ∞
-baseline (run it with --only to see). The Markdown table printed at the end is the
-one in the README: final weighted held-out accuracy, the gain over round 0, the
-gap to the quickstart, the largest ε any client spent (checked by `fedtune audit`),
-and wall time. Runs one after another; about 5-10 minutes each on a 2-core CPU.
+Each setting is one `fedtune simulate` run in OUT/<setting>, each DP run checked
+with `fedtune audit` (exit 0: no client over its budget and every ε agrees with
+the PRV recomputation).
+
+* ``--suite quickstart`` (OUT default runs/sweep): the quickstart (the same model,
+  data, clients and rounds without DP: ε = ∞) with and without encryption, and
+  `simulations/private.toml` (DP-SGD + encryption) at ε in {8, 4, 1}.
+  `private-no-dp` is private.toml with `dp = "off"`: its SGD learning rate is tuned
+  for clipped, noisy gradients and is too large without them, so it is not the
+  ε = ∞ baseline (run it with --only to see).
+* ``--suite silos`` (OUT default runs/silos): `simulations/silos.toml` (all 48,994
+  definitions, 4 IID silos, no DP) and `simulations/silos-private.toml` (DP-SGD +
+  CKKS) at ε in {8, 4, 2, 1}. About 20-30 minutes a run on a 2-core CPU.
+
+The Markdown table printed at the end is the one in the README: σ, final weighted
+held-out accuracy, the gain over round 0, the gap to the suite's non-private run,
+the largest ε any client spent, the audit's verdict, and wall time. OUT/sweep.json
+is rewritten after every run, so an interrupted sweep keeps what it measured.
 """
 
 from __future__ import annotations
@@ -30,6 +39,16 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "private-no-dp": ("simulations/private.toml", ["dp=off"]),
     "eps4": ("simulations/private.toml", ["target-epsilon=4"]),
     "eps1": ("simulations/private.toml", ["target-epsilon=1"]),
+    "silos": ("simulations/silos.toml", []),
+    "silos-eps8": ("simulations/silos-private.toml", ["target-epsilon=8"]),
+    "silos-eps4": ("simulations/silos-private.toml", ["target-epsilon=4"]),
+    "silos-eps2": ("simulations/silos-private.toml", ["target-epsilon=2"]),
+    "silos-eps1": ("simulations/silos-private.toml", ["target-epsilon=1"]),
+}
+#: ``--suite`` -> (default settings, the non-private setting the gap is measured to, OUT).
+SUITES: dict[str, tuple[str, str, str]] = {
+    "quickstart": ("quickstart,quickstart-encrypted,eps8,eps4,eps1", "quickstart", "runs/sweep"),
+    "silos": ("silos-eps8,silos,silos-eps1,silos-eps4,silos-eps2", "silos", "runs/silos"),
 }
 
 
@@ -61,6 +80,10 @@ def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
         "epsilon": records[-1].get("epsilon"),
         "wall-seconds": wall,
     }
+    ledgers = sorted((run_dir / "privacy").glob("*.jsonl"))
+    if ledgers:
+        first = json.loads(ledgers[0].read_text().splitlines()[0])
+        row["sigma"] = first.get("noise_multiplier")
     if (run_dir / "privacy").is_dir():
         audit = subprocess.run(
             [sys.executable, "-m", "fedtune.cli", "audit", str(run_dir), "--json"],
@@ -77,9 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
-    default = "quickstart,quickstart-encrypted,eps8,eps4,eps1"
-    parser.add_argument("--only", default=default, help="comma-separated settings")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quickstart")
+    parser.add_argument("--out", type=Path, default=None, help="default: the suite's")
+    parser.add_argument("--only", default="", help="comma-separated settings")
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -87,7 +110,9 @@ def main() -> None:
         "(wall time is then the sum of the rounds' times)",
     )
     args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n]
+    default, baseline, out = SUITES[args.suite]
+    args.out = args.out or Path(out)
+    names = [n for n in (args.only or default).split(",") if n]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
@@ -95,20 +120,21 @@ def main() -> None:
     for name in names:
         rows.append(_run(name, args.out, reuse=args.reuse))
         (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    base = next((float(r["final"]) for r in rows if r["setting"] == "quickstart"), None)  # type: ignore[arg-type]
+    base = next((float(r["final"]) for r in rows if r["setting"] == baseline), None)  # type: ignore[arg-type]
     print(
-        "| setting | accuracy round 0 | final accuracy | gain | vs. quickstart | max ε spent "
+        f"| setting | σ | accuracy round 0 | final accuracy | gain | vs. {baseline} | max ε spent "
         "| audit | wall time |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        sigma = "-" if r.get("sigma") is None else f"{r['sigma']:.3f}"
         final = float(r["final"])  # type: ignore[arg-type]
         gain = final - float(r["round-0"])  # type: ignore[arg-type]
         gap = "-" if base is None else f"{final - base:+.3f}"
         print(
-            f"| {r['setting']} | {r['round-0']:.3f} | {final:.3f} | {gain:+.3f} | {gap} | {eps} | "
-            f"{r.get('audit', '-')} | {float(r['wall-seconds']) / 60:.1f} min |"  # type: ignore[arg-type]
+            f"| {r['setting']} | {sigma} | {r['round-0']:.3f} | {final:.3f} | {gain:+.3f} | {gap} "
+            f"| {eps} | {r.get('audit', '-')} | {float(r['wall-seconds']) / 60:.1f} min |"  # type: ignore[arg-type]
         )
 
 

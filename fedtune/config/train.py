@@ -21,6 +21,12 @@ class TrainConfig:
     Adam's per-coordinate normalisation turns the DP noise into full-size steps in
     every coordinate, which drowns the signal of a small data set.
 
+    ``physical-batch-size`` bounds the rows of one forward/backward pass under
+    DP-SGD: a larger Poisson batch is sorted by length and split into parts whose
+    clipped per-example gradients are summed before the one noisy step
+    (:mod:`fedtune.privacy.virtual`). Same mechanism, same accounting; less padding
+    and bounded memory for large batches. 0 = never split.
+
     ``beta`` is DPO's β (``task = "preference"``): how far the implicit reward
     ``β log(π / π_ref)`` lets the policy move from the reference.
     """
@@ -33,6 +39,7 @@ class TrainConfig:
     momentum: float = 0.9
     device: Device = "auto"
     beta: float = 0.1
+    physical_batch_size: int = 128
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")
@@ -42,4 +49,10 @@ class TrainConfig:
         choice("optimizer", self.optimizer, get_args(OptimizerName))
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         choice("device", self.device, get_args(Device))
+        require(
+            self.physical_batch_size >= 0,
+            "physical-batch-size",
+            self.physical_batch_size,
+            "must be >= 0 (0 = never split a DP-SGD batch)",
+        )
         require(self.beta > 0, "beta", self.beta, "must be > 0 (DPO's β, e.g. 0.1)")

@@ -202,6 +202,7 @@ def make_dp_training(
     secure_mode: bool = False,
     allow_functorch: bool = False,
     canaries: Any = None,
+    physical_batch_size: int = 0,
 ) -> DPTraining:
     """Wrap ``module``, ``optimizer`` and ``data`` for one round of DP-SGD.
 
@@ -244,6 +245,11 @@ def make_dp_training(
         Audits only: a :class:`fedtune.privacy.canaries.CanaryStep` whose drawn,
         included canaries join each step's per-example gradients, to be clipped and
         noised like any example (each slot drawn with the same ``q`` as every example).
+    physical_batch_size
+        The most rows one forward/backward pass takes (0: no limit). A larger Poisson
+        batch is sorted by length and split (:mod:`fedtune.privacy.virtual`); it is
+        still one step, clipped per example and noised once. Lengths come from the
+        dataset's ``lengths()`` when it has one.
 
     Returns
     -------
@@ -339,11 +345,22 @@ def make_dp_training(
         dp_optimizer.canary_rate = sample_rate  # type: ignore[attr-defined]
     if canaries is not None and legacy_noise:
         raise ValueError("`canaries` need the `noise` path, not `noise_generator`.")
+    steps_per_epoch = len(loader)
+    if physical_batch_size:
+        from fedtune.privacy.virtual import split_by_length
+
+        lengths = getattr(dataset, "lengths", None)
+        loader = split_by_length(
+            loader,
+            max_batch_size=check_positive_int("physical_batch_size", physical_batch_size),
+            optimizer=dp_optimizer,
+            lengths=lengths() if callable(lengths) else None,
+        )
     return DPTraining(
         module=gsm,
         optimizer=dp_optimizer,
         data_loader=loader,
-        steps_per_epoch=len(loader),
+        steps_per_epoch=steps_per_epoch,
         sample_rate=sample_rate,
         expected_batch_size=batch,
         noise_multiplier=sigma,

@@ -47,7 +47,10 @@ def sourced_dp_optimizer() -> type[Any]:
             self.canary_rate = 0.0
 
         def clip_and_accumulate(self) -> None:
-            if self.canaries is not None:  # canary records join the batch, to be clipped
+            # Canary records join the batch, to be clipped: once per logical batch, with
+            # its last physical part (fedtune.privacy.virtual), as one more set of rows.
+            last_part = not self._check_skip_next_step(pop_next=False)
+            if self.canaries is not None and last_part:
                 rows = self.canaries.rows(self.params, sample_rate=self.canary_rate)
                 for p, extra in zip(self.params, rows, strict=True):
                     if len(extra):

@@ -47,6 +47,6 @@ def held_out_results(
         sets = task.client_datasets(
             cfg, tokenizer, partition_id=pid, num_partitions=cfg.federation.num_clients
         )
-        loader = make_loader(sets.test_set, batch_size=64, shuffle=False)
+        loader = make_loader(sets.test_set, batch_size=64, shuffle=False, by_length=True)
         results[f"client-{pid}"] = task.evaluate(model, loader, device=device, cfg=cfg)
     return results

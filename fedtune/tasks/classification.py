@@ -39,6 +39,10 @@ class EncodedDataset:
         self.labels = list(labels)
         self.pad_id = int(tokenizer.pad_token_id or 0)
 
+    def lengths(self) -> list[int]:
+        """Each item's token count (for length-sorted batches)."""
+        return [len(ids) for ids in self.input_ids]
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -44,18 +44,34 @@ class Batchable(Protocol):
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
+def item_lengths(data: object) -> list[int] | None:
+    """Each item's token count from the dataset's ``lengths()``, or None if it has none."""
+    lengths = getattr(data, "lengths", None)
+    return list(lengths()) if callable(lengths) else None
+
+
 def make_loader(
     data: Batchable,
     *,
     batch_size: int,
     shuffle: bool,
     generator: torch.Generator | None = None,
+    by_length: bool = False,
 ) -> DataLoader[Any]:
-    """A DataLoader with per-batch padding; shuffling draws from ``generator``."""
+    """A DataLoader with per-batch padding; shuffling draws from ``generator``.
+
+    ``by_length`` (held-out evaluation, where order does not matter): items in order
+    of their length, so that each batch pads to rows of about its own length (half
+    the time on WordNet definitions). Needs the dataset's ``lengths()``; without one
+    the order is the dataset's.
+    """
+    lengths = item_lengths(data) if by_length and not shuffle else None
+    order = None if lengths is None else sorted(range(len(lengths)), key=lengths.__getitem__)
     return DataLoader(
         data,  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=order,
         generator=generator,
         collate_fn=data.collate_fn(),
     )
@@ -114,7 +130,9 @@ def train_local(
 
     ``private``: ``optimizer`` is Opacus' ``DPOptimizer`` over Poisson batches. An
     empty batch then still takes its step, of pure noise: the accounting counts every
-    step, and a skipped one would show in the update (no noise added for it).
+    step, and a skipped one would show in the update (no noise added for it). A
+    Poisson batch split into physical parts (:mod:`fedtune.privacy.virtual`) counts
+    as one step: the optimizer only accumulates on every part but the last.
     """
     model.to(device).train()
     if optimizer is None:
@@ -135,7 +153,7 @@ def train_local(
             optimizer.step()
             total += float(loss.detach()) * len(batch["labels"])
             seen += len(batch["labels"])
-            steps += 1
+            steps += 0 if getattr(optimizer, "_is_last_step_skipped", False) else 1
     mean = total / seen if seen else math.nan
     return TrainResult(
         loss=mean, steps=steps, num_examples=seen, seconds=time.perf_counter() - start

@@ -320,6 +320,7 @@ class ClientRuntime:
             noise=noise,
             collate_fn=self.train_set.collate_fn(),
             canaries=canaries,
+            physical_batch_size=cfg.train.physical_batch_size,
         )
         try:
             with warnings.catch_warnings():
@@ -360,5 +361,5 @@ class ClientRuntime:
         """Held-out loss and accuracy of round ``server_round``'s global adapter (test split)."""
         start = self.global_vector(state, server_round=server_round)
         fmodel.set_adapter_vector(self.model, start)
-        loader = make_loader(self.test_set, batch_size=64, shuffle=False)
+        loader = make_loader(self.test_set, batch_size=64, shuffle=False, by_length=True)
         return self.task.evaluate(self.model, loader, device=self.device, cfg=self.cfg)

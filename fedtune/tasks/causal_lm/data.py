@@ -281,6 +281,10 @@ class InstructionDataset(Dataset[dict[str, torch.Tensor]]):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
 
+    def lengths(self) -> list[int]:
+        """Each item's token count (for length-sorted batches)."""
+        return [len(ids) for ids in self.input_ids]
+
     def __len__(self) -> int:
         return len(self.input_ids)
 

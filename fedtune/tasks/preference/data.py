@@ -209,6 +209,10 @@ class PreferenceDataset:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
 
+    def lengths(self) -> list[int]:
+        """Each pair's longer half in tokens (for length-sorted batches)."""
+        return [max(len(row[0]), len(row[2])) for row in self.rows]
+
     def __len__(self) -> int:
         return len(self.rows)
 
