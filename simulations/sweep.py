@@ -64,6 +64,23 @@ def simulate(config: str, sets: list[str], run_dir: Path) -> tuple[list[dict[str
     return [json.loads(line) for line in lines], wall
 
 
+def _pld_epsilon(ledger: Path) -> float:
+    """The ledger's ε recomputed by Google's dp-accounting (PLD, replace-one): independent
+    of Opacus' PRV accountant that the ledger and the audit use."""
+    import dp_accounting as dpa  # noqa: PLC0415
+    from dp_accounting.pld import PLDAccountant  # noqa: PLC0415
+
+    records = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    accountant = PLDAccountant(
+        neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=1e-3,
+    )
+    for r in records:
+        event = dpa.GaussianDpEvent(r["noise_multiplier"])
+        accountant.compose(dpa.PoissonSampledDpEvent(r["sample_rate"], event), r["steps"])
+    return float(accountant.get_epsilon(records[-1]["delta"]))
+
+
 def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
     config, sets = SETTINGS[name]
     run_dir = out / name
@@ -84,6 +101,7 @@ def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
     if ledgers:
         first = json.loads(ledgers[0].read_text().splitlines()[0])
         row["sigma"] = first.get("noise_multiplier")
+        row["pld-epsilon"] = max(_pld_epsilon(path) for path in ledgers)
     if (run_dir / "privacy").is_dir():
         audit = subprocess.run(
             [sys.executable, "-m", "fedtune.cli", "audit", str(run_dir), "--json"],
@@ -96,6 +114,32 @@ def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
     return row
 
 
+def plot_curves(out: Path, names: list[str], path: Path) -> None:
+    """Held-out accuracy per round of every finished setting in ``names``, one axis."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    for name in names:
+        metrics = out / name / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        rounds = [r["round"] for r in records if "eval-accuracy" in r]
+        accuracy = [r["eval-accuracy"] for r in records if "eval-accuracy" in r]
+        style = "s--" if not (out / name / "privacy").is_dir() else "o-"
+        ax.plot(rounds, accuracy, style, label=name)
+    ax.set(title="held-out accuracy per round", xlabel="round", ylabel="weighted accuracy")
+    ax.set(ylim=(0.0, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,6 +147,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default="quickstart")
     parser.add_argument("--out", type=Path, default=None, help="default: the suite's")
     parser.add_argument("--only", default="", help="comma-separated settings")
+    parser.add_argument("--plot", type=Path, help="also write the accuracy per round to this PNG")
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -120,21 +165,24 @@ def main() -> None:
     for name in names:
         rows.append(_run(name, args.out, reuse=args.reuse))
         (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot_curves(args.out, names, args.plot)
     base = next((float(r["final"]) for r in rows if r["setting"] == baseline), None)  # type: ignore[arg-type]
     print(
         f"| setting | σ | accuracy round 0 | final accuracy | gain | vs. {baseline} | max ε spent "
-        "| audit | wall time |"
+        "| ε by dp-accounting (PLD) | audit | wall time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         sigma = "-" if r.get("sigma") is None else f"{r['sigma']:.3f}"
+        pld = "-" if r.get("pld-epsilon") is None else f"{r['pld-epsilon']:.2f}"
         final = float(r["final"])  # type: ignore[arg-type]
         gain = final - float(r["round-0"])  # type: ignore[arg-type]
         gap = "-" if base is None else f"{final - base:+.3f}"
         print(
             f"| {r['setting']} | {sigma} | {r['round-0']:.3f} | {final:.3f} | {gain:+.3f} | {gap} "
-            f"| {eps} | {r.get('audit', '-')} | {float(r['wall-seconds']) / 60:.1f} min |"  # type: ignore[arg-type]
+            f"| {eps} | {pld} | {r.get('audit', '-')} | {float(r['wall-seconds']) / 60:.1f} min |"  # type: ignore[arg-type]
         )
 
 
