@@ -251,9 +251,12 @@ def test_relation_is_required_and_checked() -> None:
 
 
 # Realistic histories: a private.toml client (σ from calibration, q = 64/400, 2 epochs of
-# 6 steps, 5 rounds), a large silo, client-level rounds (q = 1), a mixed history.
+# 6 steps, 5 rounds), a silos-private.toml silo at ε = 8 and ε = 1 (q = 512/9799, 19 steps
+# a round, 3 rounds), a large silo, client-level rounds (q = 1), a mixed history.
 REALISTIC = [
     [(1.83, 0.16, 60)],
+    [(0.6875, 512 / 9799, 57)],
+    [(2.9914, 512 / 9799, 57)],
     [(0.9, 0.004, 5000)],
     [(2.5, 1.0, 5)],
     [(1.2, 0.1, 50), (0.9, 0.05, 30), (3.0, 1.0, 2)],
