@@ -64,11 +64,15 @@ def simulate(config: str, sets: list[str], run_dir: Path) -> tuple[list[dict[str
     return [json.loads(line) for line in lines], wall
 
 
-def _pld_epsilon(ledger: Path) -> float:
+def _pld_epsilon(ledger: Path) -> float | None:
     """The ledger's ε recomputed by Google's dp-accounting (PLD, replace-one): independent
-    of Opacus' PRV accountant that the ledger and the audit use."""
-    import dp_accounting as dpa  # noqa: PLC0415
-    from dp_accounting.pld import PLDAccountant  # noqa: PLC0415
+    of Opacus' PRV accountant that the ledger and the audit use. None without the package
+    (a dev extra: ``pip install -e '.[dev]'``)."""
+    try:
+        import dp_accounting as dpa  # noqa: PLC0415
+        from dp_accounting.pld import PLDAccountant  # noqa: PLC0415
+    except ImportError:
+        return None
 
     records = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
     accountant = PLDAccountant(
@@ -101,7 +105,8 @@ def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
     if ledgers:
         first = json.loads(ledgers[0].read_text().splitlines()[0])
         row["sigma"] = first.get("noise_multiplier")
-        row["pld-epsilon"] = max(_pld_epsilon(path) for path in ledgers)
+        pld = [_pld_epsilon(path) for path in ledgers]
+        row["pld-epsilon"] = None if None in pld else max(pld)  # type: ignore[type-var]
     if (run_dir / "privacy").is_dir():
         audit = subprocess.run(
             [sys.executable, "-m", "fedtune.cli", "audit", str(run_dir), "--json"],
