@@ -92,6 +92,10 @@ def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
     if reuse and (run_dir / "adapter").is_dir():  # a finished run: read it, do not rerun
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         wall = sum(float(r.get("round-seconds", r.get("eval-seconds", 0.0))) for r in records)
+        measured = out / "sweep.json"  # the wall time the sweep measured, when it has one
+        if measured.is_file():
+            rows = [r for r in json.loads(measured.read_text()) if r.get("setting") == name]
+            wall = float(rows[0]["wall-seconds"]) if rows else wall
     else:
         records, wall = simulate(config, sets, run_dir)
     row: dict[str, object] = {
@@ -107,7 +111,7 @@ def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
         row["sigma"] = first.get("noise_multiplier")
         pld = [_pld_epsilon(path) for path in ledgers]
         row["pld-epsilon"] = None if None in pld else max(pld)  # type: ignore[type-var]
-    if (run_dir / "privacy").is_dir():
+    if ledgers:  # a DP run (a run without DP may keep a step guard in privacy/)
         audit = subprocess.run(
             [sys.executable, "-m", "fedtune.cli", "audit", str(run_dir), "--json"],
             cwd=ROOT,
@@ -134,10 +138,12 @@ def plot_curves(out: Path, names: list[str], path: Path) -> None:
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
         rounds = [r["round"] for r in records if "eval-accuracy" in r]
         accuracy = [r["eval-accuracy"] for r in records if "eval-accuracy" in r]
-        style = "s--" if not (out / name / "privacy").is_dir() else "o-"
+        private = any((out / name / "privacy").glob("*.jsonl"))  # ledgers: a DP run
+        style = "o-" if private else "s--"
         ax.plot(rounds, accuracy, style, label=name)
     ax.set(title="held-out accuracy per round", xlabel="round", ylabel="weighted accuracy")
     ax.set(ylim=(0.0, 1.0))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
@@ -157,7 +163,7 @@ def main() -> None:
         "--reuse",
         action="store_true",
         help="read settings whose OUT/<setting> already finished instead of running them again "
-        "(wall time is then the sum of the rounds' times)",
+        "(wall time from OUT/sweep.json, else the sum of the rounds' times)",
     )
     args = parser.parse_args()
     default, baseline, out = SUITES[args.suite]
