@@ -85,17 +85,16 @@ def _pld_epsilon(ledger: Path) -> float | None:
     return float(accountant.get_epsilon(records[-1]["delta"]))
 
 
-def _run(name: str, out: Path, *, reuse: bool = False) -> dict[str, object]:
+def _run(
+    name: str, out: Path, *, reuse: bool = False, measured: float | None = None
+) -> dict[str, object]:
     config, sets = SETTINGS[name]
     run_dir = out / name
     metrics = run_dir / "metrics.jsonl"
     if reuse and (run_dir / "adapter").is_dir():  # a finished run: read it, do not rerun
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         wall = sum(float(r.get("round-seconds", r.get("eval-seconds", 0.0))) for r in records)
-        measured = out / "sweep.json"  # the wall time the sweep measured, when it has one
-        if measured.is_file():
-            rows = [r for r in json.loads(measured.read_text()) if r.get("setting") == name]
-            wall = float(rows[0]["wall-seconds"]) if rows else wall
+        wall = wall if measured is None else measured  # the sweep's own, when it has one
     else:
         records, wall = simulate(config, sets, run_dir)
     row: dict[str, object] = {
@@ -172,9 +171,14 @@ def main() -> None:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    earlier = args.out / "sweep.json"  # wall times a previous sweep measured (for --reuse)
+    walls = {
+        r["setting"]: float(r["wall-seconds"])
+        for r in (json.loads(earlier.read_text()) if earlier.is_file() else [])
+    }
     rows = []
     for name in names:
-        rows.append(_run(name, args.out, reuse=args.reuse))
+        rows.append(_run(name, args.out, reuse=args.reuse, measured=walls.get(name)))
         (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
     if args.plot:
         plot_curves(args.out, names, args.plot)
