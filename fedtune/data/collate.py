@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["IGNORE", "pad_collate"]
+__all__ = ["IGNORE", "item_lengths", "pad_collate"]
 
 #: Label value that ``torch.nn.functional.cross_entropy`` ignores.
 IGNORE = -100
@@ -38,3 +38,13 @@ def pad_collate(pad_id: int):  # type: ignore[no-untyped-def]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
+
+
+def item_lengths(data: object) -> list[int] | None:
+    """Each item's token count from the dataset's ``lengths()``, or None if it has none.
+
+    For length-sorted batches: held-out evaluation (:func:`fedtune.train.make_loader`)
+    and the parts of a large DP-SGD batch (:mod:`fedtune.privacy.virtual`).
+    """
+    lengths = getattr(data, "lengths", None)
+    return list(lengths()) if callable(lengths) else None

@@ -347,14 +347,14 @@ def make_dp_training(
         raise ValueError("`canaries` need the `noise` path, not `noise_generator`.")
     steps_per_epoch = len(loader)
     if physical_batch_size:
+        from fedtune.data.collate import item_lengths
         from fedtune.privacy.virtual import split_by_length
 
-        lengths = getattr(dataset, "lengths", None)
         loader = split_by_length(
             loader,
             max_batch_size=check_positive_int("physical_batch_size", physical_batch_size),
             optimizer=dp_optimizer,
-            lengths=lengths() if callable(lengths) else None,
+            lengths=item_lengths(dataset),
         )
     return DPTraining(
         module=gsm,

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.config import Device, TrainConfig
+from fedtune.data.collate import item_lengths
 
 
 def select_device(preference: Device) -> torch.device:
@@ -42,12 +43,6 @@ class Batchable(Protocol):
 
 #: ``loss_fn(model, batch)``: the batch's loss as a mean over its rows (examples).
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def item_lengths(data: object) -> list[int] | None:
-    """Each item's token count from the dataset's ``lengths()``, or None if it has none."""
-    lengths = getattr(data, "lengths", None)
-    return list(lengths()) if callable(lengths) else None
 
 
 def make_loader(
