@@ -10,7 +10,8 @@ after the 20% held out), so q, the steps and the calibrated σ are exactly a rea
 silo's. What differs from the federation: one silo instead of four (no averaging
 of four silos' noise), other labels, and four rounds (the chosen recipe runs three:
 the winner had reached its plateau after three). The table printed at the end is the one
-in the README. About 5-7 minutes a candidate on a 2-core CPU.
+in the README. About 5-11 minutes a candidate on a 2-core CPU (batch 256 is the slowest:
+twice the steps, and its parts pad to longer rows).
 
 Tuning on the clients' data would itself leak privacy that no ledger counts
 (Papernot & Steinke, ICLR 2022); the proxy is public, so the chosen recipe costs
@@ -42,6 +43,8 @@ CANDIDATES: dict[str, list[str]] = {
     "lr4": ["batch-size=1024", "learning-rate=4"],
     "lr2-top2": ["batch-size=1024", "learning-rate=2", "lora-layers=4-5"],
     "b512-lr2": ["batch-size=512", "learning-rate=2"],
+    "b256-lr2": ["batch-size=256", "learning-rate=2"],
+    "b512-lr4": ["batch-size=512", "learning-rate=4"],
 }
 
 
