@@ -105,6 +105,36 @@ def toy_instruction_rows(n_per_label: int = 12, seed: int = 0) -> list[dict[str,
     return rows
 
 
+def tiny_lora_bert(*, vocab_size: int, max_len: int, rank: int = 8, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A 2-block BERT classifier (random init from ``seed``, dropout off) with LoRA of rank
+    ``rank`` (alpha 2r) on query/value and a trained head: for DP-SGD tests on tokens."""
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_len,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    lora = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+    )
+    return peft.get_peft_model(model, lora)
+
+
 def tiny_word_tokenizer(*, chat_template: str | None = TINY_CHAT_TEMPLATE):  # type: ignore[no-untyped-def]
     """A word-level tokenizer over the toy vocabulary (newlines are tokens, spaces are not)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("opacus")
 
+from conftest import tiny_lora_bert  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
@@ -41,27 +42,7 @@ def _one_torch_thread():
 
 
 def _tiny_lora_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=SEQ,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = transformers.BertForSequenceClassification(config)
-    lora = peft.LoraConfig(
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        target_modules=["query", "value"],
-        modules_to_save=["classifier"],
-    )
-    return peft.get_peft_model(model, lora)
+    return tiny_lora_bert(vocab_size=VOCAB, max_len=SEQ, seed=seed)
 
 
 def _toy_data(n: int, seed: int) -> TensorDataset:

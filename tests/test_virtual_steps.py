@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("opacus")
 
+from conftest import tiny_lora_bert  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fedtune.config import TrainConfig  # noqa: E402
@@ -66,22 +67,7 @@ class _Ragged:
 
 
 def _tiny_lora_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_LEN,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    lora = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]
-    )
-    return peft.get_peft_model(transformers.BertForSequenceClassification(config), lora)
+    return tiny_lora_bert(vocab_size=VOCAB, max_len=MAX_LEN, rank=4)
 
 
 def _one_dp_epoch(physical: int, *, rows_seen: list[int] | None = None):  # type: ignore[no-untyped-def]
