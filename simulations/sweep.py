@@ -128,11 +128,9 @@ def _run(
         row["sigma"] = first.get("noise_multiplier")
     if name in NOT_DP:
         row["audit"] = "not DP"
-        ledgers = []
-    if ledgers:
+    elif ledgers:  # a DP run (a run without DP may keep a step guard in privacy/)
         pld = [_pld_epsilon(path) for path in ledgers]
         row["pld-epsilon"] = None if None in pld else max(pld)  # type: ignore[type-var]
-    if ledgers:  # a DP run (a run without DP may keep a step guard in privacy/)
         audit = subprocess.run(
             [sys.executable, "-m", "fedtune.cli", "audit", str(run_dir), "--json"],
             cwd=ROOT,
