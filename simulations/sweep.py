@@ -111,8 +111,12 @@ def _run(
     metrics = run_dir / "metrics.jsonl"
     if reuse and (run_dir / "adapter").is_dir():  # a finished run: read it, do not rerun
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        wall = sum(float(r.get("round-seconds", r.get("eval-seconds", 0.0))) for r in records)
-        wall = wall if measured is None else measured  # the sweep's own, when it has one
+        # The sweep's own wall time when it has one, else the sum of the rounds' times.
+        wall = (
+            measured
+            if measured is not None
+            else sum(float(r.get("round-seconds", r.get("eval-seconds", 0.0))) for r in records)
+        )
     else:
         records, wall = simulate(config, sets, run_dir)
     row: dict[str, object] = {

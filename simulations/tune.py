@@ -10,8 +10,8 @@ after the 20% held out), so q, the steps and the calibrated σ are exactly a rea
 silo's. What differs from the federation: one silo instead of four (no averaging
 of four silos' noise), other labels, and four rounds (the chosen recipe runs three:
 the winner had reached its plateau after three). The table printed at the end is the one
-in the README. About 5-11 minutes a candidate on a 2-core CPU (batch 256 is the slowest:
-twice the steps, and its parts pad to longer rows).
+in the README. About 5-11 minutes a candidate on a 2-core CPU (batch 256 was the slowest
+measured: 163 s a round against 96-123 s at batch 512).
 
 Tuning on the clients' data would itself leak privacy that no ledger counts
 (Papernot & Steinke, ICLR 2022); the proxy is public, so the chosen recipe costs
