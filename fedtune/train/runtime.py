@@ -25,6 +25,7 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.data.memo import data_key
+from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy import PrivacyLedger
 from fedtune.tasks import get_task
 from fedtune.tasks.base import ClientDatasets
@@ -75,8 +76,11 @@ class ClientRuntime:
         privacy_dir: Path | None = None,
         state_dir: Path | None = None,
         run_id: str = "run",
+        policy: NodePolicy | None = None,
     ) -> None:
         self.cfg = cfg
+        #: The node's own privacy policy (a simulated client's is filled from ``cfg``).
+        self.policy = policy if policy is not None else NodePolicy()
         self.partition_id = partition_id
         self.num_partitions = num_partitions
         self.name = name or f"client-{partition_id}"
