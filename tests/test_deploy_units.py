@@ -322,19 +322,42 @@ class _Stream(httpx.AsyncByteStream):
 
 
 def _gateway_calls(requests: list[tuple[str, str]]) -> tuple[list[int], list[httpx.Request]]:
-    """Send ``(method, path)`` through the gateway to a recording fake SuperLink."""
+    """Send ``(method, path)`` through the gateway to a recording fake SuperLink.
+
+    Every request is signed by a node key as Flower's SuperNode signs it (the
+    gateway refuses unsigned calls before reading their body, see
+    tests/test_gateway.py); the key is accepted by the fake SuperLink.
+    """
+    import datetime
+    from base64 import b64encode
+
+    from flwr.supercore.primitives.asymmetric import (
+        generate_key_pairs,
+        public_key_to_bytes,
+        sign_message,
+    )
+
     from fedtune.deploy.gateway import FleetGateway
+    from fedtune.deploy.gateway_limits import GatewayLimits
 
     seen: list[httpx.Request] = []
+    private, public = generate_key_pairs()
+    stamp = datetime.datetime.now(datetime.UTC).isoformat()
+    auth = {
+        "flwr-public-key": b64encode(public_key_to_bytes(public)).decode(),
+        "flwr-timestamp": stamp,
+        "flwr-signature": b64encode(sign_message(private, stamp.encode())).decode(),
+    }
 
-    def superlink(request: httpx.Request) -> httpx.Response:
+    async def superlink(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, stream=_Stream(b"reply:" + request.content))
+        body = await request.aread()
+        return httpx.Response(200, stream=_Stream(b"reply:" + body))
 
     gateway = FleetGateway(
         "https://127.0.0.1:9093",
         lambda: httpx.AsyncClient(transport=httpx.MockTransport(superlink)),
-        max_body=1024,
+        limits=GatewayLimits(max_body=1024, max_unproven_body=1024, max_inflight_bytes=4096),
     )
 
     async def send_all() -> list[int]:
@@ -347,7 +370,7 @@ def _gateway_calls(requests: list[tuple[str, str]]) -> tuple[list[int], list[htt
                     method,
                     path.removesuffix("?big"),
                     content=body,
-                    headers={"X-Flwr-Signature": "sig"},
+                    headers={"X-Flwr-Signature": "sig", **auth},
                 )
                 codes.append(r.status_code)
                 if r.status_code == 200:
@@ -378,6 +401,7 @@ def test_gateway_forwards_fleet_calls_unchanged_and_bounds_their_size() -> None:
     assert codes == [200, 413]
     assert [str(r.url) for r in seen] == ["https://127.0.0.1:9093/v1/fleet/pull-messages"]
     assert seen[0].content == b"body" and seen[0].headers["x-flwr-signature"] == "sig"
+    assert seen[0].headers["content-length"] == "4" and "flwr-signature" in seen[0].headers
 
 
 def test_runtime_dir_and_runtime_user_are_checked(tmp_path: Path) -> None:

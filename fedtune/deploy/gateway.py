@@ -18,6 +18,15 @@ SuperLink, headers and bytes unchanged, so Flower still checks every node's
 signature. Anything else gets 404 without reaching the SuperLink. It is a path
 filter in front of Flower's transport, not a transport of its own.
 
+It also keeps unauthenticated peers from exhausting it or the SuperLink behind
+it (issue 27: two 200 MiB bodies from a client holding only ``ca.crt`` once took
+it to 1.7 GiB). Bodies are streamed, never held whole; what may be streamed is
+decided from the headers before any body byte is read
+(:mod:`fedtune.deploy.gateway_limits`: the node's signature checked as Flower
+checks it, a small body and few concurrent requests for keys the SuperLink has
+not yet accepted, a budget of bytes in flight for the others); connections whose
+request head or body is too slow are closed (:func:`guarded_protocol`).
+
 Run it as ``python -m fedtune.deploy.gateway`` (``fedtune deploy superlink``
 does so for you).
 """
@@ -25,14 +34,18 @@ does so for you).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import httpx
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from fedtune.deploy.gateway_limits import Admission, GatewayLimits, MiB, Ticket, signed_key
 
 #: Every route of Flower 1.41's Fleet API (flwr/superlink/routers/fleet/router.py).
 FLEET_PATHS = frozenset(
@@ -52,8 +65,6 @@ FLEET_PATHS = frozenset(
         "confirm-message-received",
     )
 )
-#: Largest request body forwarded (an encrypted adapter update is tens of MB).
-MAX_BODY_BYTES = 512 * 2**20
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -68,6 +79,16 @@ _HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
+#: Fixed refusal texts: they name no limit, so a refusal teaches an attacker nothing.
+_TEXTS = {
+    400: "Bad Request.\n",
+    401: "Invalid SuperNode authentication.\n",
+    404: "Not Found: this port serves only the Fleet API.\n",
+    408: "Request Timeout.\n",
+    413: "Request body too large.\n",
+    502: "SuperLink unavailable.\n",
+    503: "Busy, retry later.\n",
+}
 
 log = logging.getLogger("fedtune.deploy.gateway")
 
@@ -77,19 +98,37 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-async def _reply(send: Send, status: int, text: str) -> None:
-    body = text.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+async def _reply(send: Send, status: int) -> None:
+    """A short fixed reply that closes the connection (no unread body is drained)."""
+    body = _TEXTS[status].encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class _Refused(Exception):
+    """A body stopped mid-way: answer ``status`` (0: the client is gone, answer nothing)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length; ``None`` for a chunked body, -1 if malformed."""
+    lengths = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
+    chunked = any(k.lower() == b"transfer-encoding" for k, _ in scope["headers"])
+    if not lengths:
+        return None if chunked else 0
+    if len(lengths) > 1 or chunked or not lengths[0].isdigit() or len(lengths[0]) > 18:
+        return -1
+    return int(lengths[0])
 
 
 class FleetGateway:
@@ -102,8 +141,9 @@ class FleetGateway:
     client_factory : Callable[[], httpx.AsyncClient]
         Makes the client that talks to the SuperLink (TLS verified against the
         deployment CA); tests pass one with a mock transport.
-    max_body : int
-        Requests with a longer body get 413.
+    limits : GatewayLimits
+        Body sizes, concurrency, bytes in flight and timeouts
+        (:class:`fedtune.deploy.gateway_limits.GatewayLimits`).
     """
 
     def __init__(
@@ -111,12 +151,14 @@ class FleetGateway:
         upstream: str,
         client_factory: Callable[[], httpx.AsyncClient],
         *,
-        max_body: int = MAX_BODY_BYTES,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self._factory = client_factory
         self._client: httpx.AsyncClient | None = None
-        self.max_body = max_body
+        self.limits = GatewayLimits() if limits is None else limits
+        self.admission = Admission(self.limits)
+        self.refused: dict[int, int] = {}
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -130,6 +172,15 @@ class FleetGateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    async def _refuse(self, send: Send, status: int, why: str, scope: Scope) -> None:
+        count = self.refused.get(status, 0) + 1
+        self.refused[status] = count
+        if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a flood cannot flood the log
+            log.warning(
+                "refused %s from %s (%s; %d so far)", status, scope.get("client"), why, count
+            )
+        await _reply(send, status)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection scope."""
         if scope["type"] == "lifespan":
@@ -138,38 +189,93 @@ class FleetGateway:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        client = scope.get("client")
         if method != "POST" or path not in FLEET_PATHS:
-            log.warning("refused %s %s from %s: not a Fleet API call", method, path, client)
-            await _reply(send, 404, "Not Found: this port serves only the Fleet API.\n")
+            await self._refuse(send, 404, f"{method} {path[:80]!r}: not a Fleet API call", scope)
             return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = bool(message.get("more_body", False))
-            if len(body) > self.max_body:
-                await _reply(send, 413, f"Request body over {self.max_body} bytes.\n")
-                return
+        length = _declared_length(scope)
+        if length == -1:
+            await self._refuse(send, 400, "malformed Content-Length / Transfer-Encoding", scope)
+            return
+        key = signed_key(scope["headers"])
+        if key is None:
+            await self._refuse(send, 401, "no valid fresh node signature", scope)
+            return
+        ticket = self.admission.admit(key, length)
+        if ticket is None:
+            too_big = self.admission.is_proven(key) and (length or 0) > self.limits.max_body
+            await self._refuse(send, 413 if too_big else 503, "over a limit", scope)
+            return
+        try:
+            async with asyncio.timeout(self.limits.request_timeout):
+                await self._forward(scope, receive, send, ticket, length)
+        except TimeoutError:
+            await self._refuse(send, 408, "request took too long", scope)
+        finally:
+            ticket.release()
+
+    def _body(self, receive: Receive, ticket: Ticket, length: int | None) -> AsyncIterator[bytes]:
+        idle = self.limits.body_idle_timeout
+
+        async def chunks() -> AsyncIterator[bytes]:
+            read = 0
+            more = length != 0
+            while more:
+                try:
+                    message = await asyncio.wait_for(receive(), idle)
+                except TimeoutError:
+                    raise _Refused(408) from None
+                if message["type"] == "http.disconnect":
+                    raise _Refused(0)
+                chunk = message.get("body", b"")
+                read += len(chunk)
+                if length is None and not ticket.charge(read):
+                    raise _Refused(413 if ticket.proven and read > ticket.max_body else 503)
+                if length is not None and read > length:
+                    raise _Refused(400)
+                more = bool(message.get("more_body", False))
+                if chunk:
+                    yield chunk
+
+        return chunks()
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, ticket: Ticket, length: int | None
+    ) -> None:
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
             if k.lower() not in _HOP_BY_HOP
         ]
+        if length is not None:
+            headers.append(("content-length", str(length)))
         if self._client is None:
             self._client = self._factory()
+        path = scope["path"]
         request = self._client.build_request(
-            "POST", self.upstream + path, headers=headers, content=bytes(body)
+            "POST",
+            self.upstream + path,
+            headers=headers,
+            content=self._body(receive, ticket, length),
         )
         try:
             response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            log.warning("SuperLink unreachable for %s: %s", path, exc)
-            await _reply(send, 502, "SuperLink unavailable.\n")
+        except _Refused as refused:
+            if refused.status:
+                await self._refuse(send, refused.status, "body too slow or over a limit", scope)
             return
+        except httpx.HTTPError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, _Refused):
+                if cause.status:
+                    await self._refuse(send, cause.status, "body too slow or over a limit", scope)
+                return
+            log.warning("SuperLink unreachable for %s: %s", path, exc)
+            await _reply(send, 502)
+            return
+        if 200 <= response.status_code < 300:
+            self.admission.prove(ticket.key)
+        elif response.status_code == 401:
+            self.admission.forget(ticket.key)
         try:
             await send(
                 {
@@ -187,6 +293,54 @@ class FleetGateway:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await response.aclose()
+
+
+def guarded_protocol(limits: GatewayLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a connection cap and a request-head deadline.
+
+    uvicorn bounds the size of a request head (h11, 16 KiB) but not the time it
+    may take: a client that sends one header byte every few seconds (slowloris)
+    holds its connection forever. This protocol closes a connection whose
+    request head is not complete ``limits.header_timeout`` seconds after the
+    connection opened or its previous response ended, and closes connections on
+    arrival while ``limits.max_connections`` are open. Body reads are paced by
+    uvicorn's flow control (it stops reading a socket at 64 KiB not yet taken by
+    the app) and timed by :class:`FleetGateway`.
+    """
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                transport.abort()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            self._head_deadline = self.loop.call_later(limits.header_timeout, self._head_late)
+
+        def _head_late(self) -> None:
+            self._head_deadline = None
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and not self.transport.is_closing():
+                self.transport.abort()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
 
 
 def upstream_client(ca: Path) -> Callable[[], httpx.AsyncClient]:
@@ -207,22 +361,44 @@ def main(argv: list[str] | None = None) -> int:
     """Serve the gateway until SIGTERM / SIGINT."""
     import uvicorn  # noqa: PLC0415
 
+    defaults = GatewayLimits()
     p = argparse.ArgumentParser(prog="python -m fedtune.deploy.gateway", description=__doc__)
     p.add_argument("--host", required=True, help="the node-facing address to listen on")
     p.add_argument("--port", required=True, type=int)
     p.add_argument("--upstream-port", required=True, type=int, help="the SuperLink on 127.0.0.1")
     p.add_argument("--certs", required=True, type=Path, help="ca.crt, server.pem, server.key")
+    p.add_argument(
+        "--max-body-mib",
+        type=int,
+        default=defaults.max_body // MiB,
+        help="largest body from a registered node: the run's largest honest message with "
+        "margin, about 32 B per trainable parameter (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-inflight-mib",
+        type=int,
+        default=None,
+        help="body bytes of registered nodes in flight at once (default 4x --max-body-mib)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s fleet-gateway: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded call
+    limits = GatewayLimits(
+        max_body=args.max_body_mib * MiB,
+        max_unproven_body=min(defaults.max_unproven_body, args.max_body_mib * MiB),
+        max_inflight_bytes=(args.max_inflight_mib or 4 * args.max_body_mib) * MiB,
+    )
     app = FleetGateway(
-        f"https://127.0.0.1:{args.upstream_port}", upstream_client(args.certs / "ca.crt")
+        f"https://127.0.0.1:{args.upstream_port}",
+        upstream_client(args.certs / "ca.crt"),
+        limits=limits,
     )
     log.info(
-        "Fleet API on %s:%d -> SuperLink 127.0.0.1:%d (Control and runtime APIs not forwarded)",
+        "Fleet API on %s:%d -> SuperLink 127.0.0.1:%d (Control and runtime APIs not forwarded); %s",
         args.host,
         args.port,
         args.upstream_port,
+        limits,
     )
     uvicorn.run(
         app,
@@ -234,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         lifespan="on",
         workers=1,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=int(limits.header_timeout),
     )
     return 0
 
