@@ -37,6 +37,7 @@ SMALL = GatewayLimits(
     header_timeout=0.5,
     body_idle_timeout=0.5,
     request_timeout=5.0,
+    unproven_timeout=1.0,
 )
 #: How long a test waits for the gateway to answer or close before calling it stuck.
 PATIENCE = 3.0
@@ -267,6 +268,29 @@ def test_a_body_that_never_finishes_is_cut_off_and_not_forwarded_whole() -> None
             assert await closed(reader)
             assert app.admission.inflight_bytes == 0
         assert upstream.bodies == [4]  # the cut body never reached the SuperLink as a request
+
+    run(main())
+
+
+def test_an_unproven_key_cannot_hold_a_slot_by_trickling_its_body() -> None:
+    async def main() -> None:
+        upstream = Upstream()
+        async with serve(upstream) as (port, app):
+            reader, writer = await connect(port)
+            writer.write(head(Node(), length=SMALL.max_unproven_body))
+            started = asyncio.get_running_loop().time()
+            with contextlib.suppress(ConnectionError):
+                for _ in range(20):  # a byte every 0.2 s: never idle for body_idle_timeout
+                    writer.write(b"x")
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                    if reader.at_eof():
+                        break
+            assert await closed(reader)
+            took = asyncio.get_running_loop().time() - started
+            assert took < SMALL.unproven_timeout + 1.0
+            assert app.admission.unproven_requests == 0
+        assert upstream.bodies == []
 
     run(main())
 

@@ -206,7 +206,9 @@ class FleetGateway:
             await self._refuse(send, 413 if too_big else 503, "over a limit", scope)
             return
         try:
-            async with asyncio.timeout(self.limits.request_timeout):
+            limits = self.limits
+            deadline = limits.request_timeout if ticket.proven else limits.unproven_timeout
+            async with asyncio.timeout(deadline):
                 await self._forward(scope, receive, send, ticket, length)
         except TimeoutError:
             await self._refuse(send, 408, "request took too long", scope)

@@ -70,7 +70,10 @@ class GatewayLimits:
         Requests from unproven keys (or with no valid signature header yet
         checked) in flight at once, over all clients.
     max_requests_per_key : int
-        Requests of one proven key in flight at once.
+        Requests of one proven key in flight at once. A Flower SuperNode makes
+        at most about four (two concurrent object pushes or pulls,
+        ``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES``, its heartbeat and its
+        message loop); more get 503 and are retried by Flower.
     max_inflight_bytes : int
         Body bytes of proven keys in flight at once, over all keys: declared
         ``Content-Length`` reserved up front, chunked bodies counted as read.
@@ -82,7 +85,12 @@ class GatewayLimits:
     body_idle_timeout : float
         Longest pause between two pieces of a body (seconds).
     request_timeout : float
-        Longest a whole request may take, body and response (seconds).
+        Longest a whole request of a proven key may take, body and response
+        (seconds).
+    unproven_timeout : float
+        Longest a whole request of an unproven key may take (seconds): its body
+        is small, so a slot of :attr:`max_unproven_requests` cannot be held by
+        trickling one byte per :attr:`body_idle_timeout`.
     max_proven_keys : int
         Proven keys remembered (least recently used forgotten first).
     """
@@ -90,12 +98,13 @@ class GatewayLimits:
     max_body: int = 64 * MiB
     max_unproven_body: int = 1 * MiB
     max_unproven_requests: int = 8
-    max_requests_per_key: int = 4
+    max_requests_per_key: int = 8
     max_inflight_bytes: int = 256 * MiB
     max_connections: int = 512
     header_timeout: float = 10.0
     body_idle_timeout: float = 30.0
     request_timeout: float = 600.0
+    unproven_timeout: float = 10.0
     max_proven_keys: int = 10_000
 
     def __post_init__(self) -> None:
@@ -111,7 +120,7 @@ class GatewayLimits:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Gateway limit `{name}` must be an integer >= 1, got {value!r}.")
-        for name in ("header_timeout", "body_idle_timeout", "request_timeout"):
+        for name in ("header_timeout", "body_idle_timeout", "request_timeout", "unproven_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value < 86_400:
                 raise ConfigError(
