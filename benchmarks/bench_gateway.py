@@ -164,6 +164,9 @@ def _attack(port: int, ca: str, n: int, seconds: float, out: multiprocessing.Que
     from collections import Counter
 
     stats: Counter[str] = Counter()
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "socket.send() raised exception."
     out.put("started")
     until = time.monotonic() + seconds
 
@@ -329,12 +332,15 @@ def main() -> int:
         honest = Honest(fleet, files.ca_cert, key.private)
         honest.activate()
         rss: list[tuple[float, float]] = []
+        link_rss: list[tuple[float, float]] = []
         stop_sampling = threading.Event()
 
         def sample() -> None:
             while not stop_sampling.is_set():
                 with contextlib.suppress(OSError):
-                    rss.append((time.monotonic(), _status(gw_pid, "VmRSS")))
+                    now = time.monotonic()
+                    rss.append((now, _status(gw_pid, "VmRSS")))
+                    link_rss.append((now, _status(link_pid, "VmRSS")))
                 stop_sampling.wait(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -373,7 +379,12 @@ def main() -> int:
             f"{t2 - t1:.0f} s: VmRSS max {max(during):.0f} MiB (samples every 0.1 s), "
             f"peak VmHWM over the whole run {_status(gw_pid, 'VmHWM'):.0f} MiB"
         )
-        print(f"flower-superlink (pid {link_pid}) peak VmHWM {_status(link_pid, 'VmHWM'):.0f} MiB")
+        print(
+            f"flower-superlink (pid {link_pid}): VmRSS max "
+            f"{max(r for t, r in link_rss if t < t1):.0f} MiB before the attack, "
+            f"{max(r for t, r in link_rss if t1 <= t < t2):.0f} MiB during; "
+            f"peak VmHWM {_status(link_pid, 'VmHWM'):.0f} MiB"
+        )
         print(
             f"attackers (connections, and the gateway's answers): {stats}; the gateway read "
             f"{read_during / MiB:.0f} MiB in all during the attack (rchar of /proc/PID/io, "
