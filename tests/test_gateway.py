@@ -24,7 +24,8 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from fedtune.config import ConfigError
-from fedtune.deploy.gateway import FleetGateway, guarded_protocol
+from fedtune.deploy.gateway import FleetGateway
+from fedtune.deploy.gateway_connection import guarded_protocol
 from fedtune.deploy.gateway_limits import GatewayLimits, signed_key
 
 PUSH = "/v1/fleet/push-messages"

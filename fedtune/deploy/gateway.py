@@ -25,7 +25,8 @@ decided from the headers before any body byte is read
 (:mod:`fedtune.deploy.gateway_limits`: the node's signature checked as Flower
 checks it, a small body and few concurrent requests for keys the SuperLink has
 not yet accepted, a budget of bytes in flight for the others); connections whose
-request head or body is too slow are closed (:func:`guarded_protocol`).
+request head or body is too slow are closed
+(:func:`fedtune.deploy.gateway_connection.guarded_protocol`).
 
 Run it as ``python -m fedtune.deploy.gateway`` (``fedtune deploy superlink``
 does so for you).
@@ -40,12 +41,11 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import h11
 import httpx
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedtune.deploy.gateway_connection import guarded_protocol
 from fedtune.deploy.gateway_limits import Admission, GatewayLimits, MiB, Ticket, signed_key
 
 #: Every route of Flower 1.41's Fleet API (flwr/superlink/routers/fleet/router.py).
@@ -206,13 +206,21 @@ class FleetGateway:
             too_big = self.admission.is_proven(key) and (length or 0) > self.limits.max_body
             await self._refuse(send, 413 if too_big else 503, "over a limit", scope)
             return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
             limits = self.limits
             deadline = limits.request_timeout if ticket.proven else limits.unproven_timeout
             async with asyncio.timeout(deadline):
-                await self._forward(scope, receive, send, ticket, length)
+                await self._forward(scope, receive, tracked, ticket, length)
         except TimeoutError:
-            await self._refuse(send, 408, "request took too long", scope)
+            if not started:  # else uvicorn drops the connection of an unfinished reply
+                await self._refuse(send, 408, "request took too long", scope)
         finally:
             ticket.release()
 
@@ -296,79 +304,6 @@ class FleetGateway:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await response.aclose()
-
-
-class _AbortUnread:
-    """A transport whose ``close()`` drops the connection while the peer is mid-body.
-
-    A plain ``close()`` of a TLS transport first waits for the peer's
-    close_notify, reading and decrypting whatever it still sends: a refused
-    200 MiB body would be read to the end after all. Measured with
-    ``benchmarks/bench_gateway.py``: 1.3 GiB decrypted and discarded in 8 s.
-    Aborting sends a TCP reset instead; an honest Flower client treats that
-    like the 503 it may not see (a transport error, retried).
-    """
-
-    def __init__(self, transport: asyncio.Transport, protocol: H11Protocol) -> None:
-        self._transport = transport
-        self._protocol = protocol
-
-    def close(self) -> None:
-        if self._protocol.conn.their_state is h11.SEND_BODY:
-            self._transport.abort()
-        else:
-            self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-def guarded_protocol(limits: GatewayLimits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a connection cap and a request-head deadline.
-
-    uvicorn bounds the size of a request head (h11, 16 KiB) but not the time it
-    may take: a client that sends one header byte every few seconds (slowloris)
-    holds its connection forever. This protocol closes a connection whose
-    request head is not complete ``limits.header_timeout`` seconds after the
-    connection opened or its previous response ended, and closes connections on
-    arrival while ``limits.max_connections`` are open. Body reads are paced by
-    uvicorn's flow control (it stops reading a socket at 64 KiB not yet taken by
-    the app) and timed by :class:`FleetGateway`.
-    """
-
-    class GuardedH11Protocol(H11Protocol):
-        _head_deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(cast(asyncio.Transport, _AbortUnread(transport, self)))
-            if len(self.connections) > limits.max_connections:
-                transport.abort()
-                return
-            self._arm()
-
-        def _arm(self) -> None:
-            if self._head_deadline is not None:
-                self._head_deadline.cancel()
-            self._head_deadline = self.loop.call_later(limits.header_timeout, self._head_late)
-
-        def _head_late(self) -> None:
-            self._head_deadline = None
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle and not self.transport.is_closing():
-                self.transport.abort()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_deadline is not None:
-                self._head_deadline.cancel()
-                self._head_deadline = None
-            super().connection_lost(exc)
-
-    return GuardedH11Protocol
 
 
 def upstream_client(ca: Path) -> Callable[[], httpx.AsyncClient]:

@@ -46,8 +46,8 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_sig
 from fedtune.config import ConfigError
 
 MiB = 2**20
-#: Longest value accepted for each authentication header (a P-256 key in base64 is
-#: ~120 characters, a DER signature ~100, an ISO timestamp ~32).
+#: Longest value accepted for each authentication header (a node's P-384 public key is
+#: sent as base64 of its 215-byte PEM, 288 characters; a DER signature ~140, a timestamp ~32).
 _MAX_AUTH_HEADER = 512
 
 
