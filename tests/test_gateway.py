@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import re
 from base64 import b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -458,3 +459,21 @@ def test_signed_key_matches_flowers_check() -> None:
 def test_limits_name_the_bad_field(field: str, value: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         GatewayLimits(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--max-body-mib", "0"], "--max-body-mib 0 .*`max_body` must be an integer >= 1, got 0"),
+        (["--max-body-mib", "8", "--max-inflight-mib", "4"], "`max_inflight_bytes` .* below"),
+    ],
+)
+def test_the_command_line_names_a_bad_bound(
+    argv: list[str], match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtune.deploy.gateway import main
+
+    base = ["--host", "127.0.0.1", "--port", "1", "--upstream-port", "2", "--certs", "/nonexistent"]
+    with pytest.raises(SystemExit):
+        main([*base, *argv])
+    assert re.search(match, capsys.readouterr().err)

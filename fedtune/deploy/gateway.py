@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from fedtune.config import ConfigError
 from fedtune.deploy.gateway_connection import guarded_protocol
 from fedtune.deploy.gateway_limits import Admission, GatewayLimits, MiB, Ticket, signed_key
 
@@ -346,11 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s fleet-gateway: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded call
-    limits = GatewayLimits(
-        max_body=args.max_body_mib * MiB,
-        max_unproven_body=min(defaults.max_unproven_body, args.max_body_mib * MiB),
-        max_inflight_bytes=(args.max_inflight_mib or 4 * args.max_body_mib) * MiB,
-    )
+    try:
+        limits = GatewayLimits(
+            max_body=args.max_body_mib * MiB,
+            max_unproven_body=min(defaults.max_unproven_body, max(1, args.max_body_mib) * MiB),
+            max_inflight_bytes=(args.max_inflight_mib or 4 * args.max_body_mib) * MiB,
+        )
+    except ConfigError as err:
+        p.error(f"--max-body-mib {args.max_body_mib} / --max-inflight-mib: {err}")
     app = FleetGateway(
         f"https://127.0.0.1:{args.upstream_port}",
         upstream_client(args.certs / "ca.crt"),
