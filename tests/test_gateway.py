@@ -27,7 +27,7 @@ from flwr.supercore.primitives.asymmetric import (
 from fedtune.config import ConfigError
 from fedtune.deploy.gateway import FleetGateway
 from fedtune.deploy.gateway_connection import guarded_protocol
-from fedtune.deploy.gateway_limits import GatewayLimits, signed_key
+from fedtune.deploy.gateway_limits import GatewayLimits, honest_max_body, signed_key
 
 PUSH = "/v1/fleet/push-messages"
 SMALL = GatewayLimits(
@@ -466,6 +466,7 @@ def test_limits_name_the_bad_field(field: str, value: object, match: str) -> Non
     [
         (["--max-body-mib", "0"], "--max-body-mib 0 .*`max_body` must be an integer >= 1, got 0"),
         (["--max-body-mib", "8", "--max-inflight-mib", "4"], "`max_inflight_bytes` .* below"),
+        (["--trainable-params", "0"], "--trainable-params 0 .*`trainable_params` must be"),
     ],
 )
 def test_the_command_line_names_a_bad_bound(
@@ -477,3 +478,11 @@ def test_the_command_line_names_a_bad_bound(
     with pytest.raises(SystemExit):
         main([*base, *argv])
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_the_largest_honest_body_follows_the_adapter_size() -> None:
+    # 1,000,000 values: ceil(1e6 / 4096) = 245 ciphertexts of at most 4096 * 8 + 1024
+    # bytes (N = 4096, one data prime, 8 B a coefficient, SEAL's header), 2x, + 1 MiB.
+    assert honest_max_body(1_000_000) == 2 * 245 * 33_792 + 2**20 == 17_606_656
+    with pytest.raises(ConfigError, match="`trainable_params` must be an integer >= 1, got 0"):
+        honest_max_body(0)

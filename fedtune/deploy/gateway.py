@@ -47,7 +47,14 @@ import httpx
 
 from fedtune.config import ConfigError
 from fedtune.deploy.gateway_connection import guarded_protocol
-from fedtune.deploy.gateway_limits import Admission, GatewayLimits, MiB, Ticket, signed_key
+from fedtune.deploy.gateway_limits import (
+    Admission,
+    GatewayLimits,
+    MiB,
+    Ticket,
+    honest_max_body,
+    signed_key,
+)
 
 #: Every route of Flower 1.41's Fleet API (flwr/superlink/routers/fleet/router.py).
 FLEET_PATHS = frozenset(
@@ -331,30 +338,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", required=True, type=int)
     p.add_argument("--upstream-port", required=True, type=int, help="the SuperLink on 127.0.0.1")
     p.add_argument("--certs", required=True, type=Path, help="ca.crt, server.pem, server.key")
-    p.add_argument(
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--trainable-params",
+        type=int,
+        default=None,
+        help="the adapter's parameter count: the largest body from a registered node is then "
+        "its largest honest update with 2x margin (fedtune.deploy.gateway_limits.honest_max_body)",
+    )
+    size.add_argument(
         "--max-body-mib",
         type=int,
         default=defaults.max_body // MiB,
-        help="largest body from a registered node: the run's largest honest message with "
-        "margin, about 32 B per trainable parameter (default %(default)s)",
+        help="largest body from a registered node, in MiB (default %(default)s)",
     )
     p.add_argument(
         "--max-inflight-mib",
         type=int,
         default=None,
-        help="body bytes of registered nodes in flight at once (default 4x --max-body-mib)",
+        help="body MiB of registered nodes in flight at once (default 4x the largest body)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s fleet-gateway: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded call
+    what = f"--max-body-mib {args.max_body_mib}"
+    if args.trainable_params is not None:
+        what = f"--trainable-params {args.trainable_params}"
     try:
+        if args.trainable_params is not None:
+            max_body = honest_max_body(args.trainable_params)
+        else:
+            max_body = args.max_body_mib * MiB
         limits = GatewayLimits(
-            max_body=args.max_body_mib * MiB,
-            max_unproven_body=min(defaults.max_unproven_body, max(1, args.max_body_mib) * MiB),
-            max_inflight_bytes=(args.max_inflight_mib or 4 * args.max_body_mib) * MiB,
+            max_body=max_body,
+            max_unproven_body=min(defaults.max_unproven_body, max(1, max_body)),
+            max_inflight_bytes=args.max_inflight_mib * MiB
+            if args.max_inflight_mib
+            else 4 * max_body,
         )
     except ConfigError as err:
-        p.error(f"--max-body-mib {args.max_body_mib} / --max-inflight-mib: {err}")
+        p.error(f"{what} / --max-inflight-mib: {err}")
     app = FleetGateway(
         f"https://127.0.0.1:{args.upstream_port}",
         upstream_client(args.certs / "ca.crt"),

@@ -44,11 +44,40 @@ from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIG
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
 
 from fedtune.config import ConfigError
+from fedtune.crypto.params import DEFAULT_PARAMS, CkksParams
 
 MiB = 2**20
 #: Longest value accepted for each authentication header (a node's P-384 public key is
 #: sent as base64 of its 215-byte PEM, 288 characters; a DER signature ~140, a timestamp ~32).
 _MAX_AUTH_HEADER = 512
+
+
+def honest_max_body(
+    trainable_params: int,
+    *,
+    params: CkksParams = DEFAULT_PARAMS,
+    margin: float = 2.0,
+    envelope: int = MiB,
+) -> int:
+    """The largest body an honest node sends for an adapter of ``trainable_params`` values.
+
+    A node's largest message is its update: ``params.chunk_count(P)`` CKKS
+    ciphertexts of at most ``params.max_chunk_bytes(polys=1)`` bytes each (a
+    seeded upload, uncompressed: 8.25 B per value with the default parameters;
+    the ``plain`` backend's float64 takes 8). The bound is that times
+    ``margin``, plus ``envelope`` bytes for Flower's message and the node's
+    metrics. With the default parameters and 1,000,000 values:
+    ``2 * 245 * 33,792 + 2**20 = 17,606,656`` bytes.
+    """
+    if not isinstance(trainable_params, int) or trainable_params < 1:
+        raise ConfigError(
+            f"`trainable_params` must be an integer >= 1, got {trainable_params!r}: the "
+            "adapter's parameter count (fedtune prints it when a run starts)."
+        )
+    if not margin >= 1.0:
+        raise ConfigError(f"`margin` must be >= 1, got {margin!r}.")
+    payload = params.chunk_count(trainable_params) * params.max_chunk_bytes(polys=1)
+    return int(margin * payload) + envelope
 
 
 @dataclass(frozen=True)
@@ -58,10 +87,8 @@ class GatewayLimits:
     Parameters
     ----------
     max_body : int
-        Largest body a proven node may send (bytes). Set it to the largest
-        honest message of the run with margin: a fedtune upload is about
-        8 B per trainable parameter and the server's aggregate about 16 B
-        (``python benchmarks/bench_crypto.py``), so ``32 * params`` leaves 2x.
+        Largest body a proven node may send (bytes): the largest honest
+        message of the run with margin, :func:`honest_max_body`.
     max_unproven_body : int
         Largest body from a key the SuperLink has not yet accepted. Flower's
         first calls (activate-node, heartbeat, pull-messages) are a few hundred
