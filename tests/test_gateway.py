@@ -26,7 +26,7 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fedtune.config import ConfigError
 from fedtune.deploy.gateway import FleetGateway
-from fedtune.deploy.gateway_connection import guarded_protocol
+from fedtune.deploy.gateway_connection import bounded_loop_factory, guarded_protocol
 from fedtune.deploy.gateway_limits import GatewayLimits, honest_max_body, signed_key
 
 PUSH = "/v1/fleet/push-messages"
@@ -168,10 +168,8 @@ async def prove(port: int, node: Node) -> None:
 
 
 def run(coro: Awaitable[None]) -> None:
-    """Run on uvloop, as uvicorn does in a deployment (its TLS close differs from asyncio's)."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    """Run on the gateway's own loop: uvloop (its TLS close differs from asyncio's)."""
+    with asyncio.Runner(loop_factory=bounded_loop_factory(SMALL)) as runner:
         runner.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
 
@@ -244,6 +242,19 @@ def test_a_refused_body_is_not_read_to_its_end_over_tls(tmp_path: Path) -> None:
         # uvloop's TLS close reads and decrypts what is in flight until the peer's
         # close_notify: 42 MB here for the 5 connections, 4 MB with the abort.
         assert read < 16 * 2**20
+
+    run(main())
+
+
+def test_a_tls_handshake_that_never_comes_is_cut_off(tmp_path: Path) -> None:
+    from fedtune.deploy.pki import make_tls
+
+    files = make_tls(tmp_path / "certs", ca_dir=tmp_path / "ca", hosts=["127.0.0.1"])
+
+    async def main() -> None:
+        async with serve(Upstream(), tls=(files.server_cert, files.server_key)) as (port, _):
+            reader, _writer = await connect(port)  # TCP only: no ClientHello, ever
+            assert await closed(reader)
 
     run(main())
 

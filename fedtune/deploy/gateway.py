@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 
 from fedtune.config import ConfigError
-from fedtune.deploy.gateway_connection import guarded_protocol
+from fedtune.deploy.gateway_connection import bounded_loop_factory, guarded_protocol
 from fedtune.deploy.gateway_limits import (
     Admission,
     GatewayLimits,
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         args.upstream_port,
         limits,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -399,10 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
         lifespan="on",
-        workers=1,
         http=guarded_protocol(limits),
         timeout_keep_alive=int(limits.header_timeout),
     )
+    server = uvicorn.Server(config)
+    with asyncio.Runner(loop_factory=bounded_loop_factory(limits)) as runner:
+        runner.run(server.serve())
+    if not server.started:
+        return 3  # uvicorn's own exit status for a failed start (it logged why)
     return 0
 
 

@@ -1,16 +1,19 @@
-"""The gateway's connections: a cap, a deadline for the request head, a reset for refusals.
+"""The gateway's connections: a cap, deadlines for the handshake and request head, resets.
 
 uvicorn bounds how large a request head may be (h11: 16 KiB) but neither how
-long it may take nor how many connections may be open, and it closes a TLS
+long it or the TLS handshake before it may take (uvloop's default handshake
+timeout is 60 s) nor how many connections may be open, and it closes a TLS
 connection politely even when the peer is still streaming a refused body. The
-protocol class of :func:`guarded_protocol` adds those three guards to uvicorn's
-own h11 protocol; :class:`fedtune.deploy.gateway.FleetGateway` decides about
-requests, this module only about connections.
+protocol class of :func:`guarded_protocol` and the event loop of
+:func:`bounded_loop_factory` add those guards to uvicorn's own h11 protocol and
+loop; :class:`fedtune.deploy.gateway.FleetGateway` decides about requests, this
+module only about connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
 import h11
@@ -90,3 +93,24 @@ def guarded_protocol(limits: GatewayLimits) -> type[H11Protocol]:
             super().connection_lost(exc)
 
     return GuardedH11Protocol
+
+
+def bounded_loop_factory(limits: GatewayLimits) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's event loop (uvicorn's own choice), whose TLS servers time out handshakes.
+
+    A peer that opens a TCP connection and never finishes the TLS handshake is
+    never seen by the protocol (its ``connection_made`` comes after the
+    handshake), so neither :attr:`GatewayLimits.max_connections` nor the head
+    deadline applies to it; uvicorn passes no handshake timeout, and uvloop's
+    default is 60 s. This loop gives every TLS server it creates
+    ``ssl_handshake_timeout = limits.header_timeout``.
+    """
+    import uvloop  # noqa: PLC0415
+
+    class HandshakeBoundedLoop(uvloop.Loop):  # type: ignore[misc]
+        async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("ssl") is not None:
+                kwargs.setdefault("ssl_handshake_timeout", limits.header_timeout)
+            return await super().create_server(*args, **kwargs)
+
+    return HandshakeBoundedLoop
