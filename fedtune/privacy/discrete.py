@@ -7,24 +7,29 @@ distribution on the integers with ``P[Y = y] ∝ exp(-y^2 / (2 s^2))``.
 
 A client-level release (:func:`discrete_noisy_update`) is
 
-    q = g * (round(x / g) + K),        K ~ N_Z(0, s^2)^d,   s = σ C / (g sqrt(m - t)),
+    q = g * (round(x / g) + K),    K ~ N_Z(0, s^2)^d,
+    s = (1 + g sqrt(d) / (2C)) σ C / (g sqrt(m - t)),
 
 for the clipped update ``x`` (``||x||_2 <= C``) and a grid step ``g`` that is a power of
 two: ``x / g``, the rounding, the integer sum and ``* g`` are exact in float64 while
 ``|round(x / g) + K| < 2^53`` (checked), so no floating-point operation ever touches the
 noise and Mironov-style attacks on the low bits (CCS 2012; Jin et al., S&P 2022) have
 nothing to read. Rounding moves each coordinate by at most ``g / 2``, so replacing one
-client's data moves the rounded sum by at most ``2C + g sqrt(d)`` (L2): the accounting
-uses the effective noise multiplier ``σ_eff = σ / (1 + g sqrt(d) / (2C))``, and the grid
-is chosen so that ``σ_eff >= σ (1 - 2^-7)`` (:func:`grid_step`).
+client's data moves the rounded sum by at most ``2C + g sqrt(d)`` (L2). The share's
+scale ``s`` is raised by that same factor ``1 + g sqrt(d) / (2C)`` (at most ``1 + 2^-7``
+with the grid of :func:`grid_step`: 0.8% more noise), so the honest shares' sum has noise
+multiplier at least σ with respect to the rounded sensitivity, and the accounting of the
+continuous shares (:func:`fedtune.privacy.client_level.compose_client_round` with σ) holds
+unchanged.
 
-Privacy: by CKS Theorem 14 (multivariate, L2 sensitivity) ``N_Z`` noise gives the same
-``ρ = Δ^2 / (2 s^2)`` concentrated DP (and the same Rényi DP, ``α ρ``) as the continuous
-Gaussian of the same ``s``; the ``m - t`` honest shares sum to a distribution within the
-``τ`` of Kairouz, Liu & Steinke (ICML 2021, https://arxiv.org/abs/2102.06387, Theorem 1):
-``ε(α) <= α Δ^2 / (2 (m - t) s^2) + τ d``, ``τ = 10 Σ_{k=1}^{n-1} exp(-2 π^2 s^2 k/(k+1))``,
-which is below ``1e-300`` for the ``s >= 8`` this module enforces. The docs
-(``docs/float-noise.md``) state what this does and does not cover.
+Privacy: CKS prove that adding ``N_Z(0, s^2)^d`` to an integer vector of L2
+sensitivity Δ gives ``ρ = Δ^2 / (2 s^2)`` zero-concentrated DP, i.e. Rényi DP
+``α Δ^2 / (2 s^2)`` of every order α: no more than the continuous Gaussian of the same
+``s``. A sum of ``n = m - t`` honest shares is not itself a discrete Gaussian; Kairouz,
+Liu & Steinke (ICML 2021, https://arxiv.org/abs/2102.06387, Theorem 1) bound it:
+``ε(α) <= α Δ^2 / (2 n s^2) + τ d``, ``τ = 10 Σ_{k=1}^{n-1} exp(-2 π^2 s^2 k / (k + 1))``.
+For the ``s >= 8`` enforced here ``τ < 10 n e^(-π^2 64) < n 1e-273``: nothing at any
+realistic ``n`` and ``d``. ``docs/float-noise.md`` says what this covers and what not.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ __all__ = [
 
 #: Integers with |v| < 2^53 are exact in float64; the released integers must stay below.
 _EXACT = 1 << 53
-#: ``σ_eff / σ`` is at least ``1 - 2^-SLACK_BITS`` (the grid's cost in noise).
+#: Rounding to the grid costs at most a factor ``1 + 2^-SLACK_BITS`` in noise.
 SLACK_BITS = 7
 #: The smallest per-share integer scale accepted (``τ`` negligible, the grid fine).
 MIN_SCALE = 8
@@ -204,7 +209,7 @@ class DiscreteRelease:
     grid: float
     #: ``s^2`` of each integer share, as used (``σ C / (g sqrt(m - t))`` squared, rounded up).
     share_variance: Fraction
-    #: ``σ / (1 + g sqrt(d) / (2C))``: the multiplier the accountant must use.
+    #: The honest sum's noise over the rounded sensitivity ``2C + g sqrt(d)``: >= σ.
     effective_noise_multiplier: float
 
 
@@ -253,7 +258,8 @@ def discrete_noisy_update(
             f"{clip_norm}; pass the output of clip_update."
         )
     grid = grid_step(clip_norm=clip_norm, dim=max(1, x.size))
-    scale = std / grid
+    inflation = 1.0 + grid * math.sqrt(x.size) / (2.0 * clip_norm)
+    scale = inflation * std / grid
     if scale < MIN_SCALE:
         raise ValueError(
             f"the share's scale is {scale:.3g} grid steps (< {MIN_SCALE}); raise "
@@ -273,10 +279,12 @@ def discrete_noisy_update(
             f"{grid}; float64 cannot hold them exactly (lower `max-grad-norm`)."
         )
     values = total.astype(np.float64) * grid  # exact: integers < 2^53 times 2^k
+    # s^2 was rounded up, so (m - t) s^2 g^2 >= (σ C inflation)^2: σ_eff >= σ.
+    honest = math.sqrt(float(sigma2) * (num_sampled_clients - tolerance)) * grid
     sensitivity = 2.0 * clip_norm + grid * math.sqrt(x.size)
     return DiscreteRelease(
         values=values.reshape(np.shape(clipped)),
         grid=grid,
         share_variance=sigma2,
-        effective_noise_multiplier=noise_multiplier * 2.0 * clip_norm / sensitivity,
+        effective_noise_multiplier=honest * 2.0 / sensitivity,
     )
