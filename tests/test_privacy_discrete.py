@@ -172,3 +172,29 @@ def test_the_discrete_gaussian_from_the_keystream_follows_the_pmf() -> None:
     rng = KeystreamRandom(SeededNoise(9))
     samples = [discrete_gaussian(Fraction(5, 2), rng) for _ in range(20_000)]
     assert _chi2_pvalue(samples, 2.5, 10) > 1e-3
+
+
+def test_client_level_releases_the_clipped_update_and_share_on_the_grid() -> None:
+    """The wiring (fedtune/train/levels.py): what a client-level round releases."""
+    from types import SimpleNamespace
+
+    from fedtune.privacy.noise import SeededNoise
+    from fedtune.train.levels import ClientLevel
+
+    d, clip = 500, 0.5
+    runtime = SimpleNamespace(
+        cfg=SimpleNamespace(privacy=SimpleNamespace(max_grad_norm=clip)),
+        plan=SimpleNamespace(noise_multiplier=1.0, tolerance=0),
+    )
+    trained = np.full(d, 1.0)  # norm sqrt(500): clipped to 0.5
+    out = ClientLevel().transform(
+        np.zeros(d), trained, runtime=runtime, noise=SeededNoise(3), sampled_clients=2
+    )
+    g = grid_step(clip_norm=clip, dim=d)
+    assert out.num_examples == 1
+    assert np.array_equal(out.vector / g, np.rint(out.vector / g))
+    assert abs((out.vector - clip / math.sqrt(d)).std() / (clip / math.sqrt(2)) - 1) < 0.15
+    with pytest.raises(TypeError, match="draws from a ChaChaNoise keystream"):
+        ClientLevel().transform(
+            np.zeros(d), trained, runtime=runtime, noise=object(), sampled_clients=2
+        )
