@@ -69,7 +69,7 @@ class KeystreamRandom(random.Random):
     """Uniform integers from a :class:`~fedtune.privacy.noise.ChaChaNoise` keystream.
 
     ``randrange`` draws from :meth:`getrandbits` by rejection, so it is exactly uniform;
-    the bits are the source's ChaCha20 keystream (a fresh nonce per 64 KiB), so a
+    the bits are the source's ChaCha20 keystream (a fresh nonce per 128 KiB), so a
     :class:`~fedtune.privacy.noise.CsprngNoise` gives CSPRNG integers and a
     :class:`~fedtune.privacy.noise.SeededNoise` reproducible ones. 3x faster than
     :class:`random.SystemRandom`, which asks the OS for every draw.
