@@ -50,15 +50,60 @@ def test_plain_prompt_mask_without_chat_template() -> None:
     assert _labels(tok, labels)[0] == IGN and IGN not in _labels(tok, labels)[1:]
 
 
-def test_truncation_cuts_the_answer_and_drops_examples_without_answer_tokens() -> None:
+def test_truncation_cuts_the_answer_and_keeps_every_example() -> None:
     tok = tiny_word_tokenizer()
     ids, labels = lm_data.encode_example(tok, "what is a dog ?", "a dog", max_length=25)
-    assert len(ids) == len(labels) == 25
-    assert _labels(tok, labels)[-2:] == ["a", "dog"]
+    assert len(ids) == len(labels) == 25  # 23 prompt and 4 answer tokens: the prompt is cut
+    assert _labels(tok, labels)[-4:] == ["a", "dog", "<|im_end|>", IGN]
+    # 19 prompt and 10 answer tokens in 16: the answer keeps its first 16 // 2 (its
+    # end-of-turn is cut), the prompt its first 4 and last 4.
+    ids, labels = lm_data.encode_example(tok, "dog", "a dog is a kind of animal .", max_length=16)
+    assert _labels(tok, labels) == [IGN] * 8 + ["a", "dog", "is", "a", "kind", "of", "animal", "."]
+    # The prompt alone (23 tokens) no longer fits in 20: the answer keeps 20 // 2 = 10
+    # tokens at most (here its 4: a, cat, <|im_end|>, newline), the prompt its first 8
+    # and last 8 tokens. No example is dropped (issue 26: counts must not depend on data).
     data = lm_data.InstructionDataset(
         tok, ["what is a dog ?", "what is a cat ?"], ["a dog", "a cat"], max_length=20
     )
-    assert len(data) == 0 and data.dropped == 2
+    assert len(data) == 2
+    first = ["<|im_start|>", "system", "\n", "you", "are", "a", "helpful", "bot"]
+    last = ["a", "cat", "?", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]
+    answer = ["a", "cat", "<|im_end|>", "\n"]
+    assert _tokens(tok, data.input_ids[1]) == [*first, *last, *answer]
+    assert _labels(tok, data.labels[1]) == [IGN] * 16 + ["a", "cat", "<|im_end|>", IGN]
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "max_length", "kept"),
+    [
+        (10, 5, 16, (10, 5)),  # fits: whole
+        (30, 5, 16, (11, 5)),  # long prompt: the answer whole, the prompt cut
+        (30, 40, 16, (8, 8)),  # both long: half each
+        (4, 40, 16, (4, 12)),  # long answer: the prompt whole, the answer cut
+        (30, 0, 16, (16, 0)),  # nothing to label (no template, no eos): still one example
+        (30, 1, 8, (7, 1)),
+    ],
+)
+def test_fit_example_by_hand(head: int, tail: int, max_length: int, kept: tuple[int, int]) -> None:
+    assert lm_data.fit_example(head, tail, max_length=max_length) == kept
+
+
+def test_fit_example_keeps_an_answer_token_whatever_the_lengths() -> None:
+    for max_length in (2, 3, 8, 9, 48):
+        for head in range(0, 3 * max_length):
+            for tail in range(1, 3 * max_length):
+                h, t = lm_data.fit_example(head, tail, max_length=max_length)
+                assert 1 <= t <= tail and 0 <= h <= head and h + t <= max_length
+                assert h + t == min(head + tail, max_length)
+    with pytest.raises(ValueError, match="max_length >= 2, got head=1, tail=1, max_length=1"):
+        lm_data.fit_example(1, 1, max_length=1)
+
+
+def test_an_empty_answer_is_one_example_labelled_on_its_end_of_turn() -> None:
+    tok = tiny_word_tokenizer()
+    data = lm_data.InstructionDataset(tok, ["what is a dog ?"], [""], max_length=48)
+    assert len(data) == 1
+    assert [t for t in _labels(tok, data.labels[0]) if t != IGN] == ["<|im_end|>"]
 
 
 def test_collate_pads_right_with_ignored_labels() -> None:
@@ -194,7 +239,6 @@ def test_own_jsonl_pairs_and_plain_text(tmp_path: Path, toy_instructions: Path) 
             {"partitioning": "dirichlet"},
             "`partitioning` is 'dirichlet', but instruction data from `data-path` has no labels",
         ),
-        ({"prompt": "q", "answer": ""}, {}, "Column 'answer' in .* has an empty value"),
     ],
 )
 def test_bad_instruction_data_names_key_and_value(

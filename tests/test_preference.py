@@ -114,8 +114,12 @@ def test_each_half_of_a_pair_is_labelled_on_its_answer_only() -> None:
         "row",
     }
     assert batch["row"].tolist() == [0, 0]
-    short = pref_data.PreferenceDataset(tok, data, max_length=4)  # no answer token fits
-    assert len(short) == 0 and short.dropped == 1
+    # The prompt alone is longer than 8 tokens: each half is truncated, never dropped,
+    # and keeps max_length // 2 tokens of its answer (issue 26).
+    short = pref_data.PreferenceDataset(tok, data, max_length=8)
+    assert len(short) == 1
+    for ids, labels in (short.rows[0][:2], short.rows[0][2:]):
+        assert len(ids) == 8 and sum(v != IGNORE for v in labels) == 4
 
 
 def _tiny_lora_llama(path: Path) -> nn.Module:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import codecs
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,14 +208,42 @@ def read_table(path: Path) -> Any:
             loaded = loaded["train"]
         return loaded
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return datasets.Dataset.from_csv(str(path))
-    if suffix in {".jsonl", ".json"}:
-        return datasets.Dataset.from_json(str(path))
+    readers = {".csv": datasets.Dataset.from_csv, ".jsonl": datasets.Dataset.from_json}
+    reader = readers.get(".jsonl" if suffix == ".json" else suffix)
+    if reader is not None:
+        with tempfile.TemporaryDirectory(prefix="fedtune-utf8-") as tmp:
+            # The arrow table lands in the datasets cache: the copy may go at once.
+            return reader(str(utf8_file(path, Path(tmp) / path.name)))
     raise ConfigError(
         f"`data-path` {str(path)!r} must be a .csv or .jsonl file or a saved Hugging "
         "Face dataset directory."
     )
+
+
+def utf8_file(path: Path, spare: Path) -> Path:
+    """``path`` if it is valid UTF-8, else a copy at ``spare`` with U+FFFD for bad bytes.
+
+    A record of bytes that are not UTF-8 is read as one record (with replacement
+    characters), never as a failure of the whole file: what a node sends must not
+    depend on one record's contents (issue 26), and its errors are read by the server.
+    (``datasets``' own ``encoding_errors`` is dropped for pandas 2.0--2.2.)
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        return path
+    except UnicodeDecodeError:
+        pass
+    with (
+        path.open(encoding="utf-8", errors="replace", newline="") as src,
+        spare.open("w", encoding="utf-8", newline="") as dst,
+    ):
+        while text := src.read(1 << 20):
+            dst.write(text)
+    return spare
 
 
 def load_table(cfg: DataConfig) -> LabelledData:

@@ -13,8 +13,13 @@ central can add the noise. Each of the ``m`` sampled clients adds its own share
 share and could subtract it), the sum carries at least ``N(0, σ² C² I)``: distributed
 DP with a stated tolerance, as in Kairouz, Liu & Steinke, "The Distributed Discrete
 Gaussian Mechanism for Federated Learning with Secure Aggregation", ICML 2021
-(https://arxiv.org/abs/2102.06387), with continuous Gaussians because CKKS aggregates
-reals. The server refuses a round in which fewer than ``m - t`` shares arrived
+(https://arxiv.org/abs/2102.06387). A round releases the clipped update and the share as
+one exact grid value with a *discrete* Gaussian share
+(:func:`fedtune.privacy.discrete.discrete_noisy_update`: no floating-point arithmetic
+touches the noise, the rounding's extra sensitivity is paid for with at most 0.8% more
+noise, the accounting below is unchanged); :func:`distributed_noise` is the continuous
+float64 share it replaced, kept for comparison (``benchmarks/bench_discrete_noise.py``).
+The server refuses a round in which fewer than ``m - t`` shares arrived
 (``server/strategy.py``), so fewer shares never become a global state.
 
 Accounting: the server chooses the clients from a seed it knows, so participation is

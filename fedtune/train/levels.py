@@ -134,21 +134,30 @@ class ClientLevel:
         noise: NoiseSource,
         sampled_clients: int,
     ) -> Released:
-        """``start + clip(trained - start, C) + share``, weighted as one client."""
-        from fedtune.privacy import clip_update, distributed_noise  # noqa: PLC0415
+        """``start + clip(trained - start, C) + share``, weighted as one client.
 
+        The clipped update and the share are one exact grid value, ``g (round(x / g) +
+        K)`` with a discrete Gaussian ``K`` (:mod:`fedtune.privacy.discrete`): no
+        floating-point arithmetic touches the noise (issue 26).
+        """
+        from fedtune.privacy import clip_update  # noqa: PLC0415
+        from fedtune.privacy.discrete import KeystreamRandom, discrete_noisy_update  # noqa: PLC0415
+        from fedtune.privacy.noise import ChaChaNoise  # noqa: PLC0415
+
+        if not isinstance(noise, ChaChaNoise):
+            raise TypeError(f"client-level DP draws from a ChaChaNoise keystream, got {noise!r}.")
         clip = runtime.cfg.privacy.max_grad_norm
         plan = runtime.plan
         clipped = clip_update(trained - start, clip_norm=clip).clipped
-        share = distributed_noise(
-            clipped.shape,
+        noised = discrete_noisy_update(
+            clipped,
             noise_multiplier=plan.noise_multiplier,
             clip_norm=clip,
             num_sampled_clients=sampled_clients,
             tolerance=plan.tolerance,
-            noise=noise,
+            rng=KeystreamRandom(noise),
         )
-        return Released(start + clipped + share, 1)
+        return Released(start + noised.values, 1)
 
     def ledger_fields(self, runtime: ClientRuntime, *, sampled_clients: int) -> dict[str, int]:
         """The sampled clients and the tolerance (they size the noise shares)."""

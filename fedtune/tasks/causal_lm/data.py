@@ -100,7 +100,7 @@ def load_instruction_table(cfg: DataConfig) -> InstructionData:
     columns = list(table.column_names)
     has_prompt, has_answer = cfg.prompt_column in columns, cfg.answer_column in columns
     if not has_prompt and not has_answer and cfg.text_column in columns:
-        texts = [table_cell(v, cfg.text_column, path) for v in table[cfg.text_column]]
+        texts = [table_cell(v) for v in table[cfg.text_column]]
         return InstructionData([""] * len(texts), texts, [0] * len(texts), plain_text=True)
     for key, column, present in (
         ("prompt-column", cfg.prompt_column, has_prompt),
@@ -112,16 +112,19 @@ def load_instruction_table(cfg: DataConfig) -> InstructionData:
                 f"are: {', '.join(columns)}. Instruction data needs `prompt-column` and "
                 f"`answer-column` (or only `text-column` for plain text)."
             )
-    prompts = [table_cell(v, cfg.prompt_column, path) for v in table[cfg.prompt_column]]
-    answers = [table_cell(v, cfg.answer_column, path) for v in table[cfg.answer_column]]
+    prompts = [table_cell(v) for v in table[cfg.prompt_column]]
+    answers = [table_cell(v) for v in table[cfg.answer_column]]
     return InstructionData(prompts, answers, [0] * len(answers))
 
 
-def table_cell(value: object, column: str, path: Path) -> str:
-    """One cell of a text column as a string; an empty one is an error naming the column."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ConfigError(f"Column {column!r} in {str(path)!r} has an empty value.")
-    return str(value)
+def table_cell(value: object) -> str:
+    """One cell of a text column as a string; an empty cell (``None``) is ``""``.
+
+    An empty cell is a record like any other, not an error: an error (or a dropped
+    record) would make what the node sends depend on one record's contents, and the
+    server reads a node's error texts and counts (issue 26).
+    """
+    return "" if value is None else str(value)
 
 
 @process_memo(data_key, maxsize=4)
@@ -199,9 +202,10 @@ def encode_example(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of one example; labels are ``-100`` outside the answer.
 
-    Truncation cuts the end of the answer; an example whose answer has no token
-    left within ``max_length`` gets no label at all (the caller drops it).
-    ``stop_ids`` (default: :func:`end_of_turn_ids`) end the answer.
+    An example longer than ``max_length`` is truncated, never dropped (see
+    :func:`fit_example`), so every record stays one example whatever its length and
+    the count a node sends does not depend on its records' contents. ``stop_ids``
+    (default: :func:`end_of_turn_ids`) end the answer.
     """
     head = prompt_text(tokenizer, prompt)
     eos_ids: list[int] = []
@@ -218,15 +222,51 @@ def encode_example(
         tail = answer
         if tokenizer.eos_token_id is not None:
             eos_ids = [int(tokenizer.eos_token_id)]
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    tail_ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) + eos_ids
+    head_ids = [int(i) for i in tokenizer(head, add_special_tokens=False)["input_ids"]]
+    tail_ids = [int(i) for i in tokenizer(tail, add_special_tokens=False)["input_ids"]] + eos_ids
     # Anything the template puts after the end-of-turn token (a newline) is not answer.
     stop = _end_of_answer(tail_ids, end_of_turn_ids(tokenizer) if stop_ids is None else stop_ids)
-    ids = (list(head_ids) + tail_ids)[:max_length]
-    labels = ([IGNORE] * len(head_ids) + tail_ids[:stop] + [IGNORE] * (len(tail_ids) - stop))[
-        :max_length
-    ]
-    return [int(i) for i in ids], [int(v) for v in labels]
+    tail_labels = tail_ids[:stop] + [IGNORE] * (len(tail_ids) - stop)
+    kept_head, kept_tail = fit_example(len(head_ids), len(tail_ids), max_length=max_length)
+    ids = _keep(head_ids, kept_head) + tail_ids[:kept_tail]
+    labels = [IGNORE] * kept_head + tail_labels[:kept_tail]
+    return ids, labels
+
+
+def fit_example(head: int, tail: int, *, max_length: int) -> tuple[int, int]:
+    """How many prompt (``head``) and answer (``tail``) tokens an example keeps.
+
+    An example that fits is kept whole. Otherwise the answer keeps its first
+    ``max(max_length - head, max_length // 2)`` tokens (all of them if fewer) and the
+    prompt the rest of ``max_length``: its first and its last tokens (the template's
+    start and the generation prompt), the middle cut (:func:`_keep`). So an answer
+    that has any token keeps at least one labelled token (``max_length >= 2``) and no
+    record is ever dropped: under the replace-one relation a node's example count is
+    the number of its records, whatever one record holds (issue 26).
+
+    Returns
+    -------
+    tuple[int, int]
+        ``(prompt tokens kept, answer tokens kept)``, summing to at most ``max_length``.
+    """
+    if head < 0 or tail < 0 or max_length < 2:
+        raise ValueError(
+            f"fit_example needs head, tail >= 0 and max_length >= 2, got head={head}, "
+            f"tail={tail}, max_length={max_length}."
+        )
+    if head + tail <= max_length:
+        return head, tail
+    answer = min(tail, max(max_length - head, max_length // 2))
+    return min(head, max_length - answer), answer
+
+
+def _keep(ids: list[int], count: int) -> list[int]:
+    """``count`` of ``ids``: all of them, or the first ``count - count // 2`` and the
+    last ``count // 2`` (the middle of a prompt goes first)."""
+    if count >= len(ids):
+        return list(ids)
+    back = count // 2
+    return ids[: count - back] + (ids[len(ids) - back :] if back else [])
 
 
 def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
@@ -249,8 +289,9 @@ def _end_of_answer(tail_ids: Sequence[int], stops: frozenset[int]) -> int:
 class InstructionDataset(Dataset[dict[str, torch.Tensor]]):
     """Tokenised examples with answer-only labels; items are unpadded 1-D tensors.
 
-    Examples whose answer does not fit in ``max_length`` are dropped and counted in
-    :attr:`dropped`.
+    One item per (prompt, answer) record, always: a record longer than
+    ``max_length`` is truncated (:func:`fit_example`), an empty one is kept (its
+    answer is the end-of-turn token alone), so ``len`` is the number of records.
     """
 
     def __init__(
@@ -263,21 +304,15 @@ class InstructionDataset(Dataset[dict[str, torch.Tensor]]):
     ) -> None:
         self.input_ids: list[list[int]] = []
         self.labels: list[list[int]] = []
-        self.prompts: list[str] = []
-        self.answers: list[str] = []
-        self.dropped = 0
+        self.prompts: list[str] = list(prompts)
+        self.answers: list[str] = list(answers)
         stops = end_of_turn_ids(tokenizer)
-        for prompt, answer in zip(prompts, answers, strict=True):
+        for prompt, answer in zip(self.prompts, self.answers, strict=True):
             ids, labels = encode_example(
                 tokenizer, prompt, answer, max_length=max_length, stop_ids=stops
             )
-            if all(v == IGNORE for v in labels):
-                self.dropped += 1
-                continue
             self.input_ids.append(ids)
             self.labels.append(labels)
-            self.prompts.append(prompt)
-            self.answers.append(answer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
 

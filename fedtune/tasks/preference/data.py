@@ -46,7 +46,7 @@ import torch
 
 from fedtune import data as fdata
 from fedtune.config import ConfigError, DataConfig
-from fedtune.data.collate import IGNORE, pad_collate
+from fedtune.data.collate import pad_collate
 from fedtune.tasks.causal_lm.data import encode_example, end_of_turn_ids, table_cell, wordnet_prompt
 
 __all__ = [
@@ -154,7 +154,7 @@ def load_preference_table(cfg: DataConfig) -> PreferenceData:
                 f"are: {', '.join(columns)}. Preference data needs `prompt-column`, "
                 "`chosen-column` and `rejected-column`."
             )
-    prompt, good, bad = ([table_cell(v, c, path) for v in table[c]] for _, c in keys)
+    prompt, good, bad = ([table_cell(v) for v in table[c]] for _, c in keys)
     return PreferenceData(prompt, good, bad, [0] * len(prompt))
 
 
@@ -185,15 +185,18 @@ def preference_split(
 class PreferenceDataset:
     """Encoded pairs; items hold the chosen and the rejected answer of one prompt.
 
-    A pair whose chosen or rejected answer keeps no token within ``max_length`` is
-    dropped and counted in :attr:`dropped`.
+    One item per (prompt, chosen, rejected) record, always: each side is encoded
+    and truncated on its own by :func:`fedtune.tasks.causal_lm.data.encode_example`
+    (an answer with any token keeps at least one labelled token within
+    ``max_length``; an empty answer keeps its end-of-turn token), so ``len`` is the
+    number of records and the count a node sends does not depend on what one
+    record holds (issue 26).
     """
 
     def __init__(self, tokenizer: Any, data: PreferenceData, *, max_length: int) -> None:
         stops = end_of_turn_ids(tokenizer)
         self.rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
-        self.prompts: list[str] = []
-        self.dropped = 0
+        self.prompts: list[str] = list(data.prompts)
         for prompt, good, bad in zip(data.prompts, data.chosen, data.rejected, strict=True):
             ids_w, labels_w = encode_example(
                 tokenizer, prompt, good, max_length=max_length, stop_ids=stops
@@ -201,11 +204,7 @@ class PreferenceDataset:
             ids_l, labels_l = encode_example(
                 tokenizer, prompt, bad, max_length=max_length, stop_ids=stops
             )
-            if all(v == IGNORE for v in labels_w) or all(v == IGNORE for v in labels_l):
-                self.dropped += 1
-                continue
             self.rows.append((ids_w, labels_w, ids_l, labels_l))
-            self.prompts.append(prompt)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
 

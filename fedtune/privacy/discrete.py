@@ -1,0 +1,290 @@
+"""The discrete Gaussian on a grid: client-level noise shares with no floating-point noise.
+
+Sampler: Canonne, Kamath & Steinke, "The Discrete Gaussian for Differential Privacy",
+NeurIPS 2020 (https://arxiv.org/abs/2004.00010), Algorithms 1--3, in exact integer and
+rational arithmetic on uniform integers from a CSPRNG. ``N_Z(0, s^2)`` is the
+distribution on the integers with ``P[Y = y] ∝ exp(-y^2 / (2 s^2))``.
+
+A client-level release (:func:`discrete_noisy_update`) is
+
+    q = g * (round(x / g) + K),    K ~ N_Z(0, s^2)^d,
+    s = (1 + g sqrt(d) / (2C)) σ C / (g sqrt(m - t)),
+
+for the clipped update ``x`` (``||x||_2 <= C``) and a grid step ``g`` that is a power of
+two: ``x / g``, the rounding, the integer sum and ``* g`` are exact in float64 while
+``|round(x / g) + K| < 2^53`` (checked), so no floating-point operation ever touches the
+noise and Mironov-style attacks on the low bits (CCS 2012; Jin et al., S&P 2022) have
+nothing to read. Rounding moves each coordinate by at most ``g / 2``, so replacing one
+client's data moves the rounded sum by at most ``2C + g sqrt(d)`` (L2). The share's
+scale ``s`` is raised by that same factor ``1 + g sqrt(d) / (2C)`` (at most ``1 + 2^-7``
+with the grid of :func:`grid_step`: 0.8% more noise), so the honest shares' sum has noise
+multiplier at least σ with respect to the rounded sensitivity, and the accounting of the
+continuous shares (:func:`fedtune.privacy.client_level.compose_client_round` with σ) holds
+unchanged.
+
+Privacy: CKS prove that adding ``N_Z(0, s^2)^d`` to an integer vector of L2
+sensitivity Δ gives ``ρ = Δ^2 / (2 s^2)`` zero-concentrated DP, i.e. Rényi DP
+``α Δ^2 / (2 s^2)`` of every order α: no more than the continuous Gaussian of the same
+``s``. A sum of ``n = m - t`` honest shares is not itself a discrete Gaussian; Kairouz,
+Liu & Steinke (ICML 2021, https://arxiv.org/abs/2102.06387, Theorem 1) bound it:
+``ε(α) <= α Δ^2 / (2 n s^2) + τ d``, ``τ = 10 Σ_{k=1}^{n-1} exp(-2 π^2 s^2 k / (k + 1))``.
+For the ``s >= 8`` enforced here ``τ < 10 n e^(-π^2 64) < n 1e-273``: nothing at any
+realistic ``n`` and ``d``. ``docs/float-noise.md`` says what this covers and what not.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedtune.privacy._checks import check_positive, check_positive_int
+from fedtune.privacy.noise import ChaChaNoise, CsprngNoise
+
+__all__ = [
+    "DiscreteRelease",
+    "KeystreamRandom",
+    "bernoulli_exp",
+    "discrete_gaussian",
+    "discrete_laplace",
+    "discrete_noisy_update",
+    "grid_step",
+]
+
+#: Integers with |v| < 2^53 are exact in float64; the released integers must stay below.
+_EXACT = 1 << 53
+#: Rounding to the grid costs at most a factor ``1 + 2^-SLACK_BITS`` in noise.
+SLACK_BITS = 7
+#: The smallest per-share integer scale accepted (``τ`` negligible, the grid fine).
+MIN_SCALE = 8
+#: ``s^2`` is rounded *up* to a multiple of ``1 / 2^_SIGMA_BITS``: more noise, short rationals.
+_SIGMA_BITS = 16
+
+
+class KeystreamRandom(random.Random):
+    """Uniform integers from a :class:`~fedtune.privacy.noise.ChaChaNoise` keystream.
+
+    ``randrange`` draws from :meth:`getrandbits` by rejection, so it is exactly uniform;
+    the bits are the source's ChaCha20 keystream (a fresh nonce per 128 KiB), so a
+    :class:`~fedtune.privacy.noise.CsprngNoise` gives CSPRNG integers and a
+    :class:`~fedtune.privacy.noise.SeededNoise` reproducible ones. 3x faster than
+    :class:`random.SystemRandom`, which asks the OS for every draw.
+    """
+
+    _BUFFER_WORDS = 1 << 14  # 64-bit words per keystream request
+
+    def __init__(self, source: ChaChaNoise) -> None:
+        self._source = source
+        self._words: list[int] = []
+        self._pos = 0
+        super().__init__()
+
+    def seed(self, *args: object, **kwargs: object) -> None:
+        """Nothing: the key of the source is the seed."""
+
+    def getstate(self) -> tuple[int, ...]:  # a state would be the keystream
+        raise NotImplementedError("a KeystreamRandom has no state to save.")
+
+    def setstate(self, state: object) -> None:
+        raise NotImplementedError("a KeystreamRandom has no state to restore.")
+
+    def getrandbits(self, k: int) -> int:
+        """``k`` uniform bits of the keystream as an integer (whole 32-bit words each)."""
+        if k <= 0:
+            if k < 0:
+                raise ValueError(f"`k` must be >= 0, got {k}.")
+            return 0
+        n = (k + 31) >> 5
+        pos = self._pos
+        if pos + n > len(self._words):
+            fresh = self._source._words(max(self._BUFFER_WORDS, n)).view(np.uint32).tolist()
+            self._words = self._words[pos:] + fresh
+            pos = 0
+        self._pos = pos + n
+        if n == 1:
+            return int(self._words[pos] >> (32 - k))
+        value = 0
+        for word in self._words[pos : pos + n]:
+            value = (value << 32) | word
+        return value >> (32 * n - k)
+
+    def random(self) -> float:
+        """A uniform float in [0, 1) from 53 keystream bits."""
+        return self.getrandbits(53) * 2.0**-53
+
+
+def bernoulli_exp(gamma: Fraction, rng: random.Random) -> bool:
+    """Bernoulli(exp(-gamma)) for a rational ``gamma >= 0``, exactly (CKS Algorithms 1, 2).
+
+    For ``gamma`` in [0, 1]: draw Bernoulli(gamma / k) for k = 1, 2, ... until one is 0;
+    the result is 1 iff that happened at an odd k. Above 1: ``floor(gamma)`` draws of
+    Bernoulli(exp(-1)) and one of Bernoulli(exp(-(gamma - floor(gamma)))), all 1.
+    """
+    if gamma < 0:
+        raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
+    return _bernoulli_exp(gamma.numerator, gamma.denominator, rng)
+
+
+def _bernoulli_exp(num: int, den: int, rng: random.Random) -> bool:
+    """Bernoulli(exp(-num / den)) for integers ``num >= 0``, ``den > 0`` (no Fractions:
+    this is the sampler's inner loop)."""
+    while num > den:
+        if not _bernoulli_exp_unit(1, 1, rng):
+            return False
+        num -= den
+    return _bernoulli_exp_unit(num, den, rng)
+
+
+def _bernoulli_exp_unit(num: int, den: int, rng: random.Random) -> bool:
+    """Bernoulli(exp(-num / den)) for ``0 <= num <= den`` (CKS Algorithm 1): draw
+    Bernoulli(num / (den k)), i.e. ``U < num`` for ``U`` uniform in ``[0, den k)``."""
+    k = 1
+    while rng.randrange(den * k) < num:
+        k += 1
+    return k % 2 == 1
+
+
+def discrete_laplace(t: int, rng: random.Random) -> int:
+    """One sample of the discrete Laplace ``P[Y = y] ∝ exp(-|y| / t)`` (CKS Algorithm 2)."""
+    t = check_positive_int("t", t)
+    return _discrete_laplace(t, rng)
+
+
+def _discrete_laplace(t: int, rng: random.Random) -> int:
+    while True:
+        u = rng.randrange(t)
+        if not _bernoulli_exp_unit(u, t, rng):
+            continue
+        v = 0
+        while _bernoulli_exp_unit(1, 1, rng):
+            v += 1
+        x = u + t * v
+        negative = rng.randrange(2) == 1
+        if negative and x == 0:
+            continue
+        return -x if negative else x
+
+
+def discrete_gaussian(sigma2: Fraction, rng: random.Random) -> int:
+    """One sample of ``N_Z(0, sigma2)`` for a rational ``sigma2 > 0`` (CKS Algorithm 3).
+
+    A discrete Laplace proposal of scale ``t = floor(sigma) + 1`` accepted with
+    probability ``exp(-(|y| - sigma2 / t)^2 / (2 sigma2))``; expected proposals < 2.
+    With ``sigma2 = a / b`` that exponent is ``(|y| b t - a)^2 / (2 a b t^2)``.
+    """
+    if sigma2 <= 0:
+        raise ValueError(f"`sigma2` must be > 0, got {sigma2}.")
+    a, b = sigma2.numerator, sigma2.denominator
+    t = math.isqrt(a // b) + 1
+    den = 2 * a * b * t * t
+    while True:
+        y = _discrete_laplace(t, rng)
+        if _bernoulli_exp((abs(y) * b * t - a) ** 2, den, rng):
+            return y
+
+
+def grid_step(*, clip_norm: float, dim: int) -> float:
+    """The largest power of two ``g`` with ``g sqrt(dim) <= 2 C 2^-SLACK_BITS``.
+
+    Rounding to this grid raises the replace-one sensitivity ``2C`` by at most the
+    factor ``1 + 2^-SLACK_BITS`` (``g sqrt(d) / (2C)``), about 0.8% more noise.
+    """
+    clip = check_positive("clip_norm", clip_norm)
+    dim = check_positive_int("dim", dim)
+    bound = 2.0 * clip * 2.0**-SLACK_BITS / math.sqrt(dim)
+    return 2.0 ** math.floor(math.log2(bound))
+
+
+@dataclass(frozen=True)
+class DiscreteRelease:
+    """What :func:`discrete_noisy_update` returns."""
+
+    #: ``g * (round(x / g) + K)``: clipped update plus this client's share, exact floats.
+    values: NDArray[np.float64]
+    #: The grid step ``g`` (a power of two).
+    grid: float
+    #: ``s^2`` of each integer share, as used (``σ C / (g sqrt(m - t))`` squared, rounded up).
+    share_variance: Fraction
+    #: The honest sum's noise over the rounded sensitivity ``2C + g sqrt(d)``: >= σ.
+    effective_noise_multiplier: float
+
+
+def discrete_noisy_update(
+    clipped: NDArray[np.float64],
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    num_sampled_clients: int,
+    tolerance: int,
+    rng: random.Random | None = None,
+) -> DiscreteRelease:
+    """The clipped update plus this client's discrete Gaussian share, on an exact grid.
+
+    Parameters
+    ----------
+    clipped
+        The update after :func:`fedtune.privacy.client_level.clip_update` (L2 <= C).
+    noise_multiplier, clip_norm, num_sampled_clients, tolerance
+        σ, C, m and t as for :func:`fedtune.privacy.client_level.share_std`.
+    rng
+        Uniform integers; default a :class:`KeystreamRandom` over a fresh
+        :class:`~fedtune.privacy.noise.CsprngNoise` (the OS CSPRNG's key); pass
+        ``KeystreamRandom(noise)`` to use the release's own noise source.
+
+    Raises
+    ------
+    ValueError
+        If ``clipped`` is not finite or longer than C (clip first), or the grid would
+        need integers beyond 2^53 (a ``clip_norm`` far from the update's scale).
+    """
+    from fedtune.privacy.client_level import share_std  # noqa: PLC0415 - it imports noise
+
+    std = share_std(
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        num_sampled_clients=num_sampled_clients,
+        tolerance=tolerance,
+    )
+    x = np.asarray(clipped, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        raise ValueError("`clipped` contains NaN or inf entries; clip a finite update.")
+    if float(np.linalg.norm(x)) > clip_norm * (1.0 + 1e-9):
+        raise ValueError(
+            f"`clipped` has L2 norm {float(np.linalg.norm(x)):.6g} > `clip_norm` = "
+            f"{clip_norm}; pass the output of clip_update."
+        )
+    grid = grid_step(clip_norm=clip_norm, dim=max(1, x.size))
+    inflation = 1.0 + grid * math.sqrt(x.size) / (2.0 * clip_norm)
+    scale = inflation * std / grid
+    if scale < MIN_SCALE:
+        raise ValueError(
+            f"the share's scale is {scale:.3g} grid steps (< {MIN_SCALE}); raise "
+            "`noise-multiplier` or lower `client-dp-tolerance`."
+        )
+    # s^2 rounded up to a multiple of 2^-16: never less noise than planned.
+    sigma2 = Fraction(math.ceil(Fraction(scale) ** 2 * (1 << _SIGMA_BITS)), 1 << _SIGMA_BITS)
+    source = rng if rng is not None else KeystreamRandom(CsprngNoise())
+    ints = np.rint(x / grid).astype(np.int64)  # exact: g is a power of two
+    noise = np.fromiter(
+        (discrete_gaussian(sigma2, source) for _ in range(x.size)), dtype=np.int64, count=x.size
+    )
+    total = ints + noise
+    if x.size and int(np.abs(total).max()) >= _EXACT:
+        raise ValueError(
+            f"the released integers reach {int(np.abs(total).max())} >= 2^53 at grid step "
+            f"{grid}; float64 cannot hold them exactly (lower `max-grad-norm`)."
+        )
+    values = total.astype(np.float64) * grid  # exact: integers < 2^53 times 2^k
+    # s^2 was rounded up, so (m - t) s^2 g^2 >= (σ C inflation)^2: σ_eff >= σ.
+    honest = math.sqrt(float(sigma2) * (num_sampled_clients - tolerance)) * grid
+    sensitivity = 2.0 * clip_norm + grid * math.sqrt(x.size)
+    return DiscreteRelease(
+        values=values.reshape(np.shape(clipped)),
+        grid=grid,
+        share_variance=sigma2,
+        effective_noise_multiplier=honest * 2.0 / sensitivity,
+    )
