@@ -30,7 +30,9 @@ def sampled_clients(cfg: RunConfig) -> int:
     return cfg.federation.sampled_per_round
 
 
-def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
+def privacy_plan(
+    cfg: RunConfig, *, num_train_examples: int, eval_noise_multiplier: float | None = None
+) -> PrivacyPlan:
     """σ, q and steps per round; σ calibrated once for the planned rounds if not given.
 
     Example level: ``q = batch-size / n_k``, ``steps = local-epochs * int(1 / q)``
@@ -53,6 +55,9 @@ def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
         steps=steps * fed.num_rounds,
         accountant=p.accountant,
         relation=RELATION,
+        extra=[]
+        if eval_noise_multiplier is None
+        else [(eval_noise_multiplier, 1.0, fed.num_rounds + 1)],
     )
     return PrivacyPlan(
         level=p.dp,
