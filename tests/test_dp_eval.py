@@ -17,7 +17,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import data as fdata
-from fedtune.config import DataConfig, parse_run_config
+from fedtune.config import ConfigError, DataConfig, parse_run_config
 from fedtune.messages import check_reply
 from fedtune.node.round import evaluate as evaluate_message
 from fedtune.privacy import PrivacyLedger, compute_epsilon
@@ -195,18 +195,33 @@ def test_an_exact_opt_out_is_recorded_and_not_accounted(
 
 
 def test_a_dp_nodes_evaluate_reply_declares_only_dp_or_public_fields(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedtune.messages import EVALUATE_FIELDS
+    from fedtune import messages
 
     runtime = _runtime(tiny_model_dir, toy_csv, tmp_path)
     reply = _ask(runtime, None, 0)
-    metrics = dict(reply.metric_records["metrics"])
-    check_reply({"metrics": metrics}, phase="evaluate", private=True, evaluation="dp")
-    statuses = {EVALUATE_FIELDS.get(("metrics", k), "dp") for k in metrics if "eval-" not in k}
-    assert statuses <= {"public", "held-out"}  # num-examples becomes "public" under "dp"
-    with pytest.raises(ValueError, match=r"metrics.num-examples is an exact held-out statistic"):
-        check_reply({"metrics": {"num-examples": 3}}, phase="train", private=True, evaluation="dp")
+    fields = {
+        (n, k) for n, r in {**reply.config_records, **reply.metric_records}.items() for k in r
+    }
+    # the whole list, so that a new field fails this test until it is declared
+    assert fields == {
+        ("info", "client"),
+        ("metrics", "num-examples"),
+        ("metrics", "eval-loss"),
+        ("metrics", "eval-accuracy"),
+        ("metrics", "partition-id"),
+    }
+    content = {n: dict(r) for n, r in {**reply.config_records, **reply.metric_records}.items()}
+    held = runtime.task.eval_metrics
+    check_reply(content, phase="evaluate", private=True, held_out=held, evaluation="dp")
+    # an exact held-out statistic declared later cannot ride along in a DP reply
+    monkeypatch.setitem(messages.EVALUATE_FIELDS, ("metrics", "eval-raw-loss"), "held-out")
+    check_reply({"metrics": {"eval-raw-loss": 0.5}}, phase="evaluate", private=True)
+    with pytest.raises(ValueError, match=r"metrics.eval-raw-loss is an exact held-out statistic"):
+        check_reply(
+            {"metrics": {"eval-raw-loss": 0.5}}, phase="evaluate", private=True, evaluation="dp"
+        )
     with pytest.raises(ValueError, match=r"`evaluation` must be one of \('dp', 'held-out'\)"):
         check_reply({}, phase="evaluate", private=True, evaluation="noisy")
 
@@ -234,13 +249,17 @@ def test_every_task_holds_out_by_content_not_by_seed() -> None:
     prompts = [f"prompt {i}" for i in range(40)]
     lm = InstructionData(prompts, [f"answer {i}" for i in range(40)], [0] * 40)
     pref = PreferenceData(prompts, ["yes"] * 40, ["no"] * 40, [0] * 40)
-    for seed in (1, 2):
-        s = instruction_split(lm, cfg, partition_id=0, num_partitions=1, seed=seed)
-        p = preference_split(pref, cfg, partition_id=0, num_partitions=1, seed=seed)
-        assert len(s.test_prompts) == 10 and sorted(p.test.prompts) == sorted(s.test_prompts)
-        if seed == 1:
-            held = sorted(s.test_prompts)
-        assert sorted(s.test_prompts) == held
+    splits = [
+        (
+            instruction_split(lm, cfg, partition_id=0, num_partitions=1, seed=seed),
+            preference_split(pref, cfg, partition_id=0, num_partitions=1, seed=seed),
+        )
+        for seed in (1, 2)
+    ]
+    for s, p in splits:
+        assert len(s.test_prompts) == len(p.test.prompts) == 10
+    assert sorted(splits[0][0].test_prompts) == sorted(splits[1][0].test_prompts)
+    assert sorted(splits[0][1].test.prompts) == sorted(splits[1][1].test.prompts)
 
 
 def test_the_held_out_fraction_is_the_nodes_not_the_run_configs(
@@ -323,11 +342,18 @@ def test_the_plan_leaves_room_for_an_evaluation_every_round(
 ) -> None:
     # Before: σ was calibrated for training alone, so with evaluations counted the last
     # round would have been declined for the budget.
-    runtime = _runtime(
-        tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 0.0, "target-epsilon": 4.0}
-    )
+    policy = NodePolicy(eval_noise_multiplier=10.0, test_fraction=0.2)
+    extra = {"noise-multiplier": 0.0, "target-epsilon": 4.0}
+    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, policy=policy, **extra)
     plan = runtime.plan
     rounds = runtime.cfg.federation.num_rounds
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps * rounds)]
-    history.append((2.0, 1.0, rounds + 1))
-    assert compute_epsilon(history, delta=1e-5, accountant="prv", **RO) <= 4.0
+    alone = compute_epsilon(history, delta=1e-5, accountant="prv", **RO)
+    history.append((10.0, 1.0, rounds + 1))
+    assert 3.9 <= compute_epsilon(history, delta=1e-5, accountant="prv", **RO) <= 4.0
+    assert alone < 3.9  # the room left for the evaluations
+    # σ_eval too small for the target: the evaluations alone would spend it
+    policy = NodePolicy(eval_noise_multiplier=1.0, test_fraction=0.2)
+    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, policy=policy, **extra)
+    with pytest.raises(ConfigError, match=r"evaluations alone .* eval_noise_multiplier = 1"):
+        _ = runtime.plan
