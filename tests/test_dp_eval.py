@@ -42,6 +42,7 @@ def _runtime(
     privacy_dir: Path,
     *,
     policy: NodePolicy | None = None,
+    state_dir: Path | None = None,
     **extra: object,
 ) -> ClientRuntime:
     cfg = parse_run_config(
@@ -64,6 +65,7 @@ def _runtime(
         privacy_dir=privacy_dir,
         run_id="r1",
         policy=policy or NodePolicy(eval_noise_multiplier=2.0, test_fraction=0.2),
+        state_dir=state_dir,
     )
 
 
@@ -269,6 +271,24 @@ def test_the_held_out_fraction_is_the_nodes_not_the_run_configs(
     # (here 0.2) decides; the run config's value is only a simulation default.
     runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"test-fraction": 0.025})
     assert len(runtime.test_set) == 12 and runtime.num_train_examples == 48
+
+
+def test_a_node_never_trains_on_rows_it_held_out_before(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    from fedtune.config import ConfigError
+
+    state = tmp_path / "state"
+    _runtime(tiny_model_dir, toy_csv, tmp_path / "p1", state_dir=state)
+    kept = json.loads((state / "held-out.json").read_text())
+    assert len(kept["test"]) >= 5 and kept["train"]  # texts repeat in the toy data
+    _runtime(tiny_model_dir, toy_csv, tmp_path / "p2", state_dir=state)  # same split: fine
+    smaller = NodePolicy(eval_noise_multiplier=2.0, test_fraction=0.1)
+    with pytest.raises(ConfigError, match=r"held out for evaluation when it fixed its split"):
+        _runtime(tiny_model_dir, toy_csv, tmp_path / "p3", policy=smaller, state_dir=state)
+    (state / "held-out.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"is not a held-out split fedtune wrote"):
+        _runtime(tiny_model_dir, toy_csv, tmp_path / "p4", state_dir=state)
 
 
 # -- the mechanism and the records ---------------------------------------------------------

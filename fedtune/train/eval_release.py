@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DECLINE_EVAL_BUDGET",
     "DECLINE_EVAL_ROUND",
+    "DECLINE_EVAL_TASK",
     "EvalOutcome",
     "evaluate_release",
     "state_digest",
@@ -61,6 +62,10 @@ DECLINE_EVAL_BUDGET = "evaluation declined: it would exceed this node's privacy 
 DECLINE_EVAL_ROUND = (
     "evaluation declined: this round's state was already evaluated from another input, "
     "or its answer is no longer stored"
+)
+
+DECLINE_EVAL_TASK = (
+    "evaluation declined: this task has no per-example held-out metrics for a DP evaluation"
 )
 
 _EVALS_MAX_BYTES = 16 << 20
@@ -148,6 +153,8 @@ def evaluate_release(
         )
     if released is not None:
         return _decline(runtime, DECLINE_EVAL_ROUND)
+    if not hasattr(runtime.task, "example_metrics"):
+        return _decline(runtime, DECLINE_EVAL_TASK)
     sigma = runtime.policy.eval_noise_multiplier
     if _over_budget(runtime, sigma):
         return _decline(runtime, DECLINE_EVAL_BUDGET)

@@ -109,6 +109,10 @@ class ClientRuntime:
         cache.partitions.resize(cfg.federation.partition_cache_size)
         sets = self.datasets
         self.label_names = list(sets.label_names)
+        if state_dir is not None:  # a node: its held-out rows are never trained on later
+            from fedtune.train.held_out import check_held_out  # noqa: PLC0415
+
+            check_held_out(state_dir, test_set=sets.test_set, train_set=sets.train_set)
         self._num_train = len(sets.train_set)
         self.loss_fn: LossFn | None = self.task.loss_fn(cfg)
         self._shared: SharedModel = cache.model(
