@@ -291,6 +291,56 @@ def test_a_node_never_trains_on_rows_it_held_out_before(
         _runtime(tiny_model_dir, toy_csv, tmp_path / "p4", state_dir=state)
 
 
+# -- per-example metrics of every task ---------------------------------------------------
+
+
+def test_per_example_metrics_of_the_lm_tasks_agree_with_their_evaluations(
+    tiny_llama_dir: Path,
+) -> None:
+    import torch
+    from conftest import tiny_word_tokenizer
+
+    from fedtune.config import ModelConfig
+    from fedtune.model import build_model
+    from fedtune.tasks.causal_lm import data as lm_data
+    from fedtune.tasks.causal_lm.loss import answer_loss, example_metrics_lm
+    from fedtune.tasks.preference import data as pref_data
+    from fedtune.tasks.preference.loss import evaluate_preferences, example_metrics_preferences
+    from fedtune.train import make_loader
+
+    cpu = torch.device("cpu")
+    cfg = ModelConfig(
+        task="causal-lm", model_path=str(tiny_llama_dir), lora_target_modules="q_proj,v_proj"
+    )
+    model = build_model(cfg, num_labels=0, seed=0)
+    with torch.no_grad():  # B starts at zero: move it so that policy and reference differ
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    tok = tiny_word_tokenizer()
+    prompts = ["what is a dog ?", "what is a saw ?", "what is a apple ?"]
+    answers = ["a dog", "a saw is a kind of tool .", "a apple is a kind of food ."]
+    lm = lm_data.InstructionDataset(tok, prompts, answers, max_length=64)
+    per = example_metrics_lm(model, make_loader(lm, batch_size=2, shuffle=False), device=cpu)
+    assert len(per["eval-loss"]) == len(per["eval-accuracy"]) == 3
+    assert all(0.0 <= a <= 1.0 for a in per["eval-accuracy"])
+    batch = lm.collate_fn()([lm[i] for i in range(3)])
+    with torch.no_grad():  # the training loss is the mean of the per-example means
+        assert float(answer_loss(model, batch)) == pytest.approx(np.mean(per["eval-loss"]), 1e-5)
+    pairs = pref_data.PreferenceDataset(
+        tok,
+        pref_data.PreferenceData(prompts, answers, list(reversed(answers)), [0, 0, 0]),
+        max_length=64,
+    )
+    loader = make_loader(pairs, batch_size=2, shuffle=False)
+    per = example_metrics_preferences(model, loader, device=cpu, beta=0.1)
+    whole = evaluate_preferences(model, loader, device=cpu, beta=0.1)
+    assert np.mean(per["eval-loss"]) == pytest.approx(whole.loss, rel=1e-6)
+    assert np.mean(per["eval-accuracy"]) == pytest.approx(whole.accuracy, rel=1e-6)
+    margin = np.mean(per["eval-reward-margin"])
+    assert margin == pytest.approx(whole.extra["eval-reward-margin"], rel=1e-6)
+
+
 # -- the mechanism and the records ---------------------------------------------------------
 
 
