@@ -129,8 +129,13 @@ def test_evaluation_releases_compose_with_training_in_one_history(
         **RO,
     )
     assert trained.epsilon == pytest.approx(expected, rel=1e-9)
-    history = PrivacyLedger(tmp_path / "client-0.jsonl").history(client="client-0", level="example")
+    ledger = PrivacyLedger(tmp_path / "client-0.jsonl")
+    history = ledger.history(client="client-0", level="example")
     assert len(history.compositions) == 2
+    from fedtune.privacy.audit import audit_records
+
+    (audit,) = audit_records(ledger.records(), budget_epsilon=8.0, delta=1e-5).clients
+    assert (audit.verdict, audit.rounds, audit.total_steps) == ("ok", 1, 1 + plan.steps), audit
 
 
 def test_the_same_state_asked_again_gets_the_same_noisy_answer(
@@ -194,6 +199,12 @@ def test_an_exact_opt_out_is_recorded_and_not_accounted(
     from fedtune.privacy.audit import exact_evaluations
 
     assert exact_evaluations(ledger.records()) == {"client-0": [0]}
+    runtime.train(None, server_round=1)
+    from fedtune.privacy.audit import audit_records
+
+    (audit,) = audit_records(ledger.records(), budget_epsilon=8.0, delta=1e-5).clients
+    assert audit.verdict == "ok"
+    assert any("exact held-out metrics sent outside the guarantee" in p for p in audit.problems)
 
 
 def test_a_dp_nodes_evaluate_reply_declares_only_dp_or_public_fields(
