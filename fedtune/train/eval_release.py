@@ -135,7 +135,7 @@ def evaluate_release(
     released = ledger.release(run_nonce=nonce, round=server_round, client=runtime.name, kind="eval")
     store = _Answers(runtime.privacy_dir / f"{runtime.name}.evals.json")
     if runtime.policy.evaluation == "exact":
-        if released is not None and released.input_hash != digest:
+        if released is not None and (released.input_hash, released.kind) != (digest, "eval-exact"):
             return _decline(runtime, DECLINE_EVAL_ROUND)
         fmodel.set_adapter_vector(runtime.model, vector)
         metrics, n = _exact(runtime)
