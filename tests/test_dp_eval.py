@@ -184,6 +184,25 @@ def test_an_evaluation_over_the_budget_is_declined_without_metrics(
     assert _evals(tmp_path / "client-0.jsonl") == []
 
 
+def test_a_task_without_per_example_metrics_declines_a_dp_evaluation(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    from fedtune.train.eval_release import DECLINE_EVAL_TASK
+
+    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path)
+    inner = runtime.task
+
+    class Older:  # a task written before per-example metrics existed
+        eval_metrics = inner.eval_metrics
+        evaluate = staticmethod(inner.evaluate)
+        client_datasets = staticmethod(inner.client_datasets)
+
+    runtime.task = Older()  # type: ignore[assignment]
+    reply = _ask(runtime, None, 0)
+    assert _metrics(reply) == {} and reply.config_records["info"]["declined"] == DECLINE_EVAL_TASK
+    assert _evals(tmp_path / "client-0.jsonl") == []
+
+
 def test_an_exact_opt_out_is_recorded_and_not_accounted(
     tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
