@@ -5,16 +5,21 @@ this list before it leaves (:func:`check_reply`); ``tests/test_reply_fields.py``
 when a field appears that is not here. A field is one of:
 
 ``"dp"``
-    DP-protected and accounted in the client's ledger (the noised update).
+    DP-protected and accounted in the client's ledger: the noised update, and with DP
+    on the held-out metrics (a Gaussian release of bounded per-example sums,
+    :mod:`fedtune.privacy.evaluation`), unless the node's policy opts out.
 ``"public"``
     A public constant of the configuration or a function of public parameters
     only. ``num-examples`` (``n_k``) is public by declaration: it is the FedAvg weight,
     so fedtune accounts every release under the **replace-one** relation (neighbouring
-    data sets have the same size), never add/remove.
+    data sets have the same size), never add/remove. The held-out count of a DP
+    evaluation is ``round(test-fraction · n)`` of the node's own fraction: public too.
 ``"plain"``
     A training-set statistic with no protection: sent only with DP off.
 ``"held-out"``
-    Computed on the client's held-out test split, which DP-SGD never trains on. Not
+    Exact metrics of the client's held-out test split, which DP-SGD never trains on:
+    sent with DP off, or with DP on by a node whose own policy says ``evaluation =
+    "exact"`` (its ledger records an unaccounted ``"eval-exact"`` release). Not
     covered by the ledger's ε; the README says so.
 """
 
@@ -22,9 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-__all__ = ["EVALUATE_FIELDS", "STATUSES", "TRAIN_FIELDS", "check_reply"]
+__all__ = ["EVALUATE_FIELDS", "EVALUATION_MODES", "STATUSES", "TRAIN_FIELDS", "check_reply"]
 
 STATUSES = ("dp", "public", "plain", "held-out")
+
+#: How a reply's held-out metrics were computed: ``"dp"`` (a noised, accounted release)
+#: or ``"held-out"`` (exact: DP off, or the node's policy opted out).
+EVALUATION_MODES = ("dp", "held-out")
 
 #: (record, key) -> status, for a train reply.
 TRAIN_FIELDS: dict[tuple[str, str], str] = {
@@ -43,7 +52,8 @@ TRAIN_FIELDS: dict[tuple[str, str], str] = {
 #: (record, key) -> status, for an evaluate reply.
 EVALUATE_FIELDS: dict[tuple[str, str], str] = {
     ("info", "client"): "public",
-    ("metrics", "num-examples"): "held-out",  # size of the test split
+    ("info", "declined"): "public",  # a fixed refusal code (evaluation budget, replayed round)
+    ("metrics", "num-examples"): "held-out",  # size of the test split ("public" under DP eval)
     ("metrics", "partition-id"): "public",
     # + the task's own held-out metrics (``Task.eval_metrics``: eval-loss, eval-accuracy, ...)
 }
@@ -65,6 +75,7 @@ def check_reply(
     phase: str,
     private: bool,
     held_out: Collection[str] = (),
+    evaluation: str = "held-out",
 ) -> None:
     """Raise ``ValueError`` if ``content`` holds a field a client may not send.
 
@@ -80,10 +91,19 @@ def check_reply(
         The task's held-out metric keys (``Task.eval_metrics``): computed on the test
         split, status ``"held-out"``, in an evaluate reply's ``metrics`` and a train
         reply's ``evaluation``.
+    evaluation
+        ``"dp"``: the held-out metrics are a DP release (status ``"dp"``, their count
+        ``"public"``), and a field of status ``"held-out"`` is refused; ``"held-out"``:
+        exact metrics.
     """
+    if evaluation not in EVALUATION_MODES:
+        raise ValueError(f"`evaluation` must be one of {EVALUATION_MODES}, got {evaluation!r}.")
     schema = dict({"train": TRAIN_FIELDS, "evaluate": EVALUATE_FIELDS}[phase])
     record = "metrics" if phase == "evaluate" else "evaluation"
     schema.update({(record, key): "held-out" for key in held_out})
+    if evaluation == "dp":
+        schema.update({(record, key): "dp" for key in held_out})
+        schema[(record, "num-examples")] = "public"
     for record, values in content.items():
         for key in values:
             status = schema.get((record, key))
@@ -91,6 +111,11 @@ def check_reply(
                 raise ValueError(
                     f"{phase} reply field {record}.{key} has no declared privacy status in "
                     "fedtune/messages.py; declare it before a client may send it."
+                )
+            if evaluation == "dp" and status == "held-out":
+                raise ValueError(
+                    f"{phase} reply field {record}.{key} is an exact held-out statistic; "
+                    "this node's evaluation replies are DP releases, so it must not send it."
                 )
             if private and status == "plain":
                 raise ValueError(

@@ -2,17 +2,21 @@
 
 Partitioning uses ``flwr-datasets`` partitioners (``IidPartitioner`` over a
 seeded shuffle, ``DirichletPartitioner`` for skew by label or topic group), and
-each client keeps a seeded held-out split of its own partition. Same seed, same
-partitions. Tasks call :func:`client_split` with their examples' groups and pick
-their own examples by the returned indices.
+each client holds out the examples of its partition whose contents hash lowest
+(:func:`client_split`): the partition follows the run seed, the held-out split only
+the data and the node's ``test-fraction``. Tasks call :func:`client_split` with their
+examples' groups and contents and pick their own examples by the returned indices.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedtune.config import ConfigError, DataConfig
 from fedtune.data.memo import process_memo
@@ -23,6 +27,8 @@ __all__ = [
     "ClientSplit",
     "client_data",
     "client_split",
+    "held_out_count",
+    "held_out_order",
     "label_counts",
     "partition_indices",
 ]
@@ -101,26 +107,70 @@ def partition_indices(
         ) from err
 
 
+def held_out_order(contents: Sequence[str]) -> NDArray[np.int64]:
+    """Indices of ``contents`` in the order they are held out: by SHA-256 of each content.
+
+    The order depends on the examples alone (ties, i.e. duplicates, by position), not on
+    any seed: the first ``n_test`` of a node's examples are its held-out split.
+    """
+    digests = [hashlib.sha256(text.encode("utf-8")).digest() for text in contents]
+    return np.asarray(sorted(range(len(contents)), key=lambda i: (digests[i], i)), dtype=np.int64)
+
+
+def held_out_count(num_examples: int, test_fraction: float) -> int:
+    """``n_test = round(f n)``, at least 1 and leaving at least 1 to train on.
+
+    A function of the public ``n`` and the node's own ``test-fraction`` only, so the
+    held-out count is public under the replace-one relation.
+    """
+    return min(max(1, round(test_fraction * num_examples)), num_examples - 1)
+
+
 def client_split(
-    groups: list[int], cfg: DataConfig, *, partition_id: int, num_partitions: int, seed: int
+    groups: list[int],
+    cfg: DataConfig,
+    *,
+    partition_id: int,
+    num_partitions: int,
+    seed: int,
+    contents: Sequence[str],
 ) -> ClientSplit:
-    """One client's partition of examples with these ``groups`` and its seeded held-out split."""
+    """One client's partition of examples with these ``groups`` and its held-out split.
+
+    The partition (which examples a simulated client holds) follows the run ``seed``;
+    the held-out split within it does not: it is the ``round(test-fraction · n)``
+    examples of the partition whose content (``contents[i]``: the example's text and
+    label, or prompt and answers) hashes lowest (:func:`held_out_order`). So a node's
+    held-out examples are the same in every run and under every seed, an example is
+    never trained on in one run and evaluated in another, and only the node's own
+    ``test-fraction`` chooses how many there are (every task splits here).
+    """
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}.")
+    if len(contents) != len(groups):
+        raise ValueError(
+            f"`contents` must hold one entry per example ({len(groups)}), got {len(contents)}."
+        )
     parts = partition_indices(groups, cfg, num_partitions=num_partitions, seed=seed)
-    idx = np.asarray(parts[partition_id])
-    rng = np.random.default_rng([seed, partition_id])
-    idx = idx[rng.permutation(len(idx))]
-    n_test = min(max(1, round(cfg.test_fraction * len(idx))), len(idx) - 1)
-    return ClientSplit(train=[int(i) for i in idx[n_test:]], test=[int(i) for i in idx[:n_test]])
+    idx = np.sort(np.asarray(parts[partition_id], dtype=np.int64))
+    idx = idx[held_out_order([contents[int(i)] for i in idx])]
+    n_test = held_out_count(len(idx), cfg.test_fraction)
+    return ClientSplit(
+        train=sorted(int(i) for i in idx[n_test:]), test=sorted(int(i) for i in idx[:n_test])
+    )
 
 
 def client_data(
     data: LabelledData, cfg: DataConfig, *, partition_id: int, num_partitions: int, seed: int
 ) -> ClientData:
-    """One client's labelled texts with its seeded held-out split."""
+    """One client's labelled texts with its held-out split (see :func:`client_split`)."""
     split = client_split(
-        data.labels, cfg, partition_id=partition_id, num_partitions=num_partitions, seed=seed
+        data.labels,
+        cfg,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        seed=seed,
+        contents=[f"{label}\t{text}" for text, label in zip(data.texts, data.labels, strict=True)],
     )
     return ClientData(
         train_texts=[data.texts[i] for i in split.train],

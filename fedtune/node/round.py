@@ -216,12 +216,19 @@ def _server_config(content: RecordDict) -> ConfigRecord:
 
 def _evaluation(
     runtime: ClientRuntime, state: GlobalState | None, server_round: int
-) -> dict[str, object]:
-    """The held-out metrics of round ``server_round``'s global state (checked fields)."""
-    result = runtime.evaluate(state, server_round=server_round)
+) -> tuple[dict[str, object] | None, str]:
+    """The held-out metrics of round ``server_round``'s global state, or a refusal code.
+
+    With DP on they are a release (:meth:`ClientRuntime.evaluation`): noised and
+    accounted (status ``"dp"``), or exact by the node's own policy (``"held-out"``).
+    Returns ``(metrics, "")`` or ``(None, code)``; the fields are checked here.
+    """
+    outcome = runtime.evaluation(state, server_round=server_round)
+    if outcome.declined:
+        return None, outcome.declined
     metrics: dict[str, object] = {
-        "num-examples": result.num_examples,
-        **result.metrics(),
+        "num-examples": outcome.num_examples,
+        **outcome.metrics,
         "partition-id": runtime.partition_id,
     }
     check_reply(
@@ -229,8 +236,9 @@ def _evaluation(
         phase="evaluate",
         private=runtime.cfg.privacy.enabled,
         held_out=runtime.task.eval_metrics,
+        evaluation=outcome.status,
     )
-    return metrics
+    return metrics, ""
 
 
 def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
@@ -247,7 +255,8 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
         )
     # The sum the server sent is the result of round server_round - 1 (kept once).
     runtime.keep_global(state, server_round=server_round - 1)
-    evaluation = _evaluation(runtime, state, server_round - 1) if asked else None
+    # A declined evaluation sends no ``evaluation`` record (the server drops it as missing).
+    evaluation = _evaluation(runtime, state, server_round - 1)[0] if asked else None
     outcome = runtime.train(state, server_round=server_round, sampled_clients=sampled)
     return train_reply(runtime, outcome, evaluation=evaluation)
 
@@ -257,7 +266,9 @@ def evaluate(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     server_round = _int(_server_config(content), "server-round")
     state = _global_state(content)
     runtime.keep_global(state, server_round=server_round)
-    metrics = _evaluation(runtime, state, server_round)
+    metrics, declined = _evaluation(runtime, state, server_round)
+    if metrics is None:
+        return RecordDict({"info": ConfigRecord({"client": runtime.name, "declined": declined})})
     return RecordDict(
         {
             "info": ConfigRecord({"client": runtime.name}),

@@ -47,7 +47,14 @@ from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.ledger import counted_for, history_of
 from fedtune.privacy.record import LedgerRecord
 
-__all__ = ["BUDGET_SLACK", "AuditReport", "ClientAudit", "RunExpectation", "audit_records"]
+__all__ = [
+    "BUDGET_SLACK",
+    "AuditReport",
+    "ClientAudit",
+    "RunExpectation",
+    "audit_records",
+    "exact_evaluations",
+]
 
 BUDGET_SLACK = 1e-9
 """Absolute slack on the budget comparison, for float round-off only."""
@@ -135,6 +142,8 @@ def _inconsistencies(r: LedgerRecord, delta: float, expect: RunExpectation) -> l
         out.append(f"{where}: recorded at δ={r.delta:g}, not the audit δ={delta:g}")
     if r.legacy:
         return out
+    if r.kind != "train":
+        return out + _evaluation_inconsistencies(r, where)
     if r.level == "example":
         q = r.batch_size / r.num_examples if r.num_examples else math.nan
         if not (r.batch_size and r.num_examples and math.isclose(r.sample_rate, q, rel_tol=1e-9)):
@@ -191,6 +200,8 @@ def _audit_one(
     state = AccountantState()
     history_of(records)  # one client, one relation, or ValueError
     for r in records:
+        if not r.accounted:  # an exact evaluation: listed below, in no ε
+            continue
         if r.key in seen:
             problems.append(f"release {r.key} appears more than once (each copy is counted)")
         seen.add(r.key)
@@ -227,6 +238,12 @@ def _audit_one(
             "legacy records (no client nonce, no recorded batch size): keyed by run-id, "
             "not cross-checked"
         )
+    exact = exact_evaluations(records).get(last.client, [])
+    if exact:
+        problems.append(
+            f"exact held-out metrics sent outside the guarantee (node policy evaluation = "
+            f"'exact') for round(s) {exact}: not in any ε"
+        )
     if level == "client" and any(r.level == "example" for r in mine):
         problems.append(
             "this data also had example-level releases, which give no client-level guarantee"
@@ -243,7 +260,7 @@ def _audit_one(
         client=last.client,
         level=level,
         relation=relation,
-        rounds=sum(1 for r in records if r.level == level),
+        rounds=sum(1 for r in records if r.level == level and r.kind == "train"),
         total_steps=state.total_steps,
         noise_multipliers=_unique(r.noise_multiplier for r in records),
         sample_rates=_unique(r.sample_rate for r in records),
@@ -256,6 +273,26 @@ def _audit_one(
         noise=noise,
         problems=tuple(problems),
     )
+
+
+def exact_evaluations(records: Iterable[LedgerRecord]) -> dict[str, list[int]]:
+    """client -> the rounds whose exact held-out metrics it sent (kind ``"eval-exact"``).
+
+    A node whose own policy says ``evaluation = "exact"`` sends them outside its
+    guarantee; the ledger records each so that the audit can show it.
+    """
+    out: dict[str, list[int]] = {}
+    for r in records:
+        if not r.accounted:
+            out.setdefault(r.client, []).append(r.round)
+    return out
+
+
+def _evaluation_inconsistencies(r: LedgerRecord, where: str) -> list[str]:
+    """A DP evaluation is one Gaussian release at q = 1 of ``num_examples`` bounded sums."""
+    if r.kind == "eval" and not r.num_examples:
+        return [f"{where}: an evaluation release without its held-out count"]
+    return []
 
 
 def audit_records(

@@ -8,6 +8,7 @@ fit, never one a closed-form estimate assumed to fit.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedtune.privacy._checks import (
@@ -104,6 +105,7 @@ def calibrate_noise(
     accountant: Accountant,
     relation: Relation,
     epsilon_tolerance: float = 0.01,
+    extra: Sequence[tuple[float, float, int]] = (),
 ) -> float:
     """Return the noise multiplier σ for which ``steps`` steps at rate ``sample_rate`` end at
     or under ``target_epsilon``.
@@ -133,6 +135,9 @@ def calibrate_noise(
         ``"replace-one"`` or ``"add-remove"`` (see :func:`compute_epsilon`).
     epsilon_tolerance
         Absolute slack allowed below the target.
+    extra
+        Further planned releases ``(σ, q, steps)`` of fixed σ composed with the
+        calibrated ones (the node's DP evaluations: ``(σ_eval, 1, rounds + 1)``).
 
     Raises
     ------
@@ -149,7 +154,7 @@ def calibrate_noise(
 
     def eps_of(sigma: float) -> float:
         return compute_epsilon(
-            [(sigma, q, steps)], delta=delta, accountant=accountant, relation=relation
+            [(sigma, q, steps), *extra], delta=delta, accountant=accountant, relation=relation
         )
 
     # Bracket: lo has ε > target (or is the floor), hi has ε <= target (verified).

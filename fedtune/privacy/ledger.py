@@ -47,6 +47,7 @@ __all__ = [
     "LedgerCorruptError",
     "PrivacyLedger",
     "counted_for",
+    "exact_releases",
     "history_of",
 ]
 
@@ -76,15 +77,28 @@ def counted_for(records: list[LedgerRecord], level: str) -> list[LedgerRecord]:
 
 
 def history_of(records: list[LedgerRecord]) -> AccountantState:
-    """The composition history of ``records`` (one client's), in order."""
+    """The composition history of ``records`` (one client's), in order.
+
+    A DP evaluation (kind ``"eval"``) is a Gaussian mechanism of L2 sensitivity Δ
+    and noise std σΔ: for the accountants one entry ``(σ, q = 1, 1 step)``, composed
+    with the training rounds in file order. An exact evaluation (``"eval-exact"``)
+    has no finite ε and is left out; :func:`exact_releases` lists them.
+    """
     _single(records, "client")
     _single(records, "relation")
     state = AccountantState()
     for r in records:
+        if not r.accounted:
+            continue
         state = state.compose(
             noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps
         )
     return state
+
+
+def exact_releases(records: list[LedgerRecord]) -> list[LedgerRecord]:
+    """The records of exact held-out metrics a node sent outside its guarantee."""
+    return [r for r in records if not r.accounted]
 
 
 def _single(records: list[LedgerRecord], attr: str) -> None:
@@ -155,9 +169,15 @@ class PrivacyLedger:
         mine = [r for r in self.records() if r.client == client]
         return history_of(counted_for(mine, level))
 
-    def release(self, *, run_nonce: str, round: int, client: str) -> LedgerRecord | None:
-        """The recorded release of ``(run_nonce, round, client)``, if any."""
-        key = (run_nonce, round, client)
+    def release(
+        self, *, run_nonce: str, round: int, client: str, kind: str = "train"
+    ) -> LedgerRecord | None:
+        """The recorded release of ``(run_nonce, round, client)`` of this ``kind``, if any.
+
+        ``"eval"`` and ``"eval-exact"`` share one key: round ``t``'s state is
+        evaluated once per run, whichever way.
+        """
+        key = (run_nonce if kind == "train" else f"{run_nonce}/eval", round, client)
         return next((r for r in self.records() if r.key == key), None)
 
     # -- writing ---------------------------------------------------------------------
@@ -218,6 +238,17 @@ class PrivacyLedger:
             tolerance=tolerance,
             timestamp=time.time() if timestamp is None else timestamp,
         )
+        return self.append(candidate)
+
+    def append(self, candidate: LedgerRecord) -> LedgerRecord:
+        """Append ``candidate`` (any kind) with its cumulative ε; idempotent as :meth:`record`.
+
+        Its ``epsilon`` is ignored and recomputed from the file's history.
+        """
+        if not candidate.run_nonce:
+            raise ValueError("`run_nonce` must be the client's own nonce for the run, got ''.")
+        client, level = candidate.client, candidate.level
+        accountant, relation = candidate.accountant, candidate.relation
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

@@ -67,7 +67,7 @@ class NodePolicy:
     relation: Literal["replace-one"] = "replace-one"
     test_fraction: float = 0.2
     evaluation: EvaluationPolicy = "dp"
-    eval_noise_multiplier: float = 5.0
+    eval_noise_multiplier: float = 10.0
     max_seq_length: int | None = None
     models: tuple[ModelPin, ...] = field(default_factory=tuple)
     canaries: bool = False

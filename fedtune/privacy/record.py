@@ -24,10 +24,20 @@ from fedtune.privacy.accountant import ACCOUNTANTS
 from fedtune.privacy.analysis import RELATIONS
 
 __all__ = [
+    "KINDS",
     "LEVELS",
     "NOISE_SOURCES",
     "LedgerRecord",
 ]
+
+KINDS: tuple[str, ...] = ("train", "eval", "eval-exact")
+"""What a record releases. ``"train"``: a round's DP update. ``"eval"``: held-out
+metrics as a Gaussian release (:mod:`fedtune.privacy.evaluation`; ``noise_multiplier``
+is σ, ``max_grad_norm`` its L2 sensitivity in the release's own units, ``q = 1``, one
+step; ``round`` is the evaluated state's round, 0 for the initial adapter).
+``"eval-exact"``: exact held-out metrics a node sent by its own policy
+(``evaluation = "exact"``): **not** accounted (no finite ε covers it), recorded so the
+audit shows it; its ``noise_multiplier`` is 0."""
 
 LEVELS: tuple[str, ...] = ("example", "client")
 NOISE_SOURCES: tuple[str, ...] = ("csprng", "seeded")
@@ -48,6 +58,9 @@ _LEGACY_DEFAULTS: dict[str, Any] = {
     "sampled_clients": 0,
     "tolerance": 0,
 }
+
+#: A record written before evaluation releases were recorded has no ``kind``: a round.
+_KIND_DEFAULT: dict[str, Any] = {"kind": "train"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class LedgerRecord:
     num_examples: int = 0
     sampled_clients: int = 0
     tolerance: int = 0
+    kind: str = "train"
 
     def __post_init__(self) -> None:
         for name in ("run_id", "client"):
@@ -97,8 +111,27 @@ class LedgerRecord:
             value = getattr(self, name)
             if not isinstance(value, str) or len(value) > 128 or not value.isprintable():
                 raise ValueError(f"`{name}` must be a short printable string, got {value!r}.")
-        check_positive_int("round", self.round)
-        check_positive("noise_multiplier", self.noise_multiplier)
+        if self.kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {KINDS}, got {self.kind!r}.")
+        if self.kind == "train":
+            check_positive_int("round", self.round)
+        elif isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+            raise ValueError(
+                f"`round` of an evaluation must be an integer >= 0, got {self.round!r}."
+            )
+        if self.kind == "eval-exact":
+            if self.noise_multiplier != 0:
+                raise ValueError(
+                    "`noise_multiplier` of an exact evaluation (kind 'eval-exact') must be 0, "
+                    f"got {self.noise_multiplier!r}."
+                )
+        else:
+            check_positive("noise_multiplier", self.noise_multiplier)
+        if self.kind != "train" and (self.sample_rate != 1.0 or self.steps != 1):
+            raise ValueError(
+                f"an evaluation record (kind {self.kind!r}) is one release at q = 1, got "
+                f"sample_rate={self.sample_rate!r}, steps={self.steps!r}."
+            )
         check_sample_rate("sample_rate", self.sample_rate)
         check_positive_int("steps", self.steps)
         check_positive("max_grad_norm", self.max_grad_norm)
@@ -123,8 +156,18 @@ class LedgerRecord:
 
     @property
     def key(self) -> tuple[str, int, str]:
-        """The release key ``(run_nonce, round, client)``; legacy records use ``run_id``."""
-        return (self.run_nonce or f"legacy:{self.run_id}", self.round, self.client)
+        """The release key ``(run_nonce, round, client)``; legacy records use ``run_id``.
+
+        An evaluation release has a key of its own (``run_nonce`` + ``"/eval"``): round
+        ``t``'s update and the evaluation of round ``t``'s state are two releases.
+        """
+        nonce = self.run_nonce or f"legacy:{self.run_id}"
+        return (nonce if self.kind == "train" else f"{nonce}/eval", self.round, self.client)
+
+    @property
+    def accounted(self) -> bool:
+        """False for an exact evaluation: sent outside the guarantee, in no ε."""
+        return self.kind != "eval-exact"
 
     @property
     def legacy(self) -> bool:
@@ -151,6 +194,8 @@ class LedgerRecord:
     def from_dict(cls, data: Mapping[str, Any]) -> LedgerRecord:
         """Inverse of :meth:`to_dict`; validates every field."""
         names = {f.name for f in fields(cls)}
+        if isinstance(data, Mapping) and "kind" not in data:
+            data = {**_KIND_DEFAULT, **data}
         if isinstance(data, Mapping) and set(data) == names - set(_LEGACY_DEFAULTS):
             data = {**_LEGACY_DEFAULTS, **data}
         if not isinstance(data, Mapping) or set(data) != names:

@@ -10,7 +10,7 @@ module implementing this protocol plus one :func:`fedtune.tasks.register_task` c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -103,6 +103,17 @@ class Task(Protocol):
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> EvalResult:
         """Held-out metrics over ``loader``; ``metrics()`` has the ``eval_metrics`` keys."""
+        ...
+
+    def example_metrics(
+        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
+    ) -> Mapping[str, Sequence[float]]:
+        """Each ``eval_metrics`` key -> one value per held-out example, for a DP evaluation.
+
+        :mod:`fedtune.privacy.evaluation` clips each value to its per-example bound,
+        sums and noises; a task without it can only evaluate exactly (``evaluation =
+        "exact"`` in the node policy).
+        """
         ...
 
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:

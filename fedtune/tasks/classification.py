@@ -167,6 +167,24 @@ class ClassificationTask:
             return EvalResult(loss=math.nan, accuracy=math.nan, num_examples=0)
         return EvalResult(loss=total / seen, accuracy=correct / seen, num_examples=seen)
 
+    def example_metrics(
+        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
+    ) -> dict[str, list[float]]:
+        """Per-example cross-entropy and correctness (for a DP evaluation)."""
+        import torch  # noqa: PLC0415
+        from torch.nn import functional as F  # noqa: N812, PLC0415
+
+        model.to(device).eval()
+        losses: list[float] = []
+        correct: list[float] = []
+        with torch.no_grad():
+            for raw in loader:
+                batch = {k: v.to(device) for k, v in raw.items()}
+                logits = model(**batch).logits.double()
+                losses += F.cross_entropy(logits, batch["labels"], reduction="none").tolist()
+                correct += (logits.argmax(-1) == batch["labels"]).double().tolist()
+        return {"eval-loss": losses, "eval-accuracy": correct}
+
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
         """Nothing to derive: accuracy is reported as it is."""
         return record

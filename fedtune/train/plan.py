@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.config import RunConfig
+from fedtune.config import ConfigError, RunConfig
 from fedtune.privacy.analysis import Relation
 
 __all__ = ["RELATION", "PrivacyPlan", "privacy_plan", "sampled_clients"]
@@ -30,7 +30,9 @@ def sampled_clients(cfg: RunConfig) -> int:
     return cfg.federation.sampled_per_round
 
 
-def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
+def privacy_plan(
+    cfg: RunConfig, *, num_train_examples: int, eval_noise_multiplier: float | None = None
+) -> PrivacyPlan:
     """σ, q and steps per round; σ calibrated once for the planned rounds if not given.
 
     Example level: ``q = batch-size / n_k``, ``steps = local-epochs * int(1 / q)``
@@ -46,6 +48,11 @@ def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
         steps = cfg.train.local_epochs * int(1 / q)
     else:
         q, steps = 1.0, 1
+    evaluations = (
+        [] if eval_noise_multiplier is None else [(eval_noise_multiplier, 1.0, fed.num_rounds + 1)]
+    )
+    if evaluations and not p.noise_multiplier:
+        _check_evaluations_fit(cfg, evaluations)
     sigma = p.noise_multiplier or calibrate_noise(
         target_epsilon=p.target_epsilon,
         target_delta=p.target_delta,
@@ -53,6 +60,7 @@ def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
         steps=steps * fed.num_rounds,
         accountant=p.accountant,
         relation=RELATION,
+        extra=evaluations,
     )
     return PrivacyPlan(
         level=p.dp,
@@ -62,3 +70,21 @@ def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
         sampled_clients=sampled_clients(cfg),
         tolerance=p.client_dp_tolerance,
     )
+
+
+def _check_evaluations_fit(cfg: RunConfig, evaluations: list[tuple[float, float, int]]) -> None:
+    """Raise a ``ConfigError`` if the planned evaluations alone reach ``target-epsilon``."""
+    from fedtune.privacy import compute_epsilon  # noqa: PLC0415
+
+    p = cfg.privacy
+    eps = compute_epsilon(
+        evaluations, delta=p.target_delta, accountant=p.accountant, relation=RELATION
+    )
+    if eps >= p.target_epsilon:
+        sigma, _, count = evaluations[0]
+        raise ConfigError(
+            f"the node's {count} planned held-out evaluations alone (policy "
+            f"eval_noise_multiplier = {sigma:g}) spend ε = {eps:.3f}, not under "
+            f"`target-epsilon` = {p.target_epsilon:g}: raise the node policy's "
+            'eval_noise_multiplier or `target-epsilon`, or set its evaluation = "exact".'
+        )

@@ -16,6 +16,7 @@ import logging
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.data.memo import data_key
-from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy import PrivacyLedger
+from fedtune.privacy.policy import NodePolicy
 from fedtune.tasks import get_task
 from fedtune.tasks.base import ClientDatasets
 from fedtune.train.loop import (
@@ -44,7 +45,10 @@ from fedtune.train.seeds import round_seed
 from fedtune.train.shared import SharedModel, release_model, worker_cache
 from fedtune.train.state import GlobalState, TrainOutcome
 
-__all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
+if TYPE_CHECKING:
+    from fedtune.train.eval_release import EvalOutcome
+
+__all__ = ["ClientRuntime", "GlobalState", "TrainOutcome", "simulated_policy"]
 
 log = logging.getLogger("fedtune.client")
 
@@ -55,6 +59,14 @@ def _checked_mean(mean: NDArray[np.float64]) -> NDArray[np.float64]:
 
     check_global_mean(mean)
     return mean
+
+
+def simulated_policy(cfg: RunConfig) -> NodePolicy:
+    """A simulated client's policy: the defaults, with the run config's δ and held-out fraction.
+
+    A deployed node passes its own (:mod:`fedtune.privacy.policy`).
+    """
+    return NodePolicy(delta=cfg.privacy.target_delta, test_fraction=cfg.data.test_fraction)
 
 
 class ClientRuntime:
@@ -80,7 +92,11 @@ class ClientRuntime:
     ) -> None:
         self.cfg = cfg
         #: The node's own privacy policy (a simulated client's is filled from ``cfg``).
-        self.policy = policy if policy is not None else NodePolicy()
+        self.policy = policy if policy is not None else simulated_policy(cfg)
+        #: The run config as this node's data sees it: its own held-out fraction.
+        self._data_cfg = replace(
+            cfg, data=replace(cfg.data, test_fraction=self.policy.test_fraction)
+        )
         self.partition_id = partition_id
         self.num_partitions = num_partitions
         self.name = name or f"client-{partition_id}"
@@ -93,6 +109,10 @@ class ClientRuntime:
         cache.partitions.resize(cfg.federation.partition_cache_size)
         sets = self.datasets
         self.label_names = list(sets.label_names)
+        if state_dir is not None:  # a node: its held-out rows are never trained on later
+            from fedtune.train.held_out import check_held_out  # noqa: PLC0415
+
+            check_held_out(state_dir, test_set=sets.test_set, train_set=sets.train_set)
         self._num_train = len(sets.train_set)
         self.loss_fn: LossFn | None = self.task.loss_fn(cfg)
         self._shared: SharedModel = cache.model(
@@ -121,7 +141,7 @@ class ClientRuntime:
     @property
     def datasets(self) -> ClientDatasets:
         """This client's tokenised partition, from the worker's LRU (rebuilt if evicted)."""
-        cfg = self.cfg
+        cfg = self._data_cfg
         data = data_key(cfg.data, seed=cfg.federation.seed)
         key = (cfg.model, data, self.partition_id, self.num_partitions)
 
@@ -162,7 +182,12 @@ class ClientRuntime:
     def plan(self) -> PrivacyPlan:
         """This client's DP parameters (calibrated on first use)."""
         if self._plan is None:
-            self._plan = privacy_plan(self.cfg, num_train_examples=self.num_train_examples)
+            dp_eval = self.policy.evaluation == "dp"
+            self._plan = privacy_plan(
+                self.cfg,
+                num_train_examples=self.num_train_examples,
+                eval_noise_multiplier=self.policy.eval_noise_multiplier if dp_eval else None,
+            )
         return self._plan
 
     def ledger(self) -> PrivacyLedger:
@@ -362,8 +387,23 @@ class ClientRuntime:
         return result, used
 
     def evaluate(self, state: GlobalState | None, *, server_round: int) -> EvalResult:
-        """Held-out loss and accuracy of round ``server_round``'s global adapter (test split)."""
+        """Exact held-out metrics of round ``server_round``'s global adapter, for the node.
+
+        What a node may *send* is :meth:`evaluation`: with DP on, a noised and
+        accounted release unless the node's policy opts out.
+        """
         start = self.global_vector(state, server_round=server_round)
         fmodel.set_adapter_vector(self.model, start)
         loader = make_loader(self.test_set, batch_size=64, shuffle=False, by_length=True)
         return self.task.evaluate(self.model, loader, device=self.device, cfg=self.cfg)
+
+    def evaluation(self, state: GlobalState | None, *, server_round: int) -> EvalOutcome:
+        """The held-out metrics this node sends for round ``server_round``'s global state.
+
+        Exact with DP off; with DP on a release (:mod:`fedtune.train.eval_release`):
+        noised, budget-checked, recorded in the ledger and replayed for the same state,
+        or exact and recorded as unaccounted when ``policy.evaluation == "exact"``.
+        """
+        from fedtune.train.eval_release import evaluate_release  # noqa: PLC0415
+
+        return evaluate_release(self, state, server_round=server_round)

@@ -118,6 +118,14 @@ class CausalLMTask:
 
         return evaluate_lm(model, loader, device=device)
 
+    def example_metrics(
+        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
+    ) -> dict[str, list[float]]:
+        """Per-example mean answer-token loss and token accuracy (for a DP evaluation)."""
+        from fedtune.tasks.causal_lm.loss import example_metrics_lm  # noqa: PLC0415
+
+        return example_metrics_lm(model, loader, device=device)
+
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
         """Add ``eval-perplexity = exp(eval-loss)`` to a record and each of its clients.
 

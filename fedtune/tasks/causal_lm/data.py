@@ -162,7 +162,12 @@ def instruction_split(
     The topic groups drive a ``dirichlet`` partition as labels do for classification.
     """
     split = fdata.client_split(
-        data.groups, cfg, partition_id=partition_id, num_partitions=num_partitions, seed=seed
+        data.groups,
+        cfg,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        seed=seed,
+        contents=[f"{p}\t{a}" for p, a in zip(data.prompts, data.answers, strict=True)],
     )
     return InstructionSplit(
         train_prompts=[data.prompts[i] for i in split.train],

@@ -81,6 +81,30 @@ def evaluate_lm(model: nn.Module, loader: DataLoader[Any], *, device: torch.devi
     return EvalResult(loss=loss, accuracy=correct / tokens, num_examples=seen)
 
 
+@torch.no_grad()
+def example_metrics_lm(
+    model: nn.Module, loader: DataLoader[Any], *, device: torch.device
+) -> dict[str, list[float]]:
+    """Per example: mean answer-token NLL (``eval-loss``) and token accuracy (``eval-accuracy``).
+
+    The DP evaluation (:mod:`fedtune.privacy.evaluation`) bounds and sums these: per
+    example, not per token, because one example's share of a token-weighted mean is
+    unbounded. An example without answer tokens counts as loss 0, accuracy 0.
+    """
+    model.to(device).eval()
+    losses: list[float] = []
+    accuracies: list[float] = []
+    for raw in loader:
+        batch = {k: v.to(device) for k, v in raw.items()}
+        logits = _logits(model, batch)
+        nll, mask = token_nll(logits, batch["labels"])
+        hits = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) & mask
+        tokens = mask.sum(1).clamp(min=1).double()
+        losses += (nll.double().sum(1) / tokens).tolist()
+        accuracies += (hits.double().sum(1) / tokens).tolist()
+    return {"eval-loss": losses, "eval-accuracy": accuracies}
+
+
 def perplexity(loss: float) -> float:
     """``exp(loss)``, ``inf`` on overflow, NaN for NaN."""
     try:

@@ -125,6 +125,14 @@ class PreferenceTask:
 
         return evaluate_preferences(model, loader, device=device, beta=cfg.train.beta)
 
+    def example_metrics(
+        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
+    ) -> dict[str, list[float]]:
+        """Per-pair DPO loss, preference accuracy and reward margin (for a DP evaluation)."""
+        from fedtune.tasks.preference.loss import example_metrics_preferences  # noqa: PLC0415
+
+        return example_metrics_preferences(model, loader, device=device, beta=cfg.train.beta)
+
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
         """Nothing to derive: every preference metric is reported."""
         return record

@@ -177,7 +177,15 @@ def preference_split(
 ) -> PreferenceSplit:
     """One client's partition and held-out split, by the rule every task shares."""
     split = fdata.client_split(
-        data.groups, cfg, partition_id=partition_id, num_partitions=num_partitions, seed=seed
+        data.groups,
+        cfg,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        seed=seed,
+        contents=[
+            f"{p}\t{w}\t{r}"
+            for p, w, r in zip(data.prompts, data.chosen, data.rejected, strict=True)
+        ],
     )
     return PreferenceSplit(train=data.subset(split.train), test=data.subset(split.test))
 

@@ -182,3 +182,20 @@ def evaluate_preferences(
     if not seen:
         return EvalResult(math.nan, math.nan, 0, {MARGIN: math.nan})
     return EvalResult(total / seen, correct / seen, seen, {MARGIN: margin / seen})
+
+
+@torch.no_grad()
+def example_metrics_preferences(
+    model: nn.Module, loader: DataLoader[Any], *, device: torch.device, beta: float
+) -> dict[str, list[float]]:
+    """Per pair: DPO loss, preference accuracy (1, ½ on a tie, 0) and reward margin."""
+    model.to(device).eval()
+    out: dict[str, list[float]] = {"eval-loss": [], "eval-accuracy": [], MARGIN: []}
+    for raw in loader:
+        batch = {k: v.to(device) for k, v in raw.items()}
+        reward_w, reward_l = pair_rewards(model, batch, beta=beta)
+        diff = (reward_w - reward_l).double()
+        out["eval-loss"] += (-F.logsigmoid(diff)).tolist()
+        out["eval-accuracy"] += ((diff > 0).double() + 0.5 * (diff == 0).double()).tolist()
+        out[MARGIN] += diff.tolist()
+    return out
