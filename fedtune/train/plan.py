@@ -30,8 +30,14 @@ def sampled_clients(cfg: RunConfig) -> int:
     return cfg.federation.sampled_per_round
 
 
-def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
+def privacy_plan(
+    cfg: RunConfig, *, num_train_examples: int, delta: float | None = None
+) -> PrivacyPlan:
     """σ, q and steps per round; σ calibrated once for the planned rounds if not given.
+
+    ``delta`` is the node's own δ (:attr:`fedtune.privacy.policy.NodePolicy.delta`),
+    at which σ is calibrated; ``None`` takes the run config's ``target-delta``
+    (what a simulated client's policy holds anyway).
 
     Example level: ``q = batch-size / n_k``, ``steps = local-epochs * int(1 / q)``
     (Opacus' Poisson epochs). Client level: ``q = 1`` and one step per round: the
@@ -48,7 +54,7 @@ def privacy_plan(cfg: RunConfig, *, num_train_examples: int) -> PrivacyPlan:
         q, steps = 1.0, 1
     sigma = p.noise_multiplier or calibrate_noise(
         target_epsilon=p.target_epsilon,
-        target_delta=p.target_delta,
+        target_delta=p.target_delta if delta is None else delta,
         sample_rate=q,
         steps=steps * fed.num_rounds,
         accountant=p.accountant,

@@ -162,7 +162,9 @@ class ClientRuntime:
     def plan(self) -> PrivacyPlan:
         """This client's DP parameters (calibrated on first use)."""
         if self._plan is None:
-            self._plan = privacy_plan(self.cfg, num_train_examples=self.num_train_examples)
+            self._plan = privacy_plan(
+                self.cfg, num_train_examples=self.num_train_examples, delta=self.policy.delta
+            )
         return self._plan
 
     def ledger(self) -> PrivacyLedger:
