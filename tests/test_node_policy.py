@@ -118,16 +118,25 @@ def test_a_run_outside_the_nodes_policy_is_refused_before_training_in_one_line(
     assert _ledger(node) == []  # nothing trained, nothing released
 
 
-def test_the_ledger_and_the_budget_use_the_nodes_delta_not_the_servers(
+def test_the_ledger_uses_the_nodes_delta_not_the_servers(
     tmp_path: Path, tiny_model_dir: Path, tiny_pin: dict[str, str]
 ) -> None:
-    """An in-policy run is trained and recorded at the node's δ = 1e-6."""
+    """An in-policy run (the server proposes a smaller δ) is recorded at the node's δ."""
     node = _node(tmp_path, tiny_pin, delta=1e-6)
-    run = {**RUN, "model-path": str(tiny_model_dir), "target-delta": 1e-6}
+    run = {**RUN, "model-path": str(tiny_model_dir), "target-delta": 1e-8}
     reply = _train(run, node)
     assert "update" in reply.config_records
     (record,) = _ledger(node)
     assert record["delta"] == 1e-6 and record["relation"] == "replace-one"
+
+
+def test_sigma_is_calibrated_at_the_nodes_delta() -> None:
+    from fedtune.train.plan import privacy_plan
+
+    cfg = parse_run_config({**RUN, "noise-multiplier": 0.0, "accountant": "rdp"})
+    server = privacy_plan(cfg, num_train_examples=100)
+    node = privacy_plan(cfg, num_train_examples=100, delta=1e-9)
+    assert node.noise_multiplier > server.noise_multiplier
 
 
 def test_the_budget_is_the_nodes_even_when_the_server_proposes_a_larger_one(
