@@ -79,8 +79,9 @@ class ClientRuntime:
         policy: NodePolicy | None = None,
     ) -> None:
         self.cfg = cfg
-        #: The node's own privacy policy (a simulated client's is filled from ``cfg``).
-        self.policy = policy if policy is not None else NodePolicy()
+        #: The node's own privacy policy (a simulated client's is filled from ``cfg``;
+        #: a deployed node's always comes from :func:`fedtune.node.round.runtime_for`).
+        self.policy = policy if policy is not None else NodePolicy.from_run_config(cfg)
         self.partition_id = partition_id
         self.num_partitions = num_partitions
         self.name = name or f"client-{partition_id}"
