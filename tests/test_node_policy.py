@@ -297,6 +297,21 @@ def test_deploy_supernode_pins_its_models_and_writes_the_policy(
     assert policy.models == (ModelPin(**_pin(tiny_model_dir)),)
 
 
+def test_deploy_supernode_flags_reach_the_policy(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from fedtune.cli.dispatch import build_parser
+    from fedtune.deploy.node import policy_settings, write_node_policy
+
+    argv = ["deploy", "supernode", "--superlink", "127.0.0.1:1", "--ca", "ca.crt"]
+    argv += ["--key", "k", "--state-dir", str(tmp_path), "--port", "1"]
+    argv += ["--delta", "1e-6", "--test-fraction", "0.25", "--max-seq-length", "16"]
+    argv += ["--evaluation", "exact", "--model", str(tiny_model_dir)]
+    settings = policy_settings(build_parser().parse_args(argv))
+    policy = write_node_policy(tmp_path, settings)
+    assert (policy.delta, policy.test_fraction, policy.evaluation) == (1e-6, 0.25, "exact")
+    with pytest.raises(PolicyError, match=r"`delta` must be in \(0, 1\), got 2\.0"):
+        write_node_policy(tmp_path, {**settings, "delta": 2.0})
+
+
 # -- The audit: the node's δ, the pinned relation ----------------------------------------
 
 ROUND = dict(
