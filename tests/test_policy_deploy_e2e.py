@@ -137,7 +137,9 @@ def test_an_in_policy_run_completes_within_the_nodes_budget_at_its_delta(
     assert [e["round"] for e in ledger] == [1, 2]
     assert {e["delta"] for e in ledger} == {DELTA}
     assert {e["relation"] for e in ledger} == {"replace-one"}
-    assert _pld_epsilon(ledger, DELTA) <= BUDGET
+    pld = _pld_epsilon(ledger, DELTA)
+    print(f"node ledger at δ={DELTA:g}: PRV ε {ledger[-1]['epsilon']:.4f}, PLD ε {pld:.4f}")
+    assert pld <= BUDGET
     state = policed.state(NODE)
     assert "delta = 1e-06" in (state / "policy.toml").read_text()
     audit = subprocess.run(
