@@ -221,6 +221,13 @@ def simulate(
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
+    if cfg.privacy.enabled:
+        # The simulated clients' policy (the run config's): `fedtune audit RUN_DIR` reads
+        # δ and the budget from it, as from a node's STATE_DIR/policy.toml.
+        from fedtune.privacy.policy import NodePolicy  # noqa: PLC0415
+        from fedtune.privacy.policy_file import write_policy  # noqa: PLC0415
+
+        write_policy(run_dir, NodePolicy.from_run_config(cfg))
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
     client_wiring, server_wiring = dict(wiring), dict(wiring)
     backend = get_backend(cfg.crypto.codec_name)

@@ -101,7 +101,9 @@ def test_clean_run_exits_0_and_lists_every_client(
     assert "reported ε" in out and "PRV ε" in out
     assert "audit ok: all 2 clients ok" in out
     assert "budget NOT checked" in out  # no --budget, no config.toml: said, not hidden
-    assert "δ NOT fixed" in out and "replace-one" in out and "csprng" in out
+    # No --delta, no policy.toml: the default node δ, said, never a record's own.
+    assert "δ=1e-05 from the default node δ" in out
+    assert "replace-one" in out and "csprng" in out
     assert err == ""  # metrics.jsonl was not taken for a ledger
 
 

@@ -314,7 +314,25 @@ class Federation:
         assert done.returncode == 0, done.stdout + done.stderr
         self.registered = done.stdout
 
-    def start_node(self, name: str, *, key: str = "", ckks: Path | None = None) -> None:
+    def node_policy(self) -> list[str]:
+        """The policy flags of a node whose owner agreed to this federation's config:
+        its base model pinned and its token limit (the defaults would refuse both)."""
+        import tomllib
+
+        flat = tomllib.loads(self.config.read_text())
+        flags = ["--max-seq-length", str(flat.get("max-seq-length", 48))]
+        if flat.get("model-path"):
+            flags += ["--model", str(flat["model-path"])]
+        return flags
+
+    def start_node(
+        self,
+        name: str,
+        *,
+        key: str = "",
+        ckks: Path | None = None,
+        policy: list[str] | None = None,
+    ) -> None:
         self._start(
             name,
             _fedtune(
@@ -336,6 +354,7 @@ class Federation:
                 str((ckks or self.files.ckks) / "secret.ctx"),
                 "--name",
                 name,
+                *(self.node_policy() if policy is None else policy),
                 *(
                     [
                         "--runtime-user",

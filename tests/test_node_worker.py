@@ -65,6 +65,14 @@ def _run_config(tiny_model_dir: Path) -> dict[str, object]:
     }
 
 
+def _policy(tiny_model_dir: Path) -> dict[str, object]:
+    """The node's own policy: the run config's base model pinned, its token limit."""
+    from fedtune.model.loading import model_digest
+
+    pin = {"path": str(tiny_model_dir.resolve()), "sha256": model_digest(tiny_model_dir)}
+    return {"models": [pin], "max-seq-length": 16}
+
+
 @pytest.fixture(scope="module")
 def worker(tiny_model_dir: Path) -> Iterator[Worker]:
     """A node worker on its own data; as root its socket is handed to ``nobody``."""
@@ -80,7 +88,12 @@ def worker(tiny_model_dir: Path) -> Iterator[Worker]:
         writer.writeheader()
         writer.writerows(toy_rows(8, seed=5))
     data.chmod(0o600)
-    node_config = {"state-dir": str(state), "data-path": str(data), "name": "node-a"}
+    node_config = {
+        "state-dir": str(state),
+        "data-path": str(data),
+        "name": "node-a",
+        **_policy(tiny_model_dir),
+    }
     socket = runtime / "worker.sock"
     argv = [
         sys.executable,
@@ -164,7 +177,12 @@ def test_the_worker_trains_and_evaluates_as_the_in_process_round_code(worker: Wo
             "train",
             _train_content(),
             run_config=worker.run_config,
-            node_config={"state-dir": tmp, "data-path": str(data), "name": "node-a"},
+            node_config={
+                "state-dir": tmp,
+                "data-path": str(data),
+                "name": "node-a",
+                **_policy(Path(str(worker.run_config["model-path"]))),
+            },
             run_id=7,
             deployed=True,
         )

@@ -319,7 +319,7 @@ def test_private_encrypted_run_ledgers_agree_with_metrics_and_audit(private_run:
     report = json.loads(audit.stdout)
     assert {c["client"] for c in report["clients"]} == {"client-0", "client-1", "client-2"}
     assert all(c["verdict"] == "ok" for c in report["clients"])
-    assert report["delta"] == 1e-5 and "target-delta" in report["delta_source"]
+    assert report["delta"] == 1e-5 and "policy.toml" in report["delta_source"]
 
 
 @pytest.mark.slow

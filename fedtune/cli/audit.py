@@ -55,14 +55,16 @@ PATH is one of:
   a node's state dir     ledgers in PATH/privacy/*.jsonl or PATH/*.jsonl
   a ledger file          PATH itself (*.jsonl)
 
-ε is recomputed at the run's target δ (PATH/config.toml, or --delta), never at the δ
-a record states, under the neighbouring relation the records declare (replace-one:
-the client's example count is public).
+ε is recomputed at the node's δ (--delta, else PATH/policy.toml, else the run's
+target-delta in PATH/config.toml if at most 1e-5, else 1e-5), never at the δ a record
+states, under the replace-one relation (every fedtune reply publishes the client's
+example count, so a ledger that declares add-remove is inconsistent).
 
 Verdicts: "overrun" (recomputed PRV ε or reported ε above the budget), "under-reported"
 (some record's ε below the PRV ε recomputed for it by more than --tolerance),
-"inconsistent" (a record at another δ, or a composition that does not follow from the
-recorded batch size, epochs and example count or from the run config), "ok".
+"inconsistent" (a record at another δ, one that declares add-remove, an audit δ not
+below 1 / n_k, or a composition that does not follow from the recorded batch size, epochs
+and example count or from the run config), "ok".
 
 Runs made with `audit-canaries = m` also get an empirical lower bound on each client's
 ε from its gradient canaries (one-run auditing, Steinke, Nasr & Jagielski 2023; 95%
@@ -129,9 +131,9 @@ def add_parser(
         type=_epsilon_arg,
         metavar="EPS",
         help=(
-            "the ε no client may exceed (default: `epsilon-budget` from PATH/config.toml, "
-            "or `target-epsilon` when that is 0 or absent; with neither, the budget is "
-            "not checked and the report says so)"
+            "the ε no client may exceed (default: `epsilon-budget` from PATH/policy.toml, "
+            "else from PATH/config.toml, or `target-epsilon` when that is 0 or absent; with "
+            "neither, the budget is not checked and the report says so)"
         ),
     )
     parser.add_argument(
@@ -139,7 +141,8 @@ def add_parser(
         type=_delta_arg,
         metavar="DELTA",
         help=(
-            "the δ to audit at (default: `target-delta` from PATH/config.toml); records "
+            "the δ to audit at (default: the node's `delta` from PATH/policy.toml, else "
+            "`target-delta` from PATH/config.toml when at most 1e-5, else 1e-5); records "
             "written at another δ are flagged inconsistent"
         ),
     )

@@ -19,6 +19,8 @@ from pathlib import Path
 from fedtune.config import ConfigError, load_toml, parse_run_config
 from fedtune.privacy.audit import AuditReport, ClientAudit, RunExpectation, audit_records
 from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger
+from fedtune.privacy.policy import DEFAULT_DELTA, PolicyError
+from fedtune.privacy.policy_file import load_policy, policy_path
 from fedtune.privacy.record import LedgerRecord
 
 __all__ = [
@@ -116,8 +118,13 @@ def read_ledgers(files: Sequence[Path]) -> tuple[list[Ledger], list[str]]:
 
 
 def run_facts(given: float | None, path: Path) -> RunFacts:
-    """The δ to audit at (``--delta``, else the run's ``target-delta``) and what the
-    run's ``config.toml`` fixes for every record."""
+    """The δ to audit at and what the run's ``config.toml`` fixes for every record.
+
+    δ is ``--delta``, else the node's own (``PATH/policy.toml``: a node's state
+    directory, or a simulation's run directory), else the run's ``target-delta`` when
+    it is at most the default node δ 1e-5, else 1e-5. A larger ``target-delta`` in
+    ``config.toml`` is never used: on a node that file is the server's proposal.
+    """
     config = path / "config.toml"
     flat: dict[str, object] = {}
     if path.is_dir() and config.is_file():
@@ -134,19 +141,35 @@ def run_facts(given: float | None, path: Path) -> RunFacts:
     )
     if given is not None:
         return RunFacts(given, "--delta", expect)
-    if "target-delta" in checked:
+    if path.is_dir() and policy_path(path).exists():
+        try:
+            own = load_policy(path)
+        except PolicyError as err:
+            raise ConfigError(str(err)) from err
+        return RunFacts(own.delta, f"delta in {policy_path(path)} (the node's policy)", expect)
+    if "target-delta" in checked and cfg.privacy.target_delta <= DEFAULT_DELTA:
         return RunFacts(cfg.privacy.target_delta, f"target-delta in {config}", expect)
-    where = "a single ledger file" if path.is_file() else f"no {str(config)!r}"
-    return RunFacts(None, f"no --delta and {where}", expect)
+    # config.toml of a node's state directory is the server's run config: its δ is a
+    # proposal, never the δ a node's guarantee is stated at.
+    where = "a single ledger file" if path.is_file() else f"no {str(policy_path(path))!r}"
+    if "target-delta" in checked:
+        where += f", and target-delta = {cfg.privacy.target_delta:g} in {config} is above it"
+    return RunFacts(DEFAULT_DELTA, f"the default node δ (no --delta, {where})", expect)
 
 
 def find_budget(given: float | None, path: Path) -> Budget:
-    """The budget: ``--budget``, else ``epsilon-budget`` / ``target-epsilon`` of the
-    run's ``config.toml``, else none (and why)."""
+    """The budget: ``--budget``, else the node's (``PATH/policy.toml``), else
+    ``epsilon-budget`` / ``target-epsilon`` of the run's ``config.toml``, else none."""
     if given is not None:
         return Budget(given, "--budget")
     if path.is_file():
         return Budget(None, "none: no --budget, and a single ledger file has no config.toml")
+    if policy_path(path).exists():
+        try:
+            own = load_policy(path)
+        except PolicyError as err:
+            raise ConfigError(str(err)) from err
+        return Budget(own.epsilon_budget, f"epsilon-budget in {policy_path(path)}")
     config = path / "config.toml"
     if not config.is_file():
         return Budget(None, f"none: no --budget and no {str(config)!r}")

@@ -7,10 +7,11 @@ from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
 
-__all__ = ["AccountantName", "DPLevel", "PrivacyConfig"]
+__all__ = ["AccountantName", "DPLevel", "EvaluationMode", "PrivacyConfig"]
 
 DPLevel = Literal["off", "example", "client"]
 AccountantName = Literal["prv", "rdp"]
+EvaluationMode = Literal["dp", "exact"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class PrivacyConfig:
     client with ``m`` gradient canaries for one-run privacy auditing
     (:mod:`fedtune.privacy.canaries`); ``fedtune audit`` then reports an empirical
     lower bound on ε beside the claimed one.
+
+    ``evaluation = "dp"`` (with DP on) makes every held-out reply a Gaussian release of
+    bounded per-example sums at ``eval-noise-multiplier``, accounted with training
+    (:mod:`fedtune.privacy.evaluation`); ``"exact"`` sends exact held-out metrics,
+    recorded in the ledger as unaccounted. In simulation these fill each client's
+    :class:`~fedtune.privacy.policy.NodePolicy`; a deployed node keeps its own and
+    refuses a run asking for less (``"exact"``, or a smaller σ).
     """
 
     dp: DPLevel = "off"
@@ -60,6 +68,8 @@ class PrivacyConfig:
     client_dp_tolerance: int = 1
     seeded_noise: bool = False
     audit_canaries: int = 0
+    evaluation: EvaluationMode = "dp"
+    eval_noise_multiplier: float = 10.0
 
     def __post_init__(self) -> None:
         choice("dp", self.dp, get_args(DPLevel))
@@ -87,6 +97,13 @@ class PrivacyConfig:
         )
         require(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "must be > 0")
         choice("accountant", self.accountant, get_args(AccountantName))
+        choice("evaluation", self.evaluation, get_args(EvaluationMode))
+        require(
+            self.eval_noise_multiplier > 0,
+            "eval-noise-multiplier",
+            self.eval_noise_multiplier,
+            "must be > 0 (the σ of a DP held-out evaluation release)",
+        )
         require(
             self.epsilon_budget >= 0,
             "epsilon-budget",

@@ -172,7 +172,37 @@ def add_parser(sub: Any) -> None:
     sn.add_argument("--data-path", type=Path, help="this node's own CSV / JSONL / dataset dir")
     sn.add_argument("--secret-context", type=Path, help="secret.ctx from `fedtune keygen`")
     sn.add_argument("--name", default="", help="the name in metrics and ledgers")
-    sn.add_argument("--epsilon-budget", type=float, help="the ε this node will not exceed")
+    policy = sn.add_argument_group(
+        "privacy policy",
+        "This node's own policy, kept in STATE_DIR/policy.toml (these flags override the "
+        "file and are written back to it). A run config asking for anything else is refused "
+        "before training, one line naming the key, the server's value and the node's. "
+        "Defaults: δ 1e-5, ε budget 8, test-fraction 0.2, max-seq-length 48, DP evaluation, "
+        "the bundled model only.",
+    )
+    policy.add_argument("--epsilon-budget", type=float, help="the ε this node will not exceed")
+    policy.add_argument(
+        "--delta",
+        type=float,
+        help="this node's δ (ledger, budget, σ calibration, audit); below 1 / n_k",
+    )
+    policy.add_argument("--test-fraction", type=float, help="this node's held-out fraction")
+    policy.add_argument("--max-seq-length", type=int, help="the token limit this node trains with")
+    policy.add_argument(
+        "--evaluation",
+        choices=("dp", "exact"),
+        help="held-out replies as DP releases (dp) or exact metrics (exact)",
+    )
+    policy.add_argument("--eval-noise-multiplier", type=float, help="σ of a DP evaluation release")
+    policy.add_argument(
+        "--model",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="a base model this node will load (repeatable): pinned by the SHA-256 of its "
+        "files now; a run's `model-path` must be one of these or empty (the bundled model)",
+    )
     sn.add_argument("--partition-id", type=int, help="with a shared data set: this partition")
     sn.add_argument("--num-partitions", type=int, help="with a shared data set: how many")
     sn.add_argument(
@@ -350,8 +380,9 @@ def run(args: argparse.Namespace) -> int:
             partition_id=args.partition_id,
             num_partitions=args.num_partitions,
         )
-        from fedtune.deploy.node import start_node  # noqa: PLC0415
+        from fedtune.deploy.node import policy_settings, start_node  # noqa: PLC0415
 
+        config.update(policy_settings(args))
         return start_node(args, config)
     roles.write_connection(args.home, superlink_address=args.superlink, ca=args.ca)
     if args.role == "register":

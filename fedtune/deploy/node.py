@@ -39,9 +39,12 @@ from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's
     runtime_user,
     worker_user,
 )
+from fedtune.privacy.policy import NodePolicy
 
 __all__ = [
     "RuntimeUser",
+    "policy_settings",
+    "write_node_policy",
     "prepare_runtime",
     "start_node",
     "readable_by",
@@ -202,6 +205,46 @@ def supervise_node(
     return code
 
 
+def policy_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The privacy-policy flags given on the command line, as node-config keys.
+
+    ``--model DIR`` is pinned here, by the SHA-256 of its files
+    (:func:`fedtune.model.loading.model_digest`): the node owner's choice, made once.
+    """
+    from fedtune.model.loading import model_digest  # noqa: PLC0415
+
+    out: dict[str, object] = {}
+    for key in ("delta", "test-fraction", "max-seq-length", "evaluation", "eval-noise-multiplier"):
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is not None:
+            out[key] = value
+    models = getattr(args, "model", None) or []
+    if models:
+        pins = []
+        for directory in models:
+            path = Path(directory).expanduser().resolve()
+            pins.append({"path": os.path.normpath(str(path)), "sha256": model_digest(path)})
+        out["models"] = pins
+    return out
+
+
+def write_node_policy(
+    state: Path, config: dict[str, object], *, owner: RuntimeUser | None = None
+) -> NodePolicy:
+    """Check the node's policy (``STATE_DIR/policy.toml`` and its flags) and write it back.
+
+    The file then holds what the worker enforces and what ``fedtune audit STATE_DIR``
+    audits at; with ``--worker-user`` it belongs to that user.
+    """
+    from fedtune.privacy.policy_file import load_policy, write_policy  # noqa: PLC0415
+
+    policy = load_policy(state, config)
+    path = write_policy(state, policy)
+    if owner is not None:
+        os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+    return policy
+
+
 def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     """Start the node's worker, then its SuperNode (as ``--runtime-user`` if given)."""
     from fedtune.deploy import roles  # noqa: PLC0415
@@ -214,6 +257,7 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     worker = roles.node_worker(
         config=worker_config, socket=socket, runtime_user=user.name if user else None
     )
+    owner: RuntimeUser | None = None
     if args.worker_user:
         owner = worker_user(args.worker_user, state=state, runtime=user)
         for option, name in (("--data-path", "data-path"), ("--secret-context", "secret-context")):
@@ -224,6 +268,14 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
                 )
         worker.argv.append(f"--user={owner.name}")
         worker.env["HOME"] = str(state)
+    policy = write_node_policy(state, worker_config, owner=owner)
+    print(
+        f"fedtune deploy: node policy δ={policy.delta:g}, ε budget {policy.epsilon_budget:g}, "
+        f"test-fraction {policy.test_fraction:g}, max-seq-length {policy.max_seq_length}, "
+        f"{len(policy.models)} pinned model(s) (in {state / 'policy.toml'})",
+        file=sys.stderr,
+        flush=True,
+    )
     private = {"--state-dir": state}
     for option, name in (("--data-path", "data-path"), ("--secret-context", "secret-context")):
         if name in worker_config:

@@ -21,6 +21,7 @@ __all__ = [
     "ModelError",
     "default_model_path",
     "load_tokenizer",
+    "model_digest",
     "resolve_model_path",
     "seeded",
 ]
@@ -84,3 +85,38 @@ def load_tokenizer(cfg: ModelConfig):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer  # noqa: PLC0415 - heavy import
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg)))
+
+
+def model_digest(path: Path) -> str:
+    """SHA-256 of a model directory: every regular file's relative name and bytes, sorted.
+
+    What a node pins in its policy (:class:`fedtune.privacy.policy.ModelPin`) and checks
+    before it loads the directory. Links are not followed (a link in a pinned
+    directory is refused), so the digest covers exactly the bytes that are read.
+    """
+    import hashlib  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    root = Path(path)
+    if root.is_symlink() or not root.is_dir():
+        raise ModelError(f"a pinned model must be a directory (not a link), got {str(path)!r}.")
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if Path(folder, d).is_symlink()]:
+            full = Path(folder, name)
+            mode = os.lstat(full).st_mode
+            if not stat.S_ISREG(mode):
+                raise ModelError(
+                    f"pinned model {str(path)!r} holds {str(full.relative_to(root))!r}, which "
+                    "is not a regular file (a link?); copy the model without links."
+                )
+            rel = full.relative_to(root).as_posix().encode()
+            digest.update(len(rel).to_bytes(8, "big") + rel)
+            size = os.lstat(full).st_size
+            digest.update(size.to_bytes(8, "big"))
+            with full.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()

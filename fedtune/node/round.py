@@ -36,12 +36,15 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config, parse_wiring
 from fedtune.messages import check_reply
+from fedtune.privacy.policy import NodePolicy, PolicyError
+from fedtune.privacy.policy_file import POLICY_KEYS, load_policy
 from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
 
 __all__ = [
@@ -59,7 +62,8 @@ log = logging.getLogger("fedtune.client")
 _RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
 
 #: Node-config keys a node may set (``fedtune deploy supernode``; the simulation's
-#: ``partition-id`` / ``num-partitions``).
+#: ``partition-id`` / ``num-partitions``), its privacy policy's among them
+#: (:data:`fedtune.privacy.policy_file.POLICY_KEYS`: they override ``policy.toml``).
 NODE_KEYS = frozenset(
     {
         "partition-id",
@@ -69,6 +73,7 @@ NODE_KEYS = frozenset(
         "state-dir",
         "secret-context",
         "epsilon-budget",
+        *POLICY_KEYS,
     }
 )
 
@@ -126,6 +131,9 @@ def runtime_for(
     bounded LRU.
     """
     merged = node_settings(flat, node_config, deployed=deployed)
+    # A deployed node's policy is its own (STATE_DIR/policy.toml and its node config),
+    # read for every message: the worker may outlive an edit of the file.
+    own_policy = load_policy(parse_wiring(merged).state_dir, node_config) if deployed else None
     partition_id = int(str(merged.pop("partition-id")))
     num_partitions = int(str(merged.pop("num-partitions")))
     name = str(merged.pop("name"))
@@ -142,7 +150,7 @@ def runtime_for(
     privacy_dir = (state_dir or wiring.run_dir_for(run_id)) / "privacy"
     ledger_run = wiring.run_name(run_id)
     digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in merged.items())).encode())
-    key = (digest.hexdigest(), run_id, partition_id, num_partitions, name)
+    key = (digest.hexdigest(), run_id, partition_id, num_partitions, name, own_policy)
     if key not in _RUNTIMES:
         cfg: RunConfig = parse_run_config(merged, ignore=WIRING_KEYS)
         if deployed and cfg.privacy.seeded_noise:
@@ -157,10 +165,14 @@ def runtime_for(
                 "`audit-canaries` is for simulations only: a deployed node trains on its "
                 "own data and nothing else. Remove it from the run config."
             )
+        # Both paths run the same checks; a simulated client's policy is the run config's.
+        policy = own_policy if own_policy is not None else NodePolicy.from_run_config(cfg)
+        policy.check_run(cfg)
+        _check_model_pin(policy, cfg)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        _RUNTIMES[key] = ClientRuntime(
+        runtime = ClientRuntime(
             cfg,
             partition_id=partition_id,
             num_partitions=num_partitions,
@@ -169,8 +181,36 @@ def runtime_for(
             privacy_dir=privacy_dir,
             state_dir=state_dir,
             run_id=ledger_run,
+            policy=policy,
         )
+        if cfg.privacy.enabled:  # before any training: a δ >= 1/n_k promises nothing
+            runtime.policy.check_examples(runtime.num_train_examples)
+        _RUNTIMES[key] = runtime
     return _RUNTIMES[key]
+
+
+def _check_model_pin(policy: NodePolicy, cfg: RunConfig) -> None:
+    """A deployed node loads a pinned model only if its files still hash to the pin.
+
+    Runs after :meth:`NodePolicy.check_run` accepted the path (so it is one the node
+    itself pinned: nothing here touches a path the server chose).
+    """
+    if policy.source != "node":
+        return
+    pin = policy.model_pin(cfg.model.model_path)
+    if pin is None:
+        return
+    from fedtune.model.loading import ModelError, model_digest  # noqa: PLC0415
+
+    try:
+        digest = model_digest(Path(pin.path))
+    except (OSError, ModelError):
+        digest = ""
+    if digest != pin.sha256:
+        raise PolicyError(
+            "node policy: a pinned base model no longer matches the SHA-256 in this node's "
+            "policy; the node's owner re-pins it (`fedtune deploy supernode --model DIR`)."
+        )
 
 
 def _node_policy(cfg: RunConfig, node_config: Mapping[str, object]) -> None:

@@ -32,6 +32,7 @@ Budget checks and σ calibration on top of this live in :mod:`fedtune.privacy.bu
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ def compute_epsilon(
     Returns
     -------
     float
-        An upper bound on ε; ``inf`` when the PRV grid would be too large (see
+        An upper bound on ε, never negative; ``inf`` when the PRV grid would be too large (see
         :data:`~fedtune.privacy.analysis.prv.MAX_PRV_DOMAIN_POINTS`) or the PRV numerics fail.
     """
     delta = check_delta("delta", delta)
@@ -205,8 +206,22 @@ def compute_epsilon(
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         if accountant == "rdp":
-            return rdp_epsilon(history, delta=delta, relation=relation, coarse=False)
-        return prv_epsilon(history, delta=delta, relation=relation)
+            epsilon = rdp_epsilon(history, delta=delta, relation=relation, coarse=False)
+        else:
+            epsilon = prv_epsilon(history, delta=delta, relation=relation)
+    return _as_bound(float(epsilon))
+
+
+def _as_bound(epsilon: float) -> float:
+    """ε as a usable upper bound: never negative, never NaN.
+
+    At a large δ the PRV estimate can dip below 0 (δ = 0.3: ε ≈ -0.05); a mechanism
+    that is (ε, δ)-DP for some ε < 0 is also (0, δ)-DP, so 0 is the tight valid bound.
+    NaN (failed numerics) becomes ``inf``: a budget check must fail closed.
+    """
+    if math.isnan(epsilon):
+        return math.inf
+    return max(0.0, epsilon)
 
 
 def epsilon_after(

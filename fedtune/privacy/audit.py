@@ -4,9 +4,12 @@ For each client, the audit rebuilds the composition history from the records in 
 order -- the same convention :class:`~fedtune.privacy.ledger.PrivacyLedger` uses
 (:func:`~fedtune.privacy.ledger.counted_for`: an example-level ε composes every
 release of the data, a client-level ε the client-level ones) -- and recomputes ε with
-two independent accountants (PRV and RDP) under the relation the records declare, at
-the **audit's** δ (the run's configured ``target-delta``), never at the δ a record
-states: a ledger written at δ = 0.05 would otherwise pass with a tiny ε.
+two independent accountants (PRV and RDP) under the replace-one relation, at the
+**audit's** δ (the node's own δ, ``STATE_DIR/policy.toml``), never at the δ a record
+states: a ledger written at δ = 0.05 would otherwise pass with a tiny ε. The relation
+is pinned, not read from the records: every fedtune train reply publishes the node's
+example count ``n_k``, so a ledger that declares add-remove (ε 2.53 instead of 4.00
+for one history) is inconsistent, and so is an audit δ that is not below ``1 / n_k``.
 
 Verdicts, worst first:
 
@@ -17,7 +20,8 @@ Verdicts, worst first:
     Some record's reported ε is below the PRV ε recomputed for it (at its own δ) by
     more than ``tolerance``.
 ``"inconsistent"``
-    A record's δ is not the audit δ, its composition does not follow from what it
+    A record's δ is not the audit δ, it declares add-remove, the audit δ is not below
+    ``1 / num_examples``, its composition does not follow from what it
     says ran (``q = batch_size / num_examples`` and ``steps = local_epochs · int(1/q)``
     at example level, ``q = 1`` and one step at client level), or it disagrees with
     the run's configuration.
@@ -38,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedtune.privacy._checks import check_delta, check_epsilon, check_non_negative
@@ -46,6 +50,10 @@ from fedtune.privacy.accountant import AccountantState
 from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.ledger import counted_for, history_of
 from fedtune.privacy.record import LedgerRecord
+
+#: The relation every fedtune release is audited under: a node publishes its example
+#: count ``n_k`` (the FedAvg weight), so neighbouring data sets have the same size.
+RELATION = "replace-one"
 
 __all__ = [
     "BUDGET_SLACK",
@@ -140,6 +148,17 @@ def _inconsistencies(r: LedgerRecord, delta: float, expect: RunExpectation) -> l
     out = []
     if r.delta != delta:
         out.append(f"{where}: recorded at δ={r.delta:g}, not the audit δ={delta:g}")
+    if r.relation != RELATION:
+        out.append(
+            f"{where}: declares relation {r.relation!r}, but a fedtune node publishes its "
+            f"example count (num-examples = {r.num_examples or 'n_k'}), so its neighbours "
+            f"have the same size: audited as {RELATION!r}"
+        )
+    if r.num_examples and delta * r.num_examples >= 1.0:
+        out.append(
+            f"{where}: the audit δ={delta:g} is not below 1 / n_k = 1/{r.num_examples}; "
+            "such a δ promises nothing (it allows publishing an example in the clear)"
+        )
     if r.legacy:
         return out
     if r.kind != "train":
@@ -192,13 +211,14 @@ def _audit_one(
     records = counted_for(mine, level)
     last = [r for r in records if r.level == level][-1]
     audit_delta = last.delta if delta is None else delta
-    relation = last.relation
+    # Pinned, not read from the ledger: every fedtune reply publishes num-examples.
+    relation = RELATION
     problems: list[str] = []
     inconsistent: list[str] = []
     under = False
     seen: set[tuple[str, int, str]] = set()
     state = AccountantState()
-    history_of(records)  # one client, one relation, or ValueError
+    history_of([replace(r, relation=RELATION) for r in records])  # one client, or ValueError
     for r in records:
         if not r.accounted:  # an exact evaluation: listed below, in no ε
             continue

@@ -31,9 +31,17 @@ def sampled_clients(cfg: RunConfig) -> int:
 
 
 def privacy_plan(
-    cfg: RunConfig, *, num_train_examples: int, eval_noise_multiplier: float | None = None
+    cfg: RunConfig,
+    *,
+    num_train_examples: int,
+    eval_noise_multiplier: float | None = None,
+    delta: float | None = None,
 ) -> PrivacyPlan:
     """σ, q and steps per round; σ calibrated once for the planned rounds if not given.
+
+    ``delta`` is the node's own δ (:attr:`fedtune.privacy.policy.NodePolicy.delta`),
+    at which σ is calibrated; ``None`` takes the run config's ``target-delta``
+    (what a simulated client's policy holds anyway).
 
     Example level: ``q = batch-size / n_k``, ``steps = local-epochs * int(1 / q)``
     (Opacus' Poisson epochs). Client level: ``q = 1`` and one step per round: the
@@ -51,11 +59,12 @@ def privacy_plan(
     evaluations = (
         [] if eval_noise_multiplier is None else [(eval_noise_multiplier, 1.0, fed.num_rounds + 1)]
     )
+    delta = p.target_delta if delta is None else delta
     if evaluations and not p.noise_multiplier:
-        _check_evaluations_fit(cfg, evaluations)
+        _check_evaluations_fit(cfg, evaluations, delta=delta)
     sigma = p.noise_multiplier or calibrate_noise(
         target_epsilon=p.target_epsilon,
-        target_delta=p.target_delta,
+        target_delta=delta,
         sample_rate=q,
         steps=steps * fed.num_rounds,
         accountant=p.accountant,
@@ -72,14 +81,14 @@ def privacy_plan(
     )
 
 
-def _check_evaluations_fit(cfg: RunConfig, evaluations: list[tuple[float, float, int]]) -> None:
+def _check_evaluations_fit(
+    cfg: RunConfig, evaluations: list[tuple[float, float, int]], *, delta: float
+) -> None:
     """Raise a ``ConfigError`` if the planned evaluations alone reach ``target-epsilon``."""
     from fedtune.privacy import compute_epsilon  # noqa: PLC0415
 
     p = cfg.privacy
-    eps = compute_epsilon(
-        evaluations, delta=p.target_delta, accountant=p.accountant, relation=RELATION
-    )
+    eps = compute_epsilon(evaluations, delta=delta, accountant=p.accountant, relation=RELATION)
     if eps >= p.target_epsilon:
         sigma, _, count = evaluations[0]
         raise ConfigError(

@@ -130,7 +130,7 @@ def train_private(
         sample_rate=used.sample_rate,
         steps=used.steps,
         max_grad_norm=p.max_grad_norm,
-        delta=p.target_delta,
+        delta=runtime.policy.delta,  # the node's δ, never the server's
         accountant=p.accountant,
         relation=RELATION,
         level=plan.level,
@@ -200,11 +200,12 @@ def score_canaries(
 def _budget_refusal(runtime: ClientRuntime, server_round: int, ledger: PrivacyLedger) -> str:
     from fedtune.privacy import check_budget  # noqa: PLC0415
 
-    p, plan = runtime.cfg.privacy, runtime.plan
+    p, plan, policy = runtime.cfg.privacy, runtime.plan, runtime.policy
+    # The node's budget and δ (its policy), never the run config's.
     check = check_budget(
         ledger.history(client=runtime.name, level=plan.level),
-        budget_epsilon=p.budget,
-        delta=p.target_delta,
+        budget_epsilon=policy.epsilon_budget,
+        delta=policy.delta,
         noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate,
         steps=plan.steps,
@@ -216,5 +217,5 @@ def _budget_refusal(runtime: ClientRuntime, server_round: int, ledger: PrivacyLe
     return (
         f"privacy budget: round {server_round} would take epsilon from "
         f"{check.spent_epsilon:.3f} to {check.epsilon_after:.3f}, over the budget "
-        f"{p.budget:g} (delta {p.target_delta:g})"
+        f"{policy.epsilon_budget:g} (delta {policy.delta:g})"
     )

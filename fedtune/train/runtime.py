@@ -48,7 +48,7 @@ from fedtune.train.state import GlobalState, TrainOutcome
 if TYPE_CHECKING:
     from fedtune.train.eval_release import EvalOutcome
 
-__all__ = ["ClientRuntime", "GlobalState", "TrainOutcome", "simulated_policy"]
+__all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
 
 log = logging.getLogger("fedtune.client")
 
@@ -59,14 +59,6 @@ def _checked_mean(mean: NDArray[np.float64]) -> NDArray[np.float64]:
 
     check_global_mean(mean)
     return mean
-
-
-def simulated_policy(cfg: RunConfig) -> NodePolicy:
-    """A simulated client's policy: the defaults, with the run config's δ and held-out fraction.
-
-    A deployed node passes its own (:mod:`fedtune.privacy.policy`).
-    """
-    return NodePolicy(delta=cfg.privacy.target_delta, test_fraction=cfg.data.test_fraction)
 
 
 class ClientRuntime:
@@ -91,8 +83,9 @@ class ClientRuntime:
         policy: NodePolicy | None = None,
     ) -> None:
         self.cfg = cfg
-        #: The node's own privacy policy (a simulated client's is filled from ``cfg``).
-        self.policy = policy if policy is not None else simulated_policy(cfg)
+        #: The node's own privacy policy (a simulated client's is filled from ``cfg``;
+        #: a deployed node's always comes from :func:`fedtune.node.round.runtime_for`).
+        self.policy = policy if policy is not None else NodePolicy.from_run_config(cfg)
         #: The run config as this node's data sees it: its own held-out fraction.
         self._data_cfg = replace(
             cfg, data=replace(cfg.data, test_fraction=self.policy.test_fraction)
@@ -187,6 +180,7 @@ class ClientRuntime:
                 self.cfg,
                 num_train_examples=self.num_train_examples,
                 eval_noise_multiplier=self.policy.eval_noise_multiplier if dp_eval else None,
+                delta=self.policy.delta,
             )
         return self._plan
 
