@@ -31,6 +31,7 @@ TRAIN_FIELDS: dict[tuple[str, str], str] = {
     ("update", "chunks"): "dp",
     ("update", "length"): "public",  # the adapter's size: a constant of the config
     ("update", "fingerprint"): "public",  # the public CKKS context's (or plain codec's) id
+    ("update", "tag"): "dp",  # HMAC of the upload under the run's key: post-processing of it
     ("info", "client"): "public",  # the node's configured name
     ("info", "declined"): "public",  # a refusal computed from public parameters and the ledger
     ("metrics", "num-examples"): "public",  # n_k: public under replace-one (1 at client level)

@@ -172,7 +172,7 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
             f"Cannot resume: {err} Restore the checkpoint, or start a new run-dir without `resume`."
         ) from err
     try:
-        strategy.resume(checkpoint.payload, checkpoint.num_examples)
+        strategy.resume(checkpoint.payload, checkpoint.num_examples, list(checkpoint.receipts))
     except PayloadError as err:
         raise FederationError(
             f"The checkpoint in {str(checkpoint_dir)!r} does not fit this run: {err}"
@@ -286,7 +286,10 @@ def run_rounds(
         save_checkpoint(
             run_dir / "checkpoint",
             Checkpoint(
-                round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples
+                round=rnd,
+                payload=strategy.global_payload,
+                num_examples=strategy.global_examples,
+                receipts=tuple(strategy.global_receipts),
             ),
             key_dir=run_dir,
             keep_previous=True,

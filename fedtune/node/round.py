@@ -42,6 +42,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config, parse_wiring
 from fedtune.messages import check_reply
+from fedtune.node import verified as verify
 from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
 
 __all__ = [
@@ -192,12 +193,23 @@ def _node_policy(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
         )
 
 
-def _global_state(content: RecordDict) -> GlobalState | None:
+def _global_state(
+    runtime: ClientRuntime, content: RecordDict, *, server_round: int
+) -> GlobalState | None:
+    """The global sum of round ``server_round`` a message brings, verified before any use.
+
+    A key holder checks the receipts the server lists with it
+    (:func:`fedtune.secure.verify.check_global`): it refuses with a fixed code, before
+    decrypting anything, a sum it cannot prove is one of at least ``min-clients``
+    authenticated uploads of this round, or a second, different sum for one round.
+    """
     if "global" not in content.config_records:
         return None
     record = content.config_records["global"]
     payload = {k: record[k] for k in ("chunks", "length", "fingerprint") if k in record}
-    return GlobalState(payload=payload, num_examples=_int(record, "num-examples"))
+    state = GlobalState(payload=payload, num_examples=_int(record, "num-examples"))
+    verify.check_runtime_global(runtime, record, state, server_round=server_round)
+    return state
 
 
 def _int(record: ConfigRecord, key: str) -> int:
@@ -238,7 +250,7 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     server_config = _server_config(content)
     server_round = _int(server_config, "server-round")
     sampled = _int(server_config, "sampled-clients") if "sampled-clients" in server_config else 0
-    state = _global_state(content)
+    state = _global_state(runtime, content, server_round=server_round - 1)
     asked = "evaluate-round" in server_config
     if asked and (evaluate_round := _int(server_config, "evaluate-round")) != server_round - 1:
         raise ValueError(
@@ -249,13 +261,14 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     runtime.keep_global(state, server_round=server_round - 1)
     evaluation = _evaluation(runtime, state, server_round - 1) if asked else None
     outcome = runtime.train(state, server_round=server_round, sampled_clients=sampled)
+    outcome = verify.sign_outcome(runtime, outcome, server_round=server_round)  # the upload's tag
     return train_reply(runtime, outcome, evaluation=evaluation)
 
 
 def evaluate(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     """An evaluate message: the held-out metrics of the global state it brings."""
     server_round = _int(_server_config(content), "server-round")
-    state = _global_state(content)
+    state = _global_state(runtime, content, server_round=server_round)
     runtime.keep_global(state, server_round=server_round)
     metrics = _evaluation(runtime, state, server_round)
     return RecordDict(
