@@ -37,8 +37,9 @@ from fedtune.secure import run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError
 from fedtune.tasks import get_task
-from server.exchange import PENDING, exchange, load_pending, save_pending
+from server.exchange import PENDING, load_pending, save_pending
 from server.strategy import FedTuneStrategy, NotEnoughClients
+from server.verified import verified_exchange
 
 __all__ = [
     "app",
@@ -247,8 +248,14 @@ def run_rounds(
         with console.status(
             f"round {rnd}/{fed.num_rounds}: training (and evaluating round {rnd - 1})…"
         ):
-            messages = strategy.configure_round(rnd, grid)
-            replies = exchange(grid, messages, timeout=fed.round_timeout)
+            replies = verified_exchange(  # again without uploads key holders refuse
+                grid,
+                strategy,
+                lambda: strategy.configure_round(rnd, grid),  # noqa: B023 - called here
+                global_round=rnd - 1,
+                timeout=fed.round_timeout,
+                run_dir=run_dir,
+            )
             train_replies, evaluate_replies = strategy.split_replies(replies)
             evaluation = strategy.aggregate_evaluate(rnd - 1, evaluate_replies)
             _, train_metrics = strategy.aggregate_train(rnd, train_replies)
@@ -297,12 +304,17 @@ def run_rounds(
     # The last round's state: one evaluate message per sampled node.
     start = time.perf_counter()
     with console.status(f"round {fed.num_rounds}/{fed.num_rounds}: evaluating…"):
-        messages = list(
-            strategy.configure_evaluate(pending["round"], ArrayRecord(), ConfigRecord(), grid)
+        replies = verified_exchange(
+            grid,
+            strategy,
+            lambda: list(
+                strategy.configure_evaluate(pending["round"], ArrayRecord(), ConfigRecord(), grid)
+            ),
+            global_round=pending["round"],
+            timeout=fed.round_timeout,
+            run_dir=run_dir,
         )
-        evaluation = strategy.aggregate_evaluate(
-            pending["round"], exchange(grid, messages, timeout=fed.round_timeout)
-        )
+        evaluation = strategy.aggregate_evaluate(pending["round"], replies)
     pending["eval-seconds"] = time.perf_counter() - start
     pending["round-seconds"] = pending.get("train-seconds", 0.0) + pending["eval-seconds"]
     write(pending, evaluation)

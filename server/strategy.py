@@ -132,6 +132,10 @@ class FedTuneStrategy(Strategy):
         self.global_examples = 0
         #: What the global sums, one receipt per upload (encrypted runs; sent with it).
         self.global_receipts: list[Receipt] = []
+        #: The uploads summed, parallel to the receipts (to re-sum without some of them).
+        self.global_uploads: list[WirePayload] = []
+        #: Names whose uploads key holders could not authenticate (dropped, logged).
+        self.unverified: set[str] = set()
         self.last_train = RoundOutcome()
         self.last_evaluate = RoundOutcome()
         self.last_refusal = ""
@@ -169,6 +173,7 @@ class FedTuneStrategy(Strategy):
         self.global_payload = checked
         self.global_examples = num_examples
         self.global_receipts = list(receipts or [])
+        self.global_uploads = []  # not checkpointed: a resumed round cannot be re-summed
 
     def _sample(self, grid: Grid, fraction: float, server_round: int, phase: int) -> list[int]:
         deadline = time.monotonic() + self.connect_timeout
@@ -398,6 +403,7 @@ class FedTuneStrategy(Strategy):
         payloads: list[WirePayload] = []
         counts: list[int] = []
         receipts: list[Receipt] = []
+        uploads: list[WirePayload] = []
 
         def read(msg: Message, node: int) -> dict[str, float]:
             payload, n, receipt = self._read_update(msg, node, sum(counts))
@@ -409,6 +415,7 @@ class FedTuneStrategy(Strategy):
             counts.append(n)
             if receipt is not None:
                 receipts.append(receipt)
+                uploads.append(payload)
             return values
 
         outcome = self._collect(server_round, replies, "train", read, may_decline=True)
@@ -441,7 +448,7 @@ class FedTuneStrategy(Strategy):
             )
             return None, None
         self.global_payload, self.global_examples = total, int(sum(counts))
-        self.global_receipts = receipts
+        self.global_receipts, self.global_uploads = receipts, uploads
         metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": self.global_examples
         }
