@@ -311,3 +311,37 @@ def test_receipts_bytes_round_trip_and_refuse_garbage() -> None:
         verify.receipts_from_bytes(data[:-1])
     with pytest.raises(PayloadError, match=r"1 bytes after the last one"):
         verify.receipts_from_bytes(data + b"x")
+
+
+def test_resume_refuses_forged_or_unlisted_checkpoints(
+    holder: ClientRuntime, keys: crypto.KeyFiles, tmp_path: Path
+) -> None:
+    """The server's resume path (``server.app.resume_round``) over a signed checkpoint."""
+    from fedtune.errors import FederationError
+    from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from server.app import resume_round
+
+    runtime = _fresh(holder, tmp_path / "node")
+    honest = round_of(runtime, keys)
+    assert honest.global_payload is not None
+    length = runtime.initial.size
+
+    def checkpoint(payload: dict[str, Any], receipts: list[verify.Receipt]) -> Path:
+        run_dir = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        save_checkpoint(
+            run_dir / "checkpoint",
+            Checkpoint(1, payload, honest.global_examples, receipts=tuple(receipts)),
+        )
+        return run_dir
+
+    good = checkpoint(honest.global_payload, honest.global_receipts)
+    assert load_checkpoint(good / "checkpoint").receipts == tuple(honest.global_receipts)
+    resumed = server(keys, length)
+    assert resume_round(good, resumed, resume=True) == 2
+    assert resumed.global_receipts == honest.global_receipts
+    node_round.evaluate(runtime, evaluate_content(resumed))  # what it sends verifies
+    forged = near_transparent(honest, np.random.default_rng(1).uniform(-1, 1, length))
+    with pytest.raises(FederationError, match=r"c1 is not the sum of the 3 listed uploads"):
+        resume_round(checkpoint(forged, honest.global_receipts), server(keys, length), resume=True)
+    with pytest.raises(FederationError, match=r"lists no uploads \(receipts\)"):
+        resume_round(checkpoint(honest.global_payload, []), server(keys, length), resume=True)
