@@ -46,6 +46,9 @@ EVALUATE_FIELDS: dict[tuple[str, str], str] = {
     ("info", "client"): "public",
     ("metrics", "num-examples"): "held-out",  # size of the test split
     ("metrics", "partition-id"): "public",
+    # the blame step (fedtune/secure/blame.py, dp = "example" only): positions of the round's
+    # uploads found out of bounds, post-processing of those uploads (each a DP release)
+    ("info", "blame"): "dp",
     # + the task's own held-out metrics (``Task.eval_metrics``: eval-loss, eval-accuracy, ...)
 }
 

@@ -357,6 +357,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
             capacity=server_capacity(cfg, codec),
             eval_metrics=get_task(cfg.model.task).eval_metrics,
         )
+        strategy.blame_allowed = cfg.privacy.dp == "example"  # each upload is a DP release
         strategy.summary()
         if strategy.node_limits:
             Console(stderr=True, highlight=False, soft_wrap=True).print(

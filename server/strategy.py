@@ -136,6 +136,9 @@ class FedTuneStrategy(Strategy):
         self.global_uploads: list[WirePayload] = []
         #: Names whose uploads key holders could not authenticate (dropped, logged).
         self.unverified: set[str] = set()
+        #: ``dp = "example"``: a broken verified sum may be blamed on single uploads
+        #: (:func:`server.verified.blame`); set by the ServerApp.
+        self.blame_allowed = False
         self.last_train = RoundOutcome()
         self.last_evaluate = RoundOutcome()
         self.last_refusal = ""

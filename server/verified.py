@@ -25,15 +25,16 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.run.checkpoint import Checkpoint, save_checkpoint
+from fedtune.secure.blame import blame_to_record, parse_blame
 from fedtune.secure.verify import BAD_TAGS
 from server.exchange import exchange
 from server.strategy import FedTuneStrategy
 
-__all__ = ["drop_unverified", "refused_positions", "verified_exchange"]
+__all__ = ["blame", "drop_unverified", "refused_positions", "verified_exchange"]
 
 log = logging.getLogger("fedtune.server")
 
@@ -62,6 +63,16 @@ def drop_unverified(strategy: FedTuneStrategy, replies: list[Message], server_ro
     if not votes or len(uploads) != len(receipts):
         return False
     agreed = {i for i, v in votes.items() if 2 * v > len(replies) and i < len(receipts)}
+    return _drop(strategy, agreed, server_round, _UNAUTHENTIC)
+
+
+_UNAUTHENTIC = "key holders cannot authenticate it (made without the run's key, or changed)"
+_OUT_OF_BOUNDS = "key holders found it out of bounds, decrypted alone (blame step)"
+
+
+def _drop(strategy: FedTuneStrategy, agreed: set[int], server_round: int, why: str) -> bool:
+    """Drop the uploads at ``agreed`` from round ``server_round``'s global and re-sum."""
+    receipts, uploads = strategy.global_receipts, strategy.global_uploads
     keep = [i for i in range(len(receipts)) if i not in agreed]
     if not agreed or len(keep) < strategy.min_clients:
         if agreed:
@@ -75,10 +86,10 @@ def drop_unverified(strategy: FedTuneStrategy, replies: list[Message], server_ro
         return False
     for i in sorted(agreed):
         log.warning(
-            "Round %d: dropped the upload of %s: key holders cannot authenticate it (made "
-            "without the run's key, or changed in transit); the round goes on without it.",
+            "Round %d: dropped the upload of %s: %s; the round goes on without it.",
             server_round,
             receipts[i].name,
+            why,
         )
     strategy.global_receipts = [receipts[i] for i in keep]
     strategy.global_uploads = [uploads[i] for i in keep]
@@ -86,6 +97,47 @@ def drop_unverified(strategy: FedTuneStrategy, replies: list[Message], server_ro
     strategy.global_examples = sum(r.num_examples for r in strategy.global_receipts)
     strategy.unverified.update(receipts[i].name for i in agreed)
     return True
+
+
+def blame(
+    grid: Grid, strategy: FedTuneStrategy, nodes: list[int], server_round: int, timeout: float
+) -> bool:
+    """The blame step (:mod:`fedtune.secure.blame`, ``dp = "example"`` only).
+
+    Sends round ``server_round``'s uploads with their receipts to ``nodes``; drops the
+    positions a strict majority of them named. ``True`` when the global changed.
+    """
+    receipts, uploads = strategy.global_receipts, strategy.global_uploads
+    if not strategy.blame_allowed or not nodes or len(uploads) != len(receipts) or not uploads:
+        return False
+    record = blame_to_record(uploads, receipts)
+    messages = [
+        Message(
+            content=RecordDict(
+                {
+                    "config": ConfigRecord(
+                        {"server-round": server_round, "blame-round": server_round}
+                    ),
+                    "blame": ConfigRecord(record),  # type: ignore[arg-type]
+                }
+            ),
+            dst_node_id=n,
+            message_type=MessageType.EVALUATE,
+        )
+        for n in nodes
+    ]
+    votes: Counter[int] = Counter()
+    for reply in exchange(grid, messages, timeout=timeout):
+        if reply.has_content() and "info" in reply.content.config_records:
+            votes.update(parse_blame(reply.content.config_records["info"].get("blame")) or set())
+    agreed = {i for i, v in votes.items() if 2 * v > len(nodes) and i < len(receipts)}
+    log.info(
+        "Round %d: blame step over %d uploads; named %s",
+        server_round,
+        len(receipts),
+        sorted(agreed),
+    )
+    return _drop(strategy, agreed, server_round, _OUT_OF_BOUNDS)
 
 
 def verified_exchange(
@@ -104,8 +156,19 @@ def verified_exchange(
     are fewer retries than uploads. With ``run_dir``, the checkpoint of
     ``global_round`` is rewritten with the new sum (a resumed run starts from it).
     """
-    replies = exchange(grid, messages(), timeout=timeout)
-    while drop_unverified(strategy, replies, global_round):
+    sent = messages()
+    replies = exchange(grid, sent, timeout=timeout)
+    blamed = False
+    while True:
+        if drop_unverified(strategy, replies, global_round):
+            pass
+        elif not blamed and 2 * sum(m.has_error() for m in replies) > len(sent):
+            blamed = True  # once per round: a well-formed upload may break the sum
+            nodes = sorted({m.metadata.dst_node_id for m in sent})
+            if not blame(grid, strategy, nodes, global_round, timeout):
+                break
+        else:
+            break
         if run_dir is not None and strategy.global_payload is not None:
             save_checkpoint(
                 run_dir / "checkpoint",
@@ -117,5 +180,6 @@ def verified_exchange(
                 ),
                 key_dir=run_dir,
             )
-        replies = exchange(grid, messages(), timeout=timeout)
+        sent = messages()
+        replies = exchange(grid, sent, timeout=timeout)
     return replies

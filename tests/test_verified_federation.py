@@ -28,6 +28,7 @@ from fedtune import crypto
 from fedtune.config import WIRING_KEYS, parse_run_config, parse_wiring
 from fedtune.node import round as node_round
 from fedtune.secure.ckks import CkksCodec
+from fedtune.secure.verify import sign_upload
 from server.app import run_rounds, server_capacity, server_codec
 from server.strategy import FedTuneStrategy
 
@@ -158,3 +159,88 @@ def test_federation_completes_every_round_without_the_forging_node(
         assert "Dropped train reply from mallory (node 4): update `tag`" in caplog.text
     receipts = getattr(strategy, "global_receipts", [])
     assert sorted(x.name for x in receipts) == ["client-0", "client-1", "client-2"]
+
+
+def out_of_bounds_key_holder(flat: dict[str, object], secret: Path, length: int) -> Handler:
+    """A key holder whose uploads are well-formed and tagged, with every entry at 5,000.
+
+    It answers everything else (blame requests included) with an error.
+    """
+    codec = CkksCodec(crypto.load_context(secret), length=length)
+
+    def handle(msg: Message) -> Message:
+        config = msg.content.config_records["config"]
+        if msg.metadata.message_type != "train" or "blame" in msg.content.config_records:
+            return Message(Error(code=2, reason="no"), reply_to=msg)
+        server_round = int(config["server-round"])  # type: ignore[call-overload]
+        payload = sign_upload(
+            codec,
+            codec.encode(np.full(length, 5000.0) * 10),
+            run=str(flat["run-id"]),
+            server_round=server_round,
+            name="mallory",
+            num_examples=10,
+        )
+        content = RecordDict(
+            {
+                "update": ConfigRecord(payload),  # type: ignore[arg-type]
+                "info": ConfigRecord({"client": "mallory", "declined": ""}),
+                "metrics": MetricRecord({"num-examples": 10, "partition-id": 3, "epsilon": 1.0}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return handle
+
+
+@pytest.mark.slow
+def test_blame_step_drops_an_out_of_bounds_key_holder_under_example_dp(
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A well-formed upload from a key holder breaks the sum; the round completes without it."""
+    keys = crypto.save_keys(crypto.make_secret_context(), tmp_path / "keys")
+    flat: dict[str, object] = {
+        "model-path": str(tiny_model_dir),
+        "data-path": str(toy_csv),
+        "label-names": "animal,food,tool",
+        "num-clients": 4,
+        "min-clients": 3,
+        "num-rounds": 2,
+        "batch-size": 8,
+        "encryption": True,
+        "dp": "example",
+        "secret-context": str(keys.secret),
+        "run-dir": str(tmp_path / "run"),
+        "run-id": "blame",
+    }
+    cfg = parse_run_config(flat, ignore=WIRING_KEYS)
+    wiring = parse_wiring({**flat, "public-context": str(keys.public)})
+    codec = server_codec(cfg, wiring)
+    strategy = FedTuneStrategy(
+        codec=codec,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_clients=3,
+        seed=0,
+        capacity=server_capacity(cfg, codec),
+    )
+    strategy.blame_allowed = True  # what server/app.py sets for dp = "example"
+    length = codec.length  # type: ignore[attr-defined]
+    nodes = {k + 1: honest(flat, k) for k in range(3)}
+    nodes[4] = out_of_bounds_key_holder(flat, keys.secret, length)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with caplog.at_level(logging.INFO, logger="fedtune.server"):
+        run_rounds(InProcessGrid(nodes), cfg, strategy, run_dir)  # type: ignore[arg-type]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert "eval-accuracy" in r, r
+    assert "Round 1: dropped the upload of mallory: key holders found it out of bounds" in (
+        caplog.text
+    )
+    assert sorted(x.name for x in strategy.global_receipts) == [
+        "client-0",
+        "client-1",
+        "client-2",
+    ]

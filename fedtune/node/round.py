@@ -294,6 +294,8 @@ def handle(
             f"a fedtune node answers train and evaluate messages, not {message_type!r}."
         )
     runtime = runtime_for(run_config, node_config, run_id=run_id, deployed=deployed)
+    if "blame" in content.config_records:  # the blame step of verified aggregation
+        return verify.blame_reply(runtime, content)
     if message_type == "train":
         return train(runtime, content)
     return evaluate(runtime, content)

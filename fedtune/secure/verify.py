@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import json
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,15 +278,34 @@ class UsedGlobals:
             raise ValueError(f"{str(self.path)!r} must map run/round to a digest.")
         return data
 
-    def claim(self, key: str, digest: str) -> None:
-        """Record ``digest`` for ``key``; :data:`REPLACED` if another one is recorded."""
+    def claim(self, key: str, digest: str, tags: Sequence[str] = ()) -> None:
+        """Record ``digest`` (and the receipts' ``tags``) for ``key``.
+
+        :data:`REPLACED` if another digest is recorded, unless this node answered a
+        blame step for it (:meth:`note_blamed`) and ``tags`` are exactly the recorded
+        ones minus those it blamed: one such replacement per blame.
+        """
         used = self._load()
-        if key in used:
-            if not hmac.compare_digest(used[key], digest):
+        if key in used and not hmac.compare_digest(used[key], digest):
+            blamed = used.pop(f"{key}/blamed", None)
+            old = set(used.get(f"{key}/tags", "").split(",")) - {""}
+            if blamed is None or set(tags) != old - set(blamed.split(",")):
                 raise GlobalRefused(REPLACED)
+        elif key in used:
             return
         used[key] = digest
+        used[f"{key}/tags"] = ",".join(tags)
+        self._save(used)
+
+    def note_blamed(self, key: str, tags: Sequence[str]) -> None:
+        """Remember that this node blamed the uploads with ``tags`` in ``key``'s global."""
+        used = self._load()
+        used[f"{key}/blamed"] = ",".join(tags)
+        self._save(used)
+
+    def _save(self, used: dict[str, str]) -> None:
         if self.path is None:
+            self._memory = used
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -367,7 +385,11 @@ def check_global(
         matches = False
     if not matches:
         raise GlobalRefused(C1_MISMATCH)
-    used.claim(f"{run}/{server_round}", _global_digest(checked, num_examples, items))
+    used.claim(
+        f"{run}/{server_round}",
+        _global_digest(checked, num_examples, items),
+        [r.tag.hex() for r in items],
+    )
 
 
 def check_resumed(
@@ -413,55 +435,4 @@ def check_resumed(
         )
 
 
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_RECEIPTS_MAGIC = b"fedtune-receipts-1\n"
-
-
-def receipts_to_bytes(items: Sequence[Receipt]) -> bytes:
-    """A checkpoint's ``receipts.bin``: count, then per receipt its length-prefixed fields."""
-    out = [_RECEIPTS_MAGIC, _U32.pack(len(items))]
-    for r in items:
-        name = r.name.encode()
-        out += [_U32.pack(len(name)), name, _U64.pack(r.num_examples)]
-        out += [_U32.pack(len(r.seeds)), r.seeds, r.digest, r.tag]
-    return b"".join(out)
-
-
-def receipts_from_bytes(data: bytes) -> list[Receipt]:
-    """Inverse of :func:`receipts_to_bytes` for untrusted bytes; :class:`PayloadError` naming
-    the receipt and field that does not parse."""
-    if not data.startswith(_RECEIPTS_MAGIC):
-        raise PayloadError("receipts do not start with 'fedtune-receipts-1'.")
-    pos = len(_RECEIPTS_MAGIC)
-
-    def take(size: int, what: str) -> bytes:
-        nonlocal pos
-        if size < 0 or pos + size > len(data):
-            raise PayloadError(f"receipts end inside {what} (offset {pos}, {size} bytes wanted).")
-        pos += size
-        return data[pos - size : pos]
-
-    (count,) = _U32.unpack(take(4, "the count"))
-    if count > _MAX_RECEIPTS:
-        raise PayloadError(f"receipts count {count}; at most {_MAX_RECEIPTS}.")
-    items = []
-    for k in range(count):
-        (n_name,) = _U32.unpack(take(4, f"receipt {k} name size"))
-        if not 1 <= n_name <= 64:
-            raise PayloadError(f"receipt {k} name is {n_name} bytes; expected 1..64.")
-        try:
-            name = take(n_name, f"receipt {k} name").decode()
-        except UnicodeDecodeError as err:
-            raise PayloadError(f"receipt {k} name is not UTF-8.") from err
-        (n,) = _U64.unpack(take(8, f"receipt {k} count"))
-        (n_seeds,) = _U32.unpack(take(4, f"receipt {k} seed size"))
-        seeds = take(n_seeds, f"receipt {k} seeds")
-        digest = take(32, f"receipt {k} digest")
-        tag = take(receipts.TAG_BYTES, f"receipt {k} tag")
-        if n < 1:
-            raise PayloadError(f"receipt {k} counts {n} examples; expected at least 1.")
-        items.append(Receipt(name, n, seeds, digest, tag))
-    if pos != len(data):
-        raise PayloadError(f"receipts have {len(data) - pos} bytes after the last one.")
-    return items
+from fedtune.secure.receipt_io import receipts_from_bytes, receipts_to_bytes  # noqa: E402
