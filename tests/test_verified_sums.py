@@ -345,3 +345,37 @@ def test_resume_refuses_forged_or_unlisted_checkpoints(
         resume_round(checkpoint(forged, honest.global_receipts), server(keys, length), resume=True)
     with pytest.raises(FederationError, match=r"lists no uploads \(receipts\)"):
         resume_round(checkpoint(honest.global_payload, []), server(keys, length), resume=True)
+
+
+def test_blame_is_refused_without_example_level_dp(
+    holder: ClientRuntime, keys: crypto.KeyFiles, tmp_path: Path
+) -> None:
+    from fedtune.node.verified import blame_reply
+    from fedtune.secure.blame import BLAME_REFUSED, blame_to_record
+
+    runtime = _fresh(holder, tmp_path)
+    strategy = round_of(runtime, keys)
+    content = RecordDict(
+        {
+            "config": ConfigRecord({"server-round": 1, "blame-round": 1}),
+            "blame": ConfigRecord(
+                blame_to_record(strategy.global_uploads, strategy.global_receipts)  # type: ignore[arg-type]
+            ),
+        }
+    )
+    answer = blame_reply(runtime, content).config_records["info"]["blame"]
+    assert answer == BLAME_REFUSED  # dp is off: no single upload is ever decrypted
+
+
+def test_one_replacement_global_only_without_what_this_node_blamed() -> None:
+    used = verify.UsedGlobals(None)
+    used.claim("r/1", "digest-a", ["t0", "t1", "t2"])
+    used.claim("r/1", "digest-a", ["t0", "t1", "t2"])  # the same again
+    with pytest.raises(verify.GlobalRefused, match="second-global-for-round"):
+        used.claim("r/1", "digest-b", ["t0", "t1"])  # a subset the node did not ask for
+    used.note_blamed("r/1", ["t2"])
+    with pytest.raises(verify.GlobalRefused, match="second-global-for-round"):
+        used.claim("r/1", "digest-c", ["t1", "t2"])  # not the one it blamed
+    used.claim("r/1", "digest-b", ["t0", "t1"])  # exactly the previous minus the blamed
+    with pytest.raises(verify.GlobalRefused, match="second-global-for-round"):
+        used.claim("r/1", "digest-d", ["t0"])  # one replacement per blame

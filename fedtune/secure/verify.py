@@ -287,10 +287,11 @@ class UsedGlobals:
         """
         used = self._load()
         if key in used and not hmac.compare_digest(used[key], digest):
-            blamed = used.pop(f"{key}/blamed", None)
+            blamed = used.get(f"{key}/blamed")
             old = set(used.get(f"{key}/tags", "").split(",")) - {""}
             if blamed is None or set(tags) != old - set(blamed.split(",")):
                 raise GlobalRefused(REPLACED)
+            del used[f"{key}/blamed"]  # one replacement per blame
         elif key in used:
             return
         used[key] = digest
