@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from fedtune import crypto
-from fedtune.secure import verify
+from fedtune.secure import receipt_io, verify
 from fedtune.secure.ckks import CkksCodec
 
 _KEYS = ("chunks", "length", "fingerprint")
@@ -75,7 +75,7 @@ def main() -> None:
         start = time.perf_counter()
         holder.decode(total)
         t_decrypt = time.perf_counter() - start
-        receipt = len(verify.receipts_to_bytes([r for r in receipts[:1] if r is not None]))
+        receipt = len(receipt_io.receipts_to_bytes([r for r in receipts[:1] if r is not None]))
         upload = sum(len(c) for c in ups[0]["chunks"])
         print(
             f"{k} uploads of {args.length} values: server validate + receipts {t_server:.3f} s; "

@@ -24,7 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune import crypto
 from fedtune.config import parse_run_config
 from fedtune.node import round as node_round
-from fedtune.secure import verify
+from fedtune.secure import receipt_io, verify
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import PayloadError
 from fedtune.train.runtime import ClientRuntime
@@ -305,12 +305,12 @@ def test_server_drops_an_encrypted_upload_without_tag(
 
 def test_receipts_bytes_round_trip_and_refuse_garbage() -> None:
     items = [verify.Receipt("a", 3, b"s" * 130, b"d" * 32, b"t" * 32)]
-    data = verify.receipts_to_bytes(items)
-    assert verify.receipts_from_bytes(data) == items
+    data = receipt_io.receipts_to_bytes(items)
+    assert receipt_io.receipts_from_bytes(data) == items
     with pytest.raises(PayloadError, match=r"receipts end inside receipt 0 tag"):
-        verify.receipts_from_bytes(data[:-1])
+        receipt_io.receipts_from_bytes(data[:-1])
     with pytest.raises(PayloadError, match=r"1 bytes after the last one"):
-        verify.receipts_from_bytes(data + b"x")
+        receipt_io.receipts_from_bytes(data + b"x")
 
 
 def test_resume_refuses_forged_or_unlisted_checkpoints(

@@ -9,7 +9,7 @@ the server's ``run-dir``, a node's ``STATE_DIR``)::
                               "chunks": [sha256 hex], "chunk-bytes": [int], "hmac-sha256"}
       chunk-00000.bin        one file per payload chunk (ciphertext or float64 bytes), 0600
       receipts.bin           encrypted runs: what the global sums, one receipt per upload
-                             (:func:`fedtune.secure.verify.receipts_to_bytes`); its SHA-256
+                             (:func:`fedtune.secure.receipt_io.receipts_to_bytes`); its SHA-256
                              and size are state.json's optional ``receipts`` field
 
 ``hmac-sha256`` is HMAC-SHA256, keyed by ``checkpoint.key``, over the canonical
@@ -70,7 +70,8 @@ from fedtune.run.manifest import (
     parse_state,
 )
 from fedtune.secure.codec import PayloadError, WirePayload
-from fedtune.secure.verify import Receipt, receipts_from_bytes, receipts_to_bytes
+from fedtune.secure.receipt_io import receipts_from_bytes, receipts_to_bytes
+from fedtune.secure.verify import Receipt
 
 __all__ = ["KEY_NAME", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
 
 from fedtune.crypto import receipts
 from fedtune.secure.codec import PayloadError
+from fedtune.secure.verify import Receipt
 
 __all__ = ["receipts_from_bytes", "receipts_to_bytes"]
 
@@ -23,7 +23,7 @@ _U64 = struct.Struct("<Q")
 _RECEIPTS_MAGIC = b"fedtune-receipts-1\n"
 
 
-def receipts_to_bytes(items: Sequence[Any]) -> bytes:
+def receipts_to_bytes(items: Sequence[Receipt]) -> bytes:
     """A checkpoint's ``receipts.bin``: count, then per receipt its length-prefixed fields."""
     out = [_RECEIPTS_MAGIC, _U32.pack(len(items))]
     for r in items:
@@ -33,7 +33,7 @@ def receipts_to_bytes(items: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
-def receipts_from_bytes(data: bytes) -> list[Any]:
+def receipts_from_bytes(data: bytes) -> list[Receipt]:
     """Inverse of :func:`receipts_to_bytes` for untrusted bytes; :class:`PayloadError` naming
     the receipt and field that does not parse."""
     if not data.startswith(_RECEIPTS_MAGIC):
@@ -66,13 +66,7 @@ def receipts_from_bytes(data: bytes) -> list[Any]:
         tag = take(receipts.TAG_BYTES, f"receipt {k} tag")
         if n < 1:
             raise PayloadError(f"receipt {k} counts {n} examples; expected at least 1.")
-        items.append(_receipt(name, n, seeds, digest, tag))
+        items.append(Receipt(name, n, seeds, digest, tag))
     if pos != len(data):
         raise PayloadError(f"receipts have {len(data) - pos} bytes after the last one.")
     return items
-
-
-def _receipt(*fields: Any) -> Any:
-    from fedtune.secure.verify import Receipt  # noqa: PLC0415 - verify imports this module
-
-    return Receipt(*fields)

@@ -59,9 +59,7 @@ __all__ = [
     "check_resumed",
     "make_receipt",
     "min_uploads",
-    "receipts_from_bytes",
     "receipts_from_record",
-    "receipts_to_bytes",
     "receipts_to_record",
     "sign_upload",
 ]
@@ -434,6 +432,3 @@ def check_resumed(
             f"the checkpointed global's c1 is not the sum of the {len(items)} listed uploads' "
             f"seeds (a forged or near-transparent ciphertext): {remedy}."
         )
-
-
-from fedtune.secure.receipt_io import receipts_from_bytes, receipts_to_bytes  # noqa: E402
