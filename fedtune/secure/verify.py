@@ -7,13 +7,15 @@ seeds, hash, tag). A key holder uses the global only if
 
 1. every listed tag verifies for this run and the global's round (else it refuses
    with :data:`BAD_TAGS` and the positions of the failing receipts, so the server
-   can drop those uploads, re-sum and resend: see :mod:`server.strategy`);
+   can drop those uploads, re-sum and resend: see :mod:`server.verified`);
 2. the names are distinct, at least :func:`min_uploads` of them, and their counts
    add up to the global's ``num-examples``;
 3. the global's ``c1`` equals the sum of the listed seeds' expansions, exactly
    (no near-transparent or key-less forgery, no single upload passed off as a sum);
 4. it has not used a different global for this round before (:class:`UsedGlobals`;
-   the same one again is fine: evaluate and the next train message carry it).
+   the same one again is fine: evaluate and the next train message carry it; after a
+   blame step, :mod:`fedtune.secure.blame`, exactly the previous one minus the uploads
+   this node blamed is accepted once).
 
 It checks all of this before decrypting, so a refusal is one of the fixed codes
 below and never depends on decrypted values. Refusals are :class:`GlobalRefused`
