@@ -219,6 +219,8 @@ def run_rounds(
         )
         if strategy.last_evaluate.dropped:
             record["eval-dropped"] = dict(strategy.last_evaluate.dropped)
+        if after := strategy.dropped_after_sum.get(record["round"]):  # server/verified.py
+            record["dropped-after-sum"] = dict(after)
         task.derive_metrics(record)
         append_record(metrics_path, record)
         rnd = record["round"]

@@ -136,6 +136,9 @@ class FedTuneStrategy(Strategy):
         self.global_uploads: list[WirePayload] = []
         #: Names whose uploads key holders could not authenticate (dropped, logged).
         self.unverified: set[str] = set()
+        #: Round -> {name: why} of uploads dropped from that round's sum after key holders
+        #: named them (:mod:`server.verified`); written to that round's metrics line.
+        self.dropped_after_sum: dict[int, dict[str, str]] = {}
         #: ``dp = "example"``: a broken verified sum may be blamed on single uploads
         #: (:func:`server.verified.blame`); set by the ServerApp.
         self.blame_allowed = False

@@ -96,6 +96,8 @@ def _drop(strategy: FedTuneStrategy, agreed: set[int], server_round: int, why: s
     strategy.global_payload = strategy.codec.add(strategy.global_uploads)
     strategy.global_examples = sum(r.num_examples for r in strategy.global_receipts)
     strategy.unverified.update(receipts[i].name for i in agreed)
+    notes = strategy.dropped_after_sum.setdefault(server_round, {})
+    notes.update({receipts[i].name: why for i in agreed})
     return True
 
 

@@ -155,6 +155,8 @@ def test_federation_completes_every_round_without_the_forging_node(
         assert "Round 1: dropped the upload of mallory" in caplog.text
         assert "Round 2: dropped the upload of mallory" in caplog.text
         assert "mallory" in getattr(strategy, "unverified", ())
+        for r in records[1:]:  # each round's line says which upload left its sum
+            assert list(r["dropped-after-sum"]) == ["mallory"], r
     else:  # an encrypted upload without a tag is dropped on arrival
         assert "Dropped train reply from mallory (node 4): update `tag`" in caplog.text
     receipts = getattr(strategy, "global_receipts", [])
@@ -239,6 +241,7 @@ def test_blame_step_drops_an_out_of_bounds_key_holder_under_example_dp(
     assert "Round 1: dropped the upload of mallory: key holders found it out of bounds" in (
         caplog.text
     )
+    assert "out of bounds" in records[1]["dropped-after-sum"]["mallory"]
     assert sorted(x.name for x in strategy.global_receipts) == [
         "client-0",
         "client-1",
