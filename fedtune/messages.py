@@ -40,6 +40,7 @@ TRAIN_FIELDS: dict[tuple[str, str], str] = {
     ("update", "chunks"): "dp",
     ("update", "length"): "public",  # the adapter's size: a constant of the config
     ("update", "fingerprint"): "public",  # the public CKKS context's (or plain codec's) id
+    ("update", "tag"): "dp",  # HMAC of the upload under the run's key: post-processing of it
     ("info", "client"): "public",  # the node's configured name
     ("info", "declined"): "public",  # a refusal computed from public parameters and the ledger
     ("metrics", "num-examples"): "public",  # n_k: public under replace-one (1 at client level)
@@ -55,6 +56,9 @@ EVALUATE_FIELDS: dict[tuple[str, str], str] = {
     ("info", "declined"): "public",  # a fixed refusal code (evaluation budget, replayed round)
     ("metrics", "num-examples"): "held-out",  # size of the test split ("public" under DP eval)
     ("metrics", "partition-id"): "public",
+    # the blame step (fedtune/secure/blame.py, dp = "example" only): positions of the round's
+    # uploads found out of bounds, post-processing of those uploads (each a DP release)
+    ("info", "blame"): "dp",
     # + the task's own held-out metrics (``Task.eval_metrics``: eval-loss, eval-accuracy, ...)
 }
 

@@ -37,8 +37,9 @@ from fedtune.secure import run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError
 from fedtune.tasks import get_task
-from server.exchange import PENDING, exchange, load_pending, save_pending
+from server.exchange import PENDING, load_pending, save_pending
 from server.strategy import FedTuneStrategy, NotEnoughClients
+from server.verified import verified_exchange
 
 __all__ = [
     "app",
@@ -172,7 +173,7 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
             f"Cannot resume: {err} Restore the checkpoint, or start a new run-dir without `resume`."
         ) from err
     try:
-        strategy.resume(checkpoint.payload, checkpoint.num_examples)
+        strategy.resume(checkpoint.payload, checkpoint.num_examples, list(checkpoint.receipts))
     except PayloadError as err:
         raise FederationError(
             f"The checkpoint in {str(checkpoint_dir)!r} does not fit this run: {err}"
@@ -218,6 +219,8 @@ def run_rounds(
         )
         if strategy.last_evaluate.dropped:
             record["eval-dropped"] = dict(strategy.last_evaluate.dropped)
+        if after := strategy.dropped_after_sum.get(record["round"]):  # server/verified.py
+            record["dropped-after-sum"] = dict(after)
         task.derive_metrics(record)
         append_record(metrics_path, record)
         rnd = record["round"]
@@ -247,8 +250,14 @@ def run_rounds(
         with console.status(
             f"round {rnd}/{fed.num_rounds}: training (and evaluating round {rnd - 1})…"
         ):
-            messages = strategy.configure_round(rnd, grid)
-            replies = exchange(grid, messages, timeout=fed.round_timeout)
+            replies = verified_exchange(  # again without uploads key holders refuse
+                grid,
+                strategy,
+                lambda: strategy.configure_round(rnd, grid),  # noqa: B023 - called here
+                global_round=rnd - 1,
+                timeout=fed.round_timeout,
+                run_dir=run_dir,
+            )
             train_replies, evaluate_replies = strategy.split_replies(replies)
             evaluation = strategy.aggregate_evaluate(rnd - 1, evaluate_replies)
             _, train_metrics = strategy.aggregate_train(rnd, train_replies)
@@ -286,7 +295,10 @@ def run_rounds(
         save_checkpoint(
             run_dir / "checkpoint",
             Checkpoint(
-                round=rnd, payload=strategy.global_payload, num_examples=strategy.global_examples
+                round=rnd,
+                payload=strategy.global_payload,
+                num_examples=strategy.global_examples,
+                receipts=tuple(strategy.global_receipts),
             ),
             key_dir=run_dir,
             keep_previous=True,
@@ -294,12 +306,17 @@ def run_rounds(
     # The last round's state: one evaluate message per sampled node.
     start = time.perf_counter()
     with console.status(f"round {fed.num_rounds}/{fed.num_rounds}: evaluating…"):
-        messages = list(
-            strategy.configure_evaluate(pending["round"], ArrayRecord(), ConfigRecord(), grid)
+        replies = verified_exchange(
+            grid,
+            strategy,
+            lambda: list(
+                strategy.configure_evaluate(pending["round"], ArrayRecord(), ConfigRecord(), grid)
+            ),
+            global_round=pending["round"],
+            timeout=fed.round_timeout,
+            run_dir=run_dir,
         )
-        evaluation = strategy.aggregate_evaluate(
-            pending["round"], exchange(grid, messages, timeout=fed.round_timeout)
-        )
+        evaluation = strategy.aggregate_evaluate(pending["round"], replies)
     pending["eval-seconds"] = time.perf_counter() - start
     pending["round-seconds"] = pending.get("train-seconds", 0.0) + pending["eval-seconds"]
     write(pending, evaluation)
@@ -342,6 +359,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
             capacity=server_capacity(cfg, codec),
             eval_metrics=get_task(cfg.model.task).eval_metrics,
         )
+        strategy.blame_allowed = cfg.privacy.dp == "example"  # each upload is a DP release
         strategy.summary()
         if strategy.node_limits:
             Console(stderr=True, highlight=False, soft_wrap=True).print(

@@ -40,8 +40,16 @@ from fedtune.errors import FederationError
 from fedtune.run.metrics import weighted_mean
 from fedtune.secure.codec import Codec, PayloadError, WirePayload
 from fedtune.secure.plain import PlainCodec
+from fedtune.secure.verify import Receipt, make_receipt, receipts_to_record, split_tag
 from fedtune.tasks.base import HELD_OUT_METRICS
-from server.replies import NodeNames, RoundOutcome, declined_reason, read_metric, reply_node
+from server.replies import (
+    NodeNames,
+    RoundOutcome,
+    declined_reason,
+    read_metric,
+    reply_node,
+    stated_name,
+)
 
 __all__ = ["FedTuneStrategy", "NotEnoughClients", "RoundOutcome"]
 
@@ -122,6 +130,18 @@ class FedTuneStrategy(Strategy):
         self._names = NodeNames()
         self.global_payload: WirePayload | None = None
         self.global_examples = 0
+        #: What the global sums, one receipt per upload (encrypted runs; sent with it).
+        self.global_receipts: list[Receipt] = []
+        #: The uploads summed, parallel to the receipts (to re-sum without some of them).
+        self.global_uploads: list[WirePayload] = []
+        #: Names whose uploads key holders could not authenticate (dropped, logged).
+        self.unverified: set[str] = set()
+        #: Round -> {name: why} of uploads dropped from that round's sum after key holders
+        #: named them (:mod:`server.verified`); written to that round's metrics line.
+        self.dropped_after_sum: dict[int, dict[str, str]] = {}
+        #: ``dp = "example"``: a broken verified sum may be blamed on single uploads
+        #: (:func:`server.verified.blame`); set by the ServerApp.
+        self.blame_allowed = False
         self.last_train = RoundOutcome()
         self.last_evaluate = RoundOutcome()
         self.last_refusal = ""
@@ -143,10 +163,23 @@ class FedTuneStrategy(Strategy):
             type(self.codec).__name__,
         )
 
-    def resume(self, payload: WirePayload, num_examples: int) -> None:
-        """Continue from a checkpointed global sum (validated by the codec first)."""
-        self.global_payload = self.codec.validate(payload, aggregate=True)
+    def resume(
+        self, payload: WirePayload, num_examples: int, receipts: list[Receipt] | None = None
+    ) -> None:
+        """Continue from a checkpointed global sum (validated by the codec first).
+
+        An encrypted sum must come with the receipts of what it sums, and its ``c1``
+        must be the sum of their seeds' expansions (no key needed to check): a
+        near-transparent or key-less forgery is refused here, not by every key holder.
+        """
+        checked = self.codec.validate(payload, aggregate=True)
+        from fedtune.secure.verify import check_resumed  # noqa: PLC0415
+
+        check_resumed(self.codec, checked, num_examples, receipts or [])
+        self.global_payload = checked
         self.global_examples = num_examples
+        self.global_receipts = list(receipts or [])
+        self.global_uploads = []  # not checkpointed: a resumed round cannot be re-summed
 
     def _sample(self, grid: Grid, fraction: float, server_round: int, phase: int) -> list[int]:
         deadline = time.monotonic() + self.connect_timeout
@@ -174,7 +207,11 @@ class FedTuneStrategy(Strategy):
         content = RecordDict({"config": ConfigRecord(config)})  # type: ignore[arg-type]
         if self.global_payload is not None:
             content["global"] = ConfigRecord(
-                {**self.global_payload, "num-examples": self.global_examples}
+                {
+                    **self.global_payload,
+                    "num-examples": self.global_examples,
+                    **(receipts_to_record(self.global_receipts) if self.global_receipts else {}),
+                }
             )
         return content
 
@@ -338,8 +375,14 @@ class FedTuneStrategy(Strategy):
             outcome.accepted[who] = values
         return outcome
 
-    def _read_update(self, msg: Message, node: int, counted: int) -> tuple[WirePayload, int]:
-        """A train reply's validated payload and count, ``counted`` examples already added."""
+    def _read_update(
+        self, msg: Message, node: int, counted: int
+    ) -> tuple[WirePayload, int, Receipt | None]:
+        """A train reply's validated payload, count and receipt (``counted`` already added).
+
+        An encrypted upload must carry its ``tag`` (the server cannot check it; key
+        holders do, :mod:`fedtune.secure.verify`).
+        """
         if "update" not in msg.content.config_records:
             raise PayloadError("reply has no 'update' record.")
         n = self._num_examples(msg, node)
@@ -352,10 +395,12 @@ class FedTuneStrategy(Strategy):
                 f"({counted} + {n} examples x |w| <= {self.value_bound:g} > "
                 f"{self.capacity:.4g})."
             )
-        payload = self.codec.validate(dict(msg.content.config_records["update"]))
+        update, tag = split_tag(msg.content.config_records["update"])
+        payload = self.codec.validate(update)
+        receipt = make_receipt(self.codec, payload, tag, name=stated_name(msg), num_examples=n)
         if self._readable:
             bounds.check_update(self.codec.decode(payload), n, self.value_bound)
-        return payload, n
+        return payload, n, receipt
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -363,15 +408,20 @@ class FedTuneStrategy(Strategy):
         """Validate each reply, add the good ones, keep the sums as the new global state."""
         payloads: list[WirePayload] = []
         counts: list[int] = []
+        receipts: list[Receipt] = []
+        uploads: list[WirePayload] = []
 
         def read(msg: Message, node: int) -> dict[str, float]:
-            payload, n = self._read_update(msg, node, sum(counts))
+            payload, n, receipt = self._read_update(msg, node, sum(counts))
             values = {"num-examples": float(n)}
             for key in ("train-loss", "epsilon"):  # DP clients send no train-loss
                 if key in msg.content.metric_records["metrics"]:
                     values[key] = read_metric(msg, key)
             payloads.append(payload)
             counts.append(n)
+            if receipt is not None:
+                receipts.append(receipt)
+                uploads.append(payload)
             return values
 
         outcome = self._collect(server_round, replies, "train", read, may_decline=True)
@@ -404,6 +454,7 @@ class FedTuneStrategy(Strategy):
             )
             return None, None
         self.global_payload, self.global_examples = total, int(sum(counts))
+        self.global_receipts, self.global_uploads = receipts, uploads
         metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": self.global_examples
         }

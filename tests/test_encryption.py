@@ -15,6 +15,7 @@ from fedtune.config import ModelConfig, parse_run_config
 from fedtune.model import build_model, get_adapter_vector
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import PayloadError
+from fedtune.secure.verify import sign_upload
 from server.app import server_codec
 from server.strategy import FedTuneStrategy
 
@@ -62,8 +63,19 @@ def test_server_adds_real_adapters_it_cannot_read(
         min_clients=3,
         seed=0,
     )
-    replies = [
-        _reply(i, client.encode(v * n), n)
+    replies = [  # each upload tagged as a key holder does (fedtune.secure.verify)
+        _reply(
+            i,
+            sign_upload(
+                client,
+                client.encode(v * n),
+                run="r",
+                server_round=1,
+                name=f"client-{i}",
+                num_examples=n,
+            ),
+            n,
+        )
         for i, (v, n) in enumerate(zip(vectors, counts, strict=True))
     ]
     strategy.aggregate_train(1, replies)

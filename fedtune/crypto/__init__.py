@@ -88,7 +88,14 @@ serialisation rebuilt from the checked numbers. Handing SEAL the client's
 bytes directly let one upload abort the server (SIGABRT inside SEAL's
 loader, two payloads known, ``tests/test_seal_parse.py``); every failure is
 now a ``PayloadError``, and :func:`sum_encrypted` (numpy) cannot fail on
-payloads that passed :func:`validate_encrypted`.
+payloads that passed :func:`validate_encrypted`. Context files are parsed the
+same way: the secret key in ``secret.ctx`` byte for byte
+(:mod:`fedtune.crypto.key_format`), and a server's ``public.ctx`` may hold no key
+bytes at all (``load_context(path, public=True)``).
+
+Verified sums: :mod:`fedtune.crypto.receipts` (upload tags keyed from the secret
+key, and the ``c1`` equation a key holder checks before decrypting a sum; the
+protocol around it is :mod:`fedtune.secure.verify`).
 """
 
 from fedtune.crypto.context import (

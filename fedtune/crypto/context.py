@@ -24,13 +24,13 @@ from typing import Any
 
 from fedtune.crypto._seal import (
     expected_version,
-    parse_header,
     scratch_dir,
     seal_dump,
     seal_load,
     sealapi,
 )
-from fedtune.crypto.errors import CryptoError
+from fedtune.crypto.errors import CryptoError, PayloadError
+from fedtune.crypto.key_format import KeyLayout, parse_secret_key
 from fedtune.crypto.params import DEFAULT_PARAMS, CkksParams
 from fedtune.crypto.seal_format import CiphertextLayout
 
@@ -104,6 +104,13 @@ class CkksContext:
         self.primes: tuple[int, ...] = tuple(int(m.value()) for m in parms.coeff_modulus())
         self.fingerprint = _fingerprint(params, self.primes, key_id)
         parms_id = tuple(int(v) for v in seal_context.first_parms_id())
+        key_parms = tuple(int(v) for v in seal_context.key_parms_id())
+        key_layout = KeyLayout(
+            version=expected_version(),
+            parms_id=(key_parms[0], key_parms[1], key_parms[2], key_parms[3]),
+            poly_modulus_degree=params.poly_modulus_degree,
+            primes=self.primes,
+        )
         self.layout = CiphertextLayout(
             version=expected_version(),
             parms_id=(parms_id[0], parms_id[1], parms_id[2], parms_id[3]),
@@ -122,13 +129,16 @@ class CkksContext:
                 raise CryptoError(
                     f"secret key does not match its key_id {key_id!r}: the key file is corrupted."
                 )
-            parse_header(secret_key_bytes, field="secret_key")
+            try:  # every byte checked in Python; SEAL loads only the rebuild
+                rebuilt = parse_secret_key(secret_key_bytes, key_layout)
+            except PayloadError as exc:
+                raise CryptoError(f"CKKS context: {exc}") from exc
             secret_key = sa.SecretKey()
             with scratch_dir() as tmp:
                 try:
                     seal_load(
                         lambda p: secret_key.load(seal_context, p),
-                        secret_key_bytes,
+                        rebuilt,
                         tmp,
                     )
                 except (RuntimeError, ValueError) as exc:
@@ -235,8 +245,13 @@ def context_to_bytes(ctx: CkksContext, *, include_secret_key: bool = False) -> b
     return line + (sk or b"")
 
 
-def context_from_bytes(data: bytes) -> CkksContext:
+def context_from_bytes(data: bytes, *, public: bool = False) -> CkksContext:
     """Inverse of :func:`context_to_bytes`; checks the stored fingerprint.
+
+    The bytes are untrusted (a file this process did not write): the JSON header
+    is read within 4096 bytes, and the secret key, if any, is parsed byte for byte
+    (:mod:`fedtune.crypto.key_format`) before SEAL sees it. With ``public`` (the
+    server) a file that announces any key bytes is refused before they are read.
 
     Raises
     ------
@@ -268,7 +283,13 @@ def context_from_bytes(data: bytes) -> CkksContext:
     except (KeyError, TypeError, ValueError) as exc:
         raise CryptoError(f"CKKS context: malformed header ({exc}).") from exc
     body = data[end + 1 :]
-    if not isinstance(n_sk, int) or n_sk != len(body):
+    if public and (n_sk != 0 or body):
+        raise CryptoError(
+            f"CKKS context: `public-context` holds a secret key ({len(body)} bytes after the "
+            "header); the server must only get the public context (public.ctx from "
+            "`fedtune keygen`)."
+        )
+    if isinstance(n_sk, bool) or not isinstance(n_sk, int) or n_sk != len(body):
         raise CryptoError(f"CKKS context: header announces {n_sk!r} key bytes, {len(body)} follow.")
     ctx = CkksContext(params=params, key_id=str(key_id), secret_key_bytes=body or None)
     if ctx.fingerprint != stored_fp:
@@ -316,10 +337,26 @@ def save_keys(ctx: CkksContext, out_dir: Path) -> KeyFiles:
     return files
 
 
-def load_context(path: Path) -> CkksContext:
-    """Load a context written by :func:`save_keys` (``secret.ctx`` or ``public.ctx``)."""
+def load_context(path: Path, *, public: bool = False) -> CkksContext:
+    """Load a context written by :func:`save_keys` (``secret.ctx`` or ``public.ctx``).
+
+    ``public``: refuse a file that carries a secret key (the server's read path),
+    before the key is parsed. Reads at most one byte more than any key file.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    if size > _MAX_CONTEXT_FILE_BYTES:
-        raise CryptoError(f"CKKS context file {path} is {size} bytes; more than any key file.")
-    return context_from_bytes(path.read_bytes())
+    with path.open("rb") as fh:
+        data = fh.read(_MAX_CONTEXT_FILE_BYTES + 1)
+    if len(data) > _MAX_CONTEXT_FILE_BYTES:
+        raise CryptoError(
+            f"CKKS context file {str(path)!r} is over {_MAX_CONTEXT_FILE_BYTES} bytes; more "
+            "than any key file: pass the secret.ctx or public.ctx `fedtune keygen` wrote."
+        )
+    try:
+        return context_from_bytes(data, public=public)
+    except CryptoError as exc:
+        if public and "holds a secret key" in str(exc):
+            raise CryptoError(
+                f"`public-context` {str(path)!r} holds a secret key; the server must only get "
+                "the public context (public.ctx from `fedtune keygen`)."
+            ) from exc
+        raise

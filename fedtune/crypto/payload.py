@@ -31,8 +31,11 @@ input; both are built from a genuine upload without any key
 (``tests/test_seal_parse.py``). A Python ``try`` cannot catch an abort.
 
 A chunk that passes every check can still be a well-formed encryption of
-garbage: integrity of a client's update is TLS's and DP's business, not the
-aggregator's (it cannot read the values by design).
+garbage, or made under another key with the public fingerprint copied: the
+server cannot tell. Key holders can: every upload carries a tag keyed from the
+secret key, and a global is used only if its receipts verify and its ``c1`` is
+the sum of the listed seeds' expansions (:mod:`fedtune.crypto.receipts`,
+:mod:`fedtune.secure.verify`).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config, parse_wiring
 from fedtune.messages import check_reply
+from fedtune.node import verified as verify
 from fedtune.privacy.policy import NodePolicy, PolicyError
 from fedtune.privacy.policy_file import POLICY_KEYS, load_policy
 from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
@@ -232,12 +233,23 @@ def _node_policy(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
         )
 
 
-def _global_state(content: RecordDict) -> GlobalState | None:
+def _global_state(
+    runtime: ClientRuntime, content: RecordDict, *, server_round: int
+) -> GlobalState | None:
+    """The global sum of round ``server_round`` a message brings, verified before any use.
+
+    A key holder checks the receipts the server lists with it
+    (:func:`fedtune.secure.verify.check_global`): it refuses with a fixed code, before
+    decrypting anything, a sum it cannot prove is one of at least ``min-clients``
+    authenticated uploads of this round, or a second, different sum for one round.
+    """
     if "global" not in content.config_records:
         return None
     record = content.config_records["global"]
     payload = {k: record[k] for k in ("chunks", "length", "fingerprint") if k in record}
-    return GlobalState(payload=payload, num_examples=_int(record, "num-examples"))
+    state = GlobalState(payload=payload, num_examples=_int(record, "num-examples"))
+    verify.check_runtime_global(runtime, record, state, server_round=server_round)
+    return state
 
 
 def _int(record: ConfigRecord, key: str) -> int:
@@ -286,7 +298,7 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     server_config = _server_config(content)
     server_round = _int(server_config, "server-round")
     sampled = _int(server_config, "sampled-clients") if "sampled-clients" in server_config else 0
-    state = _global_state(content)
+    state = _global_state(runtime, content, server_round=server_round - 1)
     asked = "evaluate-round" in server_config
     if asked and (evaluate_round := _int(server_config, "evaluate-round")) != server_round - 1:
         raise ValueError(
@@ -298,13 +310,14 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     # A declined evaluation sends no ``evaluation`` record (the server drops it as missing).
     evaluation = _evaluation(runtime, state, server_round - 1)[0] if asked else None
     outcome = runtime.train(state, server_round=server_round, sampled_clients=sampled)
+    outcome = verify.sign_outcome(runtime, outcome, server_round=server_round)  # the upload's tag
     return train_reply(runtime, outcome, evaluation=evaluation)
 
 
 def evaluate(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     """An evaluate message: the held-out metrics of the global state it brings."""
     server_round = _int(_server_config(content), "server-round")
-    state = _global_state(content)
+    state = _global_state(runtime, content, server_round=server_round)
     runtime.keep_global(state, server_round=server_round)
     metrics, declined = _evaluation(runtime, state, server_round)
     if metrics is None:
@@ -332,6 +345,8 @@ def handle(
             f"a fedtune node answers train and evaluate messages, not {message_type!r}."
         )
     runtime = runtime_for(run_config, node_config, run_id=run_id, deployed=deployed)
+    if "blame" in content.config_records:  # the blame step of verified aggregation
+        return verify.blame_reply(runtime, content)
     if message_type == "train":
         return train(runtime, content)
     return evaluate(runtime, content)

@@ -8,6 +8,9 @@ the server's ``run-dir``, a node's ``STATE_DIR``)::
       state.json             {"format", "round", "num-examples", "length", "fingerprint",
                               "chunks": [sha256 hex], "chunk-bytes": [int], "hmac-sha256"}
       chunk-00000.bin        one file per payload chunk (ciphertext or float64 bytes), 0600
+      receipts.bin           encrypted runs: what the global sums, one receipt per upload
+                             (:func:`fedtune.secure.receipt_io.receipts_to_bytes`); its SHA-256
+                             and size are state.json's optional ``receipts`` field
 
 ``hmac-sha256`` is HMAC-SHA256, keyed by ``checkpoint.key``, over the canonical
 JSON of every other field of ``state.json`` (sorted keys, no spaces, ASCII), so the
@@ -66,12 +69,15 @@ from fedtune.run.manifest import (
     mac,
     parse_state,
 )
-from fedtune.secure.codec import WirePayload
+from fedtune.secure.codec import PayloadError, WirePayload
+from fedtune.secure.receipt_io import receipts_from_bytes, receipts_to_bytes
+from fedtune.secure.verify import Receipt
 
 __all__ = ["KEY_NAME", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 
 KEY_NAME = "checkpoint.key"
+RECEIPTS_NAME = "receipts.bin"
 KEY_BYTES = 32
 
 
@@ -82,6 +88,8 @@ class Checkpoint:
     round: int
     payload: WirePayload
     num_examples: int
+    #: What the global sums (encrypted runs; empty for a plain sum or a node's copy).
+    receipts: tuple[Receipt, ...] = ()
 
 
 def _key_path(directory: Path, key_dir: Path | None) -> Path:
@@ -177,6 +185,9 @@ def save_checkpoint(
         "chunk-bytes": [len(c) for c in chunks],
         "hmac-sha256": "0" * 64,
     }
+    receipts = receipts_to_bytes(checkpoint.receipts) if checkpoint.receipts else b""
+    if receipts:
+        manifest["receipts"] = [hashlib.sha256(receipts).hexdigest(), len(receipts)]
     where = f"the checkpoint to write to {str(directory)!r}"
     check_fields(manifest, where, max_examples=max_examples, max_chunk_bytes=max_chunk_bytes)
     manifest["hmac-sha256"] = mac(_ensure_key(key_path), manifest)
@@ -188,6 +199,8 @@ def save_checkpoint(
     os.chmod(tmp, 0o700)
     for i, chunk in enumerate(chunks):
         write_new(tmp / f"chunk-{i:05d}.bin", chunk)
+    if receipts:
+        write_new(tmp / RECEIPTS_NAME, receipts)
     write_new(tmp / "state.json", json.dumps(manifest, indent=1).encode("ascii"))
     fsync_dir(tmp)
     remove(old)
@@ -296,4 +309,23 @@ def _load(
         "length": fields.length,
         "fingerprint": fields.fingerprint,
     }
-    return Checkpoint(round=fields.round, payload=payload, num_examples=fields.num_examples)
+    receipts: tuple[Receipt, ...] = ()
+    if fields.receipts is not None:
+        digest, size = fields.receipts
+        what = f"Checkpoint receipts ({str(directory / RECEIPTS_NAME)!r})"
+        try:
+            data, on_disk = _read_member(dir_fd, RECEIPTS_NAME, size + 1, what)
+        except FileNotFoundError:
+            raise CheckpointError(f"{what} are missing.") from None
+        if len(data) != size or not hmac.compare_digest(hashlib.sha256(data).hexdigest(), digest):
+            raise CheckpointError(f"{what} do not match their recorded size and digest.")
+        try:
+            receipts = tuple(receipts_from_bytes(data))
+        except PayloadError as err:
+            raise CheckpointError(f"{what}: {err}") from err
+    return Checkpoint(
+        round=fields.round,
+        payload=payload,
+        num_examples=fields.num_examples,
+        receipts=receipts,
+    )

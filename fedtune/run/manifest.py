@@ -52,6 +52,9 @@ _FIELDS = (
     "chunk-bytes",
     "hmac-sha256",
 )
+#: Optional: ``[sha256 hex, size]`` of ``receipts.bin``, what an encrypted global sums.
+_OPTIONAL = ("receipts",)
+MAX_RECEIPTS_BYTES = 64 << 20
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -97,6 +100,7 @@ class Fields:
     fingerprint: str
     digests: list[str]
     sizes: list[int]
+    receipts: tuple[str, int] | None = None
 
 
 def check_fields(
@@ -104,7 +108,7 @@ def check_fields(
 ) -> Fields:
     """Check every field's type and range (not the HMAC); raise CheckpointError naming it."""
     missing = [k for k in _FIELDS if k not in manifest]
-    unexpected = [_show(k) for k in manifest if k not in _FIELDS][:5]
+    unexpected = [_show(k) for k in manifest if k not in _FIELDS + _OPTIONAL][:5]
     if missing or unexpected:
         found = [f"missing {', '.join(map(repr, missing))}"] if missing else []
         found += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
@@ -167,7 +171,22 @@ def check_fields(
             f"Checkpoint field `hmac-sha256` must be a hex digest; "
             f"got {_show(manifest['hmac-sha256'])} (in {where})."
         )
-    return Fields(round_, examples, length, fingerprint, digests, ints)
+    receipts: tuple[str, int] | None = None
+    if "receipts" in manifest:
+        value = manifest["receipts"]
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and _is_hex_digest(value[0])
+            and type(value[1]) is int
+            and 1 <= value[1] <= MAX_RECEIPTS_BYTES
+        ):
+            raise CheckpointError(
+                f"Checkpoint field `receipts` must be [SHA-256 hex digest, size in "
+                f"1..{MAX_RECEIPTS_BYTES}]; got {_show(value)} (in {where})."
+            )
+        receipts = (str(value[0]), int(value[1]))
+    return Fields(round_, examples, length, fingerprint, digests, ints, receipts)
 
 
 def mac(key: bytes, manifest: dict[str, object]) -> str:

@@ -90,7 +90,7 @@ class CkksBackend:
                 "`encryption` is on but no CKKS context was given; a client needs "
                 "`secret-context`, the server `public-context`."
             )
-        loaded = crypto.load_context(Path(context))
+        loaded = crypto.load_context(Path(context), public=public)
         if public and crypto.has_secret_key(loaded):
             raise crypto.CryptoError(
                 f"`public-context` {str(context)!r} holds a secret key; the server must only "
