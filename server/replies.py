@@ -74,12 +74,20 @@ def stated_name(msg: Message) -> str | None:
 
 
 def declined_reason(msg: Message) -> str:
-    """The reason a client gave for declining the round ('' if it did not)."""
+    """The code a client gave for declining the round ('' if it did not).
+
+    A fedtune node declines with one of :data:`fedtune.node.codes.CODES` (the details
+    stay in its own log); any other non-empty value is tabled as ``"node-error"``.
+    """
+    from fedtune.node.codes import known_code  # noqa: PLC0415
+
     try:
         reason = msg.content.config_records["info"]["declined"]
     except (KeyError, TypeError):
         return ""
-    return reason[:500] if isinstance(reason, str) else ""
+    if not isinstance(reason, str) or not reason:
+        return ""
+    return known_code(reason)
 
 
 def read_metric(

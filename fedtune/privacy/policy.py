@@ -60,6 +60,9 @@ class NodePolicy:
         Base models the node will load; empty: only the bundled defaults.
     canaries : bool
         Audit canaries allowed (simulation only).
+    max_step_slack : float
+        The key holder's movement bound is this times the bound derived from the
+        config (:mod:`fedtune.movement`); the run config cannot lower or remove it.
     """
 
     delta: float = DEFAULT_DELTA
@@ -71,3 +74,4 @@ class NodePolicy:
     max_seq_length: int | None = None
     models: tuple[ModelPin, ...] = field(default_factory=tuple)
     canaries: bool = False
+    max_step_slack: float = 2.0

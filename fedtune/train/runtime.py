@@ -25,8 +25,9 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.data.memo import data_key
-from fedtune.privacy.policy import NodePolicy
+from fedtune.guard import MovementGuard
 from fedtune.privacy import PrivacyLedger
+from fedtune.privacy.policy import NodePolicy
 from fedtune.tasks import get_task
 from fedtune.tasks.base import ClientDatasets
 from fedtune.train.loop import (
@@ -47,14 +48,6 @@ from fedtune.train.state import GlobalState, TrainOutcome
 __all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
 
 log = logging.getLogger("fedtune.client")
-
-
-def _checked_mean(mean: NDArray[np.float64]) -> NDArray[np.float64]:
-    """``mean`` if every entry is finite and within the adapter value bound, else raise."""
-    from fedtune.bounds import check_global_mean  # noqa: PLC0415
-
-    check_global_mean(mean)
-    return mean
 
 
 class ClientRuntime:
@@ -105,16 +98,7 @@ class ClientRuntime:
             cfg.crypto.encryption_backend, length=self.initial.size, context=secret_context
         )
         self._plan: PrivacyPlan | None = None
-        from fedtune.bounds import StepGuard  # noqa: PLC0415
-
-        if state_dir is not None:
-            guard_path: Path | None = state_dir / "step-guard.npz"
-        else:
-            guard_path = privacy_dir / f"{self.name}.step-guard.npz" if privacy_dir else None
-        config_digest = hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:16]
-        self.step_guard = StepGuard(
-            cfg.federation.max_step_factor, path=guard_path, run=f"{run_id}/{config_digest}"
-        )
+        self._guard: MovementGuard | None = None
         if cfg.privacy.enabled and privacy_dir is None:
             raise ValueError("DP is on but the client has no directory for its privacy ledger.")
 
@@ -209,16 +193,49 @@ class ClientRuntime:
             Checkpoint(round=server_round, payload=payload, num_examples=state.num_examples),
         )
 
+    @property
+    def guard(self) -> MovementGuard:
+        """The key holder's movement guard (:mod:`fedtune.guard`), built on first use.
+
+        Its bound is :func:`fedtune.movement.round_bound` of this run's config and this
+        node's data, times the node policy's ``max-step-slack``; ``max-step-factor`` in
+        the run config has no say. Its signed state lives in ``STATE_DIR`` on a node,
+        in the privacy directory in simulation, else in memory.
+        """
+        if self._guard is None:
+            from fedtune.movement import round_bound  # noqa: PLC0415
+
+            plan = self.plan if self.cfg.privacy.enabled else None
+            bound = round_bound(
+                self.cfg,
+                num_examples=self.num_train_examples,
+                plan=plan,
+                dimension=self.initial.size,
+            )
+            directory = self.state_dir or self.privacy_dir
+            prefix = "" if self.state_dir is not None else f"{self.name}."
+            digest = hashlib.sha256(self.cfg.to_toml().encode()).hexdigest()[:16]
+            self._guard = MovementGuard(
+                bound=bound * self.policy.max_step_slack,
+                initial=self.initial,
+                max_rounds=self.cfg.federation.num_rounds,
+                path=None if directory is None else directory / f"{prefix}movement-guard.bin",
+                key_path=None if directory is None else directory / f"{prefix}guard.key",
+                run=f"{self.run_id}/{digest}",
+            )
+            log.info("%s: movement bound %.4g per round", self.name, self._guard.bound)
+        return self._guard
+
     def global_vector(self, state: GlobalState | None, *, server_round: int) -> NDArray[np.float64]:
         """The current global adapter: the seeded initial one in round 1, else ``S / N``.
 
         ``server_round`` is the round whose aggregate ``state`` is. A key holder
-        checks what it decrypted before using it: every entry finite and within
-        :data:`fedtune.bounds.VALUE_BOUND` (:func:`_checked_mean`), and a step from
-        the last global it accepted within ``max-step-factor`` times the largest
-        step before (:class:`fedtune.bounds.StepGuard`). Else a
-        :class:`fedtune.bounds.BoundError` (a ``ValueError``), which the ClientApp
-        turns into an error reply that the server drops with a log line.
+        checks what it decrypted before using it (:meth:`guard`): every entry finite
+        and within :data:`fedtune.bounds.VALUE_BOUND`, and its largest coordinate
+        within the configuration's movement bound of the last global it accepted.
+        A refused global is not used and not reported: this returns the last
+        accepted global instead and the node answers as usual (a refusal the server
+        could see would tell it about the decrypted values; :mod:`fedtune.guard`).
 
         This limits what a forged or scaled update can do to the model; it does not
         stop a malicious key holder whose update stays within the bounds. The
@@ -229,9 +246,8 @@ class ClientRuntime:
             return self.initial.copy()
         self.codec.validate(state.payload, aggregate=True)
         total = self.codec.decode(state.payload)
-        mean = _checked_mean(WeightedSum(total=total, num_examples=state.num_examples).mean())
-        self.step_guard.check(mean, server_round=server_round)
-        return mean
+        mean = WeightedSum(total=total, num_examples=state.num_examples).mean()
+        return self.guard.accept(mean, server_round=server_round)
 
     def train(
         self, state: GlobalState | None, *, server_round: int, sampled_clients: int = 0
