@@ -39,6 +39,10 @@ WORKER_KEYS = frozenset({"worker", "worker-wait", "name"})
 WORKER_WAIT = 60.0
 
 
+class NodeConfigError(RuntimeError):
+    """This node's own setup is wrong (its node config); the server sees ``node-error``."""
+
+
 def simulated_node(node_config: Mapping[str, object]) -> bool:
     """Whether this ClientApp runs on Flower's simulation engine, not on a real node.
 
@@ -65,7 +69,7 @@ def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
     node = dict(context.node_config)
     unknown = sorted(set(node) - WORKER_KEYS)
     if "worker" not in node or unknown:
-        raise ValueError(
+        raise NodeConfigError(
             "This ClientApp runs on a real node but its node config "
             + (f"has unknown key(s) {unknown}" if unknown else "names no `worker`")
             + "; start the node with `fedtune deploy supernode`, which starts the node's "
