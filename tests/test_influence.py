@@ -136,9 +136,8 @@ def test_honest_nodes_are_never_refused_and_stay_within_the_bound(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factor", [0, 10])
-def test_a_bias_shift_and_a_x50_round_are_refused_whatever_max_step_factor(
-    tiny_model_dir: Path, tmp_path: Path, factor: float
+def test_a_bias_shift_and_a_x50_round_are_refused_with_max_step_factor_0(
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     j = _bias_index(tiny_model_dir, tmp_path / "layout")
 
@@ -151,7 +150,7 @@ def test_a_bias_shift_and_a_x50_round_are_refused_whatever_max_step_factor(
         return w
 
     globals_, updates, honest = _federate(
-        tiny_model_dir, tmp_path, 5, attack, **{"max-step-factor": factor}
+        tiny_model_dir, tmp_path, 5, attack, **{"max-step-factor": 0}
     )
     assert abs(globals_[2][j] - globals_[1][j]) > 2.0  # the attack reached the global
     # Round 3: the honest nodes trained from round 1's global, not the shifted one.
