@@ -145,6 +145,9 @@ def test_a_dp_node_sends_only_public_constants_codes_and_accounted_values(
     for label, runtime in runtimes.items():  # evaluated, then trained from: checked twice
         refused = {r for r, ok in runtime.guard.history if not ok}
         assert refused == (set() if label == "inside" else {1})
+    # Only an accepted global is kept for the node's own export.
+    assert (tmp_path / "node-inside" / "checkpoint").is_dir()
+    assert not (tmp_path / "node-outside" / "checkpoint").exists()
     # The refusal bit is not in the replies: same fields, strings, counts and sizes.
     assert _shape(replies["inside-2"]) == _shape(replies["outside-2"])
     assert "evaluation" in replies["outside-2"] and "update" in replies["outside-2"]

@@ -50,6 +50,16 @@ __all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
 log = logging.getLogger("fedtune.client")
 
 
+def _payload_digest(payload: object) -> str:
+    """SHA-256 over a wire payload's chunks (what a global's decryption depends on)."""
+    digest = hashlib.sha256()
+    chunks = payload.get("chunks", []) if isinstance(payload, dict) else []
+    for chunk in chunks if isinstance(chunks, list) else []:
+        data = bytes(chunk) if isinstance(chunk, (bytes, bytearray)) else repr(chunk).encode()
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
+
+
 class ClientRuntime:
     """A client's own state; the model, tokenizer, codec and data are the worker's.
 
@@ -99,6 +109,7 @@ class ClientRuntime:
         )
         self._plan: PrivacyPlan | None = None
         self._guard: MovementGuard | None = None
+        self._decoded: tuple[tuple[int, int, str], NDArray[np.float64]] | None = None
         if cfg.privacy.enabled and privacy_dir is None:
             raise ValueError("DP is on but the client has no directory for its privacy ledger.")
 
@@ -165,7 +176,8 @@ class ClientRuntime:
 
         With the resolved ``STATE_DIR/config.toml`` beside it, ``fedtune export
         STATE_DIR --key SECRET`` writes the PEFT adapter on the node itself, from the
-        same files a server checkpoint has (the server cannot: it holds no key).
+        same files a server checkpoint has (the server cannot: it holds no key). Only a
+        global the movement guard accepted is kept (a refused one is logged, locally).
         """
         if self.state_dir is None or state is None:
             return
@@ -182,6 +194,10 @@ class ClientRuntime:
                 return
         except CheckpointError:
             pass
+        self.global_vector(state, server_round=server_round)
+        if self.guard.last_accepted()[0] != server_round:
+            log.warning("%s: round %d's global was refused; not kept.", self.name, server_round)
+            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         config = replace(
             self.cfg, data=replace(self.cfg.data, label_names=",".join(self.label_names))
@@ -245,9 +261,14 @@ class ClientRuntime:
         if state is None:
             return self.initial.copy()
         self.codec.validate(state.payload, aggregate=True)
+        key = (server_round, state.num_examples, _payload_digest(state.payload))
+        if self._decoded is not None and self._decoded[0] == key:
+            return self._decoded[1].copy()  # one decryption per message, not three
         total = self.codec.decode(state.payload)
         mean = WeightedSum(total=total, num_examples=state.num_examples).mean()
-        return self.guard.accept(mean, server_round=server_round)
+        used = self.guard.accept(mean, server_round=server_round)
+        self._decoded = (key, used.copy())
+        return used
 
     def train(
         self, state: GlobalState | None, *, server_round: int, sampled_clients: int = 0
