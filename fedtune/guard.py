@@ -54,8 +54,9 @@ def load_key(path: Path) -> bytes:
     Raises
     ------
     GuardKeyError
-        When ``path`` is a link, not a regular file, or not 32 bytes: the operator
-        should inspect it (a replaced key would make every signed state invalid).
+        When ``path`` is a link, not a regular file, open to other users, or not 32
+        bytes: the operator should inspect it (a replaced key would make every signed
+        state invalid).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -75,6 +76,11 @@ def load_key(path: Path) -> bytes:
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fh.fileno())
         key = fh.read(_KEY_BYTES + 1)
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise GuardKeyError(
+            f"guard key {str(path)!r} is open to other users (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); `chmod 600` it (and ask who could read it)."
+        )
     if not stat.S_ISREG(info.st_mode) or len(key) != _KEY_BYTES:
         raise GuardKeyError(
             f"guard key {str(path)!r} is not a {_KEY_BYTES}-byte regular file "

@@ -1,4 +1,4 @@
-"""The movement bound from the config (fedtune/movement.py) and the signed guard (fedtune/guard.py)."""
+"""The movement bound from the config (fedtune/movement.py) and its signed guard (guard.py)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,16 @@ def test_another_run_starts_from_the_initial_adapter(tmp_path: Path) -> None:
 def test_a_bad_key_file_is_named(tmp_path: Path) -> None:
     key = tmp_path / "guard.key"
     key.write_bytes(b"short")
+    key.chmod(0o600)
     with pytest.raises(GuardKeyError, match="guard key .*guard.key' is not a 32-byte regular"):
         load_key(key)
     with pytest.raises(ValueError, match="movement bound must be > 0, got 0"):
         MovementGuard(bound=0.0, initial=np.zeros(2), max_rounds=1)
+    key.write_bytes(bytes(32))
+    key.chmod(0o644)
+    with pytest.raises(GuardKeyError, match=r"open to other users \(mode 0644\).*chmod 600"):
+        load_key(key)
+    link = tmp_path / "link.key"
+    link.symlink_to(key)
+    with pytest.raises(GuardKeyError, match="cannot be opened"):
+        load_key(link)
