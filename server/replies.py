@@ -25,6 +25,7 @@ __all__ = [
     "NodeNames",
     "RoundOutcome",
     "declined_reason",
+    "error_code",
     "read_metric",
     "reply_node",
     "stated_name",
@@ -88,6 +89,24 @@ def declined_reason(msg: Message) -> str:
     if not isinstance(reason, str) or not reason:
         return ""
     return known_code(reason)
+
+
+_REFUSAL = re.compile(r"<class '[\w.]*NodeRefusal'>:<'([a-z-]{1,40})'>")
+
+
+def error_code(reason: str) -> str:
+    """The fixed code in an error reply's reason (``"node-error"`` if it names none).
+
+    A fedtune node raises ``NodeRefusal(code)``, which Flower sends as
+    ``"<class '...NodeRefusal'>:<'code'>"``; a reason the SuperLink wrote for a node
+    that vanished (e.g. ``"Node Unavailable"``) has no code and is kept as it is.
+    """
+    from fedtune.node.codes import known_code  # noqa: PLC0415
+
+    found = _REFUSAL.search(reason)
+    if found:
+        return known_code(found.group(1))
+    return reason if "NodeRefusal" not in reason else "node-error"
 
 
 def read_metric(

@@ -235,3 +235,12 @@ def test_the_client_app_raises_only_a_code(
     assert str(err.value) == "bad-request"
     assert "asks to evaluate round 7 in the train message of round 1" in caplog.text
     np.testing.assert_equal(err.value.code, "bad-request")
+
+
+def test_the_server_reads_the_code_from_an_error_reason() -> None:
+    from server.replies import error_code
+
+    reason = "<class 'fedtune.node.codes.NodeRefusal'>:<'budget-spent'>"
+    assert error_code(reason) == "budget-spent"
+    assert error_code("<class 'fedtune.node.codes.NodeRefusal'>:<'moved 18.08'>") == "node-error"
+    assert error_code("Node Unavailable") == "Node Unavailable"
