@@ -222,9 +222,11 @@ class MovementGuard:
                 problem,
                 last_round,
             )
+            # The same work as an acceptance (one signed write of the same size), so
+            # that the time a reply takes says nothing about which path ran.
+            self._store(last_round, last)
             return last
-        if server_round != last_round:
-            self._store(server_round, vector)
+        self._store(server_round, vector)
         return vector
 
     def _problem(
