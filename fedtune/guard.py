@@ -30,13 +30,17 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedtune.bounds import VALUE_BOUND, within_bound
 
-__all__ = ["GuardKeyError", "MovementGuard", "load_key"]
+if TYPE_CHECKING:
+    from fedtune.train.runtime import ClientRuntime
+
+__all__ = ["GuardKeyError", "MovementGuard", "load_key", "node_guard", "payload_digest"]
 
 log = logging.getLogger("fedtune.client")
 
@@ -252,3 +256,38 @@ class MovementGuard:
                 f"{last_round}, over {rounds} x {self.bound:.4g}"
             )
         return ""
+
+
+def node_guard(runtime: ClientRuntime, *, directory: Path | None) -> MovementGuard:
+    """A client's guard: :func:`fedtune.movement.round_bound` of its config and data, times
+    its policy's ``max-step-slack``; state in ``directory`` (``STATE_DIR`` on a node, the
+    privacy directory in simulation, with the client's name as prefix) or in memory."""
+    from fedtune.movement import round_bound  # noqa: PLC0415
+
+    cfg = runtime.cfg
+    bound = round_bound(
+        cfg,
+        num_examples=runtime.num_train_examples,
+        plan=runtime.plan if cfg.privacy.enabled else None,
+        dimension=runtime.initial.size,
+    )
+    prefix = "" if runtime.state_dir is not None else f"{runtime.name}."
+    digest = hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:16]
+    return MovementGuard(
+        bound=bound * runtime.policy.max_step_slack,
+        initial=runtime.initial,
+        max_rounds=cfg.federation.num_rounds,
+        path=None if directory is None else directory / f"{prefix}movement-guard.bin",
+        key_path=None if directory is None else directory / f"{prefix}guard.key",
+        run=f"{runtime.run_id}/{digest}",
+    )
+
+
+def payload_digest(payload: object) -> str:
+    """SHA-256 over a wire payload's chunks (what a global's decryption depends on)."""
+    digest = hashlib.sha256()
+    chunks = payload.get("chunks", []) if isinstance(payload, dict) else []
+    for chunk in chunks if isinstance(chunks, list) else []:
+        data = bytes(chunk) if isinstance(chunk, (bytes, bytearray)) else repr(chunk).encode()
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()

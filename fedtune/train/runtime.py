@@ -11,7 +11,6 @@ into calls on it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import replace
@@ -25,7 +24,7 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.data.memo import data_key
-from fedtune.guard import MovementGuard
+from fedtune.guard import MovementGuard, node_guard, payload_digest
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.policy import NodePolicy
 from fedtune.tasks import get_task
@@ -48,16 +47,6 @@ from fedtune.train.state import GlobalState, TrainOutcome
 __all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
 
 log = logging.getLogger("fedtune.client")
-
-
-def _payload_digest(payload: object) -> str:
-    """SHA-256 over a wire payload's chunks (what a global's decryption depends on)."""
-    digest = hashlib.sha256()
-    chunks = payload.get("chunks", []) if isinstance(payload, dict) else []
-    for chunk in chunks if isinstance(chunks, list) else []:
-        data = bytes(chunk) if isinstance(chunk, (bytes, bytearray)) else repr(chunk).encode()
-        digest.update(len(data).to_bytes(8, "big") + data)
-    return digest.hexdigest()
 
 
 class ClientRuntime:
@@ -219,26 +208,7 @@ class ClientRuntime:
         in the privacy directory in simulation, else in memory.
         """
         if self._guard is None:
-            from fedtune.movement import round_bound  # noqa: PLC0415
-
-            plan = self.plan if self.cfg.privacy.enabled else None
-            bound = round_bound(
-                self.cfg,
-                num_examples=self.num_train_examples,
-                plan=plan,
-                dimension=self.initial.size,
-            )
-            directory = self.state_dir or self.privacy_dir
-            prefix = "" if self.state_dir is not None else f"{self.name}."
-            digest = hashlib.sha256(self.cfg.to_toml().encode()).hexdigest()[:16]
-            self._guard = MovementGuard(
-                bound=bound * self.policy.max_step_slack,
-                initial=self.initial,
-                max_rounds=self.cfg.federation.num_rounds,
-                path=None if directory is None else directory / f"{prefix}movement-guard.bin",
-                key_path=None if directory is None else directory / f"{prefix}guard.key",
-                run=f"{self.run_id}/{digest}",
-            )
+            self._guard = node_guard(self, directory=self.state_dir or self.privacy_dir)
             log.info("%s: movement bound %.4g per round", self.name, self._guard.bound)
         return self._guard
 
@@ -261,7 +231,7 @@ class ClientRuntime:
         if state is None:
             return self.initial.copy()
         self.codec.validate(state.payload, aggregate=True)
-        key = (server_round, state.num_examples, _payload_digest(state.payload))
+        key = (server_round, state.num_examples, payload_digest(state.payload))
         if self._decoded is not None and self._decoded[0] == key:
             return self._decoded[1].copy()  # one decryption per message, not three
         total = self.codec.decode(state.payload)
