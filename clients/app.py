@@ -11,15 +11,22 @@ ledger) too: this process may run as a user who cannot read them.
 In a simulation (``fedtune simulate``, or ``flwr run`` on Flower's local simulation)
 the same round code (:mod:`fedtune.node.round`) runs in this process, the Ray actor
 that serves many clients. Message contents are documented there.
+
+Whatever goes wrong, what leaves the node is one fixed code
+(:data:`fedtune.node.codes.CODES`): Flower would otherwise put the exception's text,
+which may hold values, into the error reply the server logs.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
+log = logging.getLogger("fedtune.client")
 
 #: The node config Flower's simulation engine gives each simulated SuperNode.
 SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
@@ -30,6 +37,10 @@ WORKER_KEYS = frozenset({"worker", "worker-wait", "name"})
 
 #: Seconds a message waits for a (re)starting worker before the node sits the round out.
 WORKER_WAIT = 60.0
+
+
+class NodeConfigError(RuntimeError):
+    """This node's own setup is wrong (its node config); the server sees ``node-error``."""
 
 
 def simulated_node(node_config: Mapping[str, object]) -> bool:
@@ -58,7 +69,7 @@ def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
     node = dict(context.node_config)
     unknown = sorted(set(node) - WORKER_KEYS)
     if "worker" not in node or unknown:
-        raise ValueError(
+        raise NodeConfigError(
             "This ClientApp runs on a real node but its node config "
             + (f"has unknown key(s) {unknown}" if unknown else "names no `worker`")
             + "; start the node with `fedtune deploy supernode`, which starts the node's "
@@ -103,6 +114,17 @@ def _in_process(
     )
 
 
+def _code(err: Exception, code_of: Callable[[BaseException], str]) -> str:
+    """The fixed code an error leaves this node as (its text stays in the node's log)."""
+    from fedtune.node.channel import WorkerError, WorkerUnavailable  # noqa: PLC0415
+
+    if isinstance(err, WorkerUnavailable):
+        return "worker-unavailable"
+    if isinstance(err, WorkerError):
+        return err.code
+    return code_of(err)
+
+
 def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     """Build the ClientApp.
 
@@ -117,10 +139,17 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     app = ClientApp()
 
     def reply(kind: str, msg: Message, context: Context) -> Message:
-        if config is None and not simulated_node(dict(context.node_config)):
-            content = _forward(kind, msg, context)
-        else:
-            content = _in_process(kind, msg, context, config)
+        from fedtune.node.codes import NodeRefusal, code_of  # noqa: PLC0415 - no torch
+
+        try:
+            if config is None and not simulated_node(dict(context.node_config)):
+                content = _forward(kind, msg, context)
+            else:
+                content = _in_process(kind, msg, context, config)
+        except Exception as err:  # noqa: BLE001 - Flower would send str(err) to the server
+            code = _code(err, code_of)
+            log.warning("%s message refused (%s): %s", kind, code, err)
+            raise NodeRefusal(code) from None
         return Message(content, reply_to=msg)
 
     @app.train()

@@ -18,7 +18,8 @@ satisfy ``|w| <= VALUE_BOUND``::
 :func:`check_capacity` refuses a configuration that breaks the second line; the
 strategy refuses a count above ``max-client-examples`` and, in plaintext, an update
 with an entry beyond ``VALUE_BOUND``; the key holders refuse a decrypted mean beyond
-it (:func:`check_global_mean`).
+it (:class:`fedtune.guard.MovementGuard`, which also bounds each round's
+movement: :mod:`fedtune.movement`).
 
 What this does not do: it limits what a forged or scaled update can do to the
 model (no entry of the mean can leave ``[-VALUE_BOUND, VALUE_BOUND]``, and an
@@ -33,11 +34,7 @@ https://eprint.iacr.org/2022/1461), is not built.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import zipfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,8 +45,6 @@ from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
     from fedtune.crypto.params import CkksParams
-
-log = logging.getLogger("fedtune.client")
 
 #: Largest ``|w|`` any adapter entry may take (LoRA A/B and the head). Honest
 #: entries are far smaller (LoRA's ``A`` starts within ``1 / sqrt(fan_in)``, ``B`` at
@@ -141,140 +136,22 @@ def check_update(
 
 
 def check_global_mean(mean: NDArray[np.floating], value_bound: float = VALUE_BOUND) -> None:
-    """A key holder's check of a decrypted global adapter before using it.
+    """Whether a decrypted global adapter is within the value bound (for local use only).
 
     The mean of updates that each satisfy ``|w| <= value_bound`` satisfies it too,
     so a mean beyond it means a forged or scaled update, or an encrypted sum that
-    wrapped the modulus. This bounds what such an update can do; it does not stop a
-    malicious key holder who stays within the bound (see the module docstring).
+    wrapped the modulus. A key holder does not raise this to the server: its
+    :class:`fedtune.guard.MovementGuard` keeps the last accepted global instead
+    (a refusal the server could see would be a bit about decrypted values).
 
     Raises
     ------
     BoundError
-        Naming what was found and what to do.
+        A fixed text: the values found are not in it (they are decrypted data).
     """
     if not within_bound(mean, value_bound):
         raise BoundError(
-            f"The decrypted global adapter holds {_describe(np.asarray(mean))}, outside "
-            f"|w| <= {value_bound:g} (fedtune.bounds.VALUE_BOUND): some client sent a "
-            "forged or scaled update, or the encrypted sum wrapped the CKKS modulus. "
-            "This client refuses to train or evaluate on it; the operator should find "
-            "the node (metrics.jsonl lists each round's clients) and resume from the "
-            "server's RUN_DIR/checkpoint.previous (one round back) without it."
+            f"The decrypted global adapter is outside |w| <= {value_bound:g} "
+            "(fedtune.bounds.VALUE_BOUND) or not finite: some client sent a forged or "
+            "scaled update, or the encrypted sum wrapped the CKKS modulus."
         )
-
-
-class StepGuard:
-    """A key holder's norm-jump check: each decrypted global against the last one accepted.
-
-    Honest FedAvg moves the global adapter by about the same distance each round
-    (the mean of clipped, noised local steps). The guard remembers the last global
-    it accepted (its round and vector) and the largest per-round step it accepted
-    so far, and refuses a global whose step from the remembered one,
-    ``||g_b - g_a|| / max(1, |b - a|)``, is more than ``factor`` times that largest
-    step. The first step it sees sets the scale and is only held to
-    :func:`check_global_mean`.
-
-    What it stops: one round's scaled or replaced update (a jump far beyond the run's
-    step size) before any key holder trains or evaluates on it. What it does not
-    stop: a first-round attack (there is no scale yet), growth of at most ``factor``
-    per round (each accepted step may raise the scale), or any update whose effect
-    stays within the honest step size. Because the server cannot tell which
-    encrypted update caused a jump, a refusal stops the round for every key holder;
-    the operator resumes from the server's ``checkpoint.previous`` (one round back)
-    without the suspected node. The
-    cryptographic answer (zero-knowledge norm proofs on each encrypted update,
-    RoFL / ACORN, see the module docstring) is not built.
-
-    Parameters
-    ----------
-    factor : float
-        ``max-step-factor``; ``0`` turns the check off.
-    path : Path | None
-        Where the memory is kept between processes (``.npz``, mode 0600; a deployed
-        node starts a fresh process per message); ``None`` keeps it in memory.
-    run : str
-        The run it belongs to (run id and a digest of the config): memory from
-        another run is ignored.
-    """
-
-    def __init__(self, factor: float, *, path: Path | None = None, run: str = "") -> None:
-        self.factor = factor
-        self.path = path
-        self.run = run
-        self._memory: tuple[int, NDArray[np.float64], float] | None = None
-        #: ``(round, step per round)`` of every global accepted after the first.
-        self.history: list[tuple[int, float]] = []
-
-    def _load(self, length: int) -> tuple[int, NDArray[np.float64], float] | None:
-        if self.path is None:
-            return self._memory
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                run = str(data["run"])
-                last_round = int(data["round"])
-                vector = np.asarray(data["vector"], dtype=np.float64)
-                largest = float(data["largest"])
-                history = [
-                    (int(r), float(v)) for r, v in np.asarray(data["history"]).reshape(-1, 2)
-                ]
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
-            log.warning("Step check: ignoring unreadable %s (%s); starting afresh.", self.path, err)
-            return None
-        if run != self.run or vector.shape != (length,) or not np.isfinite(vector).all():
-            return None
-        self.history = history
-        return last_round, vector, largest
-
-    def _store(self, server_round: int, vector: NDArray[np.float64], largest: float) -> None:
-        if self.path is None:
-            self._memory = (server_round, vector.copy(), largest)
-            return
-        # With a file the memory is the file: no copy per client stays in the process.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                run=np.array(self.run),
-                round=np.array(server_round),
-                vector=vector,
-                largest=np.array(largest),
-                history=np.array(self.history, dtype=np.float64).reshape(-1, 2),
-            )
-        os.replace(tmp, self.path)
-
-    def check(self, mean: NDArray[np.floating], *, server_round: int) -> None:
-        """Accept ``mean`` as the global of ``server_round``, or raise :class:`BoundError`."""
-        if self.factor == 0:
-            return
-        vector = np.asarray(mean, dtype=np.float64)
-        previous = self._load(vector.size)
-        if previous is None:
-            self.history = []
-            self._store(server_round, vector, 0.0)
-            return
-        last_round, last, largest = previous
-        step = float(np.linalg.norm(vector - last)) / max(1, abs(server_round - last_round))
-        if largest > 0 and step > self.factor * largest:
-            raise BoundError(
-                f"The decrypted global of round {server_round} moved {step:.4g} per round "
-                f"from the one of round {last_round}, {step / largest:.3g} times the largest "
-                f"step accepted so far ({largest:.4g}; `max-step-factor` is {self.factor:g}): "
-                "some client sent a scaled or replaced update. This client refuses to train "
-                "or evaluate on it; the operator should resume from the server's "
-                "RUN_DIR/checkpoint.previous (one round back)."
-            )
-        log.info(
-            "Step check: round %d moved %.4g per round from round %d (largest before %.4g)",
-            server_round,
-            step,
-            last_round,
-            largest,
-        )
-        if server_round != last_round:
-            self.history.append((server_round, step))
-        self._store(server_round, vector, max(largest, step))

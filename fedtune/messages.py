@@ -21,6 +21,13 @@ when a field appears that is not here. A field is one of:
     sent with DP off, or with DP on by a node whose own policy says ``evaluation =
     "exact"`` (its ledger records an unaccounted ``"eval-exact"`` release). Not
     covered by the ledger's ε; the README says so.
+
+Texts are the usual leak besides metrics: a refusal text built from decrypted
+values lets a server that cannot decrypt read them. The only free-form strings a
+node sends are ``info.client`` (its configured name) and ``update.fingerprint`` (the
+public context's id); ``info.declined`` is ``""`` or one of the fixed codes of
+:data:`fedtune.node.codes.CODES` (:func:`check_reply` refuses anything else), and an
+error leaves a node as a code too (:class:`fedtune.node.codes.NodeRefusal`).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ TRAIN_FIELDS: dict[tuple[str, str], str] = {
     ("update", "fingerprint"): "public",  # the public CKKS context's (or plain codec's) id
     ("update", "tag"): "dp",  # HMAC of the upload under the run's key: post-processing of it
     ("info", "client"): "public",  # the node's configured name
-    ("info", "declined"): "public",  # a refusal computed from public parameters and the ledger
+    ("info", "declined"): "public",  # "" or a fixed code (fedtune.node.codes.CODES)
     ("metrics", "num-examples"): "public",  # n_k: public under replace-one (1 at client level)
     ("metrics", "epsilon"): "public",  # a function of (σ, q, steps, δ), all public
     ("metrics", "partition-id"): "public",  # the simulation's partition index (node config)
@@ -102,6 +109,16 @@ def check_reply(
     """
     if evaluation not in EVALUATION_MODES:
         raise ValueError(f"`evaluation` must be one of {EVALUATION_MODES}, got {evaluation!r}.")
+
+    from fedtune.node.codes import CODES  # noqa: PLC0415
+
+    declined = content.get("info", {}).get("declined", "")
+    if declined != "" and declined not in CODES:
+        raise ValueError(
+            f"{phase} reply field info.declined is {str(declined)[:80]!r}, not one of the "
+            f"fixed codes {sorted(CODES)}; a refusal leaves a node as a code, its details "
+            "go to the node's log."
+        )
     schema = dict({"train": TRAIN_FIELDS, "evaluate": EVALUATE_FIELDS}[phase])
     record = "metrics" if phase == "evaluate" else "evaluation"
     schema.update({(record, key): "held-out" for key in held_out})

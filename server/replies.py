@@ -25,6 +25,7 @@ __all__ = [
     "NodeNames",
     "RoundOutcome",
     "declined_reason",
+    "error_code",
     "read_metric",
     "reply_node",
     "stated_name",
@@ -74,12 +75,38 @@ def stated_name(msg: Message) -> str | None:
 
 
 def declined_reason(msg: Message) -> str:
-    """The reason a client gave for declining the round ('' if it did not)."""
+    """The code a client gave for declining the round ('' if it did not).
+
+    A fedtune node declines with one of :data:`fedtune.node.codes.CODES` (the details
+    stay in its own log); any other non-empty value is tabled as ``"node-error"``.
+    """
+    from fedtune.node.codes import known_code  # noqa: PLC0415
+
     try:
         reason = msg.content.config_records["info"]["declined"]
     except (KeyError, TypeError):
         return ""
-    return reason[:500] if isinstance(reason, str) else ""
+    if not isinstance(reason, str) or not reason:
+        return ""
+    return known_code(reason)
+
+
+_REFUSAL = re.compile(r"<class '[\w.]*NodeRefusal'>:<'([a-z-]{1,40})'>")
+
+
+def error_code(reason: str) -> str:
+    """The fixed code in an error reply's reason (``"node-error"`` if it names none).
+
+    A fedtune node raises ``NodeRefusal(code)``, which Flower sends as
+    ``"<class '...NodeRefusal'>:<'code'>"``; a reason the SuperLink wrote for a node
+    that vanished (e.g. ``"Node Unavailable"``) has no code and is kept as it is.
+    """
+    from fedtune.node.codes import known_code  # noqa: PLC0415
+
+    found = _REFUSAL.search(reason)
+    if found:
+        return known_code(found.group(1))
+    return reason if "NodeRefusal" not in reason else "node-error"
 
 
 def read_metric(

@@ -77,17 +77,11 @@ def test_update_check_divides_by_the_count() -> None:
         bounds.check_update(np.array([np.inf, 0.0]), 1)
 
 
-@pytest.mark.parametrize(
-    ("mean", "expected"),
-    [
-        ([0.0, 64.5], "magnitude 64.5"),
-        ([np.nan, 0.0], "1 NaN or infinite entries"),
-        ([-np.inf, np.inf], "2 NaN or infinite entries"),
-    ],
-)
-def test_global_mean_check_names_what_it_found(mean: list[float], expected: str) -> None:
-    with pytest.raises(bounds.BoundError, match=expected):
+@pytest.mark.parametrize("mean", [[0.0, 64.5], [np.nan, 0.0], [-np.inf, np.inf]])
+def test_global_mean_check_says_nothing_about_the_values(mean: list[float]) -> None:
+    with pytest.raises(bounds.BoundError, match=r"outside \|w\| <= 64 .* or not finite") as err:
         bounds.check_global_mean(np.array(mean))
+    assert "64.5" not in str(err.value) and "nan" not in str(err.value).lower()
     bounds.check_global_mean(np.array([64.0, -64.0, 0.0]))
 
 
@@ -105,19 +99,24 @@ def runtime(tiny_model_dir: Path, toy_csv: Path) -> ClientRuntime:
     return ClientRuntime(cfg, partition_id=0, num_partitions=2)
 
 
-def test_key_holder_refuses_a_scaled_global(runtime: ClientRuntime) -> None:
+def test_key_holder_refuses_a_scaled_global_without_saying_so(
+    runtime: ClientRuntime, caplog: pytest.LogCaptureFixture
+) -> None:
     size = runtime.initial.size
-    honest = runtime.codec.encode(np.full(size, 0.5) * 3)
-    np.testing.assert_allclose(runtime.global_vector(GlobalState(honest, 3), server_round=1), 0.5)
+    honest = runtime.initial + 0.001
+    got = runtime.global_vector(GlobalState(runtime.codec.encode(honest * 3), 3), server_round=1)
+    np.testing.assert_allclose(got, honest)
     # Entry 7 of one client's update scaled by 1000: the sum is 1.5 + 500, the mean
-    # (1.5 + 500) / 3 = 167.17 > 64.
+    # (1.5 + 500) / 3 = 167.17 > 64. The old code raised a text naming 167.2.
     total = np.full(size, 1.5)
     total[7] += 1000 * 0.5
     forged = GlobalState(runtime.codec.encode(total), 3)
-    with pytest.raises(ValueError, match="magnitude 167.2, .*forged or scaled update"):
-        runtime.global_vector(forged, server_round=2)
-    with pytest.raises(ValueError, match="forged or scaled"):
-        runtime.evaluate(forged, server_round=2)
+    with caplog.at_level("WARNING", logger="fedtune.client"):
+        used = runtime.global_vector(forged, server_round=2)
+    np.testing.assert_allclose(used, honest)  # the last accepted global, silently
+    assert "the global of round 2 is refused (|w| 167.2, outside |w| <= 64)" in caplog.text
+    result = runtime.evaluate(forged, server_round=2)  # answers as usual
+    assert 0.0 <= result.accuracy <= 1.0
 
 
 def test_server_refuses_to_start_past_the_ckks_range() -> None:
@@ -137,93 +136,3 @@ def test_server_refuses_to_start_past_the_ckks_range() -> None:
     client_dp = parse_run_config({"num-clients": 6, "encryption": True, "dp": "client"})
     assert server_capacity(client_dp, codec) == 2.0**24
     assert server_capacity(too_many, PlainCodec(length=8)) is None  # float64: no modulus
-
-
-def _walk(start: np.ndarray, steps: list[float], seed: int = 0) -> list[np.ndarray]:
-    """Globals that move by the given distances in random directions."""
-    rng = np.random.default_rng(seed)
-    out, g = [], start.copy()
-    for length in steps:
-        direction = rng.standard_normal(start.size)
-        g = g + length * direction / np.linalg.norm(direction)
-        out.append(g.copy())
-    return out
-
-
-def test_step_guard_refuses_a_jump_and_keeps_the_last_good_global(caplog) -> None:
-    guard = bounds.StepGuard(10.0)
-    g1, g2, g3 = _walk(np.zeros(50), [1.0, 0.8, 1.2])
-    for rnd, g in enumerate((g1, g2, g3), start=1):
-        guard.check(g, server_round=rnd)  # honest steps: accepted
-    # One client's update scaled by 100 in round 4: the mean jumps ~30x the largest step.
-    attacked = g3 + 30.0 * (g2 - g1) / np.linalg.norm(g2 - g1) * 1.2
-    with pytest.raises(
-        bounds.BoundError,
-        match=r"round 4 moved 36 per round from the one of "
-        r"round 3, 30 times the largest step accepted so far \(1\.2; "
-        r"`max-step-factor` is 10\)",
-    ):
-        guard.check(attacked, server_round=4)
-    # The refused global is not remembered: an honest round 4 is still compared with round 3.
-    guard.check(g3 + (g3 - g2), server_round=4)
-    # Seen again (train of round 5 carries the global of round 4): no step, accepted.
-    guard.check(g3 + (g3 - g2), server_round=4)
-
-
-def test_step_guard_counts_rounds_it_did_not_see() -> None:
-    guard = bounds.StepGuard(10.0)
-    g1, g2 = _walk(np.zeros(20), [1.0, 1.0])
-    guard.check(g1, server_round=1)
-    guard.check(g2, server_round=2)
-    # Not sampled for rounds 3..11: 25 in 10 rounds is 2.5 per round, within 10 x 1.
-    far = g2 + 25.0 * np.ones(20) / np.sqrt(20)
-    guard.check(far, server_round=12)
-    with pytest.raises(bounds.BoundError, match="round 13 moved 30"):
-        guard.check(far + 30.0 * np.ones(20) / np.sqrt(20), server_round=13)
-
-
-def test_step_guard_memory_survives_a_new_process_and_ignores_other_runs(tmp_path: Path) -> None:
-    path = tmp_path / "step-guard.npz"
-    g1, g2 = _walk(np.zeros(10), [1.0, 1.0])
-    first = bounds.StepGuard(10.0, path=path, run="run-a/abc")
-    first.check(g1, server_round=1)
-    first.check(g2, server_round=2)
-    assert oct(path.stat().st_mode & 0o777) == "0o600"
-    jump = g2 + 50.0 * np.ones(10) / np.sqrt(10)
-    with pytest.raises(bounds.BoundError):  # a fresh guard (a new ClientApp process) remembers
-        bounds.StepGuard(10.0, path=path, run="run-a/abc").check(jump, server_round=3)
-    # Another run (or another config) starts afresh; so does a switched-off check.
-    bounds.StepGuard(10.0, path=path, run="run-b/abc").check(jump, server_round=3)
-    bounds.StepGuard(0.0, path=path, run="run-b/abc").check(jump * 1e3, server_round=4)
-
-
-def test_step_guard_ignores_an_unreadable_memory(tmp_path: Path, caplog) -> None:
-    path = tmp_path / "step-guard.npz"
-    path.write_bytes(b"PK\x03\x04 not a zip")
-    guard = bounds.StepGuard(10.0, path=path, run="r")
-    with caplog.at_level("WARNING", logger="fedtune.client"):
-        guard.check(np.ones(4), server_round=1)
-    assert "ignoring unreadable" in caplog.text
-    guard.check(np.ones(4) * 1.5, server_round=2)  # the new memory was written
-
-
-def test_max_step_factor_is_checked() -> None:
-    with pytest.raises(ConfigError, match="`max-step-factor`.*0.5"):
-        parse_run_config({"max-step-factor": 0.5})
-    assert FederationConfig().max_step_factor == 10.0
-
-
-def test_key_holder_refuses_a_global_that_jumps(runtime: ClientRuntime) -> None:
-    size = runtime.initial.size
-    start = runtime.initial
-    steps = [start + 0.01 * k for k in range(1, 3)]  # honest: 0.01 * sqrt(size) per round
-    for rnd, g in enumerate(steps, start=1):
-        runtime.global_vector(GlobalState(runtime.codec.encode(g * 2), 2), server_round=rnd)
-    # Round 3: one of two clients added 1 to every entry of its update, well inside
-    # |w| <= 64: the mean moves 0.01 + 0.5 per entry, 51x the honest step.
-    attacked = (steps[-1] + 0.01) * 2 + 1.0
-    with pytest.raises(ValueError, match="round 3 moved .* 51 times the largest"):
-        runtime.evaluate(GlobalState(runtime.codec.encode(attacked), 2), server_round=3)
-    honest = (steps[-1] + 0.01) * 2  # the same round without the attacker still passes
-    runtime.evaluate(GlobalState(runtime.codec.encode(honest), 2), server_round=3)
-    assert np.sqrt(size) * 0.01 == pytest.approx(0.4634, abs=1e-4)

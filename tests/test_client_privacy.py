@@ -82,8 +82,8 @@ def test_a_resent_round_with_another_global_state_is_refused(
     assert runtime.train(_global(runtime, 0.01), server_round=2).payload is not None
     with caplog.at_level("WARNING", logger="fedtune.client"):
         probe = runtime.train(_global(runtime, 0.02), server_round=2)
-    assert probe.payload is None and "already released from another global state" in probe.declined
-    assert "declined a round" in caplog.text
+    assert probe.payload is None and probe.declined == "round-already-released"
+    assert "already released from another global state" in caplog.text  # the node's log only
     assert len(PrivacyLedger(tmp_path / "client-0.jsonl").records()) == 2
 
 
@@ -129,16 +129,18 @@ def test_seeded_noise_reproduces_and_is_recorded(
 
 
 def test_client_declines_a_round_over_its_budget(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # sigma fixed by hand; budget below what even one round costs
     runtime = _runtime(
         tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 0.8, "epsilon-budget": 0.5}
     )
-    outcome = runtime.train(None, server_round=1)
+    with caplog.at_level("WARNING", logger="fedtune.client"):
+        outcome = runtime.train(None, server_round=1)
     assert outcome.payload is None and outcome.num_examples == 0
-    assert "privacy budget: round 1 would take epsilon from 0.000 to" in outcome.declined
-    assert "over the budget 0.5" in outcome.declined
+    assert outcome.declined == "budget-spent"  # a code; the numbers stay in the node's log
+    assert "privacy budget: round 1 would take epsilon from 0.000 to" in caplog.text
+    assert "over the budget 0.5" in caplog.text
     assert not (tmp_path / "client-0.jsonl").exists()  # nothing spent
 
 
@@ -181,7 +183,13 @@ def test_client_level_dp_clips_and_sizes_its_share_for_the_tolerance(
 
 @pytest.mark.parametrize("sampled", [0, 1, 5])
 def test_client_level_declines_a_sampled_count_its_shares_cannot_cover(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path: Path, secret_ctx: Path, sampled: int
+    tiny_model_dir: Path,
+    toy_csv: Path,
+    tmp_path: Path,
+    secret_ctx: Path,
+    sampled: int,
+    *,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     runtime = _runtime(
         tiny_model_dir,
@@ -192,10 +200,10 @@ def test_client_level_declines_a_sampled_count_its_shares_cannot_cover(
         secret_context=secret_ctx,
         **{"noise-multiplier": 1.0, "num-clients": 4},
     )
-    outcome = runtime.train(None, server_round=1, sampled_clients=sampled)
-    assert outcome.payload is None and "noise shares need between 2 and the planned 4" in (
-        outcome.declined
-    )
+    with caplog.at_level("WARNING", logger="fedtune.client"):
+        outcome = runtime.train(None, server_round=1, sampled_clients=sampled)
+    assert outcome.payload is None and outcome.declined == "dp-level-refused"
+    assert "noise shares need between 2 and the planned 4" in caplog.text
 
 
 def test_client_level_dp_without_encryption_is_refused_naming_both_keys() -> None:

@@ -29,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.node.channel import HANDLE, WorkerError, WorkerUnavailable, forward, wait_ready
+from fedtune.node.codes import NodeRefusal
 from tests.conftest import toy_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,20 +205,21 @@ def test_the_worker_refuses_what_is_not_a_round_and_lives_on(worker: Worker) -> 
         with pytest.raises(grpc.RpcError) as err:
             call(b"\xff\x01 not a record dict", timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "bad request" in str(err.value.details())
-    with pytest.raises(
-        WorkerError, match="bad request: message-type must be 'train' or 'evaluate'"
-    ):
+        assert err.value.details() == "bad-request"  # a fixed code; the text stays in the log
+    with pytest.raises(WorkerError, match="^bad-request$"):
         forward(str(worker.socket), "query", RecordDict(), run_id=1, run_config={})
-    with pytest.raises(WorkerError, match="no 'config' record"):
+    with pytest.raises(WorkerError, match="^bad-request$"):
         forward(str(worker.socket), "train", RecordDict(), run_id=1, run_config=worker.run_config)
-    with pytest.raises(WorkerError, match="evaluate round 5 in the train message of round 1"):
+    with pytest.raises(WorkerError, match="^bad-request$"):
         content = RecordDict(
             {"config": ConfigRecord({"server-round": 1, "evaluate-round": 5})}  # type: ignore[dict-item]
         )
         forward(str(worker.socket), "train", content, run_id=1, run_config=worker.run_config)
     assert worker.proc.poll() is None
     assert wait_ready(str(worker.socket), timeout=10)
+    log = worker.log.read_text()  # the details: in the worker's own log only
+    assert "message-type must be 'train' or 'evaluate'" in log
+    assert "(bad-request): server message asks to evaluate round 5" in log
 
 
 def test_the_socket_is_0600_and_only_its_runtime_user_reads_nothing_else(worker: Worker) -> None:
@@ -257,7 +259,9 @@ def test_the_socket_is_0600_and_only_its_runtime_user_reads_nothing_else(worker:
     assert stat.S_IMODE(ledger.stat().st_mode) == 0o600  # the worker's umask: its files are its own
 
 
-def test_a_client_app_that_cannot_reach_its_worker_says_so(tmp_path: Path) -> None:
+def test_a_client_app_that_cannot_reach_its_worker_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from clients.app import make_client_app
 
     app = make_client_app()
@@ -271,15 +275,22 @@ def test_a_client_app_that_cannot_reach_its_worker_says_so(tmp_path: Path) -> No
         run_config={},
     )
     start = time.monotonic()
-    with pytest.raises(
-        WorkerUnavailable, match="is not running \\(no socket\\) after waiting up to 60 s; the node"
-    ) as err:
+    with (
+        caplog.at_level("WARNING", logger="fedtune.client"),
+        pytest.raises(NodeRefusal, match="^worker-unavailable$"),
+    ):
         app(msg, context)
     assert time.monotonic() - start < 15  # no socket: no worker is coming, no 60 s wait
-    assert str(nowhere) in str(err.value)
+    # The server gets the code; the node's own log has the details.
+    assert "is not running (no socket) after waiting up to 60 s; the node" in caplog.text
+    assert str(nowhere) in caplog.text
     bare = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(ValueError, match="names no `worker`; start the node with `fedtune deploy"):
+    with (
+        caplog.at_level("WARNING", logger="fedtune.client"),
+        pytest.raises(NodeRefusal, match="^node-error$"),
+    ):
         app(msg, bare)
+    assert "names no `worker`; start the node with `fedtune deploy" in caplog.text
     odd = Context(
         run_id=1,
         node_id=1,
@@ -287,8 +298,12 @@ def test_a_client_app_that_cannot_reach_its_worker_says_so(tmp_path: Path) -> No
         state=RecordDict(),
         run_config={},
     )
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['data-path'\]"):
+    with (
+        caplog.at_level("WARNING", logger="fedtune.client"),
+        pytest.raises(NodeRefusal, match="^node-error$"),
+    ):
         app(msg, odd)
+    assert "unknown key(s) ['data-path']" in caplog.text
 
 
 def test_a_message_to_a_worker_that_died_drops_the_node_with_a_reason(

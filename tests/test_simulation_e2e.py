@@ -367,7 +367,7 @@ def test_budget_spent_clients_decline_and_run_stops_clearly(
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "stopped: Round" in last and "fewer than `min-clients` = 2" in last
-    assert "Round 3:" in last and "declined by client-0: privacy budget" in last
+    assert "Round 3:" in last and "declined by client-0: budget-spent" in last
     records = _records(tmp_path / "run")
     assert [r["round"] for r in records] == [0, 1, 2]
     assert records[-1]["epsilon"] == pytest.approx(9.339, abs=1e-3)

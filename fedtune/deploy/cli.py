@@ -195,6 +195,11 @@ def add_parser(sub: Any) -> None:
     )
     policy.add_argument("--eval-noise-multiplier", type=float, help="σ of a DP evaluation release")
     policy.add_argument(
+        "--max-step-slack",
+        type=float,
+        help="factor on the movement bound a decrypted global must keep (fedtune.movement)",
+    )
+    policy.add_argument(
         "--model",
         action="append",
         type=Path,

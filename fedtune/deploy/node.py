@@ -214,7 +214,14 @@ def policy_settings(args: argparse.Namespace) -> dict[str, object]:
     from fedtune.model.loading import model_digest  # noqa: PLC0415
 
     out: dict[str, object] = {}
-    for key in ("delta", "test-fraction", "max-seq-length", "evaluation", "eval-noise-multiplier"):
+    for key in (
+        "delta",
+        "test-fraction",
+        "max-seq-length",
+        "evaluation",
+        "eval-noise-multiplier",
+        "max-step-slack",
+    ):
         value = getattr(args, key.replace("-", "_"), None)
         if value is not None:
             out[key] = value

@@ -22,6 +22,8 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedtune.node.codes import known_code
+
 __all__ = [
     "HANDLE",
     "MAX_MESSAGE_BYTES",
@@ -59,7 +61,15 @@ class WorkerUnavailable(RuntimeError):
 
 
 class WorkerError(RuntimeError):
-    """The worker refused or failed the message; its reason is the message."""
+    """The worker refused or failed the message; its text is one fixed code.
+
+    The worker sends a code of :data:`fedtune.node.codes.CODES` (the details stay in
+    its log); anything else becomes ``"node-error"``.
+    """
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 def encode(content: RecordDict) -> bytes:
@@ -104,8 +114,8 @@ def forward(
     """Send one server message to the worker at ``address``; its reply content.
 
     Raises :class:`WorkerUnavailable` when nothing answers on the socket (the worker
-    is down or restarting) and :class:`WorkerError` with the worker's reason when it
-    refused or failed the message.
+    is down or restarting) and :class:`WorkerError` with the worker's fixed code when
+    it refused or failed the message.
     """
     target = socket_target(address)
     data = request(message_type, content, run_id=run_id, run_config=run_config)
@@ -115,16 +125,14 @@ def forward(
             reply = call(data, timeout=timeout)
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
-            details = err.details() if hasattr(err, "details") else str(err)
+            details = err.details() if hasattr(err, "details") else None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise WorkerUnavailable(
                     f"cannot reach this node's fedtune worker at {target} ({details}); "
                     "the node sits out this round. Is `fedtune deploy supernode` running, "
                     "and did its worker start (see its log)?"
                 ) from None
-            raise WorkerError(
-                f"the node's worker refused the {message_type} message: {details}"
-            ) from None
+            raise WorkerError(known_code(details)) from None
     return decode(reply)
 
 

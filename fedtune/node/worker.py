@@ -75,15 +75,21 @@ class NodeWorker:
         return self._lock.locked()
 
     def handle(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        """gRPC entry point: decode, do the round's work, encode (errors abort the call)."""
-        from fedtune.errors import FedtuneError  # noqa: PLC0415
+        """gRPC entry point: decode, do the round's work, encode.
+
+        A refusal or failure aborts the call with one fixed code
+        (:data:`fedtune.node.codes.CODES`) as its details: the text, which may hold
+        values, goes to this worker's log only.
+        """
         from fedtune.node import round as node_round  # noqa: PLC0415
+        from fedtune.node.codes import code_of  # noqa: PLC0415
 
         try:
             content = decode(data)
             message_type, run_id, run_config = _unwrap(content)
         except ValueError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
+            log.warning("bad request: %s", err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad-request")
         with self._lock:
             start = time.perf_counter()
             server_round = _round_of(content)
@@ -97,12 +103,17 @@ class NodeWorker:
                     run_id=run_id,
                     deployed=True,
                 )
-            except (ValueError, FedtuneError) as err:  # a refusal: the node says why
-                log.warning("round %s: %s refused: %s", server_round, message_type, err)
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-            except Exception as err:  # noqa: BLE001 - the reply names it; the worker lives on
-                log.exception("round %s: %s failed", server_round, message_type)
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - a fixed code leaves; the worker lives on
+                code = code_of(err)
+                log.warning(
+                    "round %s: %s refused (%s): %s",
+                    server_round,
+                    message_type,
+                    code,
+                    err,
+                    exc_info=code == "node-error",
+                )
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, code)
             self.handled += 1
             log.info(
                 "round %s: %s reply after %.1f s",

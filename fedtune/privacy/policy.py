@@ -132,6 +132,9 @@ class NodePolicy:
     source : "node" | "run-config"
         ``"node"``: a deployed node's own policy (its pins are enforced);
         ``"run-config"``: a simulated client's, filled from the run config.
+    max_step_slack : float
+        The key holder's movement bound is this times the bound derived from the
+        config (:mod:`fedtune.movement`); the run config cannot lower or remove it.
     """
 
     delta: float = DEFAULT_DELTA
@@ -144,6 +147,7 @@ class NodePolicy:
     models: tuple[ModelPin, ...] = field(default_factory=tuple)
     canaries: bool = False
     source: PolicySource = "node"
+    max_step_slack: float = 2.0
 
     def __post_init__(self) -> None:
         _real("delta", self.delta, 0.0 < _num(self.delta) < 1.0, "must be in (0, 1)")
@@ -183,6 +187,12 @@ class NodePolicy:
             raise PolicyError(f"node policy `models` must be ModelPins, got {self.models!r}.")
         if not isinstance(self.canaries, bool):
             raise PolicyError(f"node policy `canaries` must be a bool, got {self.canaries!r}.")
+        _real(
+            "max-step-slack",
+            self.max_step_slack,
+            0.0 < _num(self.max_step_slack) < math.inf,
+            "must be finite and > 0 (the movement bound's factor, fedtune.movement)",
+        )
         if self.source not in get_args(PolicySource):
             raise PolicyError(
                 f"node policy `source` must be 'node' or 'run-config', got {self.source!r}."

@@ -11,7 +11,8 @@ the bundled model only; never the server's values). A file looks like::
     epsilon-budget = 2.0
     test-fraction = 0.2
     evaluation = "dp"
-    eval-noise-multiplier = 5.0
+    eval-noise-multiplier = 10.0
+    max-step-slack = 2.0
     max-seq-length = 48
 
     [[models]]
@@ -62,6 +63,7 @@ POLICY_KEYS: dict[str, str] = {
     "evaluation": "evaluation",
     "eval-noise-multiplier": "eval_noise_multiplier",
     "max-seq-length": "max_seq_length",
+    "max-step-slack": "max_step_slack",
     "models": "models",
 }
 
@@ -111,7 +113,13 @@ def _fields(values: Mapping[str, object], where: str) -> dict[str, object]:
     for key, value in values.items():
         if key == "models":
             out["models"] = _models(value, where)
-        elif key in ("delta", "epsilon-budget", "test-fraction", "eval-noise-multiplier"):
+        elif key in (
+            "delta",
+            "epsilon-budget",
+            "test-fraction",
+            "eval-noise-multiplier",
+            "max-step-slack",
+        ):
             # TOML and JSON may write 1 for 1.0; a bool is never a number here.
             out[POLICY_KEYS[key]] = (
                 float(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -155,6 +163,7 @@ def policy_toml(policy: NodePolicy) -> str:
         f"test-fraction = {policy.test_fraction!r}",
         f"evaluation = {json.dumps(policy.evaluation)}",
         f"eval-noise-multiplier = {float(policy.eval_noise_multiplier)!r}",
+        f"max-step-slack = {float(policy.max_step_slack)!r}",
     ]
     if policy.max_seq_length is not None:
         lines.append(f"max-seq-length = {policy.max_seq_length}")

@@ -33,10 +33,18 @@ __all__ = ["client_canaries", "decline", "score_canaries", "train_private"]
 log = logging.getLogger("fedtune.client")
 
 
-def decline(runtime: ClientRuntime, reason: str) -> TrainOutcome:
+def decline(runtime: ClientRuntime, code: str, detail: str) -> TrainOutcome:
+    """Decline the round: ``code`` (one of :data:`fedtune.node.codes.CODES`) is sent.
 
-    log.warning("%s declined a round: %s", runtime.name, reason)
-    return TrainOutcome(payload=None, num_examples=0, result=None, declined=reason)
+    ``detail`` says why, with its numbers, and goes to this node's own log only: the
+    reply's ``info.declined`` is the fixed code, a public constant.
+    """
+    from fedtune.node.codes import CODES  # noqa: PLC0415
+
+    if code not in CODES:
+        raise ValueError(f"decline code {code!r} is not one of {sorted(CODES)}.")
+    log.warning("%s declined a round (%s): %s", runtime.name, code, detail)
+    return TrainOutcome(payload=None, num_examples=0, result=None, declined=code)
 
 
 def train_private(
@@ -75,6 +83,7 @@ def train_private(
         if released.input_hash != digest:
             return decline(
                 runtime,
+                "round-already-released",
                 f"round {server_round} of this run was already released from another "
                 "global state; a second release of one round is refused",
             )
@@ -86,6 +95,7 @@ def train_private(
         ):
             return decline(
                 runtime,
+                "reply-not-stored",
                 f"round {server_round} was already released and its reply is no longer "
                 "stored; it is not trained again",
             )
@@ -101,10 +111,10 @@ def train_private(
     level = dp_level(plan.level)
     refusal = level.refusal(plan, sampled_clients=m)
     if refusal:
-        return decline(runtime, refusal)
+        return decline(runtime, "dp-level-refused", refusal)
     refusal = _budget_refusal(runtime, server_round, ledger)
     if refusal:
-        return decline(runtime, refusal)
+        return decline(runtime, "budget-spent", refusal)
     noise = _noise_source(runtime, nonce, digest)
     fmodel.set_adapter_vector(runtime.model, start)
     seed = (

@@ -11,7 +11,6 @@ into calls on it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import replace
@@ -26,6 +25,7 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.data.memo import data_key
+from fedtune.guard import MovementGuard, node_guard, payload_digest
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.policy import NodePolicy
 from fedtune.tasks import get_task
@@ -51,14 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["ClientRuntime", "GlobalState", "TrainOutcome"]
 
 log = logging.getLogger("fedtune.client")
-
-
-def _checked_mean(mean: NDArray[np.float64]) -> NDArray[np.float64]:
-    """``mean`` if every entry is finite and within the adapter value bound, else raise."""
-    from fedtune.bounds import check_global_mean  # noqa: PLC0415
-
-    check_global_mean(mean)
-    return mean
 
 
 class ClientRuntime:
@@ -118,16 +110,8 @@ class ClientRuntime:
             cfg.crypto.encryption_backend, length=self.initial.size, context=secret_context
         )
         self._plan: PrivacyPlan | None = None
-        from fedtune.bounds import StepGuard  # noqa: PLC0415
-
-        if state_dir is not None:
-            guard_path: Path | None = state_dir / "step-guard.npz"
-        else:
-            guard_path = privacy_dir / f"{self.name}.step-guard.npz" if privacy_dir else None
-        config_digest = hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:16]
-        self.step_guard = StepGuard(
-            cfg.federation.max_step_factor, path=guard_path, run=f"{run_id}/{config_digest}"
-        )
+        self._guard: MovementGuard | None = None
+        self._decoded: tuple[tuple[int, int, str], NDArray[np.float64]] | None = None
         if cfg.privacy.enabled and privacy_dir is None:
             raise ValueError("DP is on but the client has no directory for its privacy ledger.")
 
@@ -200,7 +184,8 @@ class ClientRuntime:
 
         With the resolved ``STATE_DIR/config.toml`` beside it, ``fedtune export
         STATE_DIR --key SECRET`` writes the PEFT adapter on the node itself, from the
-        same files a server checkpoint has (the server cannot: it holds no key).
+        same files a server checkpoint has (the server cannot: it holds no key). Only a
+        global the movement guard accepted is kept (a refused one is logged, locally).
         """
         if self.state_dir is None or state is None:
             return
@@ -217,6 +202,10 @@ class ClientRuntime:
                 return
         except CheckpointError:
             pass
+        self.global_vector(state, server_round=server_round)
+        if self.guard.last_accepted()[0] != server_round:
+            log.warning("%s: round %d's global was refused; not kept.", self.name, server_round)
+            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         config = replace(
             self.cfg, data=replace(self.cfg.data, label_names=",".join(self.label_names))
@@ -228,16 +217,30 @@ class ClientRuntime:
             Checkpoint(round=server_round, payload=payload, num_examples=state.num_examples),
         )
 
+    @property
+    def guard(self) -> MovementGuard:
+        """The key holder's movement guard (:mod:`fedtune.guard`), built on first use.
+
+        Its bound is :func:`fedtune.movement.round_bound` of this run's config and this
+        node's data, times the node policy's ``max-step-slack``; ``max-step-factor`` in
+        the run config has no say. Its signed state lives in ``STATE_DIR`` on a node,
+        in the privacy directory in simulation, else in memory.
+        """
+        if self._guard is None:
+            self._guard = node_guard(self, directory=self.state_dir or self.privacy_dir)
+            log.info("%s: movement bound %.4g per round", self.name, self._guard.bound)
+        return self._guard
+
     def global_vector(self, state: GlobalState | None, *, server_round: int) -> NDArray[np.float64]:
         """The current global adapter: the seeded initial one in round 1, else ``S / N``.
 
         ``server_round`` is the round whose aggregate ``state`` is. A key holder
-        checks what it decrypted before using it: every entry finite and within
-        :data:`fedtune.bounds.VALUE_BOUND` (:func:`_checked_mean`), and a step from
-        the last global it accepted within ``max-step-factor`` times the largest
-        step before (:class:`fedtune.bounds.StepGuard`). Else a
-        :class:`fedtune.bounds.BoundError` (a ``ValueError``), which the ClientApp
-        turns into an error reply that the server drops with a log line.
+        checks what it decrypted before using it (:meth:`guard`): every entry finite
+        and within :data:`fedtune.bounds.VALUE_BOUND`, and its largest coordinate
+        within the configuration's movement bound of the last global it accepted.
+        A refused global is not used and not reported: this returns the last
+        accepted global instead and the node answers as usual (a refusal the server
+        could see would tell it about the decrypted values; :mod:`fedtune.guard`).
 
         This limits what a forged or scaled update can do to the model; it does not
         stop a malicious key holder whose update stays within the bounds. The
@@ -247,10 +250,14 @@ class ClientRuntime:
         if state is None:
             return self.initial.copy()
         self.codec.validate(state.payload, aggregate=True)
+        key = (server_round, state.num_examples, payload_digest(state.payload))
+        if self._decoded is not None and self._decoded[0] == key:
+            return self._decoded[1].copy()  # one decryption per message, not three
         total = self.codec.decode(state.payload)
-        mean = _checked_mean(WeightedSum(total=total, num_examples=state.num_examples).mean())
-        self.step_guard.check(mean, server_round=server_round)
-        return mean
+        mean = WeightedSum(total=total, num_examples=state.num_examples).mean()
+        used = self.guard.accept(mean, server_round=server_round)
+        self._decoded = (key, used.copy())
+        return used
 
     def train(
         self, state: GlobalState | None, *, server_round: int, sampled_clients: int = 0
