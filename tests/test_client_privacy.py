@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.privacy import PrivacyLedger, compute_epsilon
 from fedtune.train.plan import privacy_plan
+from fedtune.privacy.policy import NodePolicy
 from fedtune.train.runtime import ClientRuntime, GlobalState
 
 RO = {"relation": "replace-one"}
@@ -35,8 +38,12 @@ def _runtime(
     model: Path, data: Path, privacy_dir: Path, *, run_id: str = "r1", **extra: object
 ) -> ClientRuntime:
     secret = extra.pop("secret_context", None)
+    cfg = _cfg(model, data, **extra)
     return ClientRuntime(
-        _cfg(model, data, **extra),
+        cfg,
+        # A large movement slack: these tests send globals far from the initial adapter
+        # and are about the ledger, not the movement guard (tests/test_movement.py).
+        policy=replace(NodePolicy.from_run_config(cfg), max_step_slack=1e6),
         partition_id=0,
         num_partitions=2,
         privacy_dir=privacy_dir,

@@ -140,15 +140,19 @@ def test_sigma_is_calibrated_at_the_nodes_delta() -> None:
 
 
 def test_the_budget_is_the_nodes_even_when_the_server_proposes_a_larger_one(
-    tmp_path: Path, tiny_model_dir: Path, tiny_pin: dict[str, str]
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_pin: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # σ = 1, q = 8/19, 2 steps: ε ≈ 5.5 at δ = 1e-5, inside the server's 8, over the node's 2.
     node = _node(tmp_path, tiny_pin, **{"epsilon-budget": 2.0})
     run = {**RUN, "model-path": str(tiny_model_dir), "noise-multiplier": 1.0}
     run["epsilon-budget"] = 8.0
-    reply = _train(run, node)
-    declined = str(reply.config_records["info"]["declined"])
-    assert "over the budget 2 (delta 1e-05)" in declined
+    with caplog.at_level("WARNING", logger="fedtune.client"):
+        reply = _train(run, node)
+    assert reply.config_records["info"]["declined"] == "budget-spent"  # a fixed code
+    assert "over the budget 2 (delta 1e-05)" in caplog.text  # the numbers: the node's log
     assert "update" not in reply.config_records and _ledger(node) == []
 
 
