@@ -23,6 +23,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 __all__ = [
+    "DEFAULT_MAX_ADAPTER_PARAMS",
     "HANDLE",
     "MAX_MESSAGE_BYTES",
     "REQUEST",
@@ -33,6 +34,7 @@ __all__ = [
     "decode",
     "encode",
     "forward",
+    "max_request_bytes",
     "wait_ready",
 ]
 
@@ -40,9 +42,33 @@ __all__ = [
 SERVICE = "fedtune.node.v1.NodeWorker"
 HANDLE = f"/{SERVICE}/Handle"
 
-#: The largest request or reply (Flower's own gRPC limit: a CKKS global of a real LLM
-#: adapter is tens of MB).
-MAX_MESSAGE_BYTES = 536_870_912
+#: Wire bytes per adapter parameter of the largest honest message, a global sum: 15.93
+#: for the CKKS aggregate (``benchmarks/bench_crypto.py``), 8 for a float64 plaintext
+#: one; 32 leaves twice the CKKS figure.
+WIRE_BYTES_PER_PARAM = 32
+#: Room for everything beside the payload: the run config, metadata, record framing.
+RECORD_SLACK_BYTES = 1 << 20
+#: The largest adapter a worker accepts messages for unless its operator says otherwise
+#: (``--max-adapter-params``): LoRA r = 16 on the query and value projections of a
+#: 7B Llama is 8.4M (2 x 32 layers x 16 x (4096 + 4096)).
+DEFAULT_MAX_ADAPTER_PARAMS = 1 << 23
+
+
+def max_request_bytes(max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS) -> int:
+    """The largest honest request (or reply) for an adapter of ``max_adapter_params``.
+
+    ``max_adapter_params x WIRE_BYTES_PER_PARAM + RECORD_SLACK_BYTES``: the global sum
+    of that adapter with twice the measured CKKS overhead, plus the records around it.
+    The worker's gRPC receive limit: a larger request is refused by gRPC before the
+    worker holds it (``RESOURCE_EXHAUSTED``).
+    """
+    if max_adapter_params < 1:
+        raise ValueError(f"max-adapter-params must be >= 1, got {max_adapter_params}.")
+    return max_adapter_params * WIRE_BYTES_PER_PARAM + RECORD_SLACK_BYTES
+
+
+#: The largest request or reply by default (269 MB; it was 512 MiB, Flower's own limit).
+MAX_MESSAGE_BYTES = max_request_bytes()
 
 #: Record names the ClientApp adds to the server's content (the worker removes them).
 REQUEST = "fedtune.request"

@@ -44,16 +44,18 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedtune.ids import parse_decimal
 from fedtune.node.channel import (
-    MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_ADAPTER_PARAMS,
     REQUEST,
     RUN_CONFIG,
     SERVICE,
     decode,
     encode,
+    max_request_bytes,
 )
 
-__all__ = ["NodeWorker", "main", "serve"]
+__all__ = ["NodeWorker", "main", "make_server", "serve"]
 
 log = logging.getLogger("fedtune.node")
 
@@ -75,16 +77,20 @@ class NodeWorker:
         return self._lock.locked()
 
     def handle(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        """gRPC entry point: decode, do the round's work, encode (errors abort the call)."""
+        """gRPC entry point: decode, do the round's work, encode (errors abort the call).
+
+        A request is decoded only once it holds the lock: requests that wait hold
+        their bytes, never a decoded copy too.
+        """
         from fedtune.errors import FedtuneError  # noqa: PLC0415
         from fedtune.node import round as node_round  # noqa: PLC0415
 
-        try:
-            content = decode(data)
-            message_type, run_id, run_config = _unwrap(content)
-        except ValueError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
         with self._lock:
+            try:
+                content = decode(data)
+                message_type, run_id, run_config = _unwrap(content)
+            except ValueError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
             start = time.perf_counter()
             server_round = _round_of(content)
             log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
@@ -122,10 +128,8 @@ def _unwrap(content: Any) -> tuple[str, int, dict[str, object]]:
     message_type = meta.get("message-type")
     if message_type not in ("train", "evaluate"):
         raise ValueError(f"message-type must be 'train' or 'evaluate', got {message_type!r}.")
-    run_id = meta.get("run-id")
-    if not isinstance(run_id, str) or not run_id.isdigit() or len(run_id) > 20:
-        raise ValueError(f"run-id must be a decimal run id, got {run_id!r}.")
-    return message_type, int(run_id), run_config
+    run_id = parse_decimal(meta.get("run-id"), key="run-id")  # ASCII digits: '١٢٣' is no id
+    return message_type, run_id, run_config
 
 
 def _round_of(content: Any) -> object:
@@ -166,22 +170,25 @@ def _drop_to(user_name: str) -> None:
     os.environ["HOME"] = user.pw_dir
 
 
-def serve(
-    node_config: Mapping[str, object],
-    socket_path: Path,
-    *,
-    socket_owner: str | None = None,
-    user: str | None = None,
-) -> None:
-    """Serve the node's rounds on ``socket_path`` until SIGTERM / SIGINT."""
-    os.umask(0o077)  # everything the worker writes (ledger, checkpoint) is its own
-    socket_path = Path(socket_path).parent.resolve() / Path(socket_path).name  # no link followed
+def make_server(
+    worker: NodeWorker, *, max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS
+) -> tuple[grpc.Server, health.HealthServicer]:
+    """The worker's gRPC server (not bound, not started) and its health service.
+
+    Its receive limit is :func:`fedtune.node.channel.max_request_bytes` of
+    ``max_adapter_params``: gRPC refuses a larger request (``RESOURCE_EXHAUSTED``)
+    before the worker holds it. At most four calls at once (health checks
+    included; gRPC refuses a fifth), and one message is decoded and handled at a
+    time, so a worker holds at most four requests' bytes and one decoded copy.
+    """
+    limit = max_request_bytes(max_adapter_params)
     options = [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
-    worker = NodeWorker(node_config)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), options=options, maximum_concurrent_rpcs=4
+    )
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Handle": grpc.unary_unary_rpc_method_handler(worker.handle)}
     )
@@ -189,6 +196,22 @@ def serve(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, health_servicer
+
+
+def serve(
+    node_config: Mapping[str, object],
+    socket_path: Path,
+    *,
+    socket_owner: str | None = None,
+    user: str | None = None,
+    max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS,
+) -> None:
+    """Serve the node's rounds on ``socket_path`` until SIGTERM / SIGINT."""
+    os.umask(0o077)  # everything the worker writes (ledger, checkpoint) is its own
+    socket_path = Path(socket_path).parent.resolve() / Path(socket_path).name  # no link followed
+    worker = NodeWorker(node_config)
+    server, health_servicer = make_server(worker, max_adapter_params=max_adapter_params)
     _bind_socket(server, socket_path, socket_owner)
     if user:
         _drop_to(user)
@@ -235,7 +258,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--socket-owner", help="the OS user the SuperNode runs as")
     parser.add_argument("--user", help="drop to this OS user after binding the socket")
+    parser.add_argument(
+        "--max-adapter-params",
+        type=int,
+        default=DEFAULT_MAX_ADAPTER_PARAMS,
+        help="the largest adapter (trainable parameters) this node trains; requests "
+        "larger than its global sum are refused unread (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.max_adapter_params < 1:
+        parser.error(f"--max-adapter-params must be >= 1, got {args.max_adapter_params}.")
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s fedtune-worker %(levelname)s %(message)s",
@@ -244,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     config = json.loads(args.node_config)
     if not isinstance(config, dict):
         raise SystemExit("--node-config must be a JSON object.")
-    serve(config, args.socket, socket_owner=args.socket_owner, user=args.user)
+    serve(
+        config,
+        args.socket,
+        socket_owner=args.socket_owner,
+        user=args.user,
+        max_adapter_params=args.max_adapter_params,
+    )
 
 
 if __name__ == "__main__":
