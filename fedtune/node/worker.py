@@ -50,6 +50,7 @@ from fedtune.node.channel import (
     REQUEST,
     RUN_CONFIG,
     SERVICE,
+    OwnedBytes,
     decode,
     encode,
     max_request_bytes,
@@ -76,7 +77,7 @@ class NodeWorker:
         """Whether a message is being handled right now."""
         return self._lock.locked()
 
-    def handle(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+    def handle(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
         """gRPC entry point: decode, do the round's work, encode (errors abort the call).
 
         A request is decoded only once it holds the lock: requests that wait hold
@@ -190,7 +191,12 @@ def make_server(
         futures.ThreadPoolExecutor(max_workers=4), options=options, maximum_concurrent_rpcs=4
     )
     handler = grpc.method_handlers_generic_handler(
-        SERVICE, {"Handle": grpc.unary_unary_rpc_method_handler(worker.handle)}
+        SERVICE,
+        {
+            "Handle": grpc.unary_unary_rpc_method_handler(
+                worker.handle, request_deserializer=OwnedBytes
+            )
+        },
     )
     server.add_generic_rpc_handlers((handler,))
     health_servicer = health.HealthServicer()
