@@ -350,14 +350,14 @@ def test_node_limits_take_ascii_digits_only(bad: str) -> None:
 
 
 def test_a_request_over_the_receive_limit_is_refused_unread(tmp_path: Path) -> None:
-    from fedtune.node.channel import HANDLE, max_request_bytes
+    from fedtune.node.channel import HANDLE, OwnedBytes, max_request_bytes
     from fedtune.node.worker import NodeWorker, make_server
 
     calls: list[int] = []
 
     class Recording(NodeWorker):
-        def handle(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-            calls.append(len(data))
+        def handle(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
+            calls.append(len(data.take() if isinstance(data, OwnedBytes) else data))
             return b""
 
     limit = max_request_bytes(1000)  # 32,000 + 1 MiB
@@ -383,3 +383,13 @@ def test_max_request_bytes_is_checked() -> None:
     assert max_request_bytes(8) == 8 * 32 + (1 << 20)
     with pytest.raises(ValueError, match="max-adapter-params must be >= 1, got 0"):
         max_request_bytes(0)
+
+
+@pytest.mark.parametrize("bad", ["١٠", "1_0", " 10", "１０"])
+def test_run_config_integers_take_ascii_digits_only(bad: str) -> None:
+    # The run config a node parses is the server's proposal: one spelling per value.
+    from fedtune.config import ConfigError, parse_run_config
+
+    assert parse_run_config({"num-rounds": "10"}).federation.num_rounds == 10
+    with pytest.raises(ConfigError, match=r"`num-rounds` must be an integer, got"):
+        parse_run_config({"num-rounds": bad})
