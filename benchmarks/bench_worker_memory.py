@@ -8,7 +8,8 @@ Run on demand::
 Starts the worker's gRPC server (:func:`fedtune.node.worker.make_server`, the real
 :class:`~fedtune.node.worker.NodeWorker` with its round code replaced by a stub that
 returns an empty reply, so no torch is imported) in a child process on a Unix socket,
-sends one request whose ``global`` record carries ``--mib`` MiB of payload chunks,
+sends one request whose ``global`` record carries ``--mib`` MiB of payload chunks
+(streamed, as :func:`fedtune.node.channel.forward` sends it; unary before that existed),
 and reads the child's peak resident memory (``VmHWM``, reset with
 ``/proc/self/clear_refs`` once the server is up). Printed: the growth of the peak over
 the idle server, divided by the request's size.
@@ -82,7 +83,11 @@ def main() -> None:
     import grpc
     from flwr.app import ConfigRecord, RecordDict
 
+    from fedtune.node import channel as node_channel
     from fedtune.node.channel import HANDLE, request
+
+    stream = getattr(node_channel, "HANDLE_STREAM", None)
+    chunks = getattr(node_channel, "chunks", None)
 
     chunk = 1 << 20
     content = RecordDict(
@@ -102,7 +107,10 @@ def main() -> None:
         with grpc.insecure_channel(
             f"unix:{socket}", options=[("grpc.max_send_message_length", (1 << 31) - 1)]
         ) as channel:
-            channel.unary_unary(HANDLE)(data, timeout=120)
+            if stream is not None:  # the ClientApp's way since the request is streamed
+                channel.stream_unary(stream)(chunks(data), timeout=120)
+            else:
+                channel.unary_unary(HANDLE)(data, timeout=120)
         parent.send(True)
         peak = parent.recv()
         proc.join(10)

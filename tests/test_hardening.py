@@ -350,29 +350,43 @@ def test_node_limits_take_ascii_digits_only(bad: str) -> None:
 
 
 def test_a_request_over_the_receive_limit_is_refused_unread(tmp_path: Path) -> None:
-    from fedtune.node.channel import HANDLE, OwnedBytes, max_request_bytes
+    from fedtune.node.channel import (
+        CHUNK_BYTES,
+        HANDLE,
+        HANDLE_STREAM,
+        RECORD_SLACK_BYTES,
+        OwnedBytes,
+        chunks,
+        max_request_bytes,
+    )
     from fedtune.node.worker import NodeWorker, make_server
 
     calls: list[int] = []
 
     class Recording(NodeWorker):
-        def handle(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
+        def _run(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
             calls.append(len(data.take() if isinstance(data, OwnedBytes) else data))
             return b""
 
-    limit = max_request_bytes(1000)  # 32,000 + 1 MiB
-    server, _ = make_server(Recording({}), max_adapter_params=1000)
+    limit = max_request_bytes(100_000)  # 3.2 MB + 1 MiB
+    server, _ = make_server(Recording({}), max_adapter_params=100_000)
     socket = tmp_path / "w.sock"
     server.add_insecure_port(f"unix:{socket}")
     server.start()
     try:
         with grpc.insecure_channel(f"unix:{socket}") as channel:
-            call = channel.unary_unary(HANDLE)
-            assert call(b"x" * (limit - 64), timeout=10) == b""
+            stream = channel.stream_unary(HANDLE_STREAM)
+            assert stream(chunks(b"x" * limit), timeout=10) == b""
             with pytest.raises(grpc.RpcError) as err:
-                call(b"x" * (limit + 1), timeout=10)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert calls == [limit - 64]  # the large one never reached the worker
+                stream(chunks(b"x" * (limit + 1)), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than" in str(err.value.details())
+            unary = channel.unary_unary(HANDLE)  # one message: at most one chunk
+            assert unary(b"x" * CHUNK_BYTES, timeout=10) == b""
+            with pytest.raises(grpc.RpcError) as err:
+                unary(b"x" * (CHUNK_BYTES + RECORD_SLACK_BYTES + 1), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert calls == [limit, CHUNK_BYTES]  # the large ones never reached the round code
     finally:
         server.stop(grace=0).wait()
 

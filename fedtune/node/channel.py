@@ -1,9 +1,11 @@
 """The node-local channel: the thin ClientApp forwards each message to the node's worker.
 
-A unary gRPC call on a Unix socket in the node's runtime directory (mode 0600, owned
-by the OS user the SuperNode runs as). Both request and reply are Flower's own record
-bytes (a serialised ``flwr.proto.recorddict_pb2.RecordDict``): the request is the
-server message's content plus two records of the ClientApp's own,
+A gRPC call on a Unix socket in the node's runtime directory (mode 0600, owned by the
+OS user the SuperNode runs as): the request streamed in chunks of :data:`CHUNK_BYTES`
+(``HandleStream``; gRPC holds a unary message three times over while it receives it,
+a stream only one chunk), the reply in one message. Both request and reply are
+Flower's own record bytes (a serialised ``flwr.proto.recorddict_pb2.RecordDict``):
+the request is the server message's content plus two records of the ClientApp's own,
 
 * ``fedtune.request`` (ConfigRecord): ``message-type`` and ``run-id``;
 * ``fedtune.run-config`` (ConfigRecord): the run config the server sent,
@@ -15,7 +17,7 @@ has imported torch and can take a message. This module imports no torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import grpc
 from flwr.app import ConfigRecord, RecordDict
@@ -24,7 +26,9 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 __all__ = [
     "DEFAULT_MAX_ADAPTER_PARAMS",
+    "CHUNK_BYTES",
     "HANDLE",
+    "HANDLE_STREAM",
     "MAX_MESSAGE_BYTES",
     "REQUEST",
     "OwnedBytes",
@@ -42,6 +46,11 @@ __all__ = [
 #: The worker's gRPC service and its one method.
 SERVICE = "fedtune.node.v1.NodeWorker"
 HANDLE = f"/{SERVICE}/Handle"
+HANDLE_STREAM = f"/{SERVICE}/HandleStream"
+
+#: One message of a streamed request; the worker's gRPC receive limit is this plus
+#: :data:`RECORD_SLACK_BYTES` (a unary ``Handle`` request is held to it too).
+CHUNK_BYTES = 1 << 20
 
 #: Wire bytes per adapter parameter of the largest honest message, a global sum: 15.93
 #: for the CKKS aggregate (``benchmarks/bench_crypto.py``), 8 for a float64 plaintext
@@ -104,16 +113,16 @@ class OwnedBytes:
 
     __slots__ = ("_data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self._data = data
 
-    def take(self) -> bytes:
+    def take(self) -> bytes | bytearray:
         """The bytes; the wrapper then holds nothing."""
         data, self._data = self._data, b""
         return data
 
 
-def decode(data: bytes | OwnedBytes) -> RecordDict:
+def decode(data: bytes | bytearray | OwnedBytes) -> RecordDict:
     """Flower's record bytes as a ``RecordDict`` (``ValueError`` if they are not).
 
     With :class:`OwnedBytes` the bytes are released once parsed, before the records
@@ -142,6 +151,13 @@ def request(
     return encode(RecordDict(records))  # type: ignore[arg-type]
 
 
+def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """``data`` in pieces of at most ``size`` bytes (a streamed request's messages)."""
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
+
+
 def socket_target(address: str) -> str:
     """``unix:/abs/path`` for a socket path (or an address that already says ``unix:``)."""
     return address if address.startswith("unix:") else f"unix:{address}"
@@ -165,9 +181,9 @@ def forward(
     target = socket_target(address)
     data = request(message_type, content, run_id=run_id, run_config=run_config)
     with grpc.insecure_channel(target, options=_OPTIONS) as channel:
-        call = channel.unary_unary(HANDLE)
+        call = channel.stream_unary(HANDLE_STREAM)
         try:
-            reply = call(data, timeout=timeout)
+            reply = call(chunks(data), timeout=timeout)
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
             details = err.details() if hasattr(err, "details") else str(err)

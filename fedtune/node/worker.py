@@ -36,7 +36,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.ids import parse_decimal
 from fedtune.node.channel import (
+    CHUNK_BYTES,
     DEFAULT_MAX_ADAPTER_PARAMS,
+    RECORD_SLACK_BYTES,
     REQUEST,
     RUN_CONFIG,
     SERVICE,
@@ -68,8 +70,14 @@ class NodeWorker:
     answers meanwhile.
     """
 
-    def __init__(self, node_config: Mapping[str, object]) -> None:
+    def __init__(
+        self,
+        node_config: Mapping[str, object],
+        *,
+        max_request_bytes: int = max_request_bytes(DEFAULT_MAX_ADAPTER_PARAMS),
+    ) -> None:
         self.node_config = dict(node_config)
+        self.max_request_bytes = max_request_bytes
         self._lock = threading.Lock()
         self.handled = 0
 
@@ -78,46 +86,71 @@ class NodeWorker:
         return self._lock.locked()
 
     def handle(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
-        """gRPC entry point: decode, do the round's work, encode (errors abort the call).
+        """gRPC entry point (unary, a request of at most one chunk): see :meth:`_run`.
 
         A request is decoded only once it holds the lock: requests that wait hold
         their bytes, never a decoded copy too.
         """
+        with self._lock:
+            return self._run(data, context)
+
+    def handle_stream(self, parts: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """gRPC entry point for a request streamed in chunks (what the ClientApp sends).
+
+        The chunks are read under the lock into one buffer, at most
+        ``max_request_bytes`` in all (``RESOURCE_EXHAUSTED`` past it, before more is
+        read); the buffer is freed once parsed.
+        """
+        with self._lock:
+            buffer = bytearray()
+            for part in parts:
+                if len(buffer) + len(part) > self.max_request_bytes:
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"request larger than {self.max_request_bytes} bytes, the largest "
+                        "this node's adapter needs (`--max-adapter-params`).",
+                    )
+                buffer += part
+            request = OwnedBytes(buffer)
+            del buffer  # the request's only holder now: freed once parsed
+            return self._run(request, context)
+
+    def _run(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
+        """Decode, do the round's work, encode (errors abort the call); under the lock."""
         from fedtune.errors import FedtuneError  # noqa: PLC0415
         from fedtune.node import round as node_round  # noqa: PLC0415
 
-        with self._lock:
-            try:
-                content = decode(data)
-                message_type, run_id, run_config = _unwrap(content)
-            except ValueError as err:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
-            start = time.perf_counter()
-            server_round = _round_of(content)
-            log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
-            try:
-                reply = node_round.handle(
-                    message_type,
-                    content,
-                    run_config=run_config,
-                    node_config=self.node_config,
-                    run_id=run_id,
-                    deployed=True,
-                )
-            except (ValueError, FedtuneError) as err:  # a refusal: the node says why
-                log.warning("round %s: %s refused: %s", server_round, message_type, err)
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-            except Exception as err:  # noqa: BLE001 - the reply names it; the worker lives on
-                log.exception("round %s: %s failed", server_round, message_type)
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
-            self.handled += 1
-            log.info(
-                "round %s: %s reply after %.1f s",
-                server_round,
+        try:
+            content = decode(data)
+            message_type, run_id, run_config = _unwrap(content)
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
+        start = time.perf_counter()
+        server_round = _round_of(content)
+        log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
+        try:
+            reply = node_round.handle(
                 message_type,
-                time.perf_counter() - start,
+                content,
+                run_config=run_config,
+                node_config=self.node_config,
+                run_id=run_id,
+                deployed=True,
             )
-            return encode(reply)
+        except (ValueError, FedtuneError) as err:  # a refusal: the node says why
+            log.warning("round %s: %s refused: %s", server_round, message_type, err)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except Exception as err:  # noqa: BLE001 - the reply names it; the worker lives on
+            log.exception("round %s: %s failed", server_round, message_type)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        self.handled += 1
+        log.info(
+            "round %s: %s reply after %.1f s",
+            server_round,
+            message_type,
+            time.perf_counter() - start,
+        )
+        return encode(reply)
 
 
 def _unwrap(content: Any) -> tuple[str, int, dict[str, object]]:
@@ -183,9 +216,10 @@ def make_server(
     time, so a worker holds at most four requests' bytes and one decoded copy.
     """
     limit = max_request_bytes(max_adapter_params)
+    worker.max_request_bytes = limit
     options = [
         ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_receive_message_length", CHUNK_BYTES + RECORD_SLACK_BYTES),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4), options=options, maximum_concurrent_rpcs=4
@@ -195,7 +229,8 @@ def make_server(
         {
             "Handle": grpc.unary_unary_rpc_method_handler(
                 worker.handle, request_deserializer=OwnedBytes
-            )
+            ),
+            "HandleStream": grpc.stream_unary_rpc_method_handler(worker.handle_stream),
         },
     )
     server.add_generic_rpc_handlers((handler,))
