@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -407,3 +408,46 @@ def test_run_config_integers_take_ascii_digits_only(bad: str) -> None:
     assert parse_run_config({"num-rounds": "10"}).federation.num_rounds == 10
     with pytest.raises(ConfigError, match=r"`num-rounds` must be an integer, got"):
         parse_run_config({"num-rounds": bad})
+
+
+# --- benchmarks/bench_encryption.py's mean check ------------------------------------
+
+
+def test_bench_encryption_checks_the_mean_of_the_updates_the_clients_encoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Simulated clients share one model: reading it back after the round gave every
+    # client the last one's adapter (the check printed 1.55e-02 "NOT met", for the
+    # plaintext codec too). The check now uses the vectors the codecs encoded.
+    import importlib.util
+
+    from fedtune.train.state import TrainOutcome
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_encryption", Path(__file__).parents[1] / "benchmarks" / "bench_encryption.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_encryption", bench)  # its dataclasses need it
+    spec.loader.exec_module(bench)
+
+    shared = {"adapter": np.zeros(3)}  # the one model all clients train
+
+    class Client:
+        def __init__(self, k: int, codec: object) -> None:
+            self.k, self.codec, self.model = k, codec, shared
+
+        def train(self, state: object, *, server_round: int) -> TrainOutcome:
+            shared["adapter"] = np.full(3, float(self.k + 1))  # this client's adapter
+            n = 10 * (self.k + 1)
+            payload = self.codec.encode(shared["adapter"] * n)  # type: ignore[attr-defined]
+            return TrainOutcome(payload=payload, num_examples=n, result=None)
+
+    codecs = [bench.TimedCodec(PlainCodec(length=3)) for _ in range(2)]
+    clients = [Client(k, c) for k, c in enumerate(codecs)]
+    fed = bench.Federation("plain", clients, codecs, bench.TimedCodec(PlainCodec(length=3)))
+    uploads = [bench.train_client(fed, i, 1) for i in range(2)]
+    bench.serve(fed, uploads)
+    bench.check_mean(fed, PlainCodec(length=3), uploads)
+    np.testing.assert_allclose(fed.means[0], (1.0 * 10 + 2.0 * 20) / 30)  # 5/3
+    assert fed.errors == [pytest.approx(0.0, abs=1e-12)]
