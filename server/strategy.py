@@ -27,7 +27,6 @@ reason about when every check it meets is in one class.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -43,6 +42,7 @@ from fedtune.run.metrics import weighted_mean
 from fedtune.secure.codec import Codec, PayloadError, WirePayload
 from fedtune.secure.plain import PlainCodec
 from fedtune.tasks.base import HELD_OUT_METRICS
+from server.counts import check_weight, claimed_counts, count_record, finite_means
 from server.replies import (
     NodeNames,
     RoundOutcome,
@@ -244,35 +244,6 @@ class FedTuneStrategy(Strategy):
             return self.node_limits[node], f"`--max-examples` registered for node {node}"
         return self.max_client_examples, "`max-client-examples`"
 
-    @staticmethod
-    def _count_record(msg: Message, phase: str) -> str:
-        """Where a reply of ``phase`` keeps its count (a train reply's evaluation: its own)."""
-        train = msg.metadata.message_type == MessageType.TRAIN
-        return "evaluation" if phase == "evaluate" and train else "metrics"
-
-    def _claimed_counts(
-        self, replies: list[Message], sent_to: dict[str, int], phase: str
-    ) -> dict[int, float]:
-        """Each node's first claimed count of this phase, held to its own limit.
-
-        The reference of the relative cap (:meth:`_num_examples`); a reply without a
-        usable count adds nothing.
-        """
-        claims: dict[int, float] = {}
-        for msg in replies:
-            if msg.has_error() or not msg.has_content():
-                continue
-            node = reply_node(msg, sent_to)
-            if node in claims:
-                continue
-            try:
-                n = read_metric(msg, "num-examples", record=self._count_record(msg, phase))
-            except (PayloadError, KeyError, TypeError):
-                continue
-            if n >= 1:
-                claims[node] = min(n, self._count_limit(node)[0])
-        return claims
-
     def _num_examples(
         self, msg: Message, node: int, record: str = "metrics", *, relative: bool = True
     ) -> int:
@@ -289,37 +260,10 @@ class FedTuneStrategy(Strategy):
         return int(n)
 
     def _check_weight(self, n: int, node: int) -> None:
-        """Refuse a count over ``max-weight-factor`` x the round's other counts' median.
-
-        The reference is the upper median of the counts the round's other replies
-        claim (:meth:`_claimed_counts`): the one malicious node of the threat model
-        can raise it no higher than the honest counts around it, so it cannot outweigh
-        the round's typical node by more than the factor.
-        """
-        others = sorted(c for other, c in self._claims.items() if other != node)
-        factor = self.max_weight_factor
-        if factor > 0 and others and self.client_dp_tolerance is None:  # else n must be 1
-            reference = others[len(others) // 2]
-            if n > factor * reference:
-                raise PayloadError(
-                    f"num-examples {int(n)} is more than `max-weight-factor` ({factor:g}) x "
-                    f"{reference:g}, the median count of the round's other replies; one node "
-                    "may not outweigh the others by more (raise `max-weight-factor`, 0 = off)."
-                )
-
-    @staticmethod
-    def _finite(metrics: dict[str, float], server_round: int, phase: str) -> dict[str, float]:
-        """``metrics`` without non-finite values (each dropped with a log line)."""
-        kept = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        for key in sorted(set(metrics) - set(kept)):
-            log.warning(
-                "Round %d: the %s mean of %s is %r; left out of the metrics.",
-                server_round,
-                phase,
-                key,
-                metrics[key],
-            )
-        return kept
+        """The relative cap (:func:`server.counts.check_weight`); off under client-level
+        DP, where every count must be 1."""
+        if self.client_dp_tolerance is None:
+            check_weight(n, node, self._claims, self.max_weight_factor)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -403,7 +347,9 @@ class FedTuneStrategy(Strategy):
         sent = self._sent_train if phase == "train" else self._sent_evaluate
         sent_to = self._sent_to(sent)
         seen: set[int] = set()
-        self._claims = self._claimed_counts(replies, sent_to, phase)
+        self._claims = claimed_counts(
+            replies, sent_to, phase, lambda node: self._count_limit(node)[0]
+        )
         self._missing(outcome, replies, phase, sent)
         for msg in replies:
             node = reply_node(msg, sent_to)
@@ -504,7 +450,7 @@ class FedTuneStrategy(Strategy):
         ]
         if len(losses) == len(outcome.accepted):  # DP off: every client sent its loss
             mean = {"train-loss": weighted_mean(losses)}
-            metrics.update(self._finite(mean, server_round, "train"))
+            metrics.update(finite_means(mean, server_round, "train"))
         return ArrayRecord(), MetricRecord(metrics)
 
     def aggregate_evaluate(
@@ -517,7 +463,7 @@ class FedTuneStrategy(Strategy):
         """
 
         def read(msg: Message, node: int) -> dict[str, float]:
-            record = self._count_record(msg, "evaluate")
+            record = count_record(msg, "evaluate")
             n = self._num_examples(msg, node, record, relative=False)
             values = {
                 k: read_metric(msg, k, self.eval_metrics, record=record) for k in self.eval_metrics
@@ -536,7 +482,7 @@ class FedTuneStrategy(Strategy):
         }
         return MetricRecord(
             {
-                **self._finite(means, server_round, "evaluate"),
+                **finite_means(means, server_round, "evaluate"),
                 "eval-examples": int(sum(m["eval-examples"] for m in pairs)),
             }
         )
