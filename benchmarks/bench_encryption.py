@@ -25,7 +25,10 @@ FLARE's TenSEAL setup sends about 57-81); encrypt, aggregate and decrypt
 throughput; round wall time encrypted / plain (goal <= 1.10), measured and
 as charged to the codecs alone (training time is noisy on a shared machine);
 and the largest ``|decrypted mean - plaintext mean|`` over the same updates
-(goal <= 1e-6).
+(goal <= 1e-6): each client's update ``n_k w_k`` is captured when its codec encodes
+it (:attr:`TimedCodec.encoded`), not re-read from the model afterwards: the clients
+of one process share one model (:mod:`fedtune.train.shared`), so reading it back
+gave the last client's adapter for every client.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ from numpy.typing import NDArray
 from fedtune import crypto
 from fedtune.aggregation import add_updates
 from fedtune.config import DataConfig, FederationConfig, RunConfig, TrainConfig
-from fedtune.model import get_adapter_vector
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, WirePayload, payload_nbytes
 from fedtune.secure.plain import PlainCodec
@@ -61,13 +63,18 @@ GOAL_ERROR = 1e-6
 
 
 class TimedCodec:
-    """A codec that forwards every call and adds up seconds and values per method."""
+    """A codec that forwards every call and adds up seconds and values per method.
+
+    ``encoded`` keeps a copy of every vector it encoded (a client's ``n_k w_k``, as
+    sent), for the check of the decrypted mean against the same updates.
+    """
 
     def __init__(self, inner: Codec) -> None:
         self.inner = inner
         self.fingerprint = inner.fingerprint
         self.seconds: dict[str, float] = defaultdict(float)
         self.values: dict[str, int] = defaultdict(int)
+        self.encoded: list[NDArray[np.float64]] = []
 
     def _timed(self, name: str, values: int, call: Callable[[], T]) -> T:
         start = time.perf_counter()
@@ -77,6 +84,7 @@ class TimedCodec:
         return out
 
     def encode(self, vector: NDArray[np.floating]) -> WirePayload:
+        self.encoded.append(np.array(vector, dtype=np.float64, copy=True))  # untimed
         return self._timed("encode", vector.size, lambda: self.inner.encode(vector))
 
     def validate(self, payload: object, *, aggregate: bool = False) -> WirePayload:
@@ -123,31 +131,47 @@ def build_federation(
     return Federation(name, clients, codecs, server)
 
 
-def train_client(fed: Federation, i: int, server_round: int) -> tuple[WirePayload, int]:
-    """Client ``i`` decodes the global state and trains; its upload and example count."""
+#: One client's upload: its payload, its example count and the vector it encoded.
+Upload = tuple[WirePayload, int, NDArray[np.float64]]
+
+
+def train_client(fed: Federation, i: int, server_round: int) -> Upload:
+    """Client ``i`` decodes the global state and trains; its upload, count and update.
+
+    The update is the one vector the client's codec encoded during this call
+    (``n_k w_k``), captured then: the clients share one model, so it cannot be read
+    back from the model later.
+    """
+    codec = fed.client_codecs[i]
+    codec.encoded.clear()
     outcome = fed.clients[i].train(fed.state, server_round=server_round)
     if outcome.payload is None:
         raise RuntimeError(f"{fed.name} client {i} declined round {server_round}.")
-    return outcome.payload, outcome.num_examples
+    if len(codec.encoded) != 1:
+        raise RuntimeError(
+            f"{fed.name} client {i} encoded {len(codec.encoded)} vectors in round "
+            f"{server_round}; expected its one update."
+        )
+    return outcome.payload, outcome.num_examples, codec.encoded.pop()
 
 
-def serve(fed: Federation, uploads: list[tuple[WirePayload, int]]) -> None:
+def serve(fed: Federation, uploads: list[Upload]) -> None:
     """Validate and add the uploads; the sum becomes the next round's global state."""
-    payloads = [fed.server.validate(p) for p, _ in uploads]
+    payloads = [fed.server.validate(p) for p, _, _ in uploads]
     total = fed.server.add(payloads)
-    fed.state = GlobalState(payload=total, num_examples=sum(n for _, n in uploads))
+    fed.state = GlobalState(payload=total, num_examples=sum(n for _, n, _ in uploads))
     fed.upload_bytes += [payload_nbytes(p) for p in payloads]
     fed.aggregate_bytes.append(payload_nbytes(total))
 
 
-def check_mean(fed: Federation, key_holder: Codec, uploads: list[tuple[WirePayload, int]]) -> None:
-    """Compare the decoded aggregate with numpy's weighted mean of the same updates."""
+def check_mean(fed: Federation, key_holder: Codec, uploads: list[Upload]) -> None:
+    """Compare the decoded aggregate with numpy's weighted mean of the same updates.
+
+    The updates are the vectors the clients encoded (:func:`train_client`).
+    """
     if fed.state is None:
         raise RuntimeError(f"{fed.name}: no aggregate to check before the first round.")
-    updates = [
-        (get_adapter_vector(c.model) * n, n) for c, (_, n) in zip(fed.clients, uploads, strict=True)
-    ]
-    expected = add_updates(updates).mean()
+    expected = add_updates([(update, n) for _, n, update in uploads]).mean()
     mean = key_holder.decode(fed.state.payload) / fed.state.num_examples
     fed.errors.append(float(np.max(np.abs(mean - expected))))
     fed.means.append(mean)
@@ -156,7 +180,7 @@ def check_mean(fed: Federation, key_holder: Codec, uploads: list[tuple[WirePaylo
 def run_round(feds: list[Federation], key_holders: list[Codec], server_round: int) -> None:
     """One round of every federation, interleaved client by client."""
     k = len(feds[0].clients)
-    uploads: list[list[tuple[WirePayload, int]]] = [[] for _ in feds]
+    uploads: list[list[Upload]] = [[] for _ in feds]
     seconds = [0.0 for _ in feds]
     for i in range(k):
         order = range(len(feds)) if (server_round + i) % 2 else reversed(range(len(feds)))
@@ -185,6 +209,7 @@ def warm_up(feds: list[Federation]) -> None:
         for codec in fed.client_codecs:
             codec.seconds.clear()
             codec.values.clear()
+            codec.encoded.clear()
 
 
 def main() -> None:

@@ -355,6 +355,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
                 cfg.privacy.client_dp_tolerance if cfg.privacy.dp == "client" else None
             ),
             max_client_examples=cfg.federation.max_client_examples,
+            max_weight_factor=cfg.federation.max_weight_factor,
             node_limits=wiring.node_limits,
             capacity=server_capacity(cfg, codec),
             eval_metrics=get_task(cfg.model.task).eval_metrics,

@@ -5,14 +5,19 @@ of the server's own message, else the reply's source node id), never by what a
 client calls itself: a self-reported name is a display label, bound by
 :class:`NodeNames` to the first node that used it for the rest of the run, and a
 node keeps its first name. Each metric the server reads is range-checked
-(:data:`RANGES`); a bad one is a :class:`fedtune.secure.codec.PayloadError` that drops the
-reply.
+(:data:`RANGES`) and held under an absurdity limit (:data:`LIMITS`: a finite
+1.7e308 would make a weighted mean ``Infinity``); a bad one is a
+:class:`fedtune.secure.codec.PayloadError` that drops the reply. Every text a reply
+carries (a decline or error reason) goes through :func:`clean_reason` before it is
+logged or stored: at most :data:`MAX_REASON` characters, no control characters or
+terminal escape sequences.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,9 +26,12 @@ from flwr.app import Message
 from fedtune.secure.codec import PayloadError
 
 __all__ = [
+    "LIMITS",
+    "MAX_REASON",
     "RANGES",
     "NodeNames",
     "RoundOutcome",
+    "clean_reason",
     "declined_reason",
     "error_code",
     "read_metric",
@@ -42,6 +50,23 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "eval-loss": (0.0, math.inf, "finite and >= 0"),
     "eval-accuracy": (0.0, 1.0, "in [0, 1]"),
 }
+
+#: The largest magnitude an honest client reports for a metric; above it the value is
+#: absurd and its reply dropped. A loss is in nats per example or token: 500 is 46
+#: times a uniform guess over a 50,000-token vocabulary, and ``exp(500)`` (the
+#: perplexity derived from it) is still a finite float. Other metrics: 1e6.
+#: ``num-examples`` is capped by the strategy instead (the node's registered limit).
+LIMITS: dict[str, float] = {"train-loss": 500.0, "eval-loss": 500.0, "num-examples": math.inf}
+_DEFAULT_LIMIT = 1e6
+
+#: The most characters of a client's reason the server logs or stores.
+MAX_REASON = 200
+
+#: Terminal escape sequences: CSI (``ESC [ ... final``), OSC/DCS/PM/APC strings up to
+#: BEL or ``ESC \``, and any other two-character ``ESC x``.
+_ESCAPE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[\]P^_X][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?|\x9b[0-?]*[ -/]*[@-~]"
+)
 
 
 @dataclass
@@ -72,6 +97,27 @@ def stated_name(msg: Message) -> str | None:
     except (KeyError, TypeError):
         return None
     return name if isinstance(name, str) and _NAME.fullmatch(name) else None
+
+
+def clean_reason(text: object, limit: int = MAX_REASON) -> str:
+    """A client-supplied reason made safe to log and store.
+
+    Terminal escape sequences are removed, every other control, format or separator
+    character (newlines, bidi overrides, ...) becomes a space, runs of spaces are
+    folded, and the result is cut to ``limit`` characters (ending in ``…`` when cut).
+    Only the first ``8 * limit`` characters are looked at, so a 1 MiB reason costs
+    no more than a short one.
+    """
+    raw = text if isinstance(text, str) else str(text)
+    head = _ESCAPE.sub("", raw[: 8 * limit])
+    kept = "".join(
+        " " if unicodedata.category(c)[0] in "CZ" else c  # C*: control/format, Z*: separators
+        for c in head
+    )
+    words = " ".join(kept.split())
+    if len(words) > limit or len(raw) > 8 * limit:
+        return words[: limit - 1].rstrip() + "…"
+    return words
 
 
 def declined_reason(msg: Message) -> str:
@@ -117,7 +163,7 @@ def read_metric(
     record: str = "metrics",
 ) -> float:
     """A metric of a reply's ``record``, a number within its range (``ranges``, else
-    :data:`RANGES`).
+    :data:`RANGES`) and its absurdity limit (:data:`LIMITS`).
 
     Without a range for ``key`` the number must be finite.
     """
@@ -137,6 +183,11 @@ def read_metric(
     )
     if not (math.isfinite(number) and low <= number <= high):
         raise PayloadError(f"{key} must be {words}, got {value!r}.")
+    limit = LIMITS.get(key, _DEFAULT_LIMIT)
+    if abs(number) > limit:
+        raise PayloadError(
+            f"{key} = {number:.4g} is absurd: an honest client reports |{key}| <= {limit:g}."
+        )
     return number
 
 

@@ -12,7 +12,8 @@ Replies are keyed by the node they came from, never by what a client calls itsel
 from one node in one round, is dropped; train and evaluate replies pass the same
 checks (:meth:`FedTuneStrategy._collect`). Metrics are range-checked, counts capped
 at ``max-client-examples`` (or the node's own limit, set when the operator
-registered it), and (see :mod:`fedtune.bounds`) the sum of counts kept inside the
+registered it) and at ``max-weight-factor`` times the median count of the round's
+other replies, and (see :mod:`fedtune.bounds`) the sum of counts kept inside the
 CKKS range; plaintext updates are checked entry by entry against the adapter value
 bound. Clients are sampled with :func:`fedtune.config.sample_size`, the formula the
 clients size their client-level DP noise share by.
@@ -42,9 +43,11 @@ from fedtune.secure.codec import Codec, PayloadError, WirePayload
 from fedtune.secure.plain import PlainCodec
 from fedtune.secure.verify import Receipt, make_receipt, receipts_to_record, split_tag
 from fedtune.tasks.base import HELD_OUT_METRICS
+from server.counts import check_weight, claimed_counts, count_record, finite_means
 from server.replies import (
     NodeNames,
     RoundOutcome,
+    clean_reason,
     declined_reason,
     read_metric,
     reply_node,
@@ -82,6 +85,11 @@ class FedTuneStrategy(Strategy):
         Node id -> the largest count that node may claim, set by the operator at
         registration (``fedtune deploy register --max-examples``); other nodes are
         held to ``max_client_examples``.
+    max_weight_factor : float
+        A count may be at most this many times the upper median of the counts the
+        round's other replies (same phase) claim (``max-weight-factor``; 0 = off), so
+        one node cannot outweigh the round's typical node by more than this factor.
+        With two replies the other one's count is the reference.
     capacity : float | None
         With encryption: the largest ``|sum_k n_k w_k|`` the CKKS parameters hold
         (:func:`fedtune.bounds.ckks_capacity`); a reply whose count would take
@@ -108,6 +116,7 @@ class FedTuneStrategy(Strategy):
         client_dp_tolerance: int | None = None,
         max_client_examples: int = FederationConfig.max_client_examples,
         node_limits: Mapping[int, int] | None = None,
+        max_weight_factor: float = FederationConfig.max_weight_factor,
         capacity: float | None = None,
         value_bound: float = bounds.VALUE_BOUND,
         eval_metrics: Mapping[str, tuple[float, float, str]] = HELD_OUT_METRICS,
@@ -121,6 +130,8 @@ class FedTuneStrategy(Strategy):
         self.client_dp_tolerance = client_dp_tolerance
         self.max_client_examples = max_client_examples
         self.node_limits = dict(node_limits or {})
+        self.max_weight_factor = max_weight_factor
+        self._claims: dict[int, float] = {}  # this phase's claimed counts, by node
         self.capacity = capacity
         self.value_bound = value_bound
         self.eval_metrics = dict(eval_metrics)  # the task's held-out metrics and ranges
@@ -258,18 +269,32 @@ class FedTuneStrategy(Strategy):
                     outcome, self._names.key(node), "no reply before `round-timeout`", phase, node
                 )
 
-    def _num_examples(self, msg: Message, node: int, record: str = "metrics") -> int:
-        n = read_metric(msg, "num-examples", record=record)
+    def _count_limit(self, node: int) -> tuple[int, str]:
+        """The largest count ``node`` may claim, and where that limit comes from."""
         if node in self.node_limits:
-            limit = self.node_limits[node]
-            source = f"`--max-examples` registered for node {node}"
-        else:
-            limit, source = self.max_client_examples, "`max-client-examples`"
+            return self.node_limits[node], f"`--max-examples` registered for node {node}"
+        return self.max_client_examples, "`max-client-examples`"
+
+    def _num_examples(
+        self, msg: Message, node: int, record: str = "metrics", *, relative: bool = True
+    ) -> int:
+        """A reply's count: an integer within the node's limit and (``relative``) the
+        relative cap (:meth:`_check_weight`)."""
+        n = read_metric(msg, "num-examples", record=record)
+        limit, source = self._count_limit(node)
         if not (n.is_integer() and 1 <= n <= limit):
             raise PayloadError(
                 f"num-examples must be an integer in [1, {limit}] ({source}), got {n!r}."
             )
+        if relative:
+            self._check_weight(int(n), node)
         return int(n)
+
+    def _check_weight(self, n: int, node: int) -> None:
+        """The relative cap (:func:`server.counts.check_weight`); off under client-level
+        DP, where every count must be 1."""
+        if self.client_dp_tolerance is None:
+            check_weight(n, node, self._claims, self.max_weight_factor)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -327,6 +352,7 @@ class FedTuneStrategy(Strategy):
     def _drop(
         self, outcome: RoundOutcome, who: str, reason: str, phase: str, node: int | None = None
     ) -> None:
+        reason = clean_reason(reason, limit=400)  # it may quote what a client sent
         outcome.dropped[who] = reason
         where = f" (node {node})" if node is not None else ""
         log.warning("Dropped %s reply from %s%s: %s", phase, who, where, reason)
@@ -352,6 +378,9 @@ class FedTuneStrategy(Strategy):
         sent = self._sent_train if phase == "train" else self._sent_evaluate
         sent_to = self._sent_to(sent)
         seen: set[int] = set()
+        self._claims = claimed_counts(
+            replies, sent_to, phase, lambda node: self._count_limit(node)[0]
+        )
         self._missing(outcome, replies, phase, sent)
         for msg in replies:
             node = reply_node(msg, sent_to)
@@ -360,7 +389,8 @@ class FedTuneStrategy(Strategy):
                 self._drop(outcome, who, problem, phase, node)
                 continue
             if msg.has_error():
-                self._drop(outcome, who, f"client error: {msg.error.reason}", phase, node)
+                reason = clean_reason(msg.error.reason)
+                self._drop(outcome, who, f"client error: {reason}", phase, node)
                 continue
             reason = declined_reason(msg) if may_decline else ""
             if reason:
@@ -464,7 +494,8 @@ class FedTuneStrategy(Strategy):
             if "train-loss" in m
         ]
         if len(losses) == len(outcome.accepted):  # DP off: every client sent its loss
-            metrics["train-loss"] = weighted_mean(losses)
+            mean = {"train-loss": weighted_mean(losses)}
+            metrics.update(finite_means(mean, server_round, "train"))
         return ArrayRecord(), MetricRecord(metrics)
 
     def aggregate_evaluate(
@@ -477,11 +508,12 @@ class FedTuneStrategy(Strategy):
         """
 
         def read(msg: Message, node: int) -> dict[str, float]:
-            record = "evaluation" if msg.metadata.message_type == MessageType.TRAIN else "metrics"
-            n = self._num_examples(msg, node, record)
+            record = count_record(msg, "evaluate")
+            n = self._num_examples(msg, node, record, relative=False)
             values = {
                 k: read_metric(msg, k, self.eval_metrics, record=record) for k in self.eval_metrics
             }
+            self._check_weight(n, node)
             return {**values, "eval-examples": float(n)}
 
         outcome = self._collect(server_round, replies, "evaluate", read)
@@ -489,12 +521,13 @@ class FedTuneStrategy(Strategy):
         if not outcome.accepted:
             return None
         pairs = list(outcome.accepted.values())
+        means = {
+            key: weighted_mean([(m[key], int(m["eval-examples"])) for m in pairs])
+            for key in self.eval_metrics
+        }
         return MetricRecord(
             {
-                **{
-                    key: weighted_mean([(m[key], int(m["eval-examples"])) for m in pairs])
-                    for key in self.eval_metrics
-                },
+                **finite_means(means, server_round, "evaluate"),
                 "eval-examples": int(sum(m["eval-examples"] for m in pairs)),
             }
         )

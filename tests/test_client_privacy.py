@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,8 @@ import pytest
 
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.privacy import PrivacyLedger, compute_epsilon
-from fedtune.train.plan import privacy_plan
 from fedtune.privacy.policy import NodePolicy
+from fedtune.train.plan import privacy_plan
 from fedtune.train.runtime import ClientRuntime, GlobalState
 
 RO = {"relation": "replace-one"}

@@ -225,16 +225,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_keygen(args: argparse.Namespace) -> int:
     """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
     from fedtune import crypto  # noqa: PLC0415
+    from fedtune.keyfiles import KeyFileError  # noqa: PLC0415
 
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
     _output_dir(args.out, "--out")
     try:
         files = crypto.save_keys(crypto.make_secret_context(), args.out)
+    except KeyFileError as err:  # a planted file or link, a directory others may write in
+        raise ConfigError(str(err)) from None
     except OSError as err:  # a race with the checks above, a full disk
         raise ConfigError(f"cannot write the keys to {str(args.out)!r}: {err}") from err
     print(f"secret context (clients only, mode 0600): {files.secret}")
-    print(f"public context (server): {files.public}")
+    print(f"public context (server, mode 0644): {files.public}")
     print(f"fingerprint: {files.fingerprint.read_text().strip()}")
     return 0
 

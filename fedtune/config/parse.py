@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import fields
@@ -27,6 +28,10 @@ __all__ = [
     "parse_assignment",
     "parse_run_config",
 ]
+
+#: An integer in a string: ASCII digits, an optional sign (``int()`` also takes
+#: ``'١٢٣'``, ``'1_000'`` and surrounding spaces: other spellings of one run config).
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
 
 
 def known_keys() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
@@ -57,11 +62,8 @@ def coerce_value(key: str, value: object, default: object) -> object:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and _INTEGER.fullmatch(value):  # not '١٢٣', '1_0', ' 1'
+            return int(value)
         raise ConfigError(f"`{key}` must be an integer, got {value!r}.")
     if isinstance(default, float):
         if isinstance(value, bool):

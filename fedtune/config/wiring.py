@@ -18,6 +18,7 @@ from pathlib import Path
 from fedtune.config._checks import ConfigError
 from fedtune.config.parse import coerce_value
 from fedtune.config.run import kebab
+from fedtune.ids import is_decimal
 
 __all__ = ["WIRING_KEYS", "Wiring", "parse_node_limits", "parse_wiring"]
 
@@ -104,7 +105,8 @@ def parse_node_limits(value: object) -> dict[int, int]:
     limits: dict[int, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         node, sep, limit = item.partition("=")
-        if not (sep and node.strip().isdigit() and limit.strip().isdigit() and int(limit) >= 1):
+        node, limit = node.strip(), limit.strip()
+        if not (sep and is_decimal(node) and is_decimal(limit) and int(limit) >= 1):
             raise ConfigError(
                 f"`node-limits` entry {item!r} is not NODE_ID=COUNT with COUNT >= 1 "
                 f"(in {text[:200]!r})."

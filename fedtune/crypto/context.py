@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,31 +308,41 @@ class KeyFiles:
 
 
 def save_keys(ctx: CkksContext, out_dir: Path) -> KeyFiles:
-    """Write ``secret.ctx`` (mode 0600), ``public.ctx`` and ``fingerprint.txt``.
+    """Write ``secret.ctx`` (mode 0600), ``public.ctx`` and ``fingerprint.txt`` (0644).
 
-    Existing key files are never overwritten (``FileExistsError``): losing the
-    key of a running federation makes its checkpoints unreadable.
+    The modes are set explicitly, whatever the umask; ``out_dir`` and any parent it
+    needs are made mode 0700 (an existing ``out_dir`` others may write in is refused).
+    Existing key files are never overwritten and never written through a symbolic
+    link (:func:`fedtune.keyfiles.write_key_file`): losing the key of a running
+    federation makes its checkpoints unreadable.
 
     Raises
     ------
     CryptoError
         If ``ctx`` has no secret key.
-    FileExistsError
-        If ``out_dir/secret.ctx`` already exists.
+    fedtune.keyfiles.KeyFileError
+        If a key file (or a link) is already there, or ``out_dir`` is unsafe.
     """
+    from fedtune.keyfiles import (  # noqa: PLC0415
+        PRIVATE_MODE,
+        PUBLIC_MODE,
+        private_dir,
+        write_key_file,
+    )
+
     ctx.require_secret_key("save keys")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = private_dir(Path(out_dir), "--out")
     files = KeyFiles(
         secret=out_dir / "secret.ctx",
         public=out_dir / "public.ctx",
         fingerprint=out_dir / "fingerprint.txt",
     )
-    fd = os.open(files.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(context_to_bytes(ctx, include_secret_key=True))
-    files.public.write_bytes(context_to_bytes(ctx))
-    files.fingerprint.write_text(ctx.fingerprint + "\n", encoding="ascii")
+    for path in (files.secret, files.public, files.fingerprint):  # refuse before writing any
+        if path.exists() or path.is_symlink():
+            write_key_file(path, b"", PRIVATE_MODE)  # raises, naming it
+    write_key_file(files.secret, context_to_bytes(ctx, include_secret_key=True), PRIVATE_MODE)
+    write_key_file(files.public, context_to_bytes(ctx), PUBLIC_MODE)
+    write_key_file(files.fingerprint, (ctx.fingerprint + "\n").encode("ascii"), PUBLIC_MODE)
     return files
 
 

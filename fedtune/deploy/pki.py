@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
-import os
 import re
 import stat
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune import keyfiles
 from fedtune.config import ConfigError
 
 #: Longest certificate validity ``make_tls`` issues (days; about 27 months, the old
@@ -41,9 +41,9 @@ from fedtune.config import ConfigError
 MAX_DAYS = 825
 #: The address the SuperLink's own APIs listen on; always in the server certificate.
 LOOPBACK = "127.0.0.1"
-PRIVATE_MODE = 0o600
-PUBLIC_MODE = 0o644
-SECRET_DIR_MODE = 0o700
+PRIVATE_MODE = keyfiles.PRIVATE_MODE
+PUBLIC_MODE = keyfiles.PUBLIC_MODE
+SECRET_DIR_MODE = keyfiles.SECRET_DIR_MODE
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -74,11 +74,14 @@ def _refuse_existing(*paths: Path) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a new file with exactly ``mode`` (the umask does not apply)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), mode)
-        fh.write(data)
+    """Write ``data`` to a new file with exactly ``mode`` (the umask does not apply).
+
+    Atomic and never through a link (:func:`fedtune.keyfiles.write_key_file`).
+    """
+    try:
+        keyfiles.write_key_file(path, data, mode)
+    except keyfiles.KeyFileError as err:
+        raise ConfigError(str(err)) from None
 
 
 def secret_dir(path: Path, option: str) -> Path:
@@ -86,10 +89,11 @@ def secret_dir(path: Path, option: str) -> Path:
     path = Path(path)
     if path.is_symlink():
         raise ConfigError(f"{option} {str(path)!r} is a symbolic link; give the directory itself.")
-    if not path.exists():
-        path.mkdir(parents=True, mode=SECRET_DIR_MODE)
-        path.chmod(SECRET_DIR_MODE)  # mkdir's mode is filtered by the umask
-        return path
+    if not path.exists():  # it and every missing parent: 0700, whatever the umask
+        try:
+            return keyfiles.private_dir(path, option)
+        except keyfiles.KeyFileError as err:
+            raise ConfigError(str(err)) from None
     if not path.is_dir():
         raise ConfigError(f"{option} {str(path)!r} is not a directory.")
     mode = stat.S_IMODE(path.stat().st_mode)

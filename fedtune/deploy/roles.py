@@ -31,6 +31,7 @@ from pathlib import Path
 from fedtune.config import ConfigError, _toml_value
 from fedtune.deploy.guard import check_superlink_dirs
 from fedtune.deploy.pki import secret_dir
+from fedtune.ids import is_decimal, parse_decimal
 
 #: Environment every fedtune process of a deployment gets (no hub, no telemetry).
 OFFLINE_ENV = {
@@ -74,7 +75,7 @@ def _port(port: int, option: str) -> int:
 
 def _address(address: str) -> str:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not is_decimal(port, max_digits=5) or not 0 < int(port) < 65536:
         raise ConfigError(f"--superlink must be HOST:PORT, got {address!r}.")
     return address
 
@@ -360,7 +361,7 @@ def node_limits(home: Path) -> dict[int, int]:
     try:
         nodes = tomllib.loads(path.read_text()).get("nodes", {})
         return {
-            int(node): int(values["max-examples"])
+            parse_decimal(node, key="node id"): int(values["max-examples"])
             for node, values in nodes.items()
             if "max-examples" in values
         }

@@ -1,9 +1,11 @@
 """The node-local channel: the thin ClientApp forwards each message to the node's worker.
 
-A unary gRPC call on a Unix socket in the node's runtime directory (mode 0600, owned
-by the OS user the SuperNode runs as). Both request and reply are Flower's own record
-bytes (a serialised ``flwr.proto.recorddict_pb2.RecordDict``): the request is the
-server message's content plus two records of the ClientApp's own,
+A gRPC call on a Unix socket in the node's runtime directory (mode 0600, owned by the
+OS user the SuperNode runs as): the request streamed in chunks of :data:`CHUNK_BYTES`
+(``HandleStream``; gRPC holds a unary message three times over while it receives it,
+a stream only one chunk), the reply in one message. Both request and reply are
+Flower's own record bytes (a serialised ``flwr.proto.recorddict_pb2.RecordDict``):
+the request is the server message's content plus two records of the ClientApp's own,
 
 * ``fedtune.request`` (ConfigRecord): ``message-type`` and ``run-id``;
 * ``fedtune.run-config`` (ConfigRecord): the run config the server sent,
@@ -15,7 +17,7 @@ has imported torch and can take a message. This module imports no torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import grpc
 from flwr.app import ConfigRecord, RecordDict
@@ -25,9 +27,13 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from fedtune.node.codes import known_code
 
 __all__ = [
+    "DEFAULT_MAX_ADAPTER_PARAMS",
+    "CHUNK_BYTES",
     "HANDLE",
+    "HANDLE_STREAM",
     "MAX_MESSAGE_BYTES",
     "REQUEST",
+    "OwnedBytes",
     "RUN_CONFIG",
     "SERVICE",
     "WorkerError",
@@ -35,16 +41,46 @@ __all__ = [
     "decode",
     "encode",
     "forward",
+    "max_request_bytes",
     "wait_ready",
 ]
 
 #: The worker's gRPC service and its one method.
 SERVICE = "fedtune.node.v1.NodeWorker"
 HANDLE = f"/{SERVICE}/Handle"
+HANDLE_STREAM = f"/{SERVICE}/HandleStream"
 
-#: The largest request or reply (Flower's own gRPC limit: a CKKS global of a real LLM
-#: adapter is tens of MB).
-MAX_MESSAGE_BYTES = 536_870_912
+#: One message of a streamed request; the worker's gRPC receive limit is this plus
+#: :data:`RECORD_SLACK_BYTES` (a unary ``Handle`` request is held to it too).
+CHUNK_BYTES = 1 << 20
+
+#: Wire bytes per adapter parameter of the largest honest message, a global sum: 15.93
+#: for the CKKS aggregate (``benchmarks/bench_crypto.py``), 8 for a float64 plaintext
+#: one; 32 leaves twice the CKKS figure.
+WIRE_BYTES_PER_PARAM = 32
+#: Room for everything beside the payload: the run config, metadata, record framing.
+RECORD_SLACK_BYTES = 1 << 20
+#: The largest adapter a worker accepts messages for unless its operator says otherwise
+#: (``--max-adapter-params``): LoRA r = 16 on the query and value projections of a
+#: 7B Llama is 8.4M (2 x 32 layers x 16 x (4096 + 4096)).
+DEFAULT_MAX_ADAPTER_PARAMS = 1 << 23
+
+
+def max_request_bytes(max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS) -> int:
+    """The largest honest request (or reply) for an adapter of ``max_adapter_params``.
+
+    ``max_adapter_params x WIRE_BYTES_PER_PARAM + RECORD_SLACK_BYTES``: the global sum
+    of that adapter with twice the measured CKKS overhead, plus the records around it.
+    The worker's gRPC receive limit: a larger request is refused by gRPC before the
+    worker holds it (``RESOURCE_EXHAUSTED``).
+    """
+    if max_adapter_params < 1:
+        raise ValueError(f"max-adapter-params must be >= 1, got {max_adapter_params}.")
+    return max_adapter_params * WIRE_BYTES_PER_PARAM + RECORD_SLACK_BYTES
+
+
+#: The largest request or reply by default (269 MB; it was 512 MiB, Flower's own limit).
+MAX_MESSAGE_BYTES = max_request_bytes()
 
 #: Record names the ClientApp adds to the server's content (the worker removes them).
 REQUEST = "fedtune.request"
@@ -77,13 +113,41 @@ def encode(content: RecordDict) -> bytes:
     return bytes(recorddict_to_proto(content).SerializeToString())
 
 
-def decode(data: bytes) -> RecordDict:
-    """Flower's record bytes as a ``RecordDict`` (``ValueError`` if they are not)."""
+class OwnedBytes:
+    """Request bytes handed over once (the worker's gRPC request deserializer).
+
+    gRPC keeps the argument of a handler alive until the handler returns; wrapped,
+    the bytes can be taken out and freed as soon as they are parsed, so a request
+    is not held three times over (bytes, protobuf, records) while it is decoded.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._data = data
+
+    def take(self) -> bytes | bytearray:
+        """The bytes; the wrapper then holds nothing."""
+        data, self._data = self._data, b""
+        return data
+
+
+def decode(data: bytes | bytearray | OwnedBytes) -> RecordDict:
+    """Flower's record bytes as a ``RecordDict`` (``ValueError`` if they are not).
+
+    With :class:`OwnedBytes` the bytes are released once parsed, before the records
+    are built: the peak is the protobuf and the records, not the bytes too.
+    """
     proto = ProtoRecordDict()
+    raw = data.take() if isinstance(data, OwnedBytes) else data
     try:
-        proto.ParseFromString(data)
-        return recorddict_from_proto(proto)
+        proto.ParseFromString(raw)
     except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise ValueError(f"not a Flower RecordDict: {err}") from None
+    del raw  # with OwnedBytes the last reference: freed before the records are made
+    try:
+        return recorddict_from_proto(proto)
+    except Exception as err:  # noqa: BLE001
         raise ValueError(f"not a Flower RecordDict: {err}") from None
 
 
@@ -95,6 +159,13 @@ def request(
     records[REQUEST] = ConfigRecord({"message-type": message_type, "run-id": str(run_id)})
     records[RUN_CONFIG] = ConfigRecord(dict(run_config))  # type: ignore[arg-type]
     return encode(RecordDict(records))  # type: ignore[arg-type]
+
+
+def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """``data`` in pieces of at most ``size`` bytes (a streamed request's messages)."""
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
 
 
 def socket_target(address: str) -> str:
@@ -120,9 +191,9 @@ def forward(
     target = socket_target(address)
     data = request(message_type, content, run_id=run_id, run_config=run_config)
     with grpc.insecure_channel(target, options=_OPTIONS) as channel:
-        call = channel.unary_unary(HANDLE)
+        call = channel.stream_unary(HANDLE_STREAM)
         try:
-            reply = call(data, timeout=timeout)
+            reply = call(chunks(data), timeout=timeout)
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
             details = err.details() if hasattr(err, "details") else None

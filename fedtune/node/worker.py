@@ -36,7 +36,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -44,16 +44,21 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedtune.ids import parse_decimal
 from fedtune.node.channel import (
-    MAX_MESSAGE_BYTES,
+    CHUNK_BYTES,
+    DEFAULT_MAX_ADAPTER_PARAMS,
+    RECORD_SLACK_BYTES,
     REQUEST,
     RUN_CONFIG,
     SERVICE,
+    OwnedBytes,
     decode,
     encode,
+    max_request_bytes,
 )
 
-__all__ = ["NodeWorker", "main", "serve"]
+__all__ = ["NodeWorker", "main", "make_server", "serve"]
 
 log = logging.getLogger("fedtune.node")
 
@@ -65,8 +70,14 @@ class NodeWorker:
     answers meanwhile.
     """
 
-    def __init__(self, node_config: Mapping[str, object]) -> None:
+    def __init__(
+        self,
+        node_config: Mapping[str, object],
+        *,
+        max_request_bytes: int = max_request_bytes(DEFAULT_MAX_ADAPTER_PARAMS),
+    ) -> None:
         self.node_config = dict(node_config)
+        self.max_request_bytes = max_request_bytes
         self._lock = threading.Lock()
         self.handled = 0
 
@@ -74,8 +85,38 @@ class NodeWorker:
         """Whether a message is being handled right now."""
         return self._lock.locked()
 
-    def handle(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        """gRPC entry point: decode, do the round's work, encode.
+    def handle(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
+        """gRPC entry point (unary, a request of at most one chunk): see :meth:`_run`.
+
+        A request is decoded only once it holds the lock: requests that wait hold
+        their bytes, never a decoded copy too.
+        """
+        with self._lock:
+            return self._run(data, context)
+
+    def handle_stream(self, parts: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """gRPC entry point for a request streamed in chunks (what the ClientApp sends).
+
+        The chunks are read under the lock into one buffer, at most
+        ``max_request_bytes`` in all (``RESOURCE_EXHAUSTED`` past it, before more is
+        read); the buffer is freed once parsed.
+        """
+        with self._lock:
+            buffer = bytearray()
+            for part in parts:
+                if len(buffer) + len(part) > self.max_request_bytes:
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"request larger than {self.max_request_bytes} bytes, the largest "
+                        "this node's adapter needs (`--max-adapter-params`).",
+                    )
+                buffer += part
+            request = OwnedBytes(buffer)
+            del buffer  # the request's only holder now: freed once parsed
+            return self._run(request, context)
+
+    def _run(self, data: bytes | OwnedBytes, context: grpc.ServicerContext) -> bytes:
+        """Decode, do the round's work, encode; under the lock.
 
         A refusal or failure aborts the call with one fixed code
         (:data:`fedtune.node.codes.CODES`) as its details: the text, which may hold
@@ -90,38 +131,37 @@ class NodeWorker:
         except ValueError as err:
             log.warning("bad request: %s", err)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad-request")
-        with self._lock:
-            start = time.perf_counter()
-            server_round = _round_of(content)
-            log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
-            try:
-                reply = node_round.handle(
-                    message_type,
-                    content,
-                    run_config=run_config,
-                    node_config=self.node_config,
-                    run_id=run_id,
-                    deployed=True,
-                )
-            except Exception as err:  # noqa: BLE001 - a fixed code leaves; the worker lives on
-                code = code_of(err)
-                log.warning(
-                    "round %s: %s refused (%s): %s",
-                    server_round,
-                    message_type,
-                    code,
-                    err,
-                    exc_info=code == "node-error",
-                )
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, code)
-            self.handled += 1
-            log.info(
-                "round %s: %s reply after %.1f s",
+        start = time.perf_counter()
+        server_round = _round_of(content)
+        log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
+        try:
+            reply = node_round.handle(
+                message_type,
+                content,
+                run_config=run_config,
+                node_config=self.node_config,
+                run_id=run_id,
+                deployed=True,
+            )
+        except Exception as err:  # noqa: BLE001 - a fixed code leaves; the worker lives on
+            code = code_of(err)
+            log.warning(
+                "round %s: %s refused (%s): %s",
                 server_round,
                 message_type,
-                time.perf_counter() - start,
+                code,
+                err,
+                exc_info=code == "node-error",
             )
-            return encode(reply)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, code)
+        self.handled += 1
+        log.info(
+            "round %s: %s reply after %.1f s",
+            server_round,
+            message_type,
+            time.perf_counter() - start,
+        )
+        return encode(reply)
 
 
 def _unwrap(content: Any) -> tuple[str, int, dict[str, object]]:
@@ -133,10 +173,8 @@ def _unwrap(content: Any) -> tuple[str, int, dict[str, object]]:
     message_type = meta.get("message-type")
     if message_type not in ("train", "evaluate"):
         raise ValueError(f"message-type must be 'train' or 'evaluate', got {message_type!r}.")
-    run_id = meta.get("run-id")
-    if not isinstance(run_id, str) or not run_id.isdigit() or len(run_id) > 20:
-        raise ValueError(f"run-id must be a decimal run id, got {run_id!r}.")
-    return message_type, int(run_id), run_config
+    run_id = parse_decimal(meta.get("run-id"), key="run-id")  # ASCII digits: '١٢٣' is no id
+    return message_type, run_id, run_config
 
 
 def _round_of(content: Any) -> object:
@@ -177,29 +215,55 @@ def _drop_to(user_name: str) -> None:
     os.environ["HOME"] = user.pw_dir
 
 
+def make_server(
+    worker: NodeWorker, *, max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS
+) -> tuple[grpc.Server, health.HealthServicer]:
+    """The worker's gRPC server (not bound, not started) and its health service.
+
+    Its receive limit is :func:`fedtune.node.channel.max_request_bytes` of
+    ``max_adapter_params``: gRPC refuses a larger request (``RESOURCE_EXHAUSTED``)
+    before the worker holds it. At most four calls at once (health checks
+    included; gRPC refuses a fifth), and one message is decoded and handled at a
+    time, so a worker holds at most four requests' bytes and one decoded copy.
+    """
+    limit = max_request_bytes(max_adapter_params)
+    worker.max_request_bytes = limit
+    options = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", CHUNK_BYTES + RECORD_SLACK_BYTES),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), options=options, maximum_concurrent_rpcs=4
+    )
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Handle": grpc.unary_unary_rpc_method_handler(
+                worker.handle, request_deserializer=OwnedBytes
+            ),
+            "HandleStream": grpc.stream_unary_rpc_method_handler(worker.handle_stream),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, health_servicer
+
+
 def serve(
     node_config: Mapping[str, object],
     socket_path: Path,
     *,
     socket_owner: str | None = None,
     user: str | None = None,
+    max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS,
 ) -> None:
     """Serve the node's rounds on ``socket_path`` until SIGTERM / SIGINT."""
     os.umask(0o077)  # everything the worker writes (ledger, checkpoint) is its own
     socket_path = Path(socket_path).parent.resolve() / Path(socket_path).name  # no link followed
-    options = [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
     worker = NodeWorker(node_config)
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE, {"Handle": grpc.unary_unary_rpc_method_handler(worker.handle)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server, health_servicer = make_server(worker, max_adapter_params=max_adapter_params)
     _bind_socket(server, socket_path, socket_owner)
     if user:
         _drop_to(user)
@@ -246,7 +310,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--socket-owner", help="the OS user the SuperNode runs as")
     parser.add_argument("--user", help="drop to this OS user after binding the socket")
+    parser.add_argument(
+        "--max-adapter-params",
+        type=int,
+        default=DEFAULT_MAX_ADAPTER_PARAMS,
+        help="the largest adapter (trainable parameters) this node trains; requests "
+        "larger than its global sum are refused unread (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.max_adapter_params < 1:
+        parser.error(f"--max-adapter-params must be >= 1, got {args.max_adapter_params}.")
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s fedtune-worker %(levelname)s %(message)s",
@@ -255,7 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     config = json.loads(args.node_config)
     if not isinstance(config, dict):
         raise SystemExit("--node-config must be a JSON object.")
-    serve(config, args.socket, socket_owner=args.socket_owner, user=args.user)
+    serve(
+        config,
+        args.socket,
+        socket_owner=args.socket_owner,
+        user=args.user,
+        max_adapter_params=args.max_adapter_params,
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Each line of ``metrics.jsonl`` is one round (round 0 is the initial adapter)::
                               "num-examples": ..., "eval-examples": ...}}}
 
 Weighted values are weighted by each client's example count. Keys are
-kebab-case like the config keys.
+kebab-case like the config keys. Every number in the file is finite: the server
+drops a non-finite or absurd metric before it gets here (:mod:`server.replies`),
+and :func:`append_record` refuses one (strict JSON has no ``Infinity`` or ``NaN``).
 """
 
 from __future__ import annotations
@@ -24,16 +26,50 @@ from fedtune.tasks.base import Headline
 
 
 def weighted_mean(pairs: Sequence[tuple[float, int]]) -> float:
-    """``sum v_k n_k / sum n_k`` over finite values; NaN when nothing counts."""
+    """``sum v_k n_k / sum n_k`` over finite values; NaN when nothing counts.
+
+    Computed as ``sum v_k (n_k / N)`` (``math.fsum``): a convex combination of finite
+    values, so it cannot overflow to ``inf`` as ``v_k n_k`` can (1.7e308 x 2).
+    """
     good = [(v, n) for v, n in pairs if n > 0 and math.isfinite(v)]
     total = sum(n for _, n in good)
-    return sum(v * n for v, n in good) / total if total else math.nan
+    return math.fsum(v * (n / total) for v, n in good) if total else math.nan
+
+
+def _non_finite(value: Any, where: str) -> tuple[str, float] | None:
+    """The key path and value of the first non-finite number in ``value``, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, Mapping):
+        items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    for path, item in items:
+        found = _non_finite(item, path)
+        if found is not None:
+            return found
+    return None
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line (the file is created on first use)."""
+    """Append one JSON line (the file is created on first use).
+
+    Raises
+    ------
+    ValueError
+        If a number in ``record`` is ``inf`` or ``NaN`` (named by its key path):
+        ``metrics.jsonl`` holds strict JSON, finite numbers only.
+    """
+    bad = _non_finite(record, "")
+    if bad is not None:
+        raise ValueError(
+            f"metrics record key {bad[0]!r} is {bad[1]!r}; metrics.jsonl holds finite numbers "
+            "only: leave the value out (the server drops non-finite metrics)."
+        )
+    line = json.dumps(record, sort_keys=False, allow_nan=False)
     with Path(path).open("a") as fh:
-        fh.write(json.dumps(record, sort_keys=False, allow_nan=True) + "\n")
+        fh.write(line + "\n")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
