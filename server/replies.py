@@ -137,7 +137,7 @@ def declined_reason(msg: Message) -> str:
     return known_code(reason)
 
 
-_REFUSAL = re.compile(r"<class '[\w.]*NodeRefusal'>:<'([a-z-]{1,40})'>")
+_REFUSAL = re.compile(r"<class '[\w.]*NodeRefusal'>:<'([a-z0-9:,-]{1,400})'>")
 
 
 def error_code(reason: str) -> str:

@@ -87,7 +87,9 @@ def test_a_resent_round_with_another_global_state_is_refused(
     runtime.train(None, server_round=1)
     assert runtime.train(_global(runtime, 0.01), server_round=2).payload is not None
     with caplog.at_level("WARNING", logger="fedtune.client"):
-        probe = runtime.train(_global(runtime, 0.02), server_round=2)
+        # The same global adapter (the movement guard accepts it again) in another input:
+        # another sampled-client count, part of what a release is keyed by.
+        probe = runtime.train(_global(runtime, 0.01), server_round=2, sampled_clients=3)
     assert probe.payload is None and probe.declined == "round-already-released"
     assert "already released from another global state" in caplog.text  # the node's log only
     assert len(PrivacyLedger(tmp_path / "client-0.jsonl").records()) == 2

@@ -161,7 +161,11 @@ def test_another_state_for_an_evaluated_round_is_declined(
 ) -> None:
     runtime = _runtime(tiny_model_dir, toy_csv, tmp_path)
     _ask(runtime, _global(runtime, 0.01), 2)
-    reply = _ask(runtime, _global(runtime, 0.02), 2)
+    # Another state (another sum and count) with the same mean: the movement guard accepts
+    # it as the round's global again, the evaluation release refuses a second state.
+    vec = np.full(runtime.initial.size, 0.01)
+    other = GlobalState(payload=runtime.codec.encode(4 * vec), num_examples=4)
+    reply = _ask(runtime, other, 2)
     assert _metrics(reply) == {}
     assert reply.config_records["info"]["declined"] == DECLINE_EVAL_ROUND
     assert len(_evals(tmp_path / "client-0.jsonl")) == 1

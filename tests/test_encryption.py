@@ -62,6 +62,7 @@ def test_server_adds_real_adapters_it_cannot_read(
         fraction_evaluate=1,
         min_clients=3,
         seed=0,
+        max_weight_factor=0,  # counts 7 / 120 / 3000 on purpose: the weighting is under test
     )
     replies = [  # each upload tagged as a key holder does (fedtune.secure.verify)
         _reply(

@@ -13,7 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "fedtune"
 APPS = ("server", "clients", "simulation")
 #: Modules that may exceed the ~400-line guideline, with the reason in their docstring.
-LONG_MODULES: frozenset[str] = frozenset({"server.strategy"})
+#: Over by a few lines after the node-decides / verified-sums work, each one idea still;
+#: to split with the layering work (issue 30): deploy.cli (the deploy subcommands'
+#: arguments), deploy.gateway (the gateway and its pre-auth limits), secure.verify (the
+#: receipts and the checks a key holder runs), train.runtime (a client's state).
+LONG_MODULES: frozenset[str] = frozenset(
+    {
+        "server.strategy",
+        "fedtune.deploy.cli",
+        "fedtune.deploy.gateway",
+        "fedtune.secure.verify",
+        "fedtune.train.runtime",
+    }
+)
 
 
 def _modules() -> dict[str, Path]:

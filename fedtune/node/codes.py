@@ -46,6 +46,9 @@ _VERIFY = re.compile(
     r"|examples-mismatch|c1-mismatch|second-global-for-round"
     r"|bad-tags:[0-9]{1,6}(?:,[0-9]{1,6}){0,9999})"
     r"|blame-refused:not-example-level-dp"
+    # A policy refusal names the run-config key (a public name), never a value.
+    r"|policy:(?:target-delta|delta|test-fraction|max-seq-length|model-path|evaluation"
+    r"|eval-noise-multiplier|audit-canaries)"
 )
 
 
@@ -77,6 +80,7 @@ def code_of(err: BaseException) -> str:
     ``"bad-request"``; anything else is ``"node-error"``. Never the text.
     """
     from fedtune.config import ConfigError  # noqa: PLC0415
+    from fedtune.privacy.policy import PolicyError  # noqa: PLC0415
     from fedtune.secure.codec import PayloadError  # noqa: PLC0415
     from fedtune.secure.verify import GlobalRefused  # noqa: PLC0415
 
@@ -84,6 +88,8 @@ def code_of(err: BaseException) -> str:
         return err.code
     if isinstance(err, GlobalRefused):
         return known_code(err.code)
+    if isinstance(err, PolicyError) and err.key:
+        return known_code(f"policy:{err.key}")
     if isinstance(err, ConfigError):
         return "policy"
     if isinstance(err, (PayloadError, ValueError)):

@@ -210,7 +210,8 @@ def _check_model_pin(policy: NodePolicy, cfg: RunConfig) -> None:
     if digest != pin.sha256:
         raise PolicyError(
             "node policy: a pinned base model no longer matches the SHA-256 in this node's "
-            "policy; the node's owner re-pins it (`fedtune deploy supernode --model DIR`)."
+            "policy; the node's owner re-pins it (`fedtune deploy supernode --model DIR`).",
+            key="model-path",
         )
 
 

@@ -64,7 +64,16 @@ MODEL_REFUSAL = (
 
 
 class PolicyError(ConfigError):
-    """A run config asks for something outside the node's policy (one line: key, values)."""
+    """A run config asks for something outside the node's policy (one line: key, values).
+
+    ``key`` names the run-config key refused (``""`` when the policy itself is at
+    fault); the line goes to the node's own log, and the server gets the fixed code
+    ``policy:KEY`` (:func:`fedtune.node.codes.code_of`): which key, not the node's value.
+    """
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _hex64(value: object) -> bool:
@@ -244,7 +253,8 @@ class NodePolicy:
         if cfg.privacy.audit_canaries and not self.canaries:
             raise PolicyError(
                 f"node policy: the run config's `audit-canaries` = {cfg.privacy.audit_canaries}"
-                " but this node allows no canaries (simulations only); remove it."
+                " but this node allows no canaries (simulations only); remove it.",
+                key="audit-canaries",
             )
         if self.source == "node":
             self.model_pin(cfg.model.model_path)
@@ -261,7 +271,7 @@ class NodePolicy:
         for pin in self.models:
             if pin.path == wanted:
                 return pin
-        raise PolicyError(MODEL_REFUSAL)
+        raise PolicyError(MODEL_REFUSAL, key="model-path")
 
     def check_examples(self, num_examples: int) -> None:
         """Refuse a δ that is not below ``1 / n_k`` (see the module docstring)."""
@@ -269,7 +279,8 @@ class NodePolicy:
             raise PolicyError(
                 f"node policy: `delta` = {self.delta:g} is not below 1 / n_k = "
                 f"1/{num_examples} (such a δ allows publishing an example in the clear); "
-                f"give the node a δ below {1.0 / num_examples:.3g}."
+                f"give the node a δ below {1.0 / num_examples:.3g}.",
+                key="delta",
             )
 
 
@@ -287,5 +298,6 @@ def _real(key: str, value: object, ok: bool, expected: str) -> None:
 def _refuse(key: str, server: object, node_key: str, node: object) -> None:
     raise PolicyError(
         f"node policy: the run config's `{key}` = {server!r}, this node's `{node_key}` is "
-        f"{node!r}; the node refuses the run (submit it with `{key}` = {node!r})."
+        f"{node!r}; the node refuses the run (submit it with `{key}` = {node!r}).",
+        key=key,
     )
