@@ -38,6 +38,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def node_pins(model_dir: Path, max_seq_length: object) -> dict[str, object]:
+    """A deployed node's own policy keys: ``model_dir`` pinned by hash, the token limit."""
+    from fedtune.model.loading import model_digest
+
+    pin = {"path": str(Path(model_dir).resolve()), "sha256": model_digest(Path(model_dir))}
+    return {"models": [pin], "max-seq-length": max_seq_length}
+
+
 def toy_rows(n_per_label: int = 20, seed: int = 0) -> list[dict[str, str]]:
     """Short texts whose label is given away by a keyword: learnable by a tiny model."""
     import random

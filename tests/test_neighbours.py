@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import toy_instruction_rows, toy_preference_rows, toy_rows
+from conftest import node_pins, toy_instruction_rows, toy_preference_rows, toy_rows
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtune.messages import TRAIN_FIELDS
@@ -35,15 +35,6 @@ def _train_content() -> RecordDict:
     return RecordDict({"config": ConfigRecord(config)})  # type: ignore[arg-type,dict-item]
 
 
-def _pinned(run_config: dict[str, object]) -> dict[str, object]:
-    """The node's own policy: the run's base model pinned, its token limit."""
-    from fedtune.model.loading import model_digest
-
-    model = Path(str(run_config["model-path"]))
-    pin = {"path": str(model.resolve()), "sha256": model_digest(model)}
-    return {"models": [pin], "max-seq-length": run_config["max-seq-length"]}
-
-
 def _reply(run_config: dict[str, object], data: Path, state: Path) -> RecordDict:
     state.mkdir()
     return handle(
@@ -54,7 +45,7 @@ def _reply(run_config: dict[str, object], data: Path, state: Path) -> RecordDict
             "state-dir": str(state),
             "data-path": str(data),
             "name": "node-a",
-            **_pinned(run_config),
+            **node_pins(Path(str(run_config["model-path"])), run_config["max-seq-length"]),
         },
         run_id=11,
         deployed=True,

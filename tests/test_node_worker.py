@@ -30,7 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.node.channel import HANDLE, WorkerError, WorkerUnavailable, forward, wait_ready
 from fedtune.node.codes import NodeRefusal
-from tests.conftest import toy_rows
+from tests.conftest import node_pins, toy_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = "animal,food,tool"
@@ -68,10 +68,7 @@ def _run_config(tiny_model_dir: Path) -> dict[str, object]:
 
 def _policy(tiny_model_dir: Path) -> dict[str, object]:
     """The node's own policy: the run config's base model pinned, its token limit."""
-    from fedtune.model.loading import model_digest
-
-    pin = {"path": str(tiny_model_dir.resolve()), "sha256": model_digest(tiny_model_dir)}
-    return {"models": [pin], "max-seq-length": 16}
+    return node_pins(tiny_model_dir, 16)
 
 
 @pytest.fixture(scope="module")
