@@ -32,7 +32,7 @@ Attack = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 def _run_config(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
     return {
-        "model-path": str(tiny_model_dir),
+        "model-path": str(tiny_model_dir.resolve()),
         "label-names": LABELS,
         "max-seq-length": 16,
         "batch-size": 8,
@@ -45,7 +45,15 @@ def _run_config(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
     }
 
 
-def _node_configs(root: Path) -> list[dict[str, object]]:
+def _policy(tiny_model_dir: Path) -> dict[str, object]:
+    """A deployed node's own policy: the run's base model pinned, its token limit."""
+    from fedtune.model.loading import model_digest
+
+    pin = {"path": str(tiny_model_dir.resolve()), "sha256": model_digest(tiny_model_dir)}
+    return {"models": [pin], "max-seq-length": 16}
+
+
+def _node_configs(root: Path, tiny_model_dir: Path) -> list[dict[str, object]]:
     out = []
     for i in range(NODES):
         state = root / f"node-{i}"
@@ -55,7 +63,14 @@ def _node_configs(root: Path) -> list[dict[str, object]]:
             writer = csv.DictWriter(fh, fieldnames=["text", "label"])
             writer.writeheader()
             writer.writerows(toy_rows(8, seed=10 + i))
-        out.append({"state-dir": str(state), "data-path": str(data), "name": f"node-{i}"})
+        out.append(
+            {
+                "state-dir": str(state),
+                "data-path": str(data),
+                "name": f"node-{i}",
+                **_policy(tiny_model_dir),
+            }
+        )
     return out
 
 
@@ -74,7 +89,7 @@ def _federate(
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]], ClientRuntime]:
     """Globals (round 0 = initial) and each round's node updates ``w_k``; node 0 may cheat."""
     run_config = _run_config(tiny_model_dir, **extra)
-    nodes = _node_configs(root)
+    nodes = _node_configs(root, tiny_model_dir)
     runtime = runtime_for(run_config, nodes[0], run_id=1, deployed=True)
     codec = PlainCodec(length=runtime.initial.size)
     globals_, updates = [runtime.initial.copy()], []
@@ -109,7 +124,9 @@ def _federate(
 
 def _bias_index(tiny_model_dir: Path, root: Path) -> int:
     run_config = _run_config(tiny_model_dir)
-    runtime = runtime_for(run_config, _node_configs(root)[0], run_id=99, deployed=True)
+    runtime = runtime_for(
+        run_config, _node_configs(root, tiny_model_dir)[0], run_id=99, deployed=True
+    )
     layout = fmodel.adapter_layout(runtime.model)
     offset = 0
     for name, size in zip(layout.names, layout.sizes, strict=True):
