@@ -19,6 +19,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import model as fmodel
+from fedtune.node.codes import NodeRefusal
 from fedtune.node.round import handle, runtime_for
 from fedtune.secure.plain import PlainCodec
 from fedtune.train.runtime import ClientRuntime
@@ -85,9 +86,18 @@ def _content(server_round: int, total: dict[str, object] | None, n: int) -> Reco
 
 
 def _federate(
-    tiny_model_dir: Path, root: Path, rounds: int, attack: Attack | None = None, **extra: object
+    tiny_model_dir: Path,
+    root: Path,
+    rounds: int,
+    attack: Attack | None = None,
+    refusals: dict[int, list[str]] | None = None,
+    **extra: object,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]], ClientRuntime]:
-    """Globals (round 0 = initial) and each round's node updates ``w_k``; node 0 may cheat."""
+    """Globals (round 0 = initial) and each round's node updates ``w_k``; node 0 may cheat.
+
+    A node's refusal (:class:`NodeRefusal`) ends the run; with ``refusals`` its codes
+    (what the server reads) are kept there by round instead of raised.
+    """
     run_config = _run_config(tiny_model_dir, **extra)
     nodes = _node_configs(root, tiny_model_dir)
     runtime = runtime_for(run_config, nodes[0], run_id=1, deployed=True)
@@ -96,17 +106,26 @@ def _federate(
     total: dict[str, object] | None = None
     n_total = 0
     for r in range(1, rounds + 1):
-        replies = [
-            handle(
-                "train",
-                _content(r, total, n_total),
-                run_config=run_config,
-                node_config=node,
-                run_id=1,
-                deployed=True,
-            )
-            for node in nodes
-        ]
+        replies, codes = [], []
+        for node in nodes:
+            try:
+                replies.append(
+                    handle(
+                        "train",
+                        _content(r, total, n_total),
+                        run_config=run_config,
+                        node_config=node,
+                        run_id=1,
+                        deployed=True,
+                    )
+                )
+            except NodeRefusal as err:  # what the server reads of a failed reply
+                codes.append(str(err))
+        if codes:
+            if refusals is None:
+                raise NodeRefusal(codes[0])
+            refusals[r] = codes
+            break
         counts = [int(rep.metric_records["metrics"]["num-examples"]) for rep in replies]
         vectors = [
             codec.decode(dict(rep.config_records["update"])) / n  # type: ignore[arg-type]
@@ -181,3 +200,33 @@ def test_a_bias_shift_and_a_x50_round_are_refused_with_max_step_factor_0(
     assert x50 > honest.guard.bound
     refused = sorted({r for r, ok in honest.guard.history if not ok})
     assert refused == [2, 4]
+
+
+@pytest.mark.slow
+def test_under_example_level_dp_the_bias_shift_is_refused_out_loud(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``dp = "example"``: a global out of bounds is refused with the fixed code only
+    (post-processing of DP releases; the blame step needs it), by every node."""
+    j = _bias_index(tiny_model_dir, tmp_path / "layout")
+
+    def attack(r: int, w: np.ndarray, start: np.ndarray) -> np.ndarray:
+        w = w.copy()
+        if r == 2:
+            w[j] += 10.0
+        return w
+
+    refusals: dict[int, list[str]] = {}
+    globals_, _, honest = _federate(
+        tiny_model_dir,
+        tmp_path,
+        3,
+        attack,
+        refusals,
+        **{"max-step-factor": 0, "dp": "example", "noise-multiplier": 2.0},
+    )
+    assert abs(globals_[2][j] - globals_[1][j]) > 2.0  # the attack reached the global
+    # Rounds 1 and 2 ran (round 1's global accepted); round 3's messages carry round 2's.
+    assert refusals == {3: ["global-refused"] * NODES}
+    assert sorted({r for r, ok in honest.guard.history if not ok}) == [2]
+    assert honest.guard.last_accepted()[0] == 1
