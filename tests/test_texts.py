@@ -23,6 +23,7 @@ accounted DP release.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from numpy.typing import NDArray
 
 from fedtune import crypto
+from fedtune.bounds import VALUE_BOUND
 from fedtune.crypto._seal import scratch_dir, seal_dump, sealapi
 from fedtune.crypto.payload import full_coefficients, load_ciphertext
 from fedtune.crypto.seal_format import parse_ciphertext, serialize
@@ -63,7 +65,7 @@ def secret(keys: crypto.KeyFiles) -> Path:
     return keys.secret
 
 
-def _run_config(tiny_model_dir: Path, dp: str = "example") -> dict[str, object]:
+def _run_config(tiny_model_dir: Path, dp: str = "example", clients: int = 2) -> dict[str, object]:
     return {
         "model-path": str(tiny_model_dir.resolve()),
         "label-names": LABELS,
@@ -71,11 +73,12 @@ def _run_config(tiny_model_dir: Path, dp: str = "example") -> dict[str, object]:
         "batch-size": 8,
         "learning-rate": 0.01,
         "seed": 3,
-        "num-clients": 2,
+        "num-clients": clients,
         "min-clients": 2,
         "num-rounds": 3,
         "dp": dp,
         "noise-multiplier": 2.0,  # a budget of 8 lasts the rounds here
+        "max-grad-norm": 0.1,  # client-level bound C(1 + σz) well inside the value bound
         "encryption": True,
     }
 
@@ -178,7 +181,7 @@ class Federation:
     def __init__(
         self, tiny_model_dir: Path, root: Path, keys: crypto.KeyFiles, dp: str, names: list[str]
     ) -> None:
-        self.run_config = _run_config(tiny_model_dir, dp)
+        self.run_config = _run_config(tiny_model_dir, dp, len(names))
         self.nodes = {n: _node(root, keys.secret, n, tiny_model_dir) for n in names}
         self.runtimes = {
             n: runtime_for(self.run_config, cfg, run_id=1, deployed=True)
@@ -251,31 +254,39 @@ class Federation:
 
 
 def _probe_offsets(federation: Federation) -> dict[str, float]:
-    """A small shift (within the movement bound) and a large one (beyond it, and beyond
-    the value bound too) for entry 0 of the mean."""
+    """Shifts of entry 0 of the mean: small (within the movement bound), twice the bound
+    (refused by the movement bound only) and large (beyond the value bound too)."""
     bound = min(r.guard.bound for r in federation.runtimes.values())
-    return {"inside": min(1e-3, bound / 100), "outside": 1000.0}
+    assert 3 * bound < VALUE_BOUND, bound  # the "edge" probe stays within the value bound
+    return {"inside": min(1e-3, bound / 100), "edge": 2 * bound, "outside": 1000.0}
 
 
 def test_a_dp_node_sends_only_public_constants_codes_and_accounted_values(
-    tiny_model_dir: Path, tmp_path: Path, keys: crypto.KeyFiles
+    tiny_model_dir: Path, tmp_path: Path, keys: crypto.KeyFiles, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Client-level DP (silent refusals); two key holders so that a global lists the
-    two distinct names verification asks for (``max(min-clients, 2)``)."""
-    fed = Federation(tiny_model_dir, tmp_path, keys, "client", ["node-inside", "node-outside"])
+    """Client-level DP (silent refusals). Three key holders, one per probe: a global
+    lists their three distinct names (verification asks for ``max(min-clients, 2)``),
+    and each node sees one global for round 1 (a second would be refused as such)."""
+    names = ["node-inside", "node-edge", "node-outside"]
+    fed = Federation(tiny_model_dir, tmp_path, keys, "client", names)
     replies = {f"{n.removeprefix('node-')}-1": r for n, r in fed.first_round().items()}
-    for label, offset in _probe_offsets(fed).items():
-        content = fed.forged(offset)
-        fed.verifies(f"node-{label}", content)
-        replies[f"{label}-2"] = fed.handle(f"node-{label}", content)
-    for label in ("inside", "outside"):  # evaluated, then trained from
+    with caplog.at_level("WARNING", logger="fedtune.client"):
+        for label, offset in _probe_offsets(fed).items():
+            content = fed.forged(offset)
+            fed.verifies(f"node-{label}", content)
+            replies[f"{label}-2"] = fed.handle(f"node-{label}", content)
+    for label in ("inside", "edge", "outside"):  # evaluated, then trained from
         refused = {r for r, ok in fed.runtimes[f"node-{label}"].guard.history if not ok}
-        assert refused == (set() if label == "inside" else {1})
+        assert refused == (set() if label == "inside" else {1}), label
+    # Why, in the node's own log only: the edge probe by the movement bound alone.
+    assert "round 1 is refused (moved " in caplog.text
+    assert re.search(r"round 1 is refused \(\|w\| [\d.e+]+, outside \|w\| <= 64\)", caplog.text)
     # Only an accepted global is kept for the node's own export.
     assert (tmp_path / "node-inside" / "checkpoint").is_dir()
+    assert not (tmp_path / "node-edge" / "checkpoint").exists()
     assert not (tmp_path / "node-outside" / "checkpoint").exists()
     # The refusal bit is not in the replies: same fields, strings, counts and sizes.
-    assert _shape(replies["inside-2"]) == _shape(replies["outside-2"])
+    assert _shape(replies["inside-2"]) == _shape(replies["edge-2"]) == _shape(replies["outside-2"])
     assert "evaluation" in replies["outside-2"] and "update" in replies["outside-2"]
     # Every field and every string of every reply.
     for label, reply in replies.items():
