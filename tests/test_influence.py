@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -90,6 +91,7 @@ def _federate(
     root: Path,
     rounds: int,
     attack: Attack | None = None,
+    *,
     refusals: dict[int, list[str]] | None = None,
     **extra: object,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]], ClientRuntime]:
@@ -126,7 +128,7 @@ def _federate(
                 raise NodeRefusal(codes[0])
             refusals[r] = codes
             break
-        counts = [int(rep.metric_records["metrics"]["num-examples"]) for rep in replies]
+        counts = [cast(int, rep.metric_records["metrics"]["num-examples"]) for rep in replies]
         vectors = [
             codec.decode(dict(rep.config_records["update"])) / n  # type: ignore[arg-type]
             for rep, n in zip(replies, counts, strict=True)
@@ -135,7 +137,7 @@ def _federate(
             vectors[0] = attack(r, vectors[0], globals_[-1])
         updates.append(vectors)
         n_total = sum(counts)
-        summed = sum(v * n for v, n in zip(vectors, counts, strict=True))
+        summed = np.sum([v * n for v, n in zip(vectors, counts, strict=True)], axis=0)
         total = dict(codec.encode(summed))
         globals_.append(summed / n_total)
     return globals_, updates, runtime_for(run_config, nodes[1], run_id=1, deployed=True)
@@ -185,9 +187,8 @@ def test_a_bias_shift_and_a_x50_round_are_refused_with_max_step_factor_0(
             w = start + 50.0 * (w - start)  # the x50 round
         return w
 
-    globals_, updates, honest = _federate(
-        tiny_model_dir, tmp_path, 5, attack, **{"max-step-factor": 0}
-    )
+    run: dict[str, Any] = {"max-step-factor": 0}
+    globals_, updates, honest = _federate(tiny_model_dir, tmp_path, 5, attack, **run)
     assert abs(globals_[2][j] - globals_[1][j]) > 2.0  # the attack reached the global
     # Round 3: the honest nodes trained from round 1's global, not the shifted one.
     for w in updates[2][1:]:
@@ -217,14 +218,8 @@ def test_under_example_level_dp_the_bias_shift_is_refused_out_loud(
         return w
 
     refusals: dict[int, list[str]] = {}
-    globals_, _, honest = _federate(
-        tiny_model_dir,
-        tmp_path,
-        3,
-        attack,
-        refusals,
-        **{"max-step-factor": 0, "dp": "example", "noise-multiplier": 2.0},
-    )
+    run: dict[str, Any] = {"max-step-factor": 0, "dp": "example", "noise-multiplier": 2.0}
+    globals_, _, honest = _federate(tiny_model_dir, tmp_path, 3, attack, refusals=refusals, **run)
     assert abs(globals_[2][j] - globals_[1][j]) > 2.0  # the attack reached the global
     # Rounds 1 and 2 ran (round 1's global accepted); round 3's messages carry round 2's.
     assert refusals == {3: ["global-refused"] * NODES}

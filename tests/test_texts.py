@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -125,7 +125,7 @@ def _strings_and_fields(reply: RecordDict) -> tuple[list[str], set[tuple[str, st
 
 def _shape(reply: RecordDict) -> object:
     """What the server can read of a reply besides DP values: names, strings, sizes."""
-    out = []
+    out: list[tuple[object, ...]] = []
     for name, record in sorted(reply.items()):
         for key, value in sorted(dict(record).items()):
             if (name, key) == ("info", "client"):
@@ -222,10 +222,10 @@ class Federation:
         """Round 2's train message, its global's entry 0 shifted by ``offset`` (the mean)."""
         content = self.strategy._content(2, len(self.nodes), 1)
         record = dict(content.config_records["global"])
-        payload = {k: record[k] for k in ("chunks", "length", "fingerprint")}
+        payload: dict[str, Any] = {k: record[k] for k in ("chunks", "length", "fingerprint")}
         # The sum is decrypted, then divided by its `num-examples`: shift it by n * offset.
         n = self.strategy.global_examples
-        shift = np.zeros(int(payload["length"]))
+        shift = np.zeros(payload["length"])
         shift[0] = offset * n
         forged = add_plain_to_c0(self.strategy.codec, payload, shift)  # type: ignore[arg-type]
         honest, shifted = (_coefficients(self.strategy.codec, p) for p in (payload, forged))  # type: ignore[arg-type]
@@ -290,7 +290,8 @@ def test_a_dp_node_sends_only_public_constants_codes_and_accounted_values(
     assert "evaluation" in replies["outside-2"] and "update" in replies["outside-2"]
     # Byte sizes: a seeded upload's c0 is uniform modulo q whatever it encrypts, so its
     # zstd size varies by a few bytes at random (measured: 32,314-32,331), not by path.
-    sizes = [len(c) for r in replies.values() for c in r["update"]["chunks"]]
+    chunks = [cast(list[bytes], dict(r["update"])["chunks"]) for r in replies.values()]
+    sizes = [len(c) for listed in chunks for c in listed]
     assert max(sizes) - min(sizes) < 0.005 * max(sizes), sizes
     # Every field and every string of every reply.
     for label, reply in replies.items():
