@@ -8,14 +8,17 @@ but ``c0`` is the server's to shift: SEAL's ``add_plain`` (TenSEAL's ``ckks_vect
 list``) adds an encoded plaintext to ``c0`` and leaves ``c1`` as it was, so such a
 global passes verification and is decrypted.
 
-Here two deployed nodes share the secret context and the server is the real
-:class:`server.strategy.FedTuneStrategy`: it adds their round-1 uploads, then adds a
-plaintext offset to entry 0 of the sum without any key, once small (within the
-movement bound) and once large (beyond it), and sends one to each node. Without DP
-or with client-level DP the two replies must not differ in any way the server can
-read (fields, strings, counts, sizes), while each node's guard records, locally,
-which it refused; under ``dp = "example"`` the large one is refused out loud with the
-fixed code ``global-refused`` and nothing else (post-processing of DP releases).
+Here deployed nodes (:func:`fedtune.node.round.handle`, ``deployed=True``) share the
+secret context and the server is the real :class:`server.strategy.FedTuneStrategy`: it
+adds their round-1 uploads, then adds a plaintext offset to entry 0 of the sum without
+any key: small (within the movement bound), twice the bound (refused by it alone) and
+large (beyond the value bound too), one per node. Under client-level DP (which needs
+encryption and at least ``client-dp-tolerance + 1`` sampled clients; it is the level
+whose refusals stay silent, and the test covers its DP-release accounting) the replies
+must not differ in any way the server can read (fields, strings, counts, sizes),
+while each node's guard records, locally, which it refused; under ``dp = "example"``
+the large one is refused out loud with the fixed code ``global-refused`` and nothing
+else (post-processing of DP releases).
 Every field and string of every reply is a public constant, a fixed code, or an
 accounted DP release.
 """
