@@ -517,9 +517,12 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _ledger(fed: Federation, name: str) -> list[dict[str, Any]]:
+def _ledger(fed: Federation, name: str, kind: str | None = "train") -> list[dict[str, Any]]:
+    """A node's ledger records of ``kind`` (training releases by default; None: all, DP
+    held-out evaluations included)."""
     path = fed.state(name) / "privacy" / f"{name}.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    records = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in records if kind is None or r.get("kind", "train") == kind]
 
 
 def _final_vector(run_dir: Path, secret: Path) -> np.ndarray:
@@ -790,7 +793,7 @@ def test_worker_killed_mid_round_and_server_killed_after_round_two_count_each_ro
         assert [r["round"] for r in records] == [0, 1, 2, 3]
         assert [r["clients-trained"] for r in records[1:]] == [3, 2, 3]
         reason = records[2]["dropped"]["node-1"]
-        assert "fedtune worker" in reason, reason  # the ClientApp said why
+        assert "worker-unavailable" in reason, reason  # the ClientApp's fixed code
         for name in ("node-0", "node-2"):  # round 3 counted once, even if half done
             assert [e["round"] for e in _ledger(fed, name)] == [1, 2, 3]
         ledger = _ledger(fed, "node-1")
@@ -902,6 +905,8 @@ def test_causal_lm_federation_over_three_nodes(files: Files, tiny_llama_dir: Pat
         for name in NODES:
             ledger = _ledger(fed, name)
             assert [e["round"] for e in ledger] == [1, 2]
+            # Each held-out reply was a DP release, in the same ledger (rounds 0, 1, 2).
+            assert [e["round"] for e in _ledger(fed, name, "eval")] == [0, 1, 2]
             assert ledger[-1]["epsilon"] <= RUN_CONFIG["target-epsilon"] + 1e-9
     finally:
         fed.stop()

@@ -139,9 +139,12 @@ def test_an_in_policy_run_completes_within_the_nodes_budget_at_its_delta(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ledger = _ledger(policed, NODE)
     assert [e["round"] for e in ledger] == [1, 2]
-    assert {e["delta"] for e in ledger} == {DELTA}
-    assert {e["relation"] for e in ledger} == {"replace-one"}
-    pld = _pld_epsilon(ledger, DELTA)
+    # Every release the node made: training and its DP held-out evaluations (rounds 0-2).
+    released = _ledger(policed, NODE, None)
+    assert [e["round"] for e in released if e.get("kind") == "eval"] == [0, 1, 2]
+    assert {e["delta"] for e in released} == {DELTA}
+    assert {e["relation"] for e in released} == {"replace-one"}
+    pld = _pld_epsilon(released, DELTA)
     print(f"node ledger at δ={DELTA:g}: PRV ε {ledger[-1]['epsilon']:.4f}, PLD ε {pld:.4f}")
     assert pld <= BUDGET
     state = policed.state(NODE)

@@ -35,6 +35,9 @@ def preference_run(
         "dp": "example",
         "target-epsilon": 50,
         "encryption": "true",
+        # The test reads exact held-out metrics (a node's opt-out, recorded in the ledger
+        # as eval-exact), not DP releases of them.
+        "evaluation": "exact",
     }
     args = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
     proc = _fedtune("simulate", "--run-dir", str(run_dir), *args)
