@@ -198,3 +198,105 @@ def test_client_level_releases_the_clipped_update_and_share_on_the_grid() -> Non
         ClientLevel().transform(
             np.zeros(d), trained, runtime=runtime, noise=object(), sampled_clients=2
         )
+
+
+# --- the vectorised sampler (fedtune/privacy/discrete_array.py) ------------------------
+
+
+def _vector(sigma2: Fraction, n: int, seed: int) -> list[int]:
+    from fedtune.privacy.discrete import KeystreamRandom
+    from fedtune.privacy.discrete_array import discrete_gaussian_array
+    from fedtune.privacy.noise import SeededNoise
+
+    return discrete_gaussian_array(sigma2, n, KeystreamRandom(SeededNoise(seed))).tolist()
+
+
+@pytest.mark.parametrize(
+    "sigma2",
+    # 2^28 + 1 over 2^28: lanes with |y| > 8 take the Python-integer path (|c| >= 2^32)
+    [Fraction(9, 4), Fraction(7, 3), Fraction(30), Fraction(2**28 + 1, 2**28)],
+)
+def test_vectorised_samples_follow_the_exact_pmf(sigma2: Fraction) -> None:
+    samples = _vector(sigma2, 20_000, seed=11)
+    width = 4 * math.isqrt(int(sigma2) + 1) + 4
+    assert _chi2_pvalue(samples, float(sigma2), width) > 1e-3
+    assert _chi2_pvalue(samples, 1.1 * float(sigma2), width) < 1e-3  # it can fail
+
+
+def test_vectorised_large_scale_has_the_right_mean_variance_and_kurtosis() -> None:
+    """``s^2 = 10^9``: the acceptance denominator ``2 s^2 t^2`` is 2^61 (the int64 edge)."""
+    from fedtune.privacy.discrete_array import MAX_MODULUS, _denominator
+
+    sigma2 = Fraction(10**9)
+    assert MAX_MODULUS // 4 < _denominator(sigma2) < MAX_MODULUS
+    z = np.array(_vector(sigma2, 50_000, seed=12), dtype=float)
+    n, s = len(z), math.sqrt(1e9)
+    assert abs(z.mean()) < 5 * s / math.sqrt(n)
+    assert abs(z.var() / 1e9 - 1) < 5 * math.sqrt(2 / n)
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24 / n)
+
+
+def test_vectorised_and_scalar_samplers_have_the_same_law() -> None:
+    from fedtune.privacy.discrete import KeystreamRandom
+    from fedtune.privacy.noise import SeededNoise
+
+    sigma2 = Fraction(5, 2)
+    rng = KeystreamRandom(SeededNoise(13))
+    scalar = np.array([discrete_gaussian(sigma2, rng) for _ in range(20_000)])
+    vector = np.array(_vector(sigma2, 20_000, seed=14))
+    support = np.arange(-6, 7)  # |y| >= 6 pooled into the end cells
+    table = np.array([[np.sum(np.clip(v, -6, 6) == y) for y in support] for v in (scalar, vector)])
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+    shifted = np.array(_vector(Fraction(3), 20_000, seed=14))  # 20% more variance: caught
+    table[1] = [np.sum(np.clip(shifted, -6, 6) == y) for y in support]
+    assert stats.chi2_contingency(table).pvalue < 1e-3
+
+
+def test_vectorised_samples_are_reproducible_from_the_seed() -> None:
+    a = _vector(Fraction(30), 1000, seed=15)
+    assert a == _vector(Fraction(30), 1000, seed=15)
+    assert a != _vector(Fraction(30), 1000, seed=16)
+
+
+@pytest.mark.parametrize(
+    ("sigma2", "n", "match"),
+    [
+        (Fraction(0), 3, r"`sigma2` must be > 0, got 0"),
+        (Fraction(2, 1), -1, r"`n` must be an int >= 0, got -1"),
+        (Fraction(10**10), 3, r"2 a b t\^2 = \d+ >= 2\^62 .*round `sigma2` up to an integer"),
+        (Fraction(10**12 + 1, 2**20), 3, r"`sigma2` = 1000000000001/1048576 .* >= 2\^62"),
+    ],
+)
+def test_vectorised_sampler_refuses_what_would_overflow(
+    sigma2: Fraction, n: int, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        _vector(sigma2, n, seed=0)
+
+
+def test_client_level_uses_the_vectorised_sampler_from_a_keystream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release draws its shares in one vectorised call (and the scalar sampler is not
+    used), still on the grid."""
+    from fedtune.privacy import discrete
+    from fedtune.privacy.discrete import KeystreamRandom
+    from fedtune.privacy.noise import SeededNoise
+
+    def no_scalar(*_: object) -> int:
+        raise AssertionError("the scalar sampler was used")
+
+    monkeypatch.setattr(discrete, "discrete_gaussian", no_scalar)
+    x = np.full(400, 0.01)
+    out = discrete_noisy_update(
+        x,
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        num_sampled_clients=3,
+        tolerance=0,
+        rng=KeystreamRandom(SeededNoise(4)),
+    )
+    ints = out.values / out.grid
+    assert np.array_equal(ints, np.rint(ints))
+    noise = ints - np.rint(x / out.grid)
+    assert abs(noise.std() / math.sqrt(out.share_variance) - 1) < 5 / math.sqrt(800)

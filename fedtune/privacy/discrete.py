@@ -5,7 +5,9 @@ NeurIPS 2020 (https://arxiv.org/abs/2004.00010), Algorithms 1--3, in exact integ
 rational arithmetic on uniform integers from a CSPRNG. ``N_Z(0, s^2)`` is the
 distribution on the integers with ``P[Y = y] ∝ exp(-y^2 / (2 s^2))``.
 
-A client-level release (:func:`discrete_noisy_update`) is
+A client-level release (:func:`discrete_noisy_update`) draws its ``d`` values at once
+with the vectorised sampler (:mod:`fedtune.privacy.discrete_array`, same algorithm and
+law, 20-40x faster) when ``rng`` is a :class:`KeystreamRandom`; it is
 
     q = g * (round(x / g) + K),    K ~ N_Z(0, s^2)^d,
     s = (1 + g sqrt(d) / (2C)) σ C / (g sqrt(m - t)),
@@ -53,6 +55,7 @@ __all__ = [
     "discrete_laplace",
     "discrete_noisy_update",
     "grid_step",
+    "round_up_variance",
 ]
 
 #: Integers with |v| < 2^53 are exact in float64; the released integers must stay below.
@@ -61,8 +64,8 @@ _EXACT = 1 << 53
 SLACK_BITS = 7
 #: The smallest per-share integer scale accepted (``τ`` negligible, the grid fine).
 MIN_SCALE = 8
-#: ``s^2`` is rounded *up* to a multiple of ``1 / 2^_SIGMA_BITS``: more noise, short rationals.
-_SIGMA_BITS = 16
+#: ``s^2`` is rounded *up*, relatively by at most ``2^-_SIGMA_BITS``: short rationals.
+_SIGMA_BITS = 24
 
 
 class KeystreamRandom(random.Random):
@@ -187,6 +190,18 @@ def discrete_gaussian(sigma2: Fraction, rng: random.Random) -> int:
             return y
 
 
+def round_up_variance(scale2: Fraction) -> Fraction:
+    """``s^2`` rounded up to a multiple of ``2^-k``, ``k = min(24, max(0, 24 - floor(log2
+    s^2)))``: relatively at most ``2^-24`` above (absolutely ``2^-24`` below ``s^2 = 1``),
+    never below, and with a denominator small enough for the vectorised sampler
+    (:mod:`fedtune.privacy.discrete_array`: ``2 a b t^2 < 2^62`` up to ``s`` of about
+    38,000)."""
+    if scale2 <= 0:
+        raise ValueError(f"`scale2` must be > 0, got {scale2}.")
+    bits = min(_SIGMA_BITS, max(0, _SIGMA_BITS - math.floor(math.log2(float(scale2)))))
+    return Fraction(math.ceil(scale2 * (1 << bits)), 1 << bits)
+
+
 def grid_step(*, clip_norm: float, dim: int) -> float:
     """The largest power of two ``g`` with ``g sqrt(dim) <= 2 C 2^-SLACK_BITS``.
 
@@ -265,13 +280,10 @@ def discrete_noisy_update(
             f"the share's scale is {scale:.3g} grid steps (< {MIN_SCALE}); raise "
             "`noise-multiplier` or lower `client-dp-tolerance`."
         )
-    # s^2 rounded up to a multiple of 2^-16: never less noise than planned.
-    sigma2 = Fraction(math.ceil(Fraction(scale) ** 2 * (1 << _SIGMA_BITS)), 1 << _SIGMA_BITS)
+    sigma2 = round_up_variance(Fraction(scale) ** 2)  # never less noise than planned
     source = rng if rng is not None else KeystreamRandom(CsprngNoise())
     ints = np.rint(x / grid).astype(np.int64)  # exact: g is a power of two
-    noise = np.fromiter(
-        (discrete_gaussian(sigma2, source) for _ in range(x.size)), dtype=np.int64, count=x.size
-    )
+    noise = _share(sigma2, x.size, source)
     total = ints + noise
     if x.size and int(np.abs(total).max()) >= _EXACT:
         raise ValueError(
@@ -288,3 +300,16 @@ def discrete_noisy_update(
         share_variance=sigma2,
         effective_noise_multiplier=honest * 2.0 / sensitivity,
     )
+
+
+def _share(sigma2: Fraction, n: int, rng: random.Random) -> NDArray[np.int64]:
+    """``n`` draws of ``N_Z(0, sigma2)``: vectorised from a keystream where its integer
+    bounds allow (:mod:`fedtune.privacy.discrete_array`), else the scalar sampler."""
+    from fedtune.privacy.discrete_array import (  # noqa: PLC0415 - it imports this module
+        discrete_gaussian_array,
+        fits_vectorised,
+    )
+
+    if isinstance(rng, KeystreamRandom) and fits_vectorised(sigma2):
+        return discrete_gaussian_array(sigma2, n, rng)
+    return np.fromiter((discrete_gaussian(sigma2, rng) for _ in range(n)), dtype=np.int64, count=n)
