@@ -145,7 +145,10 @@ def test_lm_run_with_dp_and_encryption_lowers_perplexity_and_keeps_ledgers(
     assert ppl[-1] < ppl[0], ppl
     assert (private_lm_run / "keys" / "secret.ctx").is_file()
     for name in ("client-0", "client-1", "client-2"):
-        ledger = PrivacyLedger(private_lm_run / "privacy" / f"{name}.jsonl").records()
+        records_of = PrivacyLedger(private_lm_run / "privacy" / f"{name}.jsonl").records()
+        # The exact held-out metrics this run opted into are in the ledger too, unaccounted.
+        assert {e.kind for e in records_of} == {"train", "eval-exact"}
+        ledger = [e for e in records_of if e.kind == "train"]
         assert [e.round for e in ledger] == [1, 2, 3]
         assert ledger[-1].epsilon == pytest.approx(records[-1]["clients"][name]["epsilon"])
     assert 0 < records[-1]["epsilon"] <= 50
