@@ -180,6 +180,10 @@ class Files:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Files]:
+    if RUNTIME_USER and not RUNTIME_BIN.is_dir():
+        # Another module's `files` (test_policy_deploy_e2e imports this fixture) removed the
+        # entry points at its teardown: the SuperNode as `nobody` would never come online.
+        _runtime_bin(pwd.getpwnam(RUNTIME_USER))
     root = tmp_path_factory.mktemp("deploy")
     f = Files(
         root,
