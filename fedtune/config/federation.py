@@ -39,10 +39,10 @@ class FederationConfig:
     shipped federation (the Dirichlet split of ``simulations/noniid.toml`` has sizes
     195 to 485; the silos are equal).
 
-    ``max-step-factor`` is the key holders' norm-jump check
-    (:class:`fedtune.bounds.StepGuard`): a client refuses a decrypted global whose
-    distance from the previous one it accepted, per round, is more than this many
-    times the largest such step it accepted before (0 turns the check off).
+    ``max-step-factor`` is accepted for old run configs and no longer used: key holders
+    bound each decrypted global's movement from the configuration
+    (:mod:`fedtune.movement`, :mod:`fedtune.guard`), scaled by the node policy's
+    ``max-step-slack``, which a run config cannot loosen or switch off.
 
     ``partition-cache-size`` bounds the tokenised client partitions one worker
     process keeps (an LRU, :mod:`fedtune.train.shared`); an evicted one is rebuilt,
