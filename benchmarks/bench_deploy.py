@@ -4,8 +4,8 @@
 
 Runs the README's "Run a real federation" walkthrough on 127.0.0.1 (``fedtune keygen``,
 ``deploy certs``, ``superlink``, ``node-key``, ``register``, three ``supernode``s on
-``clients/make_demo_data.py``'s files, ``deploy run server/federation.toml``: the default
-model, DP-SGD at ε = 8 and CKKS), then ``fedtune simulate server/federation.toml``: the
+``scripts/make_demo_data.py``'s files, ``deploy run simulations/federation.toml``: the default
+model, DP-SGD at ε = 8 and CKKS), then ``fedtune simulate simulations/federation.toml``: the
 same three partitions (``make_demo_data.py`` draws them with the simulation's own
 partitioner and seed), the same config. Both with ``--set num-rounds=ROUNDS``. It prints
 
@@ -96,7 +96,7 @@ def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float
     data, ckks, certs = work / "data", work / "ckks", work / "certs"
     control, fleet = _free_port(), _free_port()
     _run(
-        [sys.executable, "clients/make_demo_data.py", "--nodes", str(NODES), "--out", str(data)],
+        [sys.executable, "scripts/make_demo_data.py", "--nodes", str(NODES), "--out", str(data)],
         tag,
     )
     _run(_fedtune("keygen", "--out", str(ckks)), tag)
@@ -194,7 +194,7 @@ def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float
         _fedtune(
             "deploy",
             "run",
-            "server/federation.toml",
+            "simulations/federation.toml",
             "--set",
             f"num-rounds={rounds}",
             *connection,
@@ -234,7 +234,7 @@ def simulated(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], floa
     _run(
         _fedtune(
             "simulate",
-            "server/federation.toml",
+            "simulations/federation.toml",
             "--set",
             f"num-rounds={rounds}",
             "--run-dir",

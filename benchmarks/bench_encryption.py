@@ -13,7 +13,7 @@ the server on ``public.ctx`` from :func:`fedtune.crypto.save_keys`). Each
 client is a :class:`fedtune.train.runtime.ClientRuntime` on the bundled MiniLM-L6 and
 WordNet data; per round every client decodes the last aggregate and trains
 (``runtime.train``), then the "server" validates and adds the payloads
-(``codec.validate``, ``codec.add``), as ``server/strategy.py`` does.
+(``codec.validate``, ``codec.add``), as ``fedtune/apps/server/strategy.py`` does.
 
 The two federations run interleaved client by client (the order alternating),
 after an untimed warm-up, so both see the same machine state. Clients run one

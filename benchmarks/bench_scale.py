@@ -125,7 +125,7 @@ def run_one(clients: int, fraction: float, max_examples: int, rounds: int) -> di
 
 def child(flat_json: str, run_dir: str) -> None:
     """The federation itself (in the child process)."""
-    from simulation.driver import simulate
+    from fedtune.apps.simulation.driver import simulate
 
     simulate(json.loads(flat_json), run_dir=Path(run_dir))
 

@@ -1,6 +1,6 @@
 """Every field a client sends, with its privacy status: the one list to keep honest.
 
-``clients/app.py`` builds replies only from these fields and checks each reply against
+``fedtune/apps/client/app.py`` builds replies only from these fields and checks each reply against
 this list before it leaves (:func:`check_reply`); ``tests/test_reply_fields.py`` fails
 when a field appears that is not here. A field is one of:
 

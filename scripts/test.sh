@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 . .venv/bin/activate
-ruff check fedtune server clients simulation tests benchmarks simulations
+ruff check fedtune tests benchmarks simulations scripts
 mypy fedtune
 exec python -m pytest -q "$@"

@@ -120,9 +120,9 @@ def test_key_holder_refuses_a_scaled_global_without_saying_so(
 
 
 def test_server_refuses_to_start_past_the_ckks_range() -> None:
+    from fedtune.apps.server.app import server_capacity
     from fedtune.secure.ckks import CkksCodec
     from fedtune.secure.plain import PlainCodec
-    from server.app import server_capacity
 
     codec = CkksCodec(crypto.public_context(crypto.make_secret_context()), length=8)
     # 6 x 50,000 x 64 = 1.92e7 > 2**24; 5 x 50,000 x 64 = 1.6e7 fits.

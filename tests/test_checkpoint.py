@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedtune.apps.server.app import resume_round
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.secure.plain import PlainCodec
-from server.app import resume_round
-from server.strategy import FedTuneStrategy
 
 CODEC = PlainCodec(length=4)
 

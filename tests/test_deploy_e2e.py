@@ -79,7 +79,7 @@ def _runtime_bin(user: pwd.struct_passwd) -> Path | None:
         try:
             ok = (
                 subprocess.run(
-                    [str(python), "-c", "import flwr, clients.app"],
+                    [str(python), "-c", "import flwr, fedtune.apps.client.app"],
                     user=user.pw_uid,
                     group=user.pw_gid,
                     extra_groups=[],

@@ -11,13 +11,13 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import crypto
+from fedtune.apps.server.app import server_codec
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.config import ModelConfig, parse_run_config
 from fedtune.model import build_model, get_adapter_vector
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import PayloadError
 from fedtune.secure.verify import sign_upload
-from server.app import server_codec
-from server.strategy import FedTuneStrategy
 
 
 @pytest.fixture(scope="module")

@@ -191,9 +191,9 @@ def toy_codec() -> Iterator[str]:
 def test_a_registered_codec_is_used_by_client_server_and_export(
     toy_codec: str, tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
+    from fedtune.apps.server.app import server_codec
     from fedtune.secure import get_backend
     from fedtune.train.runtime import ClientRuntime, GlobalState
-    from server.app import server_codec
 
     flat = {
         "model-path": str(tiny_model_dir),
@@ -227,8 +227,8 @@ def test_the_strategy_checks_and_averages_a_tasks_own_held_out_metrics() -> None
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedtune.apps.server.strategy import FedTuneStrategy
     from fedtune.secure.plain import PlainCodec
-    from server.strategy import FedTuneStrategy
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     metrics = {

@@ -150,8 +150,8 @@ def test_flwr_run_dot_on_a_local_simulation(tiny_model_dir: Path, tmp_path: Path
 
 
 def test_the_server_knows_the_default_datas_labels_and_needs_them_for_own_data() -> None:
+    from fedtune.apps.server.app import with_default_labels
     from fedtune.config import parse_run_config
-    from server.app import with_default_labels
 
     cfg = with_default_labels(parse_run_config({}))
     assert cfg.data.labels == [
@@ -164,8 +164,8 @@ def test_the_server_knows_the_default_datas_labels_and_needs_them_for_own_data()
 
 
 def test_an_encrypted_run_without_the_public_context_is_refused() -> None:
+    from fedtune.apps.server.app import check_keys
     from fedtune.config import ConfigError, Wiring, parse_run_config
-    from server.app import check_keys
 
     with pytest.raises(
         ConfigError, match=r"`encryption` = true needs the server's `public-context`"
@@ -176,7 +176,7 @@ def test_an_encrypted_run_without_the_public_context_is_refused() -> None:
 
 
 def test_only_flowers_simulation_engine_counts_as_a_simulation() -> None:
-    from clients.app import simulated_node
+    from fedtune.apps.client.app import simulated_node
 
     # Not in a Ray actor (this process), or a node config a real node has: not simulated.
     assert not simulated_node({"partition-id": 0, "num-partitions": 2})

@@ -29,9 +29,9 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.cli import main
 from fedtune.secure.plain import PlainCodec
-from server.strategy import FedTuneStrategy
 
 ANSI_REASON = "\x1b[2J\x1b[31mFAKE: node 1 leaked\nkeys\r\x07" + "A" * (1 << 20)
 
@@ -219,7 +219,7 @@ def test_error_and_decline_reasons_are_cut_and_stripped(
 
 
 def test_clean_reason_keeps_a_plain_reason() -> None:
-    from server.replies import clean_reason
+    from fedtune.apps.server.replies import clean_reason
 
     assert clean_reason("budget spent: ε 8.0 of 8.0") == "budget spent: ε 8.0 of 8.0"
     assert (
@@ -340,8 +340,8 @@ def test_worker_takes_a_plain_run_id() -> None:
 
 @pytest.mark.parametrize("bad", ["١=5", "1=５", "1=5,２=3"])
 def test_node_limits_take_ascii_digits_only(bad: str) -> None:
+    from fedtune.apps.server.app import parse_node_limits
     from fedtune.config import ConfigError
-    from server.app import parse_node_limits
 
     with pytest.raises(ConfigError, match="`node-limits` entry"):
         parse_node_limits(bad)

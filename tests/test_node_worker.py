@@ -129,7 +129,8 @@ def _train_content(server_round: int = 1, *, evaluate: bool = True) -> RecordDic
 def test_the_thin_client_app_imports_no_torch() -> None:
     heavy = ("torch", "transformers", "peft", "opacus", "tenseal")
     code = (
-        f"import sys; import clients.app; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+        "import sys; import fedtune.apps.client.app; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -259,7 +260,7 @@ def test_the_socket_is_0600_and_only_its_runtime_user_reads_nothing_else(worker:
 def test_a_client_app_that_cannot_reach_its_worker_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from clients.app import make_client_app
+    from fedtune.apps.client.app import make_client_app
 
     app = make_client_app()
     msg = Message(_train_content(), dst_node_id=1, message_type=MessageType.TRAIN)

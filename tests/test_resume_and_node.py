@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedtune.apps.server.app import resume_round
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.errors import FederationError
 from fedtune.node.round import node_settings
 from fedtune.run.checkpoint import Checkpoint, save_checkpoint
 from fedtune.secure.plain import PlainCodec
-from server.app import resume_round
-from server.strategy import FedTuneStrategy
 
 
 def _strategy(codec: PlainCodec, seed: int = 0) -> FedTuneStrategy:

@@ -138,7 +138,7 @@ def child_main(case: str) -> dict[str, str]:
     client = CkksCodec(ctx, length=LENGTH)
     upload = client.encode(np.random.default_rng(0).uniform(-1, 1, LENGTH))
     bad = with_chunk(upload, FORGERIES[forgery](upload["chunks"][0]))
-    if path == "server":  # what server/strategy.py does with a reply
+    if path == "server":  # what fedtune/apps/server/strategy.py does with a reply
         return {
             "validate": _outcome(lambda: server.validate(bad)),
             "add": _outcome(lambda: server.add([server.validate(upload), bad])),

@@ -379,7 +379,7 @@ def test_partial_participation_is_the_same_run_for_the_same_seed(
 ) -> None:
     """Half the clients a round: the same partitions train and evaluate on every run.
 
-    Flower gives simulated nodes random ids; before ``simulation/driver.py`` seeded them,
+    Flower gives simulated nodes random ids; before the simulation driver seeded them,
     sampling among the sorted ids picked other partitions each time.
     """
 

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.secure.plain import PlainCodec
-from server.strategy import FedTuneStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -355,9 +355,9 @@ def test_a_node_is_held_to_the_limit_set_at_its_registration() -> None:
 
 
 def test_node_limits_wiring_key_is_parsed_strictly() -> None:
+    from fedtune.apps.server.app import parse_node_limits
     from fedtune.config import ConfigError
     from fedtune.deploy.submit import format_node_limits
-    from server.app import parse_node_limits
 
     assert parse_node_limits("") == {}
     assert parse_node_limits(format_node_limits({9: 50, 7: 100})) == {7: 100, 9: 50}

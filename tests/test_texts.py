@@ -9,7 +9,7 @@ list``) adds an encoded plaintext to ``c0`` and leaves ``c1`` as it was, so such
 global passes verification and is decrypted.
 
 Here deployed nodes (:func:`fedtune.node.round.handle`, ``deployed=True``) share the
-secret context and the server is the real :class:`server.strategy.FedTuneStrategy`: it
+secret context and the server is the real :class:`fedtune.apps.server.strategy.FedTuneStrategy`: it
 adds their round-1 uploads, then adds a plaintext offset to entry 0 of the sum without
 any key: small (within the movement bound), twice the bound (refused by it alone) and
 large (beyond the value bound too), one per node. Under client-level DP (which needs
@@ -37,6 +37,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from numpy.typing import NDArray
 
 from fedtune import crypto
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.bounds import VALUE_BOUND
 from fedtune.crypto._seal import scratch_dir, seal_dump, sealapi
 from fedtune.crypto.payload import full_coefficients, load_ciphertext
@@ -46,7 +47,6 @@ from fedtune.node.codes import CODES, NodeRefusal, code_of
 from fedtune.node.round import handle, runtime_for
 from fedtune.secure import verify
 from fedtune.secure.ckks import CkksCodec
-from server.strategy import FedTuneStrategy
 from tests.conftest import toy_rows
 
 LABELS = "animal,food,tool"
@@ -385,7 +385,7 @@ def test_every_error_maps_to_a_fixed_code(err: Exception, code: str) -> None:
 def test_the_client_app_raises_only_a_code(
     tiny_model_dir: Path, toy_csv: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from clients.app import make_client_app
+    from fedtune.apps.client.app import make_client_app
 
     config = {
         **_run_config(tiny_model_dir),
@@ -412,7 +412,7 @@ def test_the_client_app_raises_only_a_code(
 
 
 def test_the_server_reads_the_code_from_an_error_reason() -> None:
-    from server.replies import error_code
+    from fedtune.apps.server.replies import error_code
 
     reason = "<class 'fedtune.node.codes.NodeRefusal'>:<'budget-spent'>"
     assert error_code(reason) == "budget-spent"

@@ -1,7 +1,7 @@
 """A federation of four nodes, one of them forging: every round completes without it.
 
-The server is the ServerApp's own loop (:func:`server.app.run_rounds` with the strategy
-``server/app.py`` builds); the three honest nodes answer through
+The server is the ServerApp's own loop (:func:`fedtune.apps.server.app.run_rounds` with the strategy
+``fedtune/apps/server/app.py`` builds); the three honest nodes answer through
 :func:`fedtune.node.round.handle`, what a node worker and a simulated client call. The
 grid delivers messages in process (Flower's ``Grid`` interface: push, pull, node ids).
 The fourth node is an attacker that does not run fedtune's node code: each round it
@@ -25,12 +25,12 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import crypto
+from fedtune.apps.server.app import run_rounds, server_capacity, server_codec
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.config import WIRING_KEYS, parse_run_config, parse_wiring
 from fedtune.node import round as node_round
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.verify import sign_upload
-from server.app import run_rounds, server_capacity, server_codec
-from server.strategy import FedTuneStrategy
 
 Handler = Callable[[Message], Message]
 
@@ -41,7 +41,7 @@ def _task_identity() -> None:
 
 
 class InProcessGrid:
-    """Flower's Grid, as :func:`server.exchange.exchange` uses it, delivering in process."""
+    """Flower's Grid, as :func:`~fedtune.apps.server.exchange.exchange` uses it, in process."""
 
     def __init__(self, nodes: dict[int, Handler]) -> None:
         self.nodes = nodes
@@ -226,7 +226,7 @@ def test_blame_step_drops_an_out_of_bounds_key_holder_under_example_dp(
         seed=0,
         capacity=server_capacity(cfg, codec),
     )
-    strategy.blame_allowed = True  # what server/app.py sets for dp = "example"
+    strategy.blame_allowed = True  # what fedtune/apps/server/app.py sets for dp = "example"
     length = codec.length  # type: ignore[attr-defined]
     nodes = {k + 1: honest(flat, k) for k in range(3)}
     nodes[4] = out_of_bounds_key_holder(flat, keys.secret, length)

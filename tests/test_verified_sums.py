@@ -1,6 +1,6 @@
 """Key holders decrypt only verified sums (issue 27), through the deployment entry points.
 
-Server side: :class:`server.strategy.FedTuneStrategy` (``aggregate_train`` adds the
+Server side: :class:`fedtune.apps.server.strategy.FedTuneStrategy` (``aggregate_train`` adds the
 replies, ``_content`` is what it sends). Key-holder side: :func:`fedtune.node.round.evaluate`
 and :func:`fedtune.node.round.train`, what a node worker and a simulated client call.
 Every attack here was accepted on the code before verified aggregation: the key holder
@@ -22,13 +22,13 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import crypto
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.config import parse_run_config
 from fedtune.node import round as node_round
 from fedtune.secure import receipt_io, verify
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import PayloadError
 from fedtune.train.runtime import ClientRuntime
-from server.strategy import FedTuneStrategy
 
 RUN = "verified-run"
 N = crypto.DEFAULT_PARAMS.poly_modulus_degree
@@ -316,10 +316,10 @@ def test_receipts_bytes_round_trip_and_refuse_garbage() -> None:
 def test_resume_refuses_forged_or_unlisted_checkpoints(
     holder: ClientRuntime, keys: crypto.KeyFiles, tmp_path: Path
 ) -> None:
-    """The server's resume path (``server.app.resume_round``) over a signed checkpoint."""
+    """The server's resume path (``apps.server.app.resume_round``) over a signed checkpoint."""
+    from fedtune.apps.server.app import resume_round
     from fedtune.errors import FederationError
     from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from server.app import resume_round
 
     runtime = _fresh(holder, tmp_path / "node")
     honest = round_of(runtime, keys)

@@ -160,7 +160,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    from simulation.driver import simulate  # noqa: PLC0415 - imports both apps
+    from fedtune.apps.simulation.driver import simulate  # noqa: PLC0415 - imports both apps
 
     if args.config is not None and args.config.is_dir():
         raise ConfigError(

@@ -174,7 +174,7 @@ def node_config(
     partition_id: int | None = None,
     num_partitions: int | None = None,
 ) -> dict[str, object]:
-    """A node's own settings, as ``clients/app.py`` reads them from its node config."""
+    """A node's own settings, as ``fedtune/apps/client/app.py`` reads them from its node config."""
     config: dict[str, object] = {"state-dir": str(Path(state_dir).expanduser().resolve())}
     if data_path is not None:
         config["data-path"] = str(_file(data_path, "this node's data", "--data-path"))

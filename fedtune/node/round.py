@@ -1,6 +1,6 @@
 """One node's side of a round: a server message's content in, the reply's content out.
 
-The same code serves a simulated client (in its Ray actor, called by ``clients/app.py``)
+The same code serves a simulated client (in its Ray actor, called by ``fedtune/apps/client/app.py``)
 and a real node (in its long-lived worker, :mod:`fedtune.node.worker`), so the two
 paths cannot drift.
 

@@ -4,7 +4,7 @@ Flower 1.41 runs every message in a fresh ``flwr-clientapp`` process, which woul
 re-import torch, re-read the data and rebuild the model twice a round. The worker
 holds all of that instead (torch, the model with its adapter, the tokenised data,
 the CKKS secret context, the ledger) and answers the thin ClientApp
-(``clients/app.py``) over a gRPC Unix socket (:mod:`fedtune.node.channel`).
+(``fedtune/apps/client/app.py``) over a gRPC Unix socket (:mod:`fedtune.node.channel`).
 
 It is also the node's security boundary. ``fedtune deploy supernode`` starts it as
 the user who owns the node's files, and the SuperNode (with every ClientApp it

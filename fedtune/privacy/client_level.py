@@ -20,7 +20,7 @@ touches the noise, the rounding's extra sensitivity is paid for with at most 0.8
 noise, the accounting below is unchanged); :func:`distributed_noise` is the continuous
 float64 share it replaced, kept for comparison (``benchmarks/bench_discrete_noise.py``).
 The server refuses a round in which fewer than ``m - t`` shares arrived
-(``server/strategy.py``), so fewer shares never become a global state.
+(``fedtune/apps/server/strategy.py``), so fewer shares never become a global state.
 
 Accounting: the server chooses the clients from a seed it knows, so participation is
 no secret from it and sampling amplifies nothing: each round a client takes part in is

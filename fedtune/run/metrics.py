@@ -10,7 +10,7 @@ Each line of ``metrics.jsonl`` is one round (round 0 is the initial adapter)::
 
 Weighted values are weighted by each client's example count. Keys are
 kebab-case like the config keys. Every number in the file is finite: the server
-drops a non-finite or absurd metric before it gets here (:mod:`server.replies`),
+drops a non-finite or absurd metric before it gets here (:mod:`fedtune.apps.server.replies`),
 and :func:`append_record` refuses one (strict JSON has no ``Infinity`` or ``NaN``).
 """
 

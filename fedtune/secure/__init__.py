@@ -18,7 +18,7 @@ entry point of an installed package::
     my-he = "my_package.my_he:MyBackend"
 
 Client (:class:`fedtune.train.runtime.ClientRuntime`), server
-(``server/app.py``), export and the simulation driver all call :func:`make_codec`
+(``fedtune/apps/server/app.py``), export and the simulation driver all call :func:`make_codec`
 and :func:`get_backend`; none of them names a backend.
 """
 

@@ -7,7 +7,7 @@ seeds, hash, tag). A key holder uses the global only if
 
 1. every listed tag verifies for this run and the global's round (else it refuses
    with :data:`BAD_TAGS` and the positions of the failing receipts, so the server
-   can drop those uploads, re-sum and resend: see :mod:`server.verified`);
+   can drop those uploads, re-sum and resend: see :mod:`fedtune.apps.server.verified`);
 2. the names are distinct, at least :func:`min_uploads` of them, and their counts
    add up to the global's ``num-examples``;
 3. the global's ``c1`` equals the sum of the listed seeds' expansions, exactly

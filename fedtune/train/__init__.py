@@ -4,7 +4,7 @@
 holds the DP levels (example: DP-SGD inside training; client: a transform of the
 update), ``release`` the DP round as a recorded release, ``seeds`` the round seeds,
 ``runtime`` the :class:`~fedtune.train.runtime.ClientRuntime` that ties them
-together for ``clients/app.py``. Only ``loop`` is imported here (it is what tasks
+together for ``fedtune/apps/client/app.py``. Only ``loop`` is imported here (it is what tasks
 need); import the rest from its module.
 """
 

@@ -5,7 +5,7 @@ its name and partition, its privacy plan, ledger and step guard. What every
 client of a worker process shares lives in :mod:`fedtune.train.shared`: the base
 model with its LoRA adapter (a client sets its adapter vector in, trains, reads
 it back), the tokenizer, the codec, and a bounded LRU of tokenised partitions
-(rebuilt deterministically when evicted). ``clients/app.py`` turns Flower messages
+(rebuilt deterministically when evicted). ``fedtune/apps/client/app.py`` turns Flower messages
 into calls on it.
 """
 

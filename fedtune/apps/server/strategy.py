@@ -8,7 +8,7 @@ validated by the codec before anything is deserialised, and a bad reply is
 dropped from the round with a log line naming the client.
 
 Replies are keyed by the node they came from, never by what a client calls itself
-(:mod:`server.replies`). A reply that states another node's name, or a second reply
+(:mod:`fedtune.apps.server.replies`). A reply that states another node's name, or a second reply
 from one node in one round, is dropped; train and evaluate replies pass the same
 checks (:meth:`FedTuneStrategy._collect`). Metrics are range-checked, counts capped
 at ``max-client-examples`` (or the node's own limit, set when the operator
@@ -36,15 +36,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import bounds
-from fedtune.config import FederationConfig, sample_size
-from fedtune.errors import FederationError
-from fedtune.run.metrics import weighted_mean
-from fedtune.secure.codec import Codec, PayloadError, WirePayload
-from fedtune.secure.plain import PlainCodec
-from fedtune.secure.verify import Receipt, make_receipt, receipts_to_record, split_tag
-from fedtune.tasks.base import HELD_OUT_METRICS
-from server.counts import check_weight, claimed_counts, count_record, finite_means
-from server.replies import (
+from fedtune.apps.server.counts import check_weight, claimed_counts, count_record, finite_means
+from fedtune.apps.server.replies import (
     NodeNames,
     RoundOutcome,
     clean_reason,
@@ -53,6 +46,13 @@ from server.replies import (
     reply_node,
     stated_name,
 )
+from fedtune.config import FederationConfig, sample_size
+from fedtune.errors import FederationError
+from fedtune.run.metrics import weighted_mean
+from fedtune.secure.codec import Codec, PayloadError, WirePayload
+from fedtune.secure.plain import PlainCodec
+from fedtune.secure.verify import Receipt, make_receipt, receipts_to_record, split_tag
+from fedtune.tasks.base import HELD_OUT_METRICS
 
 __all__ = ["FedTuneStrategy", "NotEnoughClients", "RoundOutcome"]
 
@@ -148,10 +148,10 @@ class FedTuneStrategy(Strategy):
         #: Names whose uploads key holders could not authenticate (dropped, logged).
         self.unverified: set[str] = set()
         #: Round -> {name: why} of uploads dropped from that round's sum after key holders
-        #: named them (:mod:`server.verified`); written to that round's metrics line.
+        #: named them (:mod:`fedtune.apps.server.verified`); written to that round's metrics line.
         self.dropped_after_sum: dict[int, dict[str, str]] = {}
         #: ``dp = "example"``: a broken verified sum may be blamed on single uploads
-        #: (:func:`server.verified.blame`); set by the ServerApp.
+        #: (:func:`fedtune.apps.server.verified.blame`); set by the ServerApp.
         self.blame_allowed = False
         self.last_train = RoundOutcome()
         self.last_evaluate = RoundOutcome()
@@ -291,7 +291,7 @@ class FedTuneStrategy(Strategy):
         return int(n)
 
     def _check_weight(self, n: int, node: int) -> None:
-        """The relative cap (:func:`server.counts.check_weight`); off under client-level
+        """The relative cap (:func:`.counts.check_weight`); off under client-level
         DP, where every count must be 1."""
         if self.client_dp_tolerance is None:
             check_weight(n, node, self._claims, self.max_weight_factor)

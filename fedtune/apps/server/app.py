@@ -21,6 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedtune import bounds
+from fedtune.apps.server.exchange import PENDING, load_pending, save_pending
+from fedtune.apps.server.strategy import FedTuneStrategy, NotEnoughClients
+from fedtune.apps.server.verified import verified_exchange
 from fedtune.config import (
     WIRING_KEYS,
     RunConfig,
@@ -37,9 +40,6 @@ from fedtune.secure import run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError
 from fedtune.tasks import get_task
-from server.exchange import PENDING, load_pending, save_pending
-from server.strategy import FedTuneStrategy, NotEnoughClients
-from server.verified import verified_exchange
 
 __all__ = [
     "app",
@@ -219,7 +219,7 @@ def run_rounds(
         )
         if strategy.last_evaluate.dropped:
             record["eval-dropped"] = dict(strategy.last_evaluate.dropped)
-        if after := strategy.dropped_after_sum.get(record["round"]):  # server/verified.py
+        if after := strategy.dropped_after_sum.get(record["round"]):  # verified.py
             record["dropped-after-sum"] = dict(after)
         task.derive_metrics(record)
         append_record(metrics_path, record)

@@ -1,6 +1,6 @@
 """Write one CSV per demo node from the bundled WordNet data (for trying a deployment).
 
-    python clients/make_demo_data.py --nodes 3 --out deploy/data [--examples-per-label 250]
+    python scripts/make_demo_data.py --nodes 3 --out deploy/data [--examples-per-label 250]
 
 In a real federation every node already has its own file; this only stands in
 for that on one machine. Each ``node-K.csv`` holds one IID partition (columns

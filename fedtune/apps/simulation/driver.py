@@ -242,8 +242,8 @@ def simulate(
 
     from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
 
-    from clients.app import make_client_app  # noqa: PLC0415
-    from server.app import make_server_app  # noqa: PLC0415
+    from fedtune.apps.client.app import make_client_app  # noqa: PLC0415
+    from fedtune.apps.server.app import make_server_app  # noqa: PLC0415
 
     tmp = Path(tempfile.mkdtemp(prefix="fedtune-sim-"))
     old_env = _quiet_environment(tmp)

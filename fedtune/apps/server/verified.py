@@ -28,11 +28,11 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedtune.apps.server.exchange import exchange
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.run.checkpoint import Checkpoint, save_checkpoint
 from fedtune.secure.blame import blame_to_record, parse_blame
 from fedtune.secure.verify import BAD_TAGS
-from server.exchange import exchange
-from server.strategy import FedTuneStrategy
 
 __all__ = ["blame", "drop_unverified", "refused_positions", "verified_exchange"]
 
@@ -151,7 +151,7 @@ def verified_exchange(
     timeout: float,
     run_dir: Path | None = None,
 ) -> list[Message]:
-    """:func:`server.exchange.exchange`, again without the uploads key holders refuse.
+    """:func:`fedtune.apps.server.exchange.exchange`, again without the uploads key holders refuse.
 
     ``messages()`` builds the exchange's messages from the strategy's current global
     (round ``global_round``'s sum); each retry drops at least one upload, so there
