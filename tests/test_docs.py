@@ -65,8 +65,7 @@ def _anchors(path: Path) -> set[str]:
 def _links(path: Path) -> list[str]:
     out = []
     for line in _prose(path):
-        line = re.sub(r"`[^`]*`", "", line)  # code spans are not links
-        out += _LINK.findall(line)
+        out += _LINK.findall(re.sub(r"`[^`]*`", "", line))  # code spans are not links
     return out
 
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fedtune.config import ConfigError, collect_overrides, load_toml
-from fedtune.config.reference import keys_epilog
+from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 
 __all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
 
@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "server adds their updates, clients evaluate on held-out data each round. "
             "Writes a run directory and the final PEFT adapter."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=KeysHelpFormatter,
         epilog=keys_epilog() + "\n\n" + RUN_DIR_HELP,
     )
     sim.add_argument(

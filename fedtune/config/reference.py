@@ -19,7 +19,9 @@ names them in its help.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import shutil
 import textwrap
 import typing
 from dataclasses import dataclass, fields
@@ -29,6 +31,7 @@ from fedtune.config.wiring import Wiring
 
 __all__ = [
     "KeyDoc",
+    "KeysHelpFormatter",
     "key_docs",
     "key_help",
     "keys_epilog",
@@ -103,12 +106,15 @@ def pyproject_defaults() -> dict[str, str]:
     return {d.key: d.default for d in key_docs()}
 
 
-def keys_epilog(width: int = 100, *, wiring: bool = False) -> str:
+def keys_epilog(width: int | None = None, *, wiring: bool = False) -> str:
     """The keys with their defaults and help, for an ``argparse`` epilog.
 
     The defaults are written as a flat TOML file writes them (``encryption = false``,
-    strings quoted); sections are comments, since a config file has no tables.
+    strings quoted); sections are comments, since a config file has no tables. The help
+    is wrapped at ``width`` (default: the terminal's, at most 100 columns).
     """
+    if width is None:
+        width = max(40, min(100, shutil.get_terminal_size((100, 24)).columns - 2))
     lines = [
         "config keys (a flat TOML file or --set key=value; shown with their defaults as a",
         "config file writes them; reference: docs/configuration.md):",
@@ -130,6 +136,15 @@ def keys_epilog(width: int = 100, *, wiring: bool = False) -> str:
             break_long_words=False,
         )
     return "\n".join(lines)
+
+
+class KeysHelpFormatter(argparse.HelpFormatter):
+    """Wrap a parser's description; keep an indented epilog (:func:`keys_epilog`) as it is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n  " in text:  # preformatted: the key list, the run directory's layout
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def _cell(text: str) -> str:

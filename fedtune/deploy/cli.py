@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import ConfigError, collect_overrides
-from fedtune.config.reference import keys_epilog
+from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.deploy.pki import MAX_DAYS
 
 if TYPE_CHECKING:
@@ -263,7 +263,7 @@ def add_parser(sub: Any) -> None:
         description="Check the config, submit this Flower App with `flwr run`, stream its "
         "log and exit 0 only if the run completed. The server writes --run-dir "
         "(metrics.jsonl, checkpoint/) on the SuperLink's machine.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=KeysHelpFormatter,
         epilog=keys_epilog(),
     )
     run.add_argument("config", nargs="?", type=Path, help="a TOML file of config keys")
