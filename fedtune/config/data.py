@@ -19,15 +19,12 @@ class DataConfig:
     """Where examples come from and how they are split across clients.
 
     ``data-path = ""`` selects the bundled default: WordNet 3.0 noun definitions
-    labelled by lexicographer category. Otherwise a ``.csv`` / ``.jsonl`` file or a
-    Hugging Face dataset directory written by ``Dataset.save_to_disk``.
+    labelled by lexicographer category; with ``task = "causal-lm"`` WordNet
+    instruction pairs ("Define the word X." -> its gloss); with ``task = "preference"``
+    WordNet preference pairs (:mod:`fedtune.tasks.preference.data`).
 
-    With ``task = "causal-lm"`` the default is WordNet instruction pairs
-    ("Define the word X." -> its gloss); own data has ``prompt-column`` and
-    ``answer-column`` (or only ``text-column``: plain text, loss on every token);
-    preference data (``task = "preference"``) has ``prompt-column``, ``chosen-column``
-    and ``rejected-column``; its WordNet default pairs answers by ``preference-pairs``
-    (see :mod:`fedtune.tasks.preference.data`).
+    Each field's ``metadata["help"]`` is its key's one description (``--help`` and
+    ``docs/configuration.md`` are generated from it, :mod:`fedtune.config.reference`).
     """
 
     data_path: str = field(

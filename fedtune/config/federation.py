@@ -24,29 +24,8 @@ def sample_size(connected: int, fraction: float, min_clients: int) -> int:
 class FederationConfig:
     """Rounds, client sampling and the simulated federation's size.
 
-    ``client-cpus`` / ``client-gpus`` are the simulation engine's resources per
-    simulated client (Ray runs ``cores // client-cpus`` clients at once).
-
-    ``max-client-examples`` caps the example count a client may claim (its FedAvg
-    weight, an untrusted number): the server drops a reply above it, and with
-    encryption on refuses to start unless ``num-clients x max-client-examples x 64``
-    fits the CKKS range (``2 ** 24`` by default; see :mod:`fedtune.bounds`).
-
-    ``max-weight-factor`` caps a count relative to the round: the server drops a reply
-    whose ``num-examples`` is more than this many times the upper median of the counts
-    the round's other replies claim, so one node cannot outweigh the round's typical
-    node by more than this factor (0 turns it off). The default, 4, admits every
-    shipped federation (the Dirichlet split of ``simulations/noniid.toml`` has sizes
-    195 to 485; the silos are equal).
-
-    ``max-step-factor`` is accepted for old run configs and no longer used: key holders
-    bound each decrypted global's movement from the configuration
-    (:mod:`fedtune.movement`, :mod:`fedtune.guard`), scaled by the node policy's
-    ``max-step-slack``, which a run config cannot loosen or switch off.
-
-    ``partition-cache-size`` bounds the tokenised client partitions one worker
-    process keeps (an LRU, :mod:`fedtune.train.shared`); an evicted one is rebuilt,
-    deterministically, from the data set the worker read and partitioned once.
+    Each field's ``metadata["help"]`` is its key's one description (``--help`` and
+    ``docs/configuration.md`` are generated from it, :mod:`fedtune.config.reference`).
     """
 
     num_rounds: int = field(default=5, metadata={"help": "Federated rounds (>= 1)."})
@@ -91,8 +70,8 @@ class FederationConfig:
     client_cpus: int = field(
         default=0,
         metadata={
-            "help": "Simulation: CPU cores per simulated client; 0 = all cores (one client "
-            "at a time)."
+            "help": "Simulation: CPU cores per simulated client (Ray runs cores // "
+            "client-cpus clients at once); 0 = all cores (one client at a time)."
         },
     )
     client_gpus: float = field(
@@ -105,10 +84,10 @@ class FederationConfig:
     max_client_examples: int = field(
         default=50_000,
         metadata={
-            "help": "The largest example count (FedAvg weight) a client may claim; a larger "
-            "one drops its reply. With encryption the server refuses to start unless "
-            "`num-clients` x this x 64 <= 2^24, the CKKS range (fedtune/bounds.py); under "
-            '`dp = "client"` every update claims 1.'
+            "help": "The largest example count (FedAvg weight, an untrusted number) a client "
+            "may claim; a larger one drops its reply. With encryption the server refuses "
+            "to start unless `num-clients` x this x 64 <= 2^24, the CKKS range "
+            '(fedtune/bounds.py); under `dp = "client"` every update claims 1.'
         },
     )
     max_weight_factor: float = field(
@@ -127,14 +106,16 @@ class FederationConfig:
         metadata={
             "help": "No longer used (accepted for old run configs): key holders bound each "
             "decrypted global's movement from the configuration, scaled by the node "
-            "policy's `max-step-slack`, which a run config cannot loosen."
+            "policy's `max-step-slack`, which a run config cannot loosen or switch off "
+            "(fedtune/movement.py, fedtune/guard.py)."
         },
     )
     partition_cache_size: int = field(
         default=128,
         metadata={
             "help": "Tokenised client partitions one worker process keeps (an LRU, >= 1); "
-            "an evicted one is rebuilt, identically."
+            "an evicted one is rebuilt, deterministically, from the data set the worker "
+            "read and partitioned once (fedtune/train/shared.py)."
         },
     )
 

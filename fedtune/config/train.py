@@ -17,18 +17,8 @@ OptimizerName = Literal["adamw", "sgd"]
 class TrainConfig:
     """Local training on each client.
 
-    ``optimizer = "sgd"`` (with ``momentum``) is the usual choice under DP-SGD:
-    Adam's per-coordinate normalisation turns the DP noise into full-size steps in
-    every coordinate, which drowns the signal of a small data set.
-
-    ``physical-batch-size`` bounds the rows of one forward/backward pass under
-    DP-SGD: a larger Poisson batch is sorted by length and split into parts whose
-    clipped per-example gradients are summed before the one noisy step
-    (:mod:`fedtune.privacy.virtual`). Same mechanism, same accounting; less padding
-    and bounded memory for large batches. 0 = never split.
-
-    ``beta`` is DPO's β (``task = "preference"``): how far the implicit reward
-    ``β log(π / π_ref)`` lets the policy move from the reference.
+    Each field's ``metadata["help"]`` is its key's one description (``--help`` and
+    ``docs/configuration.md`` are generated from it, :mod:`fedtune.config.reference`).
     """
 
     local_epochs: int = field(
@@ -46,8 +36,10 @@ class TrainConfig:
     optimizer: OptimizerName = field(
         default="adamw",
         metadata={
-            "help": "`adamw`, or `sgd` with `momentum` (the DP recipe: Adam turns DP noise "
-            "into full-size steps in every coordinate; see docs/privacy.md)."
+            "help": "`adamw`, or `sgd` with `momentum`, the usual choice under DP-SGD: "
+            "Adam's per-coordinate normalisation turns the DP noise into full-size steps "
+            "in every coordinate, which drowns the signal of a small data set (the DP "
+            "recipe: docs/privacy.md)."
         },
     )
     momentum: float = field(
@@ -69,7 +61,7 @@ class TrainConfig:
             "help": "DP-SGD: the most rows of one forward/backward pass; a larger Poisson "
             "batch is sorted by length and split into parts whose clipped per-example "
             "gradients are summed before the one noisy step (same step, same accounting; "
-            "less padding, bounded memory). 0 = never split."
+            "less padding, bounded memory; fedtune/privacy/virtual.py). 0 = never split."
         },
     )
 
