@@ -15,15 +15,61 @@ from fedtune.config import (
     parse_assignment,
     parse_run_config,
 )
+from fedtune.config.reference import (
+    key_docs,
+    key_help,
+    keys_epilog,
+    missing_help,
+    pyproject_defaults,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _app_config() -> dict[str, object]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
 def test_pyproject_defaults_equal_dataclass_defaults() -> None:
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    declared = _app_config()
     wiring = {k: declared.pop(k) for k in list(declared) if k in WIRING_KEYS}
     assert set(wiring) == WIRING_KEYS
     assert declared == RunConfig().to_flat()
+
+
+def test_pyproject_declares_every_key_with_the_reference_default() -> None:
+    """``[tool.flwr.app.config]`` = the field metadata's defaults, key for key."""
+    expected = tomllib.loads("".join(f"{k} = {v}\n" for k, v in pyproject_defaults().items()))
+    declared = _app_config()
+    missing = sorted(set(expected) - set(declared))
+    extra = sorted(set(declared) - set(expected))
+    assert not missing, f"add to pyproject.toml [tool.flwr.app.config]: {missing}"
+    assert not extra, f"not a config key (remove from pyproject.toml): {extra}"
+    assert declared == expected
+
+
+def test_every_key_has_help_and_choices_come_from_literal_types() -> None:
+    assert missing_help() == []
+    docs = {d.key: d for d in key_docs()}
+    assert docs["partitioning"].choices == ("iid", "dirichlet")
+    assert docs["encryption"].default == "false"
+    assert docs["target-delta"].default == "1e-05"
+    assert "rounds" in key_help("num-rounds").lower()
+    assert key_help("no-such-key") == ""
+
+
+def test_help_lists_every_key_with_a_default_toml_accepts() -> None:
+    """The ``key = default`` lines of the --help epilog are a valid flat TOML config."""
+    epilog = keys_epilog()
+    assignments = [
+        ln.strip()
+        for ln in epilog.splitlines()
+        if ln.startswith("  ") and " = " in ln and not ln.startswith("      ")
+    ]
+    parsed = tomllib.loads("\n".join(assignments))
+    assert parsed == RunConfig().to_flat()
+    assert "encryption = false" in epilog
+    assert parse_run_config(parsed) == RunConfig()
 
 
 def test_every_simulation_file_parses() -> None:

@@ -21,6 +21,7 @@ Ctrl-C exits 130. No user error ends in a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -38,6 +39,14 @@ _cmd_keygen = run_commands.run_keygen
 _cmd_export = run_commands.run_export
 
 
+def _version() -> str:
+    """The installed distribution's version (``pyproject.toml``'s ``version``)."""
+    try:
+        return importlib.metadata.version("fedtune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``fedtune`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -47,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run `fedtune COMMAND --help` for a command's options."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"fedtune {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run_commands.add_parsers(sub)
     audit.add_parser(sub)

@@ -13,7 +13,8 @@ import math
 import tempfile
 from pathlib import Path
 
-from fedtune.config import ConfigError, collect_overrides, describe_keys, load_toml
+from fedtune.config import ConfigError, collect_overrides, load_toml
+from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 
 __all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
 
@@ -28,17 +29,6 @@ The run directory:
 """
 
 
-def _keys_help() -> str:
-    lines = ["config keys (TOML file or --set key=value; defaults shown):"]
-    section = ""
-    for key, default, sec in describe_keys():
-        if sec != section:
-            lines.append(f"  [{sec}]")
-            section = sec
-        lines.append(f"    {key} = {default!r}")
-    return "\n".join(lines)
-
-
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``simulate``, ``evaluate``, ``keygen`` and ``export`` on ``sub``."""
     sim = sub.add_parser(
@@ -50,8 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "server adds their updates, clients evaluate on held-out data each round. "
             "Writes a run directory and the final PEFT adapter."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_keys_help() + "\n\n" + RUN_DIR_HELP,
+        formatter_class=KeysHelpFormatter,
+        epilog=keys_epilog() + "\n\n" + RUN_DIR_HELP,
     )
     sim.add_argument(
         "config",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedtune.config._checks import choice
 
@@ -19,8 +19,20 @@ class CryptoConfig:
     fresh keys per run in ``RUN_DIR/keys``; a deployment uses ``fedtune keygen``.
     """
 
-    encryption: bool = False
-    encryption_backend: str = "ckks"
+    encryption: bool = field(
+        default=False,
+        metadata={
+            "help": "Encrypted aggregation: clients send ciphertexts the server adds without "
+            "a secret key (a simulation makes fresh keys in `RUN_DIR/keys/`)."
+        },
+    )
+    encryption_backend: str = field(
+        default="ckks",
+        metadata={
+            "help": "The codec backend used when `encryption = true`: `ckks`, or one you "
+            "register (docs/architecture.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         from fedtune.secure import backend_names  # noqa: PLC0415 - registry, no cycle at import

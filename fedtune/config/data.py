@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
@@ -19,33 +19,94 @@ class DataConfig:
     """Where examples come from and how they are split across clients.
 
     ``data-path = ""`` selects the bundled default: WordNet 3.0 noun definitions
-    labelled by lexicographer category. Otherwise a ``.csv`` / ``.jsonl`` file or a
-    Hugging Face dataset directory written by ``Dataset.save_to_disk``.
+    labelled by lexicographer category; with ``task = "causal-lm"`` WordNet
+    instruction pairs ("Define the word X." -> its gloss); with ``task = "preference"``
+    WordNet preference pairs (:mod:`fedtune.tasks.preference.data`).
 
-    With ``task = "causal-lm"`` the default is WordNet instruction pairs
-    ("Define the word X." -> its gloss); own data has ``prompt-column`` and
-    ``answer-column`` (or only ``text-column``: plain text, loss on every token);
-    preference data (``task = "preference"``) has ``prompt-column``, ``chosen-column``
-    and ``rejected-column``; its WordNet default pairs answers by ``preference-pairs``
-    (see :mod:`fedtune.tasks.preference.data`).
+    Each field's ``metadata["help"]`` is its key's one description (``--help`` and
+    ``docs/configuration.md`` are generated from it, :mod:`fedtune.config.reference`).
     """
 
-    data_path: str = ""
-    label_names: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    answer_column: str = "answer"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    preference_pairs: PreferencePairs = "usage-example"
-    wordnet_dir: str = "/usr/share/wordnet"
-    examples_per_label: int = 250
-    max_examples: int = 0
-    partitioning: Partitioning = "iid"
-    dirichlet_alpha: float = 0.5
-    test_fraction: float = 0.2
-    max_seq_length: int = 48
+    data_path: str = field(
+        default="",
+        metadata={
+            "help": "A `.csv` / `.jsonl` file or a `Dataset.save_to_disk` directory; empty: "
+            "WordNet noun definitions (for `causal-lm` and `preference`, WordNet pairs)."
+        },
+    )
+    label_names: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated label order every party uses; empty: derived from the "
+            "data (sorted); with WordNet, a subset of the 8 categories. Required with your "
+            "own data when DP is on."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "The text column of your own data."})
+    label_column: str = field(
+        default="label", metadata={"help": "The label column of your own data."}
+    )
+    prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Causal LM and preference: the instruction column of your own data."},
+    )
+    answer_column: str = field(
+        default="answer",
+        metadata={
+            "help": "Causal LM: the answer column of your own data (a file with only "
+            "`text-column` is plain text: loss on every token)."
+        },
+    )
+    chosen_column: str = field(
+        default="chosen",
+        metadata={"help": "Preference: the preferred answer column of your own data."},
+    )
+    rejected_column: str = field(
+        default="rejected",
+        metadata={"help": "Preference: the rejected answer column of your own data."},
+    )
+    preference_pairs: PreferencePairs = field(
+        default="usage-example",
+        metadata={
+            "help": "Preference on WordNet: `usage-example` prefers a definition followed by "
+            "its usage example to the bare definition; `sibling` prefers a word's own "
+            "definition to a sibling synset's."
+        },
+    )
+    wordnet_dir: str = field(
+        default="/usr/share/wordnet",
+        metadata={"help": "Where the Debian package `wordnet-base` put `data.noun`."},
+    )
+    examples_per_label: int = field(
+        default=250, metadata={"help": "WordNet definitions drawn per category (0 = all)."}
+    )
+    max_examples: int = field(
+        default=0,
+        metadata={"help": "A cap on the whole data set, drawn with the seed (0 = no cap)."},
+    )
+    partitioning: Partitioning = field(
+        default="iid",
+        metadata={
+            "help": "How the data is split across clients: `iid` (seeded shuffle, equal "
+            "shards) or `dirichlet` (label skew by `dirichlet-alpha`)."
+        },
+    )
+    dirichlet_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Dirichlet concentration (> 0); smaller is more skewed."},
+    )
+    test_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "Share of each simulated client's partition held out for evaluation, in "
+            "(0, 1) (a deployed node's is its own policy's); which examples are held out "
+            "depends on the data only, not on `seed`."
+        },
+    )
+    max_seq_length: int = field(
+        default=48,
+        metadata={"help": "Tokens per example, >= 8 (WordNet definitions: mean 16, p95 31)."},
+    )
 
     @property
     def labels(self) -> list[str]:

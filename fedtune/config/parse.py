@@ -106,6 +106,8 @@ def parse_run_config(
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            if close and known[close[0]][1].metadata.get("help"):  # the key's one description
+                hint += f" ({close[0]}: {known[close[0]][1].metadata['help']})"
             raise ConfigError(
                 f"Unknown config key {key!r} (value {value!r}).{hint} "
                 "`fedtune simulate --help` lists every key."

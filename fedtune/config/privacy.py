@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
@@ -58,18 +58,88 @@ class PrivacyConfig:
     refuses a run asking for less (``"exact"``, or a smaller σ).
     """
 
-    dp: DPLevel = "off"
-    target_epsilon: float = 8.0
-    target_delta: float = 1e-5
-    noise_multiplier: float = 0.0
-    max_grad_norm: float = 1.0
-    accountant: AccountantName = "prv"
-    epsilon_budget: float = 0.0
-    client_dp_tolerance: int = 1
-    seeded_noise: bool = False
-    audit_canaries: int = 0
-    evaluation: EvaluationMode = "dp"
-    eval_noise_multiplier: float = 10.0
+    dp: DPLevel = field(
+        default="off",
+        metadata={
+            "help": "`off`, `example` (DP-SGD per example with Opacus) or `client` (each "
+            "client clips its whole update and adds its share of the noise; needs "
+            "`encryption = true`)."
+        },
+    )
+    target_epsilon: float = field(
+        default=8.0,
+        metadata={
+            "help": "The ε a client's examples (at client level, a client) get over the "
+            "whole run (> 0)."
+        },
+    )
+    target_delta: float = field(
+        default=1e-5, metadata={"help": "The δ of `target-epsilon`, in (0, 1)."}
+    )
+    noise_multiplier: float = field(
+        default=0.0,
+        metadata={
+            "help": "σ; 0 = calibrate once so that full participation in `num-rounds` ends "
+            "at or under `target-epsilon`."
+        },
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={
+            "help": 'Clip norm C: per example (`dp = "example"`) or per update (`dp = "client"`).'
+        },
+    )
+    accountant: AccountantName = field(
+        default="prv",
+        metadata={
+            "help": "`prv` (Gopi et al. 2021) or `rdp` (Mironov 2017; looser under "
+            "replace-one), both under the replace-one relation."
+        },
+    )
+    epsilon_budget: float = field(
+        default=0.0,
+        metadata={
+            "help": "The ε a client will not exceed (it declines a round that would); "
+            "0 = `target-epsilon`."
+        },
+    )
+    client_dp_tolerance: int = field(
+        default=1,
+        metadata={
+            "help": '`dp = "client"`: sampled clients per round that may drop out or '
+            "collude while the sum keeps its σ."
+        },
+    )
+    seeded_noise: bool = field(
+        default=False,
+        metadata={
+            "help": "Simulations only: draw DP noise from the run seed (reproducible; "
+            "recorded in the ledger, marked by the audit, refused by a deployed node)."
+        },
+    )
+    audit_canaries: int = field(
+        default=0,
+        metadata={
+            "help": "Simulations only: train every client with this many gradient canaries "
+            "for a one-run empirical audit (`fedtune audit` then reports an ε lower bound); "
+            'refused by a deployed node and with `dp = "client"`.'
+        },
+    )
+    evaluation: EvaluationMode = field(
+        default="dp",
+        metadata={
+            "help": "With DP on, a held-out reply is a DP release (`dp`) or exact metrics "
+            "(`exact`, recorded in the ledger as unaccounted); a deployed node refuses "
+            "`exact` when its policy says `dp`."
+        },
+    )
+    eval_noise_multiplier: float = field(
+        default=10.0,
+        metadata={
+            "help": "σ of a DP held-out release in units of its sensitivity (> 0); a "
+            "deployed node refuses a smaller one than its own."
+        },
+    )
 
     def __post_init__(self) -> None:
         choice("dp", self.dp, get_args(DPLevel))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
@@ -17,29 +17,53 @@ OptimizerName = Literal["adamw", "sgd"]
 class TrainConfig:
     """Local training on each client.
 
-    ``optimizer = "sgd"`` (with ``momentum``) is the usual choice under DP-SGD:
-    Adam's per-coordinate normalisation turns the DP noise into full-size steps in
-    every coordinate, which drowns the signal of a small data set.
-
-    ``physical-batch-size`` bounds the rows of one forward/backward pass under
-    DP-SGD: a larger Poisson batch is sorted by length and split into parts whose
-    clipped per-example gradients are summed before the one noisy step
-    (:mod:`fedtune.privacy.virtual`). Same mechanism, same accounting; less padding
-    and bounded memory for large batches. 0 = never split.
-
-    ``beta`` is DPO's β (``task = "preference"``): how far the implicit reward
-    ``β log(π / π_ref)`` lets the policy move from the reference.
+    Each field's ``metadata["help"]`` is its key's one description (``--help`` and
+    ``docs/configuration.md`` are generated from it, :mod:`fedtune.config.reference`).
     """
 
-    local_epochs: int = 1
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    optimizer: OptimizerName = "adamw"
-    momentum: float = 0.9
-    device: Device = "auto"
-    beta: float = 0.1
-    physical_batch_size: int = 128
+    local_epochs: int = field(
+        default=1, metadata={"help": "Passes over its training data a client makes per round."}
+    )
+    batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Local batch size; under DP-SGD the expected Poisson batch "
+            "(`q = batch-size / n_k`)."
+        },
+    )
+    learning_rate: float = field(default=2e-3, metadata={"help": "Local learning rate (> 0)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Local weight decay (>= 0)."})
+    optimizer: OptimizerName = field(
+        default="adamw",
+        metadata={
+            "help": "`adamw`, or `sgd` with `momentum`, the usual choice under DP-SGD: "
+            "Adam's per-coordinate normalisation turns the DP noise into full-size steps "
+            "in every coordinate, which drowns the signal of a small data set (the DP "
+            "recipe: docs/privacy.md)."
+        },
+    )
+    momentum: float = field(
+        default=0.9, metadata={"help": 'SGD momentum, in [0, 1) (`optimizer = "sgd"`).'}
+    )
+    device: Device = field(
+        default="auto", metadata={"help": "`auto` (CUDA when present, else CPU), `cpu` or `cuda`."}
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "Preference: DPO's β, how far the implicit reward `β log(π / π_ref)` lets "
+            "the policy move from the reference."
+        },
+    )
+    physical_batch_size: int = field(
+        default=128,
+        metadata={
+            "help": "DP-SGD: the most rows of one forward/backward pass; a larger Poisson "
+            "batch is sorted by length and split into parts whose clipped per-example "
+            "gradients are summed before the one noisy step (same step, same accounting; "
+            "less padding, bounded memory; fedtune/privacy/virtual.py). 0 = never split."
+        },
+    )
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 1, "local-epochs", self.local_epochs, "must be >= 1")

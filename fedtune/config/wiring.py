@@ -46,13 +46,48 @@ class Wiring:
         node may claim, set when the operator registered it.
     """
 
-    run_dir: Path | None = None
-    run_id: str = ""
-    state_dir: Path | None = None
-    secret_context: Path | None = None
-    public_context: Path | None = None
-    resume: bool = False
-    node_limits: Mapping[int, int] = field(default_factory=dict)
+    run_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "The server's run directory; empty: `runs/flwr-<Flower run id>` "
+            "(`fedtune simulate` and `fedtune deploy run` set it from `--run-dir`).",
+            "toml": '""',
+        },
+    )
+    run_id: str = field(
+        default="",
+        metadata={
+            "help": "The name the clients' ledgers key this run by; empty: the run "
+            "directory's name."
+        },
+    )
+    state_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "A node's own state directory (ledger, last global state).",
+            "toml": '""',
+        },
+    )
+    secret_context: Path | None = field(
+        default=None,
+        metadata={"help": "A key holder's CKKS secret context (`fedtune keygen`).", "toml": '""'},
+    )
+    public_context: Path | None = field(
+        default=None,
+        metadata={"help": "The server's CKKS public context (no secret key).", "toml": '""'},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the checkpoint in `run-dir`."},
+    )
+    node_limits: Mapping[int, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": '`"ID=N,ID=N"`: node id -> the largest example count that node may '
+            "claim, set by `fedtune deploy run` from the operator's registrations.",
+            "toml": '""',
+        },
+    )
 
     def run_dir_for(self, flower_run_id: int | str) -> Path:
         """``run-dir``, else ``runs/flwr-<run id>``: a new directory for each Flower run.

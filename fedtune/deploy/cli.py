@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import ConfigError, collect_overrides
+from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.deploy.pki import MAX_DAYS
 
 if TYPE_CHECKING:
@@ -106,8 +107,14 @@ def add_parser(sub: Any) -> None:
         description="Write OUT/NAME (private, mode 0600, stays on the node) and OUT/NAME.pub "
         "(register it with `fedtune deploy register`). ECDSA P-384, OpenSSH format.",
     )
-    nk.add_argument("--out", required=True, type=Path, metavar="DIR")
-    nk.add_argument("names", nargs="+", metavar="NAME")
+    nk.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory for the key files (made mode 0700 if new)",
+    )
+    nk.add_argument("names", nargs="+", metavar="NAME", help="one key pair per name (e.g. node-0)")
 
     sl = roles.add_parser(
         "superlink",
@@ -121,7 +128,14 @@ def add_parser(sub: Any) -> None:
         "start if a CKKS secret context or the CA private key is in --certs or --state-dir.",
     )
     sl.add_argument("--certs", required=True, type=Path, metavar="DIR", help="from `certs --out`")
-    sl.add_argument("--state-dir", required=True, type=Path, metavar="DIR")
+    sl.add_argument(
+        "--state-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the SuperLink's database and FLWR_HOME; reuse it to keep registrations and "
+        "to resume after a restart",
+    )
     sl.add_argument(
         "--fleet-host",
         default="127.0.0.1",
@@ -144,7 +158,13 @@ def add_parser(sub: Any) -> None:
         "can connect.",
     )
     _connection(reg)
-    reg.add_argument("keys", nargs="+", type=Path, metavar="NAME.pub")
+    reg.add_argument(
+        "keys",
+        nargs="+",
+        type=Path,
+        metavar="NAME.pub",
+        help="public keys from `fedtune deploy node-key` (one per node)",
+    )
     reg.add_argument(
         "--max-examples",
         type=int,
@@ -166,7 +186,14 @@ def add_parser(sub: Any) -> None:
     )
     _connection(sn, home=False)
     sn.add_argument("--key", required=True, type=Path, help="this node's private key")
-    sn.add_argument("--state-dir", required=True, type=Path, metavar="DIR")
+    sn.add_argument(
+        "--state-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="this node's own state: privacy ledger, run nonces, last global sum "
+        "(`fedtune export` and `fedtune audit` read it)",
+    )
     sn.add_argument("--port", type=int, required=True, help="the node's local runtime port")
     sn.add_argument("--host", default="127.0.0.1", help="address of the local runtime API")
     sn.add_argument("--data-path", type=Path, help="this node's own CSV / JSONL / dataset dir")
@@ -236,9 +263,18 @@ def add_parser(sub: Any) -> None:
         description="Check the config, submit this Flower App with `flwr run`, stream its "
         "log and exit 0 only if the run completed. The server writes --run-dir "
         "(metrics.jsonl, checkpoint/) on the SuperLink's machine.",
+        formatter_class=KeysHelpFormatter,
+        epilog=keys_epilog(),
     )
     run.add_argument("config", nargs="?", type=Path, help="a TOML file of config keys")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set num-rounds=3",
+    )
     _connection(run)
     run.add_argument("--run-dir", required=True, type=Path, help="the server's run directory")
     run.add_argument("--run-id", default="", help="ledger run id (default: run-dir's name)")
