@@ -111,7 +111,10 @@ def test_one_partial_alone_is_noise(federation):
     """C0 plus a single key holder's partial decodes to values unrelated to the sum."""
     parties = _fresh_parties(federation)
     req = _request(federation, ["a", "b"])
-    d_a = mp._parse_partial(federation["public"], parties["a"].partial(req, min_count=2), 1)[0]
+    partial = parties["a"].partial(req, min_count=2)
+    d_a = mp._parse_partial(
+        federation["public"], partial, 1, smudging_bits=PARAMS.smudging_bits
+    )[0]
     public = federation["public"]
     from fedtune.crypto.payload import full_coefficients
     from fedtune.crypto._seal import scratch_dir
@@ -232,3 +235,24 @@ def test_smudging_parameters():
 def test_backend_is_registered_by_name():
     backend = get_backend("ckks-multiparty")
     assert backend.name == "ckks-multiparty" and backend.uses_keys
+
+
+def test_partial_packing_rounds_only_low_bits(federation):
+    """A packed partial comes back within 2^(r-1) per coefficient; the fast CRT = the exact one."""
+    public = federation["public"]
+    layout = public.layout
+    bits = PARAMS.smudging_bits
+    d = ring.uniform(layout, rng=np.random.default_rng(3))
+    back = ring.unpack_partial(public, ring.pack_partial(public, d, smudging_bits=bits), smudging_bits=bits)
+    r, width = ring.rounding(layout, smudging_bits=bits)
+    assert width == 7 and r <= bits - 8
+    x = ring.crt_compose(layout, ring.from_ntt(public, d[None])[0])
+    y = ring.crt_compose(layout, ring.from_ntt(public, back[None])[0])
+    big_q = int(np.prod([int(q) for q in layout.primes], dtype=object))
+    diff = (y - x) % big_q
+    diff = np.where(diff > big_q // 2, diff - big_q, diff)
+    assert max(abs(int(v)) for v in diff) <= 2 ** (r - 1)
+    coeffs = ring.from_ntt(public, d[None])[0]
+    fast = ring._round_two_primes(layout, coeffs, r)
+    exact = (x + (1 << (r - 1))) >> r
+    assert [int(v) for v in fast] == [int(v) for v in exact]

@@ -36,6 +36,7 @@ section 5) applied to per-party symmetric keys instead of one collective key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -409,6 +410,12 @@ class Party:
     shares: dict[str, ring.Poly]
     #: round -> (request digest, the partial given): one per round, the same one again.
     used: dict[int, tuple[bytes, PartialDecryption]] = field(default_factory=dict)
+    _shoup: dict[str, ring.Poly] = field(default_factory=dict, repr=False)
+
+    def _share_shoup(self, dealer: str) -> ring.Poly:
+        if dealer not in self._shoup:
+            self._shoup[dealer] = ring.shoup(self.public.layout, self.shares[dealer])
+        return self._shoup[dealer]
 
     @property
     def name(self) -> str:
@@ -420,7 +427,7 @@ class Party:
         assert member is not None
         return member.x
 
-    @property
+    @functools.cached_property
     def public(self) -> CkksContext:
         return public_context(self.roster)
 
@@ -519,7 +526,8 @@ class Party:
             layout, self.x, [self.roster.member(q).x for q in request.quorum]  # type: ignore[union-attr]
         )
         n_chunks = len(request.receipts[0].seeds) // receipts.SEED_BYTES
-        noise = ring.smudging_ntt(public, bits=self.roster.params.smudging_bits, count=n_chunks)
+        bits = self.roster.params.smudging_bits
+        noise = ring.smudging_ntt(public, bits=bits, count=n_chunks)
         out = []
         with scratch_dir() as tmp:
             for i in range(n_chunks):
@@ -530,35 +538,34 @@ class Party:
                         c1 = receipts._expand(public, seed, tmp)
                     except crypto.PayloadError as err:
                         raise GlobalRefused(MALFORMED) from err
-                    acc = ring.add(layout, acc, ring.mul(layout, c1, self.shares[r.name]))
+                    term = ring.mul_shoup(
+                        layout, c1, self.shares[r.name], self._share_shoup(r.name)
+                    )
+                    acc = ring.add(layout, acc, term)
                 d = ring.add(layout, ring.scale(layout, acc, lam), noise[i])
-                out.append(np.ascontiguousarray(d, dtype="<u8").tobytes())
+                out.append(ring.pack_partial(public, d, smudging_bits=bits))
         result = PartialDecryption(self.name, digest, tuple(out))
         self.used[request.server_round] = (digest, result)
         return result
 
 
-def _parse_partial(public: CkksContext, p: PartialDecryption, chunks: int) -> list[ring.Poly]:
-    layout = public.layout
-    shape = (len(layout.primes), layout.poly_modulus_degree)
+def _parse_partial(
+    public: CkksContext, p: PartialDecryption, chunks: int, *, smudging_bits: int
+) -> list[ring.Poly]:
     if len(p.chunks) != chunks:
         raise crypto.PayloadError(
             f"partial decryption of {p.name!r} has {len(p.chunks)} chunks; expected {chunks}."
         )
     out = []
-    primes = np.array(layout.primes, dtype=np.uint64)[:, None]
     for i, c in enumerate(p.chunks):
-        if not isinstance(c, bytes) or len(c) != 8 * shape[0] * shape[1]:
+        try:
+            if not isinstance(c, bytes):
+                raise ValueError(f"expected bytes, got {type(c).__name__}")
+            out.append(ring.unpack_partial(public, c, smudging_bits=smudging_bits))
+        except ValueError as err:
             raise crypto.PayloadError(
-                f"partial decryption of {p.name!r}, chunk {i}: {len(c)} bytes; expected "
-                f"{8 * shape[0] * shape[1]}."
-            )
-        arr = np.frombuffer(c, dtype="<u8").reshape(shape)
-        if (arr >= primes).any():
-            raise crypto.PayloadError(
-                f"partial decryption of {p.name!r}, chunk {i}: a coefficient is not below its prime."
-            )
-        out.append(arr)
+                f"partial decryption of {p.name!r}, chunk {i}: {err}"
+            ) from err
     return out
 
 
@@ -595,7 +602,8 @@ def combine(
         )
     layout = public.layout
     values = np.empty(len(enc.chunks) * public.params.values_per_chunk, dtype=np.float64)
-    parsed = [_parse_partial(public, p, len(enc.chunks)) for p in partials]
+    bits = roster.params.smudging_bits
+    parsed = [_parse_partial(public, p, len(enc.chunks), smudging_bits=bits) for p in partials]
     with scratch_dir() as tmp:
         for i, chunk in enumerate(enc.chunks):
             c0 = crypto.payload.full_coefficients(public, chunk, field=f"chunks[{i}]", directory=tmp)[0]

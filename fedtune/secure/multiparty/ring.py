@@ -41,7 +41,14 @@ __all__ = [
     "lagrange_at_zero",
     "mul",
     "shamir_shares",
-    "smudging_noise",
+    "crt_compose",
+    "mul_shoup",
+    "pack_partial",
+    "rounding",
+    "unpack_partial",
+    "shoup",
+    "smudging_residues",
+    "smudging_ntt",
     "to_ntt",
     "uniform",
 ]
@@ -67,7 +74,10 @@ def add(layout: CiphertextLayout, *polys: Poly) -> Poly:
 
 
 def mul(layout: CiphertextLayout, a: Poly, b: Poly) -> Poly:
-    """Coefficient-wise ``a b mod q_i`` (a product of polynomials in NTT form), exact."""
+    """Coefficient-wise ``a b mod q_i`` (a product of polynomials in NTT form), exact.
+
+    On Python integers: the reference for :func:`mul_shoup`, which the protocol uses.
+    """
     out = np.empty_like(a, dtype=np.uint64)
     for i, q in enumerate(layout.primes):
         prod = (a[i].astype(object) * b[i].astype(object)) % q
@@ -75,12 +85,44 @@ def mul(layout: CiphertextLayout, a: Poly, b: Poly) -> Poly:
     return out
 
 
+_M32 = np.uint64(0xFFFFFFFF)
+_S32 = np.uint64(32)
+
+
+def _mulhi(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """High 64 bits of the 128-bit products ``a b`` (schoolbook on 32-bit halves)."""
+    a0, a1 = a & _M32, a >> _S32
+    b0, b1 = b & _M32, b >> _S32
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+    mid = (p00 >> _S32) + (p01 & _M32) + (p10 & _M32)  # < 3 * 2^32: no overflow
+    return p11 + (p01 >> _S32) + (p10 >> _S32) + (mid >> _S32)  # type: ignore[no-any-return]
+
+
+def shoup(layout: CiphertextLayout, w: Poly) -> Poly:
+    """``floor(w 2^64 / q_i)``: the precomputation of :func:`mul_shoup` for a fixed ``w``."""
+    out = np.empty_like(w, dtype=np.uint64)
+    for i, q in enumerate(layout.primes):
+        out[i] = ((w[i].astype(object) << 64) // q).astype(np.uint64)
+    return out
+
+
+def mul_shoup(layout: CiphertextLayout, a: Poly, w: Poly, w_shoup: Poly) -> Poly:
+    """``a w mod q_i`` in uint64 (Shoup's modular multiplication, as in SEAL's NTT).
+
+    With ``w < q < 2^63`` and ``w' = floor(w 2^64 / q)``, ``a w - floor(a w' / 2^64) q``
+    lies in ``[0, 2q)`` and is computed exactly modulo ``2^64``; one conditional subtract.
+    """
+    primes = _primes(layout)
+    r = a * w - _mulhi(a, w_shoup) * primes  # wrapping uint64 arithmetic, exact mod 2^64
+    np.subtract(r, primes, out=r, where=r >= primes)
+    return r  # type: ignore[no-any-return]
+
+
 def scale(layout: CiphertextLayout, a: Poly, factors: Sequence[int]) -> Poly:
     """``a * factors[i] mod q_i`` (a constant per prime)."""
-    out = np.empty_like(a, dtype=np.uint64)
-    for i, q in enumerate(layout.primes):
-        out[i] = ((a[i].astype(object) * (int(factors[i]) % q)) % q).astype(np.uint64)
-    return out
+    w = np.array([int(f) % q for f, q in zip(factors, layout.primes, strict=True)], np.uint64)
+    w = w[:, None]
+    return mul_shoup(layout, a, w, shoup(layout, w))
 
 
 def uniform(layout: CiphertextLayout, *, rng: Any = None) -> Poly:
@@ -107,21 +149,30 @@ def uniform(layout: CiphertextLayout, *, rng: Any = None) -> Poly:
     return out
 
 
-def smudging_noise(layout: CiphertextLayout, *, bits: int, count: int) -> NDArray[np.object_]:
-    """``count`` polynomials of coefficients uniform on ``[-2^(bits-1), 2^(bits-1))``.
+def smudging_residues(layout: CiphertextLayout, *, bits: int, count: int) -> Poly:
+    """``count`` polynomials, coefficients uniform on ``[-2^(bits-1), 2^(bits-1))``, as residues.
 
-    Exactly uniform integers from the OS CSPRNG, as Python ints (``object`` array of
-    shape ``(count, N)``), before reduction modulo the primes.
+    Each coefficient is ``v = h 2^64 + l - 2^(bits-1)`` with ``l`` a 64-bit word and ``h`` the
+    top ``bits - 64`` bits of another, both from the OS CSPRNG: exactly uniform. Returned
+    modulo each prime, ``(count, L, N)``, in coefficient form (``64 < bits <= 128``).
     """
-    n = layout.poly_modulus_degree * count
-    words = (bits + 63) // 64
-    raw = np.frombuffer(os.urandom(8 * words * n), dtype="<u8").reshape(n, words)
-    value = np.zeros(n, dtype=object)
-    for w in range(words):
-        value = value * (1 << 64) + raw[:, w].astype(object)
-    # keep exactly `bits` bits: the top word's high bits masked off
-    value = value % (1 << bits) - (1 << (bits - 1))
-    return value.reshape(count, layout.poly_modulus_degree)
+    if not 64 < bits <= 128:
+        raise ValueError(f"`bits` should lie in (64, 128], got {bits}.")
+    shape = (count, layout.poly_modulus_degree)
+    raw = np.frombuffer(os.urandom(16 * count * shape[1]), dtype="<u8").reshape(2, *shape)
+    hi = raw[0] >> np.uint64(128 - bits)
+    lo = raw[1]
+    out = np.empty((count, len(layout.primes), shape[1]), dtype=np.uint64)
+    for i, q in enumerate(layout.primes):
+        qq = np.uint64(q)
+        one = layout.__class__(layout.version, layout.parms_id, shape[1], (q,), layout.scale)
+        c = np.array([[(1 << 64) % q]], dtype=np.uint64)
+        part = mul_shoup(one, hi, c, shoup(one, c)) + lo % qq  # both < q: no overflow
+        part = np.where(part >= qq, part - qq, part)
+        offset = np.uint64((-(1 << (bits - 1))) % q)
+        part = part + offset
+        out[:, i] = np.where(part >= qq, part - qq, part)
+    return out
 
 
 def _rns(layout: CiphertextLayout, values: NDArray[np.object_]) -> Poly:
@@ -198,10 +249,8 @@ def from_ntt(ctx: CkksContext, polys: Poly) -> Poly:
 
 
 def smudging_ntt(ctx: CkksContext, *, bits: int, count: int) -> Poly:
-    """``count`` smudging polynomials (:func:`smudging_noise`) in NTT form, ``(count, L, N)``."""
-    noise = smudging_noise(ctx.layout, bits=bits, count=count)
-    residues = np.stack([_rns(ctx.layout, row) for row in noise])
-    return to_ntt(ctx, residues)
+    """``count`` smudging polynomials (:func:`smudging_residues`) in NTT form, ``(count, L, N)``."""
+    return to_ntt(ctx, smudging_residues(ctx.layout, bits=bits, count=count))
 
 
 def decode_plaintext(ctx: CkksContext, poly: Poly) -> NDArray[np.float64]:
@@ -261,3 +310,99 @@ def lagrange_at_zero(layout: CiphertextLayout, x: int, quorum: Sequence[int]) ->
                 den = den * (x - other) % q
         out.append(num * pow(den, -1, q) % q)
     return out
+
+
+def _modulus(layout: CiphertextLayout) -> int:
+    out = 1
+    for q in layout.primes:
+        out *= q
+    return out
+
+
+def crt_compose(layout: CiphertextLayout, residues: Poly) -> NDArray[np.object_]:
+    """The integers in ``[0, Q)`` with these residues (``Q`` the product of the primes)."""
+    big_q = _modulus(layout)
+    acc = np.zeros(residues.shape[1], dtype=object)
+    for i, q in enumerate(layout.primes):
+        rest = big_q // q
+        acc = acc + residues[i].astype(object) * (rest * pow(rest, -1, q))
+    return acc % big_q  # type: ignore[no-any-return]
+
+
+def rounding(layout: CiphertextLayout, *, smudging_bits: int) -> tuple[int, int]:
+    """``(r, width)``: a partial decryption drops its ``r`` low bits and keeps ``width`` bytes.
+
+    The low ``r`` bits of a coefficient are far below the smudging noise (``r`` is 8 bits
+    under its width), so a key holder rounds them off before sending: about 7 of the 16
+    bytes per coefficient. Rounding is the sender's own post-processing: it changes nothing
+    in the smudging argument, and adds at most ``2^(r-1)`` to each coefficient.
+    """
+    top = _modulus(layout).bit_length()
+    width = (top - (smudging_bits - 8) + 1 + 7) // 8
+    return top + 1 - 8 * width, width
+
+
+def pack_partial(ctx: CkksContext, d: Poly, *, smudging_bits: int) -> bytes:
+    """A partial decryption ``d`` (NTT form) as ``N`` rounded coefficients of ``width`` bytes."""
+    layout = ctx.layout
+    r, width = rounding(layout, smudging_bits=smudging_bits)
+    coeffs = from_ntt(ctx, d[None])[0]
+    limit = -(-_modulus(layout) >> r)  # ceil(Q / 2^r)
+    if len(layout.primes) == 2 and r >= 65:
+        v = _round_two_primes(layout, coeffs, r) % np.uint64(limit)
+    else:
+        x = crt_compose(layout, coeffs)
+        v = (((x + (1 << (r - 1))) >> r) % limit).astype(np.uint64)
+    words = v.astype("<u8").view(np.uint8).reshape(-1, 8)
+    return bytes(np.ascontiguousarray(words[:, :width]).tobytes())
+
+
+def unpack_partial(ctx: CkksContext, data: bytes, *, smudging_bits: int) -> Poly:
+    """Inverse of :func:`pack_partial` up to the rounding (NTT form, residues).
+
+    Raises ``ValueError`` on a wrong size or a value beyond ``ceil(Q / 2^r)``.
+    """
+    layout = ctx.layout
+    r, width = rounding(layout, smudging_bits=smudging_bits)
+    n = layout.poly_modulus_degree
+    if len(data) != n * width:
+        raise ValueError(f"a packed partial decryption is {n * width} bytes, got {len(data)}.")
+    padded = np.zeros((n, 8), dtype=np.uint8)
+    padded[:, :width] = np.frombuffer(data, dtype=np.uint8).reshape(n, width)
+    v = padded.view("<u8").reshape(n)
+    limit = -(-_modulus(layout) >> r)
+    if (v >= np.uint64(limit)).any():
+        raise ValueError("a packed partial decryption holds a value out of range.")
+    residues = np.empty((len(layout.primes), n), dtype=np.uint64)
+    for i, q in enumerate(layout.primes):  # v 2^r mod q_i, v < 2^56 < q_i
+        one = _single(layout, q)
+        c = np.array([[pow(2, r, q)]], dtype=np.uint64)
+        residues[i] = mul_shoup(one, v[None, :], c, shoup(one, c))[0]
+    return to_ntt(ctx, residues[None])[0]
+
+
+def _single(layout: CiphertextLayout, q: int) -> CiphertextLayout:
+    return CiphertextLayout(layout.version, layout.parms_id, layout.poly_modulus_degree, (q,), 1.0)
+
+
+def _round_two_primes(layout: CiphertextLayout, res: Poly, r: int) -> NDArray[np.uint64]:
+    """``floor((x + 2^(r-1)) / 2^r)`` of the CRT integers ``x`` of two residues, in uint64.
+
+    Garner: ``x = r0 + q0 k`` with ``k = (r1 - r0) q0^-1 mod q1``; ``q0 k`` as two 64-bit
+    halves. Needs ``r >= 65`` (the rounding constant ``2^(r-1)`` adds to the high word).
+    """
+    q0, q1 = layout.primes
+    one = _single(layout, q1)
+    r0, r1 = res[0], res[1]
+    qq1 = np.uint64(q1)
+    diff = r1 + (qq1 - (r0 % qq1))  # (r1 - r0) mod q1, before one subtract
+    diff = np.where(diff >= qq1, diff - qq1, diff)
+    inv = np.array([[pow(q0, -1, q1)]], dtype=np.uint64)
+    k = mul_shoup(one, diff[None, :], inv, shoup(one, inv))[0]
+    q0a = np.full_like(k, q0)
+    lo = q0a * k
+    hi = _mulhi(q0a, k)
+    lo2 = lo + r0
+    hi = hi + (lo2 < lo).astype(np.uint64)  # carry
+    hi = hi + np.uint64(1 << (r - 1 - 64))  # + 2^(r-1)
+    return hi >> np.uint64(r - 64)  # type: ignore[no-any-return]
