@@ -61,13 +61,17 @@ def main() -> None:
     mp_server = CkksCodec(public, length=length)
     share_bytes = sum(len(d) for d in [parties[0].shares[names[0]].tobytes()])
     print(f"clients {n}, threshold {t}, length {length}, examples per client {args.examples}")
-    print(f"smudging: uniform, {params.smudging_bits} bits; statistical security "
-          f"{params.security_bits} bits over {params.max_rounds} rounds, "
-          f"{params.max_uploads} uploads per sum")
-    print(f"keygen: shared-key {shared_keygen * 1e3:.0f} ms; multiparty ceremony "
-          f"{ceremony * 1e3:.0f} ms for all {n} parties in one process "
-          f"({ceremony / n * 1e3:.0f} ms per party); each party keeps {n} shares of "
-          f"{share_bytes / 1024:.0f} KiB")
+    print(
+        f"smudging: uniform, {params.smudging_bits} bits; statistical security "
+        f"{params.security_bits} bits over {params.max_rounds} rounds, "
+        f"{params.max_uploads} uploads per sum"
+    )
+    print(
+        f"keygen: shared-key {shared_keygen * 1e3:.0f} ms; multiparty ceremony "
+        f"{ceremony * 1e3:.0f} ms for all {n} parties in one process "
+        f"({ceremony / n * 1e3:.0f} ms per party); each party keeps {n} shares of "
+        f"{share_bytes / 1024:.0f} KiB"
+    )
 
     times: dict[str, list[float]] = {}
 
@@ -97,8 +101,15 @@ def main() -> None:
             sig = timed("mp sign", party.sign, pl, server_round=rnd, num_examples=args.examples)
             pl = timed("mp validate", mp_server.validate, pl)
             recs.append(
-                timed("mp receipt", mp.make_receipt, public, pl, sig, name=party.name,
-                      num_examples=args.examples)
+                timed(
+                    "mp receipt",
+                    mp.make_receipt,
+                    public,
+                    pl,
+                    sig,
+                    name=party.name,
+                    num_examples=args.examples,
+                )
             )
             ups.append(pl)
         agg = timed("mp add", mp_server.add, ups)
@@ -111,11 +122,13 @@ def main() -> None:
         sizes["mp partial"] = partials[0].nbytes / length
         sizes["mp receipt"] = (len(recs[0].seeds) + 32 + 64) / length
 
-    print("bytes per parameter: "
-          f"shared-key up {sizes['sk up']:.2f} / aggregate {sizes['sk agg']:.2f}; "
-          f"multiparty up {sizes['mp up']:.2f} / aggregate {sizes['mp agg']:.2f} / "
-          f"partial decryption {sizes['mp partial']:.2f} per key holder "
-          f"(+ receipts {sizes['mp receipt']:.4f} per upload)")
+    print(
+        "bytes per parameter: "
+        f"shared-key up {sizes['sk up']:.2f} / aggregate {sizes['sk agg']:.2f}; "
+        f"multiparty up {sizes['mp up']:.2f} / aggregate {sizes['mp agg']:.2f} / "
+        f"partial decryption {sizes['mp partial']:.2f} per key holder "
+        f"(+ receipts {sizes['mp receipt']:.4f} per upload)"
+    )
     per_round = {k: sum(v) / args.rounds for k, v in times.items()}
     for k, v in sorted(times.items()):
         print(f"  {k:12s} {np.mean(v) * 1e3:8.1f} ms per call ({len(v) // args.rounds}/round)")
@@ -123,18 +136,32 @@ def main() -> None:
     sk_round = sum(v for k, v in per_round.items() if k.startswith("sk"))
     mp_round = sum(v for k, v in per_round.items() if k.startswith("mp"))
     # parallel view: clients encrypt and key holders decrypt on their own machines
-    sk_par = (per_round["sk encrypt"] + per_round["sk validate"]) / n + per_round["sk add"] + \
-        per_round["sk decrypt"]
-    mp_par = (per_round["mp encrypt"] + per_round["mp sign"]) / n + per_round["mp validate"] + \
-        per_round["mp receipt"] + per_round["mp add"] + per_round["mp partial"] / t + \
-        per_round["mp combine"]
-    print(f"crypto per round, one process: shared-key {sk_round * 1e3:.0f} ms, multiparty "
-          f"{mp_round * 1e3:.0f} ms ({mp_round / sk_round:.2f}x)")
-    print(f"crypto on the critical path (parties in parallel): shared-key {sk_par * 1e3:.0f} ms, "
-          f"multiparty {mp_par * 1e3:.0f} ms ({mp_par / sk_par:.2f}x)")
-    print(f"max |decrypted sum - plain sum|: shared-key {worst_sk:.3g}, multiparty "
-          f"{worst_mp:.3g} (predicted sd {params.decoded_error_std(t):.3g}); of the mean "
-          f"(/ {n * args.examples} examples): {worst_mp / (n * args.examples):.3g}")
+    sk_par = (
+        (per_round["sk encrypt"] + per_round["sk validate"]) / n
+        + per_round["sk add"]
+        + per_round["sk decrypt"]
+    )
+    mp_par = (
+        (per_round["mp encrypt"] + per_round["mp sign"]) / n
+        + per_round["mp validate"]
+        + per_round["mp receipt"]
+        + per_round["mp add"]
+        + per_round["mp partial"] / t
+        + per_round["mp combine"]
+    )
+    print(
+        f"crypto per round, one process: shared-key {sk_round * 1e3:.0f} ms, multiparty "
+        f"{mp_round * 1e3:.0f} ms ({mp_round / sk_round:.2f}x)"
+    )
+    print(
+        f"crypto on the critical path (parties in parallel): shared-key {sk_par * 1e3:.0f} ms, "
+        f"multiparty {mp_par * 1e3:.0f} ms ({mp_par / sk_par:.2f}x)"
+    )
+    print(
+        f"max |decrypted sum - plain sum|: shared-key {worst_sk:.3g}, multiparty "
+        f"{worst_mp:.3g} (predicted sd {params.decoded_error_std(t):.3g}); of the mean "
+        f"(/ {n * args.examples} examples): {worst_mp / (n * args.examples):.3g}"
+    )
 
 
 if __name__ == "__main__":

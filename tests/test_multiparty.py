@@ -15,8 +15,8 @@ import pytest
 from fedtune.crypto import PayloadError
 from fedtune.secure import get_backend
 from fedtune.secure.ckks import CkksCodec
-from fedtune.secure.multiparty import ring
 from fedtune.secure.multiparty import protocol as mp
+from fedtune.secure.multiparty import ring
 from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.secure.verify import BAD_TAGS, REPLACED, TOO_FEW, GlobalRefused
 
@@ -112,12 +112,10 @@ def test_one_partial_alone_is_noise(federation):
     parties = _fresh_parties(federation)
     req = _request(federation, ["a", "b"])
     partial = parties["a"].partial(req, min_count=2)
-    d_a = mp._parse_partial(
-        federation["public"], partial, 1, smudging_bits=PARAMS.smudging_bits
-    )[0]
+    d_a = mp._parse_partial(federation["public"], partial, 1, smudging_bits=PARAMS.smudging_bits)[0]
     public = federation["public"]
-    from fedtune.crypto.payload import full_coefficients
     from fedtune.crypto._seal import scratch_dir
+    from fedtune.crypto.payload import full_coefficients
 
     with scratch_dir() as tmp:
         c0 = full_coefficients(public, federation["sum"]["chunks"][0], field="s", directory=tmp)[0]
@@ -243,7 +241,9 @@ def test_partial_packing_rounds_only_low_bits(federation):
     layout = public.layout
     bits = PARAMS.smudging_bits
     d = ring.uniform(layout, rng=np.random.default_rng(3))
-    back = ring.unpack_partial(public, ring.pack_partial(public, d, smudging_bits=bits), smudging_bits=bits)
+    back = ring.unpack_partial(
+        public, ring.pack_partial(public, d, smudging_bits=bits), smudging_bits=bits
+    )
     r, width = ring.rounding(layout, smudging_bits=bits)
     assert width == 7 and r <= bits - 8
     x = ring.crt_compose(layout, ring.from_ntt(public, d[None])[0])
@@ -256,3 +256,11 @@ def test_partial_packing_rounds_only_low_bits(federation):
     fast = ring._round_two_primes(layout, coeffs, r)
     exact = (x + (1 << (r - 1))) >> r
     assert [int(v) for v in fast] == [int(v) for v in exact]
+
+
+def test_threshold_must_be_a_majority():
+    """t <= n/2 would let the server get two decryptions of one round from honest holders."""
+    with pytest.raises(ValueError, match="more than half"):
+        mp.Dealer("a", run="r", params=PARAMS).announce(
+            {"a": 1, "b": 2, "c": 3, "d": 4}, threshold=2
+        )

@@ -25,7 +25,7 @@ from fedtune.secure.codec import Codec
 __all__ = ["MultipartyBackend"]
 
 _NOT_WIRED = (
-    "`encryption-backend = \"ckks-multiparty\"`: the multiparty key ceremony runs per party "
+    '`encryption-backend = "ckks-multiparty"`: the multiparty key ceremony runs per party '
     "(each data owner keeps its own key and shares of the others', docs/multiparty.md) and "
     "is not wired into `fedtune simulate` / `fedtune keygen` yet; use "
     "fedtune.secure.multiparty.ceremony in a script, or `ckks` for a shared key."

@@ -249,8 +249,12 @@ class Dealer:
         xs = list(abscissae.values())
         if len(set(xs)) != len(xs) or not all(1 <= x <= len(xs) for x in xs):
             raise ValueError(f"abscissae must be 1..n, distinct; got {abscissae}.")
-        if not 1 <= threshold <= len(xs):
-            raise ValueError(f"`threshold` must lie in [1, {len(xs)}], got {threshold}.")
+        if not len(xs) < 2 * threshold <= 2 * len(xs):
+            raise ValueError(
+                f"`threshold` must lie in ({len(xs) / 2:g}, {len(xs)}] (more than half of the "
+                f"{len(xs)} key holders, so that two different sums of one round need "
+                f"2t - n >= 1 colluding key holders); got {threshold}."
+            )
         layout = self.context.layout
         secret = _key_ntt(self.context)
         names = list(abscissae)
@@ -354,7 +358,12 @@ def _upload_message(
 
 
 def make_receipt(
-    public: CkksContext, payload: Mapping[str, object], signature: bytes, *, name: str, num_examples: int
+    public: CkksContext,
+    payload: Mapping[str, object],
+    signature: bytes,
+    *,
+    name: str,
+    num_examples: int,
 ) -> Receipt:
     """The server's receipt of a validated upload (the signature is checked by the parties)."""
     enc = crypto.EncryptedVector.from_wire(dict(payload))
@@ -523,7 +532,9 @@ class Party:
         public = self.public
         layout = public.layout
         lam = ring.lagrange_at_zero(
-            layout, self.x, [self.roster.member(q).x for q in request.quorum]  # type: ignore[union-attr]
+            layout,
+            self.x,
+            [self.roster.member(q).x for q in request.quorum],  # type: ignore[union-attr]
         )
         n_chunks = len(request.receipts[0].seeds) // receipts.SEED_BYTES
         bits = self.roster.params.smudging_bits
@@ -606,7 +617,9 @@ def combine(
     parsed = [_parse_partial(public, p, len(enc.chunks), smudging_bits=bits) for p in partials]
     with scratch_dir() as tmp:
         for i, chunk in enumerate(enc.chunks):
-            c0 = crypto.payload.full_coefficients(public, chunk, field=f"chunks[{i}]", directory=tmp)[0]
+            c0 = crypto.payload.full_coefficients(
+                public, chunk, field=f"chunks[{i}]", directory=tmp
+            )[0]
             total = ring.add(layout, c0, *[p[i] for p in parsed])
             lo = i * public.params.values_per_chunk
             values[lo : lo + public.params.values_per_chunk] = ring.decode_plaintext(public, total)
