@@ -264,3 +264,41 @@ def test_threshold_must_be_a_majority():
         mp.Dealer("a", run="r", params=PARAMS).announce(
             {"a": 1, "b": 2, "c": 3, "d": 4}, threshold=2
         )
+
+
+def test_server_gets_at_most_one_decryption_per_round(federation):
+    """Verified-sums attack: the server shows different key holders different sums of one
+    round (all uploads / all but c's, whose difference is c's upload). t = 2 of 3: every
+    quorum for the second sum needs a holder that already answered the first."""
+    parties = _fresh_parties(federation)
+    full = _request(federation, ["a", "b"])
+    without_c = _request(federation, ["a", "c"], receipts=federation["receipts"][:2])
+    got = {}
+    for holder, req in (("a", full), ("b", full), ("c", without_c)):
+        got[holder] = parties[holder].partial(req, min_count=2)
+    for holder in ("a", "b"):  # the second sum, asked of the holders that answered the first
+        quorum = [holder, "c"]
+        with pytest.raises(GlobalRefused, match=REPLACED):
+            parties[holder].partial(
+                _request(federation, quorum, receipts=federation["receipts"][:2]), min_count=2
+            )
+    roster = federation["roster"]
+    out = mp.combine(roster, federation["sum"], full, [got["a"], got["b"]])
+    assert np.abs(out - np.sum(federation["values"], axis=0)).max() < 1e-3
+    partial_sum = federation["server"].add(federation["uploads"][:2])
+    with pytest.raises(PayloadError, match="quorum"):  # c's answer alone is not a quorum
+        mp.combine(roster, partial_sum, without_c, [got["c"]])
+
+
+def test_malformed_requests_are_refused_before_any_work(federation):
+    parties = _fresh_parties(federation)
+    good = _request(federation, ["a", "b"])
+    for bad in (
+        dataclasses.replace(good, server_round="1"),
+        dataclasses.replace(good, quorum=["a", "b"]),
+        dataclasses.replace(good, receipts=list(good.receipts)),
+        dataclasses.replace(good, receipts=(dataclasses.replace(good.receipts[0], tag=b"x" * 32),)),
+    ):
+        with pytest.raises(GlobalRefused, match="malformed"):
+            parties["a"].partial(bad, min_count=1)
+    assert not parties["a"].used

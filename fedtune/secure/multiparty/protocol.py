@@ -472,6 +472,26 @@ class Party:
         items = request.receipts
         if not isinstance(items, tuple) or not items or len(items) > roster.params.max_uploads:
             raise GlobalRefused(MALFORMED)
+        well_formed = (
+            type(request.server_round) is int
+            and type(request.num_examples) is int
+            and isinstance(request.quorum, tuple)
+            and all(isinstance(q, str) for q in request.quorum)
+            and all(
+                isinstance(r, Receipt)
+                and isinstance(r.name, str)
+                and type(r.num_examples) is int
+                and r.num_examples >= 1
+                and isinstance(r.seeds, bytes)
+                and isinstance(r.digest, bytes)
+                and len(r.digest) == 32
+                and isinstance(r.tag, bytes)
+                and len(r.tag) == SIGNATURE_BYTES
+                for r in items
+            )
+        )
+        if not well_formed:
+            raise GlobalRefused(MALFORMED)
         if not 1 <= request.server_round <= roster.params.max_rounds:
             raise GlobalRefused(EXHAUSTED)
         quorum = request.quorum
