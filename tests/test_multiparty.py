@@ -302,3 +302,33 @@ def test_malformed_requests_are_refused_before_any_work(federation):
         with pytest.raises(GlobalRefused, match="malformed"):
             parties["a"].partial(bad, min_count=1)
     assert not parties["a"].used
+
+
+def test_party_files_round_trip_and_the_round_log_survives_a_restart(federation, tmp_path):
+    from fedtune.secure.multiparty import files
+
+    roster = federation["roster"]
+    party = federation["parties"]["a"]
+    files.save_roster(roster, tmp_path)
+    path = files.save_party(party, tmp_path / "a")
+    assert (path.stat().st_mode & 0o777) == 0o600
+    loaded_roster = files.load_roster(tmp_path / "roster.json")
+    assert loaded_roster.digest == roster.digest
+    first = files.load_party(path, loaded_roster, rounds=tmp_path / "a" / "rounds")
+    assert all(np.array_equal(first.shares[n], party.shares[n]) for n in party.shares)
+    req = _request(federation, ["a", "b"])
+    given = first.partial(req, min_count=2)
+    restarted = files.load_party(path, loaded_roster, rounds=tmp_path / "a" / "rounds")
+    assert restarted.partial(req, min_count=2).chunks == given.chunks  # same bytes
+    with pytest.raises(GlobalRefused, match=REPLACED):
+        restarted.partial(_request(federation, ["a", "c"]), min_count=2)
+    # the party file of another roster, or with another party's signing key, is refused
+    other_roster = dataclasses.replace(roster, threshold=3)
+    with pytest.raises(files.FileError, match="another roster"):
+        files.load_party(path, other_roster)
+    data = bytearray(path.read_bytes())
+    data[-(len(roster.members) * 2 * 8192 * 8) - 1] ^= 1  # last byte of the signing key
+    bad = tmp_path / "bad.party"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(files.FileError, match="signing key"):
+        files.load_party(bad, roster)
