@@ -332,3 +332,23 @@ def test_party_files_round_trip_and_the_round_log_survives_a_restart(federation,
     bad.write_bytes(bytes(data))
     with pytest.raises(files.FileError, match="signing key"):
         files.load_party(bad, roster)
+
+
+def test_backend_codecs_on_key_files(tmp_path):
+    """write_keys + make_codec: parties encode, the server validates and adds; no one decodes."""
+    from fedtune.crypto import CryptoError
+    from fedtune.secure import make_codec
+    from fedtune.secure.multiparty.backend import write_keys
+
+    paths = write_keys(tmp_path / "keys", ["a", "b"], run="r")
+    server = make_codec("ckks-multiparty", length=100, context=paths["public"], public=True)
+    a = make_codec("ckks-multiparty", length=100, context=paths["a"])
+    b = make_codec("ckks-multiparty", length=100, context=paths["b"])
+    total = server.add(
+        [server.validate(a.encode(np.ones(100))), server.validate(b.encode(np.ones(100)))]
+    )
+    assert server.validate(total, aggregate=True) == total
+    with pytest.raises(CryptoError, match="quorum"):
+        a.decode(total)
+    with pytest.raises(CryptoError, match="public.ctx"):
+        make_codec("ckks-multiparty", length=100, context=paths["a"], public=True)
