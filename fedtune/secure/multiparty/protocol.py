@@ -30,8 +30,10 @@ bytes back (fresh noise on the same sum would average away).
 
 The threshold decryption follows Mouchet, Troncoso-Pastoriza, Bossuat and Hubaux,
 "Multiparty Homomorphic Encryption from Ring-Learning-with-Errors", PoPETs 2021(4)
-(collective key switching to the zero key with smudging, section 4; Shamir t-of-n,
-section 5) applied to per-party symmetric keys instead of one collective key.
+(collective key switching to the zero key, with smudging noise), and for t-of-n Shamir
+shares Mouchet, Bertrand and Hubaux, "An Efficient Threshold Access-Structure for
+RLWE-Based Multiparty Homomorphic Encryption", J. Cryptology 2023 (eprint 2022/780),
+applied to per-party symmetric keys instead of one collective key.
 """
 
 from __future__ import annotations
