@@ -72,6 +72,7 @@ ENTRY_POINT_GROUP = "fedtune.codecs"
 _BUILTIN = {
     "plain": "fedtune.secure.plain:PlainBackend",
     "ckks": "fedtune.secure.ckks:CkksBackend",
+    "ckks-multiparty": "fedtune.secure.multiparty.backend:MultipartyBackend",
 }
 _FACTORIES: dict[str, Callable[[], CodecBackend]] = {}
 

@@ -1,0 +1,126 @@
+"""The ``ckks-multiparty`` codec backend (``encryption-backend = "ckks-multiparty"``).
+
+Key files, written by :func:`write_keys` (the ceremony in one process) or, in a
+deployment, each party's own by the ceremony over the federation (docs/multiparty.md)::
+
+    roster.json     public: announcements, threshold, parameters (digest = key_id)
+    public.ctx      public: the server's context (parameters, key_id; no key)
+    <name>.party    0600: one party's upload key, signing key and shares
+
+The server's codec is the unchanged :class:`~fedtune.secure.ckks.CkksCodec` on
+``public.ctx``: it validates and adds. A party's codec (:class:`MultipartyCodec`, on its
+``.party`` file with ``roster.json`` in the same directory) encrypts under the party's own
+key and validates and adds like the server's; it cannot decode alone: a sum is decrypted by
+a quorum's partial decryptions (:meth:`MultipartyCodec.party`'s ``partial``, then
+:func:`~fedtune.secure.multiparty.protocol.combine`), a round of the federation that
+``fedtune simulate`` and the server app do not run yet. So ``make_keys`` (which the
+simulation driver calls with no party list) refuses with that explanation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedtune import crypto
+from fedtune.config import ConfigError
+from fedtune.keyfiles import PUBLIC_MODE, private_dir, write_key_file
+from fedtune.secure.ckks import CkksCodec
+from fedtune.secure.codec import Codec, PayloadError, WirePayload
+from fedtune.secure.multiparty import files
+from fedtune.secure.multiparty.params import MultipartyParams
+from fedtune.secure.multiparty.protocol import Party, ceremony, public_context
+
+__all__ = ["MultipartyBackend", "MultipartyCodec", "write_keys"]
+
+_NOT_WIRED = (
+    '`encryption-backend = "ckks-multiparty"`: the multiparty key ceremony runs per party '
+    "(each data owner keeps its own key and shares of the others', docs/multiparty.md) and "
+    "decryption is a quorum's round, neither wired into `fedtune simulate` / `fedtune keygen` "
+    "yet; use fedtune.secure.multiparty.backend.write_keys in a script, or `ckks` for a "
+    "shared key."
+)
+
+
+def write_keys(
+    directory: Path,
+    names: Sequence[str],
+    *,
+    run: str,
+    threshold: int | None = None,
+    params: MultipartyParams | None = None,
+) -> dict[str, Path]:
+    """Run the ceremony in this process; write ``roster.json``, ``public.ctx`` and one
+    ``<name>.party`` per party in ``directory`` (simulation and tests: in a deployment
+    each party writes only its own)."""
+    roster, parties = ceremony(
+        names, run=run, threshold=threshold, params=params or MultipartyParams()
+    )
+    directory = private_dir(Path(directory), "--out")
+    out = {"roster": files.save_roster(roster, directory)}
+    out["public"] = directory / "public.ctx"
+    write_key_file(out["public"], crypto.context_to_bytes(public_context(roster)), PUBLIC_MODE)
+    for party in parties:
+        out[party.name] = files.save_party(party, directory)
+    return out
+
+
+class MultipartyCodec(CkksCodec):
+    """A party's codec: encrypts under its own key; validates and adds like the server."""
+
+    def __init__(self, party: Party, *, length: int) -> None:
+        super().__init__(party.public, length=length)
+        self.party = party
+
+    @property
+    def can_decrypt(self) -> bool:
+        return False  # only a quorum decrypts
+
+    def encode(self, vector: NDArray[np.floating]) -> WirePayload:
+        vec = np.asarray(vector, dtype=np.float64)
+        if vec.shape != (self.length,):
+            raise PayloadError(f"vector shape must be ({self.length},), got {vec.shape}.")
+        return self.party.encrypt(vec)
+
+    def decode(self, payload: WirePayload) -> NDArray[np.float64]:
+        raise crypto.CryptoError(
+            "a multiparty sum is decrypted by a quorum of key holders (partial decryptions, "
+            "then combine; docs/multiparty.md), not by one party's codec."
+        )
+
+
+class MultipartyBackend:
+    """Multiparty CKKS: the server's codec on the public context; key holders via the protocol."""
+
+    name = "ckks-multiparty"
+    uses_keys = True
+
+    def make_keys(self, directory: Path) -> crypto.KeyFiles:
+        raise ConfigError(_NOT_WIRED)
+
+    def codec(self, *, length: int, context: Path | None = None, public: bool = False) -> Codec:
+        """The server's :class:`CkksCodec` on ``public.ctx``, or a party's
+        :class:`MultipartyCodec` on its ``.party`` file (``roster.json`` beside it)."""
+        if context is None:
+            raise ConfigError(_NOT_WIRED)
+        context = Path(context)
+        if context.suffix == ".party":
+            if public:
+                raise crypto.CryptoError(
+                    f"`public-context` {str(context)!r} is a party's key file; the server "
+                    "must only get public.ctx."
+                )
+            roster = files.load_roster(context.parent / "roster.json")
+            return MultipartyCodec(files.load_party(context, roster), length=length)
+        if not public:
+            raise ConfigError(_NOT_WIRED)
+        loaded = crypto.load_context(Path(context), public=True)
+        if loaded.params.poly_modulus_degree != 8192 or crypto.has_secret_key(loaded):
+            raise crypto.CryptoError(
+                f"`public-context` {str(context)!r} is not a multiparty public context "
+                "(N = 8192, no key): write it with fedtune.secure.multiparty.public_context."
+            )
+        return CkksCodec(loaded, length=length)
