@@ -397,7 +397,8 @@ def _simulate(
     stop = RunStop(
         f"fedtune simulate: stopped; {run_dir} holds the last completed round. "
         f"Continue it with: fedtune simulate --resume {run_dir}",
-        progress.print,
+        progress.say,
+        progress.mute,
     )
     tmp = Path(tempfile.mkdtemp(prefix="fedtune-sim-"))
     old_env = _quiet_environment(tmp)

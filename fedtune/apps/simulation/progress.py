@@ -19,6 +19,7 @@ This module imports only ``rich`` so that the CLI can show it before torch loads
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,11 @@ class ProgressConsole(Console):
     """
 
     progress: RunProgress | None = None
+    muted = False
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not self.muted:
+            super().print(*objects, **kwargs)
 
     @contextmanager  # a context manager, as rich's Status is
     def status(self, status: RenderableType, *args: Any, **kwargs: Any) -> Iterator[None]:  # type: ignore[override]
@@ -113,8 +119,21 @@ class RunProgress:
             self._phase = text.rstrip("…. ")
 
     def print(self, line: str) -> None:
-        """One line above the live line (always shown)."""
+        """One line above the live line (shown unless :meth:`mute`)."""
         self.console.print(line, markup=False)
+
+    def say(self, line: str) -> None:
+        """One line on stderr, muted or not (the stop's own messages)."""
+        if self._display is not None:
+            self._display.stop()
+            self._display = None
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def mute(self) -> None:
+        """Print nothing more of the run (a stop is under way)."""
+        self.console.muted = True
+        self._stop.set()
 
     def _render(self) -> RenderableType:
         with self._lock:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -97,11 +98,17 @@ class RunStop:
         The line printed when the run stopped, e.g. how to resume it.
     say : Callable[[str], None]
         Prints one line for the user (stderr).
+    mute : Callable[[], None] | None
+        Silences the run's own output once a stop is under way (the server would
+        otherwise report every client that the stop took away).
     """
 
-    def __init__(self, hint: str, say: Callable[[str], None]) -> None:
+    def __init__(
+        self, hint: str, say: Callable[[str], None], mute: Callable[[], None] | None = None
+    ) -> None:
         self.hint = hint
         self.say = say
+        self.mute = mute
         self.requested = threading.Event()
         self._lock = threading.RLock()
         self._old: dict[signal.Signals, Any] = {}
@@ -139,20 +146,24 @@ class RunStop:
         return guarded
 
     def _handle(self, signum: int, frame: object) -> None:
-        del frame
+        """In the main thread: record the request; the work is done in a thread."""
+        del signum, frame
         if self.requested.is_set():
-            self.say("fedtune simulate: forced stop.")
+            os.write(2, b"fedtune simulate: forced stop.\n")
             stop_descendants(grace=0.0)
             self._exit(130)
         self.requested.set()
-        self.say(
-            "fedtune simulate: stopping (finishing the file being written, stopping Ray); "
-            "press Ctrl-C again to force."
-        )
         threading.Thread(target=self._stop, name="fedtune-stop", daemon=True).start()
 
     def _stop(self) -> None:
         start = time.monotonic()
+        logging.disable(logging.CRITICAL)
+        if self.mute is not None:
+            self.mute()
+        self.say(
+            "fedtune simulate: stopping (finishing the file being written, stopping Ray); "
+            "press Ctrl-C again to force."
+        )
         got = self._lock.acquire(timeout=WRITE_WAIT)  # kept: nothing is written after this
         del got
         stop_descendants(grace=max(0.5, GRACE - (time.monotonic() - start)))
