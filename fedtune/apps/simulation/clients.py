@@ -31,12 +31,9 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-__all__ = ["CLIENTS_LOG", "EVENTS", "cause_line", "observed_client_app"]
+from fedtune.apps.simulation.progress import CLIENTS_LOG, EVENTS
 
-#: Full traces of the clients' failures (appended; one block per failure).
-CLIENTS_LOG = "clients.log"
-#: One JSON object per line: ``{"t", "client", "kind", "round", "event"[, "cause"]}``.
-EVENTS = "client-events.jsonl"
+__all__ = ["CLIENTS_LOG", "EVENTS", "cause_line", "observed_client_app"]
 
 #: The longest cause line kept (characters).
 MAX_CAUSE = 300

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.apps.simulation.progress import RunProgress
+from fedtune.apps.simulation.progress import CLIENTS_LOG, RunProgress
 from fedtune.apps.simulation.signals import RunStop
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
@@ -392,7 +392,7 @@ def _simulate(
     from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
 
     from fedtune.apps.server.app import make_server_app  # noqa: PLC0415
-    from fedtune.apps.simulation.clients import CLIENTS_LOG, observed_client_app  # noqa: PLC0415
+    from fedtune.apps.simulation.clients import observed_client_app  # noqa: PLC0415
 
     stop = RunStop(
         f"fedtune simulate: stopped; {run_dir} holds the last completed round. "

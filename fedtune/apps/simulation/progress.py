@@ -32,7 +32,13 @@ from rich.live import Live
 from rich.spinner import Spinner
 from rich.text import Text
 
-__all__ = ["ProgressConsole", "RunProgress"]
+__all__ = ["CLIENTS_LOG", "EVENTS", "ProgressConsole", "RunProgress"]
+
+#: Full traces of the clients' failures, in the run directory (appended).
+CLIENTS_LOG = "clients.log"
+#: The clients' events, in the run directory: one JSON object per line,
+#: ``{"t", "client", "kind", "round", "event"[, "cause"]}``.
+EVENTS = "client-events.jsonl"
 
 #: Seconds between two looks at the run directory.
 POLL = 0.25
@@ -83,6 +89,7 @@ class RunProgress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._display: Live | None = None
+        self._spinner = Spinner("dots")
         self._lock = threading.Lock()
         self.failures: list[str] = []
 
@@ -145,7 +152,8 @@ class RunProgress:
                 f"{name} {state}" for name, state in busy[:8]
             )
             text += " …" if len(busy) > 8 else ""
-        return Spinner("dots", Text(text, overflow="ellipsis", no_wrap=True))
+        self._spinner.update(text=Text(text, overflow="ellipsis", no_wrap=True))
+        return self._spinner
 
     # -- watching the run directory --------------------------------------------------
 
@@ -160,8 +168,6 @@ class RunProgress:
         self._thread.start()
 
     def _follow(self, run_dir: Path, num_rounds: int, trained: int) -> None:
-        from fedtune.apps.simulation.clients import CLIENTS_LOG, EVENTS  # noqa: PLC0415
-
         try:  # a resumed run's earlier events are not news
             offset = (run_dir / EVENTS).stat().st_size
         except OSError:
