@@ -223,6 +223,7 @@ def _run_args(model: Path, data: Path) -> list[str]:
         "noise-multiplier": 1.0,
         "seeded-noise": "true",
         "target-delta": 1e-3,
+        "label-names": "animal,food,tool",
     }
     return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
 
@@ -318,17 +319,18 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(
     assert "Traceback" not in text
     assert "clients done" in text or "trained" in text  # the live display ran
 
-    resumed = subprocess.run(
+    resumed = subprocess.Popen(
         [*cli, "--resume", str(stopped)],
         cwd=ROOT,
         env=ENV,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         start_new_session=True,
-        check=False,
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming at round" in err
     assert not wait_gone(resumed.pid)
 
     assert _rows(stopped) == _rows(straight)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.apps.simulation.preflight import check_run
 from fedtune.apps.simulation.progress import CLIENTS_LOG, RunProgress
 from fedtune.apps.simulation.signals import RunStop
 from fedtune.config import ConfigError, RunConfig, parse_run_config
@@ -346,6 +347,7 @@ def _simulate(
             raise ConfigError("--resume needs the run directory to continue.")
         run_dir = Path(run_dir)
         cfg = preflight(_prepare_resume(flat, run_dir))
+        check_run(cfg)
         done = _checkpoint_round(run_dir)
         if done is not None and done >= cfg.federation.num_rounds:
             raise ConfigError(
@@ -356,6 +358,7 @@ def _simulate(
         (run_dir / "config.toml").write_text(cfg.to_toml())  # num-rounds may have grown
     else:
         cfg = preflight(parse_run_config(flat))
+        check_run(cfg)  # what every client would refuse, before any process starts
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(
