@@ -289,10 +289,13 @@ class _ClientFailuresToLog(logging.Filter):
         self.path = path
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        message = record.getMessage()
+        # The server's note of each dropped reply repeats a failure already shown.
+        dropped = record.name == "fedtune.server" and "client error:" in message
+        if record.levelno < logging.ERROR and not dropped:
             return True
         with contextlib.suppress(OSError), self.path.open("a") as fh:
-            fh.write(f"--- flwr {record.levelname}: {record.getMessage()}\n")
+            fh.write(f"--- {record.name} {record.levelname}: {message}\n")
         return False
 
 
@@ -409,10 +412,12 @@ def _simulate(
     old_level = flwr_logger.level
     quiet = _DropRunSimulationDeprecation()
     to_log = _ClientFailuresToLog(run_dir / CLIENTS_LOG)
+    server_logger = logging.getLogger("fedtune.server")
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
         flwr_logger.addFilter(quiet)
         flwr_logger.addFilter(to_log)
+        server_logger.addFilter(to_log)
     start = time.perf_counter()
     stopped: FederationError | None = None
     progress.phase("starting Ray; the clients load the model with their first message")
@@ -435,6 +440,7 @@ def _simulate(
         flwr_logger.setLevel(old_level)
         flwr_logger.removeFilter(quiet)
         flwr_logger.removeFilter(to_log)
+        server_logger.removeFilter(to_log)
         _restore(old_env)
         shutil.rmtree(tmp, ignore_errors=True)
     progress.close()
