@@ -169,6 +169,24 @@ def _output_dir(path: Path, flag: str) -> None:
         ) from err
 
 
+def readable_text(path: Path, what: str) -> None:
+    """One line for a file that exists but cannot be read, or is not UTF-8 text."""
+    if not path.exists():
+        return  # the reader's own message names a missing file
+    try:
+        path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read {what} {str(path)!r}: {err.strerror or err}; give the user running "
+            "fedtune read access (e.g. `chmod a+r`), or use a copy."
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}); TOML files are "
+            "UTF-8: save it as UTF-8."
+        ) from None
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the federation ``args`` describe and print one table row per round."""
     from fedtune.apps.simulation.progress import RunProgress  # noqa: PLC0415 - rich only
@@ -197,6 +215,8 @@ def _simulate(args: argparse.Namespace, progress: RunProgress) -> SimulationResu
         raise ConfigError(
             f"config {str(args.config)!r} is a directory; expected a TOML file of config keys."
         )
+    if args.config is not None:
+        readable_text(args.config, "config file")
     if args.run_dir is not None:
         _output_dir(args.run_dir, "--run-dir")
     flat = collect_overrides(args.config, args.overrides)
