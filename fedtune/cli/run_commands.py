@@ -30,6 +30,11 @@ The run directory:
   checkpoint/             the latest global sum and its round
   adapter/                the final adapter in standard PEFT format
   samples.jsonl           causal LM: held-out prompts answered by the base model and the adapter
+  clients.log             the full trace of every client failure (one line each on the console)
+  client-events.jsonl     what each client started and finished (the progress display reads it)
+
+Ctrl-C stops a run within seconds, keeps the last completed round and prints the command
+that continues it (`fedtune simulate --resume RUN_DIR`); a second Ctrl-C forces the exit.
 """
 
 
