@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.apps.simulation.hooks import ClientFailuresToLog, server_hooks
 from fedtune.apps.simulation.preflight import check_run
 from fedtune.apps.simulation.progress import CLIENTS_LOG, RunProgress
+from fedtune.apps.simulation.resume import checkpoint_round, prepare_resume
 from fedtune.apps.simulation.signals import RunStop
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
@@ -203,102 +205,6 @@ def _restore(old: Mapping[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _prepare_resume(flat: Mapping[str, object], run_dir: Path) -> RunConfig:
-    """The config of the run in ``run_dir``, with ``num-rounds`` from ``flat`` if given.
-
-    Only ``num-rounds`` may change on a resume (to extend a finished run); any other
-    key of ``flat`` that differs from ``RUN_DIR/config.toml`` would make a different
-    run and is refused, naming the key.
-    """
-    from fedtune.config import load_toml  # noqa: PLC0415
-
-    if not run_dir.is_dir() or not (run_dir / "config.toml").is_file():
-        raise ConfigError(
-            f"--resume {str(run_dir)!r} is not a run directory (no config.toml in it); "
-            "give the directory an earlier `fedtune simulate` wrote."
-        )
-    saved = parse_run_config(load_toml(run_dir / "config.toml"))
-    wanted = parse_run_config({**saved.to_flat(), **dict(flat)})
-    before, after = saved.to_flat(), wanted.to_flat()
-    changed = sorted(k for k in after if k != "num-rounds" and after[k] != before.get(k))
-    if changed:
-        key = changed[0]
-        raise ConfigError(
-            f"--resume: `{key}` = {after[key]!r} differs from the run's {before.get(key)!r} "
-            f"(in {str(run_dir / 'config.toml')!r}); a resumed run keeps its configuration "
-            "(only `num-rounds` may grow). Drop the --set, or start a new run."
-        )
-    return wanted
-
-
-def _checkpoint_round(run_dir: Path) -> int | None:
-    """The round of ``RUN_DIR/checkpoint`` (verified), or ``None`` when there is none."""
-    from fedtune.run.checkpoint import CheckpointError, load_checkpoint  # noqa: PLC0415
-
-    if not (run_dir / "checkpoint").exists():
-        return None
-    try:
-        return load_checkpoint(run_dir / "checkpoint", key_dir=run_dir).round
-    except CheckpointError as err:
-        raise ConfigError(
-            f"--resume {str(run_dir)!r}: the checkpoint does not verify ({err}); restore "
-            "it (checkpoint.previous holds the round before) or start a new run."
-        ) from err
-
-
-@contextlib.contextmanager
-def _server_hooks(stop: RunStop, progress: RunProgress) -> Any:
-    """Route the ServerApp's run-file writes through ``stop``'s lock, its console to ``progress``.
-
-    The ServerApp module looks these names up when it calls them, so the wrapped
-    writers hold the lock for the whole write (a Ctrl-C never cuts a checkpoint or a
-    metrics line in half) and its round lines and status land in the live display.
-    """
-    from fedtune.apps.server import app as server_app  # noqa: PLC0415
-    from fedtune.apps.server import verified  # noqa: PLC0415
-
-    patches = [
-        (server_app, "save_checkpoint"),
-        (server_app, "save_pending"),
-        (server_app, "append_record"),
-        (verified, "save_checkpoint"),
-    ]
-    originals = [(mod, name, getattr(mod, name)) for mod, name in patches]
-    old_console = server_app.Console
-    try:
-        for mod, name, fn in originals:
-            setattr(mod, name, stop.wrap(fn))
-        server_app.Console = lambda *a, **k: progress.console  # type: ignore[assignment,misc]
-        yield
-    finally:
-        for mod, name, fn in originals:
-            setattr(mod, name, fn)
-        server_app.Console = old_console  # type: ignore[misc]
-
-
-class _ClientFailuresToLog(logging.Filter):
-    """Flower's traces of a failed ClientApp go to ``RUN_DIR/clients.log``, not the terminal.
-
-    Flower's simulation worker logs each failure at ERROR with the whole Ray trace
-    (hundreds of lines per client and round); the client's own one-line cause is
-    printed by the progress display (:mod:`fedtune.apps.simulation.clients`).
-    """
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = path
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        # The server's note of each dropped reply repeats a failure already shown.
-        dropped = record.name == "fedtune.server" and "client error:" in message
-        if record.levelno < logging.ERROR and not dropped:
-            return True
-        with contextlib.suppress(OSError), self.path.open("a") as fh:
-            fh.write(f"--- {record.name} {record.levelname}: {message}\n")
-        return False
-
-
 def simulate(
     flat: Mapping[str, object],
     *,
@@ -349,9 +255,9 @@ def _simulate(
         if run_dir is None:
             raise ConfigError("--resume needs the run directory to continue.")
         run_dir = Path(run_dir)
-        cfg = preflight(_prepare_resume(flat, run_dir))
+        cfg = preflight(prepare_resume(flat, run_dir))
         check_run(cfg)
-        done = _checkpoint_round(run_dir)
+        done = checkpoint_round(run_dir)
         if done is not None and done >= cfg.federation.num_rounds:
             raise ConfigError(
                 f"--resume {str(run_dir)!r}: the run has all its {done} rounds; to train "
@@ -411,7 +317,7 @@ def _simulate(
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     quiet = _DropRunSimulationDeprecation()
-    to_log = _ClientFailuresToLog(run_dir / CLIENTS_LOG)
+    to_log = ClientFailuresToLog(run_dir / CLIENTS_LOG)
     server_logger = logging.getLogger("fedtune.server")
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
@@ -423,7 +329,7 @@ def _simulate(
     progress.phase("starting Ray; the clients load the model with their first message")
     progress.watch(run_dir, cfg.federation.num_rounds, first_round=first_round)
     try:
-        with stop.installed(), _server_hooks(stop, progress), _flower_patches(cfg.federation.seed):
+        with stop.installed(), server_hooks(stop, progress), _flower_patches(cfg.federation.seed):
             try:
                 run_simulation(
                     server_app=make_server_app(server_wiring),
