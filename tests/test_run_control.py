@@ -16,6 +16,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,29 +251,41 @@ def _ledgers(run_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
+def _popen(argv: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert not wait_gone(proc.pid), "a process of the run survived it"
+    return err
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(
     tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
+    """Seeded DP noise is drawn per release from the client's run nonce (its ledger's).
+
+    Both runs are called ``run`` (the ledgers' run id) and share the clients' nonces:
+    the uninterrupted one is started as the resume of a directory holding only the
+    stopped run's config and nonce files, i.e. a run stopped before its first round.
+    """
     args = _run_args(tiny_model_dir, toy_csv)
     cli = [sys.executable, "-m", "fedtune.cli", "simulate"]
+    stopped = tmp_path / "stopped" / "run"
+    stopped.parent.mkdir()
 
-    straight = tmp_path / "straight"
-    proc = subprocess.run(
-        [*cli, "--run-dir", str(straight), *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        start_new_session=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "trained" not in proc.stderr and "clients done" not in proc.stderr  # not a tty
-
-    # The same run on a terminal, stopped by Ctrl-C once round 1 is in metrics.jsonl.
-    stopped = tmp_path / "stopped"
+    # On a terminal, stopped by Ctrl-C once round 1 is in metrics.jsonl.
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(ROOT)
@@ -318,24 +331,25 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(
     assert f"fedtune simulate --resume {stopped}" in text
     assert "Traceback" not in text
     assert "clients done" in text or "trained" in text  # the live display ran
+    assert (stopped / "checkpoint").is_dir() and not (stopped / "adapter").exists()
 
-    resumed = subprocess.Popen(
-        [*cli, "--resume", str(stopped)],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-3000:]
+    # The same run uninterrupted, with the same clients' nonces (see the docstring).
+    straight = tmp_path / "straight" / "run"
+    (straight / "privacy").mkdir(parents=True)
+    shutil.copy(stopped / "config.toml", straight / "config.toml")
+    for nonces in (stopped / "privacy").glob("*.runs.json"):
+        shutil.copy(nonces, straight / "privacy" / nonces.name)
+    err = _finish(_popen([*cli, "--resume", str(straight)]))
+    assert "trained" not in err and "clients done" not in err  # not a terminal: no live line
+
+    err = _finish(_popen([*cli, "--resume", str(stopped)]))
     assert "resuming at round" in err
-    assert not wait_gone(resumed.pid)
 
     assert _rows(stopped) == _rows(straight)
     assert [r["round"] for r in _rows(stopped)] == [0, 1, 2, 3]
     assert _ledgers(stopped) == _ledgers(straight)
+    for ledger in _ledgers(stopped).values():  # no release counted twice
+        assert len(ledger) == len(set(ledger))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (stopped / "adapter" / name).read_bytes() == (
             straight / "adapter" / name

@@ -43,6 +43,13 @@ def prepare_resume(flat: Mapping[str, object], run_dir: Path) -> RunConfig:
             f"(in {str(run_dir / 'config.toml')!r}); a resumed run keeps its configuration "
             "(only `num-rounds` may grow). Drop the --set, or start a new run."
         )
+    if saved.privacy.enabled and after["num-rounds"] != before["num-rounds"]:
+        raise ConfigError(
+            f"--resume: `num-rounds` = {after['num-rounds']} differs from the run's "
+            f"{before['num-rounds']}; a DP run's clients key their releases by the run's "
+            "configuration, so a longer run would count its last evaluation again. Resume "
+            "without --set, and start a new run for more rounds."
+        )
     return wanted
 
 
