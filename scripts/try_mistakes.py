@@ -278,7 +278,7 @@ def mistakes(f: dict[str, Path], run: Path) -> list[Mistake]:
             "a run directory",
         ),
         Mistake("audit a missing run", ["audit", "/nonexistent-run"], "a run directory"),
-        Mistake("audit a run without DP", ["audit", str(run)], "a DP run", needs_run=True),
+        Mistake("audit a run without DP", ["audit", str(f["not-a-run"])], "a DP run's directory"),
         Mistake(
             "audit --json | head -1",
             ["audit", str(run), "--json"],
@@ -361,10 +361,16 @@ def attempt(m: Mistake, tmp: Path, index: int, timeout: float) -> Outcome:
 
 
 def finished_run(files: dict[str, Path], tmp: Path) -> Path:
-    """One tiny finished run (no DP) for the mistakes made on a run directory."""
+    """One tiny finished DP run for the mistakes made on a run directory."""
     run = tmp / "finished"
+    dp = ("dp=example", "label-names=animal,food,tool", "target-delta=1e-3")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.cli", *sim(files)],
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            *[a.replace("{run}", str(run)) for a in sim(files, *dp)],
+        ],
         cwd=tmp,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,

@@ -259,9 +259,13 @@ def _simulate(
         check_run(cfg)
         done = checkpoint_round(run_dir)
         if done is not None and done >= cfg.federation.num_rounds:
+            more = (
+                "a DP run keeps its num-rounds: start a new run for more"
+                if cfg.privacy.enabled
+                else f"to train more, --set num-rounds={done + 1} (or more)"
+            )
             raise ConfigError(
-                f"--resume {str(run_dir)!r}: the run has all its {done} rounds; to train "
-                f"more, --set num-rounds={done + 1} (or more)."
+                f"--resume {str(run_dir)!r}: the run has all its {done} rounds; {more}."
             )
         first_round = (done or 0) + 1
         (run_dir / "config.toml").write_text(cfg.to_toml())  # num-rounds may have grown
