@@ -179,3 +179,23 @@ def test_a_run_directory_is_described_in_the_events_file_format(tmp_path: Path) 
         f"client-0 failed in train round 1: X (full trace: {tmp_path / 'clients.log'})"
     ]
     assert offset == len((tmp_path / EVENTS).read_text().splitlines()[0]) + 1
+
+
+def test_resume_keeps_the_runs_configuration(tmp_path: Path) -> None:
+    from fedtune.apps.simulation.resume import checkpoint_round, prepare_resume
+
+    with pytest.raises(ConfigError, match="is not a run directory \\(no config.toml in it\\)"):
+        prepare_resume({}, tmp_path)
+    plain = parse_run_config({"num-rounds": 2, "learning-rate": 0.01})
+    (tmp_path / "config.toml").write_text(plain.to_toml())
+    assert prepare_resume({"num-rounds": 5}, tmp_path).federation.num_rounds == 5  # extended
+    with pytest.raises(ConfigError, match="`learning-rate` = 0.5 differs from the run's 0.01"):
+        prepare_resume({"learning-rate": 0.5}, tmp_path)
+    private = parse_run_config(
+        {"num-rounds": 2, "dp": "example", "label-names": "a,b", "target-delta": 1e-3}
+    )
+    (tmp_path / "config.toml").write_text(private.to_toml())
+    with pytest.raises(ConfigError, match="a DP run's clients key their releases by the run's"):
+        prepare_resume({"num-rounds": 3}, tmp_path)
+    assert prepare_resume({}, tmp_path).federation.num_rounds == 2
+    assert checkpoint_round(tmp_path) is None  # stopped before round 1: starts again
