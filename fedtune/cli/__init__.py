@@ -16,12 +16,10 @@ audit_report      the self-contained HTML page of ``--report``
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
-
-from fedtune.cli import dispatch
-from fedtune.cli.dispatch import build_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -36,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     goes away (``fedtune audit --json | head -1``): no ``BrokenPipeError`` trace, here
     or when the interpreter flushes stdout on its way out.
     """
+    _early_status(sys.argv[1:] if argv is None else list(argv))
     try:
         try:
+            from fedtune.cli import dispatch  # noqa: PLC0415 - after the early status line
+
             code = dispatch.main(argv)
         finally:  # also after --help (SystemExit): the flush is where a closed pipe shows
             sys.stdout.flush()
@@ -45,6 +46,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_PIPE_CLOSED
     return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``fedtune`` and its subcommands (:mod:`fedtune.cli.dispatch`)."""
+    from fedtune.cli.dispatch import build_parser as build  # noqa: PLC0415
+
+    return build()
+
+
+def _early_status(argv: Sequence[str]) -> None:
+    """On a terminal, say what ``fedtune simulate`` does while its libraries load.
+
+    The commands' modules import ``datasets`` and ``transformers`` before any command
+    runs (seconds on a busy machine); the simulation's live display
+    (:mod:`fedtune.apps.simulation.progress`) replaces this line when it starts.
+    """
+    if argv[:1] != ["simulate"] or "-h" in argv or "--help" in argv:
+        return
+    if sys.stderr.isatty():
+        sys.stderr.write("fedtune simulate: loading torch, transformers and Flower…")
+        sys.stderr.flush()
 
 
 def _silence_stdout() -> None:

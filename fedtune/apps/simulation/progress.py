@@ -97,6 +97,7 @@ class RunProgress:
 
     def __enter__(self) -> RunProgress:
         if self.live:
+            self.console.file.write("\r\x1b[2K")  # the CLI's early status line, if any
             self._display = Live(
                 get_renderable=self._render,
                 console=self.console,
