@@ -62,6 +62,7 @@ class Mistake:
     pipe: str = ""  # a shell command the output is piped into (``head -1``)
     needs_run: bool = False
     skip: str = ""  # why it cannot be tried here
+    unreadable: bool = False  # root without the capability to read others' files
     setup: Callable[[Path], None] | None = None
 
 
@@ -124,6 +125,11 @@ def make_fixtures(tmp: Path) -> dict[str, Path]:
     for name, content in data.items():
         (tmp / name).write_bytes(content)
         files[name] = tmp / name
+    shutil.copy(toy, tmp / "locked.csv")
+    (tmp / "locked.toml").write_text("num-rounds = 1\n")
+    for name in ("locked.csv", "locked.toml"):  # unreadable but to root (see `attempt`)
+        (tmp / name).chmod(0)
+        files[name] = tmp / name
     (tmp / "full").mkdir()
     (tmp / "full" / "x").write_text("x")
     (tmp / "not-a-run").mkdir()
@@ -177,9 +183,9 @@ def mistakes(f: dict[str, Path], run: Path) -> list[Mistake]:
         ),
         Mistake(
             "an unreadable config file",
-            ["simulate", str(f["toy"])],
+            ["simulate", str(f["locked.toml"])],
             "chmod a+r, or a copy",
-            skip="root reads every file (tests/test_user_mistakes.py covers it)",
+            unreadable=True,
         ),
         Mistake("a missing model-path", sim(f, "model-path=/nonexistent"), "check the path"),
         Mistake("a missing data-path", sim(f, "data-path=/nonexistent.csv"), "check the path"),
@@ -209,9 +215,9 @@ def mistakes(f: dict[str, Path], run: Path) -> list[Mistake]:
         Mistake("one label only", sim(f, f"data-path={f['one-label.csv']}"), "at least 2 labels"),
         Mistake(
             "an unreadable CSV",
-            sim(f),
+            sim(f, f"data-path={f['locked.csv']}"),
             "chmod a+r, or a copy",
-            skip="root reads every file (tests/test_user_mistakes.py covers it)",
+            unreadable=True,
         ),
         Mistake("more clients than examples", sim(f, "num-clients=100"), "fewer clients"),
         Mistake(
@@ -308,6 +314,11 @@ def attempt(m: Mistake, tmp: Path, index: int, timeout: float) -> Outcome:
     run_dir = tmp / f"run-{index}"
     argv = [a.replace("{run}", str(run_dir)) for a in m.argv]
     cmd = [sys.executable, "-m", "fedtune.cli", *argv]
+    if m.unreadable and os.geteuid() == 0:  # root reads every file unless it drops the caps
+        if not shutil.which("setpriv"):
+            return Outcome(m, "skipped", "root reads every file, and setpriv is missing", 0.0)
+        caps = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     start = time.perf_counter()
     if m.pipe:
