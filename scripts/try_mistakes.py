@@ -400,7 +400,7 @@ def markdown(outcomes: list[Outcome]) -> str:
         line = o.line.replace("|", "\\|")
         if len(line) > 220:
             line = line[:219] + "…"
-        rows.append(f"| {o.mistake.name} | `{line}` | {o.grade} | {o.mistake.fix} |")
+        rows.append(f"| {o.mistake.name} | `` {line} `` | {o.grade} | {o.mistake.fix} |")
     return "\n".join(rows) + "\n"
 
 
