@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedtune.cli.dispatch import main
+from fedtune.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,9 +12,14 @@ import json
 import math
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.config import ConfigError, collect_overrides, load_toml
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
+
+if TYPE_CHECKING:
+    from fedtune.apps.simulation.driver import SimulationResult
+    from fedtune.apps.simulation.progress import RunProgress
 
 __all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
 
@@ -26,6 +31,11 @@ The run directory:
   checkpoint/             the latest global sum and its round
   adapter/                the final adapter in standard PEFT format
   samples.jsonl           causal LM: held-out prompts answered by the base model and the adapter
+  clients.log             the full trace of every client failure (one line each on the console)
+  client-events.jsonl     what each client started and finished (the progress display reads it)
+
+Ctrl-C stops a run within seconds, keeps the last completed round and prints the command
+that continues it (`fedtune simulate --resume RUN_DIR`); a second Ctrl-C forces the exit.
 """
 
 
@@ -59,6 +69,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     sim.add_argument(
         "--run-dir", type=Path, help="output directory (new or empty; default: runs/<timestamp>)"
+    )
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help=(
+            "continue RUN_DIR after its last completed round (after Ctrl-C or a crash); "
+            "--set num-rounds=N extends a finished run"
+        ),
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
@@ -145,21 +164,64 @@ def _output_dir(path: Path, flag: str) -> None:
         ) from err
 
 
+def readable_text(path: Path, what: str) -> None:
+    """One line for a file that exists but cannot be read, or is not UTF-8 text."""
+    if not path.exists():
+        return  # the reader's own message names a missing file
+    try:
+        path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read {what} {str(path)!r}: {err.strerror or err}; give the user running "
+            "fedtune read access (e.g. `chmod a+r`), or use a copy."
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}); TOML files are "
+            "UTF-8: save it as UTF-8."
+        ) from None
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the federation ``args`` describe and print one table row per round."""
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    from fedtune.apps.simulation.progress import RunProgress  # noqa: PLC0415 - rich only
 
+    with RunProgress() as progress:  # a live line from the first second on a terminal
+        progress.phase("loading fedtune (torch, transformers, Flower)")
+        result = _simulate(args, progress)
+    return _print_result(result)
+
+
+def _simulate(args: argparse.Namespace, progress: RunProgress) -> SimulationResult:
     from fedtune.apps.simulation.driver import simulate  # noqa: PLC0415 - imports both apps
 
+    if args.resume is not None:
+        if args.config is not None or args.run_dir is not None:
+            raise ConfigError(
+                "--resume RUN_DIR takes the run's own config.toml and directory; drop "
+                + ("the config file" if args.config is not None else "--run-dir")
+                + " (only --set num-rounds=N may extend the run)."
+            )
+        flat = collect_overrides(None, args.overrides)
+        return simulate(
+            flat, run_dir=args.resume, verbose=args.verbose, resume=True, progress=progress
+        )
     if args.config is not None and args.config.is_dir():
         raise ConfigError(
             f"config {str(args.config)!r} is a directory; expected a TOML file of config keys."
         )
+    if args.config is not None:
+        readable_text(args.config, "config file")
     if args.run_dir is not None:
         _output_dir(args.run_dir, "--run-dir")
     flat = collect_overrides(args.config, args.overrides)
-    result = simulate(flat, run_dir=args.run_dir, verbose=args.verbose)
+    return simulate(flat, run_dir=args.run_dir, verbose=args.verbose, progress=progress)
+
+
+def _print_result(result: SimulationResult) -> int:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
     console = Console()
     table = Table(title=f"fedtune simulate: {result.run_dir}")
     has_eps = any("epsilon" in r for r in result.records)

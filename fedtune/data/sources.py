@@ -211,13 +211,72 @@ def read_table(path: Path) -> Any:
     readers = {".csv": datasets.Dataset.from_csv, ".jsonl": datasets.Dataset.from_json}
     reader = readers.get(".jsonl" if suffix == ".json" else suffix)
     if reader is not None:
+        check_readable(path)
+        kind = "CSV" if suffix == ".csv" else "JSON lines"
         with tempfile.TemporaryDirectory(prefix="fedtune-utf8-") as tmp:
             # The arrow table lands in the datasets cache: the copy may go at once.
-            return reader(str(utf8_file(path, Path(tmp) / path.name)))
+            try:
+                table = reader(str(utf8_file(path, Path(tmp) / path.name)))
+            except Exception as err:  # noqa: BLE001 - datasets wraps pandas/arrow errors
+                if _no_rows(err):
+                    raise ConfigError(_header_only(path, kind)) from None
+                raise ConfigError(
+                    f"`data-path` {str(path)!r} is not a readable {kind} file: "
+                    f"{_root_cause(err)}. "
+                    + (
+                        "Check its quoting and delimiters (comma-separated, with a header "
+                        "row such as `text,label`)."
+                        if kind == "CSV"
+                        else "Each line must be one JSON object, e.g. "
+                        '{"text": "...", "label": "..."}.'
+                    )
+                ) from None
+        if len(table) == 0:
+            raise ConfigError(_header_only(path, kind))
+        return table
     raise ConfigError(
         f"`data-path` {str(path)!r} must be a .csv or .jsonl file or a saved Hugging "
         "Face dataset directory."
     )
+
+
+def check_readable(path: Path) -> None:
+    """One line for a data file that cannot be opened or is empty (before ``datasets``)."""
+    try:
+        with path.open("rb") as fh:
+            first = fh.read(1)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read `data-path` {str(path)!r}: {err.strerror or err}; give the user "
+            "running fedtune read access (e.g. `chmod a+r`), or point `data-path` at a copy."
+        ) from None
+    if not first:
+        raise ConfigError(
+            f"`data-path` {str(path)!r} is empty (0 bytes); expected a header row such as "
+            "`text,label` and one row per example."
+        )
+
+
+def _header_only(path: Path, kind: str) -> str:
+    return (
+        f"`data-path` {str(path)!r} has no examples (a {kind} file with a header and no "
+        "rows?); add one row per example."
+    )
+
+
+def _no_rows(err: BaseException) -> bool:
+    """Whether ``datasets`` failed because the file holds no rows (a header only)."""
+    return "corresponds to no data" in str(err)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause's first line (pandas' or arrow's message, not datasets')."""
+    while err.__cause__ is not None or (
+        err.__context__ is not None and not err.__suppress_context__
+    ):
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def utf8_file(path: Path, spare: Path) -> Path:

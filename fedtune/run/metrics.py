@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtune.config import ConfigError
 from fedtune.tasks.base import Headline
 
 
@@ -52,8 +55,46 @@ def _non_finite(value: Any, where: str) -> tuple[str, float] | None:
     return None
 
 
+#: ANSI escape sequences (colours, cursor moves) a library may put in an error text.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+#: The longest text value kept in a record (a reason, a cause).
+MAX_TEXT = 300
+
+
+def clean_text(text: str) -> str:
+    """A text value fit for ``metrics.jsonl``: one line, no ANSI codes, no trace.
+
+    A client's error reason arrives through Flower and Ray as the repr of a Ray
+    exception, with its colours and the actor's whole trace; the record keeps the
+    first line before any trace or actor repr, at most :data:`MAX_TEXT` characters (the
+    trace is in the simulation's ``clients.log``, or the node's own log).
+    """
+    text = _ANSI.sub("", text)
+    for marker in ("Traceback (most recent call last)", "ray::"):
+        cut = text.find(marker)
+        if cut >= 0:
+            text = text[:cut].rstrip(" :<'(") + " (trace in the client's log)"
+    lines = text.strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    return line if len(line) <= MAX_TEXT else line[: MAX_TEXT - 1] + "…"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line (the file is created on first use).
+
+    Text values pass through :func:`clean_text` (one line, no ANSI codes, no trace).
+    The line is written with one ``write`` call, so a run stopped at any moment
+    leaves whole lines only.
 
     Raises
     ------
@@ -67,15 +108,55 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
             f"metrics record key {bad[0]!r} is {bad[1]!r}; metrics.jsonl holds finite numbers "
             "only: leave the value out (the server drops non-finite metrics)."
         )
-    line = json.dumps(record, sort_keys=False, allow_nan=False)
-    with Path(path).open("a") as fh:
-        fh.write(line + "\n")
+    line = json.dumps(_clean(record), sort_keys=False, allow_nan=False) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+class MetricsFileError(ConfigError):
+    """A ``metrics.jsonl`` that cannot be read: named, with the line and the fix."""
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl``, in order."""
-    lines = Path(path).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """All records of a ``metrics.jsonl``, in order.
+
+    Raises
+    ------
+    MetricsFileError
+        One line naming the file and the line that is not a JSON object with a
+        ``round`` (a file edited by hand, cut short, or not a metrics file at all),
+        or a file that cannot be read.
+    """
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as err:
+        raise MetricsFileError(
+            f"cannot read {str(path)!r}: {err.strerror or err}; check that the file exists "
+            "and that you may read it."
+        ) from err
+    except UnicodeDecodeError as err:
+        raise MetricsFileError(
+            f"{str(path)!r} is not UTF-8 text (byte {err.start}); it is not a metrics.jsonl "
+            "fedtune wrote: restore it from the run, or run the federation again."
+        ) from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise MetricsFileError(
+                f"{str(path)!r} line {number} is not a metrics record (a JSON object with a "
+                f"'round'): {line[:80]!r}; restore the file from the run, or delete that line."
+            )
+        records.append(record)
+    return records
 
 
 def plot_metrics(

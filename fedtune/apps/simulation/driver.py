@@ -15,12 +15,18 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.apps.simulation.hooks import ClientFailuresToLog, server_hooks
+from fedtune.apps.simulation.preflight import check_run
+from fedtune.apps.simulation.progress import CLIENTS_LOG, RunProgress
+from fedtune.apps.simulation.resume import checkpoint_round, prepare_resume
+from fedtune.apps.simulation.signals import RunStop
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
 from fedtune.run.export import export_adapter
@@ -200,28 +206,81 @@ def _restore(old: Mapping[str, str | None]) -> None:
 
 
 def simulate(
-    flat: Mapping[str, object], *, run_dir: Path | None = None, verbose: bool = False
+    flat: Mapping[str, object],
+    *,
+    run_dir: Path | None = None,
+    verbose: bool = False,
+    resume: bool = False,
+    progress: RunProgress | None = None,
 ) -> SimulationResult:
     """Run a simulated federation and write the run directory.
 
     Parameters
     ----------
     flat : Mapping[str, object]
-        Flat kebab-case config overrides (defaults fill the rest).
+        Flat kebab-case config overrides (defaults fill the rest). With ``resume``,
+        only ``num-rounds`` may be given (to extend the run).
     run_dir : Path | None
         Output directory; must not exist or be empty. Default: a new ``runs/<timestamp>``.
+        With ``resume``: the run to continue (required).
     verbose : bool
         Show Flower's and Ray's own logs.
+    resume : bool
+        Continue ``run_dir`` after its last completed round (its checkpoint), as a
+        deployed run resumes: no round is counted twice, in ``metrics.jsonl`` or in
+        the clients' privacy ledgers (a repeated release is replayed from the ledger).
+    progress : RunProgress | None
+        The live display (default: one on stderr, live when it is a terminal).
     """
-    cfg = preflight(parse_run_config(flat))
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"--run-dir {str(run_dir)!r} already exists and is not empty; choose a new one."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
-    if cfg.privacy.enabled:
+    own_progress = progress is None
+    progress = progress if progress is not None else RunProgress().__enter__()
+    try:
+        return _simulate(flat, run_dir=run_dir, verbose=verbose, resume=resume, progress=progress)
+    finally:
+        if own_progress:
+            progress.close()
+
+
+def _simulate(
+    flat: Mapping[str, object],
+    *,
+    run_dir: Path | None,
+    verbose: bool,
+    resume: bool,
+    progress: RunProgress,
+) -> SimulationResult:
+    progress.phase("checking the configuration, the data and the model")
+    first_round = 1
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs the run directory to continue.")
+        run_dir = Path(run_dir)
+        cfg = preflight(prepare_resume(flat, run_dir))
+        check_run(cfg)
+        done = checkpoint_round(run_dir)
+        if done is not None and done >= cfg.federation.num_rounds:
+            more = (
+                "a DP run keeps its num-rounds: start a new run for more"
+                if cfg.privacy.enabled
+                else f"to train more, --set num-rounds={done + 1} (or more)"
+            )
+            raise ConfigError(
+                f"--resume {str(run_dir)!r}: the run has all its {done} rounds; {more}."
+            )
+        first_round = (done or 0) + 1
+        (run_dir / "config.toml").write_text(cfg.to_toml())  # num-rounds may have grown
+    else:
+        cfg = preflight(parse_run_config(flat))
+        check_run(cfg)  # what every client would refuse, before any process starts
+        run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"--run-dir {str(run_dir)!r} already exists and is not empty; choose a new "
+                f"one, or continue it with `fedtune simulate --resume {run_dir}`."
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+    if cfg.privacy.enabled and not (resume and (run_dir / "policy.toml").exists()):
         # The simulated clients' policy (the run config's): `fedtune audit RUN_DIR` reads
         # δ and the budget from it, as from a node's STATE_DIR/policy.toml.
         from fedtune.privacy.policy import NodePolicy  # noqa: PLC0415
@@ -230,47 +289,71 @@ def simulate(
         write_policy(run_dir, NodePolicy.from_run_config(cfg))
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
     client_wiring, server_wiring = dict(wiring), dict(wiring)
+    server_wiring["resume"] = first_round > 1
     backend = get_backend(cfg.crypto.codec_name)
     secret: Path | None = None
     if backend.uses_keys:
         # The driver is the key holder of a simulated run: fresh keys per run; the
         # server side only ever gets the path of the public context.
-        keys = backend.make_keys(run_dir / "keys")
-        secret = Path(keys.secret)
+        keys_dir = run_dir / "keys"
+        if resume and (keys_dir / "secret.ctx").is_file():
+            secret, public = keys_dir / "secret.ctx", keys_dir / "public.ctx"
+        else:
+            keys = backend.make_keys(keys_dir)
+            secret, public = Path(keys.secret), Path(keys.public)
         client_wiring["secret-context"] = str(secret.resolve())
-        server_wiring["public-context"] = str(Path(keys.public).resolve())
+        server_wiring["public-context"] = str(public.resolve())
 
+    progress.phase("starting Flower's simulation engine (Ray)")
     from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
 
-    from fedtune.apps.client.app import make_client_app  # noqa: PLC0415
     from fedtune.apps.server.app import make_server_app  # noqa: PLC0415
+    from fedtune.apps.simulation.clients import observed_client_app  # noqa: PLC0415
 
+    stop = RunStop(
+        f"fedtune simulate: stopped; {run_dir} holds the last completed round. "
+        f"Continue it with: fedtune simulate --resume {run_dir}",
+        progress.say,
+        progress.mute,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="fedtune-sim-"))
     old_env = _quiet_environment(tmp)
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     quiet = _DropRunSimulationDeprecation()
+    to_log = ClientFailuresToLog(run_dir / CLIENTS_LOG)
+    server_logger = logging.getLogger("fedtune.server")
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
         flwr_logger.addFilter(quiet)
+        flwr_logger.addFilter(to_log)
+        server_logger.addFilter(to_log)
     start = time.perf_counter()
     stopped: FederationError | None = None
+    progress.phase("starting Ray; the clients load the model with their first message")
+    progress.watch(run_dir, cfg.federation.num_rounds, first_round=first_round)
     try:
-        with _flower_patches(cfg.federation.seed):
-            run_simulation(
-                server_app=make_server_app(server_wiring),
-                client_app=make_client_app(client_wiring),
-                num_supernodes=cfg.federation.num_clients,
-                backend_config=_backend_config(cfg, tmp, verbose=verbose),  # type: ignore[arg-type]
-                verbose_logging=verbose,
-            )
-    except FederationError as err:
-        stopped = err
+        with stop.installed(), server_hooks(stop, progress), _flower_patches(cfg.federation.seed):
+            try:
+                run_simulation(
+                    server_app=make_server_app(server_wiring),
+                    client_app=observed_client_app(client_wiring, run_dir),
+                    num_supernodes=cfg.federation.num_clients,
+                    backend_config=_backend_config(cfg, tmp, verbose=verbose),  # type: ignore[arg-type]
+                    verbose_logging=verbose,
+                )
+            except FederationError as err:
+                stopped = err
+            if stop.requested.is_set():  # the stop thread finishes and exits the process
+                threading.Event().wait()
     finally:
         flwr_logger.setLevel(old_level)
         flwr_logger.removeFilter(quiet)
+        flwr_logger.removeFilter(to_log)
+        server_logger.removeFilter(to_log)
         _restore(old_env)
         shutil.rmtree(tmp, ignore_errors=True)
+    progress.close()
     seconds = time.perf_counter() - start
     if stopped is not None:
         # Nothing lost: plot what ran and export the last completed round's adapter.
