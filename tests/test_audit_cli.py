@@ -387,3 +387,35 @@ def test_html_report_is_one_self_contained_page(
     assert 'src="data:image/png;base64,' in text  # the plot is embedded, even with --no-plot
     assert "<script" not in text and "http" not in text.replace("https://", "")  # offline
     assert f"report {page}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns", [80, 100, 120])
+def test_table_fits_the_terminal_and_names_every_client(
+    run_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    columns: int,
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert _audit(str(run_dir), "--no-plot", "--budget", "5") == 0
+    out, _ = capsys.readouterr()
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    for client in SIGMAS:  # whole names, not "clie…"
+        assert any(f"│ {client} " in line for line in lines)
+    assert "PRV ε decides the verdict" in out
+
+
+def test_piped_table_fits_100_columns_and_wide_shows_the_rest(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert _audit(str(run_dir), "--no-plot") == 0
+    narrow, _ = capsys.readouterr()
+    assert max(len(line) for line in narrow.splitlines()) <= 100
+    assert "RDP ε" not in narrow.split("\n└")[0]  # not a column of the narrow table
+    assert _audit(str(run_dir), "--no-plot", "--wide") == 0
+    wide, _ = capsys.readouterr()
+    header = next(line for line in wide.splitlines() if "client" in line and "┃" in line)
+    for col in ("relation", "noise", "q", "δ", "RDP ε", "PRV ε"):
+        assert col in header

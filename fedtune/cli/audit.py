@@ -160,6 +160,14 @@ def add_parser(
     parser.add_argument(
         "--json", action="store_true", help="print a machine-readable report to stdout"
     )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help=(
+            "a wider table: the relation, noise source, q, δ and RDP ε of every row "
+            "(the default table fits 100 columns and states what the rows share below it)"
+        ),
+    )
     plot = parser.add_mutually_exclusive_group()
     plot.add_argument(
         "--plot",
@@ -232,7 +240,15 @@ def _run(args: argparse.Namespace) -> int:
             notes=notes,
         )
     else:
-        view.print_table(report, path=path, files=files, budget=budget, facts=facts, plot=plot)
+        view.print_table(
+            report,
+            path=path,
+            files=files,
+            budget=budget,
+            facts=facts,
+            plot=plot,
+            wide=args.wide,
+        )
         if empirical:
             view.print_empirical(empirical)
     refuted = refutations(empirical)

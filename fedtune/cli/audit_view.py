@@ -15,6 +15,7 @@ from pathlib import Path
 from fedtune.cli.audit_empirical import worst
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
 from fedtune.config import ConfigError
+from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.audit import AuditReport
 
 __all__ = [
@@ -90,6 +91,29 @@ _VERDICT_STYLE = {
 }
 
 
+NARROW_WIDTH = 100
+"""Width of a piped table (no terminal, no ``COLUMNS``): the narrow table fits it."""
+
+WIDE_WIDTH = 160
+"""Width of a piped ``--wide`` table, so no column is squashed."""
+
+
+def _console(*, wide: bool = False):  # type: ignore[no-untyped-def]
+    """A rich console: the terminal's width, else ``COLUMNS``, else 100 (160 with --wide)."""
+    import os  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        console = Console(width=WIDE_WIDTH if wide else NARROW_WIDTH)
+    return console
+
+
+def _noise_cell(noise: str) -> str:
+    return noise if noise == "csprng" else f"[bold yellow]{noise}: not for real data[/]"
+
+
 def print_table(
     report: AuditReport,
     *,
@@ -98,40 +122,56 @@ def print_table(
     budget: Budget,
     facts: RunFacts,
     plot: Path | None,
+    wide: bool = False,
 ) -> None:
-    """Print one row per client and ledger, then the verdict, budget, δ and plot."""
-    from rich.console import Console
-    from rich.table import Table
+    """Print one row per client and ledger, then the verdict, budget, δ and plot.
 
-    console = Console()
-    if not console.is_terminal:  # piped or captured: never squash or cut the columns
-        console = Console(width=max(console.width, 160))
-    table = Table(title=f"fedtune audit: {path} ({_plural(len(files), 'ledger')})")
-    for col in ("client", "level", "relation", "noise", "rounds", "steps", "σ", "q", "δ"):
-        table.add_column(
-            col, justify="left" if col in ("client", "level", "relation", "noise") else "right"
-        )
-    for col in ("reported ε", "RDP ε", "PRV ε", "budget", "verdict"):
-        table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
+    The default table fits 100 columns (client, level, rounds, steps, σ, reported ε,
+    PRV ε, budget, verdict); what every row shares (relation, δ, noise source) is said
+    once below it. ``wide`` adds the per-row relation, noise, q, δ and RDP ε columns.
+    """
+    from rich.table import Table  # noqa: PLC0415
+
+    console = _console(wide=wide)
+    table = Table(
+        title=f"fedtune audit: {path} ({_plural(len(files), 'ledger')})",
+        title_justify="left",
+    )
+    name_width = max([len("client"), *(len(c.client) for c in report.clients)])
+    # The client name never wraps or shrinks: it is what a reader looks for.
+    table.add_column("client", no_wrap=True, min_width=name_width)
+    table.add_column("level", no_wrap=True, min_width=len("example"))
+    if wide:
+        table.add_column("relation")
+        table.add_column("noise")
+    for col in ("rounds", "steps", "σ") + (("q", "δ") if wide else ()):
+        table.add_column(col, justify="right")
+    eps_cols = ("reported ε", "RDP ε", "PRV ε") if wide else ("reported ε", "PRV ε")
+    for col in (*eps_cols, "budget"):
+        table.add_column(col, justify="right")
+    table.add_column("verdict", no_wrap=True)
     for c in report.clients:
         style = _VERDICT_STYLE.get(c.verdict, "")
-        table.add_row(
-            c.client,
-            c.level,
-            c.relation,
-            c.noise if c.noise == "csprng" else f"[bold yellow]{c.noise}: not for real data[/]",
-            str(c.rounds),
-            str(c.total_steps),
-            _values(c.noise_multipliers),
-            _values(c.sample_rates),
-            f"{c.delta:g}",
-            _eps(c.reported_epsilon),
-            _eps(c.epsilon_rdp),
-            _eps(c.epsilon_prv),
-            _eps(c.budget_epsilon),
-            f"[{style}]{c.verdict}[/]" if style else c.verdict,
-        )
+        row = [c.client, c.level]
+        if wide:
+            row += [c.relation, _noise_cell(c.noise)]
+        row += [str(c.rounds), str(c.total_steps), _values(c.noise_multipliers)]
+        if wide:
+            row += [_values(c.sample_rates), f"{c.delta:g}"]
+        row += [_eps(c.reported_epsilon)]
+        row += [_eps(c.epsilon_rdp)] if wide else []
+        row += [_eps(c.epsilon_prv), _eps(c.budget_epsilon)]
+        row.append(f"[{style}]{c.verdict}[/]" if style else c.verdict)
+        table.add_row(*row)
     console.print(table)
+    for line in _footer(report, budget=budget, facts=facts, plot=plot, wide=wide):
+        console.print(line, highlight=False, markup=False)
+
+
+def _footer(
+    report: AuditReport, *, budget: Budget, facts: RunFacts, plot: Path | None, wide: bool
+) -> list[str]:
+    """The verdict line, then what every row shares and where the numbers came from."""
     verdicts = [c.verdict for c in report.clients]
     clients = _plural(len(verdicts), "client")
     if report.ok:
@@ -147,28 +187,31 @@ def print_table(
         budget_text = f"budget NOT checked ({budget.source})"
     else:
         budget_text = f"budget ε={budget.epsilon:g} from {budget.source}"
-    tail = f"; plot {plot}" if plot is not None else ""
     delta_text = (
         f"δ={facts.delta:g} from {facts.delta_source}"
         if facts.delta is not None
         else f"δ NOT fixed ({facts.delta_source})"
     )
-    console.print(
-        f"{head}; {budget_text}; {delta_text}; tolerance {report.tolerance:g}{tail}",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
+    relations = ", ".join(sorted({c.relation for c in report.clients}))
+    noises = sorted({c.noise for c in report.clients})
+    noise_text = ", ".join(n if n == "csprng" else f"{n} (NOT for real data)" for n in noises)
+    lines = [
+        f"{head}; {budget_text}",
+        f"{delta_text}; relation {relations}; noise {noise_text}",
+        f"PRV ε decides the verdict (exact to ±{PRV_EPS_ERROR:g}; tolerance "
+        f"{report.tolerance:g}); RDP ε is a looser cross-check"
+        + ("" if wide else " (--wide or --json shows it, with q and δ per row)"),
+    ]
+    if plot is not None:
+        lines.append(f"plot {plot}")
+    return lines
 
 
 def print_empirical(empirical: dict[str, dict[str, object]]) -> None:
     """Print the canaries' lower bounds beside the claimed ε, one row per client."""
-    from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))
+    console = _console()
     table = Table(title="empirical lower bounds (one-run audit, Steinke, Nasr & Jagielski 2023)")
     for col in ("client", "canaries", "rounds", "right / guesses", "δ", "confidence"):
         table.add_column(col, justify="left" if col == "client" else "right")
