@@ -37,6 +37,7 @@ from fedtune.cli.audit_inputs import (
     run_facts,
     shared_clients,
 )
+from fedtune.cli.audit_provenance import run_settings_of
 from fedtune.config import ConfigError
 from fedtune.privacy.audit import audit_records
 
@@ -223,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         plot = args.plot or (ledger_dir / "epsilon.png" if ledger_dir is not None else None)
     if plot is not None:
-        view.plot_epsilon(ledgers, report, plot)
+        view.plot_epsilon(ledgers, report, plot, settings=run_settings_of(path) or "")
 
     for note in notes:
         print(f"fedtune audit: warning: {note}", file=sys.stderr)
@@ -261,6 +262,8 @@ def _run(args: argparse.Namespace) -> int:
             ledgers=ledgers,
             notes=notes,
             refuted=refuted,
+            budget=budget,
+            facts=facts,
         )
     for c in report.clients:
         kind = "warning" if c.verdict == "ok" else c.verdict  # ok may still note duplicates

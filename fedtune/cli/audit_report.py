@@ -14,9 +14,13 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.config import ConfigError
 from fedtune.privacy.audit import AuditReport
+
+if TYPE_CHECKING:
+    from fedtune.cli.audit_provenance import ClientFacts, Provenance
 
 __all__ = ["write_report"]
 
@@ -27,7 +31,8 @@ table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .ok { color: #11772d; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
-.note { color: #555; font-size: 0.9em; } img { max-width: 100%; border: 1px solid #ddd; }
+.note { color: #555; font-size: 0.9em; } table.prov td { max-width: 52em; }
+img { max-width: 100%; border: 1px solid #ddd; }
 """
 
 _NOT_COVERED = (
@@ -71,9 +76,17 @@ def write_report(
     plot_png: bytes | None,
     summary: str,
     notes: Sequence[str] = (),
+    provenance: Provenance | None = None,
+    client_facts: Mapping[tuple[str, str], ClientFacts] | None = None,
 ) -> None:
-    """Write the page to ``path`` (a :class:`ConfigError` names it if it cannot)."""
+    """Write the page to ``path`` (a :class:`ConfigError` names it if it cannot).
+
+    ``provenance``: the run, version, dates, budget and δ sources and the deciding
+    accountant (:func:`fedtune.cli.audit_provenance.provenance`); ``client_facts``: each
+    client's n_k, clip norm, batch size and epochs from its ledger.
+    """
     rows = []
+    facts = client_facts or {}
     clients = report.clients if report is not None else ()
     relations = sorted({c.relation for c in clients}) or ["none (no DP ledger)"]
     for c in clients:
@@ -85,6 +98,10 @@ def write_report(
             + _cell(c.level, left=True)
             + _cell(c.relation, left=True)
             + _cell(c.noise, left=True, css="" if c.noise == "csprng" else "bad")
+            + _cell(getattr(facts.get((c.client, c.level)), "num_examples", None))
+            + _cell(getattr(facts.get((c.client, c.level)), "max_grad_norm", None))
+            + _cell(getattr(facts.get((c.client, c.level)), "batch_size", None))
+            + _cell(getattr(facts.get((c.client, c.level)), "local_epochs", None))
             + _cell(c.rounds)
             + _cell(c.total_steps)
             + _cell(", ".join(f"{s:.4g}" for s in c.noise_multipliers))
@@ -109,14 +126,18 @@ def write_report(
                 "level",
                 "relation",
                 "noise",
+                "n_k",
+                "clip C",
+                "batch",
+                "epochs",
                 "rounds",
                 "steps",
                 "σ",
                 "q",
                 "δ",
                 "claimed ε",
-                "RDP ε",
-                "PRV ε",
+                "RDP ε (looser)",
+                "PRV ε (decides)",
                 "budget",
                 "empirical ε ≥",
                 "verdict",
@@ -168,6 +189,17 @@ def write_report(
         else ""
     )
     verdict_css = "ok" if summary.startswith("audit ok") else "bad"
+    prov_html = ""
+    if provenance is not None:
+        prov_html = (
+            '<h2>Provenance</h2><table class="prov">'
+            + "".join(
+                f'<tr><th class="l">{html.escape(k)}</th><td class="l">{html.escape(v)}</td></tr>'
+                for k, v in provenance.rows
+            )
+            + "</table>"
+            + "".join(f'<p class="bad">{html.escape(n)}</p>' for n in provenance.accountant_notes)
+        )
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>fedtune audit: {html.escape(str(source))}</title><style>{_STYLE}</style>"
@@ -176,8 +208,9 @@ def write_report(
         f'<p class="{verdict_css}">{html.escape(summary)}</p>'
         f"<p>Neighbouring relation declared by the ledgers: <b>{html.escape(', '.join(relations))}"
         "</b>. ε is recomputed from each ledger with two accountants (PRV and RDP) at the "
-        "run's δ.</p>"
-        "<h2>Clients</h2>"
+        "run's δ; the PRV ε decides the verdict.</p>"
+        + prov_html
+        + "<h2>Clients</h2>"
         + client_table
         + empirical_html
         + plot_html

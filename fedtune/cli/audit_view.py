@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedtune.cli.audit_empirical import worst
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
-from fedtune.config import ConfigError
+from fedtune.cli.audit_plot import plot_epsilon
 from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.audit import AuditReport
 
@@ -23,7 +23,6 @@ __all__ = [
     "print_empirical",
     "print_json",
     "print_table",
-    "plot_epsilon",
     "report_page",
     "summary_line",
 ]
@@ -270,17 +269,28 @@ def report_page(
     ledgers: Sequence[Ledger],
     notes: Sequence[str],
     refuted: Sequence[str],
+    budget: Budget | None = None,
+    facts: RunFacts | None = None,
 ) -> None:
     """Write the HTML page of ``--report`` to ``out`` (the plot embedded) and say so."""
     import tempfile  # noqa: PLC0415
 
+    from fedtune.cli.audit_provenance import (  # noqa: PLC0415
+        client_facts,
+        provenance,
+        run_settings_of,
+    )
     from fedtune.cli.audit_report import write_report  # noqa: PLC0415
 
     png: bytes | None = None
     if report is not None and ledgers:
         with tempfile.TemporaryDirectory() as tmp:
-            plot_epsilon(ledgers, report, Path(tmp) / "epsilon.png")
+            settings = run_settings_of(path) or ""
+            plot_epsilon(ledgers, report, Path(tmp) / "epsilon.png", settings=settings)
             png = (Path(tmp) / "epsilon.png").read_bytes()
+    prov = None
+    if report is not None and budget is not None and facts is not None:
+        prov = provenance(path, report=report, ledgers=ledgers, budget=budget, facts=facts)
     write_report(
         out,
         source=path,
@@ -289,63 +299,7 @@ def report_page(
         plot_png=png,
         summary=summary_line(report, refuted),
         notes=notes,
+        provenance=prov,
+        client_facts=client_facts(ledgers),
     )
     print(f"fedtune audit: report {out}", file=sys.stderr)
-
-
-def plot_epsilon(ledgers: Sequence[Ledger], report: AuditReport, path: Path) -> None:
-    """Write reported ε per round per client, final recomputed PRV ε, budget as dashes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    one_run = all(len({r.run_id for r in led.records}) == 1 for led in ledgers)
-    series: list[tuple[str, list[float], list[float]]] = []
-    for led in ledgers:
-        keys = dict.fromkeys((r.client, r.level) for r in led.records)
-        for client, level in keys:
-            recs = [r for r in led.records if (r.client, r.level) == (client, level)]
-            xs = (
-                [float(r.round) for r in recs]
-                if one_run
-                else [float(i + 1) for i in range(len(recs))]
-            )
-            ys = [r.epsilon if math.isfinite(r.epsilon) else math.nan for r in recs]
-            series.append((f"{client} ({level})", xs, ys))
-    audits = {f"{c.client} ({c.level})": c for c in report.clients}
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
-    legend = len(series) <= 12
-    for label, xs, ys in series:
-        audit = audits.get(label)
-        verdict = "" if audit is None or audit.verdict == "ok" else f" — {audit.verdict}"
-        (line,) = ax.plot(xs, ys, "o-", ms=4, label=label + verdict if legend else None)
-        if audit is not None and math.isfinite(audit.epsilon_prv):
-            ax.plot(xs[-1], audit.epsilon_prv, "x", ms=9, mew=2, color=line.get_color())
-    ax.plot([], [], "x", ms=9, mew=2, color="0.4", label="recomputed PRV ε (final)")
-    if report.budget_epsilon is not None:
-        ax.axhline(
-            report.budget_epsilon,
-            ls="--",
-            color="crimson",
-            label=f"budget ε={report.budget_epsilon:g}",
-        )
-    ax.set(
-        title=f"ε spent per client ({_plural(len(series), 'client')})",
-        xlabel="round" if one_run else "ledger record (all runs, in file order)",
-        ylabel="cumulative ε (reported)",
-    )
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")  # cumulative curves leave it empty
-    if one_run:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    except OSError as err:
-        raise ConfigError(f"cannot write the plot to {str(path)!r}: {err}") from err
-    finally:
-        plt.close(fig)
