@@ -182,7 +182,7 @@ def test_evaluate_scores_a_separate_file(
     header_only.write_text("text,label\n")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    for path, says in ((header_only, "has a header but no rows"), (empty, "cannot be read")):
+    for path, says in ((header_only, "has a header but no rows"), (empty, "is empty")):
         assert main(["evaluate", str(exported), "--data", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err
@@ -221,3 +221,13 @@ def test_export_without_key_points_to_the_runs_own_key(
     assert f"--key {str(other.secret)!r} (fingerprint {mine!r}) is not the key" in err
     assert f"was encrypted under (fingerprint {theirs!r})" in err
     assert main(["export", str(run_dir), "--key", str(keys.secret)]) == 0
+
+
+def test_examples_per_label_is_refused_with_own_data() -> None:
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="`examples-per-label` applies to the bundled WordNet"):
+        parse_run_config({"data-path": "mine.csv", "examples-per-label": 100})
+    for value in (0, 250):  # "all" and the default say nothing about own data: accepted
+        parse_run_config({"data-path": "mine.csv", "examples-per-label": value})
+    assert parse_run_config({"examples-per-label": 100}).data.examples_per_label == 100

@@ -7,6 +7,9 @@ from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
 
+EXAMPLES_PER_LABEL = 250
+"""The default ``examples-per-label``: WordNet definitions drawn per category."""
+
 __all__ = ["DataConfig", "Partitioning", "PreferencePairs"]
 
 Partitioning = Literal["iid", "dirichlet"]
@@ -40,7 +43,7 @@ class DataConfig:
     rejected_column: str = "rejected"
     preference_pairs: PreferencePairs = "usage-example"
     wordnet_dir: str = "/usr/share/wordnet"
-    examples_per_label: int = 250
+    examples_per_label: int = EXAMPLES_PER_LABEL
     max_examples: int = 0
     partitioning: Partitioning = "iid"
     dirichlet_alpha: float = 0.5
@@ -94,3 +97,12 @@ class DataConfig:
             "must be in (0, 1)",
         )
         require(self.max_seq_length >= 8, "max-seq-length", self.max_seq_length, "must be >= 8")
+        # examples-per-label draws from the bundled WordNet data; a user's own file is
+        # used whole, so a value other than the default (or 0, "all") would be ignored.
+        require(
+            not self.data_path or self.examples_per_label in (0, EXAMPLES_PER_LABEL),
+            "examples-per-label",
+            self.examples_per_label,
+            "applies to the bundled WordNet data only: with `data-path` every row of the "
+            "file is used; remove the key, or cap the data with `max-examples`",
+        )

@@ -61,6 +61,8 @@ def read_file(
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"--data {str(path)!r} does not exist.")
+    if path.is_file():
+        _check_not_empty(path)
     try:
         table = read_table(path)
     except ConfigError as err:
@@ -90,6 +92,20 @@ def read_file(
             f"--data {str(path)!r}: column {label_column!r} is empty on line(s) {empty[:5]}."
         )
     return texts, [str(v) for v in raw]
+
+
+def _check_not_empty(path: Path) -> None:
+    """One line for an empty file or a CSV of a header only (datasets' own errors are cryptic)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as err:
+        raise ConfigError(f"--data {str(path)!r} cannot be read: {err.strerror or err}") from err
+    lines = [line for line in head.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"--data {str(path)!r} is empty; expected a header line and rows.")
+    if path.suffix.lower() == ".csv" and len(lines) == 1 and len(head) < (1 << 16):
+        raise ConfigError(f"--data {str(path)!r} has a header but no rows.")
 
 
 def _model(run_dir: Path, cfg: RunConfig) -> tuple[Any, Any, Any]:
