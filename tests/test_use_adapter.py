@@ -90,9 +90,7 @@ def _run_dir(root: Path, flat: dict[str, object], *, secret: Path | None = None)
 
 
 @pytest.fixture(scope="module")
-def exported(
-    tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+def exported(tiny_model_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = _run_dir(tmp_path_factory.mktemp("plain"), _config(tiny_model_dir, toy_csv))
     assert main(["export", str(run_dir), "--base-model", str(tiny_model_dir)]) == 0
     return run_dir
