@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,22 @@ def test_printed_snippet_loads_with_stock_peft_without_missing(
     )
     capfd.readouterr()
     scope: dict[str, object] = {}
-    exec(compile(snippet, "snippet", "exec"), scope)  # noqa: S102 - the text we print
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(compile(snippet, "snippet", "exec"), scope)  # noqa: S102 - the text we print
+    finally:  # the snippet quiets transformers for the whole process: restore it
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     out, err = capfd.readouterr()
     assert "MISSING" not in out + err and "UNEXPECTED" not in out + err
+    assert "Loading weights" not in err  # no progress bar either
+    assert [str(w.message) for w in caught] == []
     model = scope["model"]
     assert model.config.id2label == dict(enumerate(LABELS))  # type: ignore[attr-defined]
     # the trained head came from the adapter, not the base's fresh one

