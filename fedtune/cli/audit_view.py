@@ -127,7 +127,8 @@ def print_table(
 
     The default table fits 100 columns (client, rounds, steps, σ, reported ε, PRV ε,
     budget, verdict, and the level when rows differ in it); what every row shares
-    (level, relation, δ, noise source) is said once below it. ``wide`` adds the per-row relation, noise, q, δ and RDP ε columns.
+    (level, relation, δ, noise source) is said once below it. ``wide`` adds the level,
+    relation, noise, q, δ and RDP ε of every row.
     """
     from rich.table import Table  # noqa: PLC0415
 
