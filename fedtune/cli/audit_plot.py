@@ -16,7 +16,7 @@ from fedtune.cli.audit_inputs import Ledger
 from fedtune.config import ConfigError
 from fedtune.privacy.audit import AuditReport
 
-__all__ = ["group_identical", "plot_epsilon"]
+__all__ = ["group_identical", "plot_epsilon", "wrap_settings"]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _LINES = ("-", "--", "-.", ":")
@@ -48,6 +48,17 @@ def group_identical(
     return [(labels, *data[key]) for key, labels in groups.items()]
 
 
+def wrap_settings(settings: str, width: int = 62) -> str:
+    """``settings`` broken at its " · " separators into lines of at most ``width``."""
+    lines: list[str] = []
+    for part in settings.split(" · "):
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " · " + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
 def _group_label(labels: Sequence[str]) -> str:
     if len(labels) == 1:
         return labels[0]
@@ -73,7 +84,7 @@ def plot_epsilon(
     audits = {f"{c.client} ({c.level})": c for c in report.clients}
     groups = group_identical(series)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
     legend = len(groups) <= 12
     for i, (labels, xs, ys) in enumerate(groups):
         bad = [
@@ -104,7 +115,7 @@ def plot_epsilon(
     n = len(series)
     title = f"ε spent per client ({n} client{'' if n == 1 else 's'}"
     title += f", {len(groups)} distinct)" if len(groups) < n else ")"
-    ax.set_title(title + (f"\n{settings}" if settings else ""), fontsize=10)
+    ax.set_title(title + ("\n" + wrap_settings(settings) if settings else ""), fontsize=9)
     ax.set(
         xlabel="round" if one_run else "ledger record (all runs, in file order)",
         ylabel="cumulative ε (reported)",

@@ -127,13 +127,16 @@ def provenance(
     reporting = sorted({r.accountant for r in records})
     rows.append(("accountant that decides", DECIDING))
     rows.append(("accountant the clients reported with", ", ".join(reporting) or "—"))
-    notes: list[str] = []
+    # Clients with the same figures share one note (4 identical clients: one line).
+    same: dict[tuple[str, str, str, str], list[str]] = {}
     limit = report.budget_epsilon
     for c in report.clients:
         if limit is not None and c.epsilon_rdp > limit >= c.epsilon_prv:
-            notes.append(
-                f"{c.client} ({c.level}): RDP ε {c.epsilon_rdp:.3f} is above the budget "
-                f"{limit:g}, PRV ε {c.epsilon_prv:.3f} is not: the verdict is "
-                f"{c.verdict!r} because PRV decides."
-            )
+            key = (c.level, f"{c.epsilon_rdp:.3f}", f"{c.epsilon_prv:.3f}", c.verdict)
+            same.setdefault(key, []).append(c.client)
+    notes = [
+        f"{', '.join(who)} ({level}): RDP ε {rdp} is above the budget {limit:g}, PRV ε "
+        f"{prv} is not: the verdict is {verdict!r} because PRV decides."
+        for (level, rdp, prv, verdict), who in same.items()
+    ]
     return Provenance(tuple(rows), tuple(notes))

@@ -308,5 +308,6 @@ def report_page(
         notes=notes,
         provenance=prov,
         client_facts=client_facts(ledgers),
+        dp_evaluation=any(r.kind == "eval" for led in ledgers for r in led.records),
     )
     print(f"fedtune audit: report {out}", file=sys.stderr)
