@@ -49,6 +49,13 @@ def base_model_name(cfg: RunConfig) -> str:
     return cfg.model.model_path
 
 
+def _labelled(cfg: RunConfig) -> bool:
+    """Whether the run's task has a classification head (and so label names)."""
+    from fedtune.tasks import get_task  # noqa: PLC0415 - the registry, no heavy import
+
+    return bool(get_task(cfg.model.task).uses_labels)
+
+
 def _model_short(cfg: RunConfig) -> str:
     return base_model_name(cfg).rstrip("/").rsplit("/", 1)[-1]
 
@@ -91,7 +98,7 @@ def loading_snippet(
 ) -> str:
     """Python that loads the adapter with stock transformers + PEFT, warning-free."""
     name = base_model or base_model_name(cfg)
-    if cfg.model.task != "classification":
+    if not _labelled(cfg):  # a generative task: no head, no labels
         return (
             "from peft import PeftModel\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -164,7 +171,7 @@ def model_card(
         "",
         f"- **Base model**: `{name}`{bundled}",
         f"- **Task**: {cfg.model.task}"
-        + (f"; labels: {', '.join(labels)}" if cfg.model.task == "classification" else ""),
+        + (f"; labels: {', '.join(labels)}" if _labelled(cfg) else ""),
         f"- **Data**: {data_summary(cfg)}",
         f"- **Training**: {cfg.train.local_epochs} local epoch(s) a round, batch "
         f"{cfg.train.batch_size}, {cfg.train.optimizer} at learning rate "

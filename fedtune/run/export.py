@@ -28,6 +28,7 @@ from fedtune.run.card import base_model_name, model_card
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
 from fedtune.secure.codec import PayloadError
+from fedtune.tasks import get_task
 
 __all__ = ["export_adapter", "load_adapter", "run_privacy", "write_adapter"]
 
@@ -81,7 +82,7 @@ def write_adapter(
     model = build_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed)
     set_adapter_vector(model, vector)
     config = getattr(model, "config", None)
-    if config is not None and cfg.model.task == "classification" and labels:
+    if config is not None and get_task(cfg.model.task).uses_labels and labels:
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
     out_dir.mkdir(parents=True, exist_ok=True)

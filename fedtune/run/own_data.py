@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import ConfigError, RunConfig, load_toml, parse_run_config
+from fedtune.tasks import get_task
 
 __all__ = ["Prediction", "load_run", "predict_texts", "read_file", "score_file"]
 
@@ -41,7 +42,7 @@ def load_run(run_dir: Path, *, command: str) -> tuple[RunConfig, list[str]]:
                 "run (or one `fedtune export` wrote the adapter of)."
             )
     cfg = parse_run_config(load_toml(run_dir / "config.toml"))
-    if cfg.model.task != "classification":
+    if not get_task(cfg.model.task).uses_labels:  # nothing to label: a generative task
         other = "`fedtune generate`" if command == "predict" else "`fedtune evaluate RUN_DIR`"
         raise ConfigError(
             f"`fedtune {command}` labels text for task = 'classification'; {str(run_dir)!r} "
