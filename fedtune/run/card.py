@@ -44,9 +44,13 @@ _BUNDLED_NOTE["preference"] = _BUNDLED_NOTE["causal-lm"]
 
 def base_model_name(cfg: RunConfig) -> str:
     """``base_model_name_or_path``: the bundled model's hub id, else ``model-path`` as set."""
-    if not cfg.model.model_path:
-        return BUNDLED_HUB_IDS.get(cfg.model.task, cfg.model.task)
-    return cfg.model.model_path
+    if cfg.model.model_path:
+        return cfg.model.model_path
+    if cfg.model.task in BUNDLED_HUB_IDS:
+        return BUNDLED_HUB_IDS[cfg.model.task]
+    from fedtune.tasks import get_task  # noqa: PLC0415 - a task registered by a user
+
+    return str(get_task(cfg.model.task).default_model_path())
 
 
 def _labelled(cfg: RunConfig) -> bool:
