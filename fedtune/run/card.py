@@ -46,8 +46,9 @@ def base_model_name(cfg: RunConfig) -> str:
     """``base_model_name_or_path``: the bundled model's hub id, else ``model-path`` as set."""
     if cfg.model.model_path:
         return cfg.model.model_path
-    if cfg.model.task in BUNDLED_HUB_IDS:
-        return BUNDLED_HUB_IDS[cfg.model.task]
+    hub_id = BUNDLED_HUB_IDS.get(cfg.model.task)
+    if hub_id is not None:
+        return hub_id
     from fedtune.tasks import get_task  # noqa: PLC0415 - a task registered by a user
 
     return str(get_task(cfg.model.task).default_model_path())
