@@ -243,3 +243,28 @@ def test_examples_per_label_is_refused_with_own_data() -> None:
     for value in (0, 250):  # "all" and the default say nothing about own data: accepted
         parse_run_config({"data-path": "mine.csv", "examples-per-label": value})
     assert parse_run_config({"examples-per-label": 100}).data.examples_per_label == 100
+
+
+def test_metrics_plot_carries_the_run_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    from fedtune.run.metrics import plot_metrics
+
+    titles: list[str] = []
+    save = Figure.savefig
+
+    def spy(self: Figure, *args: object, **kwargs: object) -> None:
+        titles.append(self.get_suptitle())
+        save(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    cfg = parse_run_config({"dp": "example", "encryption": True, "num-rounds": 3})
+    records = [{"round": 0, "eval-accuracy": 0.1}, {"round": 1, "eval-accuracy": 0.5}]
+    plot_metrics(records, tmp_path / "metrics.png", settings=run_settings(cfg))
+    assert titles == [
+        "classification · all-MiniLM-L6-v2 · 4 clients · 3 rounds · "
+        "dp example (target ε=8, δ=1e-05) · CKKS encrypted"
+    ]
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
