@@ -387,3 +387,78 @@ def test_html_report_is_one_self_contained_page(
     assert 'src="data:image/png;base64,' in text  # the plot is embedded, even with --no-plot
     assert "<script" not in text and "http" not in text.replace("https://", "")  # offline
     assert f"report {page}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns", [80, 100, 120])
+def test_table_fits_the_terminal_and_names_every_client(
+    run_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    columns: int,
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert _audit(str(run_dir), "--no-plot", "--budget", "5") == 0
+    out, _ = capsys.readouterr()
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    for client in SIGMAS:  # whole names, not "clie…"
+        assert any(f"│ {client} " in line for line in lines)
+    assert "PRV ε decides the verdict" in out
+
+
+def test_piped_table_fits_100_columns_and_wide_shows_the_rest(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert _audit(str(run_dir), "--no-plot") == 0
+    narrow, _ = capsys.readouterr()
+    assert max(len(line) for line in narrow.splitlines()) <= 100
+    assert "RDP ε" not in narrow.split("\n└")[0]  # not a column of the narrow table
+    assert _audit(str(run_dir), "--no-plot", "--wide") == 0
+    wide, _ = capsys.readouterr()
+    header = next(line for line in wide.splitlines() if "client" in line and "┃" in line)
+    for col in ("relation", "noise", "q", "δ", "RDP ε", "PRV ε"):
+        assert col in header
+
+
+def test_html_report_has_provenance_and_names_the_deciding_accountant(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtune.cli.audit_provenance import fedtune_version
+
+    (run_dir / "config.toml").write_text(
+        'model-path = ""\nnum-clients = 2\nnum-rounds = 3\ndp = "example"\n'
+        "target-epsilon = 2.0\ntarget-delta = 1e-5\n"
+    )
+    page = tmp_path / "audit.html"
+    # budget 2.4: client-1's RDP ε 2.547 is above it, its PRV ε 2.352 is not
+    assert _audit(str(run_dir), "--no-plot", "--report", str(page), "--budget", "2.4") == 0
+    text = page.read_text()
+    for row in ("report written", "fedtune version", "run id", "run settings", "budget", "δ"):
+        assert f'<th class="l">{row}</th>' in text
+    assert f'<td class="l">{fedtune_version()}</td>' in text
+    assert '<td class="l">run-a</td>' in text
+    assert "ε = 2.4, from --budget" in text
+    assert "1e-05, from target-delta in" in text
+    assert "classification · all-MiniLM-L6-v2 · 2 clients · 3 rounds · dp example" in text
+    assert "PRV ε decides every verdict" in text and "PRV ε (decides)" in text
+    assert (
+        "client-1 (example): RDP ε 2.547 is above the budget 2.4, PRV ε 2.352 is not: "
+        "the verdict is &#x27;ok&#x27; because PRV decides." in text
+    )
+    for head in ("n_k", "clip C", "batch", "epochs"):
+        assert f"<th>{head}</th>" in text
+    # client-0's row: n_k 10, C 1.0, batch 10, 1 epoch, from its ledger
+    assert '<td class="l">csprng</td><td>10</td><td>1.000</td><td>10</td><td>1</td>' in text
+    capsys.readouterr()
+
+
+def test_plot_draws_identical_clients_once_with_their_names() -> None:
+    from fedtune.cli.audit_plot import group_identical
+
+    same = [1.0, 2.0, 3.0]
+    series = [(f"client-{k} (example)", [1.0, 2.0, 3.0], list(same)) for k in range(4)]
+    series.append(("client-4 (example)", [1.0, 2.0, 3.0], [1.0, 2.5, 3.5]))
+    groups = group_identical(series)
+    assert [len(labels) for labels, _, _ in groups] == [4, 1]
+    assert groups[0][0] == [f"client-{k} (example)" for k in range(4)]

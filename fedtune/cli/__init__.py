@@ -3,11 +3,14 @@
 Modules
 -------
 dispatch          the parser of every subcommand, dispatch, and the error-to-exit-code rule
-run_commands      simulate, evaluate, keygen, export
+run_commands      simulate, evaluate, keygen, export (their parsers)
+use_commands      evaluate (also --data FILE), export (also --base-model), predict
 audit             ``fedtune audit``: its options, the steps of a run, the exit code
 audit_inputs      the ledgers, budget, δ and run config an audit reads
 audit_empirical   the canaries' empirical lower bounds on ε
-audit_view        the terminal table, the JSON report, the ε plot
+audit_view        the terminal table (100 columns; ``--wide``), the JSON report
+audit_plot        the ε plot (identical clients drawn once, named)
+audit_provenance  the HTML page's provenance: run, version, dates, sources, accountant
 audit_report      the self-contained HTML page of ``--report``
 
 ``deploy`` and ``generate`` register themselves from :mod:`fedtune.deploy.cli` and

@@ -37,6 +37,7 @@ from fedtune.cli.audit_inputs import (
     run_facts,
     shared_clients,
 )
+from fedtune.cli.audit_provenance import run_settings_of
 from fedtune.config import ConfigError
 from fedtune.privacy.audit import audit_records
 
@@ -160,6 +161,14 @@ def add_parser(
     parser.add_argument(
         "--json", action="store_true", help="print a machine-readable report to stdout"
     )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help=(
+            "a wider table: the relation, noise source, q, δ and RDP ε of every row "
+            "(the default table fits 100 columns and states what the rows share below it)"
+        ),
+    )
     plot = parser.add_mutually_exclusive_group()
     plot.add_argument(
         "--plot",
@@ -215,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         plot = args.plot or (ledger_dir / "epsilon.png" if ledger_dir is not None else None)
     if plot is not None:
-        view.plot_epsilon(ledgers, report, plot)
+        view.plot_epsilon(ledgers, report, plot, settings=run_settings_of(path) or "")
 
     for note in notes:
         print(f"fedtune audit: warning: {note}", file=sys.stderr)
@@ -232,7 +241,15 @@ def _run(args: argparse.Namespace) -> int:
             notes=notes,
         )
     else:
-        view.print_table(report, path=path, files=files, budget=budget, facts=facts, plot=plot)
+        view.print_table(
+            report,
+            path=path,
+            files=files,
+            budget=budget,
+            facts=facts,
+            plot=plot,
+            wide=args.wide,
+        )
         if empirical:
             view.print_empirical(empirical)
     refuted = refutations(empirical)
@@ -245,6 +262,8 @@ def _run(args: argparse.Namespace) -> int:
             ledgers=ledgers,
             notes=notes,
             refuted=refuted,
+            budget=budget,
+            facts=facts,
         )
     for c in report.clients:
         kind = "warning" if c.verdict == "ok" else c.verdict  # ok may still note duplicates

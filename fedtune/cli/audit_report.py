@@ -14,25 +14,39 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.config import ConfigError
 from fedtune.privacy.audit import AuditReport
 
+if TYPE_CHECKING:
+    from fedtune.cli.audit_provenance import ClientFacts, Provenance
+
 __all__ = ["write_report"]
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 80em;
+       color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
-table { border-collapse: collapse; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.85em; } td, th { white-space: nowrap; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .ok { color: #11772d; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
-.note { color: #555; font-size: 0.9em; } img { max-width: 100%; border: 1px solid #ddd; }
+.note { color: #555; font-size: 0.9em; } table.prov td { max-width: 60em; white-space: normal; }
+img { max-width: 100%; border: 1px solid #ddd; }
 """
 
-_NOT_COVERED = (
+_EVAL_PLAIN = (
     "Held-out evaluation metrics (eval-loss, eval-accuracy, their example counts) are sent "
-    "in plaintext and are not covered by ε.",
+    "in plaintext and are not covered by ε."
+)
+_EVAL_DP = (
+    "Held-out evaluation metrics were Gaussian releases (ledger records of kind 'eval') and "
+    "are counted in ε; the held-out example count is public. Records of kind 'eval-exact' "
+    "(a node's own opt-out) are exact metrics, not covered by ε."
+)
+
+_NOT_COVERED = (
     "Each client's example count n_k is public (it is the FedAvg weight): that is why ε is "
     "stated under the replace-one relation, whose neighbouring data sets have the same size.",
     "The ε bounds what the releases reveal about one example (example level) or one client "
@@ -71,9 +85,19 @@ def write_report(
     plot_png: bytes | None,
     summary: str,
     notes: Sequence[str] = (),
+    provenance: Provenance | None = None,
+    client_facts: Mapping[tuple[str, str], ClientFacts] | None = None,
+    dp_evaluation: bool = False,
 ) -> None:
-    """Write the page to ``path`` (a :class:`ConfigError` names it if it cannot)."""
+    """Write the page to ``path`` (a :class:`ConfigError` names it if it cannot).
+
+    ``provenance``: the run, version, dates, budget and δ sources and the deciding
+    accountant (:func:`fedtune.cli.audit_provenance.provenance`); ``client_facts``: each
+    client's n_k, clip norm, batch size and epochs from its ledger; ``dp_evaluation``:
+    the ledgers hold DP evaluation releases (kind ``eval``), so held-out metrics are in ε.
+    """
     rows = []
+    facts = client_facts or {}
     clients = report.clients if report is not None else ()
     relations = sorted({c.relation for c in clients}) or ["none (no DP ledger)"]
     for c in clients:
@@ -83,8 +107,11 @@ def write_report(
             "<tr>"
             + _cell(c.client, left=True)
             + _cell(c.level, left=True)
-            + _cell(c.relation, left=True)
             + _cell(c.noise, left=True, css="" if c.noise == "csprng" else "bad")
+            + _cell(getattr(facts.get((c.client, c.level)), "num_examples", None))
+            + _cell(getattr(facts.get((c.client, c.level)), "max_grad_norm", None))
+            + _cell(getattr(facts.get((c.client, c.level)), "batch_size", None))
+            + _cell(getattr(facts.get((c.client, c.level)), "local_epochs", None))
             + _cell(c.rounds)
             + _cell(c.total_steps)
             + _cell(", ".join(f"{s:.4g}" for s in c.noise_multipliers))
@@ -94,31 +121,36 @@ def write_report(
             + _cell(c.epsilon_rdp)
             + _cell(c.epsilon_prv)
             + _cell(c.budget_epsilon)
-            + _cell(None if e is None else float(e["epsilon-lower-bound"]))  # type: ignore[arg-type]
+            + (
+                _cell(None if e is None else float(e["epsilon-lower-bound"]))  # type: ignore[arg-type]
+                if empirical
+                else ""
+            )
             + _cell(c.verdict, left=True, css=verdict_css)
             + "</tr>"
         )
     client_table = (
         "<table><tr>"
         + "".join(
-            f'<th class="l">{h}</th>'
-            if h in ("client", "level", "relation", "noise")
-            else f"<th>{h}</th>"
+            f'<th class="l">{h}</th>' if h in ("client", "level", "noise") else f"<th>{h}</th>"
             for h in (
                 "client",
                 "level",
-                "relation",
                 "noise",
+                "n_k",
+                "clip C",
+                "batch",
+                "epochs",
                 "rounds",
                 "steps",
                 "σ",
                 "q",
                 "δ",
                 "claimed ε",
-                "RDP ε",
-                "PRV ε",
+                "RDP ε (looser)",
+                "PRV ε (decides)",
                 "budget",
-                "empirical ε ≥",
+                *(("empirical ε ≥",) if empirical else ()),
                 "verdict",
             )
         )
@@ -168,6 +200,17 @@ def write_report(
         else ""
     )
     verdict_css = "ok" if summary.startswith("audit ok") else "bad"
+    prov_html = ""
+    if provenance is not None:
+        prov_html = (
+            '<h2>Provenance</h2><table class="prov">'
+            + "".join(
+                f'<tr><th class="l">{html.escape(k)}</th><td class="l">{html.escape(v)}</td></tr>'
+                for k, v in provenance.rows
+            )
+            + "</table>"
+            + "".join(f'<p class="note">{html.escape(n)}</p>' for n in provenance.accountant_notes)
+        )
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>fedtune audit: {html.escape(str(source))}</title><style>{_STYLE}</style>"
@@ -176,13 +219,17 @@ def write_report(
         f'<p class="{verdict_css}">{html.escape(summary)}</p>'
         f"<p>Neighbouring relation declared by the ledgers: <b>{html.escape(', '.join(relations))}"
         "</b>. ε is recomputed from each ledger with two accountants (PRV and RDP) at the "
-        "run's δ.</p>"
-        "<h2>Clients</h2>"
+        "run's δ; the PRV ε decides the verdict.</p>"
+        + prov_html
+        + "<h2>Clients</h2>"
         + client_table
         + empirical_html
         + plot_html
         + "<h2>What ε does not cover</h2><ul>"
-        + "".join(f"<li>{html.escape(t)}</li>" for t in _NOT_COVERED)
+        + "".join(
+            f"<li>{html.escape(t)}</li>"
+            for t in (_EVAL_DP if dp_evaluation else _EVAL_PLAIN, *_NOT_COVERED)
+        )
         + "</ul>"
         + (
             "<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from fedtune.cli.audit_empirical import worst
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
-from fedtune.config import ConfigError
+from fedtune.cli.audit_plot import plot_epsilon
+from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.audit import AuditReport
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
     "print_empirical",
     "print_json",
     "print_table",
-    "plot_epsilon",
     "report_page",
     "summary_line",
 ]
@@ -76,10 +76,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _values(values: Sequence[float]) -> str:
+def _values(values: Sequence[float], fmt: str = "g") -> str:
     if len(values) <= 3:
-        return ", ".join(f"{v:g}" for v in values)
-    return f"{min(values):g}..{max(values):g} ({len(values)} values)"
+        return ", ".join(f"{v:{fmt}}" for v in values)
+    return f"{min(values):{fmt}}..{max(values):{fmt}} ({len(values)} values)"
 
 
 _VERDICT_STYLE = {
@@ -90,6 +90,29 @@ _VERDICT_STYLE = {
 }
 
 
+NARROW_WIDTH = 100
+"""Width of a piped table (no terminal, no ``COLUMNS``): the narrow table fits it."""
+
+WIDE_WIDTH = 160
+"""Width of a piped ``--wide`` table, so no column is squashed."""
+
+
+def _console(*, wide: bool = False):  # type: ignore[no-untyped-def]
+    """A rich console: the terminal's width, else ``COLUMNS``, else 100 (160 with --wide)."""
+    import os  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        console = Console(width=WIDE_WIDTH if wide else NARROW_WIDTH)
+    return console
+
+
+def _noise_cell(noise: str) -> str:
+    return noise if noise == "csprng" else f"[bold yellow]{noise}: not for real data[/]"
+
+
 def print_table(
     report: AuditReport,
     *,
@@ -98,40 +121,61 @@ def print_table(
     budget: Budget,
     facts: RunFacts,
     plot: Path | None,
+    wide: bool = False,
 ) -> None:
-    """Print one row per client and ledger, then the verdict, budget, δ and plot."""
-    from rich.console import Console
-    from rich.table import Table
+    """Print one row per client and ledger, then the verdict, budget, δ and plot.
 
-    console = Console()
-    if not console.is_terminal:  # piped or captured: never squash or cut the columns
-        console = Console(width=max(console.width, 160))
-    table = Table(title=f"fedtune audit: {path} ({_plural(len(files), 'ledger')})")
-    for col in ("client", "level", "relation", "noise", "rounds", "steps", "σ", "q", "δ"):
-        table.add_column(
-            col, justify="left" if col in ("client", "level", "relation", "noise") else "right"
-        )
-    for col in ("reported ε", "RDP ε", "PRV ε", "budget", "verdict"):
-        table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
+    The default table fits 100 columns (client, rounds, steps, σ, reported ε, PRV ε,
+    budget, verdict, and the level when rows differ in it); what every row shares
+    (level, relation, δ, noise source) is said once below it. ``wide`` adds the level,
+    relation, noise, q, δ and RDP ε of every row.
+    """
+    from rich.table import Table  # noqa: PLC0415
+
+    console = _console(wide=wide)
+    table = Table(
+        title=f"fedtune audit: {path} ({_plural(len(files), 'ledger')})",
+        title_justify="left",
+    )
+    name_width = max([len("client"), *(len(c.client) for c in report.clients)])
+    # The client name never wraps or shrinks: it is what a reader looks for.
+    table.add_column("client", no_wrap=True, min_width=name_width)
+    # One level for every row (the usual case): said once below, a column saved.
+    show_level = wide or len({c.level for c in report.clients}) > 1
+    if show_level:
+        table.add_column("level", no_wrap=True, min_width=len("example"))
+    if wide:
+        table.add_column("relation")
+        table.add_column("noise")
+    for col in ("rounds", "steps", "σ") + (("q", "δ") if wide else ()):
+        table.add_column(col, justify="right")
+    eps_cols = ("reported ε", "RDP ε", "PRV ε") if wide else ("reported ε", "PRV ε")
+    for col in (*eps_cols, "budget"):
+        table.add_column(col, justify="right")
+    table.add_column("verdict", no_wrap=True)
     for c in report.clients:
         style = _VERDICT_STYLE.get(c.verdict, "")
-        table.add_row(
-            c.client,
-            c.level,
-            c.relation,
-            c.noise if c.noise == "csprng" else f"[bold yellow]{c.noise}: not for real data[/]",
-            str(c.rounds),
-            str(c.total_steps),
-            _values(c.noise_multipliers),
-            _values(c.sample_rates),
-            f"{c.delta:g}",
-            _eps(c.reported_epsilon),
-            _eps(c.epsilon_rdp),
-            _eps(c.epsilon_prv),
-            _eps(c.budget_epsilon),
-            f"[{style}]{c.verdict}[/]" if style else c.verdict,
-        )
+        row = [c.client, c.level] if show_level else [c.client]
+        if wide:
+            row += [c.relation, _noise_cell(c.noise)]
+        sigmas = _values(c.noise_multipliers, "g" if wide else ".4g")
+        row += [str(c.rounds), str(c.total_steps), sigmas]
+        if wide:
+            row += [_values(c.sample_rates), f"{c.delta:g}"]
+        row += [_eps(c.reported_epsilon)]
+        row += [_eps(c.epsilon_rdp)] if wide else []
+        row += [_eps(c.epsilon_prv), _eps(c.budget_epsilon)]
+        row.append(f"[{style}]{c.verdict}[/]" if style else c.verdict)
+        table.add_row(*row)
     console.print(table)
+    for line in _footer(report, budget=budget, facts=facts, plot=plot, wide=wide):
+        console.print(line, highlight=False, markup=False)
+
+
+def _footer(
+    report: AuditReport, *, budget: Budget, facts: RunFacts, plot: Path | None, wide: bool
+) -> list[str]:
+    """The verdict line, then what every row shares and where the numbers came from."""
     verdicts = [c.verdict for c in report.clients]
     clients = _plural(len(verdicts), "client")
     if report.ok:
@@ -147,28 +191,33 @@ def print_table(
         budget_text = f"budget NOT checked ({budget.source})"
     else:
         budget_text = f"budget ε={budget.epsilon:g} from {budget.source}"
-    tail = f"; plot {plot}" if plot is not None else ""
     delta_text = (
         f"δ={facts.delta:g} from {facts.delta_source}"
         if facts.delta is not None
         else f"δ NOT fixed ({facts.delta_source})"
     )
-    console.print(
-        f"{head}; {budget_text}; {delta_text}; tolerance {report.tolerance:g}{tail}",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
+    relations = ", ".join(sorted({c.relation for c in report.clients}))
+    level_set = {c.level for c in report.clients}
+    levels = f"{level_set.pop()}-level DP; " if len(level_set) == 1 and not wide else ""
+    noises = sorted({c.noise for c in report.clients})
+    noise_text = ", ".join(n if n == "csprng" else f"{n} (NOT for real data)" for n in noises)
+    lines = [
+        f"{head}; {budget_text}",
+        f"{delta_text}; {levels}relation {relations}; noise {noise_text}",
+        f"PRV ε decides the verdict (exact to ±{PRV_EPS_ERROR:g}; tolerance "
+        f"{report.tolerance:g}); RDP ε is a looser cross-check"
+        + ("" if wide else " (--wide or --json shows it, with q and δ per row)"),
+    ]
+    if plot is not None:
+        lines.append(f"plot {plot}")
+    return lines
 
 
 def print_empirical(empirical: dict[str, dict[str, object]]) -> None:
     """Print the canaries' lower bounds beside the claimed ε, one row per client."""
-    from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))
+    console = _console()
     table = Table(title="empirical lower bounds (one-run audit, Steinke, Nasr & Jagielski 2023)")
     for col in ("client", "canaries", "rounds", "right / guesses", "δ", "confidence"):
         table.add_column(col, justify="left" if col == "client" else "right")
@@ -227,17 +276,28 @@ def report_page(
     ledgers: Sequence[Ledger],
     notes: Sequence[str],
     refuted: Sequence[str],
+    budget: Budget | None = None,
+    facts: RunFacts | None = None,
 ) -> None:
     """Write the HTML page of ``--report`` to ``out`` (the plot embedded) and say so."""
     import tempfile  # noqa: PLC0415
 
+    from fedtune.cli.audit_provenance import (  # noqa: PLC0415
+        client_facts,
+        provenance,
+        run_settings_of,
+    )
     from fedtune.cli.audit_report import write_report  # noqa: PLC0415
 
     png: bytes | None = None
     if report is not None and ledgers:
         with tempfile.TemporaryDirectory() as tmp:
-            plot_epsilon(ledgers, report, Path(tmp) / "epsilon.png")
+            settings = run_settings_of(path) or ""
+            plot_epsilon(ledgers, report, Path(tmp) / "epsilon.png", settings=settings)
             png = (Path(tmp) / "epsilon.png").read_bytes()
+    prov = None
+    if report is not None and budget is not None and facts is not None:
+        prov = provenance(path, report=report, ledgers=ledgers, budget=budget, facts=facts)
     write_report(
         out,
         source=path,
@@ -246,63 +306,8 @@ def report_page(
         plot_png=png,
         summary=summary_line(report, refuted),
         notes=notes,
+        provenance=prov,
+        client_facts=client_facts(ledgers),
+        dp_evaluation=any(r.kind == "eval" for led in ledgers for r in led.records),
     )
     print(f"fedtune audit: report {out}", file=sys.stderr)
-
-
-def plot_epsilon(ledgers: Sequence[Ledger], report: AuditReport, path: Path) -> None:
-    """Write reported ε per round per client, final recomputed PRV ε, budget as dashes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    one_run = all(len({r.run_id for r in led.records}) == 1 for led in ledgers)
-    series: list[tuple[str, list[float], list[float]]] = []
-    for led in ledgers:
-        keys = dict.fromkeys((r.client, r.level) for r in led.records)
-        for client, level in keys:
-            recs = [r for r in led.records if (r.client, r.level) == (client, level)]
-            xs = (
-                [float(r.round) for r in recs]
-                if one_run
-                else [float(i + 1) for i in range(len(recs))]
-            )
-            ys = [r.epsilon if math.isfinite(r.epsilon) else math.nan for r in recs]
-            series.append((f"{client} ({level})", xs, ys))
-    audits = {f"{c.client} ({c.level})": c for c in report.clients}
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
-    legend = len(series) <= 12
-    for label, xs, ys in series:
-        audit = audits.get(label)
-        verdict = "" if audit is None or audit.verdict == "ok" else f" — {audit.verdict}"
-        (line,) = ax.plot(xs, ys, "o-", ms=4, label=label + verdict if legend else None)
-        if audit is not None and math.isfinite(audit.epsilon_prv):
-            ax.plot(xs[-1], audit.epsilon_prv, "x", ms=9, mew=2, color=line.get_color())
-    ax.plot([], [], "x", ms=9, mew=2, color="0.4", label="recomputed PRV ε (final)")
-    if report.budget_epsilon is not None:
-        ax.axhline(
-            report.budget_epsilon,
-            ls="--",
-            color="crimson",
-            label=f"budget ε={report.budget_epsilon:g}",
-        )
-    ax.set(
-        title=f"ε spent per client ({_plural(len(series), 'client')})",
-        xlabel="round" if one_run else "ledger record (all runs, in file order)",
-        ylabel="cumulative ε (reported)",
-    )
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")  # cumulative curves leave it empty
-    if one_run:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    except OSError as err:
-        raise ConfigError(f"cannot write the plot to {str(path)!r}: {err}") from err
-    finally:
-        plt.close(fig)

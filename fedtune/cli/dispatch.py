@@ -9,6 +9,7 @@ audit      recompute every client's epsilon from its ledger and check budgets
 export     decrypt a run's checkpoint and write the final PEFT adapter
 deploy     run a real federation: certificates, node keys, SuperLink, SuperNodes, flwr run
 generate   answer a prompt with a causal-LM run's base model and final adapter
+predict    label new text with a classification run's base model and final adapter
 
 Exit codes
 ----------
@@ -25,7 +26,7 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
-from fedtune.cli import audit, generate, run_commands
+from fedtune.cli import audit, generate, run_commands, use_commands
 from fedtune.deploy import cli as deploy_cli
 from fedtune.errors import FederationError, FedtuneError
 
@@ -34,9 +35,9 @@ __all__ = ["build_parser", "main"]
 # Names of this module that main() looks up when it runs, so a test can replace one
 # command here (tests/test_errors.py) and still go through main()'s error handling.
 _cmd_simulate = run_commands.run_simulate
-_cmd_evaluate = run_commands.run_evaluate
+_cmd_evaluate = use_commands.run_evaluate
 _cmd_keygen = run_commands.run_keygen
-_cmd_export = run_commands.run_export
+_cmd_export = use_commands.run_export
 
 
 def _version() -> str:
@@ -59,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedtune {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run_commands.add_parsers(sub)
+    use_commands.extend_parsers(sub)  # evaluate --data, export --base-model
     audit.add_parser(sub)
     deploy_cli.add_parser(sub)
     generate.add_parser(sub)
+    use_commands.add_parser(sub)
     return parser
 
 
@@ -87,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": audit.run,
         "deploy": deploy_cli.run,
         "generate": generate.run,
+        "predict": use_commands.run_predict,
     }
     try:
         return commands[args.command](args)

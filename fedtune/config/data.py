@@ -7,6 +7,9 @@ from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
 
+EXAMPLES_PER_LABEL = 250
+"""The default ``examples-per-label``: WordNet definitions drawn per category."""
+
 __all__ = ["DataConfig", "Partitioning", "PreferencePairs"]
 
 Partitioning = Literal["iid", "dirichlet"]
@@ -78,7 +81,11 @@ class DataConfig:
         metadata={"help": "Where the Debian package `wordnet-base` put `data.noun`."},
     )
     examples_per_label: int = field(
-        default=250, metadata={"help": "WordNet definitions drawn per category (0 = all)."}
+        default=EXAMPLES_PER_LABEL,
+        metadata={
+            "help": "WordNet definitions drawn per category (0 = all); refused with "
+            "`data-path` (use `max-examples`)."
+        },
     )
     max_examples: int = field(
         default=0,
@@ -155,3 +162,12 @@ class DataConfig:
             "must be in (0, 1)",
         )
         require(self.max_seq_length >= 8, "max-seq-length", self.max_seq_length, "must be >= 8")
+        # examples-per-label draws from the bundled WordNet data; a user's own file is
+        # used whole, so a value other than the default (or 0, "all") would be ignored.
+        require(
+            not self.data_path or self.examples_per_label in (0, EXAMPLES_PER_LABEL),
+            "examples-per-label",
+            self.examples_per_label,
+            "applies to the bundled WordNet data only: with `data-path` every row of the "
+            "file is used; remove the key, or cap the data with `max-examples`",
+        )

@@ -2,8 +2,12 @@
 
 ``adapter/`` holds ``adapter_config.json`` and ``adapter_model.safetensors`` as
 written by PEFT's own ``save_pretrained`` (the classification head is saved as a
-``modules_to_save`` module), plus ``fedtune.json`` with the label names and the
-round the adapter comes from. Stock ``peft.PeftModel.from_pretrained`` loads it.
+``modules_to_save`` module), ``fedtune.json`` with the label names and the round the
+adapter comes from, and ``README.md``, a model card (:mod:`fedtune.run.card`): task,
+data, rounds, clients and each client's (ε, δ). ``base_model_name_or_path`` is a name
+``from_pretrained`` finds on another machine (:func:`fedtune.run.card.base_model_name`),
+and the base model's ``id2label`` holds the label names. Stock
+``peft.PeftModel.from_pretrained`` loads it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,21 +24,86 @@ from torch import nn
 from fedtune.aggregation import WeightedSum
 from fedtune.config import ConfigError, RunConfig
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
+from fedtune.run.card import base_model_name, model_card
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
+from fedtune.secure.codec import PayloadError
+from fedtune.tasks import get_task
+
+__all__ = ["export_adapter", "load_adapter", "run_privacy", "write_adapter"]
+
+
+def run_privacy(run_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Each client's last ledger record (ε, δ, level, relation) and its training example
+    count n_k.
+
+    Read from ``run_dir/privacy/*.jsonl`` (simulation ledgers); an unreadable ledger
+    leaves the card without its row rather than failing the export.
+    """
+    from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger  # noqa: PLC0415
+
+    privacy: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for path in sorted((run_dir / "privacy").glob("*.jsonl")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                records = PrivacyLedger(path).records()
+        except (LedgerCorruptError, OSError):
+            continue
+        for r in records:  # the last record's ε composes every earlier release
+            privacy[r.client] = {
+                "epsilon": r.epsilon,
+                "delta": r.delta,
+                "level": r.level,
+                "relation": r.relation,
+            }
+            if r.kind == "train" and r.num_examples:
+                counts[r.client] = r.num_examples
+    return dict(sorted(privacy.items())), counts
 
 
 def write_adapter(
-    out_dir: Path, cfg: RunConfig, vector: NDArray[np.floating], *, round_: int
+    out_dir: Path,
+    cfg: RunConfig,
+    vector: NDArray[np.floating],
+    *,
+    round_: int,
+    base_model: str | None = None,
+    run_dir: Path | None = None,
 ) -> Path:
-    """Build the model, load ``vector`` into its adapter and save it with PEFT."""
+    """Build the model, load ``vector`` into its adapter and save it with PEFT, plus a card.
+
+    ``base_model``: the ``base_model_name_or_path`` to write (default
+    :func:`~fedtune.run.card.base_model_name`); ``run_dir``: where the privacy ledgers
+    the card quotes live.
+    """
     labels = cfg.data.labels
     model = build_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed)
     set_adapter_vector(model, vector)
+    config = getattr(model, "config", None)
+    if config is not None and get_task(cfg.model.task).uses_labels and labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))  # type: ignore[operator]
-    meta = {"label-names": labels, "round": round_, "lora-variant": cfg.model.lora_variant}
+    name = base_model or base_model_name(cfg)
+    adapter_config = out_dir / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = name
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    meta = {
+        "label-names": labels,
+        "round": round_,
+        "lora-variant": cfg.model.lora_variant,
+        "base-model": name,
+    }
     (out_dir / "fedtune.json").write_text(json.dumps(meta, indent=1) + "\n")
+    privacy, counts = run_privacy(run_dir) if run_dir is not None else ({}, {})
+    card = model_card(
+        cfg, labels=labels, round_=round_, privacy=privacy, clients=counts, base_model=name
+    )
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
     return out_dir
 
 
@@ -49,8 +119,20 @@ def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
         return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
+def _key_hint(run_dir: Path) -> str:
+    own = run_dir / "keys" / "secret.ctx"
+    if own.is_file():
+        return f"pass --key {own} (the key this simulation made)"
+    return "pass --key with the secret.ctx from `fedtune keygen` that the clients used"
+
+
 def export_adapter(
-    run_dir: Path, cfg: RunConfig, *, secret_context: Path | None, out_dir: Path | None = None
+    run_dir: Path,
+    cfg: RunConfig,
+    *,
+    secret_context: Path | None,
+    out_dir: Path | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Decode ``run_dir/checkpoint`` (decrypting with ``secret_context`` if encrypted)
     and write the PEFT adapter to ``out_dir`` (default ``run_dir/adapter``)."""
@@ -59,9 +141,26 @@ def export_adapter(
         build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
     )
     if cfg.crypto.encryption and secret_context is None:
-        raise ConfigError(f"{str(run_dir)!r} is encrypted: pass the secret context (--key).")
+        raise ConfigError(f"{str(run_dir)!r} is encrypted: {_key_hint(run_dir)}.")
     secret = secret_context if cfg.crypto.encryption else None
     codec = run_codec(cfg.crypto.encryption_backend, length=layout.size, context=secret)
-    payload = codec.validate(checkpoint.payload, aggregate=True)
+    try:
+        payload = codec.validate(checkpoint.payload, aggregate=True)
+    except PayloadError as err:
+        found = dict(checkpoint.payload).get("fingerprint")
+        if secret is None or found == codec.fingerprint:
+            raise
+        raise ConfigError(
+            f"--key {str(secret)!r} (fingerprint {codec.fingerprint[:24]!r}) is not the key "
+            f"the checkpoint in {str(run_dir)!r} was encrypted under (fingerprint "
+            f"{str(found)[:24]!r}): {_key_hint(run_dir)}."
+        ) from err
     vector = WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
-    return write_adapter(out_dir or run_dir / "adapter", cfg, vector, round_=checkpoint.round)
+    return write_adapter(
+        out_dir or run_dir / "adapter",
+        cfg,
+        vector,
+        round_=checkpoint.round,
+        base_model=base_model,
+        run_dir=run_dir,
+    )

@@ -160,12 +160,17 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(
-    records: Sequence[Mapping[str, Any]], path: Path, *, headline: Headline | None = None
+    records: Sequence[Mapping[str, Any]],
+    path: Path,
+    *,
+    headline: Headline | None = None,
+    settings: str = "",
 ) -> None:
     """Write the task's headline metric, loss and (when present) ε per round to a PNG.
 
     ``headline``: the task's (:attr:`fedtune.tasks.base.Task.headline`); default
-    held-out accuracy.
+    held-out accuracy. ``settings``: the run in one line
+    (:func:`fedtune.run.card.run_settings`), the figure's title.
     """
     import matplotlib  # noqa: PLC0415 - plotting is optional and slow to import
 
@@ -178,7 +183,9 @@ def plot_metrics(
     key = headline.key
     has_eps = any(r.get("epsilon") is not None for r in records)
     ncols = 3 if has_eps else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), constrained_layout=True)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.7), constrained_layout=True)
+    if settings:
+        fig.suptitle(settings, fontsize=9)
     ax_acc, ax_loss = axes[0], axes[1]
     ax_acc.plot(rounds, [r.get(key, math.nan) for r in records], "o-", label="weighted")
     clients = sorted({c for r in records for c in r.get("clients", {})})

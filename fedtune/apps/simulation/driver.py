@@ -29,6 +29,7 @@ from fedtune.apps.simulation.resume import checkpoint_round, prepare_resume
 from fedtune.apps.simulation.signals import RunStop
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
+from fedtune.run.card import run_settings
 from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
@@ -368,7 +369,10 @@ def finish_run(run_dir: Path, cfg: RunConfig, *, secret_context: Path | None = N
     """Write ``metrics.png`` and, as the key holder, ``adapter/`` from the last checkpoint."""
     task = get_task(cfg.model.task)
     plot_metrics(
-        read_records(run_dir / "metrics.jsonl"), run_dir / "metrics.png", headline=task.headline
+        read_records(run_dir / "metrics.jsonl"),
+        run_dir / "metrics.png",
+        headline=task.headline,
+        settings=run_settings(cfg),
     )
     adapter = export_adapter(run_dir, cfg, secret_context=secret_context)
     task.finish_run(run_dir)
