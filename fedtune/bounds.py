@@ -40,8 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.config import ConfigError
-from fedtune.errors import FedtuneError
+from fedtune.errors import BoundError, ConfigError
 
 if TYPE_CHECKING:
     from fedtune.crypto.params import CkksParams
@@ -51,10 +50,6 @@ if TYPE_CHECKING:
 #: zero); 64 leaves room for client-level DP noise shares. The capacity check, the
 #: server's plaintext check and the key holders' check all use it.
 VALUE_BOUND = 64.0
-
-
-class BoundError(FedtuneError, ValueError):
-    """A vector leaves the range :data:`VALUE_BOUND` allows (or is not finite)."""
 
 
 def ckks_capacity(params: CkksParams) -> float:

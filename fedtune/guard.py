@@ -36,20 +36,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedtune.bounds import VALUE_BOUND, within_bound
+from fedtune.errors import GuardKeyError
 
 if TYPE_CHECKING:
     from fedtune.train.runtime import ClientRuntime
 
-__all__ = ["GuardKeyError", "MovementGuard", "load_key", "node_guard", "payload_digest"]
+__all__ = ["MovementGuard", "load_key", "node_guard", "payload_digest"]
 
 log = logging.getLogger("fedtune.client")
 
 _KEY_BYTES = 32
 _TAG_BYTES = 32
-
-
-class GuardKeyError(RuntimeError):
-    """The node's guard key exists but is not a 32-byte regular file of its own."""
 
 
 def load_key(path: Path) -> bytes:
@@ -238,7 +235,7 @@ class MovementGuard:
                 last_round,
             )
             if self.observable:
-                from fedtune.node.codes import NodeRefusal  # noqa: PLC0415
+                from fedtune.errors import NodeRefusal  # noqa: PLC0415
 
                 raise NodeRefusal("global-refused")
             # The same work as an acceptance (one signed write of the same size), so

@@ -8,15 +8,19 @@ from fedtune.errors import FederationError, FedtuneError
 
 
 def test_every_fedtune_error_class_has_the_one_root() -> None:
-    from fedtune.aggregation import AggregationError
-    from fedtune.bounds import BoundError
     from fedtune.config import ConfigError
-    from fedtune.crypto.errors import CryptoError, PayloadError
+    from fedtune.errors import (
+        AggregationError,
+        BoundError,
+        CheckpointError,
+        CryptoError,
+        LedgerConflictError,
+        LedgerCorruptError,
+        PayloadError,
+        UnsupportedLayerError,
+        WirePayloadError,
+    )
     from fedtune.model import ModelError
-    from fedtune.privacy.dpsgd import UnsupportedLayerError
-    from fedtune.privacy.ledger import LedgerConflictError, LedgerCorruptError
-    from fedtune.run.checkpoint import CheckpointError
-    from fedtune.secure.codec import PayloadError as WirePayloadError
 
     for cls in (
         AggregationError,

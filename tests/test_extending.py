@@ -143,7 +143,8 @@ class ScaledCodec:
         return {"chunks": [data], "length": self.length, "fingerprint": self.fingerprint}
 
     def validate(self, payload: object, *, aggregate: bool = False) -> dict[str, Any]:
-        from fedtune.secure.codec import PayloadError, check_common
+        from fedtune.errors import WirePayloadError as PayloadError
+        from fedtune.secure.codec import check_common
 
         checked = dict(check_common(payload, fingerprint=self.fingerprint, length=self.length))
         if [len(c) for c in checked["chunks"]] != [8 * self.length]:

@@ -298,7 +298,8 @@ def test_node_key_parents_are_private_whatever_the_umask(tmp_path: Path) -> None
 
 
 def test_write_key_file_never_follows_a_link(tmp_path: Path) -> None:
-    from fedtune.keyfiles import KeyFileExists, write_key_file
+    from fedtune.errors import KeyFileExists
+    from fedtune.keyfiles import write_key_file
 
     (tmp_path / "k").symlink_to(tmp_path / "target")
     with pytest.raises(KeyFileExists, match=r"'.*k' already exists \(a symbolic link\)"):

@@ -37,7 +37,7 @@ from fedtune.cli.audit_inputs import (
     run_facts,
     shared_clients,
 )
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import audit_records
 
 __all__ = ["add_parser", "run"]

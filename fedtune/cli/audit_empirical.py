@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
 __all__ = ["canary_dir", "empirical_bounds", "refutations", "worst"]

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
 __all__ = ["write_report"]

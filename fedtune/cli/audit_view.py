@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedtune.cli.audit_empirical import worst
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
 __all__ = [

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.tasks.causal_lm.generate import generate_answers, load_lm
 
 

@@ -13,7 +13,8 @@ import math
 import tempfile
 from pathlib import Path
 
-from fedtune.config import ConfigError, collect_overrides, describe_keys, load_toml
+from fedtune.config import collect_overrides, describe_keys, load_toml
+from fedtune.errors import ConfigError
 
 __all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
 
@@ -225,7 +226,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_keygen(args: argparse.Namespace) -> int:
     """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
     from fedtune import crypto  # noqa: PLC0415
-    from fedtune.keyfiles import KeyFileError  # noqa: PLC0415
+    from fedtune.errors import KeyFileError  # noqa: PLC0415
 
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")

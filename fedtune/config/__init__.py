@@ -21,7 +21,6 @@ checks that the Flower App defaults in ``pyproject.toml`` agree with them.
 
 from __future__ import annotations
 
-from fedtune.config._checks import ConfigError
 from fedtune.config.crypto import CryptoConfig
 from fedtune.config.data import DataConfig, Partitioning
 from fedtune.config.federation import FederationConfig, sample_size
@@ -39,6 +38,7 @@ from fedtune.config.privacy import AccountantName, DPLevel, PrivacyConfig
 from fedtune.config.run import RunConfig, toml_value
 from fedtune.config.train import Device, OptimizerName, TrainConfig
 from fedtune.config.wiring import WIRING_KEYS, Wiring, parse_node_limits, parse_wiring
+from fedtune.errors import ConfigError
 
 #: The name :mod:`fedtune.deploy` imports :func:`~fedtune.config.run.toml_value` by.
 _toml_value = toml_value

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fedtune.config._checks import ConfigError, choice, require
+from fedtune.config._checks import choice, require
+from fedtune.errors import ConfigError
 
 __all__ = ["LoraVariant", "ModelConfig"]
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedtune.config._checks import ConfigError, require
+from fedtune.config._checks import require
 from fedtune.config.crypto import CryptoConfig
 from fedtune.config.data import DataConfig
 from fedtune.config.federation import FederationConfig
 from fedtune.config.model import ModelConfig
 from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.train import TrainConfig
+from fedtune.errors import ConfigError
 
 __all__ = ["SECTION_TYPES", "RunConfig", "kebab", "toml_value"]
 

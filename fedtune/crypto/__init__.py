@@ -110,10 +110,10 @@ from fedtune.crypto.context import (
     public_context,
     save_keys,
 )
-from fedtune.crypto.errors import CryptoError, PayloadError
 from fedtune.crypto.packing import decrypt_vector, encrypt_vector, sum_encrypted
 from fedtune.crypto.params import DEFAULT_PARAMS, MAX_COEFF_MODULUS_BITS_128, CkksParams
 from fedtune.crypto.payload import EncryptedVector, validate_encrypted, validate_wire
+from fedtune.errors import CryptoError, PayloadError
 
 __all__ = [
     "DEFAULT_PARAMS",

@@ -28,10 +28,10 @@ from fedtune.crypto._seal import (
     seal_load,
     sealapi,
 )
-from fedtune.crypto.errors import CryptoError, PayloadError
 from fedtune.crypto.key_format import KeyLayout, parse_secret_key
 from fedtune.crypto.params import DEFAULT_PARAMS, CkksParams
 from fedtune.crypto.seal_format import CiphertextLayout
+from fedtune.errors import CryptoError, PayloadError
 
 __all__ = [
     "CkksContext",

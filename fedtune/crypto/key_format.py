@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.crypto.errors import PayloadError
 from fedtune.crypto.seal_format import (
     _HEADER,
     COMPR_NONE,
@@ -40,6 +39,7 @@ from fedtune.crypto.seal_format import (
     _check_header,
     _unzstd,
 )
+from fedtune.errors import PayloadError
 
 __all__ = ["KeyLayout", "parse_secret_key"]
 

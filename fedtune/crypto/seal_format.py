@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.crypto.errors import PayloadError
+from fedtune.errors import PayloadError
 
 __all__ = ["CiphertextLayout", "ParsedCiphertext", "parse_ciphertext", "serialize"]
 

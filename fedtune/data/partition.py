@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.config import ConfigError, DataConfig
+from fedtune.config import DataConfig
 from fedtune.data.memo import process_memo
 from fedtune.data.sources import LABEL, LabelledData
+from fedtune.errors import ConfigError
 
 __all__ = [
     "ClientData",

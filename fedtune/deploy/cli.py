@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import ConfigError, collect_overrides
+from fedtune.config import collect_overrides
 from fedtune.deploy.pki import MAX_DAYS
+from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedtune.deploy.roles import Launch

@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-from fedtune.config import ConfigError
 from fedtune.deploy.roles import Launch
 from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's one entry point
     RuntimeUser,
@@ -39,6 +38,7 @@ from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's
     runtime_user,
     worker_user,
 )
+from fedtune.errors import ConfigError
 from fedtune.privacy.policy import NodePolicy
 
 __all__ = [

@@ -28,9 +28,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ConfigError, _toml_value
+from fedtune.config import _toml_value
 from fedtune.deploy.guard import check_superlink_dirs
 from fedtune.deploy.pki import secret_dir
+from fedtune.errors import ConfigError
 from fedtune.ids import is_decimal, parse_decimal
 
 #: Environment every fedtune process of a deployment gets (no hub, no telemetry).

@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ConfigError, _toml_value, parse_run_config
+from fedtune.config import _toml_value, parse_run_config
 from fedtune.deploy.roles import CONNECTION, flwr_cli
+from fedtune.errors import ConfigError
 
 
 @dataclass(frozen=True)

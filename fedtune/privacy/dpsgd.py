@@ -50,22 +50,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import UnsupportedLayerError
 from fedtune.privacy._checks import check_positive, check_positive_int
 from fedtune.privacy.noise import CsprngNoise, NoiseSource
 from fedtune.privacy.optimizer import sourced_dp_optimizer
 
 __all__ = [
     "DPTraining",
-    "UnsupportedLayerError",
     "check_dp_compatible",
     "make_dp_training",
     "unwrap",
 ]
-
-
-class UnsupportedLayerError(FedtuneError, ValueError):
-    """The model cannot be trained with per-example DP-SGD as configured."""
 
 
 def check_dp_compatible(

@@ -17,7 +17,8 @@ from numpy.typing import NDArray
 from torch import nn
 
 from fedtune.aggregation import WeightedSum
-from fedtune.config import ConfigError, RunConfig
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import ConfigError, load_toml, parse_run_config
+from fedtune.config import load_toml, parse_run_config
+from fedtune.errors import ConfigError
 from fedtune.tasks import get_task
 
 if TYPE_CHECKING:

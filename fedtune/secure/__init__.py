@@ -108,7 +108,7 @@ def get_backend(name: str) -> CodecBackend:
         return _FACTORIES[name]()
     if name in (installed := _entry_points()):
         return installed[name].load()()  # type: ignore[no-any-return]
-    from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this package
+    from fedtune.errors import ConfigError  # noqa: PLC0415 - config imports this package
 
     raise ConfigError(
         f"`encryption-backend` must be one of {', '.join(backend_names())}, got {name!r}."

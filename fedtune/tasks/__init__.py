@@ -77,7 +77,7 @@ def get_task(name: str) -> Task:
         elif name in (installed := _entry_points()):
             factory = installed[name].load()
         else:
-            from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this module
+            from fedtune.errors import ConfigError  # noqa: PLC0415 - config imports this module
 
             raise ConfigError(f"`task` must be one of {', '.join(task_names())}, got {name!r}.")
         _INSTANCES[name] = factory()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.config import ConfigError, RunConfig
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError
 from fedtune.privacy.analysis import Relation
 
 __all__ = ["RELATION", "PrivacyPlan", "privacy_plan", "sampled_clients"]

@@ -189,12 +189,8 @@ class ClientRuntime:
         """
         if self.state_dir is None or state is None:
             return
-        from fedtune.run.checkpoint import (  # noqa: PLC0415
-            Checkpoint,
-            CheckpointError,
-            load_checkpoint,
-            save_checkpoint,
-        )
+        from fedtune.errors import CheckpointError
+        from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
         directory = self.state_dir / "checkpoint"
         try:
@@ -334,7 +330,7 @@ class ClientRuntime:
 
     def _train_dpsgd(self, seed: int, noise, canaries=None) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
         """One round of DP-SGD; returns the result and σ, q, steps as Opacus ran them."""
-        from fedtune.privacy import make_dp_training  # noqa: PLC0415
+        from fedtune.privacy.dpsgd import make_dp_training  # noqa: PLC0415
 
         cfg, plan = self.cfg, self.plan
         optimizer = make_optimizer(self.model, cfg.train)

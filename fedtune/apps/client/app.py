@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.errors import NodeConfigError
+
 log = logging.getLogger("fedtune.client")
 
 #: The node config Flower's simulation engine gives each simulated SuperNode.
@@ -37,10 +39,6 @@ WORKER_KEYS = frozenset({"worker", "worker-wait", "name"})
 
 #: Seconds a message waits for a (re)starting worker before the node sits the round out.
 WORKER_WAIT = 60.0
-
-
-class NodeConfigError(RuntimeError):
-    """This node's own setup is wrong (its node config); the server sees ``node-error``."""
 
 
 def simulated_node(node_config: Mapping[str, object]) -> bool:
@@ -80,7 +78,7 @@ def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
     if not wait_ready(address, timeout=wait):
         from pathlib import Path  # noqa: PLC0415
 
-        from fedtune.node.channel import WorkerUnavailable  # noqa: PLC0415
+        from fedtune.errors import WorkerUnavailable  # noqa: PLC0415
 
         state = "is not ready" if Path(address).exists() else "is not running (no socket)"
         raise WorkerUnavailable(
@@ -116,7 +114,7 @@ def _in_process(
 
 def _code(err: Exception, code_of: Callable[[BaseException], str]) -> str:
     """The fixed code an error leaves this node as (its text stays in the node's log)."""
-    from fedtune.node.channel import WorkerError, WorkerUnavailable  # noqa: PLC0415
+    from fedtune.errors import WorkerError, WorkerUnavailable  # noqa: PLC0415
 
     if isinstance(err, WorkerUnavailable):
         return "worker-unavailable"
@@ -139,7 +137,8 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     app = ClientApp()
 
     def reply(kind: str, msg: Message, context: Context) -> Message:
-        from fedtune.node.codes import NodeRefusal, code_of  # noqa: PLC0415 - no torch
+        from fedtune.errors import NodeRefusal  # noqa: PLC0415 - no torch
+        from fedtune.node.codes import code_of  # noqa: PLC0415 - no torch
 
         try:
             if config is None and not simulated_node(dict(context.node_config)):

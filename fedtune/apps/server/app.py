@@ -22,7 +22,7 @@ from rich.console import Console
 
 from fedtune import bounds
 from fedtune.apps.server.exchange import PENDING, load_pending, save_pending
-from fedtune.apps.server.strategy import FedTuneStrategy, NotEnoughClients
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.apps.server.verified import verified_exchange
 from fedtune.config import (
     WIRING_KEYS,
@@ -32,13 +32,14 @@ from fedtune.config import (
     parse_run_config,
     parse_wiring,
 )
-from fedtune.errors import FederationError
+from fedtune.errors import CheckpointError, FederationError, NotEnoughClients
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.model import adapter_layout, build_model
-from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.run.metrics import append_record, read_records
 from fedtune.secure import run_codec
 from fedtune.secure.ckks import CkksCodec
-from fedtune.secure.codec import Codec, PayloadError
+from fedtune.secure.codec import Codec
 from fedtune.tasks import get_task
 
 __all__ = [
@@ -75,7 +76,7 @@ def with_default_labels(cfg: RunConfig) -> RunConfig:
 
 def check_keys(cfg: RunConfig, wiring: Wiring) -> None:
     """Refuse an encrypted run without the server's ``public-context`` (no silent plaintext)."""
-    from fedtune.config import ConfigError  # noqa: PLC0415
+    from fedtune.errors import ConfigError  # noqa: PLC0415
     from fedtune.secure import get_backend  # noqa: PLC0415
 
     if get_backend(cfg.crypto.codec_name).uses_keys and wiring.public_context is None:

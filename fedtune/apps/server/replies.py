@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message
 
-from fedtune.secure.codec import PayloadError
+from fedtune.errors import WirePayloadError as PayloadError
 
 __all__ = [
     "LIMITS",

@@ -47,9 +47,10 @@ from fedtune.apps.server.replies import (
     stated_name,
 )
 from fedtune.config import FederationConfig, sample_size
-from fedtune.errors import FederationError
+from fedtune.errors import NotEnoughClients
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.run.metrics import weighted_mean
-from fedtune.secure.codec import Codec, PayloadError, WirePayload
+from fedtune.secure.codec import Codec, WirePayload
 from fedtune.secure.plain import PlainCodec
 from fedtune.secure.verify import Receipt, make_receipt, receipts_to_record, split_tag
 from fedtune.tasks.base import HELD_OUT_METRICS
@@ -57,10 +58,6 @@ from fedtune.tasks.base import HELD_OUT_METRICS
 __all__ = ["FedTuneStrategy", "NotEnoughClients", "RoundOutcome"]
 
 log = logging.getLogger("fedtune.server")
-
-
-class NotEnoughClients(FederationError):
-    """Fewer clients than ``min-clients`` connected or took part in a round."""
 
 
 class FedTuneStrategy(Strategy):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError, RunConfig, parse_run_config
-from fedtune.errors import FederationError
+from fedtune.config import RunConfig, parse_run_config
+from fedtune.errors import ConfigError, FederationError
 from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend

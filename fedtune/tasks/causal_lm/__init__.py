@@ -62,7 +62,7 @@ class CausalLMTask:
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, data and partitions before the run starts."""
         from fedtune import data as fdata  # noqa: PLC0415
-        from fedtune.config import ConfigError  # noqa: PLC0415
+        from fedtune.errors import ConfigError  # noqa: PLC0415
         from fedtune.model import build_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
         from fedtune.tasks.causal_lm import data as lm_data  # noqa: PLC0415
 
@@ -88,7 +88,7 @@ class CausalLMTask:
         self, cfg: RunConfig, tokenizer: Any, *, partition_id: int, num_partitions: int
     ) -> ClientDatasets:
         """Load, partition, split and tokenise one client's instruction data."""
-        from fedtune.config import ConfigError  # noqa: PLC0415
+        from fedtune.errors import ConfigError  # noqa: PLC0415
         from fedtune.tasks.causal_lm import data as lm_data  # noqa: PLC0415
 
         seed = cfg.federation.seed

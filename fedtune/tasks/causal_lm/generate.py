@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import ConfigError, RunConfig, load_toml, parse_run_config
+from fedtune.config import RunConfig, load_toml, parse_run_config
+from fedtune.errors import ConfigError
 from fedtune.tasks import get_task, task_names
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _model_error(message: str) -> Exception:
-    from fedtune.model import ModelError  # noqa: PLC0415 - avoids an import cycle
+    from fedtune.errors import ModelError  # noqa: PLC0415 - avoids an import cycle
 
     return ModelError(message)
 
@@ -173,7 +173,7 @@ def check_causal_path(cfg: ModelConfig, path: Path) -> None:
     """A local ``model-path`` must hold a causal-LM config; name the key if not."""
     import json  # noqa: PLC0415
 
-    from fedtune.config import ConfigError  # noqa: PLC0415
+    from fedtune.errors import ConfigError  # noqa: PLC0415
 
     try:
         arch = json.loads((path / "config.json").read_text()).get("architectures") or []

@@ -72,7 +72,7 @@ class PreferenceTask:
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, triples and partitions before the run starts."""
         from fedtune import data as fdata  # noqa: PLC0415
-        from fedtune.config import ConfigError  # noqa: PLC0415
+        from fedtune.errors import ConfigError  # noqa: PLC0415
         from fedtune.model import build_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
         from fedtune.tasks.preference import data as pref_data  # noqa: PLC0415
 
@@ -99,7 +99,7 @@ class PreferenceTask:
         self, cfg: RunConfig, tokenizer: Any, *, partition_id: int, num_partitions: int
     ) -> ClientDatasets:
         """Load, partition, split and encode one client's preference pairs."""
-        from fedtune.config import ConfigError  # noqa: PLC0415
+        from fedtune.errors import ConfigError  # noqa: PLC0415
         from fedtune.tasks.preference import data as pref_data  # noqa: PLC0415
 
         seed = cfg.federation.seed
