@@ -19,6 +19,7 @@ import pytest
 from numpy.typing import NDArray
 
 from fedtune.config import ConfigError, parse_run_config
+from fedtune.resolve import resolve
 from fedtune.tasks import get_task, register_task, task_names, unregister_task
 from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 from fedtune.tasks.classification import ClassificationTask, EncodedDataset
@@ -124,7 +125,7 @@ def test_a_registered_task_runs_through_the_client_without_a_branch(
 
 def test_an_unknown_task_names_every_registered_one(toy_task: str) -> None:
     with pytest.raises(ConfigError, match=r"`task` must be one of .*animal-or-not, got 'nope'"):
-        parse_run_config({"task": "nope"})
+        resolve({"task": "nope"})
 
 
 # -- a toy codec: multiply by a secret scale (additively homomorphic, NOT secure) ---------

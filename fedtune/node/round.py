@@ -47,6 +47,7 @@ from fedtune.messages import check_reply
 from fedtune.node import verified as verify
 from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.policy_file import POLICY_KEYS, load_policy
+from fedtune.resolve import resolve
 from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
 
 __all__ = [
@@ -156,7 +157,7 @@ def runtime_for(
     digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in merged.items())).encode())
     key = (digest.hexdigest(), run_id, partition_id, num_partitions, name, own_policy)
     if key not in _RUNTIMES:
-        cfg: RunConfig = parse_run_config(merged, ignore=WIRING_KEYS)
+        cfg: RunConfig = resolve(merged).config
         if deployed and cfg.privacy.seeded_noise:
             raise ConfigError(
                 "`seeded-noise` = true is for simulations only: a deployed node draws its "

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import load_toml, parse_run_config
+from fedtune.config import load_toml
 from fedtune.errors import ConfigError
+from fedtune.resolve import resolve
 from fedtune.tasks import get_task
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{str(run_dir)!r} has no {needed}; is it a finished `fedtune simulate` run?"
             )
-    cfg = parse_run_config(load_toml(run_dir / "config.toml"))
+    cfg = resolve(load_toml(run_dir / "config.toml"), wiring=False).config
     return dict(get_task(cfg.model.task).rescore(run_dir, cfg))
 
 

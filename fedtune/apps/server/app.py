@@ -25,16 +25,15 @@ from fedtune.apps.server.exchange import PENDING, load_pending, save_pending
 from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.apps.server.verified import verified_exchange
 from fedtune.config import (
-    WIRING_KEYS,
     RunConfig,
     Wiring,
     parse_node_limits,
-    parse_run_config,
     parse_wiring,
 )
 from fedtune.errors import CheckpointError, FederationError, NotEnoughClients
 from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.model import adapter_layout, build_model
+from fedtune.resolve import resolve
 from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.run.metrics import append_record, read_records
 from fedtune.secure import run_codec
@@ -337,8 +336,8 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         flat = dict(config) if config is not None else dict(context.run_config)
-        cfg = with_default_labels(parse_run_config(flat, ignore=WIRING_KEYS))
-        wiring = parse_wiring(flat)
+        resolved = resolve(flat)
+        cfg, wiring = with_default_labels(resolved.config), resolved.wiring
         check_keys(cfg, wiring)
         # Each Flower run gets its own directory unless the run config names one.
         run_dir = wiring.run_dir_for(context.run_id)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import RunConfig, parse_run_config
+from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, FederationError
+from fedtune.resolve import resolve
 from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
@@ -213,7 +214,7 @@ def simulate(
     verbose : bool
         Show Flower's and Ray's own logs.
     """
-    cfg = preflight(parse_run_config(flat))
+    cfg = preflight(resolve(flat, wiring=False).config)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
