@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the test imports fedtune.errors from this checkout
 
 
 def main() -> int:
     spec = importlib.util.spec_from_file_location("test_layout", ROOT / "tests" / "test_layout.py")
     assert spec is not None and spec.loader is not None
     layout = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = layout  # dataclasses look their module up there
     spec.loader.exec_module(layout)
     counts = layout.layout_counts()
     print(counts.summary())
