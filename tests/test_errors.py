@@ -51,12 +51,13 @@ def test_the_cli_prints_a_fedtune_error_without_a_traceback(
     code: int,
     word: str,
 ) -> None:
-    from fedtune.cli import dispatch as cli
+    from fedtune.apps.cli import main
+    from fedtune.cli import run_commands
 
     def fail(_args: object) -> int:
         raise error
 
-    monkeypatch.setattr(cli, "_cmd_evaluate", fail)
-    assert cli.main(["evaluate", "some-run"]) == code
+    monkeypatch.setattr(run_commands, "run_evaluate", fail)
+    assert main(["evaluate", "some-run"]) == code
     err = capsys.readouterr().err
     assert err == f"fedtune evaluate: {word}: {error}\n"

@@ -29,8 +29,8 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune.apps.cli import main
 from fedtune.apps.server.strategy import FedTuneStrategy
-from fedtune.cli import main
 from fedtune.secure.plain import PlainCodec
 
 ANSI_REASON = "\x1b[2J\x1b[31mFAKE: node 1 leaked\nkeys\r\x07" + "A" * (1 << 20)

@@ -3,7 +3,7 @@
 Modules
 -------
 dispatch          the parser of every subcommand, dispatch, and the error-to-exit-code rule
-run_commands      simulate, evaluate, keygen, export
+run_commands      the parsers of simulate, evaluate, keygen, export; the last three's functions
 audit             ``fedtune audit``: its options, the steps of a run, the exit code
 audit_inputs      the ledgers, budget, δ and run config an audit reads
 audit_empirical   the canaries' empirical lower bounds on ε
@@ -11,11 +11,13 @@ audit_view        the terminal table, the JSON report, the ε plot
 audit_report      the self-contained HTML page of ``--report``
 
 ``deploy`` and ``generate`` register themselves from :mod:`fedtune.deploy.cli` and
-:mod:`fedtune.cli.generate`.
+:mod:`fedtune.cli.generate`. The ``fedtune`` program is :func:`fedtune.apps.cli.main`: it
+adds ``simulate`` (:mod:`fedtune.apps.simulation.command`), which starts the simulation
+driver and so the apps, which this package does not import.
 """
 
 from __future__ import annotations
 
-from fedtune.cli.dispatch import build_parser, main
+from fedtune.cli.dispatch import build_parser
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser"]

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
-from fedtune.config import collect_overrides, describe_keys, load_toml
+from fedtune.config import describe_keys, load_toml
 from fedtune.errors import ConfigError
 from fedtune.resolve import resolve
 
-__all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
+__all__ = ["add_parsers", "output_dir", "run_evaluate", "run_export", "run_keygen"]
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -128,7 +127,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
 
 
-def _output_dir(path: Path, flag: str) -> None:
+def output_dir(path: Path, flag: str) -> None:
     """Raise a :class:`ConfigError` naming ``path`` unless it is, or can become, a
     directory this process can write in.
 
@@ -155,49 +154,6 @@ def _output_dir(path: Path, flag: str) -> None:
             f"{flag} {str(path)!r}: cannot make a directory in {str(where)!r} "
             f"({err.strerror or err})."
         ) from err
-
-
-def run_simulate(args: argparse.Namespace) -> int:
-    """Run the federation ``args`` describe and print one table row per round."""
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
-
-    from fedtune.apps.simulation.driver import simulate  # noqa: PLC0415 - imports both apps
-
-    if args.config is not None and args.config.is_dir():
-        raise ConfigError(
-            f"config {str(args.config)!r} is a directory; expected a TOML file of config keys."
-        )
-    if args.run_dir is not None:
-        _output_dir(args.run_dir, "--run-dir")
-    flat = collect_overrides(args.config, args.overrides)
-    result = simulate(flat, run_dir=args.run_dir, verbose=args.verbose)
-    console = Console()
-    table = Table(title=f"fedtune simulate: {result.run_dir}")
-    has_eps = any("epsilon" in r for r in result.records)
-    columns = ["round", "clients"]
-    # DP clients send no training statistic: no train-loss column for a DP run
-    columns += ["train-loss"] if any("train-loss" in r for r in result.records) else []
-    columns += ["eval-loss", "eval-accuracy"]
-    # The task's further held-out metrics (perplexity, reward margin), in record order.
-    shown = {"eval-loss", "eval-accuracy", "eval-examples", "eval-seconds"}
-    extra = [k for r in result.records for k in r if k.startswith("eval-") and k not in shown]
-    columns += list(dict.fromkeys(extra))
-    columns += ["epsilon"] if has_eps else []
-    for col in [*columns, "seconds"]:
-        table.add_column(col, justify="right")
-    for r in result.records:
-        row = [str(r["round"]), f"{r.get('clients-trained', '-')}"]
-        row += [_fmt(r.get(k)) for k in columns[2:]]
-        row.append(f"{r.get('round-seconds', r.get('eval-seconds', 0.0)):.1f}")
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"wall time {result.seconds:.1f} s; adapter: {result.adapter_dir}")
-    return 0
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "-"
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -231,7 +187,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
-    _output_dir(args.out, "--out")
+    output_dir(args.out, "--out")
     try:
         files = crypto.save_keys(crypto.make_secret_context(), args.out)
     except KeyFileError as err:  # a planted file or link, a directory others may write in
@@ -267,7 +223,7 @@ def run_export(args: argparse.Namespace) -> int:
         )
     if args.key is not None and not args.key.is_file():
         raise ConfigError(f"--key {str(args.key)!r} does not exist.")
-    _output_dir(args.out or args.run_dir / "adapter", "--out")
+    output_dir(args.out or args.run_dir / "adapter", "--out")
     try:
         out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
     except OSError as err:  # a race with the checks above, a full disk, an unreadable key
