@@ -220,7 +220,9 @@ def layout_counts() -> LayoutCounts:
                 counts.function_imports.append(imp)  # one per statement
             if imp.target in known and imp.target != name:
                 graph[name].add(imp.target)
-            if not name.startswith(APPS) and imp.target.startswith(APPS):
+            # A ``__main__`` module is a script (``python -m fedtune.cli``), never imported.
+            library = not name.startswith(APPS) and not name.endswith(".__main__")
+            if library and imp.target.startswith(APPS):
                 counts.app_imports.append(imp)
     counts.cycles = _cycles(graph)
     return counts
