@@ -36,7 +36,7 @@ def empirical_bounds(
     """Each canary client's ε lower bound beside its claimed ε (∞ without a ledger)."""
     if folder is None:
         return {}
-    from fedtune.privacy.canaries import load_canaries  # noqa: PLC0415
+    from fedtune.privacy.canaries import load_canaries
 
     claims = {
         c.client: c.reported_epsilon

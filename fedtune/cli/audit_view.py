@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedtune.cli.audit_empirical import worst
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
+from fedtune.cli.audit_report import write_report
 from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
@@ -163,8 +165,8 @@ def print_table(
 
 def print_empirical(empirical: dict[str, dict[str, object]]) -> None:
     """Print the canaries' lower bounds beside the claimed ε, one row per client."""
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console()
     if not console.is_terminal:
@@ -229,9 +231,6 @@ def report_page(
     refuted: Sequence[str],
 ) -> None:
     """Write the HTML page of ``--report`` to ``out`` (the plot embedded) and say so."""
-    import tempfile  # noqa: PLC0415
-
-    from fedtune.cli.audit_report import write_report  # noqa: PLC0415
 
     png: bytes | None = None
     if report is not None and ledgers:

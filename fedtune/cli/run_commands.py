@@ -12,8 +12,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from fedtune import crypto
 from fedtune.config import describe_keys, load_toml
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, KeyFileError
 from fedtune.resolve import resolve
 
 __all__ = ["add_parsers", "output_dir", "run_evaluate", "run_export", "run_keygen"]
@@ -158,7 +159,7 @@ def output_dir(path: Path, flag: str) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Re-score ``args.run_dir``'s adapter and print it beside what the run reported."""
-    from fedtune.run.rescore import evaluate_run  # noqa: PLC0415
+    from fedtune.run.rescore import evaluate_run  # torch, the task's model
 
     report = evaluate_run(args.run_dir)
     if args.json:
@@ -182,9 +183,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_keygen(args: argparse.Namespace) -> int:
     """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
-    from fedtune import crypto  # noqa: PLC0415
-    from fedtune.errors import KeyFileError  # noqa: PLC0415
-
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
     output_dir(args.out, "--out")
@@ -202,7 +200,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Decrypt (with ``args.key``) and write ``args.run_dir``'s final adapter."""
-    from fedtune.run.export import export_adapter  # noqa: PLC0415
+    from fedtune.run.export import export_adapter
 
     if not args.run_dir.exists():
         raise ConfigError(

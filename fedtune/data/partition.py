@@ -75,8 +75,8 @@ def partition_indices(
         If there are fewer examples than clients, or the Dirichlet split cannot
         give every client at least 2 examples.
     """
-    import datasets  # noqa: PLC0415
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner  # noqa: PLC0415
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     if len(labels) < 2 * num_partitions:
         raise ConfigError(

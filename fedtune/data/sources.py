@@ -190,7 +190,7 @@ def load_wordnet(cfg: DataConfig, *, seed: int) -> LabelledData:
 
 def read_table(path: Path) -> Any:
     """Load a CSV / JSONL file or a saved HF dataset as a ``datasets.Dataset``."""
-    import datasets  # noqa: PLC0415 - heavy import
+    import datasets  # heavy import
 
     if path.is_dir():
         try:

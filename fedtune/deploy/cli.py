@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import collect_overrides
+from fedtune.deploy import pki, roles, submit
 from fedtune.deploy.pki import MAX_DAYS
 from fedtune.errors import ConfigError
 
@@ -291,9 +293,6 @@ def _supervise_pair(first: Launch, second: Launch) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     """``flwr supernode register`` each key; note its node id and limit in ``nodes.toml``."""
-    import json  # noqa: PLC0415
-
-    from fedtune.deploy import roles  # noqa: PLC0415
 
     if args.max_examples is not None and args.max_examples < 1:
         raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}.")
@@ -344,8 +343,6 @@ def _register(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out ``fedtune deploy ROLE``."""
-    from fedtune.deploy import pki, roles, submit  # noqa: PLC0415
-
     if args.role == "certs":
         files = pki.make_tls(
             args.out,
@@ -386,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
             partition_id=args.partition_id,
             num_partitions=args.num_partitions,
         )
-        from fedtune.deploy.node import policy_settings, start_node  # noqa: PLC0415
+        from fedtune.deploy.node import policy_settings, start_node  # torch, the model
 
         config.update(policy_settings(args))
         return start_node(args, config)

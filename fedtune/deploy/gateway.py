@@ -322,7 +322,7 @@ def upstream_client(ca: Path) -> Callable[[], httpx.AsyncClient]:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve the gateway until SIGTERM / SIGINT."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     defaults = GatewayLimits()
     p = argparse.ArgumentParser(prog="python -m fedtune.deploy.gateway", description=__doc__)

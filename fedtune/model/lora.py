@@ -43,7 +43,7 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
         If a target module does not exist in the model (the message lists the
         linear layers the model has), or ``lora-layers`` names a block it lacks.
     """
-    from peft import LoraConfig, TaskType, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, TaskType, get_peft_model
 
     task = get_task(cfg.task)
     base = load_base_model(cfg, num_labels=num_labels, seed=seed)

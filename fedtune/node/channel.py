@@ -17,7 +17,9 @@ has imported torch and can take a message. This module imports no torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import grpc
 from flwr.app import ConfigRecord, RecordDict
@@ -201,10 +203,7 @@ def wait_ready(address: str, *, timeout: float) -> bool:
     Gives up early when the socket file is missing for :data:`GONE_SECONDS`: the worker
     was stopped (it removes its socket), not restarted.
     """
-    import time  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     path = Path(socket_target(address).removeprefix("unix:"))
     start = time.monotonic()

@@ -42,8 +42,15 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.config import WIRING_KEYS, RunConfig, parse_run_config, parse_wiring
-from fedtune.errors import ConfigError, NodeConfigKeyError, PolicyError, ServerMessageError
+from fedtune.errors import (
+    ConfigError,
+    ModelError,
+    NodeConfigKeyError,
+    PolicyError,
+    ServerMessageError,
+)
 from fedtune.messages import check_reply
+from fedtune.model.loading import model_digest
 from fedtune.node import verified as verify
 from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.policy_file import POLICY_KEYS, load_policy
@@ -205,8 +212,6 @@ def _check_model_pin(policy: NodePolicy, cfg: RunConfig) -> None:
     pin = policy.model_pin(cfg.model.model_path)
     if pin is None:
         return
-    from fedtune.errors import ModelError  # noqa: PLC0415
-    from fedtune.model.loading import model_digest  # noqa: PLC0415
 
     try:
         digest = model_digest(Path(pin.path))

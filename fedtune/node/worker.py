@@ -45,6 +45,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.ids import parse_decimal
+from fedtune.node import round as node_round
 from fedtune.node.channel import (
     CHUNK_BYTES,
     DEFAULT_MAX_ADAPTER_PARAMS,
@@ -57,6 +58,7 @@ from fedtune.node.channel import (
     encode,
     max_request_bytes,
 )
+from fedtune.node.codes import code_of
 
 __all__ = ["NodeWorker", "main", "make_server", "serve"]
 
@@ -122,9 +124,6 @@ class NodeWorker:
         (:data:`fedtune.node.codes.CODES`) as its details: the text, which may hold
         values, goes to this worker's log only.
         """
-        from fedtune.node import round as node_round  # noqa: PLC0415
-        from fedtune.node.codes import code_of  # noqa: PLC0415
-
         try:
             content = decode(data)
             message_type, run_id, run_config = _unwrap(content)
@@ -270,9 +269,6 @@ def serve(
     server.start()
     started = time.perf_counter()
     # What every round needs, loaded once: torch, transformers, peft, Opacus, TenSEAL.
-    import fedtune.node.round  # noqa: F401, PLC0415
-    import fedtune.privacy.dpsgd  # noqa: F401, PLC0415
-    import fedtune.secure.ckks  # noqa: F401, PLC0415
 
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info(

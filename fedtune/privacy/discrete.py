@@ -45,6 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedtune.privacy._checks import check_positive, check_positive_int
+from fedtune.privacy.client_level import share_std
 from fedtune.privacy.discrete_array import discrete_gaussian_array, fits_vectorised
 from fedtune.privacy.discrete_bits import (
     KeystreamRandom,
@@ -180,8 +181,6 @@ def discrete_noisy_update(
         If ``clipped`` is not finite or longer than C (clip first), or the grid would
         need integers beyond 2^53 (a ``clip_norm`` far from the update's scale).
     """
-    from fedtune.privacy.client_level import share_std  # noqa: PLC0415 - it imports noise
-
     std = share_std(
         noise_multiplier=noise_multiplier,
         clip_norm=clip_norm,

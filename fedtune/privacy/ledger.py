@@ -42,6 +42,11 @@ from fedtune.errors import LedgerConflictError, LedgerCorruptError
 from fedtune.privacy.accountant import AccountantState
 from fedtune.privacy.record import LedgerRecord
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: no lock
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "PrivacyLedger",
     "counted_for",
@@ -283,8 +288,6 @@ class PrivacyLedger:
 
 
 def _lock(fd: int) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
+    if fcntl is None:  # pragma: no cover - non-POSIX
         return
     fcntl.flock(fd, fcntl.LOCK_EX)

@@ -40,7 +40,7 @@ def write_adapter(
 
 def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
     """Base model + adapter through stock ``peft.PeftModel.from_pretrained``."""
-    from peft import PeftModel  # noqa: PLC0415
+    from peft import PeftModel
 
     labels = json.loads((adapter_dir / "fedtune.json").read_text())["label-names"]
     # Another seed for the base head on purpose: the adapter must bring its own head.

@@ -86,10 +86,10 @@ def plot_metrics(
     ``headline``: the task's (:attr:`fedtune.tasks.base.Task.headline`); default
     held-out accuracy.
     """
-    import matplotlib  # noqa: PLC0415 - plotting is optional and slow to import
+    import matplotlib  # plotting is optional and slow to import
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in records]
     if headline is None:

@@ -14,6 +14,7 @@ from fedtune.config import load_toml
 from fedtune.errors import ConfigError
 from fedtune.resolve import resolve
 from fedtune.tasks import get_task
+from fedtune.train import make_loader, select_device
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,8 +42,6 @@ def held_out_results(
 
     The partitions are rebuilt from ``cfg`` exactly as the clients built them.
     """
-    from fedtune.train import make_loader, select_device  # noqa: PLC0415
-
     device = select_device(cfg.train.device)
     results: dict[str, Any] = {}
     for pid in range(cfg.federation.num_clients):

@@ -90,7 +90,7 @@ class EvalOutcome:
 
 def state_digest(state: GlobalState | None) -> str:
     """SHA-256 (hex) of the global state evaluated, independent of its round number."""
-    from fedtune.privacy.releases import input_hash  # noqa: PLC0415
+    from fedtune.privacy.releases import input_hash
 
     return input_hash(
         server_round=0,
@@ -120,7 +120,7 @@ def evaluate_release(
         fmodel.set_adapter_vector(runtime.model, vector)
         metrics, n = _exact(runtime)
         return EvalOutcome(metrics=metrics, num_examples=n)
-    from fedtune.privacy.releases import run_nonce  # noqa: PLC0415
+    from fedtune.privacy.releases import run_nonce
 
     if runtime.privacy_dir is None:  # pragma: no cover - ClientRuntime refuses it
         raise ValueError("DP is on but the client has no directory for its privacy ledger.")
@@ -158,7 +158,7 @@ def evaluate_release(
     sigma = runtime.policy.eval_noise_multiplier
     if _over_budget(runtime, sigma):
         return _decline(runtime, DECLINE_EVAL_BUDGET)
-    from fedtune.privacy.evaluation import release_metrics  # noqa: PLC0415
+    from fedtune.privacy.evaluation import release_metrics
 
     fmodel.set_adapter_vector(runtime.model, vector)
     per_example = runtime.task.example_metrics(
@@ -186,7 +186,7 @@ def _decline(runtime: ClientRuntime, code: str) -> EvalOutcome:
 
 
 def _noise(runtime: ClientRuntime, nonce: str, digest: str) -> Any:
-    from fedtune.privacy.noise import CsprngNoise, SeededNoise  # noqa: PLC0415
+    from fedtune.privacy.noise import CsprngNoise, SeededNoise
 
     if runtime.cfg.privacy.seeded_noise:
         return SeededNoise(release_seed(runtime.cfg.federation.seed, nonce, f"eval/{digest}"))
@@ -195,7 +195,7 @@ def _noise(runtime: ClientRuntime, nonce: str, digest: str) -> Any:
 
 def _over_budget(runtime: ClientRuntime, sigma: float) -> bool:
     """Would one more evaluation release take the data's ε over the node's budget?"""
-    from fedtune.privacy import check_budget  # noqa: PLC0415
+    from fedtune.privacy import check_budget
 
     p = runtime.cfg.privacy
     check = check_budget(
@@ -222,7 +222,7 @@ def _record(
     n: int,
     sensitivity: float = 1.0,
 ) -> None:
-    from fedtune.privacy.record import LedgerRecord  # noqa: PLC0415
+    from fedtune.privacy.record import LedgerRecord
 
     p = runtime.cfg.privacy
     record = LedgerRecord(
@@ -255,7 +255,7 @@ class _Answers:
         self.path = path
 
     def _load(self) -> dict[str, dict[str, Any]]:
-        from fedtune.run.files import read_private  # noqa: PLC0415
+        from fedtune.run.files import read_private
 
         try:
             raw = read_private(self.path, _EVALS_MAX_BYTES)
@@ -279,7 +279,7 @@ class _Answers:
         return {"metrics": {str(k): float(v) for k, v in metrics.items()}, "num-examples": n}
 
     def put(self, nonce: str, digest: str, answer: Mapping[str, Any]) -> None:
-        from fedtune.run.files import write_private  # noqa: PLC0415
+        from fedtune.run.files import write_private
 
         data = self._load()
         runs = data.setdefault(nonce, {})

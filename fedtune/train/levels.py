@@ -140,9 +140,9 @@ class ClientLevel:
         K)`` with a discrete Gaussian ``K`` (:mod:`fedtune.privacy.discrete`): no
         floating-point arithmetic touches the noise (issue 26).
         """
-        from fedtune.privacy import clip_update  # noqa: PLC0415
-        from fedtune.privacy.discrete import KeystreamRandom, discrete_noisy_update  # noqa: PLC0415
-        from fedtune.privacy.noise import ChaChaNoise  # noqa: PLC0415
+        from fedtune.privacy import clip_update
+        from fedtune.privacy.discrete import KeystreamRandom, discrete_noisy_update
+        from fedtune.privacy.noise import ChaChaNoise
 
         if not isinstance(noise, ChaChaNoise):
             raise TypeError(f"client-level DP draws from a ChaChaNoise keystream, got {noise!r}.")

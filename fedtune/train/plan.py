@@ -49,7 +49,7 @@ def privacy_plan(
     server picks the clients from a seed it knows, so sampling amplifies nothing
     against it. Both under the replace-one relation (``n_k`` is public).
     """
-    from fedtune.privacy import calibrate_noise  # noqa: PLC0415
+    from fedtune.privacy import calibrate_noise
 
     p, fed = cfg.privacy, cfg.federation
     if p.dp == "example":
@@ -86,7 +86,7 @@ def _check_evaluations_fit(
     cfg: RunConfig, evaluations: list[tuple[float, float, int]], *, delta: float
 ) -> None:
     """Raise a ``ConfigError`` if the planned evaluations alone reach ``target-epsilon``."""
-    from fedtune.privacy import compute_epsilon  # noqa: PLC0415
+    from fedtune.privacy import compute_epsilon
 
     p = cfg.privacy
     eps = compute_epsilon(evaluations, delta=delta, accountant=p.accountant, relation=RELATION)

@@ -39,7 +39,7 @@ def decline(runtime: ClientRuntime, code: str, detail: str) -> TrainOutcome:
     ``detail`` says why, with its numbers, and goes to this node's own log only: the
     reply's ``info.declined`` is the fixed code, a public constant.
     """
-    from fedtune.node.codes import CODES  # noqa: PLC0415
+    from fedtune.node.codes import CODES
 
     if code not in CODES:
         raise ValueError(f"decline code {code!r} is not one of {sorted(CODES)}.")
@@ -55,7 +55,7 @@ def train_private(
     server_round: int,
     sampled_clients: int,
 ) -> TrainOutcome:
-    from fedtune.privacy.releases import (  # noqa: PLC0415
+    from fedtune.privacy.releases import (
         StoredReply,
         input_hash,
         load_reply,
@@ -168,7 +168,7 @@ def train_private(
 
 
 def _noise_source(runtime: ClientRuntime, nonce: str, digest: str):  # type: ignore[no-untyped-def]
-    from fedtune.privacy.noise import CsprngNoise, SeededNoise  # noqa: PLC0415
+    from fedtune.privacy.noise import CsprngNoise, SeededNoise
 
     if runtime.cfg.privacy.seeded_noise:
         return SeededNoise(release_seed(runtime.cfg.federation.seed, nonce, digest))
@@ -180,7 +180,7 @@ def client_canaries(runtime: ClientRuntime):  # type: ignore[no-untyped-def]
     m = runtime.cfg.privacy.audit_canaries
     if not m:
         return None
-    from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries  # noqa: PLC0415
+    from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries
 
     assert runtime.privacy_dir is not None  # a simulation always has one
     path = canary_file(runtime.privacy_dir, runtime.name)
@@ -200,7 +200,7 @@ def score_canaries(
 ) -> None:  # type: ignore[no-untyped-def]
     if canaries is None:
         return
-    from fedtune.privacy.canaries import canary_file  # noqa: PLC0415
+    from fedtune.privacy.canaries import canary_file
 
     assert runtime.privacy_dir is not None
     canaries.add_release(server_round, update)
@@ -208,7 +208,7 @@ def score_canaries(
 
 
 def _budget_refusal(runtime: ClientRuntime, server_round: int, ledger: PrivacyLedger) -> str:
-    from fedtune.privacy import check_budget  # noqa: PLC0415
+    from fedtune.privacy import check_budget
 
     p, plan, policy = runtime.cfg.privacy, runtime.plan, runtime.policy
     # The node's budget and δ (its policy), never the run config's.

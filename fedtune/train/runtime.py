@@ -95,7 +95,7 @@ class ClientRuntime:
         sets = self.datasets
         self.label_names = list(sets.label_names)
         if state_dir is not None:  # a node: its held-out rows are never trained on later
-            from fedtune.train.held_out import check_held_out  # noqa: PLC0415
+            from fedtune.train.held_out import check_held_out
 
             check_held_out(state_dir, test_set=sets.test_set, train_set=sets.train_set)
         self._num_train = len(sets.train_set)
@@ -268,7 +268,7 @@ class ClientRuntime:
         of clients trained this round (client-level DP sizes its noise share from it).
         """
         start = self.global_vector(state, server_round=server_round - 1)
-        from fedtune.train.release import (  # noqa: PLC0415 - it imports this module
+        from fedtune.train.release import (  # it imports this module
             client_canaries,
             score_canaries,
             train_private,
@@ -330,7 +330,7 @@ class ClientRuntime:
 
     def _train_dpsgd(self, seed: int, noise, canaries=None) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
         """One round of DP-SGD; returns the result and σ, q, steps as Opacus ran them."""
-        from fedtune.privacy.dpsgd import make_dp_training  # noqa: PLC0415
+        from fedtune.privacy.dpsgd import make_dp_training
 
         cfg, plan = self.cfg, self.plan
         optimizer = make_optimizer(self.model, cfg.train)
@@ -401,6 +401,6 @@ class ClientRuntime:
         noised, budget-checked, recorded in the ledger and replayed for the same state,
         or exact and recorded as unaccounted when ``policy.evaluation == "exact"``.
         """
-        from fedtune.train.eval_release import evaluate_release  # noqa: PLC0415
+        from fedtune.train.eval_release import evaluate_release
 
         return evaluate_release(self, state, server_round=server_round)

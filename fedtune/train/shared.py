@@ -114,7 +114,7 @@ class WorkerCache:
 
     def tokenizer(self, cfg: ModelConfig) -> Any:
         """The tokenizer of ``cfg``'s base model, loaded once."""
-        from fedtune import model as fmodel  # noqa: PLC0415
+        from fedtune import model as fmodel
 
         key = (cfg.task, cfg.model_path)
         if key not in self.tokenizers:
@@ -125,7 +125,7 @@ class WorkerCache:
         self, cfg: ModelConfig, *, num_labels: int, seed: int, device: torch.device
     ) -> SharedModel:
         """The LoRA model of ``cfg`` with a ``num_labels`` head, seeded, on ``device``."""
-        from fedtune import model as fmodel  # noqa: PLC0415
+        from fedtune import model as fmodel
 
         key = (cfg, num_labels, seed, str(device))
         if key not in self.models:
@@ -138,7 +138,7 @@ class WorkerCache:
 
     def codec(self, backend: str, *, length: int, context: Path | None) -> Codec:
         """A key holder's codec on ``context`` (plain without one), loaded once per file."""
-        from fedtune.secure import run_codec  # noqa: PLC0415
+        from fedtune.secure import run_codec
 
         key = (backend, length, file_stamp(context) if context is not None else None)
         if key not in self.codecs:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,14 @@ from fedtune.config import (
     parse_node_limits,
     parse_wiring,
 )
-from fedtune.errors import CheckpointError, FederationError, NotEnoughClients
+from fedtune.data import default_label_names
+from fedtune.errors import CheckpointError, ConfigError, FederationError, NotEnoughClients
 from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.model import adapter_layout, build_model
 from fedtune.resolve import resolve
 from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.run.metrics import append_record, read_records
-from fedtune.secure import run_codec
+from fedtune.secure import get_backend, run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec
 from fedtune.tasks import get_task
@@ -65,9 +67,6 @@ def with_default_labels(cfg: RunConfig) -> RunConfig:
     """
     if cfg.data.labels or not get_task(cfg.model.task).uses_labels:
         return cfg
-    from dataclasses import replace  # noqa: PLC0415
-
-    from fedtune.data import default_label_names  # noqa: PLC0415
 
     names = ",".join(default_label_names(cfg.data))
     return replace(cfg, data=replace(cfg.data, label_names=names))
@@ -75,9 +74,6 @@ def with_default_labels(cfg: RunConfig) -> RunConfig:
 
 def check_keys(cfg: RunConfig, wiring: Wiring) -> None:
     """Refuse an encrypted run without the server's ``public-context`` (no silent plaintext)."""
-    from fedtune.errors import ConfigError  # noqa: PLC0415
-    from fedtune.secure import get_backend  # noqa: PLC0415
-
     if get_backend(cfg.crypto.codec_name).uses_keys and wiring.public_context is None:
         raise ConfigError(
             "`encryption` = true needs the server's `public-context` (and the clients' "

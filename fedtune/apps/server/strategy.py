@@ -52,7 +52,13 @@ from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.run.metrics import weighted_mean
 from fedtune.secure.codec import Codec, WirePayload
 from fedtune.secure.plain import PlainCodec
-from fedtune.secure.verify import Receipt, make_receipt, receipts_to_record, split_tag
+from fedtune.secure.verify import (
+    Receipt,
+    check_resumed,
+    make_receipt,
+    receipts_to_record,
+    split_tag,
+)
 from fedtune.tasks.base import HELD_OUT_METRICS
 
 __all__ = ["FedTuneStrategy", "NotEnoughClients", "RoundOutcome"]
@@ -181,7 +187,6 @@ class FedTuneStrategy(Strategy):
         near-transparent or key-less forgery is refused here, not by every key holder.
         """
         checked = self.codec.validate(payload, aggregate=True)
-        from fedtune.secure.verify import check_resumed  # noqa: PLC0415
 
         check_resumed(self.codec, checked, num_examples, receipts or [])
         self.global_payload = checked

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -21,8 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.apps.client.app import make_client_app
+from fedtune.apps.server.app import make_server_app
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, FederationError
+from fedtune.privacy.policy import NodePolicy
+from fedtune.privacy.policy_file import write_policy
 from fedtune.resolve import resolve
 from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
@@ -75,8 +80,6 @@ def _seeded_node_ids(seed: int) -> Any:
     partitions each time it ran: the same seed did not give the same run. Used only
     while the nodes are registered.
     """
-    import random  # noqa: PLC0415
-
     rng = random.Random(f"fedtune-simulated-node-ids/{seed}")
 
     def generate(num_bytes: int, exclude: set[int] | None = None) -> int:
@@ -91,8 +94,8 @@ def _seeded_node_ids(seed: int) -> Any:
 @contextlib.contextmanager
 def _flower_patches(seed: int) -> Any:
     """For one run: :func:`_poll_pending_nodes`, and node ids from :func:`_seeded_node_ids`."""
-    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
-    from flwr.server.superlink.linkstate import in_memory_linkstate  # noqa: PLC0415
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import in_memory_linkstate
 
     original_poll = vce_api.add_messages_to_queue
     original_register = vce_api._register_nodes  # noqa: SLF001
@@ -152,7 +155,7 @@ class _DropRunSimulationDeprecation(logging.Filter):
 
 
 def _backend_config(cfg: RunConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
-    import torch  # noqa: PLC0415
+    import torch
 
     cores = os.cpu_count() or 1
     cpus = cfg.federation.client_cpus or cores
@@ -225,8 +228,6 @@ def simulate(
     if cfg.privacy.enabled:
         # The simulated clients' policy (the run config's): `fedtune audit RUN_DIR` reads
         # δ and the budget from it, as from a node's STATE_DIR/policy.toml.
-        from fedtune.privacy.policy import NodePolicy  # noqa: PLC0415
-        from fedtune.privacy.policy_file import write_policy  # noqa: PLC0415
 
         write_policy(run_dir, NodePolicy.from_run_config(cfg))
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
@@ -241,10 +242,7 @@ def simulate(
         client_wiring["secret-context"] = str(secret.resolve())
         server_wiring["public-context"] = str(Path(keys.public).resolve())
 
-    from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
-
-    from fedtune.apps.client.app import make_client_app  # noqa: PLC0415
-    from fedtune.apps.server.app import make_server_app  # noqa: PLC0415
+    from flwr.simulation import run_simulation  # heavy, Flower-only
 
     tmp = Path(tempfile.mkdtemp(prefix="fedtune-sim-"))
     old_env = _quiet_environment(tmp)
