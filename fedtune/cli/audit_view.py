@@ -231,7 +231,6 @@ def report_page(
     refuted: Sequence[str],
 ) -> None:
     """Write the HTML page of ``--report`` to ``out`` (the plot embedded) and say so."""
-
     png: bytes | None = None
     if report is not None and ledgers:
         with tempfile.TemporaryDirectory() as tmp:

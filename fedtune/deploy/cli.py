@@ -293,7 +293,6 @@ def _supervise_pair(first: Launch, second: Launch) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     """``flwr supernode register`` each key; note its node id and limit in ``nodes.toml``."""
-
     if args.max_examples is not None and args.max_examples < 1:
         raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}.")
     status = 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
+from fedtune.privacy import calibrate_noise, compute_epsilon
 from fedtune.privacy.analysis import Relation
 
 __all__ = ["RELATION", "PrivacyPlan", "privacy_plan", "sampled_clients"]
@@ -49,8 +50,6 @@ def privacy_plan(
     server picks the clients from a seed it knows, so sampling amplifies nothing
     against it. Both under the replace-one relation (``n_k`` is public).
     """
-    from fedtune.privacy import calibrate_noise
-
     p, fed = cfg.privacy, cfg.federation
     if p.dp == "example":
         q = min(1.0, cfg.train.batch_size / num_train_examples)
@@ -86,8 +85,6 @@ def _check_evaluations_fit(
     cfg: RunConfig, evaluations: list[tuple[float, float, int]], *, delta: float
 ) -> None:
     """Raise a ``ConfigError`` if the planned evaluations alone reach ``target-epsilon``."""
-    from fedtune.privacy import compute_epsilon
-
     p = cfg.privacy
     eps = compute_epsilon(evaluations, delta=delta, accountant=p.accountant, relation=RELATION)
     if eps >= p.target_epsilon:

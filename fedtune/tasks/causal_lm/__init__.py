@@ -125,7 +125,6 @@ class CausalLMTask:
         is ``exp`` of the example-weighted mean loss (a weighted geometric mean of the
         clients' perplexities).
         """
-
         for part in [record, *record.get("clients", {}).values()]:
             loss = part.get("eval-loss")
             if isinstance(loss, (int, float)) and math.isfinite(loss):

@@ -170,7 +170,6 @@ def load_causal_model(path: Path, *, seed: int) -> nn.Module:
 
 def check_causal_path(cfg: ModelConfig, path: Path) -> None:
     """A local ``model-path`` must hold a causal-LM config; name the key if not."""
-
     try:
         arch = json.loads((path / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError) as err:
