@@ -45,7 +45,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.ids import parse_decimal
-from fedtune.node import round as node_round
 from fedtune.node.channel import (
     CHUNK_BYTES,
     DEFAULT_MAX_ADAPTER_PARAMS,
@@ -124,6 +123,8 @@ class NodeWorker:
         (:data:`fedtune.node.codes.CODES`) as its details: the text, which may hold
         values, goes to this worker's log only.
         """
+        from fedtune.node import round as node_round  # loaded by serve() once bound
+
         try:
             content = decode(data)
             message_type, run_id, run_config = _unwrap(content)
@@ -268,7 +269,11 @@ def serve(
         _drop_to(user)
     server.start()
     started = time.perf_counter()
-    # What every round needs, loaded once: torch, transformers, peft, Opacus, TenSEAL.
+    # What every round needs, loaded once the socket is bound (a SuperNode waits for the
+    # socket): torch, transformers, peft, Opacus, TenSEAL.
+    import fedtune.node.round  # noqa: F401
+    import fedtune.privacy.dpsgd  # noqa: F401
+    import fedtune.secure.ckks  # noqa: F401
 
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info(
