@@ -3,7 +3,7 @@
 CKKS stores every value as ``round(x * Delta) mod q``: a sum beyond the usable
 range (:attr:`fedtune.crypto.CkksParams.max_abs_value`, ``2 ** 24`` with the
 default parameters) wraps around the modulus and decrypts to garbage that looks
-like any other number. Measured with the old cap of 1e7 examples per client: four
+like any other number. Measured with a cap of 1e7 examples per client: four
 honest clients with ``n_k = 1e7`` and ``w = 0.9`` sum to 3.6e7 per coordinate, past
 the true half-modulus ``q / (2 Delta)`` (about 3.4e7), and the key holders
 decrypt a mean of -0.78 instead of 0.9.

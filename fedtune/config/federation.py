@@ -39,7 +39,7 @@ class FederationConfig:
     shipped federation (the Dirichlet split of ``simulations/noniid.toml`` has sizes
     195 to 485; the silos are equal).
 
-    ``max-step-factor`` is accepted for old run configs and no longer used: key holders
+    ``max-step-factor`` is accepted and not used (a run config may still set it): key holders
     bound each decrypted global's movement from the configuration
     (:mod:`fedtune.movement`, :mod:`fedtune.guard`), scaled by the node policy's
     ``max-step-slack``, which a run config cannot loosen or switch off.

@@ -80,7 +80,7 @@ def max_request_bytes(max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS) -> i
     return max_adapter_params * WIRE_BYTES_PER_PARAM + RECORD_SLACK_BYTES
 
 
-#: The largest request or reply by default (269 MB; it was 512 MiB, Flower's own limit).
+#: The largest request or reply by default (269 MB; Flower's own limit is 512 MiB).
 MAX_MESSAGE_BYTES = max_request_bytes()
 
 #: Record names the ClientApp adds to the server's content (the worker removes them).
