@@ -16,7 +16,9 @@ def test_every_fedtune_error_class_has_the_one_root() -> None:
         CryptoError,
         LedgerConflictError,
         LedgerCorruptError,
+        NodeConfigKeyError,
         PayloadError,
+        ServerMessageError,
         UnsupportedLayerError,
         WirePayloadError,
     )
@@ -35,9 +37,17 @@ def test_every_fedtune_error_class_has_the_one_root() -> None:
         LedgerConflictError,
         LedgerCorruptError,
         FederationError,
+        NodeConfigKeyError,
+        ServerMessageError,
     ):
         assert issubclass(cls, FedtuneError), cls
     assert issubclass(ConfigError, ValueError) and issubclass(FederationError, RuntimeError)
+    # A node's own node-config key and a malformed server message are ValueErrors: the
+    # node answers ``bad-request`` for both (fedtune.node.codes.code_of).
+    from fedtune.node.codes import code_of
+
+    assert code_of(NodeConfigKeyError("`state-dir`")) == "bad-request"
+    assert code_of(ServerMessageError("no 'config' record")) == "bad-request"
 
 
 @pytest.mark.parametrize(
