@@ -140,12 +140,13 @@ class LayoutCounts:
     cycles: list[list[str]] = field(default_factory=list)
     function_imports: list[Import] = field(default_factory=list)
     app_imports: list[Import] = field(default_factory=list)
+    lazy_edges: list[Import] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"import cycles: {len(self.cycles)}; imports inside functions outside "
-            f"LAZY_ALLOWED: {len(self.function_imports)}; library imports of an app: "
-            f"{len(self.app_imports)}"
+            f"LAZY_ALLOWED and LAZY_EDGES: {len(self.function_imports)} (in LAZY_EDGES: "
+            f"{len(self.lazy_edges)}); library imports of an app: {len(self.app_imports)}"
         )
 
     def details(self) -> list[str]:
@@ -224,6 +225,13 @@ def layout_counts() -> LayoutCounts:
             top = imp.target.split(".")[0]
             seen = {(i.module, i.line) for i in counts.function_imports}
             lazy = top in LAZY_ALLOWED or (name, imp.target) in LAZY_EDGES
+            counted = {(i.module, i.line) for i in counts.lazy_edges}
+            if (
+                imp.in_function
+                and (name, imp.target) in LAZY_EDGES
+                and (name, imp.line) not in counted
+            ):
+                counts.lazy_edges.append(imp)
             if imp.in_function and not lazy and (name, imp.line) not in seen:
                 counts.function_imports.append(imp)  # one per statement
             if imp.target in known and imp.target != name:
