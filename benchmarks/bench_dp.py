@@ -46,7 +46,7 @@ def main() -> None:
     from fedtune import model as fmodel
     from fedtune.config import DataConfig, ModelConfig
     from fedtune.data.collate import pad_collate
-    from fedtune.privacy import make_dp_training
+    from fedtune.privacy.dpsgd import make_dp_training
     from fedtune.privacy.noise import CsprngNoise
     from fedtune.tasks.classification import EncodedDataset
     from fedtune.train import make_loader, select_device

@@ -44,7 +44,7 @@ def main() -> None:
     from fedtune import data as fdata
     from fedtune import model as fmodel
     from fedtune.config import DataConfig, ModelConfig
-    from fedtune.privacy import make_dp_training
+    from fedtune.privacy.dpsgd import make_dp_training
     from fedtune.privacy.noise import SeededNoise
     from fedtune.tasks.classification import EncodedDataset
 

@@ -24,11 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.errors import FedtuneError
-
-
-class AggregationError(FedtuneError, ValueError):
-    """Updates cannot be combined (wrong shapes or counts)."""
+from fedtune.errors import AggregationError
 
 
 @dataclass(frozen=True)

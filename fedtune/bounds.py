@@ -3,7 +3,7 @@
 CKKS stores every value as ``round(x * Delta) mod q``: a sum beyond the usable
 range (:attr:`fedtune.crypto.CkksParams.max_abs_value`, ``2 ** 24`` with the
 default parameters) wraps around the modulus and decrypts to garbage that looks
-like any other number. Measured with the old cap of 1e7 examples per client: four
+like any other number. Measured with a cap of 1e7 examples per client: four
 honest clients with ``n_k = 1e7`` and ``w = 0.9`` sum to 3.6e7 per coordinate, past
 the true half-modulus ``q / (2 Delta)`` (about 3.4e7), and the key holders
 decrypt a mean of -0.78 instead of 0.9.
@@ -40,8 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.config import ConfigError
-from fedtune.errors import FedtuneError
+from fedtune.errors import BoundError, ConfigError
 
 if TYPE_CHECKING:
     from fedtune.crypto.params import CkksParams
@@ -51,10 +50,6 @@ if TYPE_CHECKING:
 #: zero); 64 leaves room for client-level DP noise shares. The capacity check, the
 #: server's plaintext check and the key holders' check all use it.
 VALUE_BOUND = 64.0
-
-
-class BoundError(FedtuneError, ValueError):
-    """A vector leaves the range :data:`VALUE_BOUND` allows (or is not finite)."""
 
 
 def ckks_capacity(params: CkksParams) -> float:

@@ -36,20 +36,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedtune.bounds import VALUE_BOUND, within_bound
+from fedtune.errors import GuardKeyError, NodeRefusal
+from fedtune.movement import round_bound
 
 if TYPE_CHECKING:
     from fedtune.train.runtime import ClientRuntime
 
-__all__ = ["GuardKeyError", "MovementGuard", "load_key", "node_guard", "payload_digest"]
+__all__ = ["MovementGuard", "load_key", "node_guard", "payload_digest"]
 
 log = logging.getLogger("fedtune.client")
 
 _KEY_BYTES = 32
 _TAG_BYTES = 32
-
-
-class GuardKeyError(RuntimeError):
-    """The node's guard key exists but is not a 32-byte regular file of its own."""
 
 
 def load_key(path: Path) -> bytes:
@@ -238,8 +236,6 @@ class MovementGuard:
                 last_round,
             )
             if self.observable:
-                from fedtune.node.codes import NodeRefusal  # noqa: PLC0415
-
                 raise NodeRefusal("global-refused")
             # The same work as an acceptance (one signed write of the same size), so
             # that the time a reply takes says nothing about which path ran.
@@ -277,8 +273,6 @@ def node_guard(runtime: ClientRuntime, *, directory: Path | None) -> MovementGua
     """A client's guard: :func:`fedtune.movement.round_bound` of its config and data, times
     its policy's ``max-step-slack``; state in ``directory`` (``STATE_DIR`` on a node, the
     privacy directory in simulation, with the client's name as prefix) or in memory."""
-    from fedtune.movement import round_bound  # noqa: PLC0415
-
     cfg = runtime.cfg
     bound = round_bound(
         cfg,

@@ -25,12 +25,12 @@ import secrets
 import stat
 from pathlib import Path
 
+from fedtune.errors import KeyFileError, KeyFileExists
+
 __all__ = [
     "PRIVATE_MODE",
     "PUBLIC_MODE",
     "SECRET_DIR_MODE",
-    "KeyFileError",
-    "KeyFileExists",
     "private_dir",
     "write_key_file",
 ]
@@ -44,14 +44,6 @@ SECRET_DIR_MODE = 0o700
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class KeyFileError(OSError):
-    """A key file or its directory cannot be written safely; the message says why."""
-
-
-class KeyFileExists(KeyFileError, FileExistsError):
-    """Something (a file, a symbolic link) is already where a key file would go."""
 
 
 def _set_dir_mode(path: Path, mode: int) -> None:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
+from fedtune.node.codes import CODES
+
 __all__ = ["EVALUATE_FIELDS", "EVALUATION_MODES", "STATUSES", "TRAIN_FIELDS", "check_reply"]
 
 STATUSES = ("dp", "public", "plain", "held-out")
@@ -109,8 +111,6 @@ def check_reply(
     """
     if evaluation not in EVALUATION_MODES:
         raise ValueError(f"`evaluation` must be one of {EVALUATION_MODES}, got {evaluation!r}.")
-
-    from fedtune.node.codes import CODES  # noqa: PLC0415
 
     declined = content.get("info", {}).get("declined", "")
     if declined != "" and declined not in CODES:

@@ -98,8 +98,8 @@ def _pld_epsilon(ledger: Path) -> float | None:
     of Opacus' PRV accountant that the ledger and the audit use. None without the package
     (a dev extra: ``pip install -e '.[dev]'``)."""
     try:
-        import dp_accounting as dpa  # noqa: PLC0415
-        from dp_accounting.pld import PLDAccountant  # noqa: PLC0415
+        import dp_accounting as dpa
+        from dp_accounting.pld import PLDAccountant
     except ImportError:
         return None
 
@@ -159,11 +159,9 @@ def _run(
 
 def plot_curves(out: Path, names: list[str], path: Path) -> None:
     """Held-out accuracy per round of every finished setting in ``names``, one axis."""
-    import matplotlib  # noqa: PLC0415
-
+    import matplotlib
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
     for name in names:
         metrics = out / name / "metrics.jsonl"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtune.aggregation import AggregationError, add_updates, prescale
-from fedtune.secure.codec import PayloadError
+from fedtune.aggregation import add_updates, prescale
+from fedtune.errors import AggregationError
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.secure.plain import PlainCodec
 
 

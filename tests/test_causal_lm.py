@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_word_tokenizer
 
 from fedtune.config import ConfigError, DataConfig, parse_run_config
+from fedtune.resolve import resolve
 from fedtune.tasks.causal_lm import data as lm_data
 from fedtune.tasks.causal_lm import loss as lm_train
 
@@ -254,7 +255,7 @@ def test_unknown_task_names_key_and_value() -> None:
     with pytest.raises(
         ConfigError, match="`task` must be one of classification, causal-lm, preference, got"
     ):
-        parse_run_config({"task": "seq2seq"})
+        resolve({"task": "seq2seq"})
     with pytest.raises(ConfigError, match="`max-new-tokens` must be >= 1, got 0"):
         parse_run_config({"max-new-tokens": 0})
 

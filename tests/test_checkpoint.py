@@ -21,7 +21,8 @@ import pytest
 
 from fedtune.apps.server.app import resume_round
 from fedtune.apps.server.strategy import FedTuneStrategy
-from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.errors import CheckpointError
+from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.secure.plain import PlainCodec
 
 CODEC = PlainCodec(length=4)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.cli import main
+from fedtune.apps.cli import main
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

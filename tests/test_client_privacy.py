@@ -12,6 +12,7 @@ import pytest
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.privacy import PrivacyLedger, compute_epsilon
 from fedtune.privacy.policy import NodePolicy
+from fedtune.resolve import resolve
 from fedtune.train.plan import privacy_plan
 from fedtune.train.runtime import ClientRuntime, GlobalState
 
@@ -19,7 +20,7 @@ RO = {"relation": "replace-one"}
 
 
 def _cfg(model: Path, data: Path, **extra: object):  # type: ignore[no-untyped-def]
-    return parse_run_config(
+    return resolve(
         {
             "model-path": str(model),
             "data-path": str(data),
@@ -29,8 +30,9 @@ def _cfg(model: Path, data: Path, **extra: object):  # type: ignore[no-untyped-d
             "num-rounds": 3,
             "dp": "example",
             **extra,
-        }
-    )
+        },
+        wiring=False,
+    ).config
 
 
 def _runtime(

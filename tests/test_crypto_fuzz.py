@@ -316,8 +316,8 @@ def _fuzz_child(cases: int, seed: int) -> dict[str, Any]:
     """Run ``cases`` inner mutations through validate then add; count every outcome."""
     import time
 
+    from fedtune.errors import WirePayloadError
     from fedtune.secure.ckks import CkksCodec
-    from fedtune.secure.codec import PayloadError as WirePayloadError
 
     ctx = make_secret_context(DEFAULT_PARAMS)
     server = CkksCodec(public_context(ctx), length=ONE_CHUNK)

@@ -14,9 +14,9 @@ from fedtune import crypto
 from fedtune.apps.server.app import server_codec
 from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.config import ModelConfig, parse_run_config
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.model import build_model, get_adapter_vector
 from fedtune.secure.ckks import CkksCodec
-from fedtune.secure.codec import PayloadError
 from fedtune.secure.verify import sign_upload
 
 

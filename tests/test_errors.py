@@ -8,15 +8,21 @@ from fedtune.errors import FederationError, FedtuneError
 
 
 def test_every_fedtune_error_class_has_the_one_root() -> None:
-    from fedtune.aggregation import AggregationError
-    from fedtune.bounds import BoundError
     from fedtune.config import ConfigError
-    from fedtune.crypto.errors import CryptoError, PayloadError
+    from fedtune.errors import (
+        AggregationError,
+        BoundError,
+        CheckpointError,
+        CryptoError,
+        LedgerConflictError,
+        LedgerCorruptError,
+        NodeConfigKeyError,
+        PayloadError,
+        ServerMessageError,
+        UnsupportedLayerError,
+        WirePayloadError,
+    )
     from fedtune.model import ModelError
-    from fedtune.privacy.dpsgd import UnsupportedLayerError
-    from fedtune.privacy.ledger import LedgerConflictError, LedgerCorruptError
-    from fedtune.run.checkpoint import CheckpointError
-    from fedtune.secure.codec import PayloadError as WirePayloadError
 
     for cls in (
         AggregationError,
@@ -31,9 +37,17 @@ def test_every_fedtune_error_class_has_the_one_root() -> None:
         LedgerConflictError,
         LedgerCorruptError,
         FederationError,
+        NodeConfigKeyError,
+        ServerMessageError,
     ):
         assert issubclass(cls, FedtuneError), cls
     assert issubclass(ConfigError, ValueError) and issubclass(FederationError, RuntimeError)
+    # A node's own node-config key and a malformed server message are ValueErrors: the
+    # node answers ``bad-request`` for both (fedtune.node.codes.code_of).
+    from fedtune.node.codes import code_of
+
+    assert code_of(NodeConfigKeyError("`state-dir`")) == "bad-request"
+    assert code_of(ServerMessageError("no 'config' record")) == "bad-request"
 
 
 @pytest.mark.parametrize(
@@ -47,12 +61,13 @@ def test_the_cli_prints_a_fedtune_error_without_a_traceback(
     code: int,
     word: str,
 ) -> None:
-    from fedtune.cli import dispatch as cli
+    from fedtune.apps.cli import main
+    from fedtune.cli import use_commands
 
     def fail(_args: object) -> int:
         raise error
 
-    monkeypatch.setattr(cli, "_cmd_evaluate", fail)
-    assert cli.main(["evaluate", "some-run"]) == code
+    monkeypatch.setattr(use_commands, "run_evaluate", fail)
+    assert main(["evaluate", "some-run"]) == code
     err = capsys.readouterr().err
     assert err == f"fedtune evaluate: {word}: {error}\n"

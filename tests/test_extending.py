@@ -19,6 +19,7 @@ import pytest
 from numpy.typing import NDArray
 
 from fedtune.config import ConfigError, parse_run_config
+from fedtune.resolve import resolve
 from fedtune.tasks import get_task, register_task, task_names, unregister_task
 from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 from fedtune.tasks.classification import ClassificationTask, EncodedDataset
@@ -124,7 +125,7 @@ def test_a_registered_task_runs_through_the_client_without_a_branch(
 
 def test_an_unknown_task_names_every_registered_one(toy_task: str) -> None:
     with pytest.raises(ConfigError, match=r"`task` must be one of .*animal-or-not, got 'nope'"):
-        parse_run_config({"task": "nope"})
+        resolve({"task": "nope"})
 
 
 # -- a toy codec: multiply by a secret scale (additively homomorphic, NOT secure) ---------
@@ -143,7 +144,8 @@ class ScaledCodec:
         return {"chunks": [data], "length": self.length, "fingerprint": self.fingerprint}
 
     def validate(self, payload: object, *, aggregate: bool = False) -> dict[str, Any]:
-        from fedtune.secure.codec import PayloadError, check_common
+        from fedtune.errors import WirePayloadError as PayloadError
+        from fedtune.secure.codec import check_common
 
         checked = dict(check_common(payload, fingerprint=self.fingerprint, length=self.length))
         if [len(c) for c in checked["chunks"]] != [8 * self.length]:

@@ -29,8 +29,8 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune.apps.cli import main
 from fedtune.apps.server.strategy import FedTuneStrategy
-from fedtune.cli import main
 from fedtune.secure.plain import PlainCodec
 
 ANSI_REASON = "\x1b[2J\x1b[31mFAKE: node 1 leaked\nkeys\r\x07" + "A" * (1 << 20)
@@ -298,7 +298,8 @@ def test_node_key_parents_are_private_whatever_the_umask(tmp_path: Path) -> None
 
 
 def test_write_key_file_never_follows_a_link(tmp_path: Path) -> None:
-    from fedtune.keyfiles import KeyFileExists, write_key_file
+    from fedtune.errors import KeyFileExists
+    from fedtune.keyfiles import write_key_file
 
     (tmp_path / "k").symlink_to(tmp_path / "target")
     with pytest.raises(KeyFileExists, match=r"'.*k' already exists \(a symbolic link\)"):

@@ -11,7 +11,8 @@ import torch
 
 from fedtune import movement
 from fedtune.config import parse_run_config
-from fedtune.guard import GuardKeyError, MovementGuard, load_key
+from fedtune.errors import GuardKeyError
+from fedtune.guard import MovementGuard, load_key
 
 
 @pytest.mark.parametrize("seed", range(6))

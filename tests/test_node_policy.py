@@ -27,7 +27,8 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.config import parse_run_config
-from fedtune.privacy.policy import MODEL_REFUSAL, ModelPin, NodePolicy, PolicyError
+from fedtune.errors import PolicyError
+from fedtune.privacy.policy import MODEL_REFUSAL, ModelPin, NodePolicy
 from fedtune.privacy.policy_file import load_policy, policy_toml, write_policy
 from tests.conftest import toy_rows
 

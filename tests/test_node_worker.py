@@ -28,7 +28,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.node.channel import HANDLE, WorkerError, WorkerUnavailable, forward, wait_ready
+from fedtune.errors import WorkerError, WorkerUnavailable
+from fedtune.node.channel import HANDLE, forward, wait_ready
 from fedtune.node.codes import NodeRefusal
 from tests.conftest import node_pins, toy_rows
 

@@ -111,7 +111,8 @@ def _socket(fed: Federation) -> Path:
 def test_the_deployed_node_refuses_a_run_outside_its_policy_in_one_line(
     policed: Federation, change: dict[str, object], line: str
 ) -> None:
-    from fedtune.node.channel import WorkerError, forward
+    from fedtune.errors import WorkerError
+    from fedtune.node.channel import forward
 
     run = {
         **RUN_CONFIG,

@@ -19,12 +19,8 @@ from conftest import tiny_lora_bert  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from fedtune.privacy.dpsgd import (  # noqa: E402
-    UnsupportedLayerError,
-    check_dp_compatible,
-    make_dp_training,
-    unwrap,
-)
+from fedtune.errors import UnsupportedLayerError  # noqa: E402
+from fedtune.privacy.dpsgd import check_dp_compatible, make_dp_training, unwrap  # noqa: E402
 from fedtune.privacy.noise import SeededNoise  # noqa: E402
 
 VOCAB, SEQ, MARK = 100, 12, 5

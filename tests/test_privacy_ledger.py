@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("opacus")
 
+from fedtune.errors import LedgerConflictError, LedgerCorruptError
 from fedtune.privacy.accountant import AccountantState, compute_epsilon  # noqa: E402
 from fedtune.privacy.audit import RunExpectation, audit_records  # noqa: E402
 from fedtune.privacy.client_level import (  # noqa: E402
@@ -18,11 +19,7 @@ from fedtune.privacy.client_level import (  # noqa: E402
     compose_client_round,
     distributed_noise,
 )
-from fedtune.privacy.ledger import (  # noqa: E402
-    LedgerConflictError,
-    LedgerCorruptError,
-    PrivacyLedger,
-)
+from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.noise import SeededNoise  # noqa: E402
 from fedtune.privacy.record import LedgerRecord  # noqa: E402
 

@@ -65,7 +65,7 @@ def test_resume_rejects_a_checkpoint_of_another_shape(tmp_path: Path) -> None:
 
 
 def test_resume_without_checkpoint_says_so(tmp_path: Path) -> None:
-    from fedtune.run.checkpoint import CheckpointError
+    from fedtune.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="No checkpoint"):
         resume_round(tmp_path, _strategy(PlainCodec(length=2)), resume=True)

@@ -26,8 +26,8 @@ import pytest
 import zstandard
 
 from fedtune import crypto
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.secure.ckks import CkksCodec
-from fedtune.secure.codec import PayloadError
 
 N = crypto.DEFAULT_PARAMS.poly_modulus_degree
 LENGTH = N - 3  # one chunk

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.cli import main
+from fedtune.apps.cli import main
 from fedtune.config import RunConfig, load_toml, parse_run_config
 from fedtune.model import build_model, get_adapter_vector
 from fedtune.privacy import PrivacyLedger

@@ -119,7 +119,7 @@ def test_a_closed_stdout_ends_quietly() -> None:
     code = (
         "import os, sys\n"
         "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
-        "from fedtune.cli import main\n"
+        "from fedtune.apps.cli import main\n"
         "sys.exit(main(['simulate', '--help']))\n"
     )
     proc = subprocess.run(

@@ -24,10 +24,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune import crypto
 from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.config import parse_run_config
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.node import round as node_round
 from fedtune.secure import receipt_io, verify
 from fedtune.secure.ckks import CkksCodec
-from fedtune.secure.codec import PayloadError
 from fedtune.train.runtime import ClientRuntime
 
 RUN = "verified-run"

@@ -38,7 +38,7 @@ from fedtune.cli.audit_inputs import (
     shared_clients,
 )
 from fedtune.cli.audit_provenance import run_settings_of
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import audit_records
 
 __all__ = ["add_parser", "run"]

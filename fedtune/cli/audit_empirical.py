@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
 __all__ = ["canary_dir", "empirical_bounds", "refutations", "worst"]
@@ -36,7 +36,7 @@ def empirical_bounds(
     """Each canary client's ε lower bound beside its claimed ε (∞ without a ledger)."""
     if folder is None:
         return {}
-    from fedtune.privacy.canaries import load_canaries  # noqa: PLC0415
+    from fedtune.privacy.canaries import load_canaries
 
     claims = {
         c.client: c.reported_epsilon

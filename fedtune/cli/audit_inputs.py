@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ConfigError, load_toml, parse_run_config
+from fedtune.config import load_toml, parse_run_config
+from fedtune.errors import ConfigError, LedgerCorruptError, PolicyError
 from fedtune.privacy.audit import AuditReport, ClientAudit, RunExpectation, audit_records
-from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger
-from fedtune.privacy.policy import DEFAULT_DELTA, PolicyError
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.policy import DEFAULT_DELTA
 from fedtune.privacy.policy_file import load_policy, policy_path
 from fedtune.privacy.record import LedgerRecord
 

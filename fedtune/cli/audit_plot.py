@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedtune.cli.audit_inputs import Ledger
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
 __all__ = ["group_identical", "plot_epsilon", "wrap_settings"]
@@ -74,11 +74,11 @@ def plot_epsilon(
     ``settings``: the run's settings in one line (task, model, clients, rounds, DP,
     encryption), shown under the title.
     """
-    import matplotlib  # noqa: PLC0415 - slow to import; only when a plot is asked for
+    import matplotlib  # slow to import; only when a plot is asked for
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series, one_run = _series(ledgers)
     audits = {f"{c.client} ({c.level})": c for c in report.clients}

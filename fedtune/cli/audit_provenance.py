@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
-from fedtune.config import ConfigError, load_toml, parse_run_config
+from fedtune.config import load_toml
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
+from fedtune.resolve import resolve
+from fedtune.run.card import run_settings
 
 __all__ = ["ClientFacts", "Provenance", "client_facts", "provenance", "run_settings_of"]
 
@@ -68,13 +71,12 @@ def client_facts(ledgers: Sequence[Ledger]) -> dict[tuple[str, str], ClientFacts
 
 def run_settings_of(path: Path) -> str | None:
     """The one-line settings of the run whose ``config.toml`` is in ``path`` (None: none)."""
-    from fedtune.run.card import run_settings  # noqa: PLC0415
 
     config = path / "config.toml"
     if not (path.is_dir() and config.is_file()):
         return None
     try:
-        return run_settings(parse_run_config(load_toml(config)))
+        return run_settings(resolve(load_toml(config), wiring=False).config)
     except ConfigError:
         return None
 

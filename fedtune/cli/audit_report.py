@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
 if TYPE_CHECKING:

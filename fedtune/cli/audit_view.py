@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedtune.cli.audit_empirical import worst
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
 from fedtune.cli.audit_plot import plot_epsilon
+from fedtune.cli.audit_provenance import client_facts, provenance, run_settings_of
+from fedtune.cli.audit_report import write_report
 from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.audit import AuditReport
 
@@ -99,9 +103,8 @@ WIDE_WIDTH = 160
 
 def _console(*, wide: bool = False):  # type: ignore[no-untyped-def]
     """A rich console: the terminal's width, else ``COLUMNS``, else 100 (160 with --wide)."""
-    import os  # noqa: PLC0415
 
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
     console = Console()
     if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
@@ -130,7 +133,7 @@ def print_table(
     (level, relation, δ, noise source) is said once below it. ``wide`` adds the level,
     relation, noise, q, δ and RDP ε of every row.
     """
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     console = _console(wide=wide)
     table = Table(
@@ -215,7 +218,7 @@ def _footer(
 
 def print_empirical(empirical: dict[str, dict[str, object]]) -> None:
     """Print the canaries' lower bounds beside the claimed ε, one row per client."""
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     console = _console()
     table = Table(title="empirical lower bounds (one-run audit, Steinke, Nasr & Jagielski 2023)")
@@ -280,15 +283,6 @@ def report_page(
     facts: RunFacts | None = None,
 ) -> None:
     """Write the HTML page of ``--report`` to ``out`` (the plot embedded) and say so."""
-    import tempfile  # noqa: PLC0415
-
-    from fedtune.cli.audit_provenance import (  # noqa: PLC0415
-        client_facts,
-        provenance,
-        run_settings_of,
-    )
-    from fedtune.cli.audit_report import write_report  # noqa: PLC0415
-
     png: bytes | None = None
     if report is not None and ledgers:
         with tempfile.TemporaryDirectory() as tmp:

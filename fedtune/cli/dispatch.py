@@ -24,20 +24,16 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from fedtune.cli import audit, generate, run_commands, use_commands
 from fedtune.deploy import cli as deploy_cli
 from fedtune.errors import FederationError, FedtuneError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["Handler", "build_parser", "handlers", "main"]
 
-# Names of this module that main() looks up when it runs, so a test can replace one
-# command here (tests/test_errors.py) and still go through main()'s error handling.
-_cmd_simulate = run_commands.run_simulate
-_cmd_evaluate = use_commands.run_evaluate
-_cmd_keygen = run_commands.run_keygen
-_cmd_export = use_commands.run_export
+#: A command's function: the parsed arguments in, the exit code out.
+Handler = Callable[[argparse.Namespace], int]
 
 
 def _version() -> str:
@@ -70,28 +66,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """No per-file progress bars from datasets / transformers in the CLI's output."""
-    import datasets  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import datasets
+    import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedtune`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    commands = {
-        "simulate": _cmd_simulate,
-        "evaluate": _cmd_evaluate,
-        "keygen": _cmd_keygen,
-        "export": _cmd_export,
+def handlers() -> dict[str, Handler]:
+    """The library's command functions, looked up when a command runs.
+
+    A test replaces one by monkeypatching the real function in its module (e.g.
+    ``fedtune.cli.use_commands.run_evaluate``) and still goes through :func:`main`'s
+    error handling. ``simulate`` is not here: its function starts the simulation driver,
+    which imports both apps, so the ``fedtune`` program (:mod:`fedtune.apps.cli`) adds it.
+    """
+    return {
+        "evaluate": use_commands.run_evaluate,
+        "keygen": run_commands.run_keygen,
+        "export": use_commands.run_export,
         "audit": audit.run,
         "deploy": deploy_cli.run,
         "generate": generate.run,
         "predict": use_commands.run_predict,
     }
+
+
+def main(argv: Sequence[str] | None = None, *, extra: Mapping[str, Handler] | None = None) -> int:
+    """Parse ``argv`` and run the command; ``extra`` adds the program's own commands.
+
+    The ``fedtune`` console script is :func:`fedtune.apps.cli.main`, which passes
+    ``simulate`` in ``extra``.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {**handlers(), **(extra or {})}
+    if args.command not in commands:
+        parser.error(f"`{args.command}` runs from the `fedtune` program (fedtune.apps.cli).")
+    _quiet_libraries()
     try:
         return commands[args.command](args)
     except FederationError as err:

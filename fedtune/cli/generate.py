@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError
-from fedtune.tasks.causal_lm.generate import generate_answers, load_lm
+from fedtune.errors import ConfigError
 
 
 def add_parser(sub: Any) -> None:
@@ -44,7 +43,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``fedtune generate``: print one answer per prompt."""
-    from fedtune.train import select_device  # noqa: PLC0415
+    from fedtune.tasks.causal_lm.generate import generate_answers, load_lm  # torch
+    from fedtune.train import select_device  # torch
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")

@@ -2,26 +2,20 @@
 
 Each command has its parser in :func:`add_parsers` and a ``run_*`` function that takes
 the parsed arguments and returns the exit code; a user error is raised as a
-:class:`~fedtune.errors.FedtuneError` for :func:`fedtune.cli.main` to print.
+:class:`~fedtune.errors.FedtuneError` for :func:`fedtune.apps.cli.main` to print.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fedtune.config import ConfigError, collect_overrides, load_toml
+from fedtune import crypto
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
+from fedtune.errors import ConfigError, KeyFileError
 
-if TYPE_CHECKING:
-    from fedtune.apps.simulation.driver import SimulationResult
-    from fedtune.apps.simulation.progress import RunProgress
-
-__all__ = ["add_parsers", "run_evaluate", "run_export", "run_keygen", "run_simulate"]
+__all__ = ["add_parsers", "output_dir", "readable_text", "run_keygen"]
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -135,7 +129,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
 
 
-def _output_dir(path: Path, flag: str) -> None:
+def output_dir(path: Path, flag: str) -> None:
     """Raise a :class:`ConfigError` naming ``path`` unless it is, or can become, a
     directory this process can write in.
 
@@ -182,106 +176,11 @@ def readable_text(path: Path, what: str) -> None:
         ) from None
 
 
-def run_simulate(args: argparse.Namespace) -> int:
-    """Run the federation ``args`` describe and print one table row per round."""
-    from fedtune.apps.simulation.progress import RunProgress  # noqa: PLC0415 - rich only
-
-    with RunProgress() as progress:  # a live line from the first second on a terminal
-        progress.phase("loading fedtune (torch, transformers, Flower)")
-        result = _simulate(args, progress)
-    return _print_result(result)
-
-
-def _simulate(args: argparse.Namespace, progress: RunProgress) -> SimulationResult:
-    from fedtune.apps.simulation.driver import simulate  # noqa: PLC0415 - imports both apps
-
-    if args.resume is not None:
-        if args.config is not None or args.run_dir is not None:
-            raise ConfigError(
-                "--resume RUN_DIR takes the run's own config.toml and directory; drop "
-                + ("the config file" if args.config is not None else "--run-dir")
-                + " (only --set num-rounds=N may extend the run)."
-            )
-        flat = collect_overrides(None, args.overrides)
-        return simulate(
-            flat, run_dir=args.resume, verbose=args.verbose, resume=True, progress=progress
-        )
-    if args.config is not None and args.config.is_dir():
-        raise ConfigError(
-            f"config {str(args.config)!r} is a directory; expected a TOML file of config keys."
-        )
-    if args.config is not None:
-        readable_text(args.config, "config file")
-    if args.run_dir is not None:
-        _output_dir(args.run_dir, "--run-dir")
-    flat = collect_overrides(args.config, args.overrides)
-    return simulate(flat, run_dir=args.run_dir, verbose=args.verbose, progress=progress)
-
-
-def _print_result(result: SimulationResult) -> int:
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
-
-    console = Console()
-    table = Table(title=f"fedtune simulate: {result.run_dir}")
-    has_eps = any("epsilon" in r for r in result.records)
-    columns = ["round", "clients"]
-    # DP clients send no training statistic: no train-loss column for a DP run
-    columns += ["train-loss"] if any("train-loss" in r for r in result.records) else []
-    columns += ["eval-loss", "eval-accuracy"]
-    # The task's further held-out metrics (perplexity, reward margin), in record order.
-    shown = {"eval-loss", "eval-accuracy", "eval-examples", "eval-seconds"}
-    extra = [k for r in result.records for k in r if k.startswith("eval-") and k not in shown]
-    columns += list(dict.fromkeys(extra))
-    columns += ["epsilon"] if has_eps else []
-    for col in [*columns, "seconds"]:
-        table.add_column(col, justify="right")
-    for r in result.records:
-        row = [str(r["round"]), f"{r.get('clients-trained', '-')}"]
-        row += [_fmt(r.get(k)) for k in columns[2:]]
-        row.append(f"{r.get('round-seconds', r.get('eval-seconds', 0.0)):.1f}")
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"wall time {result.seconds:.1f} s; adapter: {result.adapter_dir}")
-    return 0
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "-"
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Re-score ``args.run_dir``'s adapter and print it beside what the run reported."""
-    from fedtune.run.rescore import evaluate_run  # noqa: PLC0415
-
-    report = evaluate_run(args.run_dir)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        for name, acc in report["clients"].items():
-            print(f"{name}: accuracy {acc['eval-accuracy']:.4f} on {acc['eval-examples']} examples")
-        print(
-            f"weighted accuracy {report['eval-accuracy']:.4f} "
-            f"(the run reported {report['reported-accuracy']:.4f} for round {report['round']})"
-        )
-        if "eval-perplexity" in report:  # causal LM: accuracy is per answer token
-            print(
-                f"weighted answer perplexity {report['eval-perplexity']:.4f} "
-                f"(the run reported {report['reported-perplexity']:.4f})"
-            )
-        if "eval-reward-margin" in report:  # preference: accuracy is preference accuracy
-            print(f"weighted reward margin {report['eval-reward-margin']:.4f}")
-    return 0
-
-
 def run_keygen(args: argparse.Namespace) -> int:
     """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
-    from fedtune import crypto  # noqa: PLC0415
-    from fedtune.keyfiles import KeyFileError  # noqa: PLC0415
-
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
-    _output_dir(args.out, "--out")
+    output_dir(args.out, "--out")
     try:
         files = crypto.save_keys(crypto.make_secret_context(), args.out)
     except KeyFileError as err:  # a planted file or link, a directory others may write in
@@ -291,37 +190,4 @@ def run_keygen(args: argparse.Namespace) -> int:
     print(f"secret context (clients only, mode 0600): {files.secret}")
     print(f"public context (server, mode 0644): {files.public}")
     print(f"fingerprint: {files.fingerprint.read_text().strip()}")
-    return 0
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Decrypt (with ``args.key``) and write ``args.run_dir``'s final adapter."""
-    from fedtune.config import parse_run_config  # noqa: PLC0415
-    from fedtune.run.export import export_adapter  # noqa: PLC0415
-
-    if not args.run_dir.exists():
-        raise ConfigError(
-            f"{str(args.run_dir)!r} does not exist; expected a run directory "
-            "with config.toml and checkpoint/."
-        )
-    if not args.run_dir.is_dir():
-        raise ConfigError(
-            f"{str(args.run_dir)!r} is not a run directory "
-            "(expected config.toml and checkpoint/ in it)."
-        )
-    config = args.run_dir / "config.toml"
-    cfg = parse_run_config(load_toml(config))
-    if args.key is not None and args.key.is_dir():
-        raise ConfigError(
-            f"--key {str(args.key)!r} is a directory; "
-            "expected the secret.ctx file from `fedtune keygen`."
-        )
-    if args.key is not None and not args.key.is_file():
-        raise ConfigError(f"--key {str(args.key)!r} does not exist.")
-    _output_dir(args.out or args.run_dir / "adapter", "--out")
-    try:
-        out = export_adapter(args.run_dir, cfg, secret_context=args.key, out_dir=args.out)
-    except OSError as err:  # a race with the checks above, a full disk, an unreadable key
-        raise ConfigError(f"cannot export {str(args.run_dir)!r}: {err}") from err
-    print(f"adapter written to {out}")
     return 0

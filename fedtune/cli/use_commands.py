@@ -14,7 +14,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError, load_toml
+from fedtune.cli.run_commands import output_dir
+from fedtune.config import load_toml
+from fedtune.errors import ConfigError
+from fedtune.resolve import resolve
+from fedtune.run.card import loading_snippet
+from fedtune.run.metrics import read_records
 
 __all__ = ["add_parser", "extend_parsers", "run_evaluate", "run_export", "run_predict"]
 
@@ -80,8 +85,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _reported(run_dir: Path, round_: int | None) -> dict[str, Any] | None:
     """The ``metrics.jsonl`` record of ``round_`` (None: no such round was reported)."""
-    from fedtune.run.metrics import read_records  # noqa: PLC0415
-
     try:
         records = read_records(run_dir / "metrics.jsonl")
     except (OSError, ValueError) as err:
@@ -107,7 +110,7 @@ def _num(value: object) -> str:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Re-score the adapter on the held-out splits (or ``--data``) and print it."""
     if getattr(args, "data", None) is not None:
-        from fedtune.run.own_data import score_file  # noqa: PLC0415
+        from fedtune.run.own_data import score_file  # torch, the task's model
 
         scored = score_file(args.run_dir, args.data)
         if args.json:
@@ -118,7 +121,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f"{_num(scored['eval-loss'])} on {scored['eval-examples']} examples"
             )
         return 0
-    from fedtune.run.rescore import evaluate_run  # noqa: PLC0415
+    from fedtune.run.rescore import evaluate_run  # torch, the task's model
 
     report = evaluate_run(args.run_dir)
     adapter_round = _adapter_round(args.run_dir)
@@ -154,9 +157,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Decrypt (with ``args.key``) and write ``args.run_dir``'s final adapter and card."""
-    from fedtune.cli.run_commands import _output_dir  # noqa: PLC0415
-    from fedtune.config import parse_run_config  # noqa: PLC0415
-    from fedtune.run.export import export_adapter  # noqa: PLC0415
+    from fedtune.run.export import export_adapter  # torch, the task's model
 
     if not args.run_dir.exists():
         raise ConfigError(
@@ -168,7 +169,7 @@ def run_export(args: argparse.Namespace) -> int:
             f"{str(args.run_dir)!r} is not a run directory "
             "(expected config.toml and checkpoint/ in it)."
         )
-    cfg = parse_run_config(load_toml(args.run_dir / "config.toml"))
+    cfg = resolve(load_toml(args.run_dir / "config.toml"), wiring=False).config
     if args.key is not None and args.key.is_dir():
         raise ConfigError(
             f"--key {str(args.key)!r} is a directory; "
@@ -180,7 +181,7 @@ def run_export(args: argparse.Namespace) -> int:
     if base_model is not None and not base_model.strip():
         raise ConfigError("--base-model is empty; give a hub id such as 'org/model' or a path.")
     out_dir = args.out or args.run_dir / "adapter"
-    _output_dir(out_dir, "--out")
+    output_dir(out_dir, "--out")
     try:
         out = export_adapter(
             args.run_dir, cfg, secret_context=args.key, out_dir=args.out, base_model=base_model
@@ -193,7 +194,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _snippet(out: Path, cfg: Any) -> str:
-    from fedtune.run.card import loading_snippet  # noqa: PLC0415
 
     meta = json.loads((out / "fedtune.json").read_text())
     return loading_snippet(
@@ -203,7 +203,7 @@ def _snippet(out: Path, cfg: Any) -> str:
 
 def run_predict(args: argparse.Namespace) -> int:
     """``fedtune predict``: one label per text."""
-    from fedtune.run.own_data import load_run, predict_texts, read_file  # noqa: PLC0415
+    from fedtune.run.own_data import load_run, predict_texts, read_file  # torch, the task's model
 
     if args.text is not None:
         texts = list(args.text)

@@ -5,7 +5,9 @@ TOML files in ``simulations/`` and ``fedtune simulate --set key=value`` all use
 the same flat kebab-case keys (Flower run-config values are scalars, so lists are
 comma-separated strings). :func:`parse_run_config` turns such a mapping into a
 :class:`RunConfig` of per-concern dataclasses, each of which validates its values
-in ``__post_init__`` and names the culprit key and value when one is wrong;
+in ``__post_init__`` and names the culprit key and value when one is wrong (the
+checks that need the task and codec registries run in :func:`fedtune.resolve.resolve`,
+since this package imports nothing of fedtune but :mod:`fedtune.errors`);
 :func:`parse_wiring` reads the per-run paths and switches (``run-dir``, ...) into
 a :class:`Wiring`.
 
@@ -21,7 +23,6 @@ checks that the Flower App defaults in ``pyproject.toml`` agree with them.
 
 from __future__ import annotations
 
-from fedtune.config._checks import ConfigError
 from fedtune.config.crypto import CryptoConfig
 from fedtune.config.data import DataConfig, Partitioning
 from fedtune.config.federation import FederationConfig, sample_size
@@ -39,6 +40,7 @@ from fedtune.config.privacy import AccountantName, DPLevel, PrivacyConfig
 from fedtune.config.run import RunConfig, toml_value
 from fedtune.config.train import Device, OptimizerName, TrainConfig
 from fedtune.config.wiring import WIRING_KEYS, Wiring, parse_node_limits, parse_wiring
+from fedtune.errors import ConfigError
 
 #: The name :mod:`fedtune.deploy` imports :func:`~fedtune.config.run.toml_value` by.
 _toml_value = toml_value

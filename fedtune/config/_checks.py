@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import ConfigError
 
-__all__ = ["ConfigError", "choice", "require"]
-
-
-class ConfigError(FedtuneError, ValueError):
-    """A configuration key or value is invalid; the message names both."""
+__all__ = ["choice", "require"]
 
 
 def require(ok: bool, key: str, value: object, expected: str) -> None:

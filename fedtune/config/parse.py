@@ -16,8 +16,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fedtune.config._checks import ConfigError
 from fedtune.config.run import SECTION_TYPES, RunConfig, kebab
+from fedtune.errors import ConfigError
 
 __all__ = [
     "coerce_value",

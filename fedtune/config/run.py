@@ -2,8 +2,9 @@
 
 :class:`RunConfig` holds the per-concern dataclasses and checks what only holds
 across them (``min-clients <= num-clients``, client-level DP needs encryption, ...).
-It renders back to the flat kebab-case mapping :func:`fedtune.config.parse_run_config`
-reads.
+What needs the task or codec registries is checked by :func:`fedtune.resolve.resolve`,
+above this package. It renders back to the flat kebab-case mapping
+:func:`fedtune.config.parse_run_config` reads.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedtune.config._checks import ConfigError, require
+from fedtune.config._checks import require
 from fedtune.config.crypto import CryptoConfig
 from fedtune.config.data import DataConfig
 from fedtune.config.federation import FederationConfig
 from fedtune.config.model import ModelConfig
 from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.train import TrainConfig
+from fedtune.errors import ConfigError
 
 __all__ = ["SECTION_TYPES", "RunConfig", "kebab", "toml_value"]
 
@@ -53,16 +55,6 @@ class RunConfig:
                 "client-dp-tolerance",
                 p.client_dp_tolerance,
                 f"must be < the {m} clients sampled per round (`fraction-train` x `num-clients`)",
-            )
-        from fedtune.tasks import get_task  # noqa: PLC0415 - the registry, no heavy import
-
-        if p.enabled and get_task(self.model.task).uses_labels and self.data.data_path:
-            require(
-                bool(self.data.labels),
-                "label-names",
-                self.data.label_names,
-                "must list the labels when DP is on (a label set read from the data would "
-                "set the payload length the server sees)",
             )
 
     def to_flat(self) -> dict[str, Any]:

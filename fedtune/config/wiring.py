@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from fedtune.config._checks import ConfigError
 from fedtune.config.parse import coerce_value
 from fedtune.config.run import kebab
+from fedtune.errors import ConfigError
 from fedtune.ids import is_decimal
 
 __all__ = ["WIRING_KEYS", "Wiring", "parse_node_limits", "parse_wiring"]

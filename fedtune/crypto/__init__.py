@@ -67,7 +67,7 @@ only 5.8 standard deviations, exceeded about once per 2e8 values. At q=59,
 2e-7 is 11.7 standard deviations (worst seen over 2**24 values: 8.8e-8).
 
 With the default: a client upload costs 8.0 B/param (seeded), the aggregate
-15.9 B/param (a sum is no longer seeded); 1M parameters take 7.9 / 15.8
+15.9 B/param (a sum is not seeded); 1M parameters take 7.9 / 15.8
 B/param. Every started chunk of 4096 values costs a whole ciphertext (about
 32.2 kB up, 64.4 kB down), so the aggregate stays under 16 B/param only while
 the padding of the last chunk is under 1.7% of the vector (76,808 values: 1.3%;
@@ -110,10 +110,10 @@ from fedtune.crypto.context import (
     public_context,
     save_keys,
 )
-from fedtune.crypto.errors import CryptoError, PayloadError
 from fedtune.crypto.packing import decrypt_vector, encrypt_vector, sum_encrypted
 from fedtune.crypto.params import DEFAULT_PARAMS, MAX_COEFF_MODULUS_BITS_128, CkksParams
 from fedtune.crypto.payload import EncryptedVector, validate_encrypted, validate_wire
+from fedtune.errors import CryptoError, PayloadError
 
 __all__ = [
     "DEFAULT_PARAMS",

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.crypto.errors import PayloadError
+from fedtune.errors import PayloadError
 
 __all__ = [
     "SealHeader",

@@ -28,10 +28,11 @@ from fedtune.crypto._seal import (
     seal_load,
     sealapi,
 )
-from fedtune.crypto.errors import CryptoError, PayloadError
 from fedtune.crypto.key_format import KeyLayout, parse_secret_key
 from fedtune.crypto.params import DEFAULT_PARAMS, CkksParams
 from fedtune.crypto.seal_format import CiphertextLayout
+from fedtune.errors import CryptoError, PayloadError
+from fedtune.keyfiles import PRIVATE_MODE, PUBLIC_MODE, private_dir, write_key_file
 
 __all__ = [
     "CkksContext",
@@ -323,13 +324,6 @@ def save_keys(ctx: CkksContext, out_dir: Path) -> KeyFiles:
     fedtune.keyfiles.KeyFileError
         If a key file (or a link) is already there, or ``out_dir`` is unsafe.
     """
-    from fedtune.keyfiles import (  # noqa: PLC0415
-        PRIVATE_MODE,
-        PUBLIC_MODE,
-        private_dir,
-        write_key_file,
-    )
-
     ctx.require_secret_key("save keys")
     out_dir = private_dir(Path(out_dir), "--out")
     files = KeyFiles(

@@ -31,15 +31,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.crypto.errors import PayloadError
 from fedtune.crypto.seal_format import (
     _HEADER,
     COMPR_NONE,
     COMPR_ZSTD,
     CiphertextLayout,
     _check_header,
-    _unzstd,
+    unzstd,
 )
+from fedtune.errors import PayloadError
 
 __all__ = ["KeyLayout", "parse_secret_key"]
 
@@ -116,7 +116,7 @@ def parse_secret_key(data: bytes, layout: KeyLayout, *, field: str = "secret_key
         )
     body = data[_HEADER.size :]
     limit = layout.members_size
-    members = body if compr == COMPR_NONE else _unzstd(body, limit=limit, field=field)
+    members = body if compr == COMPR_NONE else unzstd(body, limit=limit, field=field)
     if len(members) != limit:
         raise PayloadError(
             f"`{field}` holds {len(members)} bytes of members; a key of {layout.count} "

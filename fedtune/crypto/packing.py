@@ -23,9 +23,9 @@ import numpy as np
 
 from fedtune.crypto._seal import scratch_dir, seal_dump, sealapi
 from fedtune.crypto.context import CkksContext
-from fedtune.crypto.errors import PayloadError
 from fedtune.crypto.payload import EncryptedVector, full_coefficients, load_ciphertext
 from fedtune.crypto.seal_format import ParsedCiphertext, serialize
+from fedtune.errors import PayloadError
 
 __all__ = ["decrypt_vector", "encrypt_vector", "sum_encrypted"]
 

@@ -21,7 +21,7 @@ A fresh symmetric ciphertext is serialised *seeded*: the uniformly random
 polynomial ``c1 = a`` is replaced by the seed that generated it, so an upload
 costs one polynomial, ``N * log2(q) / 8`` bytes of entropy, for ``N``
 parameters: about ``log2(q) / 8`` bytes per parameter. A sum of ciphertexts
-is no longer seeded and costs twice that.
+is not seeded and costs twice that.
 """
 
 from __future__ import annotations

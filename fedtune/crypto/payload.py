@@ -49,9 +49,9 @@ from numpy.typing import NDArray
 
 from fedtune.crypto._seal import parse_header, scratch_dir, seal_dump, seal_load, sealapi
 from fedtune.crypto.context import CkksContext
-from fedtune.crypto.errors import PayloadError
 from fedtune.crypto.params import CkksParams
 from fedtune.crypto.seal_format import ParsedCiphertext, parse_ciphertext, serialize
+from fedtune.errors import PayloadError
 
 __all__ = [
     "EncryptedVector",

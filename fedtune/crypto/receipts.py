@@ -41,9 +41,9 @@ from numpy.typing import NDArray
 
 from fedtune.crypto._seal import scratch_dir, seal_dump
 from fedtune.crypto.context import CkksContext
-from fedtune.crypto.errors import PayloadError
 from fedtune.crypto.payload import EncryptedVector, full_coefficients, to_seal
 from fedtune.crypto.seal_format import ParsedCiphertext, parse_ciphertext
+from fedtune.errors import PayloadError
 
 __all__ = [
     "SEED_BYTES",

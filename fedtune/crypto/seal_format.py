@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.crypto.errors import PayloadError
+from fedtune.errors import PayloadError
 
-__all__ = ["CiphertextLayout", "ParsedCiphertext", "parse_ciphertext", "serialize"]
+__all__ = ["CiphertextLayout", "ParsedCiphertext", "parse_ciphertext", "serialize", "unzstd"]
 
 _HEADER = struct.Struct("<HBBBBHQ")
 SEAL_MAGIC = 0xA15E
@@ -157,7 +157,7 @@ def _check_header(
     return compr, size
 
 
-def _unzstd(body: bytes, *, limit: int, field: str) -> bytes:
+def unzstd(body: bytes, *, limit: int, field: str) -> bytes:
     import zstandard
 
     if body[:4] != _ZSTD_MAGIC:
@@ -225,7 +225,7 @@ def parse_ciphertext(
     }
     limit = max(sizes)
     body = data[_HEADER.size :]
-    members = body if compr == COMPR_NONE else _unzstd(body, limit=limit, field=field)
+    members = body if compr == COMPR_NONE else unzstd(body, limit=limit, field=field)
     if len(members) not in sizes:
         expected = " or ".join(f"{n} ({'seeded' if s else 'full'})" for n, s in sizes.items())
         raise PayloadError(

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.config import ConfigError, DataConfig
+from fedtune.config import DataConfig
 from fedtune.data.memo import process_memo
 from fedtune.data.sources import LABEL, LabelledData
+from fedtune.errors import ConfigError
 
 __all__ = [
     "ClientData",
@@ -74,8 +75,8 @@ def partition_indices(
         If there are fewer examples than clients, or the Dirichlet split cannot
         give every client at least 2 examples.
     """
-    import datasets  # noqa: PLC0415
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner  # noqa: PLC0415
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     if len(labels) < 2 * num_partitions:
         raise ConfigError(

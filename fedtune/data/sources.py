@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.config import ConfigError, DataConfig
+from fedtune.config import DataConfig
 from fedtune.data.memo import data_key, file_stamp, process_memo
+from fedtune.errors import ConfigError
 
 #: WordNet lexicographer file number -> category name (see ``lexnames(5WN)``).
 WORDNET_CATEGORIES: dict[int, str] = {
@@ -189,7 +190,7 @@ def load_wordnet(cfg: DataConfig, *, seed: int) -> LabelledData:
 
 def read_table(path: Path) -> Any:
     """Load a CSV / JSONL file or a saved HF dataset as a ``datasets.Dataset``."""
-    import datasets  # noqa: PLC0415 - heavy import
+    import datasets  # heavy import
 
     if path.is_dir():
         try:

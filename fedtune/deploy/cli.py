@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -10,9 +11,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import ConfigError, collect_overrides
+from fedtune.config import collect_overrides
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
+from fedtune.deploy import pki, roles, submit
 from fedtune.deploy.pki import MAX_DAYS
+from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedtune.deploy.roles import Launch
@@ -326,10 +329,6 @@ def _supervise_pair(first: Launch, second: Launch) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     """``flwr supernode register`` each key; note its node id and limit in ``nodes.toml``."""
-    import json  # noqa: PLC0415
-
-    from fedtune.deploy import roles  # noqa: PLC0415
-
     if args.max_examples is not None and args.max_examples < 1:
         raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}.")
     status = 0
@@ -379,8 +378,6 @@ def _register(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out ``fedtune deploy ROLE``."""
-    from fedtune.deploy import pki, roles, submit  # noqa: PLC0415
-
     if args.role == "certs":
         files = pki.make_tls(
             args.out,
@@ -421,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
             partition_id=args.partition_id,
             num_partitions=args.num_partitions,
         )
-        from fedtune.deploy.node import policy_settings, start_node  # noqa: PLC0415
+        from fedtune.deploy.node import policy_settings, start_node  # torch, the model
 
         config.update(policy_settings(args))
         return start_node(args, config)

@@ -45,7 +45,6 @@ from typing import Any
 
 import httpx
 
-from fedtune.config import ConfigError
 from fedtune.deploy.gateway_connection import bounded_loop_factory, guarded_protocol
 from fedtune.deploy.gateway_limits import (
     Admission,
@@ -55,6 +54,7 @@ from fedtune.deploy.gateway_limits import (
     honest_max_body,
     signed_key,
 )
+from fedtune.errors import BodyRefused, ConfigError
 
 #: Every route of Flower 1.41's Fleet API (flwr/superlink/routers/fleet/router.py).
 FLEET_PATHS = frozenset(
@@ -119,14 +119,6 @@ async def _reply(send: Send, status: int) -> None:
         headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-class _Refused(Exception):
-    """A body stopped mid-way: answer ``status`` (0: the client is gone, answer nothing)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -242,15 +234,15 @@ class FleetGateway:
                 try:
                     message = await asyncio.wait_for(receive(), idle)
                 except TimeoutError:
-                    raise _Refused(408) from None
+                    raise BodyRefused(408) from None
                 if message["type"] == "http.disconnect":
-                    raise _Refused(0)
+                    raise BodyRefused(0)
                 chunk = message.get("body", b"")
                 read += len(chunk)
                 if length is None and not ticket.charge(read):
-                    raise _Refused(413 if ticket.proven and read > ticket.max_body else 503)
+                    raise BodyRefused(413 if ticket.proven and read > ticket.max_body else 503)
                 if length is not None and read > length:
-                    raise _Refused(400)
+                    raise BodyRefused(400)
                 more = bool(message.get("more_body", False))
                 if chunk:
                     yield chunk
@@ -278,13 +270,13 @@ class FleetGateway:
         )
         try:
             response = await self._client.send(request, stream=True)
-        except _Refused as refused:
+        except BodyRefused as refused:
             if refused.status:
                 await self._refuse(send, refused.status, "body too slow or over a limit", scope)
             return
         except httpx.HTTPError as exc:
             cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, _Refused):
+            if isinstance(cause, BodyRefused):
                 if cause.status:
                     await self._refuse(send, cause.status, "body too slow or over a limit", scope)
                 return
@@ -330,7 +322,7 @@ def upstream_client(ca: Path) -> Callable[[], httpx.AsyncClient]:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve the gateway until SIGTERM / SIGINT."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     defaults = GatewayLimits()
     p = argparse.ArgumentParser(prog="python -m fedtune.deploy.gateway", description=__doc__)

@@ -107,7 +107,7 @@ def bounded_loop_factory(limits: GatewayLimits) -> Callable[[], asyncio.Abstract
     default is 60 s. This loop gives every TLS server it creates
     ``ssl_handshake_timeout = limits.header_timeout``.
     """
-    import uvloop  # noqa: PLC0415
+    import uvloop
 
     class HandshakeBoundedLoop(uvloop.Loop):  # type: ignore[misc]
         async def create_server(self, *args: Any, **kwargs: Any) -> Any:

@@ -43,8 +43,8 @@ from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMEST
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
 
-from fedtune.config import ConfigError
 from fedtune.crypto.params import DEFAULT_PARAMS, CkksParams
+from fedtune.errors import ConfigError
 
 MiB = 2**20
 #: Longest value accepted for each authentication header (a node's P-384 public key is

@@ -24,7 +24,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 
 #: How much of each file is read: a CKKS context's header line fits in 4096 bytes.
 _HEAD_BYTES = 4096

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedtune.config import ConfigError
+from fedtune.deploy import roles
 from fedtune.deploy.roles import Launch
 from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's one entry point
     RuntimeUser,
@@ -39,7 +39,11 @@ from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's
     runtime_user,
     worker_user,
 )
+from fedtune.errors import ConfigError
+from fedtune.model.loading import model_digest
+from fedtune.node.channel import wait_ready
 from fedtune.privacy.policy import NodePolicy
+from fedtune.privacy.policy_file import load_policy, write_policy
 
 __all__ = [
     "RuntimeUser",
@@ -84,8 +88,6 @@ def _stop_all(pids: set[int], timeout: float = 10.0) -> None:
 
 
 def _wait_ready(worker: subprocess.Popen[bytes], socket: Path, timeout: float) -> bool:
-    from fedtune.node.channel import wait_ready  # noqa: PLC0415
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if worker.poll() is not None:
@@ -211,8 +213,6 @@ def policy_settings(args: argparse.Namespace) -> dict[str, object]:
     ``--model DIR`` is pinned here, by the SHA-256 of its files
     (:func:`fedtune.model.loading.model_digest`): the node owner's choice, made once.
     """
-    from fedtune.model.loading import model_digest  # noqa: PLC0415
-
     out: dict[str, object] = {}
     for key in (
         "delta",
@@ -243,8 +243,6 @@ def write_node_policy(
     The file then holds what the worker enforces and what ``fedtune audit STATE_DIR``
     audits at; with ``--worker-user`` it belongs to that user.
     """
-    from fedtune.privacy.policy_file import load_policy, write_policy  # noqa: PLC0415
-
     policy = load_policy(state, config)
     path = write_policy(state, policy)
     if owner is not None:
@@ -254,8 +252,6 @@ def write_node_policy(
 
 def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     """Start the node's worker, then its SuperNode (as ``--runtime-user`` if given)."""
-    from fedtune.deploy import roles  # noqa: PLC0415
-
     user = runtime_user(args.runtime_user)
     worker_config = dict(config)
     state = Path(str(worker_config["state-dir"]))

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedtune import keyfiles
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 
 #: Longest certificate validity ``make_tls`` issues (days; about 27 months, the old
 #: CA/Browser Forum limit). Renew with a fresh ``fedtune deploy certs``.

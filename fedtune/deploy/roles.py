@@ -22,15 +22,18 @@ executes it. Values given to Flower's ``--node-config`` / ``--run-config`` are T
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ConfigError, _toml_value
+from fedtune.config import _toml_value
 from fedtune.deploy.guard import check_superlink_dirs
 from fedtune.deploy.pki import secret_dir
+from fedtune.errors import ConfigError
 from fedtune.ids import is_decimal, parse_decimal
 
 #: Environment every fedtune process of a deployment gets (no hub, no telemetry).
@@ -247,8 +250,6 @@ def node_worker(
     node's data, secret context and state directory); with ``runtime_user`` its
     socket is handed to that user, who runs the SuperNode.
     """
-    import json  # noqa: PLC0415
-
     state = secret_dir(Path(str(config["state-dir"])), "--state-dir")
     argv = [
         sys.executable,
@@ -331,8 +332,6 @@ def record_node(home: Path, *, node_id: int, name: str, max_examples: int | None
     wiring key; a node registered without ``--max-examples`` is held to the run's
     ``max-client-examples``. Re-registering a name replaces its entry.
     """
-    import tomllib  # noqa: PLC0415
-
     path = Path(home).expanduser().resolve() / NODES_FILE
     nodes = tomllib.loads(path.read_text())["nodes"] if path.is_file() else {}
     nodes = {k: v for k, v in nodes.items() if v.get("name") != name}
@@ -353,8 +352,6 @@ def record_node(home: Path, *, node_id: int, name: str, max_examples: int | None
 
 def node_limits(home: Path) -> dict[int, int]:
     """``node id -> max-examples`` of the nodes registered with a limit (empty if none)."""
-    import tomllib  # noqa: PLC0415
-
     path = Path(home).expanduser().resolve() / NODES_FILE
     if not path.is_file():
         return {}

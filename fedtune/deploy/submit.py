@@ -18,8 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ConfigError, _toml_value, parse_run_config
+from fedtune.config import _toml_value
 from fedtune.deploy.roles import CONNECTION, flwr_cli
+from fedtune.errors import ConfigError
+from fedtune.resolve import resolve
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def run_config(
     travels as ``node-limits`` (``"ID=N,ID=N"``); each must be within
     ``max-client-examples``, the bound the CKKS capacity check uses.
     """
-    cfg = parse_run_config(flat)
+    run = resolve(flat, wiring=False)
+    cfg = run.config
     cap = cfg.federation.max_client_examples
     for node, limit in sorted((node_limits or {}).items()):
         if not 1 <= limit <= cap:
@@ -79,9 +82,7 @@ def run_config(
                 f"(`max-client-examples` of this run); raise `max-client-examples` or "
                 "register the node again with a smaller limit."
             )
-    from fedtune.tasks import get_task  # noqa: PLC0415
-
-    if get_task(cfg.model.task).uses_labels and len(cfg.data.labels) < 2:
+    if run.task.uses_labels and len(cfg.data.labels) < 2:
         raise ConfigError(
             "A deployment needs `label-names` (comma-separated, in the order every node "
             f"uses): nodes hold different data and must agree on the head; got "

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 
 __all__ = [
     "USERS_HINT",

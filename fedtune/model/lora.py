@@ -10,7 +10,8 @@ import warnings
 
 from torch import nn
 
-from fedtune.config import ConfigError, ModelConfig
+from fedtune.config import ModelConfig
+from fedtune.errors import ConfigError
 from fedtune.model.loading import resolve_model_path, seeded
 from fedtune.tasks import get_task
 
@@ -42,7 +43,7 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
         If a target module does not exist in the model (the message lists the
         linear layers the model has), or ``lora-layers`` names a block it lacks.
     """
-    from peft import LoraConfig, TaskType, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, TaskType, get_peft_model
 
     task = get_task(cfg.task)
     base = load_base_model(cfg, num_labels=num_labels, seed=seed)

@@ -17,13 +17,16 @@ has imported torch and can take a message. This module imports no torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import grpc
 from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedtune.errors import WorkerError, WorkerUnavailable
 from fedtune.node.codes import known_code
 
 __all__ = [
@@ -36,8 +39,6 @@ __all__ = [
     "OwnedBytes",
     "RUN_CONFIG",
     "SERVICE",
-    "WorkerError",
-    "WorkerUnavailable",
     "decode",
     "encode",
     "forward",
@@ -79,7 +80,7 @@ def max_request_bytes(max_adapter_params: int = DEFAULT_MAX_ADAPTER_PARAMS) -> i
     return max_adapter_params * WIRE_BYTES_PER_PARAM + RECORD_SLACK_BYTES
 
 
-#: The largest request or reply by default (269 MB; it was 512 MiB, Flower's own limit).
+#: The largest request or reply by default (269 MB; Flower's own limit is 512 MiB).
 MAX_MESSAGE_BYTES = max_request_bytes()
 
 #: Record names the ClientApp adds to the server's content (the worker removes them).
@@ -90,22 +91,6 @@ _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-
-
-class WorkerUnavailable(RuntimeError):
-    """The ClientApp cannot reach this node's worker (the node drops out of the round)."""
-
-
-class WorkerError(RuntimeError):
-    """The worker refused or failed the message; its text is one fixed code.
-
-    The worker sends a code of :data:`fedtune.node.codes.CODES` (the details stay in
-    its log); anything else becomes ``"node-error"``.
-    """
-
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 def encode(content: RecordDict) -> bytes:
@@ -218,10 +203,7 @@ def wait_ready(address: str, *, timeout: float) -> bool:
     Gives up early when the socket file is missing for :data:`GONE_SECONDS`: the worker
     was stopped (it removes its socket), not restarted.
     """
-    import time  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     path = Path(socket_target(address).removeprefix("unix:"))
     start = time.monotonic()

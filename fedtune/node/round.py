@@ -41,11 +41,20 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedtune.config import WIRING_KEYS, ConfigError, RunConfig, parse_run_config, parse_wiring
+from fedtune.config import WIRING_KEYS, RunConfig, parse_run_config, parse_wiring
+from fedtune.errors import (
+    ConfigError,
+    ModelError,
+    NodeConfigKeyError,
+    PolicyError,
+    ServerMessageError,
+)
 from fedtune.messages import check_reply
+from fedtune.model.loading import model_digest
 from fedtune.node import verified as verify
-from fedtune.privacy.policy import NodePolicy, PolicyError
+from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.policy_file import POLICY_KEYS, load_policy
+from fedtune.resolve import resolve
 from fedtune.train.runtime import ClientRuntime, GlobalState, TrainOutcome
 
 __all__ = [
@@ -92,7 +101,7 @@ def node_settings(
     """
     unknown = sorted(set(node_config) - NODE_KEYS)
     if unknown:
-        raise ValueError(
+        raise NodeConfigKeyError(
             f"Unknown node-config key(s) {unknown}; a fedtune node accepts "
             f"{', '.join(sorted(NODE_KEYS))}."
         )
@@ -108,7 +117,7 @@ def node_settings(
     for key, default in zip(("partition-id", "num-partitions"), default_parts, strict=True):
         value = node_config.get(key, default)
         if value is None:
-            raise ValueError(
+            raise NodeConfigKeyError(
                 f"node-config needs `{key}` (or a `data-path` of the node's own data)."
             )
         merged[key] = int(str(value))
@@ -145,7 +154,9 @@ def runtime_for(
         and state_dir is None
         and parse_run_config(merged, ignore=WIRING_KEYS).privacy.enabled
     ):
-        raise ValueError("DP is on: this node's node-config needs `state-dir` for its ledger.")
+        raise NodeConfigKeyError(
+            "DP is on: this node's node-config needs `state-dir` for its ledger."
+        )
     # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy
     # (``run-dir``, else the run directory of this Flower run, as the server names it).
     privacy_dir = (state_dir or wiring.run_dir_for(run_id)) / "privacy"
@@ -153,7 +164,7 @@ def runtime_for(
     digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in merged.items())).encode())
     key = (digest.hexdigest(), run_id, partition_id, num_partitions, name, own_policy)
     if key not in _RUNTIMES:
-        cfg: RunConfig = parse_run_config(merged, ignore=WIRING_KEYS)
+        cfg: RunConfig = resolve(merged).config
         if deployed and cfg.privacy.seeded_noise:
             raise ConfigError(
                 "`seeded-noise` = true is for simulations only: a deployed node draws its "
@@ -201,7 +212,6 @@ def _check_model_pin(policy: NodePolicy, cfg: RunConfig) -> None:
     pin = policy.model_pin(cfg.model.model_path)
     if pin is None:
         return
-    from fedtune.model.loading import ModelError, model_digest  # noqa: PLC0415
 
     try:
         digest = model_digest(Path(pin.path))
@@ -257,13 +267,13 @@ def _int(record: ConfigRecord, key: str) -> int:
     """An integer field of a server message (checked: the codec validates the rest)."""
     value = record.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"server message field {key!r} must be an integer, got {value!r}.")
+        raise ServerMessageError(f"server message field {key!r} must be an integer, got {value!r}.")
     return value
 
 
 def _server_config(content: RecordDict) -> ConfigRecord:
     if "config" not in content.config_records:
-        raise ValueError("server message has no 'config' record.")
+        raise ServerMessageError("server message has no 'config' record.")
     return content.config_records["config"]
 
 
@@ -302,7 +312,7 @@ def train(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     state = _global_state(runtime, content, server_round=server_round - 1)
     asked = "evaluate-round" in server_config
     if asked and (evaluate_round := _int(server_config, "evaluate-round")) != server_round - 1:
-        raise ValueError(
+        raise ServerMessageError(
             f"server message asks to evaluate round {evaluate_round} in the train "
             f"message of round {server_round}; it carries round {server_round - 1}'s state."
         )
@@ -342,7 +352,7 @@ def handle(
 ) -> RecordDict:
     """The reply content to one server message (``"train"`` or ``"evaluate"``)."""
     if message_type not in ("train", "evaluate"):
-        raise ValueError(
+        raise ServerMessageError(
             f"a fedtune node answers train and evaluate messages, not {message_type!r}."
         )
     runtime = runtime_for(run_config, node_config, run_id=run_id, deployed=deployed)

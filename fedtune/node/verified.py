@@ -16,11 +16,11 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedtune import bounds
+from fedtune.errors import GlobalRefused
 from fedtune.messages import check_reply
 from fedtune.secure.blame import BLAME, BLAME_REFUSED, blame_positions
 from fedtune.secure.verify import (
     MALFORMED,
-    GlobalRefused,
     UsedGlobals,
     check_global,
     min_uploads,

@@ -57,6 +57,7 @@ from fedtune.node.channel import (
     encode,
     max_request_bytes,
 )
+from fedtune.node.codes import code_of
 
 __all__ = ["NodeWorker", "main", "make_server", "serve"]
 
@@ -122,8 +123,7 @@ class NodeWorker:
         (:data:`fedtune.node.codes.CODES`) as its details: the text, which may hold
         values, goes to this worker's log only.
         """
-        from fedtune.node import round as node_round  # noqa: PLC0415
-        from fedtune.node.codes import code_of  # noqa: PLC0415
+        from fedtune.node import round as node_round  # loaded by serve() once bound
 
         try:
             content = decode(data)
@@ -269,10 +269,11 @@ def serve(
         _drop_to(user)
     server.start()
     started = time.perf_counter()
-    # What every round needs, loaded once: torch, transformers, peft, Opacus, TenSEAL.
-    import fedtune.node.round  # noqa: F401, PLC0415
-    import fedtune.privacy.dpsgd  # noqa: F401, PLC0415
-    import fedtune.secure.ckks  # noqa: F401, PLC0415
+    # What every round needs, loaded once the socket is bound (a SuperNode waits for the
+    # socket): torch, transformers, peft, Opacus, TenSEAL.
+    import fedtune.node.round  # noqa: F401
+    import fedtune.privacy.dpsgd  # noqa: F401
+    import fedtune.secure.ckks  # noqa: F401
 
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info(

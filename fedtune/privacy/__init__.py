@@ -1,12 +1,11 @@
 """Differential privacy for fedtune: accounting, ledger, DP-SGD wiring, client-level DP, audit.
 
-Pure maths and state, importable without Flower. The DP-SGD helpers (which need torch and
-Opacus) are loaded on first use, so importing this package imports neither.
+Pure maths and state, importable without Flower, torch or Opacus. The DP-SGD helpers,
+which need torch and Opacus, are in :mod:`fedtune.privacy.dpsgd`, which this package does
+not import.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 from fedtune.privacy.accountant import (
     ACCOUNTANTS,
@@ -26,19 +25,8 @@ from fedtune.privacy.client_level import (
     distributed_noise,
     share_std,
 )
-from fedtune.privacy.ledger import LedgerConflictError, LedgerCorruptError, PrivacyLedger
+from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.record import LedgerRecord
-
-if TYPE_CHECKING:
-    from fedtune.privacy.dpsgd import (
-        DPTraining,
-        UnsupportedLayerError,
-        check_dp_compatible,
-        make_dp_training,
-        unwrap,
-    )
-
-_LAZY = {"DPTraining", "UnsupportedLayerError", "check_dp_compatible", "make_dp_training", "unwrap"}
 
 __all__ = [
     "ACCOUNTANTS",
@@ -51,30 +39,15 @@ __all__ = [
     "ClientAudit",
     "ClippedUpdate",
     "Composition",
-    "DPTraining",
-    "LedgerConflictError",
-    "LedgerCorruptError",
     "LedgerRecord",
     "PrivacyLedger",
-    "UnsupportedLayerError",
     "audit_records",
     "calibrate_noise",
     "check_budget",
-    "check_dp_compatible",
     "clip_update",
     "compose_client_round",
     "compute_epsilon",
     "distributed_noise",
     "epsilon_after",
-    "make_dp_training",
     "share_std",
-    "unwrap",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from fedtune.privacy import dpsgd
-
-        return getattr(dpsgd, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ clear error: pass ``s^2`` as an integer, ``b = 1``, to reach the largest scales,
 at the largest scales, under 1% of proposals) is finished by the scalar sampler on
 Python integers, from the same keystream: exact either way.
 
-The bits are the keystream of a :class:`~fedtune.privacy.discrete.KeystreamRandom`
+The bits are the keystream of a :class:`~fedtune.privacy.discrete_bits.KeystreamRandom`
 (ChaCha20 under the :class:`~fedtune.privacy.noise.ChaChaNoise` key): a
 :class:`~fedtune.privacy.noise.SeededNoise` gives reproducible samples. Not bit-identical
 to the scalar sampler (the bits are consumed in another order); the same distribution
@@ -41,8 +41,8 @@ from fractions import Fraction
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.privacy.discrete import KeystreamRandom
-from fedtune.privacy.discrete import _bernoulli_exp as _scalar_bernoulli_exp
+from fedtune.privacy.discrete_bits import KeystreamRandom
+from fedtune.privacy.discrete_bits import bernoulli_exp_ratio as _scalar_bernoulli_exp
 
 __all__ = [
     "MAX_MODULUS",

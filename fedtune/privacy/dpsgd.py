@@ -50,22 +50,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedtune.errors import FedtuneError
+from fedtune.data.collate import item_lengths
+from fedtune.errors import UnsupportedLayerError
 from fedtune.privacy._checks import check_positive, check_positive_int
 from fedtune.privacy.noise import CsprngNoise, NoiseSource
 from fedtune.privacy.optimizer import sourced_dp_optimizer
+from fedtune.privacy.virtual import split_by_length
 
 __all__ = [
     "DPTraining",
-    "UnsupportedLayerError",
     "check_dp_compatible",
     "make_dp_training",
     "unwrap",
 ]
-
-
-class UnsupportedLayerError(FedtuneError, ValueError):
-    """The model cannot be trained with per-example DP-SGD as configured."""
 
 
 def check_dp_compatible(
@@ -347,9 +344,6 @@ def make_dp_training(
         raise ValueError("`canaries` need the `noise` path, not `noise_generator`.")
     steps_per_epoch = len(loader)
     if physical_batch_size:
-        from fedtune.data.collate import item_lengths
-        from fedtune.privacy.virtual import split_by_length
-
         loader = split_by_length(
             loader,
             max_batch_size=check_positive_int("physical_batch_size", physical_batch_size),

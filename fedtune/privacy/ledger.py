@@ -38,26 +38,21 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import LedgerConflictError, LedgerCorruptError
 from fedtune.privacy.accountant import AccountantState
 from fedtune.privacy.record import LedgerRecord
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: no lock
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
-    "LedgerConflictError",
-    "LedgerCorruptError",
     "PrivacyLedger",
     "counted_for",
     "exact_releases",
     "history_of",
 ]
-
-
-class LedgerConflictError(FedtuneError, ValueError):
-    """A (run_nonce, round, client) is recorded again with another input or parameters."""
-
-
-class LedgerCorruptError(FedtuneError, ValueError):
-    """A ledger line other than a torn last line cannot be read."""
 
 
 def counted_for(records: list[LedgerRecord], level: str) -> list[LedgerRecord]:
@@ -293,8 +288,6 @@ class PrivacyLedger:
 
 
 def _lock(fd: int) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
+    if fcntl is None:  # pragma: no cover - non-POSIX
         return
     fcntl.flock(fd, fcntl.LOCK_EX)

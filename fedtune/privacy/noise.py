@@ -76,6 +76,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
@@ -135,8 +136,6 @@ class ChaChaNoise:
 
     def _words(self, count: int) -> NDArray[np.uint64]:
         """``count`` keystream words of the next draw (a fresh nonce each call)."""
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
         nbytes = 8 * count
         if nbytes > _MAX_BYTES_PER_DRAW:
             raise ValueError(f"one draw is limited to {_MAX_BYTES_PER_DRAW} keystream bytes.")

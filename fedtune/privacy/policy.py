@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
-from fedtune.config import ConfigError
+from fedtune.errors import PolicyError
 
 if TYPE_CHECKING:
     from fedtune.config import RunConfig
@@ -40,7 +40,6 @@ __all__ = [
     "EvaluationPolicy",
     "ModelPin",
     "NodePolicy",
-    "PolicyError",
     "PolicySource",
 ]
 
@@ -61,19 +60,6 @@ MODEL_REFUSAL = (
     "lists; the node loads only its pinned models (`fedtune deploy supernode --model DIR`) "
     'or the bundled default (`model-path` = "").'
 )
-
-
-class PolicyError(ConfigError):
-    """A run config asks for something outside the node's policy (one line: key, values).
-
-    ``key`` names the run-config key refused (``""`` when the policy itself is at
-    fault); the line goes to the node's own log, and the server gets the fixed code
-    ``policy:KEY`` (:func:`fedtune.node.codes.code_of`): which key, not the node's value.
-    """
-
-    def __init__(self, message: str, *, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
 
 
 def _hex64(value: object) -> bool:

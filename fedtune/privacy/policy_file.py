@@ -34,12 +34,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from fedtune.privacy.policy import (
-    DEFAULT_MAX_SEQ_LENGTH,
-    ModelPin,
-    NodePolicy,
-    PolicyError,
-)
+from fedtune.errors import PolicyError
+from fedtune.privacy.policy import DEFAULT_MAX_SEQ_LENGTH, ModelPin, NodePolicy
 
 __all__ = [
     "MAX_POLICY_BYTES",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
+from fedtune.tasks import get_task
 
 __all__ = [
     "BUNDLED_HUB_IDS",
@@ -49,14 +50,12 @@ def base_model_name(cfg: RunConfig) -> str:
     hub_id = BUNDLED_HUB_IDS.get(cfg.model.task)
     if hub_id is not None:
         return hub_id
-    from fedtune.tasks import get_task  # noqa: PLC0415 - a task registered by a user
 
     return str(get_task(cfg.model.task).default_model_path())
 
 
 def _labelled(cfg: RunConfig) -> bool:
     """Whether the run's task has a classification head (and so label names)."""
-    from fedtune.tasks import get_task  # noqa: PLC0415 - the registry, no heavy import
 
     return bool(get_task(cfg.model.task).uses_labels)
 

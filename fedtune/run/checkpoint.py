@@ -58,22 +58,23 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.errors import CheckpointError
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.run.files import fsync_dir, open_regular, read_at_most, remove, write_new
 from fedtune.run.manifest import (
     FORMAT,
     MAX_CHUNK_BYTES,
     MAX_EXAMPLES,
     MAX_STATE_BYTES,
-    CheckpointError,
     check_fields,
     mac,
     parse_state,
 )
-from fedtune.secure.codec import PayloadError, WirePayload
+from fedtune.secure.codec import WirePayload
 from fedtune.secure.receipt_io import receipts_from_bytes, receipts_to_bytes
 from fedtune.secure.verify import Receipt
 
-__all__ = ["KEY_NAME", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["KEY_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 KEY_NAME = "checkpoint.key"

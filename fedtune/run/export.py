@@ -22,8 +22,10 @@ from numpy.typing import NDArray
 from torch import nn
 
 from fedtune.aggregation import WeightedSum
-from fedtune.config import ConfigError, RunConfig
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
+from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger
 from fedtune.run.card import base_model_name, model_card
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
@@ -40,7 +42,6 @@ def run_privacy(run_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, int
     Read from ``run_dir/privacy/*.jsonl`` (simulation ledgers); an unreadable ledger
     leaves the card without its row rather than failing the export.
     """
-    from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger  # noqa: PLC0415
 
     privacy: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
@@ -109,7 +110,7 @@ def write_adapter(
 
 def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
     """Base model + adapter through stock ``peft.PeftModel.from_pretrained``."""
-    from peft import PeftModel  # noqa: PLC0415
+    from peft import PeftModel
 
     labels = json.loads((adapter_dir / "fedtune.json").read_text())["label-names"]
     # Another seed for the base head on purpose: the adapter must bring its own head.

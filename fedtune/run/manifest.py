@@ -14,7 +14,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import CheckpointError
 
 __all__ = [
     "FORMAT",
@@ -25,7 +25,6 @@ __all__ = [
     "MAX_LENGTH",
     "MAX_ROUND",
     "MAX_STATE_BYTES",
-    "CheckpointError",
     "Fields",
     "check_fields",
     "mac",
@@ -56,10 +55,6 @@ _FIELDS = (
 _OPTIONAL = ("receipts",)
 MAX_RECEIPTS_BYTES = 64 << 20
 _HEX = frozenset("0123456789abcdef")
-
-
-class CheckpointError(FedtuneError, ValueError):
-    """A checkpoint is missing, damaged, or not written with this key."""
 
 
 class _Literal:

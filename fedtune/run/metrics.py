@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError
+from fedtune.errors import MetricsFileError
 from fedtune.tasks.base import Headline
 
 
@@ -116,10 +116,6 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-class MetricsFileError(ConfigError):
-    """A ``metrics.jsonl`` that cannot be read: named, with the line and the fix."""
-
-
 def read_records(path: Path) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl``, in order.
 
@@ -172,10 +168,10 @@ def plot_metrics(
     held-out accuracy. ``settings``: the run in one line
     (:func:`fedtune.run.card.run_settings`), the figure's title.
     """
-    import matplotlib  # noqa: PLC0415 - plotting is optional and slow to import
+    import matplotlib  # plotting is optional and slow to import
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in records]
     if headline is None:

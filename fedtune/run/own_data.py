@@ -17,8 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError, RunConfig, load_toml, parse_run_config
+from fedtune.config import RunConfig, load_toml
+from fedtune.data.sources import read_table
+from fedtune.errors import ConfigError
+from fedtune.model import load_tokenizer
+from fedtune.resolve import resolve
+from fedtune.run.export import load_adapter
 from fedtune.tasks import get_task
+from fedtune.tasks.classification import EncodedDataset
+from fedtune.train import make_loader, select_device
 
 __all__ = ["Prediction", "load_run", "predict_texts", "read_file", "score_file"]
 
@@ -41,7 +48,7 @@ def load_run(run_dir: Path, *, command: str) -> tuple[RunConfig, list[str]]:
                 f"{str(run_dir)!r} has no {needed}; expected a finished `fedtune simulate` "
                 "run (or one `fedtune export` wrote the adapter of)."
             )
-    cfg = parse_run_config(load_toml(run_dir / "config.toml"))
+    cfg = resolve(load_toml(run_dir / "config.toml"), wiring=False).config
     if not get_task(cfg.model.task).uses_labels:  # nothing to label: a generative task
         other = "`fedtune generate`" if command == "predict" else "`fedtune evaluate RUN_DIR`"
         raise ConfigError(
@@ -57,7 +64,6 @@ def read_file(
     path: Path, *, text_column: str, label_column: str | None
 ) -> tuple[list[str], list[str] | None]:
     """Texts (and labels, when ``label_column`` is given) of a CSV / JSONL / dataset file."""
-    from fedtune.data.sources import read_table  # noqa: PLC0415
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -110,9 +116,6 @@ def _check_not_empty(path: Path) -> None:
 
 
 def _model(run_dir: Path, cfg: RunConfig) -> tuple[Any, Any, Any]:
-    from fedtune.model import load_tokenizer  # noqa: PLC0415
-    from fedtune.run.export import load_adapter  # noqa: PLC0415
-    from fedtune.train import select_device  # noqa: PLC0415
 
     model = load_adapter(Path(run_dir) / "adapter", cfg)
     return model, load_tokenizer(cfg.model), select_device(cfg.train.device)
@@ -120,9 +123,6 @@ def _model(run_dir: Path, cfg: RunConfig) -> tuple[Any, Any, Any]:
 
 def score_file(run_dir: Path, data: Path) -> dict[str, Any]:
     """Accuracy and mean cross-entropy of the run's adapter on a labelled file."""
-    from fedtune.tasks import get_task  # noqa: PLC0415
-    from fedtune.tasks.classification import EncodedDataset  # noqa: PLC0415
-    from fedtune.train import make_loader  # noqa: PLC0415
 
     cfg, labels = load_run(run_dir, command="evaluate")
     texts, found = read_file(
@@ -154,7 +154,7 @@ def score_file(run_dir: Path, data: Path) -> dict[str, Any]:
 
 def predict_texts(run_dir: Path, texts: Sequence[str], *, batch_size: int = 64) -> list[Prediction]:
     """The most likely label of each text and its softmax probability."""
-    import torch  # noqa: PLC0415
+    import torch
 
     cfg, labels = load_run(run_dir, command="predict")
     model, tokenizer, device = _model(run_dir, cfg)

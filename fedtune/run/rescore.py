@@ -10,8 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import ConfigError, load_toml, parse_run_config
+from fedtune.config import load_toml
+from fedtune.errors import ConfigError
+from fedtune.resolve import resolve
 from fedtune.tasks import get_task
+from fedtune.train import make_loader, select_device
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,7 +31,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{str(run_dir)!r} has no {needed}; is it a finished `fedtune simulate` run?"
             )
-    cfg = parse_run_config(load_toml(run_dir / "config.toml"))
+    cfg = resolve(load_toml(run_dir / "config.toml"), wiring=False).config
     return dict(get_task(cfg.model.task).rescore(run_dir, cfg))
 
 
@@ -39,8 +42,6 @@ def held_out_results(
 
     The partitions are rebuilt from ``cfg`` exactly as the clients built them.
     """
-    from fedtune.train import make_loader, select_device  # noqa: PLC0415
-
     device = select_device(cfg.train.device)
     results: dict[str, Any] = {}
     for pid in range(cfg.federation.num_clients):

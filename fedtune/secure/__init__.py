@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fedtune.errors import ConfigError
+
 if TYPE_CHECKING:
     from fedtune.secure.codec import Codec
 
@@ -109,7 +111,6 @@ def get_backend(name: str) -> CodecBackend:
         return _FACTORIES[name]()
     if name in (installed := _entry_points()):
         return installed[name].load()()  # type: ignore[no-any-return]
-    from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this package
 
     raise ConfigError(
         f"`encryption-backend` must be one of {', '.join(backend_names())}, got {name!r}."

@@ -19,10 +19,11 @@ from typing import Any
 
 from fedtune import crypto
 from fedtune.crypto import receipts
-from fedtune.secure.codec import Codec, PayloadError, WirePayload
+from fedtune.errors import GlobalRefused
+from fedtune.errors import WirePayloadError as PayloadError
+from fedtune.secure.codec import Codec, WirePayload
 from fedtune.secure.verify import (
     MALFORMED,
-    GlobalRefused,
     Receipt,
     _key_holder,
     receipts_from_record,

@@ -14,8 +14,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedtune import crypto
-from fedtune.config import ConfigError
-from fedtune.secure.codec import Codec, PayloadError, WirePayload, check_common
+from fedtune.errors import ConfigError
+from fedtune.errors import WirePayloadError as PayloadError
+from fedtune.secure.codec import Codec, WirePayload, check_common
 
 __all__ = ["CkksBackend", "CkksCodec"]
 

@@ -24,15 +24,11 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune import crypto
+from fedtune.errors import WirePayloadError as PayloadError
 
 __all__ = ["Codec", "PayloadError", "WirePayload", "check_common", "payload_nbytes"]
 
 WirePayload = dict[str, Any]
-
-
-class PayloadError(crypto.PayloadError):
-    """An untrusted payload is malformed; the message names the field and value."""
 
 
 class Codec(Protocol):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.secure.codec import Codec, PayloadError, WirePayload, check_common
+from fedtune.errors import WirePayloadError as PayloadError
+from fedtune.secure.codec import Codec, WirePayload, check_common
 
 __all__ = ["PLAIN_FINGERPRINT_PREFIX", "PlainBackend", "PlainCodec"]
 

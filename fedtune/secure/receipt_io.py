@@ -10,7 +10,7 @@ import struct
 from collections.abc import Sequence
 
 from fedtune.crypto import receipts
-from fedtune.secure.codec import PayloadError
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.secure.verify import Receipt
 
 __all__ = ["receipts_from_bytes", "receipts_to_bytes"]

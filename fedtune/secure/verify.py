@@ -38,14 +38,14 @@ from typing import Any
 
 from fedtune import crypto
 from fedtune.crypto import receipts
-from fedtune.errors import FedtuneError
+from fedtune.errors import GlobalRefused
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.secure.ckks import CkksCodec
-from fedtune.secure.codec import Codec, PayloadError, WirePayload
+from fedtune.secure.codec import Codec, WirePayload
 
 __all__ = [
     "BAD_TAGS",
     "C1_MISMATCH",
-    "CODES",
     "DUPLICATE_NAME",
     "EXAMPLES_MISMATCH",
     "MALFORMED",
@@ -53,7 +53,6 @@ __all__ = [
     "RECEIPT_KEYS",
     "REPLACED",
     "TOO_FEW",
-    "GlobalRefused",
     "Receipt",
     "UsedGlobals",
     "bad_positions",
@@ -96,14 +95,6 @@ RECEIPT_KEYS = (
 )
 _TAG_KEY = "tag"
 _MAX_RECEIPTS = 100_000
-
-
-class GlobalRefused(FedtuneError, ValueError):
-    """A key holder refuses a global; ``str(err)`` is the fixed code (:data:`CODES`)."""
-
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ import importlib.metadata
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fedtune.errors import ConfigError
+
 if TYPE_CHECKING:
     from fedtune.tasks.base import Task
 
@@ -77,8 +79,6 @@ def get_task(name: str) -> Task:
         elif name in (installed := _entry_points()):
             factory = installed[name].load()
         else:
-            from fedtune.config import ConfigError  # noqa: PLC0415 - config imports this module
-
             raise ConfigError(f"`task` must be one of {', '.join(task_names())}, got {name!r}.")
         _INSTANCES[name] = factory()
     return _INSTANCES[name]

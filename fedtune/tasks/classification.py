@@ -15,7 +15,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune import data as fdata
+from fedtune.data.collate import pad_collate
+from fedtune.model import build_model, load_tokenizer, resolve_model_path
+from fedtune.model.loading import default_model_path, seeded
+from fedtune.run.export import load_adapter
+from fedtune.run.metrics import read_records, weighted_mean
+from fedtune.run.rescore import held_out_results
 from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
+from fedtune.train import EvalResult
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +55,7 @@ class EncodedDataset:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        import torch  # noqa: PLC0415
+        import torch
 
         return {
             "input_ids": torch.tensor(self.input_ids[i], dtype=torch.long),
@@ -56,8 +64,6 @@ class EncodedDataset:
 
     def collate_fn(self):  # type: ignore[no-untyped-def]
         """The collate function for batches of this dataset."""
-        from fedtune.data.collate import pad_collate  # noqa: PLC0415
-
         return pad_collate(self.pad_id)
 
 
@@ -73,8 +79,6 @@ class ClassificationTask:
 
     def default_model_path(self) -> Path:
         """The bundled MiniLM-L6 directory."""
-        from fedtune.model.loading import default_model_path  # noqa: PLC0415
-
         return default_model_path()
 
     def check_model_path(self, cfg: ModelConfig, path: Path) -> None:
@@ -82,10 +86,8 @@ class ClassificationTask:
 
     def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> nn.Module:
         """The frozen encoder with a new, seeded ``num_labels`` head."""
-        import transformers  # noqa: PLC0415 - heavy import
-        from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
-
-        from fedtune.model.loading import seeded  # noqa: PLC0415
+        import transformers  # heavy import
+        from transformers import AutoModelForSequenceClassification
 
         verbosity = transformers.logging.get_verbosity()
         bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -106,9 +108,6 @@ class ClassificationTask:
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check data, partitions and model; resolve ``label-names`` from the data."""
-        from fedtune import data as fdata  # noqa: PLC0415
-        from fedtune.model import build_model, resolve_model_path  # noqa: PLC0415
-
         fed = cfg.federation
         resolve_model_path(cfg.model)  # the cheapest check first
         dataset = fdata.load_data(cfg.data, seed=fed.seed)
@@ -123,8 +122,6 @@ class ClassificationTask:
         self, cfg: RunConfig, tokenizer: Any, *, partition_id: int, num_partitions: int
     ) -> ClientDatasets:
         """The client's labelled texts, partitioned, split and tokenised."""
-        from fedtune import data as fdata  # noqa: PLC0415
-
         seed = cfg.federation.seed
         dataset = fdata.load_data(cfg.data, seed=seed)
         split = fdata.client_data(
@@ -149,9 +146,7 @@ class ClassificationTask:
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> EvalResult:
         """Mean cross-entropy and accuracy over ``loader``."""
-        import torch  # noqa: PLC0415
-
-        from fedtune.train import EvalResult  # noqa: PLC0415
+        import torch
 
         model.to(device).eval()
         total, correct, seen = 0.0, 0, 0
@@ -171,8 +166,8 @@ class ClassificationTask:
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> dict[str, list[float]]:
         """Per-example cross-entropy and correctness (for a DP evaluation)."""
-        import torch  # noqa: PLC0415
-        from torch.nn import functional as F  # noqa: N812, PLC0415
+        import torch
+        from torch.nn import functional as F  # noqa: N812
 
         model.to(device).eval()
         losses: list[float] = []
@@ -194,11 +189,6 @@ class ClassificationTask:
 
     def rescore(self, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
         """Per-client and weighted accuracy of ``run_dir/adapter`` beside the reported one."""
-        from fedtune.model import load_tokenizer  # noqa: PLC0415
-        from fedtune.run.export import load_adapter  # noqa: PLC0415
-        from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
-        from fedtune.run.rescore import held_out_results  # noqa: PLC0415
-
         model = load_adapter(run_dir / "adapter", cfg)
         results = held_out_results(self, cfg, model, load_tokenizer(cfg.model))
         clients = {

@@ -38,6 +38,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedtune import model as fmodel
+from fedtune.privacy import check_budget
+from fedtune.privacy.evaluation import release_metrics
+from fedtune.privacy.noise import CsprngNoise, SeededNoise
+from fedtune.privacy.record import LedgerRecord
+from fedtune.privacy.releases import input_hash, run_nonce
+from fedtune.run.files import read_private, write_private
 from fedtune.train.loop import make_loader
 from fedtune.train.plan import RELATION
 from fedtune.train.seeds import release_seed
@@ -90,8 +96,6 @@ class EvalOutcome:
 
 def state_digest(state: GlobalState | None) -> str:
     """SHA-256 (hex) of the global state evaluated, independent of its round number."""
-    from fedtune.privacy.releases import input_hash  # noqa: PLC0415
-
     return input_hash(
         server_round=0,
         payload=None if state is None else state.payload,
@@ -120,7 +124,6 @@ def evaluate_release(
         fmodel.set_adapter_vector(runtime.model, vector)
         metrics, n = _exact(runtime)
         return EvalOutcome(metrics=metrics, num_examples=n)
-    from fedtune.privacy.releases import run_nonce  # noqa: PLC0415
 
     if runtime.privacy_dir is None:  # pragma: no cover - ClientRuntime refuses it
         raise ValueError("DP is on but the client has no directory for its privacy ledger.")
@@ -158,7 +161,6 @@ def evaluate_release(
     sigma = runtime.policy.eval_noise_multiplier
     if _over_budget(runtime, sigma):
         return _decline(runtime, DECLINE_EVAL_BUDGET)
-    from fedtune.privacy.evaluation import release_metrics  # noqa: PLC0415
 
     fmodel.set_adapter_vector(runtime.model, vector)
     per_example = runtime.task.example_metrics(
@@ -186,8 +188,6 @@ def _decline(runtime: ClientRuntime, code: str) -> EvalOutcome:
 
 
 def _noise(runtime: ClientRuntime, nonce: str, digest: str) -> Any:
-    from fedtune.privacy.noise import CsprngNoise, SeededNoise  # noqa: PLC0415
-
     if runtime.cfg.privacy.seeded_noise:
         return SeededNoise(release_seed(runtime.cfg.federation.seed, nonce, f"eval/{digest}"))
     return CsprngNoise()
@@ -195,8 +195,6 @@ def _noise(runtime: ClientRuntime, nonce: str, digest: str) -> Any:
 
 def _over_budget(runtime: ClientRuntime, sigma: float) -> bool:
     """Would one more evaluation release take the data's ε over the node's budget?"""
-    from fedtune.privacy import check_budget  # noqa: PLC0415
-
     p = runtime.cfg.privacy
     check = check_budget(
         runtime.ledger().history(client=runtime.name, level="example"),
@@ -222,8 +220,6 @@ def _record(
     n: int,
     sensitivity: float = 1.0,
 ) -> None:
-    from fedtune.privacy.record import LedgerRecord  # noqa: PLC0415
-
     p = runtime.cfg.privacy
     record = LedgerRecord(
         run_id=runtime.run_id,
@@ -255,8 +251,6 @@ class _Answers:
         self.path = path
 
     def _load(self) -> dict[str, dict[str, Any]]:
-        from fedtune.run.files import read_private  # noqa: PLC0415
-
         try:
             raw = read_private(self.path, _EVALS_MAX_BYTES)
             data = {} if raw is None else json.loads(raw)
@@ -279,8 +273,6 @@ class _Answers:
         return {"metrics": {str(k): float(v) for k, v in metrics.items()}, "num-examples": n}
 
     def put(self, nonce: str, digest: str, answer: Mapping[str, Any]) -> None:
-        from fedtune.run.files import write_private  # noqa: PLC0415
-
         data = self._load()
         runs = data.setdefault(nonce, {})
         if not isinstance(runs, dict):

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.run.files import read_private, write_private
 
 __all__ = ["HELD_OUT_FILE", "check_held_out", "row_digests"]

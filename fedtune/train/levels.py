@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from fedtune.privacy import clip_update
+from fedtune.privacy.discrete import KeystreamRandom, discrete_noisy_update
+from fedtune.privacy.noise import ChaChaNoise
+
 if TYPE_CHECKING:
     from fedtune.privacy.noise import NoiseSource
     from fedtune.train.loop import TrainResult
@@ -140,10 +144,6 @@ class ClientLevel:
         K)`` with a discrete Gaussian ``K`` (:mod:`fedtune.privacy.discrete`): no
         floating-point arithmetic touches the noise (issue 26).
         """
-        from fedtune.privacy import clip_update  # noqa: PLC0415
-        from fedtune.privacy.discrete import KeystreamRandom, discrete_noisy_update  # noqa: PLC0415
-        from fedtune.privacy.noise import ChaChaNoise  # noqa: PLC0415
-
         if not isinstance(noise, ChaChaNoise):
             raise TypeError(f"client-level DP draws from a ChaChaNoise keystream, got {noise!r}.")
         clip = runtime.cfg.privacy.max_grad_norm

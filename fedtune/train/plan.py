@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.config import ConfigError, RunConfig
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError
+from fedtune.privacy import calibrate_noise, compute_epsilon
 from fedtune.privacy.analysis import Relation
 
-__all__ = ["RELATION", "PrivacyPlan", "privacy_plan", "sampled_clients"]
+__all__ = ["RELATION", "PrivacyPlan", "check_evaluations_fit", "privacy_plan", "sampled_clients"]
 
 #: The neighbouring relation of every fedtune release: the example count is public.
 RELATION: Relation = "replace-one"
@@ -48,8 +50,6 @@ def privacy_plan(
     server picks the clients from a seed it knows, so sampling amplifies nothing
     against it. Both under the replace-one relation (``n_k`` is public).
     """
-    from fedtune.privacy import calibrate_noise  # noqa: PLC0415
-
     p, fed = cfg.privacy, cfg.federation
     if p.dp == "example":
         q = min(1.0, cfg.train.batch_size / num_train_examples)
@@ -61,7 +61,7 @@ def privacy_plan(
     )
     delta = p.target_delta if delta is None else delta
     if evaluations and not p.noise_multiplier:
-        _check_evaluations_fit(cfg, evaluations, delta=delta)
+        check_evaluations_fit(cfg, evaluations, delta=delta)
     sigma = p.noise_multiplier or calibrate_noise(
         target_epsilon=p.target_epsilon,
         target_delta=delta,
@@ -81,12 +81,10 @@ def privacy_plan(
     )
 
 
-def _check_evaluations_fit(
+def check_evaluations_fit(
     cfg: RunConfig, evaluations: list[tuple[float, float, int]], *, delta: float
 ) -> None:
     """Raise a ``ConfigError`` if the planned evaluations alone reach ``target-epsilon``."""
-    from fedtune.privacy import compute_epsilon  # noqa: PLC0415
-
     p = cfg.privacy
     eps = compute_epsilon(evaluations, delta=delta, accountant=p.accountant, relation=RELATION)
     if eps >= p.target_epsilon:

@@ -19,7 +19,11 @@ from numpy.typing import NDArray
 
 from fedtune import model as fmodel
 from fedtune.aggregation import prescale
-from fedtune.privacy import PrivacyLedger
+from fedtune.node.codes import CODES
+from fedtune.privacy import PrivacyLedger, check_budget
+from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries
+from fedtune.privacy.noise import CsprngNoise, SeededNoise
+from fedtune.privacy.releases import StoredReply, input_hash, load_reply, run_nonce, store_reply
 from fedtune.train.levels import dp_level
 from fedtune.train.plan import RELATION
 from fedtune.train.seeds import release_seed, round_seed
@@ -39,8 +43,6 @@ def decline(runtime: ClientRuntime, code: str, detail: str) -> TrainOutcome:
     ``detail`` says why, with its numbers, and goes to this node's own log only: the
     reply's ``info.declined`` is the fixed code, a public constant.
     """
-    from fedtune.node.codes import CODES  # noqa: PLC0415
-
     if code not in CODES:
         raise ValueError(f"decline code {code!r} is not one of {sorted(CODES)}.")
     log.warning("%s declined a round (%s): %s", runtime.name, code, detail)
@@ -55,14 +57,6 @@ def train_private(
     server_round: int,
     sampled_clients: int,
 ) -> TrainOutcome:
-    from fedtune.privacy.releases import (  # noqa: PLC0415
-        StoredReply,
-        input_hash,
-        load_reply,
-        run_nonce,
-        store_reply,
-    )
-
     assert runtime.privacy_dir is not None  # checked in __init__
     p, plan = runtime.cfg.privacy, runtime.plan
     nonce = run_nonce(
@@ -168,7 +162,6 @@ def train_private(
 
 
 def _noise_source(runtime: ClientRuntime, nonce: str, digest: str):  # type: ignore[no-untyped-def]
-    from fedtune.privacy.noise import CsprngNoise, SeededNoise  # noqa: PLC0415
 
     if runtime.cfg.privacy.seeded_noise:
         return SeededNoise(release_seed(runtime.cfg.federation.seed, nonce, digest))
@@ -180,7 +173,6 @@ def client_canaries(runtime: ClientRuntime):  # type: ignore[no-untyped-def]
     m = runtime.cfg.privacy.audit_canaries
     if not m:
         return None
-    from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries  # noqa: PLC0415
 
     assert runtime.privacy_dir is not None  # a simulation always has one
     path = canary_file(runtime.privacy_dir, runtime.name)
@@ -200,7 +192,6 @@ def score_canaries(
 ) -> None:  # type: ignore[no-untyped-def]
     if canaries is None:
         return
-    from fedtune.privacy.canaries import canary_file  # noqa: PLC0415
 
     assert runtime.privacy_dir is not None
     canaries.add_release(server_round, update)
@@ -208,8 +199,6 @@ def score_canaries(
 
 
 def _budget_refusal(runtime: ClientRuntime, server_round: int, ledger: PrivacyLedger) -> str:
-    from fedtune.privacy import check_budget  # noqa: PLC0415
-
     p, plan, policy = runtime.cfg.privacy, runtime.plan, runtime.policy
     # The node's budget and δ (its policy), never the run config's.
     check = check_budget(

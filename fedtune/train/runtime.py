@@ -25,11 +25,16 @@ from fedtune import model as fmodel
 from fedtune.aggregation import WeightedSum, prescale
 from fedtune.config import RunConfig
 from fedtune.data.memo import data_key
+from fedtune.errors import CheckpointError
 from fedtune.guard import MovementGuard, node_guard, payload_digest
 from fedtune.privacy import PrivacyLedger
+from fedtune.privacy.dpsgd import make_dp_training
 from fedtune.privacy.policy import NodePolicy
+from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.tasks import get_task
 from fedtune.tasks.base import ClientDatasets
+from fedtune.train.eval_release import evaluate_release
+from fedtune.train.held_out import check_held_out
 from fedtune.train.loop import (
     Batchable,
     EvalResult,
@@ -41,6 +46,7 @@ from fedtune.train.loop import (
     train_local,
 )
 from fedtune.train.plan import PrivacyPlan, privacy_plan
+from fedtune.train.release import client_canaries, score_canaries, train_private
 from fedtune.train.seeds import round_seed
 from fedtune.train.shared import SharedModel, release_model, worker_cache
 from fedtune.train.state import GlobalState, TrainOutcome
@@ -95,8 +101,6 @@ class ClientRuntime:
         sets = self.datasets
         self.label_names = list(sets.label_names)
         if state_dir is not None:  # a node: its held-out rows are never trained on later
-            from fedtune.train.held_out import check_held_out  # noqa: PLC0415
-
             check_held_out(state_dir, test_set=sets.test_set, train_set=sets.train_set)
         self._num_train = len(sets.train_set)
         self.loss_fn: LossFn | None = self.task.loss_fn(cfg)
@@ -189,12 +193,6 @@ class ClientRuntime:
         """
         if self.state_dir is None or state is None:
             return
-        from fedtune.run.checkpoint import (  # noqa: PLC0415
-            Checkpoint,
-            CheckpointError,
-            load_checkpoint,
-            save_checkpoint,
-        )
 
         directory = self.state_dir / "checkpoint"
         try:
@@ -272,11 +270,6 @@ class ClientRuntime:
         of clients trained this round (client-level DP sizes its noise share from it).
         """
         start = self.global_vector(state, server_round=server_round - 1)
-        from fedtune.train.release import (  # noqa: PLC0415 - it imports this module
-            client_canaries,
-            score_canaries,
-            train_private,
-        )
 
         if not self.cfg.privacy.enabled:
             seed = round_seed(self.cfg.federation.seed, server_round, self.partition_id)
@@ -334,8 +327,6 @@ class ClientRuntime:
 
     def _train_dpsgd(self, seed: int, noise, canaries=None) -> tuple[TrainResult, PrivacyPlan]:  # type: ignore[no-untyped-def]
         """One round of DP-SGD; returns the result and σ, q, steps as Opacus ran them."""
-        from fedtune.privacy import make_dp_training  # noqa: PLC0415
-
         cfg, plan = self.cfg, self.plan
         optimizer = make_optimizer(self.model, cfg.train)
         self.model.train()
@@ -405,6 +396,4 @@ class ClientRuntime:
         noised, budget-checked, recorded in the ledger and replayed for the same state,
         or exact and recorded as unaccounted when ``policy.evaluation == "exact"``.
         """
-        from fedtune.train.eval_release import evaluate_release  # noqa: PLC0415
-
         return evaluate_release(self, state, server_round=server_round)

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedtune import model as fmodel
 from fedtune.data.memo import clear_process_memos, file_stamp
+from fedtune.secure import run_codec
 
 if TYPE_CHECKING:
     import torch
@@ -114,8 +116,6 @@ class WorkerCache:
 
     def tokenizer(self, cfg: ModelConfig) -> Any:
         """The tokenizer of ``cfg``'s base model, loaded once."""
-        from fedtune import model as fmodel  # noqa: PLC0415
-
         key = (cfg.task, cfg.model_path)
         if key not in self.tokenizers:
             self.tokenizers[key] = fmodel.load_tokenizer(cfg)
@@ -125,8 +125,6 @@ class WorkerCache:
         self, cfg: ModelConfig, *, num_labels: int, seed: int, device: torch.device
     ) -> SharedModel:
         """The LoRA model of ``cfg`` with a ``num_labels`` head, seeded, on ``device``."""
-        from fedtune import model as fmodel  # noqa: PLC0415
-
         key = (cfg, num_labels, seed, str(device))
         if key not in self.models:
             model = fmodel.build_model(cfg, num_labels=num_labels, seed=seed)
@@ -138,8 +136,6 @@ class WorkerCache:
 
     def codec(self, backend: str, *, length: int, context: Path | None) -> Codec:
         """A key holder's codec on ``context`` (plain without one), loaded once per file."""
-        from fedtune.secure import run_codec  # noqa: PLC0415
-
         key = (backend, length, file_stamp(context) if context is not None else None)
         if key not in self.codecs:
             self.codecs[key] = run_codec(backend, length=length, context=context)

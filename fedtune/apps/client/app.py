@@ -22,9 +22,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedtune.errors import NodeConfigError, NodeRefusal, WorkerError, WorkerUnavailable
+from fedtune.node.channel import forward, wait_ready
+from fedtune.node.codes import code_of
 
 log = logging.getLogger("fedtune.client")
 
@@ -37,10 +42,6 @@ WORKER_KEYS = frozenset({"worker", "worker-wait", "name"})
 
 #: Seconds a message waits for a (re)starting worker before the node sits the round out.
 WORKER_WAIT = 60.0
-
-
-class NodeConfigError(RuntimeError):
-    """This node's own setup is wrong (its node config); the server sees ``node-error``."""
 
 
 def simulated_node(node_config: Mapping[str, object]) -> bool:
@@ -64,8 +65,6 @@ def simulated_node(node_config: Mapping[str, object]) -> bool:
 
 def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
     """A real node: the worker's reply (it holds the model, the data and the keys)."""
-    from fedtune.node.channel import forward, wait_ready  # noqa: PLC0415 - no torch
-
     node = dict(context.node_config)
     unknown = sorted(set(node) - WORKER_KEYS)
     if "worker" not in node or unknown:
@@ -78,10 +77,6 @@ def _forward(kind: str, msg: Message, context: Context) -> RecordDict:
     address = str(node["worker"])
     wait = float(str(node.get("worker-wait", WORKER_WAIT)))
     if not wait_ready(address, timeout=wait):
-        from pathlib import Path  # noqa: PLC0415
-
-        from fedtune.node.channel import WorkerUnavailable  # noqa: PLC0415
-
         state = "is not ready" if Path(address).exists() else "is not running (no socket)"
         raise WorkerUnavailable(
             f"this node's fedtune worker at {address} {state} after waiting up to "
@@ -101,7 +96,7 @@ def _in_process(
     kind: str, msg: Message, context: Context, config: Mapping[str, object] | None
 ) -> RecordDict:
     """A simulated client: the round code runs here (the actor keeps the model loaded)."""
-    from fedtune.node import round as node_round  # noqa: PLC0415 - imports torch
+    from fedtune.node import round as node_round  # imports torch
 
     flat = dict(config) if config is not None else dict(context.run_config)
     return node_round.handle(
@@ -116,8 +111,6 @@ def _in_process(
 
 def _code(err: Exception, code_of: Callable[[BaseException], str]) -> str:
     """The fixed code an error leaves this node as (its text stays in the node's log)."""
-    from fedtune.node.channel import WorkerError, WorkerUnavailable  # noqa: PLC0415
-
     if isinstance(err, WorkerUnavailable):
         return "worker-unavailable"
     if isinstance(err, WorkerError):
@@ -139,8 +132,6 @@ def make_client_app(config: Mapping[str, object] | None = None) -> ClientApp:
     app = ClientApp()
 
     def reply(kind: str, msg: Message, context: Context) -> Message:
-        from fedtune.node.codes import NodeRefusal, code_of  # noqa: PLC0415 - no torch
-
         try:
             if config is None and not simulated_node(dict(context.node_config)):
                 content = _forward(kind, msg, context)

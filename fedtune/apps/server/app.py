@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +23,24 @@ from rich.console import Console
 
 from fedtune import bounds
 from fedtune.apps.server.exchange import PENDING, load_pending, save_pending
-from fedtune.apps.server.strategy import FedTuneStrategy, NotEnoughClients
+from fedtune.apps.server.strategy import FedTuneStrategy
 from fedtune.apps.server.verified import verified_exchange
 from fedtune.config import (
-    WIRING_KEYS,
     RunConfig,
     Wiring,
     parse_node_limits,
-    parse_run_config,
     parse_wiring,
 )
-from fedtune.errors import FederationError
+from fedtune.data import default_label_names
+from fedtune.errors import CheckpointError, ConfigError, FederationError, NotEnoughClients
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.model import adapter_layout, build_model
-from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.resolve import resolve
+from fedtune.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.run.metrics import append_record, read_records
-from fedtune.secure import run_codec
+from fedtune.secure import get_backend, run_codec
 from fedtune.secure.ckks import CkksCodec
-from fedtune.secure.codec import Codec, PayloadError
+from fedtune.secure.codec import Codec
 from fedtune.tasks import get_task
 
 __all__ = [
@@ -65,9 +67,6 @@ def with_default_labels(cfg: RunConfig) -> RunConfig:
     """
     if cfg.data.labels or not get_task(cfg.model.task).uses_labels:
         return cfg
-    from dataclasses import replace  # noqa: PLC0415
-
-    from fedtune.data import default_label_names  # noqa: PLC0415
 
     names = ",".join(default_label_names(cfg.data))
     return replace(cfg, data=replace(cfg.data, label_names=names))
@@ -75,9 +74,6 @@ def with_default_labels(cfg: RunConfig) -> RunConfig:
 
 def check_keys(cfg: RunConfig, wiring: Wiring) -> None:
     """Refuse an encrypted run without the server's ``public-context`` (no silent plaintext)."""
-    from fedtune.config import ConfigError  # noqa: PLC0415
-    from fedtune.secure import get_backend  # noqa: PLC0415
-
     if get_backend(cfg.crypto.codec_name).uses_keys and wiring.public_context is None:
         raise ConfigError(
             "`encryption` = true needs the server's `public-context` (and the clients' "
@@ -336,8 +332,8 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         flat = dict(config) if config is not None else dict(context.run_config)
-        cfg = with_default_labels(parse_run_config(flat, ignore=WIRING_KEYS))
-        wiring = parse_wiring(flat)
+        resolved = resolve(flat)
+        cfg, wiring = with_default_labels(resolved.config), resolved.wiring
         check_keys(cfg, wiring)
         # Each Flower run gets its own directory unless the run config names one.
         run_dir = wiring.run_dir_for(context.run_id)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from flwr.app import Message, MessageType
 
 from fedtune.apps.server.replies import read_metric, reply_node
-from fedtune.secure.codec import PayloadError
+from fedtune.errors import WirePayloadError as PayloadError
 
 __all__ = ["check_weight", "claimed_counts", "count_record", "finite_means"]
 

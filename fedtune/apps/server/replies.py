@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message
 
-from fedtune.secure.codec import PayloadError
+from fedtune.errors import WirePayloadError as PayloadError
+from fedtune.node.codes import known_code
 
 __all__ = [
     "LIMITS",
@@ -126,8 +127,6 @@ def declined_reason(msg: Message) -> str:
     A fedtune node declines with one of :data:`fedtune.node.codes.CODES` (the details
     stay in its own log); any other non-empty value is tabled as ``"node-error"``.
     """
-    from fedtune.node.codes import known_code  # noqa: PLC0415
-
     try:
         reason = msg.content.config_records["info"]["declined"]
     except (KeyError, TypeError):
@@ -147,8 +146,6 @@ def error_code(reason: str) -> str:
     ``"<class '...NodeRefusal'>:<'code'>"``; a reason the SuperLink wrote for a node
     that vanished (e.g. ``"Node Unavailable"``) has no code and is kept as it is.
     """
-    from fedtune.node.codes import known_code  # noqa: PLC0415
-
     found = _REFUSAL.search(reason)
     if found:
         return known_code(found.group(1))

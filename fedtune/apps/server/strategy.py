@@ -47,20 +47,23 @@ from fedtune.apps.server.replies import (
     stated_name,
 )
 from fedtune.config import FederationConfig, sample_size
-from fedtune.errors import FederationError
+from fedtune.errors import NotEnoughClients
+from fedtune.errors import WirePayloadError as PayloadError
 from fedtune.run.metrics import weighted_mean
-from fedtune.secure.codec import Codec, PayloadError, WirePayload
+from fedtune.secure.codec import Codec, WirePayload
 from fedtune.secure.plain import PlainCodec
-from fedtune.secure.verify import Receipt, make_receipt, receipts_to_record, split_tag
+from fedtune.secure.verify import (
+    Receipt,
+    check_resumed,
+    make_receipt,
+    receipts_to_record,
+    split_tag,
+)
 from fedtune.tasks.base import HELD_OUT_METRICS
 
 __all__ = ["FedTuneStrategy", "NotEnoughClients", "RoundOutcome"]
 
 log = logging.getLogger("fedtune.server")
-
-
-class NotEnoughClients(FederationError):
-    """Fewer clients than ``min-clients`` connected or took part in a round."""
 
 
 class FedTuneStrategy(Strategy):
@@ -184,7 +187,6 @@ class FedTuneStrategy(Strategy):
         near-transparent or key-less forgery is refused here, not by every key holder.
         """
         checked = self.codec.validate(payload, aggregate=True)
-        from fedtune.secure.verify import check_resumed  # noqa: PLC0415
 
         check_resumed(self.codec, checked, num_examples, receipts or [])
         self.global_payload = checked

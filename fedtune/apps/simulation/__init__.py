@@ -1,6 +1,7 @@
-"""The simulation driver: the one place that imports both apps (``server`` and ``clients``).
+"""The simulation driver: the one place that imports both apps (``server`` and ``client``).
 
 :func:`fedtune.apps.simulation.driver.simulate` runs a federation on Flower's simulation engine
-for ``fedtune simulate`` and the sweep scripts. The library (``fedtune/``) imports
-neither app; the CLI imports this package only when asked to simulate.
+for ``fedtune simulate`` (:mod:`fedtune.apps.simulation.command`) and the sweep scripts. The
+library (``fedtune/`` outside ``fedtune/apps/``) imports neither app; the command imports the
+driver only when it runs (the driver brings torch and Flower).
 """

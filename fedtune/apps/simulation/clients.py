@@ -31,6 +31,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedtune.apps.client.app import make_client_app
 from fedtune.apps.simulation.progress import CLIENTS_LOG, EVENTS
 
 __all__ = ["CLIENTS_LOG", "EVENTS", "cause_line", "observed_client_app"]
@@ -69,7 +70,6 @@ def _client(context: Context) -> str:
 
 def observed_client_app(config: Mapping[str, object], run_dir: Path) -> ClientApp:
     """fedtune's ClientApp on ``config``, writing events and traces under ``run_dir``."""
-    from fedtune.apps.client.app import make_client_app  # noqa: PLC0415
 
     inner = make_client_app(config)
     events, log_path = run_dir / EVENTS, run_dir / CLIENTS_LOG

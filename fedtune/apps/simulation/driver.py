@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -22,13 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.apps.server.app import make_server_app
+from fedtune.apps.simulation.clients import observed_client_app
 from fedtune.apps.simulation.hooks import ClientFailuresToLog, server_hooks
 from fedtune.apps.simulation.preflight import check_run
 from fedtune.apps.simulation.progress import CLIENTS_LOG, RunProgress
 from fedtune.apps.simulation.resume import checkpoint_round, prepare_resume
 from fedtune.apps.simulation.signals import RunStop
-from fedtune.config import ConfigError, RunConfig, parse_run_config
-from fedtune.errors import FederationError
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError, FederationError
+from fedtune.privacy.policy import NodePolicy
+from fedtune.privacy.policy_file import write_policy
+from fedtune.resolve import resolve
 from fedtune.run.card import run_settings
 from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
@@ -81,8 +87,6 @@ def _seeded_node_ids(seed: int) -> Any:
     partitions each time it ran: the same seed did not give the same run. Used only
     while the nodes are registered.
     """
-    import random  # noqa: PLC0415
-
     rng = random.Random(f"fedtune-simulated-node-ids/{seed}")
 
     def generate(num_bytes: int, exclude: set[int] | None = None) -> int:
@@ -97,8 +101,8 @@ def _seeded_node_ids(seed: int) -> Any:
 @contextlib.contextmanager
 def _flower_patches(seed: int) -> Any:
     """For one run: :func:`_poll_pending_nodes`, and node ids from :func:`_seeded_node_ids`."""
-    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
-    from flwr.server.superlink.linkstate import in_memory_linkstate  # noqa: PLC0415
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import in_memory_linkstate
 
     original_poll = vce_api.add_messages_to_queue
     original_register = vce_api._register_nodes  # noqa: SLF001
@@ -158,7 +162,7 @@ class _DropRunSimulationDeprecation(logging.Filter):
 
 
 def _backend_config(cfg: RunConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
-    import torch  # noqa: PLC0415
+    import torch
 
     cores = os.cpu_count() or 1
     cpus = cfg.federation.client_cpus or cores
@@ -271,7 +275,7 @@ def _simulate(
         first_round = (done or 0) + 1
         (run_dir / "config.toml").write_text(cfg.to_toml())  # num-rounds may have grown
     else:
-        cfg = preflight(parse_run_config(flat))
+        cfg = preflight(resolve(flat, wiring=False).config)
         check_run(cfg)  # what every client would refuse, before any process starts
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -284,8 +288,6 @@ def _simulate(
     if cfg.privacy.enabled and not (resume and (run_dir / "policy.toml").exists()):
         # The simulated clients' policy (the run config's): `fedtune audit RUN_DIR` reads
         # δ and the budget from it, as from a node's STATE_DIR/policy.toml.
-        from fedtune.privacy.policy import NodePolicy  # noqa: PLC0415
-        from fedtune.privacy.policy_file import write_policy  # noqa: PLC0415
 
         write_policy(run_dir, NodePolicy.from_run_config(cfg))
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
@@ -306,10 +308,7 @@ def _simulate(
         server_wiring["public-context"] = str(public.resolve())
 
     progress.phase("starting Flower's simulation engine (Ray)")
-    from flwr.simulation import run_simulation  # noqa: PLC0415 - heavy, Flower-only
-
-    from fedtune.apps.server.app import make_server_app  # noqa: PLC0415
-    from fedtune.apps.simulation.clients import observed_client_app  # noqa: PLC0415
+    from flwr.simulation import run_simulation  # heavy, Flower-only
 
     stop = RunStop(
         f"fedtune simulate: stopped; {run_dir} holds the last completed round. "

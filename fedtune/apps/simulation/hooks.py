@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedtune.apps.server import app as server_app
+from fedtune.apps.server import verified
 from fedtune.apps.simulation.progress import RunProgress
 from fedtune.apps.simulation.signals import RunStop
 
@@ -28,8 +30,6 @@ def server_hooks(stop: RunStop, progress: RunProgress) -> Any:
     writers hold the lock for the whole write (a Ctrl-C never cuts a checkpoint or a
     metrics line in half) and its round lines and status land in the live display.
     """
-    from fedtune.apps.server import app as server_app  # noqa: PLC0415
-    from fedtune.apps.server import verified  # noqa: PLC0415
 
     patches = [
         (server_app, "save_checkpoint"),

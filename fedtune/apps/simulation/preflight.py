@@ -11,8 +11,12 @@ one :class:`~fedtune.config.ConfigError` naming the key, its value and the fix.
 
 from __future__ import annotations
 
-from fedtune.config import ConfigError, RunConfig
+from fedtune import data as fdata
+from fedtune.config import RunConfig
+from fedtune.errors import ConfigError
+from fedtune.privacy.policy import NodePolicy
 from fedtune.tasks import get_task
+from fedtune.train.plan import check_evaluations_fit
 
 __all__ = ["check_run", "client_train_sizes"]
 
@@ -34,7 +38,7 @@ def check_device(cfg: RunConfig) -> None:
     """``device = "cuda"`` needs a CUDA device in this machine."""
     if cfg.train.device != "cuda":
         return
-    import torch  # noqa: PLC0415
+    import torch
 
     if not torch.cuda.is_available():
         raise ConfigError(
@@ -52,7 +56,6 @@ def client_train_sizes(cfg: RunConfig) -> dict[str, int] | None:
     """
     if not get_task(cfg.model.task).uses_labels:
         return None
-    from fedtune import data as fdata  # noqa: PLC0415
 
     fed = cfg.federation
     dataset = fdata.load_data(cfg.data, seed=fed.seed)
@@ -88,15 +91,13 @@ def check_budget(cfg: RunConfig, sizes: dict[str, int]) -> None:
     whenever this check passes).
     """
     del sizes  # the evaluations' cost does not depend on n_k
-    from fedtune.privacy.policy import NodePolicy  # noqa: PLC0415
-    from fedtune.train.plan import _check_evaluations_fit  # noqa: PLC0415, PLC2701
 
     policy = NodePolicy.from_run_config(cfg)
     if policy.evaluation != "dp" or cfg.privacy.noise_multiplier:
         return
     evaluations = [(policy.eval_noise_multiplier, 1.0, cfg.federation.num_rounds + 1)]
     try:
-        _check_evaluations_fit(cfg, evaluations, delta=policy.delta)
+        check_evaluations_fit(cfg, evaluations, delta=policy.delta)
     except ConfigError as err:
         raise ConfigError(
             f"`num-rounds` = {cfg.federation.num_rounds} does not fit the privacy budget: "

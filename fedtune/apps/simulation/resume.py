@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedtune.config import ConfigError, RunConfig, parse_run_config
+from fedtune.config import RunConfig, load_toml
+from fedtune.errors import ConfigError
+from fedtune.resolve import resolve
+from fedtune.run.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["checkpoint_round", "prepare_resume"]
 
@@ -25,15 +28,13 @@ def prepare_resume(flat: Mapping[str, object], run_dir: Path) -> RunConfig:
     key of ``flat`` that differs from ``RUN_DIR/config.toml`` would make a different
     run and is refused, naming the key.
     """
-    from fedtune.config import load_toml  # noqa: PLC0415
-
     if not run_dir.is_dir() or not (run_dir / "config.toml").is_file():
         raise ConfigError(
             f"--resume {str(run_dir)!r} is not a run directory (no config.toml in it); "
             "give the directory an earlier `fedtune simulate` wrote."
         )
-    saved = parse_run_config(load_toml(run_dir / "config.toml"))
-    wanted = parse_run_config({**saved.to_flat(), **dict(flat)})
+    saved = resolve(load_toml(run_dir / "config.toml"), wiring=False).config
+    wanted = resolve({**saved.to_flat(), **dict(flat)}, wiring=False).config
     before, after = saved.to_flat(), wanted.to_flat()
     changed = sorted(k for k in after if k != "num-rounds" and after[k] != before.get(k))
     if changed:
@@ -55,7 +56,6 @@ def prepare_resume(flat: Mapping[str, object], run_dir: Path) -> RunConfig:
 
 def checkpoint_round(run_dir: Path) -> int | None:
     """The round of ``RUN_DIR/checkpoint`` (verified), or ``None`` when there is none."""
-    from fedtune.run.checkpoint import CheckpointError, load_checkpoint  # noqa: PLC0415
 
     if not (run_dir / "checkpoint").exists():
         return None

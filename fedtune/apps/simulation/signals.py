@@ -56,7 +56,7 @@ def _become_subreaper() -> None:
 
 def descendants() -> list[Any]:
     """Every live process below this one (``psutil.Process`` objects)."""
-    import psutil  # noqa: PLC0415
+    import psutil
 
     try:
         return [
@@ -70,7 +70,7 @@ def descendants() -> list[Any]:
 
 def stop_descendants(grace: float = GRACE) -> None:
     """SIGTERM every descendant, SIGKILL those alive after ``grace`` seconds, reap them."""
-    import psutil  # noqa: PLC0415
+    import psutil
 
     procs = descendants()
     for p in procs:

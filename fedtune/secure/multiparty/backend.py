@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedtune import crypto
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.keyfiles import PUBLIC_MODE, private_dir, write_key_file
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError, WirePayload

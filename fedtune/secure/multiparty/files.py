@@ -28,11 +28,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.crypto.context import context_from_bytes, context_to_bytes
 from fedtune.crypto.params import CkksParams
+from fedtune.errors import MultipartyFileError as FileError
 from fedtune.keyfiles import PRIVATE_MODE, PUBLIC_MODE, private_dir, write_key_file
 from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.secure.multiparty.protocol import (
     Dealer,
-    KeygenAborted,
     Member,
     PartialDecryption,
     Party,
@@ -47,10 +47,6 @@ _MAX_HEADER = 4096
 _MAX_ROSTER_BYTES = 4 * 2**20
 _MAX_PARTY_BYTES = 512 * 2**20
 _MAX_ROUND_BYTES = 64 * 2**20
-
-
-class FileError(KeygenAborted):
-    """A multiparty key file is malformed or does not belong to this roster."""
 
 
 def roster_bytes(roster: Roster) -> bytes:

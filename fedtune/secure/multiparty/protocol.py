@@ -59,7 +59,7 @@ from fedtune.crypto import receipts
 from fedtune.crypto._seal import expected_version, scratch_dir
 from fedtune.crypto.context import CkksContext, make_secret_context
 from fedtune.crypto.key_format import KeyLayout, parse_secret_key
-from fedtune.errors import FedtuneError
+from fedtune.errors import KeygenAborted
 from fedtune.secure.multiparty import ring
 from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.secure.verify import (
@@ -102,11 +102,6 @@ _ROSTER_DOMAIN = b"fedtune/multiparty/roster/v1\x00"
 _UPLOAD_DOMAIN = b"fedtune/multiparty/upload/v1\x00"
 _REQUEST_DOMAIN = b"fedtune/multiparty/request/v1\x00"
 SIGNATURE_BYTES = 64
-
-
-class KeygenAborted(FedtuneError, ValueError):
-    """The key ceremony stops: a dealt share does not match its commitment, or the
-    roster a party is shown is not the one it announced itself in."""
 
 
 def _lp(*fields: bytes) -> bytes:

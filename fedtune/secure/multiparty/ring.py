@@ -31,6 +31,7 @@ from fedtune.crypto.seal_format import (
     COMPR_NONE,
     CiphertextLayout,
     parse_ciphertext,
+    unzstd,
 )
 
 __all__ = [
@@ -215,11 +216,10 @@ def _transform(ctx: CkksContext, polys: Poly, *, forward: bool) -> Poly:
         return parse_ciphertext(out, layout, field="ntt", seeded=False).data.copy()
     # parse_ciphertext insists on the NTT flag; read the coefficients directly.
     n, lvl = layout.poly_modulus_degree, len(layout.primes)
-    from fedtune.crypto.seal_format import _unzstd  # noqa: PLC0415
 
     body = out[_HEADER.size :]
     if _HEADER.unpack_from(out)[4] != COMPR_NONE:
-        body = _unzstd(body, limit=layout.members_size(seeded=False), field="intt")
+        body = unzstd(body, limit=layout.members_size(seeded=False), field="intt")
     offset = _META.size + _HEADER.size + _U64.size
     return np.frombuffer(body, dtype="<u8", count=2 * n * lvl, offset=offset).reshape(2, lvl, n)
 

@@ -9,10 +9,22 @@ the held-out metrics; ``generate`` answers prompts with a finished run's adapter
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune import data as fdata
+from fedtune.errors import ConfigError
+from fedtune.model import build_model, load_tokenizer, resolve_model_path
 from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
+from fedtune.tasks.causal_lm import data as lm_data
+from fedtune.tasks.causal_lm.generate import rescore_run, write_samples
+from fedtune.tasks.causal_lm.loss import answer_loss, evaluate_lm, example_metrics_lm, perplexity
+from fedtune.tasks.causal_lm.model import (
+    check_causal_path,
+    default_causal_model_path,
+    load_causal_model,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -37,35 +49,22 @@ class CausalLMTask:
 
     def loss_fn(self, cfg: RunConfig):  # type: ignore[no-untyped-def]
         """The mean over rows of each row's mean answer-token NLL."""
-        from fedtune.tasks.causal_lm.loss import answer_loss  # noqa: PLC0415
-
         return answer_loss
 
     def default_model_path(self) -> Path:
         """SmolLM2-135M-Instruct, converted once from the bundled GGUF file."""
-        from fedtune.tasks.causal_lm.model import default_causal_model_path  # noqa: PLC0415
-
         return default_causal_model_path()
 
     def check_model_path(self, cfg: ModelConfig, path: Path) -> None:
         """The directory must hold a ``...ForCausalLM`` architecture."""
-        from fedtune.tasks.causal_lm.model import check_causal_path  # noqa: PLC0415
-
         check_causal_path(cfg, path)
 
     def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> nn.Module:
         """The causal LM itself (``num_labels`` is ignored)."""
-        from fedtune.tasks.causal_lm.model import load_causal_model  # noqa: PLC0415
-
         return load_causal_model(path, seed=seed)
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, data and partitions before the run starts."""
-        from fedtune import data as fdata  # noqa: PLC0415
-        from fedtune.config import ConfigError  # noqa: PLC0415
-        from fedtune.model import build_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
-        from fedtune.tasks.causal_lm import data as lm_data  # noqa: PLC0415
-
         fed = cfg.federation
         resolve_model_path(cfg.model)
         data = lm_data.load_instructions(cfg.data, seed=fed.seed)
@@ -88,9 +87,6 @@ class CausalLMTask:
         self, cfg: RunConfig, tokenizer: Any, *, partition_id: int, num_partitions: int
     ) -> ClientDatasets:
         """Load, partition, split and tokenise one client's instruction data."""
-        from fedtune.config import ConfigError  # noqa: PLC0415
-        from fedtune.tasks.causal_lm import data as lm_data  # noqa: PLC0415
-
         seed = cfg.federation.seed
         data = lm_data.load_instructions(cfg.data, seed=seed)
         split = lm_data.instruction_split(
@@ -114,16 +110,12 @@ class CausalLMTask:
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> EvalResult:
         """Answer-token loss and token accuracy over ``loader``."""
-        from fedtune.tasks.causal_lm.loss import evaluate_lm  # noqa: PLC0415
-
         return evaluate_lm(model, loader, device=device)
 
     def example_metrics(
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> dict[str, list[float]]:
         """Per-example mean answer-token loss and token accuracy (for a DP evaluation)."""
-        from fedtune.tasks.causal_lm.loss import example_metrics_lm  # noqa: PLC0415
-
         return example_metrics_lm(model, loader, device=device)
 
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -133,10 +125,6 @@ class CausalLMTask:
         is ``exp`` of the example-weighted mean loss (a weighted geometric mean of the
         clients' perplexities).
         """
-        import math  # noqa: PLC0415
-
-        from fedtune.tasks.causal_lm.loss import perplexity  # noqa: PLC0415
-
         for part in [record, *record.get("clients", {}).values()]:
             loss = part.get("eval-loss")
             if isinstance(loss, (int, float)) and math.isfinite(loss):
@@ -145,12 +133,8 @@ class CausalLMTask:
 
     def finish_run(self, run_dir: Path) -> None:
         """Answer a few fixed held-out prompts with the base model and the adapter."""
-        from fedtune.tasks.causal_lm.generate import write_samples  # noqa: PLC0415
-
         write_samples(run_dir)
 
     def rescore(self, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
         """Per-client and weighted held-out answer loss / perplexity of ``run_dir/adapter``."""
-        from fedtune.tasks.causal_lm.generate import rescore_run  # noqa: PLC0415
-
         return rescore_run(run_dir)

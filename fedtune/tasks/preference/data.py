@@ -45,8 +45,9 @@ import numpy as np
 import torch
 
 from fedtune import data as fdata
-from fedtune.config import ConfigError, DataConfig
+from fedtune.config import DataConfig
 from fedtune.data.collate import pad_collate
+from fedtune.errors import ConfigError
 from fedtune.tasks.causal_lm.data import encode_example, end_of_turn_ids, table_cell, wordnet_prompt
 
 __all__ = [

@@ -6,17 +6,19 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedtune.config import load_toml, parse_run_config
+from fedtune.run.metrics import read_records, weighted_mean
+from fedtune.run.rescore import held_out_results
+from fedtune.tasks import get_task
 from fedtune.tasks.causal_lm.generate import NUM_SAMPLES, load_lm
 from fedtune.tasks.causal_lm.generate import write_samples as write_answers
+from fedtune.tasks.preference import data as pref_data
 
 __all__ = ["rescore_run", "write_samples"]
 
 
 def write_samples(run_dir: Path) -> Path:
     """``samples.jsonl``: client 0's first held-out prompts with chosen, rejected, answers."""
-    from fedtune.config import load_toml, parse_run_config  # noqa: PLC0415
-    from fedtune.tasks.preference import data as pref_data  # noqa: PLC0415
-
     cfg = parse_run_config(load_toml(Path(run_dir) / "config.toml"))
     fed = cfg.federation
     split = pref_data.preference_split(
@@ -36,10 +38,6 @@ def write_samples(run_dir: Path) -> Path:
 
 def rescore_run(run_dir: Path) -> dict[str, Any]:
     """Per-client and weighted held-out preference metrics of ``RUN_DIR/adapter``."""
-    from fedtune.run.metrics import read_records, weighted_mean  # noqa: PLC0415
-    from fedtune.run.rescore import held_out_results  # noqa: PLC0415
-    from fedtune.tasks import get_task  # noqa: PLC0415
-
     cfg, model, tokenizer = load_lm(run_dir)
     task = get_task(cfg.model.task)
     results = held_out_results(task, cfg, model, tokenizer)
