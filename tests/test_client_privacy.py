@@ -229,16 +229,16 @@ def test_empty_poisson_batch_still_takes_a_noisy_step(
 ) -> None:
     # batch-size 1 of 48: q = 1/48, so P(empty batch) = (47/48)^48 = 0.36 per step. Before
     # the fix an empty batch was skipped: fewer noisy steps than the ledger counted.
-    from fedtune.privacy import noise as noise_module
+    from fedtune.privacy import discrete_array
 
     draws: list[int] = []
-    real = noise_module.ChaChaNoise.normal
+    real = discrete_array.discrete_gaussian_array  # DP-SGD's noise (fedtune.privacy.optimizer)
 
-    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         draws.append(1)
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(noise_module.ChaChaNoise, "normal", counting)
+    monkeypatch.setattr(discrete_array, "discrete_gaussian_array", counting)
     runtime = _runtime(
         tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 1.0, "batch-size": 1}
     )
