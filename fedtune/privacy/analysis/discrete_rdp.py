@@ -76,6 +76,7 @@ __all__ = [
 ADD_REMOVE_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
 """Integer orders of the add/remove curve (Zhu & Wang's theorem needs integers)."""
 
+
 def _log_moment(order: int, q: float, c: float, *, factor: float) -> float:
     """``log`` of the bracket of Zhu & Wang's Theorem 6 at integer ``order`` >= 2.
 
