@@ -139,3 +139,102 @@ def test_a_history_with_a_discrete_release_is_evaluated_with_the_proven_accounta
     assert state.epsilon(delta=DELTA, accountant="prv", relation="replace-one") == proven
     with pytest.raises(ValueError, match="mechanism"):
         state.compose(noise_multiplier=1.0, sample_rate=0.1, steps=1, mechanism="laplace")
+
+
+# -- the ledger records the mechanism; the audit recomputes with the proven accountant ----
+
+GRID_ROUND = dict(
+    noise_multiplier=1.0,
+    sample_rate=0.05,
+    steps=40,
+    max_grad_norm=1.0,
+    delta=DELTA,
+    accountant="prv",  # the run's choice: not proven for the grid, so replaced
+    relation="replace-one",
+    level="example",
+    noise="csprng",
+    batch_size=20,
+    local_epochs=2,
+    num_examples=400,
+)
+
+
+def _grid_ledger(tmp_path, rounds: int = 2):  # type: ignore[no-untyped-def]
+    from fedtune.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "c0.jsonl")
+    for r in range(1, rounds + 1):
+        ledger.record(
+            run_id="run",
+            run_nonce="n1",
+            input_hash=f"h{r}",
+            round=r,
+            client="c0",
+            timestamp=1000.0 + r,
+            mechanism="discrete-gaussian",
+            **GRID_ROUND,  # type: ignore[arg-type]
+        )
+    return ledger
+
+
+def test_ledger_records_the_mechanism_and_the_accountant_that_proves_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fedtune.privacy.record import LedgerRecord
+
+    ledger = _grid_ledger(tmp_path)
+    lines = [json.loads(x) for x in ledger.path.read_text().splitlines()]
+    assert [(x["mechanism"], x["accountant"]) for x in lines] == [
+        ("discrete-gaussian", "discrete-rdp")
+    ] * 2
+    proven = discrete_rdp_epsilon([(1.0, 0.05, 80)], delta=DELTA, relation="replace-one")
+    prv = compute_epsilon([(1.0, 0.05, 80)], delta=DELTA, accountant="prv", relation="replace-one")
+    assert lines[-1]["epsilon"] == pytest.approx(proven, rel=1e-12)
+    assert lines[-1]["epsilon"] > prv + 1
+    # a float evaluation after grid rounds is composed with the proven accountant too
+    evaluation = LedgerRecord(
+        **{**lines[-1], "kind": "eval", "run_nonce": "n1", "round": 2, "sample_rate": 1.0}
+        | {"steps": 1, "noise_multiplier": 10.0, "mechanism": "gaussian", "accountant": "prv"}
+    )
+    stored = ledger.append(evaluation)
+    assert stored.accountant == "discrete-rdp" and stored.epsilon > lines[-1]["epsilon"]
+    # a record cannot claim an accountant not proven for its own mechanism
+    with pytest.raises(ValueError, match="not proven for mechanism 'discrete-gaussian'"):
+        LedgerRecord(**{**lines[0], "accountant": "prv"})
+    # a record written before the mechanism existed reads as float Gaussian noise
+    legacy = {k: v for k, v in lines[0].items() if k != "mechanism"}
+    assert LedgerRecord.from_dict({**legacy, "accountant": "prv"}).mechanism == "gaussian"
+
+
+def test_audit_recomputes_grid_rounds_with_the_proven_accountant(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fedtune.privacy.audit import RunExpectation, audit_records
+
+    ledger = _grid_ledger(tmp_path)
+    lines = [json.loads(x) for x in ledger.path.read_text().splitlines()]
+    expect = RunExpectation(mechanism="discrete-gaussian")
+    (ok,) = audit_records(lines, budget_epsilon=None, delta=DELTA, expect=expect).clients
+    assert ok.verdict == "ok", ok.problems
+    assert (ok.accountant, ok.mechanisms) == ("discrete-rdp", ("discrete-gaussian",))
+    assert ok.epsilon_proven == pytest.approx(lines[-1]["epsilon"], rel=1e-12)
+    assert ok.epsilon_prv < ok.epsilon_proven  # the continuous figure, for comparison
+    # relabelled as float noise with the (smaller) PRV ε: fails
+    forged = []
+    for x in lines:
+        history = [(1.0, 0.05, 40 * x["round"])]
+        eps = compute_epsilon(history, delta=DELTA, accountant="prv", relation="replace-one")
+        forged.append({**x, "mechanism": "gaussian", "accountant": "prv", "epsilon": eps})
+    (bad,) = audit_records(forged, budget_epsilon=None, delta=DELTA, expect=expect).clients
+    assert bad.verdict == "under-reported"
+    assert any("records mechanism 'gaussian'" in p for p in bad.problems)
+    assert any("discrete-rdp recomputes" in p for p in bad.problems)
+    # ε below the proven bound, mechanism left as it is: fails too
+    low = [{**x, "epsilon": x["epsilon"] * 0.9} for x in lines]
+    (under,) = audit_records(low, budget_epsilon=None, delta=DELTA, expect=expect).clients
+    assert under.verdict == "under-reported"
+    # a budget the proven ε exceeds is an overrun even where PRV would fit
+    (over,) = audit_records(
+        lines, budget_epsilon=ok.epsilon_prv + 0.5, delta=DELTA, expect=expect
+    ).clients
+    assert over.verdict == "overrun"

@@ -239,7 +239,13 @@ def test_eval_mode_is_refused() -> None:
 
 
 def _grid_step_grads(
-    seed: int, *, sigma: float = 1.0, clip: float = 1.0, zero: bool = False
+    seed: int,
+    *,
+    sigma: float = 1.0,
+    clip: float = 1.0,
+    zero: bool = False,
+    replace_row: bool = False,
+    grid: bool = True,
 ) -> tuple[torch.Tensor, object]:
     """One DP-SGD step of a 4->3 linear layer (d = 15) on 8 rows, q = 1/2, batch 4; the
     gradient after Opacus' division by the expected batch size, and the step's grid."""
@@ -250,6 +256,8 @@ def _grid_step_grads(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     data = TensorDataset(torch.randn(8, 4) * 5, torch.randint(0, 3, (8,)))
+    if replace_row:  # a replace-one neighbour: every row of the data set is replaced
+        data = TensorDataset(data.tensors[0] * -0.37 + 1.1, data.tensors[1])
     dp = make_dp_training(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
@@ -259,6 +267,7 @@ def _grid_step_grads(
         max_grad_norm=clip,
         generator=torch.Generator().manual_seed(1),
         noise=SeededNoise(seed),
+        grid=grid,
     )
     for x, y in dp.data_loader:
         dp.optimizer.zero_grad()
@@ -280,6 +289,27 @@ def test_dpsgd_releases_the_noisy_sum_on_the_grid() -> None:
     assert torch.equal(released, torch.round(released))
     assert spec.grid == 2.0 ** round(math.log2(spec.grid))  # type: ignore[attr-defined]
     assert released.abs().max() > 0
+
+
+def test_neighbouring_inputs_release_on_the_same_lattice() -> None:
+    """The grid does not depend on the data: two different data sets' releases are
+    both exact multiples of the same ``g`` (bitwise: ``x / g`` is an integer in float64,
+    and ``g`` times it gives ``x`` back exactly), so their low-order bits carry nothing."""
+    a, spec_a = _grid_step_grads(3)
+    b, spec_b = _grid_step_grads(3, replace_row=True)
+    assert spec_a == spec_b
+    for grad in (a, b):
+        ints = grad * 4 / spec_a.grid  # type: ignore[attr-defined]
+        assert torch.equal(ints, torch.round(ints))
+        assert torch.equal(ints * spec_a.grid / 4, grad)  # type: ignore[attr-defined]
+    assert not torch.equal(a, b)
+
+
+def test_float_noise_path_is_kept_behind_dp_noise_float() -> None:
+    """``grid=False`` (``dp-noise = "float"``): float64 Gaussian noise, off the grid."""
+    grad, spec = _grid_step_grads(3, grid=False)
+    released = grad * 4 / spec.grid  # type: ignore[attr-defined]
+    assert not torch.equal(released, torch.round(released))
 
 
 def test_dpsgd_grid_noise_is_reproducible_from_the_seed() -> None:
