@@ -1,6 +1,6 @@
 """Cost of the exact discrete Gaussian: client-level shares and DP-SGD steps on the grid.
 
-    python benchmarks/bench_discrete_noise.py [--dim 100000] [--sgd] [--batch 64]
+    python benchmarks/bench_discrete_noise.py [--dim 100000] [--sgd] [--batch 64] [--accounting]
 
 Client level: one share for σ = 1, C = 1, m = 10 sampled clients, t = 1 (CSPRNG keys):
 ``fedtune.privacy.discrete.discrete_noisy_update`` (what ``dp = "client"`` releases, drawn
@@ -9,7 +9,10 @@ by the vectorised sampler), the scalar reference sampler on 2,000 values, and
 ``optimizer.step`` of ``fedtune.privacy.optimizer.sourced_dp_optimizer`` (grid) against
 Opacus' ``DPOptimizer`` (float noise, the cost of the float path this replaced) on one
 ``Linear(76808, 1)`` layer (the quickstart's trainable size) with ``--batch`` examples.
-Prints the load average: the times scale with it on a shared machine.
+Prints the load average: the times scale with it on a shared machine. ``--accounting``
+(no timing): ε of the quickstart, private and silos-private DP settings under the PRV
+accountant of the continuous Gaussian against ``discrete-rdp``, the one proven for the grid,
+and the σ each needs for ``target-epsilon``.
 """
 
 from __future__ import annotations
@@ -93,13 +96,67 @@ def sgd(batch: int, dim: int = 76_808, steps: int = 7) -> None:
     )
 
 
+#: (federation file, n_k): n_k is the training split of one client (test-fraction 0.2):
+#: 2,000 definitions over 4 clients (quickstart, private), ~12,250 a silo (silos-private).
+#: quickstart.toml runs without DP: its batch, epochs and rounds with dp = "example".
+ACCOUNTING_RUNS = (("quickstart.toml", 400), ("private.toml", 400), ("silos-private.toml", 9_800))
+
+
+def accounting() -> None:
+    """ε(PRV, continuous) vs ε(discrete-rdp, proven) at the σ PRV calibrates, and the σ
+    each accountant calibrates for target-epsilon, per federation (with the node's DP
+    evaluations at eval-noise-multiplier, once per round plus the initial adapter)."""
+    from fedtune.config import parse_run_config
+    from fedtune.config.parse import load_toml
+    from fedtune.privacy.accountant import compute_epsilon
+    from fedtune.privacy.budget import calibrate_noise
+
+    root = Path(__file__).resolve().parents[1] / "simulations"
+    for name, n in ACCOUNTING_RUNS:
+        cfg = parse_run_config({**load_toml(root / name), "dp": "example"})
+        p, rounds = cfg.privacy, cfg.federation.num_rounds
+        q = min(1.0, cfg.train.batch_size / n)
+        steps = cfg.train.local_epochs * int(1 / q) * rounds
+        extra = [(p.eval_noise_multiplier, 1.0, rounds + 1)]
+        kw = {"target_epsilon": p.target_epsilon, "target_delta": p.target_delta}
+        sigmas = {
+            m: calibrate_noise(
+                sample_rate=q,
+                steps=steps,
+                accountant="prv",
+                relation="replace-one",
+                extra=extra,
+                mechanism=m,
+                **kw,  # type: ignore[arg-type]
+            )
+            for m in ("gaussian", "discrete-gaussian")
+        }
+        history = [(sigmas["gaussian"], q, steps), *extra]
+        eps = {
+            a: compute_epsilon(history, delta=p.target_delta, accountant=a, relation="replace-one")  # type: ignore[arg-type]
+            for a in ("prv", "rdp", "discrete-rdp")
+        }
+        print(
+            f"{name}: n_k={n} q={q:.4f} steps={steps} (+{rounds + 1} evals at "
+            f"σ={p.eval_noise_multiplier:g}), δ={p.target_delta:g}: at σ={sigmas['gaussian']:.4f} "
+            f"ε prv={eps['prv']:.3f} rdp={eps['rdp']:.3f} discrete-rdp={eps['discrete-rdp']:.3f}; "
+            f"σ for ε={p.target_epsilon:g}: prv {sigmas['gaussian']:.4f}, discrete-rdp "
+            f"{sigmas['discrete-gaussian']:.4f} "
+            f"(x{sigmas['discrete-gaussian'] / sigmas['gaussian']:.2f})"
+        )
+
+
 def main() -> None:
     """Parse the arguments and run the benchmarks asked for."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=100_000, help="adapter size d")
     parser.add_argument("--sgd", action="store_true", help="also time DP-SGD steps")
     parser.add_argument("--batch", type=int, default=64, help="examples per DP-SGD step")
+    parser.add_argument("--accounting", action="store_true", help="only the ε table")
     args = parser.parse_args()
+    if args.accounting:
+        accounting()
+        return
     client_level(args.dim)
     if args.sgd:
         sgd(args.batch)
