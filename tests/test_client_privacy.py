@@ -73,7 +73,7 @@ def test_each_round_is_in_the_ledger_once_and_composes(
     assert [r.round for r in records] == [1, 2]
     assert (records[0].batch_size, records[0].local_epochs, records[0].num_examples) == (8, 1, 48)
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * 2
-    expected = compute_epsilon(history, delta=1e-5, accountant="prv", **RO)
+    expected = compute_epsilon(history, delta=1e-5, accountant="discrete-rdp", **RO)
     assert second.epsilon == pytest.approx(expected, rel=1e-9)
     assert first.epsilon is not None and first.epsilon < second.epsilon < 4.0
 

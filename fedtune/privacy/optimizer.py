@@ -137,7 +137,7 @@ def sourced_dp_optimizer() -> type[Any]:
                     f"discrete noise reads its keystream; got {noise!r}."
                 )
             self.noise = noise
-            self._bits = KeystreamRandom(noise)
+            self._bits = KeystreamRandom(noise) if isinstance(noise, ChaChaNoise) else None
             self.canaries: Any = None  # a fedtune.privacy.canaries.CanaryStep, audits only
             self.canary_rate = 0.0
             self.last_release: SgdGrid | None = None
@@ -234,6 +234,7 @@ def sourced_dp_optimizer() -> type[Any]:
                 raise RuntimeError("the rounded gradient sum is not finite or beyond 2^52.")
             total = flat.astype(np.int64)
             if self.noise_multiplier > 0:
+                assert self._bits is not None  # checked in __init__ for the grid
                 total += discrete_array.discrete_gaussian_array(spec.sigma2, total.size, self._bits)
             if total.size and int(np.abs(total).max()) >= _EXACT:
                 raise RuntimeError("the released integers reach 2^53; float64 cannot hold them.")
