@@ -121,7 +121,8 @@ def test_a_dp_nodes_evaluation_is_noised_and_in_the_ledger(
 def test_evaluation_releases_compose_with_training_in_one_history(
     tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
-    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path)
+    # σ = 2: at σ = 1 one grid round's proven ε (12.4) is over the default budget of 8
+    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 2.0})
     _ask(runtime, None, 0)
     trained = runtime.train(None, server_round=1)
     plan = runtime.plan

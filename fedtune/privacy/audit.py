@@ -253,7 +253,7 @@ def _audit_one(
         )
         if r.level == level and (every_record or r is last):
             # the accountant proven for every release so far (PRV for float ones only)
-            name = state.proven_accountant("prv")
+            name = _LABEL[state.proven_accountant("prv")]
             proven = state.epsilon(delta=r.delta, accountant="prv", relation=relation)  # type: ignore[arg-type]
             if r.epsilon < proven - tolerance:
                 under = True
@@ -274,7 +274,7 @@ def _audit_one(
     if overrun:
         problems.insert(
             0,
-            f"budget ε={budget:g} exceeded: recomputed {accountant} ε={eps_proven:.6g} at "
+            f"budget ε={budget:g} exceeded: recomputed {_LABEL[accountant]} ε={eps_proven:.6g} at "
             f"δ={audit_delta:g}, reported ε={last.epsilon:.6g}",
         )
     problems += inconsistent
@@ -326,6 +326,9 @@ def _audit_one(
         mechanisms=state.mechanisms,
     )
 
+
+#: How the problems name an accountant.
+_LABEL = {"prv": "PRV", "rdp": "RDP", "discrete-rdp": "discrete-rdp"}
 
 #: Why a record's mechanism is pinned, per level (see :func:`_audited_mechanism`).
 _MECHANISM_WHY = {
