@@ -94,8 +94,11 @@ def proven_accountant(requested: str, mechanisms: Sequence[str]) -> str:
     """The accountant to evaluate a history of releases of ``mechanisms`` with.
 
     ``requested`` (the run's ``accountant``) when it is proven for every mechanism in
-    the history, else ``"discrete-rdp"``, the one proven for all of them.
+    the history, else ``"discrete-rdp"``, the one proven for all of them. An unknown
+    ``requested`` is an error, never silently replaced.
     """
+    if requested not in ACCOUNTANTS:
+        raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {requested!r}.")
     if all(requested in MECHANISM_ACCOUNTANTS[m] for m in mechanisms):
         return requested
     return "discrete-rdp"
