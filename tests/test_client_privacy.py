@@ -75,7 +75,7 @@ def test_each_round_is_in_the_ledger_once_and_composes(
     assert [r.round for r in records] == [1, 2]
     assert (records[0].batch_size, records[0].local_epochs, records[0].num_examples) == (8, 1, 48)
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * 2
-    expected = compute_epsilon(history, delta=1e-5, accountant="prv", **RO)
+    expected = compute_epsilon(history, delta=1e-5, accountant="discrete-rdp", **RO)
     assert second.epsilon == pytest.approx(expected, rel=1e-9)
     assert first.epsilon is not None and first.epsilon < second.epsilon < 4.0
 
@@ -85,7 +85,7 @@ def test_a_resent_round_with_another_global_state_is_refused(
 ) -> None:
     # Before the fix the ledger key was (run-id, round, client): the second call trained
     # again, released a new update and appended nothing.
-    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 1.0})
+    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 2.0})
     runtime.train(None, server_round=1)
     assert runtime.train(_global(runtime, 0.01), server_round=2).payload is not None
     with caplog.at_level("WARNING", logger="fedtune.client"):
@@ -102,10 +102,10 @@ def test_a_second_run_with_the_same_run_id_is_a_new_counted_release(
 ) -> None:
     # Same run-id and privacy dir (a node's state dir), another configuration: the client
     # sees another run, makes a new nonce, and composes with what the data already spent.
-    first = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 1.0})
+    first = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 2.0})
     eps1 = first.train(None, server_round=1).epsilon
     second = _runtime(
-        tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 1.0, "learning-rate": 0.01}
+        tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 2.0, "learning-rate": 0.01}
     )
     eps2 = second.train(None, server_round=1).epsilon
     records = PrivacyLedger(tmp_path / "client-0.jsonl").records()
@@ -118,8 +118,8 @@ def test_noise_differs_between_releases(
 ) -> None:
     # Before the fix the noise seed was (secret, seed, round, name): two releases of one
     # round carried the same noise, and their difference was almost noise-free.
-    a = _runtime(tiny_model_dir, toy_csv, tmp_path / "a", **{"noise-multiplier": 1.0})
-    b = _runtime(tiny_model_dir, toy_csv, tmp_path / "b", **{"noise-multiplier": 1.0})
+    a = _runtime(tiny_model_dir, toy_csv, tmp_path / "a", **{"noise-multiplier": 2.0})
+    b = _runtime(tiny_model_dir, toy_csv, tmp_path / "b", **{"noise-multiplier": 2.0})
     ua = a.codec.decode(a.train(None, server_round=1).payload)  # type: ignore[arg-type]
     ub = b.codec.decode(b.train(None, server_round=1).payload)  # type: ignore[arg-type]
     assert np.max(np.abs(ua - ub)) > 1e-3
@@ -128,7 +128,7 @@ def test_noise_differs_between_releases(
 def test_seeded_noise_reproduces_and_is_recorded(
     tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
-    extra = {"noise-multiplier": 1.0, "seeded-noise": True}
+    extra = {"noise-multiplier": 2.0, "seeded-noise": True}
     a = _runtime(tiny_model_dir, toy_csv, tmp_path / "a", **extra)
     b = _runtime(tiny_model_dir, toy_csv, tmp_path / "b", **extra)
     # distinct nonces, so distinct seeds: reproducible only through the stored reply
@@ -185,9 +185,9 @@ def test_client_level_dp_clips_and_sizes_its_share_for_the_tolerance(
     record = json.loads((tmp_path / "client-0.jsonl").read_text().splitlines()[0])
     assert (record["level"], record["steps"], record["sample_rate"]) == ("client", 1, 1.0)
     assert (record["sampled_clients"], record["tolerance"]) == (4, 1)
-    # one unamplified Gaussian step at q = 1 (before the fix: q = m / N)
+    # one unamplified step at q = 1 (before the fix: q = m / N), discrete noise: proven ε
     assert record["epsilon"] == pytest.approx(
-        compute_epsilon([(2.0, 1.0, 1)], delta=1e-5, accountant="prv", **RO)
+        compute_epsilon([(2.0, 1.0, 1)], delta=1e-5, accountant="discrete-rdp", **RO)
     )
 
 
@@ -231,16 +231,16 @@ def test_empty_poisson_batch_still_takes_a_noisy_step(
 ) -> None:
     # batch-size 1 of 48: q = 1/48, so P(empty batch) = (47/48)^48 = 0.36 per step. Before
     # the fix an empty batch was skipped: fewer noisy steps than the ledger counted.
-    from fedtune.privacy import noise as noise_module
+    from fedtune.privacy import discrete_array
 
     draws: list[int] = []
-    real = noise_module.ChaChaNoise.normal
+    real = discrete_array.discrete_gaussian_array  # DP-SGD's noise (fedtune.privacy.optimizer)
 
-    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         draws.append(1)
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(noise_module.ChaChaNoise, "normal", counting)
+    monkeypatch.setattr(discrete_array, "discrete_gaussian_array", counting)
     runtime = _runtime(
         tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 1.0, "batch-size": 1}
     )

@@ -121,14 +121,15 @@ def test_a_dp_nodes_evaluation_is_noised_and_in_the_ledger(
 def test_evaluation_releases_compose_with_training_in_one_history(
     tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
-    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path)
+    # σ = 2: at σ = 1 one grid round's proven ε (12.4) is over the default budget of 8
+    runtime = _runtime(tiny_model_dir, toy_csv, tmp_path, **{"noise-multiplier": 2.0})
     _ask(runtime, None, 0)
     trained = runtime.train(None, server_round=1)
     plan = runtime.plan
     expected = compute_epsilon(
         [(2.0, 1.0, 1), (plan.noise_multiplier, plan.sample_rate, plan.steps)],
         delta=1e-5,
-        accountant="prv",
+        accountant="discrete-rdp",  # grid DP-SGD (the default dp-noise) in the history
         **RO,
     )
     assert trained.epsilon == pytest.approx(expected, rel=1e-9)
@@ -455,9 +456,10 @@ def test_the_plan_leaves_room_for_an_evaluation_every_round(
     plan = runtime.plan
     rounds = runtime.cfg.federation.num_rounds
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps * rounds)]
-    alone = compute_epsilon(history, delta=1e-5, accountant="prv", **RO)
+    proven = {"accountant": "discrete-rdp", **RO}  # grid DP-SGD: the default dp-noise
+    alone = compute_epsilon(history, delta=1e-5, **proven)  # type: ignore[arg-type]
     history.append((10.0, 1.0, rounds + 1))
-    assert 3.9 <= compute_epsilon(history, delta=1e-5, accountant="prv", **RO) <= 4.0
+    assert 3.9 <= compute_epsilon(history, delta=1e-5, **proven) <= 4.0  # type: ignore[arg-type]
     assert alone < 3.9  # the room left for the evaluations
     # σ_eval too small for the target: the evaluations alone would spend it
     policy = NodePolicy(eval_noise_multiplier=1.0, test_fraction=0.2)

@@ -74,9 +74,11 @@ LAZY_EDGES: dict[tuple[str, str], str] = {
 #: pre-auth limits), secure.verify (the receipts and the checks a key holder runs),
 #: train.runtime (a client's state); secure.multiparty.protocol (the key ceremony and the
 #: round's threshold decryption with its checks; to split when it is wired into the round)
-#: and secure.multiparty.ring (SEAL's RNS ring arithmetic over its serialised objects).
+#: and secure.multiparty.ring (SEAL's RNS ring arithmetic over its serialised objects);
+#: privacy.audit (the audit of a ledger, now with the proven accountant of each mechanism).
 LONG_MODULES: frozenset[str] = frozenset(
     {
+        "fedtune.privacy.audit",
         "fedtune.secure.multiparty.protocol",
         "fedtune.secure.multiparty.ring",
         "fedtune.apps.server.strategy",

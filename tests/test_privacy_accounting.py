@@ -191,7 +191,10 @@ def test_calibration_edges() -> None:
         ),
         ({"steps": 0}, r"`steps` must be an integer >= 1, got 0"),
         ({"steps": 2.5}, r"`steps` must be an integer >= 1, got 2.5"),
-        ({"accountant": "gdp"}, r"`accountant` must be one of \('prv', 'rdp'\), got 'gdp'"),
+        (
+            {"accountant": "gdp"},
+            r"`accountant` must be one of \('prv', 'rdp', 'discrete-rdp'\), got 'gdp'",
+        ),
         ({"epsilon_tolerance": 0}, r"`epsilon_tolerance` must be finite and > 0, got 0"),
     ],
 )

@@ -8,6 +8,8 @@ frozen base tensor is bit-for-bit unchanged.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -226,4 +228,145 @@ def test_eval_mode_is_refused() -> None:
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             generator=torch.Generator(),
+        )
+
+
+# --- DP-SGD on an exact grid (issue 26 part F: fedtune/privacy/optimizer.py) ---------
+
+
+def _grid_step_grads(
+    seed: int,
+    *,
+    sigma: float = 1.0,
+    clip: float = 1.0,
+    zero: bool = False,
+    replace_row: bool = False,
+    grid: bool = True,
+) -> tuple[torch.Tensor, object]:
+    """One DP-SGD step of a 4->3 linear layer (d = 15) on 8 rows, q = 1/2, batch 4; the
+    gradient after Opacus' division by the expected batch size, and the step's grid."""
+    import torch.nn.functional as F
+
+    from fedtune.privacy.optimizer import dpsgd_grid
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    data = TensorDataset(torch.randn(8, 4) * 5, torch.randint(0, 3, (8,)))
+    if replace_row:  # a replace-one neighbour: every row of the data set is replaced
+        data = TensorDataset(data.tensors[0] * -0.37 + 1.1, data.tensors[1])
+    dp = make_dp_training(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data=data,
+        expected_batch_size=4,  # a power of two: the division is exact
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        generator=torch.Generator().manual_seed(1),
+        noise=SeededNoise(seed),
+        grid=grid,
+    )
+    for x, y in dp.data_loader:
+        dp.optimizer.zero_grad()
+        loss = F.cross_entropy(dp.module(x), y) * (0.0 if zero else 1.0)
+        loss.backward()
+        dp.optimizer.step()
+        break
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    spec = dpsgd_grid(clip_norm=clip, noise_multiplier=sigma, dim=15)
+    dp.close()
+    return grad, spec
+
+
+def test_dpsgd_releases_the_noisy_sum_on_the_grid() -> None:
+    """Every released value is an exact multiple of g before the division (fails with
+    float noise added to the float sum: the old add_noise)."""
+    grad, spec = _grid_step_grads(3)
+    released = grad * 4 / spec.grid  # type: ignore[attr-defined]
+    assert torch.equal(released, torch.round(released))
+    assert spec.grid == 2.0 ** round(math.log2(spec.grid))  # type: ignore[attr-defined]
+    assert released.abs().max() > 0
+
+
+def test_neighbouring_inputs_release_on_the_same_lattice() -> None:
+    """The grid does not depend on the data: two different data sets' releases are
+    both exact multiples of the same ``g`` (bitwise: ``x / g`` is an integer in float64,
+    and ``g`` times it gives ``x`` back exactly), so their low-order bits carry nothing."""
+    a, spec_a = _grid_step_grads(3)
+    b, spec_b = _grid_step_grads(3, replace_row=True)
+    assert spec_a == spec_b
+    for grad in (a, b):
+        ints = grad * 4 / spec_a.grid  # type: ignore[attr-defined]
+        assert torch.equal(ints, torch.round(ints))
+        assert torch.equal(ints * spec_a.grid / 4, grad)  # type: ignore[attr-defined]
+    assert not torch.equal(a, b)
+
+
+def test_float_noise_path_is_kept_behind_dp_noise_float() -> None:
+    """``grid=False`` (``dp-noise = "float"``): float64 Gaussian noise, off the grid."""
+    grad, spec = _grid_step_grads(3, grid=False)
+    released = grad * 4 / spec.grid  # type: ignore[attr-defined]
+    assert not torch.equal(released, torch.round(released))
+
+
+def test_dpsgd_grid_noise_is_reproducible_from_the_seed() -> None:
+    assert torch.equal(_grid_step_grads(5)[0], _grid_step_grads(5)[0])
+    assert not torch.equal(_grid_step_grads(5)[0], _grid_step_grads(6)[0])
+
+
+@pytest.mark.parametrize(
+    ("clip", "sigma", "dim"),
+    [(1.0, 1.0, 15), (0.1, 0.6, 76_808), (3.0, 1.3, 1_000_000), (1.0, 20.0, 76_808)],
+)
+def test_dpsgd_grid_noise_multiplier_is_at_least_sigma(clip: float, sigma: float, dim: int) -> None:
+    """``s / R >= σ`` for the rounded rows' bound ``R = C / g + sqrt(d) / 2`` (and at most
+    2^-20 above: s^2 is rounded up, not inflated)."""
+    from fedtune.privacy.optimizer import MAX_INFLATION, dpsgd_grid
+
+    spec = dpsgd_grid(clip_norm=clip, noise_multiplier=sigma, dim=dim)
+    g, row = spec.grid, spec.row_bound
+    assert row >= clip / g + math.sqrt(dim) / 2
+    assert math.sqrt(spec.sigma2) / row >= sigma
+    assert sigma <= spec.effective_noise_multiplier < sigma * (1 + 2.0**-20)
+    assert 1 < row * g / clip <= MAX_INFLATION
+
+
+def test_dpsgd_grid_noise_has_scale_s() -> None:
+    """Zero gradients: the released integers are the noise, of std ``s`` (not ``σ C / g``)."""
+    stats = pytest.importorskip("scipy.stats")
+    samples = []
+    for seed in range(40):
+        grad, spec = _grid_step_grads(100 + seed, zero=True)
+        samples.append(grad * 4 / spec.grid)  # type: ignore[attr-defined]
+    z = torch.cat(samples).numpy() / math.sqrt(spec.sigma2)  # type: ignore[attr-defined]
+    assert abs(z.std() - 1) < 5 / math.sqrt(2 * len(z))
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_dpsgd_refuses_rows_beyond_the_accounted_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtune.privacy.optimizer import sourced_dp_optimizer
+
+    cls = sourced_dp_optimizer()
+    monkeypatch.setattr(cls, "_clip_factors", lambda self, norms: torch.ones_like(norms))
+    with pytest.raises(RuntimeError, match=r"> the accounted bound R = .*clipping is broken"):
+        _grid_step_grads(3, clip=0.01)
+
+
+def test_dpsgd_grid_that_cannot_fit_is_refused() -> None:
+    from fedtune.privacy.optimizer import dpsgd_grid
+
+    with pytest.raises(ValueError, match=r"noise_multiplier = 100.0 with 10000000 trainable"):
+        dpsgd_grid(clip_norm=1.0, noise_multiplier=100.0, dim=10_000_000)
+
+
+def test_dpsgd_noise_must_be_a_keystream() -> None:
+    from fedtune.privacy.optimizer import sourced_dp_optimizer
+
+    model = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"`noise` must be a ChaChaNoise .* got 'gauss'"):
+        sourced_dp_optimizer()(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise="gauss",
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=2,
         )

@@ -195,7 +195,11 @@ def test_cumulative_epsilon_spans_runs(tmp_path: Path) -> None:
         ("round", 0, r"`round` must be an integer >= 1, got 0"),
         ("client", "", r"`client` must be a non-empty string, got ''"),
         ("delta", 0.0, r"`delta` must be a delta in \(0, 1\), got 0.0"),
-        ("accountant", "gdp", r"`accountant` must be one of \('prv', 'rdp'\), got 'gdp'"),
+        (
+            "accountant",
+            "gdp",
+            r"`accountant` must be one of \('prv', 'rdp', 'discrete-rdp'\), got 'gdp'",
+        ),
         ("relation", "zero-out", r"`relation` must be one of .*got 'zero-out'"),
         ("noise", "mt19937", r"`noise` must be one of \('csprng', 'seeded'\), got 'mt19937'"),
         ("run_nonce", "", r"`run_nonce` must be the client's own nonce"),

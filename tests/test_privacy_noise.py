@@ -314,13 +314,25 @@ def _zero_grad_step(noise: NoiseSource, *, width: int = 64, batch: int = 8) -> t
     return before - torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def _grid_noise(seed: int, n: int, *, sigma: float, clip: float) -> torch.Tensor:
+    """``g K`` with ``K ~ N_Z(0, s^2)^n`` as the DP-SGD optimizer draws it (one call)."""
+    from fedtune.privacy.discrete import KeystreamRandom
+    from fedtune.privacy.discrete_array import discrete_gaussian_array
+    from fedtune.privacy.optimizer import dpsgd_grid
+
+    spec = dpsgd_grid(clip_norm=clip, noise_multiplier=sigma, dim=n)
+    ints = discrete_gaussian_array(spec.sigma2, n, KeystreamRandom(SeededNoise(seed)))
+    return torch.from_numpy(ints.astype(np.float64) * spec.grid)
+
+
 def test_dp_step_adds_the_sources_noise_scaled_by_the_expected_batch_size() -> None:
     update = _zero_grad_step(SeededNoise(21))
-    # lr 1, zero clipped gradients: update = N(0, (sigma C)^2) / expected_batch_size,
-    # drawn in one call for all parameters (weight then bias, in optimizer order)
-    expected = SeededNoise(21).normal((update.numel(),), 1.5 * 2.0, dtype=torch.float64) / 8
+    # lr 1, zero clipped gradients: update = g K / expected_batch_size, K the discrete
+    # Gaussian drawn in one call for all parameters (weight then bias, in optimizer order)
+    expected = _grid_noise(21, update.numel(), sigma=1.5, clip=2.0) / 8
     torch.testing.assert_close(update, expected.float(), rtol=1e-5, atol=1e-7)
-    assert update.std().item() == pytest.approx(1.5 * 2.0 / 8, rel=0.05)
+    # std s g / 8 = σ (C + g sqrt(d) / 2) / 8: σ C / 8 and at most 1% more
+    assert 1.5 * 2.0 / 8 * 0.95 < update.std().item() < 1.5 * 2.0 / 8 * 1.01 * 1.05
 
 
 def test_seeded_runs_repeat_and_csprng_runs_do_not() -> None:
@@ -331,11 +343,12 @@ def test_seeded_runs_repeat_and_csprng_runs_do_not() -> None:
 
 
 def test_clipping_and_scaling_are_opacus_own() -> None:
-    """With noise negligible, the sourced optimizer's gradient equals Opacus' DPOptimizer's."""
+    """With noise negligible, the sourced optimizer's gradient equals Opacus' DPOptimizer's
+    up to the grid: each of the 6 rows moves by at most g / 2 per coordinate, / 4."""
     from opacus.optimizers import DPOptimizer
     from torch import nn
 
-    from fedtune.privacy.optimizer import sourced_dp_optimizer
+    from fedtune.privacy.optimizer import dpsgd_grid, sourced_dp_optimizer
 
     grads = []
     for make in (
@@ -361,11 +374,13 @@ def test_clipping_and_scaling_are_opacus_own() -> None:
         opt.step()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 1e-3
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+    g = dpsgd_grid(clip_norm=0.1, noise_multiplier=1e-12, dim=8).grid
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=6 * g / 2 / 4 + 1e-7)
+    assert not torch.equal(grads[1], grads[0])  # rounded: the rows are on the grid
 
 
 def test_empty_poisson_batch_takes_a_pure_noise_step() -> None:
-    """A zero-row batch through the GradSampleModule still steps with N(0, (sigma C)^2)/B."""
+    """A zero-row batch through the GradSampleModule still steps with g K / B."""
     from opacus.grad_sample import GradSampleModule
     from torch import nn
 
@@ -385,7 +400,7 @@ def test_empty_poisson_batch_takes_a_pure_noise_step() -> None:
     model(torch.zeros(0, 16)).pow(2).sum(1).mean().backward()  # mean of nothing: nan, no rows
     opt.step()
     update = before - torch.cat([p.detach().flatten() for p in model.parameters()])
-    expected = SeededNoise(30).normal((update.numel(),), 1.0, dtype=torch.float64) / 2
+    expected = _grid_noise(30, update.numel(), sigma=1.0, clip=1.0) / 2
     torch.testing.assert_close(update, expected.float(), rtol=1e-5, atol=1e-7)
 
 

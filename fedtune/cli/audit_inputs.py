@@ -139,6 +139,8 @@ def run_facts(given: float | None, path: Path) -> RunFacts:
         batch_size=cfg.train.batch_size if "batch-size" in checked else None,
         local_epochs=cfg.train.local_epochs if "local-epochs" in checked else None,
         max_grad_norm=cfg.privacy.max_grad_norm if "max-grad-norm" in checked else None,
+        # the example-level noise that ran: its records are audited as that mechanism
+        mechanism=cfg.privacy.mechanism if "dp-noise" in checked else None,
     )
     if given is not None:
         return RunFacts(given, "--delta", expect)

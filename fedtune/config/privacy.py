@@ -7,11 +7,12 @@ from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
 
-__all__ = ["AccountantName", "DPLevel", "EvaluationMode", "PrivacyConfig"]
+__all__ = ["AccountantName", "DPLevel", "DPNoise", "EvaluationMode", "PrivacyConfig"]
 
 DPLevel = Literal["off", "example", "client"]
 AccountantName = Literal["prv", "rdp"]
 EvaluationMode = Literal["dp", "exact"]
+DPNoise = Literal["grid", "float"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,14 @@ class PrivacyConfig:
     client with ``m`` gradient canaries for one-run privacy auditing
     (:mod:`fedtune.privacy.canaries`); ``fedtune audit`` then reports an empirical
     lower bound on ε beside the claimed one.
+
+    ``dp-noise = "grid"`` (default) makes DP-SGD's release float-safe: clipped examples
+    rounded to a power-of-two grid, summed exactly, plus exact discrete Gaussian noise,
+    accounted with ``"discrete-rdp"``, the accountant proven for it, whatever
+    ``accountant`` says (looser than PRV: calibrated σ is about 1.5x higher for the
+    same ε). ``"float"`` adds float64 Gaussian noise, accounted with ``accountant`` as
+    the ideal continuous mechanism, with no proven bound for the float one
+    (``docs/float-noise.md``). Client-level shares are always on the grid.
 
     ``evaluation = "dp"`` (with DP on) makes every held-out reply a Gaussian release of
     bounded per-example sums at ``eval-noise-multiplier``, accounted with training
@@ -140,6 +149,15 @@ class PrivacyConfig:
             "deployed node refuses a smaller one than its own."
         },
     )
+    dp_noise: DPNoise = field(
+        default="grid",
+        metadata={
+            "help": "DP-SGD noise: `grid` (clipped examples rounded to a power-of-two grid "
+            "plus an exact discrete Gaussian; ε proven by the `discrete-rdp` accountant) or "
+            "`float` (float64 Gaussian, ε from `accountant`, no proven bound for the float "
+            "mechanism; docs/float-noise.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         choice("dp", self.dp, get_args(DPLevel))
@@ -168,6 +186,7 @@ class PrivacyConfig:
         require(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "must be > 0")
         choice("accountant", self.accountant, get_args(AccountantName))
         choice("evaluation", self.evaluation, get_args(EvaluationMode))
+        choice("dp-noise", self.dp_noise, get_args(DPNoise))
         require(
             self.eval_noise_multiplier > 0,
             "eval-noise-multiplier",
@@ -191,6 +210,14 @@ class PrivacyConfig:
     def enabled(self) -> bool:
         """True when some level of DP is on."""
         return self.dp != "off"
+
+    @property
+    def mechanism(self) -> str:
+        """The noise a training release adds: ``"discrete-gaussian"`` on the grid
+        (client level, and example level with ``dp-noise = "grid"``), else ``"gaussian"``."""
+        if self.dp == "client" or self.dp_noise == "grid":
+            return "discrete-gaussian"
+        return "gaussian"
 
     @property
     def budget(self) -> float:

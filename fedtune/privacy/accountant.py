@@ -19,6 +19,15 @@ Two accountants are offered, both upper bounds on ε for a given δ:
     https://arxiv.org/abs/1908.10530) converted to (ε, δ). Looser, analytic, fast
     (:mod:`fedtune.privacy.analysis.rdp`).
 
+``"discrete-rdp"``
+    Rényi DP proven for the Poisson-subsampled **discrete** Gaussian that grid DP-SGD
+    releases (``dp-noise = "grid"``), and for any mechanism with the Gaussian's RDP
+    curve, the float Gaussian included: Canonne, Kamath & Steinke 2020 (Theorem 14),
+    Zhu & Wang 2019 (Theorem 6), Mironov 2017 (Proposition 11) for replace-one
+    (:mod:`fedtune.privacy.analysis.discrete_rdp`). The only one of the three that is
+    proven for the grid mechanism; looser than both others. A history holding any
+    discrete-Gaussian release is evaluated with it (:data:`MECHANISM_ACCOUNTANTS`).
+
 Gaussian DP (Opacus' ``"gdp"`` accountant) is deliberately **not** offered. It rests on
 a central-limit approximation of the composed privacy loss (Bu, Dong, Long & Su 2020,
 https://arxiv.org/abs/1911.11607) that only becomes exact as the number of steps goes
@@ -46,32 +55,70 @@ from fedtune.privacy._checks import (
     check_positive_int,
     check_sample_rate,
 )
-from fedtune.privacy.analysis import RELATIONS, Relation, prv_epsilon, rdp_epsilon
+from fedtune.privacy.analysis import (
+    RELATIONS,
+    Relation,
+    discrete_rdp_epsilon,
+    prv_epsilon,
+    rdp_epsilon,
+)
 
 __all__ = [
     "ACCOUNTANTS",
+    "MECHANISMS",
+    "MECHANISM_ACCOUNTANTS",
     "Accountant",
     "AccountantState",
     "Composition",
     "compute_epsilon",
     "epsilon_after",
+    "proven_accountant",
 ]
 
-Accountant = Literal["prv", "rdp"]
-ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
+Accountant = Literal["prv", "rdp", "discrete-rdp"]
+ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "discrete-rdp")
+
+MECHANISMS: tuple[str, ...] = ("gaussian", "discrete-gaussian")
+"""The noise a release added: ``"gaussian"`` (float64 normals, ``dp-noise = "float"``,
+and the float DP evaluations) or ``"discrete-gaussian"`` (exact integer noise on a
+power-of-two grid: grid DP-SGD and every client-level share)."""
+
+MECHANISM_ACCOUNTANTS: dict[str, tuple[str, ...]] = {
+    "gaussian": ACCOUNTANTS,
+    "discrete-gaussian": ("discrete-rdp",),
+}
+"""The accountants whose ε is proven for each mechanism."""
+
+
+def proven_accountant(requested: str, mechanisms: Sequence[str]) -> str:
+    """The accountant to evaluate a history of releases of ``mechanisms`` with.
+
+    ``requested`` (the run's ``accountant``) when it is proven for every mechanism in
+    the history, else ``"discrete-rdp"``, the one proven for all of them. An unknown
+    ``requested`` is an error, never silently replaced.
+    """
+    if requested not in ACCOUNTANTS:
+        raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {requested!r}.")
+    if all(requested in MECHANISM_ACCOUNTANTS[m] for m in mechanisms):
+        return requested
+    return "discrete-rdp"
 
 
 @dataclass(frozen=True)
 class Composition:
     """``steps`` steps of the Gaussian mechanism with Poisson sampling rate ``sample_rate``.
 
-    Each step releases ``sum_i clip(g_i) + N(0, (noise_multiplier·C)² I)`` over a batch in
-    which every example is included independently with probability ``sample_rate``.
+    Each step releases ``sum_i clip(g_i) + noise`` over a batch in which every example
+    is included independently with probability ``sample_rate``; the noise is
+    ``N(0, (noise_multiplier·C)² I)`` (``mechanism = "gaussian"``) or its discrete
+    counterpart on a grid with at least that multiplier with respect to the rounded
+    sensitivity (``"discrete-gaussian"``, :mod:`fedtune.privacy.optimizer`).
     """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    mechanism: str = "gaussian"
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -79,14 +126,19 @@ class Composition:
         )
         object.__setattr__(self, "sample_rate", check_sample_rate("sample_rate", self.sample_rate))
         object.__setattr__(self, "steps", check_positive_int("steps", self.steps))
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"`mechanism` must be one of {MECHANISMS}, got {self.mechanism!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict."""
-        return {
+        """Return a JSON-serialisable dict (``mechanism`` only when not ``"gaussian"``)."""
+        out: dict[str, Any] = {
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "steps": self.steps,
         }
+        if self.mechanism != "gaussian":
+            out["mechanism"] = self.mechanism
+        return out
 
 
 @dataclass(frozen=True)
@@ -100,11 +152,31 @@ class AccountantState:
     compositions: tuple[Composition, ...] = ()
 
     def compose(
-        self, *, noise_multiplier: float, sample_rate: float, steps: int
+        self,
+        *,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        mechanism: str = "gaussian",
     ) -> AccountantState:
         """Return the state after ``steps`` more steps of ``(noise_multiplier, sample_rate)``."""
-        step = Composition(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        step = Composition(
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            mechanism=mechanism,
+        )
         return AccountantState(self.compositions + (step,))
+
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        """The distinct mechanisms of the history, sorted."""
+        return tuple(sorted({c.mechanism for c in self.compositions}))
+
+    def proven_accountant(self, requested: str) -> str:
+        """``requested`` if it is proven for every release of the history, else
+        ``"discrete-rdp"`` (:func:`proven_accountant`)."""
+        return proven_accountant(requested, self.mechanisms)
 
     @property
     def total_steps(self) -> int:
@@ -129,9 +201,17 @@ class AccountantState:
         return history
 
     def epsilon(self, *, delta: float, accountant: Accountant, relation: Relation) -> float:
-        """Return the ε (an upper bound) spent so far at ``delta``; 0.0 for no history."""
+        """Return the ε (an upper bound) spent so far at ``delta``; 0.0 for no history.
+
+        ``accountant`` is replaced by ``"discrete-rdp"`` when it is not proven for some
+        release of the history (:meth:`proven_accountant`): the figure returned is
+        always one proven for the mechanisms that ran.
+        """
         return compute_epsilon(
-            self.opacus_history(), delta=delta, accountant=accountant, relation=relation
+            self.opacus_history(),
+            delta=delta,
+            accountant=self.proven_accountant(accountant),  # type: ignore[arg-type]
+            relation=relation,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,14 +226,11 @@ class AccountantState:
             raise ValueError(f"`history` must be a list of compositions, got {history!r}.")
         comps = []
         for i, entry in enumerate(history):
-            if not isinstance(entry, Mapping) or set(entry) != {
-                "noise_multiplier",
-                "sample_rate",
-                "steps",
-            }:
+            keys = {"noise_multiplier", "sample_rate", "steps"}
+            if not isinstance(entry, Mapping) or not keys <= set(entry) <= keys | {"mechanism"}:
                 raise ValueError(
                     f"`history[{i}]` must have exactly the keys noise_multiplier, "
-                    f"sample_rate, steps; got {entry!r}."
+                    f"sample_rate, steps (and optionally mechanism); got {entry!r}."
                 )
             comps.append(Composition(**entry))
         return cls(tuple(comps))
@@ -178,7 +255,8 @@ def compute_epsilon(
     delta
         Target δ in (0, 1).
     accountant
-        ``"prv"`` or ``"rdp"`` (see the module docstring for why not ``"gdp"``).
+        ``"prv"``, ``"rdp"`` or ``"discrete-rdp"`` (see the module docstring for why not
+        ``"gdp"``).
     relation
         ``"replace-one"`` (what fedtune clients run: :mod:`fedtune.privacy.analysis`)
         or ``"add-remove"`` (Opacus' own accountants).
@@ -207,6 +285,8 @@ def compute_epsilon(
         warnings.simplefilter("ignore", RuntimeWarning)
         if accountant == "rdp":
             epsilon = rdp_epsilon(history, delta=delta, relation=relation, coarse=False)
+        elif accountant == "discrete-rdp":
+            epsilon = discrete_rdp_epsilon(history, delta=delta, relation=relation)
         else:
             epsilon = prv_epsilon(history, delta=delta, relation=relation)
     return _as_bound(float(epsilon))
@@ -233,10 +313,17 @@ def epsilon_after(
     delta: float,
     accountant: Accountant,
     relation: Relation,
+    mechanism: str = "gaussian",
 ) -> float:
     """Return the ε ``state`` would have after one more round of ``steps`` steps.
 
-    Use it before training: if the result exceeds the budget, refuse the round.
+    Use it before training: if the result exceeds the budget, refuse the round. The
+    accountant is the proven one for the history plus the planned ``mechanism``.
     """
-    after = state.compose(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    after = state.compose(
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        mechanism=mechanism,
+    )
     return after.epsilon(delta=delta, accountant=accountant, relation=relation)

@@ -4,7 +4,9 @@ For each client, the audit rebuilds the composition history from the records in 
 order -- the same convention :class:`~fedtune.privacy.ledger.PrivacyLedger` uses
 (:func:`~fedtune.privacy.ledger.counted_for`: an example-level ε composes every
 release of the data, a client-level ε the client-level ones) -- and recomputes ε with
-two independent accountants (PRV and RDP) under the replace-one relation, at the
+two independent accountants (PRV and RDP) under the replace-one relation -- and, for a
+history holding a discrete-Gaussian release (grid DP-SGD, client-level shares), with
+``"discrete-rdp"``, the accountant proven for it, which then decides the verdict -- at the
 **audit's** δ (the node's own δ, ``STATE_DIR/policy.toml``), never at the δ a record
 states: a ledger written at δ = 0.05 would otherwise pass with a tiny ε. The relation
 is pinned, not read from the records: every fedtune train reply publishes the node's
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedtune.privacy._checks import check_delta, check_epsilon, check_non_negative
-from fedtune.privacy.accountant import AccountantState
+from fedtune.privacy.accountant import AccountantState, compute_epsilon
 from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.ledger import counted_for, history_of
 from fedtune.privacy.record import LedgerRecord
@@ -75,6 +77,9 @@ class RunExpectation:
     batch_size: int | None = None
     local_epochs: int | None = None
     max_grad_norm: float | None = None
+    mechanism: str | None = None
+    """The example-level training noise the run config chose (``dp-noise``:
+    ``"discrete-gaussian"`` for ``"grid"``, ``"gaussian"`` for ``"float"``)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,14 @@ class ClientAudit:
     noise: str
     """``csprng``, ``seeded`` (not for real data) or ``mixed``."""
     problems: tuple[str, ...] = field(default=())
+    epsilon_proven: float = math.nan
+    """ε at the audit δ from ``accountant``, the one proven for every release composed
+    (equal to ``epsilon_prv`` for float-Gaussian histories); the budget and
+    under-report checks use it. ``epsilon_prv`` / ``epsilon_rdp`` are then the
+    continuous-Gaussian figures, shown for comparison."""
+    accountant: str = "prv"
+    mechanisms: tuple[str, ...] = ()
+    """The noise mechanisms the audited history composes (as audited)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (non-finite floats as strings)."""
@@ -226,27 +239,43 @@ def _audit_one(
             problems.append(f"release {r.key} appears more than once (each copy is counted)")
         seen.add(r.key)
         inconsistent += _inconsistencies(r, audit_delta, expect)
+        mechanism = _audited_mechanism(r, expect)
+        if mechanism != r.mechanism:
+            inconsistent.append(
+                f"run {r.run_id!r} round {r.round}: records mechanism {r.mechanism!r}, but "
+                f"{_MECHANISM_WHY[r.level]}: audited as {mechanism!r}"
+            )
         state = state.compose(
-            noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps
+            noise_multiplier=r.noise_multiplier,
+            sample_rate=r.sample_rate,
+            steps=r.steps,
+            mechanism=mechanism,
         )
         if r.level == level and (every_record or r is last):
-            prv = state.epsilon(delta=r.delta, accountant="prv", relation=relation)  # type: ignore[arg-type]
-            if r.epsilon < prv - tolerance:
+            # the accountant proven for every release so far (PRV for float ones only)
+            name = _LABEL[state.proven_accountant("prv")]
+            proven = state.epsilon(delta=r.delta, accountant="prv", relation=relation)  # type: ignore[arg-type]
+            if r.epsilon < proven - tolerance:
                 under = True
                 problems.append(
-                    f"run {r.run_id!r} round {r.round}: reported ε={r.epsilon:.6g} but PRV "
-                    f"recomputes {prv:.6g} at its δ={r.delta:g} (tolerance {tolerance:g})"
+                    f"run {r.run_id!r} round {r.round}: reported ε={r.epsilon:.6g} but "
+                    f"{name} recomputes {proven:.6g} at its δ={r.delta:g} "
+                    f"(tolerance {tolerance:g})"
                 )
-    eps_prv = state.epsilon(delta=audit_delta, accountant="prv", relation=relation)  # type: ignore[arg-type]
-    eps_rdp = state.epsilon(delta=audit_delta, accountant="rdp", relation=relation)  # type: ignore[arg-type]
+    accountant = state.proven_accountant("prv")
+    eps_proven = state.epsilon(delta=audit_delta, accountant="prv", relation=relation)  # type: ignore[arg-type]
+    eps_prv, eps_rdp = (
+        compute_epsilon(state.opacus_history(), delta=audit_delta, accountant=a, relation=relation)  # type: ignore[arg-type]
+        for a in ("prv", "rdp")
+    )
     overrun = budget is not None and (
-        eps_prv > budget + BUDGET_SLACK or last.epsilon > budget + BUDGET_SLACK
+        eps_proven > budget + BUDGET_SLACK or last.epsilon > budget + BUDGET_SLACK
     )
     if overrun:
         problems.insert(
             0,
-            f"budget ε={budget:g} exceeded: recomputed PRV ε={eps_prv:.6g} at δ={audit_delta:g}, "
-            f"reported ε={last.epsilon:.6g}",
+            f"budget ε={budget:g} exceeded: recomputed {_LABEL[accountant]} ε={eps_proven:.6g} at "
+            f"δ={audit_delta:g}, reported ε={last.epsilon:.6g}",
         )
     problems += inconsistent
     sources = {r.noise for r in records}
@@ -292,7 +321,35 @@ def _audit_one(
         verdict=verdict,
         noise=noise,
         problems=tuple(problems),
+        epsilon_proven=eps_proven,
+        accountant=accountant,
+        mechanisms=state.mechanisms,
     )
+
+
+#: How the problems name an accountant.
+_LABEL = {"prv": "PRV", "rdp": "RDP", "discrete-rdp": "discrete-rdp"}
+
+#: Why a record's mechanism is pinned, per level (see :func:`_audited_mechanism`).
+_MECHANISM_WHY = {
+    "client": "client-level shares are always discrete Gaussian noise on a grid",
+    "example": "the run config's dp-noise says otherwise",
+}
+
+
+def _audited_mechanism(r: LedgerRecord, expect: RunExpectation) -> str:
+    """The mechanism a record is audited as: pinned where the code leaves no choice.
+
+    A client-level round's shares are always exact discrete Gaussians
+    (:mod:`fedtune.privacy.discrete`), and an example-level round follows the run
+    config's ``dp-noise`` when the audit knows it; a ledger relabelled ``"gaussian"``
+    (to be recomputed with the tighter PRV accountant) is audited as what ran.
+    """
+    if r.kind != "train":
+        return r.mechanism
+    if r.level == "client":
+        return "discrete-gaussian"
+    return expect.mechanism or r.mechanism
 
 
 def exact_evaluations(records: Iterable[LedgerRecord]) -> dict[str, list[int]]:

@@ -24,6 +24,7 @@ from fedtune.privacy.accountant import (
     AccountantState,
     compute_epsilon,
     epsilon_after,
+    proven_accountant,
 )
 from fedtune.privacy.analysis import Relation
 
@@ -75,9 +76,19 @@ def check_budget(
     steps: int,
     accountant: Accountant,
     relation: Relation,
+    mechanism: str = "gaussian",
 ) -> BudgetCheck:
-    """Say whether one more round of ``steps`` steps fits in ``budget_epsilon``."""
+    """Say whether one more round of ``steps`` steps fits in ``budget_epsilon``.
+
+    ``mechanism`` is the planned round's noise (``"discrete-gaussian"`` for grid
+    DP-SGD and client-level shares): both figures come from the accountant proven for
+    the history plus that round (:meth:`AccountantState.proven_accountant`), which
+    :attr:`BudgetCheck.accountant` names.
+    """
     budget_epsilon = check_epsilon("budget_epsilon", budget_epsilon)
+    accountant = proven_accountant(  # type: ignore[assignment]
+        state.proven_accountant(accountant), (mechanism,)
+    )
     after = epsilon_after(
         state,
         noise_multiplier=noise_multiplier,
@@ -86,6 +97,7 @@ def check_budget(
         delta=delta,
         accountant=accountant,
         relation=relation,
+        mechanism=mechanism,
     )
     return BudgetCheck(
         spent_epsilon=state.epsilon(delta=delta, accountant=accountant, relation=relation),
@@ -106,6 +118,7 @@ def calibrate_noise(
     relation: Relation,
     epsilon_tolerance: float = 0.01,
     extra: Sequence[tuple[float, float, int]] = (),
+    mechanism: str = "gaussian",
 ) -> float:
     """Return the noise multiplier σ for which ``steps`` steps at rate ``sample_rate`` end at
     or under ``target_epsilon``.
@@ -138,6 +151,10 @@ def calibrate_noise(
     extra
         Further planned releases ``(σ, q, steps)`` of fixed σ composed with the
         calibrated ones (the node's DP evaluations: ``(σ_eval, 1, rounds + 1)``).
+    mechanism
+        The calibrated releases' noise. ``"discrete-gaussian"`` (grid DP-SGD,
+        client-level shares) calibrates with ``"discrete-rdp"``, the accountant proven
+        for it, whatever ``accountant`` says.
 
     Raises
     ------
@@ -151,6 +168,7 @@ def calibrate_noise(
     tol = check_positive("epsilon_tolerance", epsilon_tolerance)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
+    accountant = proven_accountant(accountant, (mechanism, "gaussian"))  # type: ignore[assignment]
 
     def eps_of(sigma: float) -> float:
         return compute_epsilon(

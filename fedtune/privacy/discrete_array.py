@@ -41,8 +41,10 @@ from fractions import Fraction
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtune.privacy.discrete_bits import KeystreamRandom
+from fedtune.privacy.discrete_bits import KeystreamRandom, discrete_gaussian
 from fedtune.privacy.discrete_bits import bernoulli_exp_ratio as _scalar_bernoulli_exp
+from fedtune.privacy.discrete_bits import bernoulli_exp_unit as _scalar_bernoulli_exp_unit
+from fedtune.privacy.discrete_bits import discrete_laplace_unchecked as _scalar_laplace
 
 __all__ = [
     "MAX_MODULUS",
@@ -53,6 +55,10 @@ __all__ = [
 
 #: Every modulus and every numerator compared against a uniform integer stays below this.
 MAX_MODULUS = 1 << 62
+#: A rejection loop with at most this many unfinished lanes finishes them one by one with
+#: the scalar sampler (same law, Python integers, same keystream): a loop's last rounds
+#: run on a handful of lanes, where numpy's per-call overhead is the whole cost.
+_TAIL = 16
 _U64 = np.uint64
 _TWO32 = np.uint64(1 << 32)
 _LOW32 = np.uint64((1 << 32) - 1)
@@ -121,6 +127,14 @@ def _bernoulli_exp_unit(r: NDArray[np.int64], den: int, words: _Words) -> NDArra
     k = np.ones(r.size, dtype=np.int64)
     live = np.arange(r.size)
     while live.size:
+        if live.size <= _TAIL:  # the same continuation, lane by lane
+            rng = words._rng
+            for j in live:
+                kj, rj = int(k[j]), int(r[j])
+                while rng.randrange(den) < rj and (kj == 1 or rng.randrange(kj) == 0):
+                    kj += 1
+                k[j] = kj
+            break
         go = _uniform_below(den, live.size, words) < r[live]
         kl = k[live]
         more = kl > 1
@@ -154,12 +168,21 @@ def _laplace(t: int, n: int, words: _Words) -> NDArray[np.int64]:
     todo = np.arange(n)
     one = np.ones(1, dtype=np.int64)
     while todo.size:
+        if todo.size <= _TAIL:  # a rejected lane restarts from scratch: one scalar draw
+            for j in todo:
+                out[j] = _scalar_laplace(t, words._rng)
+            break
         u = _uniform_below(t, todo.size, words)
         keep = _bernoulli_exp_unit(u, t, words)
         todo_k, u = todo[keep], u[keep]
         v = np.zeros(todo_k.size, dtype=np.int64)
         live = np.arange(todo_k.size)
         while live.size:  # geometric: v += 1 while Bernoulli(e^-1)
+            if live.size <= _TAIL:
+                for j in live:
+                    while _scalar_bernoulli_exp_unit(1, 1, words._rng):
+                        v[j] += 1
+                break
             go = _bernoulli_exp_unit(np.broadcast_to(one, live.size), 1, words)
             live = live[go]
             v[live] += 1
@@ -239,6 +262,10 @@ def discrete_gaussian_array(sigma2: Fraction, n: int, rng: KeystreamRandom) -> N
     y_max = ((1 << 32) - 1 + a) // (b * t)
     den_u = np.uint64(den)
     while todo.size:
+        if todo.size <= _TAIL:  # a rejected lane restarts from scratch: one scalar draw
+            for j in todo:
+                out[j] = discrete_gaussian(sigma2, rng)
+            break
         y = _laplace(t, todo.size, words)
         ay = np.abs(y)
         small = ay <= y_max

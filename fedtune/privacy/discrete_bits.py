@@ -9,14 +9,24 @@ Differential Privacy", NeurIPS 2020 (https://arxiv.org/abs/2004.00010), Algorith
 
 from __future__ import annotations
 
+import math
 import random
 from fractions import Fraction
 
 import numpy as np
 
+from fedtune.privacy._checks import check_positive_int
 from fedtune.privacy.noise import ChaChaNoise
 
-__all__ = ["KeystreamRandom", "bernoulli_exp", "bernoulli_exp_ratio", "bernoulli_exp_unit"]
+__all__ = [
+    "KeystreamRandom",
+    "bernoulli_exp",
+    "bernoulli_exp_ratio",
+    "bernoulli_exp_unit",
+    "discrete_gaussian",
+    "discrete_laplace",
+    "discrete_laplace_unchecked",
+]
 
 
 class KeystreamRandom(random.Random):
@@ -100,3 +110,42 @@ def bernoulli_exp_unit(num: int, den: int, rng: random.Random) -> bool:
     while rng.randrange(den * k) < num:
         k += 1
     return k % 2 == 1
+
+
+def discrete_laplace(t: int, rng: random.Random) -> int:
+    """One sample of the discrete Laplace ``P[Y = y] ∝ exp(-|y| / t)`` (CKS Algorithm 2)."""
+    t = check_positive_int("t", t)
+    return discrete_laplace_unchecked(t, rng)
+
+
+def discrete_laplace_unchecked(t: int, rng: random.Random) -> int:
+    while True:
+        u = rng.randrange(t)
+        if not bernoulli_exp_unit(u, t, rng):
+            continue
+        v = 0
+        while bernoulli_exp_unit(1, 1, rng):
+            v += 1
+        x = u + t * v
+        negative = rng.randrange(2) == 1
+        if negative and x == 0:
+            continue
+        return -x if negative else x
+
+
+def discrete_gaussian(sigma2: Fraction, rng: random.Random) -> int:
+    """One sample of ``N_Z(0, sigma2)`` for a rational ``sigma2 > 0`` (CKS Algorithm 3).
+
+    A discrete Laplace proposal of scale ``t = floor(sigma) + 1`` accepted with
+    probability ``exp(-(|y| - sigma2 / t)^2 / (2 sigma2))``; expected proposals < 2.
+    With ``sigma2 = a / b`` that exponent is ``(|y| b t - a)^2 / (2 a b t^2)``.
+    """
+    if sigma2 <= 0:
+        raise ValueError(f"`sigma2` must be > 0, got {sigma2}.")
+    a, b = sigma2.numerator, sigma2.denominator
+    t = math.isqrt(a // b) + 1
+    den = 2 * a * b * t * t
+    while True:
+        y = discrete_laplace_unchecked(t, rng)
+        if bernoulli_exp_ratio((abs(y) * b * t - a) ** 2, den, rng):
+            return y

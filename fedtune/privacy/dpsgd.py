@@ -29,10 +29,13 @@ Before wrapping, the model is checked (:func:`check_dp_compatible`):
 Frozen parameters get no hooks (Opacus only hooks modules with trainable parameters of
 their own), no ``grad_sample`` and no noise; the regression test checks them bit for bit.
 
-The noise comes from a :class:`~fedtune.privacy.noise.NoiseSource` (default: a fresh
-:class:`~fedtune.privacy.noise.CsprngNoise`) through
+By default (``grid=True``, ``dp-noise = "grid"``) the release is float-safe:
 :func:`fedtune.privacy.optimizer.sourced_dp_optimizer`, Opacus' ``DPOptimizer`` changed
-only in where it draws ``N(0, σ² C² I)``.
+to round each clipped example to a power-of-two grid, sum the integers exactly and add
+an exact discrete Gaussian drawn from the keystream of a
+:class:`~fedtune.privacy.noise.ChaChaNoise` (default: a fresh
+:class:`~fedtune.privacy.noise.CsprngNoise`), whose ε the ``"discrete-rdp"`` accountant
+proves. ``grid=False`` adds float64 Gaussian noise instead; ``docs/float-noise.md``.
 
 Checking, wrapping and unwrapping stay in one module because they are one idea, the
 Opacus wiring of one round: :func:`check_dp_compatible` refuses exactly what
@@ -200,6 +203,7 @@ def make_dp_training(
     allow_functorch: bool = False,
     canaries: Any = None,
     physical_batch_size: int = 0,
+    grid: bool = True,
 ) -> DPTraining:
     """Wrap ``module``, ``optimizer`` and ``data`` for one round of DP-SGD.
 
@@ -242,6 +246,12 @@ def make_dp_training(
         Audits only: a :class:`fedtune.privacy.canaries.CanaryStep` whose drawn,
         included canaries join each step's per-example gradients, to be clipped and
         noised like any example (each slot drawn with the same ``q`` as every example).
+    grid
+        True (``dp-noise = "grid"``, the default): each clipped example is rounded to a
+        power-of-two grid and the exact discrete Gaussian is added to the integer sum,
+        a release whose ε ``"discrete-rdp"`` proves. False (``"float"``): float64
+        Gaussian noise, accounted as the ideal continuous mechanism
+        (``docs/float-noise.md``).
     physical_batch_size
         The most rows one forward/backward pass takes (0: no limit). A larger Poisson
         batch is sorted by length and split (:mod:`fedtune.privacy.virtual`); it is
@@ -333,6 +343,7 @@ def make_dp_training(
         dp_optimizer = sourced_dp_optimizer()(
             optimizer,
             noise=CsprngNoise() if noise is None else noise,
+            grid=grid,
             noise_multiplier=sigma,
             max_grad_norm=clip,
             expected_batch_size=batch,

@@ -35,11 +35,11 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fedtune.errors import LedgerConflictError, LedgerCorruptError
-from fedtune.privacy.accountant import AccountantState
+from fedtune.privacy.accountant import AccountantState, proven_accountant
 from fedtune.privacy.record import LedgerRecord
 
 try:
@@ -86,7 +86,10 @@ def history_of(records: list[LedgerRecord]) -> AccountantState:
         if not r.accounted:
             continue
         state = state.compose(
-            noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps
+            noise_multiplier=r.noise_multiplier,
+            sample_rate=r.sample_rate,
+            steps=r.steps,
+            mechanism=r.mechanism,
         )
     return state
 
@@ -199,8 +202,13 @@ class PrivacyLedger:
         sampled_clients: int = 0,
         tolerance: int = 0,
         timestamp: float | None = None,
+        mechanism: str = "gaussian",
     ) -> LedgerRecord:
         """Append one release, computing its cumulative ε; idempotent per release.
+
+        ``mechanism`` is the noise that ran (``"discrete-gaussian"`` for grid DP-SGD
+        and client-level shares); ``accountant`` the run's choice, replaced by the one
+        proven for every composed release where it is not (see :meth:`append`).
 
         If ``(run_nonce, round, client)`` is already recorded with the same input and
         parameters, the stored record is returned and nothing is written (a replayed
@@ -211,6 +219,7 @@ class PrivacyLedger:
         if not run_nonce:
             raise ValueError("`run_nonce` must be the client's own nonce for the run, got ''.")
         candidate = LedgerRecord(
+            mechanism=mechanism,
             run_id=run_id,
             run_nonce=run_nonce,
             input_hash=input_hash,
@@ -221,7 +230,7 @@ class PrivacyLedger:
             steps=steps,
             max_grad_norm=max_grad_norm,
             delta=delta,
-            accountant=accountant,
+            accountant=proven_accountant(accountant, (mechanism,)),
             relation=relation,
             epsilon=0.0,
             level=level,
@@ -238,17 +247,23 @@ class PrivacyLedger:
     def append(self, candidate: LedgerRecord) -> LedgerRecord:
         """Append ``candidate`` (any kind) with its cumulative ε; idempotent as :meth:`record`.
 
-        Its ``epsilon`` is ignored and recomputed from the file's history.
+        Its ``epsilon`` is ignored and recomputed from the file's history, with its
+        ``accountant`` replaced by ``"discrete-rdp"`` when the history it composes holds
+        a release that the requested accountant is not proven for (a float evaluation
+        after grid rounds): the ledger never states an ε not proven for what ran.
         """
         if not candidate.run_nonce:
             raise ValueError("`run_nonce` must be the client's own nonce for the run, got ''.")
         client, level = candidate.client, candidate.level
-        accountant, relation = candidate.accountant, candidate.relation
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             _lock(fd)
             records, good_bytes = self._read()
+            prior = counted_for([r for r in records if r.client == client], level)
+            state = history_of([*prior, candidate])
+            candidate = replace(candidate, accountant=state.proven_accountant(candidate.accountant))
+            accountant, relation = candidate.accountant, candidate.relation
             for existing in records:
                 if existing.key == candidate.key:
                     if existing.same_round(candidate):
@@ -259,8 +274,6 @@ class PrivacyLedger:
                         f"new {candidate.to_dict()}."
                     )
             self._repair_tail(fd, good_bytes)
-            prior = counted_for([r for r in records if r.client == client], level)
-            state = history_of([*prior, candidate])
             eps = state.epsilon(
                 delta=candidate.delta,
                 accountant=accountant,  # type: ignore[arg-type]

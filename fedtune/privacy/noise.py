@@ -44,11 +44,13 @@ in its last bit or two -- adding four float64 terms rounds half to even, and the
 measured chi-square p-value of the lowest bit is 0 at 10^6 samples -- so float64
 parameters get the guarantee of Opacus' ``secure_mode`` (the same sum), no more. None of
 this is a bound on the privacy loss of the floating-point mechanism: ``docs/float-noise.md``
-says what is proven and what only measured. Client-level shares use the exact discrete
-Gaussian on a power-of-two grid instead (Canonne, Kamath & Steinke, NeurIPS 2020,
-https://arxiv.org/abs/2004.00010; :mod:`fedtune.privacy.discrete`); DP-SGD would need it
-per parameter and step, which the exact sampler in Python is too slow for (30--100 µs a
-value).
+says what is proven and what only measured. DP-SGD (by default) and client-level releases use
+the exact discrete Gaussian on a power-of-two grid instead (Canonne, Kamath & Steinke,
+NeurIPS 2020, https://arxiv.org/abs/2004.00010; :mod:`fedtune.privacy.discrete`,
+:mod:`fedtune.privacy.discrete_array`, :mod:`fedtune.privacy.optimizer`), whose uniform
+integers are this module's keystream words; the float Gaussians here remain for DP
+held-out evaluation (:mod:`fedtune.privacy.evaluation`) and for DP-SGD with
+``dp-noise = "float"``, whose ε is proven only for the ideal mechanism.
 
 Two key sources, one method:
 

@@ -20,7 +20,7 @@ from fedtune.privacy._checks import (
     check_positive_int,
     check_sample_rate,
 )
-from fedtune.privacy.accountant import ACCOUNTANTS
+from fedtune.privacy.accountant import ACCOUNTANTS, MECHANISM_ACCOUNTANTS, MECHANISMS
 from fedtune.privacy.analysis import RELATIONS
 
 __all__ = [
@@ -61,6 +61,8 @@ _LEGACY_DEFAULTS: dict[str, Any] = {
 
 #: A record written before evaluation releases were recorded has no ``kind``: a round.
 _KIND_DEFAULT: dict[str, Any] = {"kind": "train"}
+#: A record written before grid DP-SGD has no ``mechanism``: float Gaussian noise.
+_MECHANISM_DEFAULT: dict[str, Any] = {"mechanism": "gaussian"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,11 @@ class LedgerRecord:
     ``sampled_clients`` / ``tolerance`` (client level: the noise shares were sized so
     that ``sampled_clients - tolerance`` of them carry the full σ) let an auditor
     cross-check the composition against the run's configuration. ``0`` means "not
-    recorded" (legacy records).
+    recorded" (legacy records). ``mechanism`` is the noise that ran
+    (:data:`~fedtune.privacy.accountant.MECHANISMS`: ``"discrete-gaussian"`` for grid
+    DP-SGD and client-level shares, ``"gaussian"`` for float DP-SGD and DP
+    evaluations) and ``accountant`` the one whose ε is proven for every release
+    composed into ``epsilon`` (``"discrete-rdp"`` once any of them is discrete).
     """
 
     run_id: str
@@ -101,6 +107,7 @@ class LedgerRecord:
     sampled_clients: int = 0
     tolerance: int = 0
     kind: str = "train"
+    mechanism: str = "gaussian"
 
     def __post_init__(self) -> None:
         for name in ("run_id", "client"):
@@ -138,6 +145,13 @@ class LedgerRecord:
         check_delta("delta", self.delta)
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"`mechanism` must be one of {MECHANISMS}, got {self.mechanism!r}.")
+        if self.accountant not in MECHANISM_ACCOUNTANTS[self.mechanism]:
+            raise ValueError(
+                f"`accountant` {self.accountant!r} is not proven for mechanism "
+                f"{self.mechanism!r}; use one of {MECHANISM_ACCOUNTANTS[self.mechanism]}."
+            )
         if not (isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool)):
             raise ValueError(f"`epsilon` must be a number, got {self.epsilon!r}.")
         if math.isnan(self.epsilon) or self.epsilon < 0:
@@ -196,6 +210,8 @@ class LedgerRecord:
         names = {f.name for f in fields(cls)}
         if isinstance(data, Mapping) and "kind" not in data:
             data = {**_KIND_DEFAULT, **data}
+        if isinstance(data, Mapping) and "mechanism" not in data:
+            data = {**_MECHANISM_DEFAULT, **data}
         if isinstance(data, Mapping) and set(data) == names - set(_LEGACY_DEFAULTS):
             data = {**_LEGACY_DEFAULTS, **data}
         if not isinstance(data, Mapping) or set(data) != names:

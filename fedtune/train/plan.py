@@ -70,6 +70,7 @@ def privacy_plan(
         accountant=p.accountant,
         relation=RELATION,
         extra=evaluations,
+        mechanism=p.mechanism,
     )
     return PrivacyPlan(
         level=p.dp,

@@ -139,6 +139,7 @@ def train_private(
         relation=RELATION,
         level=plan.level,
         noise="seeded" if p.seeded_noise else "csprng",
+        mechanism=p.mechanism,
         num_examples=runtime.num_train_examples,
         **level.ledger_fields(runtime, sampled_clients=m),
     )
@@ -210,6 +211,7 @@ def _budget_refusal(runtime: ClientRuntime, server_round: int, ledger: PrivacyLe
         steps=plan.steps,
         accountant=p.accountant,
         relation=RELATION,
+        mechanism=p.mechanism,
     )
     if not check.would_exceed:
         return ""

@@ -339,6 +339,7 @@ class ClientRuntime:
             max_grad_norm=cfg.privacy.max_grad_norm,
             generator=torch.Generator().manual_seed(seed),
             noise=noise,
+            grid=cfg.privacy.dp_noise == "grid",
             collate_fn=self.train_set.collate_fn(),
             canaries=canaries,
             physical_batch_size=cfg.train.physical_batch_size,

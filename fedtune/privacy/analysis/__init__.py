@@ -29,8 +29,13 @@ Opacus' numerical composition (Gopi, Lee & Wutschitz, NeurIPS 2021) then compose
 For RDP (:mod:`.rdp`), the weak triangle inequality of Rényi divergence through
 ``N(0, σ²)`` bounds the replace-one divergence by two add/remove ones, which Opacus
 computes exactly: a looser upper bound, the cross-check of the PRV figure.
+
+Both rest on the Gaussian density. For the *discrete* Gaussian of grid DP-SGD,
+:mod:`.discrete_rdp` proves a looser bound that holds for any mechanism with the
+Gaussian's Rényi curve (Zhu & Wang 2019's general subsampling theorem).
 """
 
+from fedtune.privacy.analysis.discrete_rdp import discrete_rdp_epsilon
 from fedtune.privacy.analysis.prv import (
     MAX_PRV_DOMAIN_POINTS,
     PRV_EPS_ERROR,
@@ -52,6 +57,7 @@ __all__ = [
     "REPLACE_ONE_RDP_ORDERS",
     "Relation",
     "ReplaceOneGaussianPRV",
+    "discrete_rdp_epsilon",
     "prv_epsilon",
     "rdp_epsilon",
     "replace_one_rdp",
