@@ -16,14 +16,13 @@ APPS = "fedtune.apps"
 #: Over by a few lines after the node-decides / verified-sums work, each one idea still;
 #: to split with the layering work (issue 30): deploy.cli (the deploy subcommands'
 #: arguments), deploy.gateway (the gateway and its pre-auth limits), secure.verify (the
-#: receipts and the checks a key holder runs), train.runtime (a client's state).
+#: receipts and the checks a key holder runs).
 LONG_MODULES: frozenset[str] = frozenset(
     {
         "fedtune.apps.server.strategy",
         "fedtune.deploy.cli",
         "fedtune.deploy.gateway",
         "fedtune.secure.verify",
-        "fedtune.train.runtime",
     }
 )
 
