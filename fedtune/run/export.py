@@ -21,14 +21,21 @@ from fedtune.config import ConfigError, RunConfig
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
+from fedtune.train.shared import process_model
 
 
 def write_adapter(
-    out_dir: Path, cfg: RunConfig, vector: NDArray[np.floating], *, round_: int
+    out_dir: Path,
+    cfg: RunConfig,
+    vector: NDArray[np.floating],
+    *,
+    round_: int,
+    model: nn.Module | None = None,
 ) -> Path:
-    """Build the model, load ``vector`` into its adapter and save it with PEFT."""
+    """Load ``vector`` into ``model``'s adapter (built when None) and save it with PEFT."""
     labels = cfg.data.labels
-    model = build_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed)
+    if model is None:
+        model = build_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed)
     set_adapter_vector(model, vector)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))  # type: ignore[operator]
@@ -55,13 +62,14 @@ def export_adapter(
     """Decode ``run_dir/checkpoint`` (decrypting with ``secret_context`` if encrypted)
     and write the PEFT adapter to ``out_dir`` (default ``run_dir/adapter``)."""
     checkpoint = load_checkpoint(run_dir / "checkpoint")
-    layout = adapter_layout(
-        build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
-    )
+    # This process's model (the driver's preflight built it): measured and written once.
+    model = process_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
+    layout = adapter_layout(model.model)
     if cfg.crypto.encryption and secret_context is None:
         raise ConfigError(f"{str(run_dir)!r} is encrypted: pass the secret context (--key).")
     secret = secret_context if cfg.crypto.encryption else None
     codec = run_codec(cfg.crypto.encryption_backend, length=layout.size, context=secret)
     payload = codec.validate(checkpoint.payload, aggregate=True)
     vector = WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
-    return write_adapter(out_dir or run_dir / "adapter", cfg, vector, round_=checkpoint.round)
+    out = out_dir or run_dir / "adapter"
+    return write_adapter(out, cfg, vector, round_=checkpoint.round, model=model.model)

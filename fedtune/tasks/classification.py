@@ -67,7 +67,8 @@ class ClassificationTask(TaskBase):
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check data, partitions and model; resolve ``label-names`` from the data."""
         from fedtune import data as fdata  # noqa: PLC0415
-        from fedtune.model import build_model, resolve_model_path  # noqa: PLC0415
+        from fedtune.model import resolve_model_path  # noqa: PLC0415
+        from fedtune.train.shared import process_model  # noqa: PLC0415
 
         fed = cfg.federation
         resolve_model_path(cfg.model)  # the cheapest check first
@@ -76,7 +77,7 @@ class ClassificationTask(TaskBase):
             dataset.labels, cfg.data, num_partitions=fed.num_clients, seed=fed.seed
         )
         cfg = replace(cfg, data=replace(cfg.data, label_names=",".join(dataset.label_names)))
-        build_model(cfg.model, num_labels=len(dataset.label_names), seed=fed.seed)
+        process_model(cfg.model, num_labels=len(dataset.label_names), seed=fed.seed)
         return cfg
 
     def client_datasets(

@@ -230,6 +230,12 @@ def simulate(
         write_policy(run_dir, NodePolicy.from_run_config(cfg))
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
     client_wiring, server_wiring = dict(wiring), dict(wiring)
+    # The preflight built this process's model: the server is told the adapter length.
+    from fedtune.apps.server.context import ADAPTER_LENGTH  # noqa: PLC0415
+    from fedtune.train.shared import process_model  # noqa: PLC0415
+
+    model = process_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
+    server_wiring[ADAPTER_LENGTH] = int(model.initial.size)
     backend = get_backend(cfg.crypto.codec_name)
     secret: Path | None = None
     if backend.uses_keys:

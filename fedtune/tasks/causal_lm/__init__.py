@@ -63,8 +63,9 @@ class CausalLMTask:
         """Check model, tokenizer, data and partitions before the run starts."""
         from fedtune import data as fdata  # noqa: PLC0415
         from fedtune.config import ConfigError  # noqa: PLC0415
-        from fedtune.model import build_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
+        from fedtune.model import load_tokenizer, resolve_model_path  # noqa: PLC0415
         from fedtune.tasks.causal_lm import data as lm_data  # noqa: PLC0415
+        from fedtune.train.shared import process_model  # noqa: PLC0415
 
         fed = cfg.federation
         resolve_model_path(cfg.model)
@@ -81,7 +82,7 @@ class CausalLMTask:
                 f"`max-seq-length` is {cfg.data.max_seq_length}: no example keeps an answer "
                 "token after its (templated) prompt; raise it."
             )
-        build_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
+        process_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
         return cfg
 
     def client_datasets(

@@ -73,8 +73,9 @@ class PreferenceTask:
         """Check model, tokenizer, triples and partitions before the run starts."""
         from fedtune import data as fdata  # noqa: PLC0415
         from fedtune.config import ConfigError  # noqa: PLC0415
-        from fedtune.model import build_model, load_tokenizer, resolve_model_path  # noqa: PLC0415
+        from fedtune.model import load_tokenizer, resolve_model_path  # noqa: PLC0415
         from fedtune.tasks.preference import data as pref_data  # noqa: PLC0415
+        from fedtune.train.shared import process_model  # noqa: PLC0415
 
         fed = cfg.federation
         resolve_model_path(cfg.model)
@@ -92,7 +93,7 @@ class PreferenceTask:
                 f"`max-seq-length` is {cfg.data.max_seq_length}: no pair keeps a token of "
                 "both answers after its (templated) prompt; raise it."
             )
-        build_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
+        process_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
         return cfg
 
     def client_datasets(
