@@ -20,8 +20,9 @@ from numpy.typing import NDArray
 
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.tasks import get_task, register_task, task_names, unregister_task
-from fedtune.tasks.base import ClientDatasets, TaskBase
+from fedtune.tasks.base import ClientDatasets
 from fedtune.tasks.classification import EncodedDataset
+from fedtune.tasks.defaults import TaskBase
 
 
 # -- a toy task: "does the text name an animal?", data made in code ----------------------

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from fedtune.tasks.base import ClientDatasets, TaskBase
+from fedtune.tasks.base import ClientDatasets
+from fedtune.tasks.defaults import TaskBase
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +59,7 @@ class EncodedDataset:
 class ClassificationTask(TaskBase):
     """``task = "classification"``: see the module docstring.
 
-    Its model, loss and metrics are :class:`~fedtune.tasks.base.TaskBase`'s defaults
+    Its model, loss and metrics are :class:`~fedtune.tasks.defaults.TaskBase`'s defaults
     (a new head on an encoder, cross-entropy, loss and accuracy); its data is its own.
     """
 
