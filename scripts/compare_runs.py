@@ -6,6 +6,12 @@ Prints every field of ``metrics.jsonl`` that differs (nested per-client tables
 included), ignoring timing fields (keys ending in ``-seconds``), and the SHA-256 of
 every file under each run's ``adapter/``. Exits 0 when both agree, 1 otherwise.
 Used to show that a refactoring left a seeded run's results unchanged (issue 30).
+
+Two runs match byte for byte only when nothing random differs: run both with the same
+``PYTHONHASHSEED`` (PEFT writes ``target_modules`` from a set, so its order in
+``adapter_config.json`` follows the string hash seed), and with DP on with
+``seeded-noise = true`` and the same run nonce per client (a nonce is random per run by
+design, :func:`fedtune.privacy.releases.run_nonce`).
 """
 
 from __future__ import annotations
