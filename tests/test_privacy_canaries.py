@@ -11,6 +11,7 @@ import torch
 from fedtune.config import ConfigError, parse_run_config
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.canaries import CanaryState, canary_file, load_canaries
+from fedtune.train.levels import ExampleLevel
 from fedtune.train.runtime import ClientRuntime, GlobalState
 
 
@@ -224,14 +225,15 @@ def test_the_audit_fails_when_a_round_is_released_twice(
     import secrets
 
     monkeypatch.setattr(PrivacyLedger, "release", lambda self, **_: None)
-    honest = ClientRuntime._train_dpsgd
+    honest = ExampleLevel.train
 
-    def fresh_batches(self, seed, noise, canaries=None):  # type: ignore[no-untyped-def]
+    def fresh_batches(self, trainer, plan, seed, *rest):  # type: ignore[no-untyped-def]
+        noise, canaries = rest
         if canaries is not None:  # canary slots are drawn with the batches
             canaries.rng = np.random.default_rng(secrets.randbits(63))
-        return honest(self, secrets.randbits(63), noise, canaries)
+        return honest(self, trainer, plan, secrets.randbits(63), noise, canaries)
 
-    monkeypatch.setattr(ClientRuntime, "_train_dpsgd", fresh_batches)
+    monkeypatch.setattr(ExampleLevel, "train", fresh_batches)
     runtime = _runtime(
         tiny_model_dir,
         toy_csv,

@@ -182,13 +182,11 @@ def test_client_level_releases_the_clipped_update_and_share_on_the_grid() -> Non
     from fedtune.train.levels import ClientLevel
 
     d, clip = 500, 0.5
-    runtime = SimpleNamespace(
-        cfg=SimpleNamespace(privacy=SimpleNamespace(max_grad_norm=clip)),
-        plan=SimpleNamespace(noise_multiplier=1.0, tolerance=0),
-    )
+    trainer = SimpleNamespace(cfg=SimpleNamespace(privacy=SimpleNamespace(max_grad_norm=clip)))
+    plan = SimpleNamespace(noise_multiplier=1.0, tolerance=0)
     trained = np.full(d, 1.0)  # norm sqrt(500): clipped to 0.5
     out = ClientLevel().transform(
-        np.zeros(d), trained, runtime=runtime, noise=SeededNoise(3), sampled_clients=2
+        np.zeros(d), trained, trainer=trainer, plan=plan, noise=SeededNoise(3), sampled_clients=2
     )
     g = grid_step(clip_norm=clip, dim=d)
     assert out.num_examples == 1
@@ -196,7 +194,12 @@ def test_client_level_releases_the_clipped_update_and_share_on_the_grid() -> Non
     assert abs((out.vector - clip / math.sqrt(d)).std() / (clip / math.sqrt(2)) - 1) < 0.15
     with pytest.raises(TypeError, match="draws from a ChaChaNoise keystream"):
         ClientLevel().transform(
-            np.zeros(d), trained, runtime=runtime, noise=object(), sampled_clients=2
+            np.zeros(d),
+            trained,
+            trainer=trainer,
+            plan=plan,
+            noise=object(),
+            sampled_clients=2,
         )
 
 

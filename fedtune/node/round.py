@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedtune.config import WIRING_KEYS, RunConfig, parse_run_config, parse_wiring
+from fedtune.config import RunConfig, parse_wiring
 from fedtune.errors import (
     ConfigError,
     ModelError,
@@ -141,22 +141,14 @@ def runtime_for(
     bounded LRU.
     """
     merged = node_settings(flat, node_config, deployed=deployed)
-    # A deployed node's policy is its own (STATE_DIR/policy.toml and its node config),
-    # read for every message: the worker may outlive an edit of the file.
-    own_policy = load_policy(parse_wiring(merged).state_dir, node_config) if deployed else None
     partition_id = int(str(merged.pop("partition-id")))
     num_partitions = int(str(merged.pop("num-partitions")))
     name = str(merged.pop("name"))
     wiring = parse_wiring(merged)
     state_dir = wiring.state_dir
-    if (
-        deployed
-        and state_dir is None
-        and parse_run_config(merged, ignore=WIRING_KEYS).privacy.enabled
-    ):
-        raise NodeConfigKeyError(
-            "DP is on: this node's node-config needs `state-dir` for its ledger."
-        )
+    # A deployed node's policy is its own (STATE_DIR/policy.toml and its node config),
+    # read for every message: the worker may outlive an edit of the file.
+    own_policy = load_policy(state_dir, node_config) if deployed else None
     # A node keeps its ledger in its own state directory; a simulation in RUN_DIR/privacy
     # (``run-dir``, else the run directory of this Flower run, as the server names it).
     privacy_dir = (state_dir or wiring.run_dir_for(run_id)) / "privacy"
@@ -164,7 +156,12 @@ def runtime_for(
     digest = hashlib.sha256(repr(sorted((k, str(v)) for k, v in merged.items())).encode())
     key = (digest.hexdigest(), run_id, partition_id, num_partitions, name, own_policy)
     if key not in _RUNTIMES:
+        # The one resolve of this client's run config (this party's run context).
         cfg: RunConfig = resolve(merged).config
+        if deployed and state_dir is None and cfg.privacy.enabled:
+            raise NodeConfigKeyError(
+                "DP is on: this node's node-config needs `state-dir` for its ledger."
+            )
         if deployed and cfg.privacy.seeded_noise:
             raise ConfigError(
                 "`seeded-noise` = true is for simulations only: a deployed node draws its "

@@ -14,7 +14,7 @@ worker's one method does a round's train or evaluate message and nothing more, w
 the node's own settings (data, state directory, secret context, budget) fixed on the
 worker's command line, never taken from a message.
 
-What the node keeps is on disk before a reply leaves (:mod:`fedtune.train.release`
+What the node keeps is on disk before a reply leaves (:mod:`fedtune.train.runtime`
 appends the ledger and stores the reply first; the last global sum is checkpointed
 before training), so a worker killed mid-round loses nothing and counts nothing
 twice; ``fedtune deploy supernode`` restarts it.

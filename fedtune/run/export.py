@@ -31,6 +31,7 @@ from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
 from fedtune.secure.codec import PayloadError
 from fedtune.tasks import get_task
+from fedtune.train.shared import process_model
 
 __all__ = ["export_adapter", "load_adapter", "run_privacy", "write_adapter"]
 
@@ -72,15 +73,17 @@ def write_adapter(
     round_: int,
     base_model: str | None = None,
     run_dir: Path | None = None,
+    model: nn.Module | None = None,
 ) -> Path:
-    """Build the model, load ``vector`` into its adapter and save it with PEFT, plus a card.
+    """Load ``vector`` into ``model``'s adapter (built when None), save it with PEFT, plus a card.
 
     ``base_model``: the ``base_model_name_or_path`` to write (default
     :func:`~fedtune.run.card.base_model_name`); ``run_dir``: where the privacy ledgers
     the card quotes live.
     """
     labels = cfg.data.labels
-    model = build_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed)
+    if model is None:
+        model = build_model(cfg.model, num_labels=len(labels), seed=cfg.federation.seed)
     set_adapter_vector(model, vector)
     config = getattr(model, "config", None)
     if config is not None and get_task(cfg.model.task).uses_labels and labels:
@@ -138,9 +141,9 @@ def export_adapter(
     """Decode ``run_dir/checkpoint`` (decrypting with ``secret_context`` if encrypted)
     and write the PEFT adapter to ``out_dir`` (default ``run_dir/adapter``)."""
     checkpoint = load_checkpoint(run_dir / "checkpoint")
-    layout = adapter_layout(
-        build_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
-    )
+    # This process's model (the driver's preflight built it): measured and written once.
+    model = process_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
+    layout = adapter_layout(model.model)
     if cfg.crypto.encryption and secret_context is None:
         raise ConfigError(f"{str(run_dir)!r} is encrypted: {_key_hint(run_dir)}.")
     secret = secret_context if cfg.crypto.encryption else None
@@ -164,4 +167,5 @@ def export_adapter(
         round_=checkpoint.round,
         base_model=base_model,
         run_dir=run_dir,
+        model=model.model,
     )

@@ -4,7 +4,9 @@ A *task* is what is being learned: the base model it loads, the data a client
 holds, the loss, the held-out evaluation and its metric names, and what a finished
 run writes. The client, the driver, the export and the re-scoring code call a
 :class:`Task` and never ask which one they got (STYLE.md rule 15). A new task is one
-module implementing this protocol plus one :func:`fedtune.tasks.register_task` call.
+module implementing this protocol plus one :func:`fedtune.tasks.register_task` call;
+:class:`fedtune.tasks.defaults.TaskBase` gives every method but the data a default,
+so a new task is its data, its loss and its metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ if TYPE_CHECKING:
     from fedtune.config import ModelConfig, RunConfig
     from fedtune.train import Batchable, EvalResult, LossFn
 
-__all__ = ["HELD_OUT_METRICS", "ClientDatasets", "Headline", "MetricRange", "Task"]
+__all__ = [
+    "HELD_OUT_METRICS",
+    "ClientDatasets",
+    "Headline",
+    "MetricRange",
+    "Task",
+]
 
 #: ``(low, high, as words)``: the range the server accepts for one reported metric.
 MetricRange = tuple[float, float, str]

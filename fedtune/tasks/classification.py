@@ -8,30 +8,21 @@ the server knows the payload length before any client replies.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune import data as fdata
 from fedtune.data.collate import pad_collate
-from fedtune.model import build_model, load_tokenizer, resolve_model_path
-from fedtune.model.loading import default_model_path, seeded
-from fedtune.run.export import load_adapter
-from fedtune.run.metrics import read_records, weighted_mean
-from fedtune.run.rescore import held_out_results
-from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
-from fedtune.train import EvalResult
+from fedtune.model import resolve_model_path
+from fedtune.tasks.base import ClientDatasets
+from fedtune.tasks.defaults import TaskBase
+from fedtune.train.shared import process_model
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
-    from torch.utils.data import DataLoader
 
-    from fedtune.config import ModelConfig, RunConfig
-    from fedtune.train import EvalResult
+    from fedtune.config import RunConfig
 
 __all__ = ["ClassificationTask", "EncodedDataset"]
 
@@ -67,47 +58,18 @@ class EncodedDataset:
         return pad_collate(self.pad_id)
 
 
-class ClassificationTask:
-    """``task = "classification"``: see the module docstring."""
+class ClassificationTask(TaskBase):
+    """``task = "classification"``: see the module docstring.
+
+    Its model, loss and metrics are :class:`~fedtune.tasks.defaults.TaskBase`'s defaults
+    (a new head on an encoder, cross-entropy, loss and accuracy); its data is its own.
+    """
 
     name = "classification"
-    peft_task_type = "SEQ_CLS"
-    uses_labels = True
-    generative = False
-    headline = Headline("eval-accuracy", "held-out accuracy", (0.0, 1.0))
-    eval_metrics = HELD_OUT_METRICS
-
-    def default_model_path(self) -> Path:
-        """The bundled MiniLM-L6 directory."""
-        return default_model_path()
-
-    def check_model_path(self, cfg: ModelConfig, path: Path) -> None:
-        """Any encoder ``AutoModelForSequenceClassification`` can load will do."""
-
-    def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> nn.Module:
-        """The frozen encoder with a new, seeded ``num_labels`` head."""
-        import transformers  # heavy import
-        from transformers import AutoModelForSequenceClassification
-
-        verbosity = transformers.logging.get_verbosity()
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.logging.set_verbosity_error()  # the head is new by design: no warning
-        transformers.utils.logging.disable_progress_bar()
-        try:
-            with seeded(seed), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                # A checkpoint may carry a head of another size: fedtune always trains its own.
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    str(path), num_labels=num_labels, ignore_mismatched_sizes=True
-                )
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
-        return model
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check data, partitions and model; resolve ``label-names`` from the data."""
+
         fed = cfg.federation
         resolve_model_path(cfg.model)  # the cheapest check first
         dataset = fdata.load_data(cfg.data, seed=fed.seed)
@@ -115,7 +77,7 @@ class ClassificationTask:
             dataset.labels, cfg.data, num_partitions=fed.num_clients, seed=fed.seed
         )
         cfg = replace(cfg, data=replace(cfg.data, label_names=",".join(dataset.label_names)))
-        build_model(cfg.model, num_labels=len(dataset.label_names), seed=fed.seed)
+        process_model(cfg.model, num_labels=len(dataset.label_names), seed=fed.seed)
         return cfg
 
     def client_datasets(
@@ -137,70 +99,3 @@ class ClassificationTask:
             ),
             label_names=dataset.label_names,
         )
-
-    def loss_fn(self, cfg: RunConfig) -> None:
-        """None: the model's own cross-entropy (a mean over rows)."""
-        return None
-
-    def evaluate(
-        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
-    ) -> EvalResult:
-        """Mean cross-entropy and accuracy over ``loader``."""
-        import torch
-
-        model.to(device).eval()
-        total, correct, seen = 0.0, 0, 0
-        with torch.no_grad():
-            for raw in loader:
-                batch = {k: v.to(device) for k, v in raw.items()}
-                out = model(**batch)
-                n = len(batch["labels"])
-                total += float(out.loss) * n
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-                seen += n
-        if not seen:
-            return EvalResult(loss=math.nan, accuracy=math.nan, num_examples=0)
-        return EvalResult(loss=total / seen, accuracy=correct / seen, num_examples=seen)
-
-    def example_metrics(
-        self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device, cfg: RunConfig
-    ) -> dict[str, list[float]]:
-        """Per-example cross-entropy and correctness (for a DP evaluation)."""
-        import torch
-        from torch.nn import functional as F  # noqa: N812
-
-        model.to(device).eval()
-        losses: list[float] = []
-        correct: list[float] = []
-        with torch.no_grad():
-            for raw in loader:
-                batch = {k: v.to(device) for k, v in raw.items()}
-                logits = model(**batch).logits.double()
-                losses += F.cross_entropy(logits, batch["labels"], reduction="none").tolist()
-                correct += (logits.argmax(-1) == batch["labels"]).double().tolist()
-        return {"eval-loss": losses, "eval-accuracy": correct}
-
-    def derive_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Nothing to derive: accuracy is reported as it is."""
-        return record
-
-    def finish_run(self, run_dir: Path) -> None:
-        """Nothing beyond the adapter."""
-
-    def rescore(self, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
-        """Per-client and weighted accuracy of ``run_dir/adapter`` beside the reported one."""
-        model = load_adapter(run_dir / "adapter", cfg)
-        results = held_out_results(self, cfg, model, load_tokenizer(cfg.model))
-        clients = {
-            name: {"eval-accuracy": r.accuracy, "eval-examples": r.num_examples}
-            for name, r in results.items()
-        }
-        last = read_records(run_dir / "metrics.jsonl")[-1]
-        return {
-            "round": last["round"],
-            "clients": clients,
-            "eval-accuracy": weighted_mean(
-                [(c["eval-accuracy"], int(c["eval-examples"])) for c in clients.values()]
-            ),
-            "reported-accuracy": last.get("eval-accuracy"),
-        }

@@ -36,20 +36,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from fedtune import model as fmodel
-from fedtune.privacy import check_budget
+from fedtune.privacy import PrivacyLedger, check_budget
 from fedtune.privacy.evaluation import release_metrics
-from fedtune.privacy.noise import CsprngNoise, SeededNoise
+from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.record import LedgerRecord
-from fedtune.privacy.releases import input_hash, run_nonce
 from fedtune.run.files import read_private, write_private
-from fedtune.train.loop import make_loader
+from fedtune.train.keys import ReleaseKeys, state_digest
 from fedtune.train.plan import RELATION
-from fedtune.train.seeds import release_seed
+from fedtune.train.trainer import Trainer
 
 if TYPE_CHECKING:
-    from fedtune.train.runtime import ClientRuntime
     from fedtune.train.state import GlobalState
 
 __all__ = [
@@ -75,7 +73,6 @@ DECLINE_EVAL_TASK = (
 )
 
 _EVALS_MAX_BYTES = 16 << 20
-_EVAL_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -94,60 +91,43 @@ class EvalOutcome:
     replayed: bool = False
 
 
-def state_digest(state: GlobalState | None) -> str:
-    """SHA-256 (hex) of the global state evaluated, independent of its round number."""
-    return input_hash(
-        server_round=0,
-        payload=None if state is None else state.payload,
-        num_examples=0 if state is None else state.num_examples,
-        sampled_clients=0,
-    )
-
-
-def _loader(runtime: ClientRuntime) -> Any:
-    return make_loader(runtime.test_set, batch_size=_EVAL_BATCH, shuffle=False, by_length=True)
-
-
-def _exact(runtime: ClientRuntime) -> tuple[dict[str, float], int]:
-    result = runtime.task.evaluate(
-        runtime.model, _loader(runtime), device=runtime.device, cfg=runtime.cfg
-    )
-    return result.metrics(), result.num_examples
+def exact(trainer: Trainer, vector: NDArray[np.float64]) -> EvalOutcome:
+    """Exact held-out metrics of ``vector`` (DP off, or the node's policy opted out)."""
+    result = trainer.score(vector)
+    return EvalOutcome(metrics=result.metrics(), num_examples=result.num_examples)
 
 
 def evaluate_release(
-    runtime: ClientRuntime, state: GlobalState | None, *, server_round: int
+    trainer: Trainer,
+    vector: NDArray[np.float64],
+    state: GlobalState | None,
+    *,
+    server_round: int,
+    keys: ReleaseKeys,
+    ledger: PrivacyLedger,
+    policy: NodePolicy,
 ) -> EvalOutcome:
-    """Held-out metrics of round ``server_round``'s global state, as this node may send them."""
-    vector = runtime.global_vector(state, server_round=server_round)
-    if not runtime.cfg.privacy.enabled:
-        fmodel.set_adapter_vector(runtime.model, vector)
-        metrics, n = _exact(runtime)
-        return EvalOutcome(metrics=metrics, num_examples=n)
+    """Held-out metrics of round ``server_round``'s global state ``vector``, as a DP release.
 
-    if runtime.privacy_dir is None:  # pragma: no cover - ClientRuntime refuses it
-        raise ValueError("DP is on but the client has no directory for its privacy ledger.")
-    nonce = run_nonce(
-        runtime.privacy_dir,
-        client=runtime.name,
-        run_id=runtime.run_id,
-        config=runtime.cfg.to_flat(),
-    )
+    ``state`` is what the server sent (its digest keys the release); ``keys``,
+    ``ledger`` and ``policy`` are the client's (see the module docstring).
+    """
+    name = keys.client
+    nonce = keys.nonce()
     digest = state_digest(state)
-    ledger = runtime.ledger()
-    released = ledger.release(run_nonce=nonce, round=server_round, client=runtime.name, kind="eval")
-    store = _Answers(runtime.privacy_dir / f"{runtime.name}.evals.json")
-    if runtime.policy.evaluation == "exact":
+    released = ledger.release(run_nonce=nonce, round=server_round, client=name, kind="eval")
+    store = _Answers(keys.privacy_dir / f"{name}.evals.json")
+    book = _Book(trainer, keys, ledger, policy, nonce, digest, server_round)
+    if policy.evaluation == "exact":
         if released is not None and (released.input_hash, released.kind) != (digest, "eval-exact"):
-            return _decline(runtime, DECLINE_EVAL_ROUND)
-        fmodel.set_adapter_vector(runtime.model, vector)
-        metrics, n = _exact(runtime)
+            return _decline(name, DECLINE_EVAL_ROUND)
+        outcome = exact(trainer, vector)
         if released is None:
-            _record(runtime, nonce, digest, server_round, kind="eval-exact", sigma=0.0, n=n)
-        return EvalOutcome(metrics=metrics, num_examples=n)
+            book.record(kind="eval-exact", sigma=0.0, n=outcome.num_examples)
+        return outcome
     stored = store.get(nonce, digest)
     if stored is not None:
-        log.info("%s replays its evaluation of this state (round %d)", runtime.name, server_round)
+        log.info("%s replays its evaluation of this state (round %d)", name, server_round)
         return EvalOutcome(
             metrics=stored["metrics"],
             num_examples=stored["num-examples"],
@@ -155,93 +135,77 @@ def evaluate_release(
             replayed=True,
         )
     if released is not None:
-        return _decline(runtime, DECLINE_EVAL_ROUND)
-    if not hasattr(runtime.task, "example_metrics"):
-        return _decline(runtime, DECLINE_EVAL_TASK)
-    sigma = runtime.policy.eval_noise_multiplier
-    if _over_budget(runtime, sigma):
-        return _decline(runtime, DECLINE_EVAL_BUDGET)
-
-    fmodel.set_adapter_vector(runtime.model, vector)
-    per_example = runtime.task.example_metrics(
-        runtime.model, _loader(runtime), device=runtime.device, cfg=runtime.cfg
-    )
-    values = {k: np.asarray(per_example[k], dtype=np.float64) for k in runtime.task.eval_metrics}
-    release = release_metrics(values, noise_multiplier=sigma, noise=_noise(runtime, nonce, digest))
-    _record(
-        runtime,
-        nonce,
-        digest,
-        server_round,
-        kind="eval",
-        sigma=sigma,
-        n=release.num_examples,
-        sensitivity=release.sensitivity,
-    )
+        return _decline(name, DECLINE_EVAL_ROUND)
+    if not hasattr(trainer.task, "example_metrics"):
+        return _decline(name, DECLINE_EVAL_TASK)
+    sigma = policy.eval_noise_multiplier
+    if book.over_budget(sigma):
+        return _decline(name, DECLINE_EVAL_BUDGET)
+    per_example = trainer.example_metrics(vector)
+    values = {k: np.asarray(per_example[k], dtype=np.float64) for k in trainer.task.eval_metrics}
+    noise = keys.noise(nonce, f"eval/{digest}")
+    release = release_metrics(values, noise_multiplier=sigma, noise=noise)
+    book.record(kind="eval", sigma=sigma, n=release.num_examples, sensitivity=release.sensitivity)
     store.put(nonce, digest, {"metrics": release.metrics, "num-examples": release.num_examples})
     return EvalOutcome(metrics=release.metrics, num_examples=release.num_examples, status="dp")
 
 
-def _decline(runtime: ClientRuntime, code: str) -> EvalOutcome:
-    log.warning("%s: %s", runtime.name, code)
+def _decline(name: str, code: str) -> EvalOutcome:
+    log.warning("%s: %s", name, code)
     return EvalOutcome(status="dp", declined=code)
 
 
-def _noise(runtime: ClientRuntime, nonce: str, digest: str) -> Any:
-    if runtime.cfg.privacy.seeded_noise:
-        return SeededNoise(release_seed(runtime.cfg.federation.seed, nonce, f"eval/{digest}"))
-    return CsprngNoise()
+@dataclass(frozen=True)
+class _Book:
+    """One evaluation release's budget check and ledger record."""
 
+    trainer: Trainer
+    keys: ReleaseKeys
+    ledger: PrivacyLedger
+    policy: NodePolicy
+    nonce: str
+    digest: str
+    server_round: int
 
-def _over_budget(runtime: ClientRuntime, sigma: float) -> bool:
-    """Would one more evaluation release take the data's ε over the node's budget?"""
-    p = runtime.cfg.privacy
-    check = check_budget(
-        runtime.ledger().history(client=runtime.name, level="example"),
-        budget_epsilon=p.budget,
-        delta=runtime.policy.delta,
-        noise_multiplier=sigma,
-        sample_rate=1.0,
-        steps=1,
-        accountant=p.accountant,
-        relation=RELATION,
-    )
-    return bool(check.would_exceed)
+    def over_budget(self, sigma: float) -> bool:
+        """Would one more evaluation release take the data's ε over the node's budget?"""
+        p = self.trainer.cfg.privacy
+        check = check_budget(
+            self.ledger.history(client=self.keys.client, level="example"),
+            budget_epsilon=p.budget,
+            delta=self.policy.delta,
+            noise_multiplier=sigma,
+            sample_rate=1.0,
+            steps=1,
+            accountant=p.accountant,
+            relation=RELATION,
+        )
+        return bool(check.would_exceed)
 
-
-def _record(
-    runtime: ClientRuntime,
-    nonce: str,
-    digest: str,
-    server_round: int,
-    *,
-    kind: str,
-    sigma: float,
-    n: int,
-    sensitivity: float = 1.0,
-) -> None:
-    p = runtime.cfg.privacy
-    record = LedgerRecord(
-        run_id=runtime.run_id,
-        run_nonce=nonce,
-        input_hash=digest,
-        round=server_round,
-        client=runtime.name,
-        noise_multiplier=sigma,
-        sample_rate=1.0,
-        steps=1,
-        max_grad_norm=sensitivity,
-        delta=runtime.policy.delta,
-        accountant=p.accountant,
-        relation=RELATION,
-        epsilon=0.0,
-        level="example",
-        noise="seeded" if p.seeded_noise else "csprng",
-        num_examples=n,
-        kind=kind,
-        timestamp=time.time(),
-    )
-    runtime.ledger().append(record)
+    def record(self, *, kind: str, sigma: float, n: int, sensitivity: float = 1.0) -> None:
+        """Append the release (``kind`` ``"eval"`` or ``"eval-exact"``) to the ledger."""
+        p = self.trainer.cfg.privacy
+        record = LedgerRecord(
+            run_id=self.keys.run_id,
+            run_nonce=self.nonce,
+            input_hash=self.digest,
+            round=self.server_round,
+            client=self.keys.client,
+            noise_multiplier=sigma,
+            sample_rate=1.0,
+            steps=1,
+            max_grad_norm=sensitivity,
+            delta=self.policy.delta,
+            accountant=p.accountant,
+            relation=RELATION,
+            epsilon=0.0,
+            level="example",
+            noise="seeded" if p.seeded_noise else "csprng",
+            num_examples=n,
+            kind=kind,
+            timestamp=time.time(),
+        )
+        self.ledger.append(record)
 
 
 class _Answers:

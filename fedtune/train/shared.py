@@ -51,6 +51,7 @@ __all__ = [
     "SharedModel",
     "WorkerCache",
     "clear_worker_cache",
+    "process_model",
     "release_model",
     "worker_cache",
 ]
@@ -150,6 +151,18 @@ def worker_cache() -> WorkerCache:
     if not _CACHE:
         _CACHE.append(WorkerCache())
     return _CACHE[0]
+
+
+def process_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> SharedModel:
+    """This process's CPU model of ``cfg``: built once per process, then shared.
+
+    The preflight checks the model by building it here; the simulation driver then
+    reads the adapter length from it (the server is told, it builds none) and the
+    export writes the final adapter with it, so a driver process builds one model.
+    """
+    import torch  # the cache itself imports no torch
+
+    return worker_cache().model(cfg, num_labels=num_labels, seed=seed, device=torch.device("cpu"))
 
 
 def clear_worker_cache() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.apps.server.app import make_server_app
+from fedtune.apps.server.context import ADAPTER_LENGTH
 from fedtune.apps.simulation.clients import observed_client_app
 from fedtune.apps.simulation.hooks import ClientFailuresToLog, server_hooks
 from fedtune.apps.simulation.preflight import check_run
@@ -40,6 +41,7 @@ from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
 from fedtune.tasks import get_task
+from fedtune.train.shared import process_model
 
 log = logging.getLogger("fedtune")
 
@@ -293,6 +295,9 @@ def _simulate(
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
     client_wiring, server_wiring = dict(wiring), dict(wiring)
     server_wiring["resume"] = first_round > 1
+    # The preflight built this process's model: the server is told the adapter length.
+    model = process_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
+    server_wiring[ADAPTER_LENGTH] = int(model.initial.size)
     backend = get_backend(cfg.crypto.codec_name)
     secret: Path | None = None
     if backend.uses_keys:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune import data as fdata
 from fedtune.errors import ConfigError
-from fedtune.model import build_model, load_tokenizer, resolve_model_path
+from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 from fedtune.tasks.causal_lm import data as lm_data
 from fedtune.tasks.causal_lm.generate import rescore_run, write_samples
@@ -25,6 +25,7 @@ from fedtune.tasks.causal_lm.model import (
     default_causal_model_path,
     load_causal_model,
 )
+from fedtune.train.shared import process_model
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +66,7 @@ class CausalLMTask:
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, data and partitions before the run starts."""
+
         fed = cfg.federation
         resolve_model_path(cfg.model)
         data = lm_data.load_instructions(cfg.data, seed=fed.seed)
@@ -80,7 +82,7 @@ class CausalLMTask:
                 f"`max-seq-length` is {cfg.data.max_seq_length}: no example keeps an answer "
                 "token after its (templated) prompt; raise it."
             )
-        build_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
+        process_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
         return cfg
 
     def client_datasets(

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import RunConfig, load_toml, parse_run_config
+from fedtune.config import RunConfig, load_toml
 from fedtune.errors import ConfigError
 from fedtune.model import load_tokenizer
+from fedtune.resolve import resolve
 from fedtune.run.export import load_adapter
 from fedtune.run.metrics import read_records, weighted_mean
 from fedtune.run.rescore import held_out_results
@@ -46,7 +47,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
             raise ConfigError(
                 f"{str(run_dir)!r} has no {needed}; is it a finished `fedtune simulate` run?"
             )
-    cfg = parse_run_config(load_toml(run_dir / "config.toml"))
+    cfg = resolve(load_toml(run_dir / "config.toml"), wiring=False).config
     if not get_task(cfg.model.task).generative:
         generative = [n for n in task_names() if get_task(n).generative]
         raise ConfigError(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune import data as fdata
 from fedtune.errors import ConfigError
-from fedtune.model import build_model, load_tokenizer, resolve_model_path
+from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.tasks.base import HELD_OUT_METRICS, ClientDatasets, Headline
 from fedtune.tasks.causal_lm import CausalLMTask
 from fedtune.tasks.preference import data as pref_data
@@ -30,6 +30,7 @@ from fedtune.tasks.preference.loss import (
     evaluate_preferences,
     example_metrics_preferences,
 )
+from fedtune.train.shared import process_model
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +81,7 @@ class PreferenceTask:
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, triples and partitions before the run starts."""
+
         fed = cfg.federation
         resolve_model_path(cfg.model)
         data = pref_data.load_preferences(cfg.data, seed=fed.seed)
@@ -96,7 +98,7 @@ class PreferenceTask:
                 f"`max-seq-length` is {cfg.data.max_seq_length}: no pair keeps a token of "
                 "both answers after its (templated) prompt; raise it."
             )
-        build_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
+        process_model(cfg.model, num_labels=0, seed=fed.seed)  # checks lora-target-modules
         return cfg
 
     def client_datasets(

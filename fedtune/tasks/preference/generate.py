@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import load_toml, parse_run_config
+from fedtune.config import load_toml
+from fedtune.resolve import resolve
 from fedtune.run.metrics import read_records, weighted_mean
 from fedtune.run.rescore import held_out_results
 from fedtune.tasks import get_task
@@ -19,7 +20,7 @@ __all__ = ["rescore_run", "write_samples"]
 
 def write_samples(run_dir: Path) -> Path:
     """``samples.jsonl``: client 0's first held-out prompts with chosen, rejected, answers."""
-    cfg = parse_run_config(load_toml(Path(run_dir) / "config.toml"))
+    cfg = resolve(load_toml(Path(run_dir) / "config.toml"), wiring=False).config
     fed = cfg.federation
     split = pref_data.preference_split(
         pref_data.load_preferences(cfg.data, seed=fed.seed),
