@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.apps.server import app as server_app
+from fedtune.apps.server import loop as server_loop
 from fedtune.apps.server import verified
 from fedtune.apps.simulation.progress import RunProgress
 from fedtune.apps.simulation.signals import RunStop
@@ -26,28 +27,30 @@ __all__ = ["ClientFailuresToLog", "server_hooks"]
 def server_hooks(stop: RunStop, progress: RunProgress) -> Any:
     """Route the ServerApp's run-file writes through ``stop``'s lock, its console to ``progress``.
 
-    The ServerApp module looks these names up when it calls them, so the wrapped
+    The ServerApp's modules look these names up when it calls them, so the wrapped
     writers hold the lock for the whole write (a Ctrl-C never cuts a checkpoint or a
     metrics line in half) and its round lines and status land in the live display.
     """
 
     patches = [
-        (server_app, "save_checkpoint"),
-        (server_app, "save_pending"),
-        (server_app, "append_record"),
+        (server_loop, "save_checkpoint"),
+        (server_loop, "save_pending"),
+        (server_loop, "append_record"),
         (verified, "save_checkpoint"),
     ]
     originals = [(mod, name, getattr(mod, name)) for mod, name in patches]
-    old_console = server_app.Console
+    consoles = [(mod, mod.Console) for mod in (server_app, server_loop)]
     try:
         for mod, name, fn in originals:
             setattr(mod, name, stop.wrap(fn))
-        server_app.Console = lambda *a, **k: progress.console  # type: ignore[assignment,misc]
+        for mod, _ in consoles:
+            mod.Console = lambda *a, **k: progress.console  # type: ignore[attr-defined]
         yield
     finally:
         for mod, name, fn in originals:
             setattr(mod, name, fn)
-        server_app.Console = old_console  # type: ignore[misc]
+        for mod, console in consoles:
+            mod.Console = console  # type: ignore[attr-defined]
 
 
 class ClientFailuresToLog(logging.Filter):
