@@ -7,9 +7,10 @@ from typing import Literal, get_args
 
 from fedtune.config._checks import ConfigError, choice, require
 
-__all__ = ["LoraVariant", "ModelConfig"]
+__all__ = ["BaseQuantization", "LoraVariant", "ModelConfig"]
 
 LoraVariant = Literal["standard", "ffa"]
+BaseQuantization = Literal["none", "int8", "nf4"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,13 @@ class ModelConfig:
     ``layers_to_transform``): ``""`` every block, else block indices and ranges such
     as ``"20-29"`` or ``"0,2,4"``. Backpropagation then stops at the lowest adapted
     block, and fewer parameters get DP noise.
+
+    ``base-quantization`` stores the frozen base's linear layers in fewer bits on the
+    node that trains (:mod:`fedtune.model.quantize`): ``"int8"`` weight-only with
+    torchao (CPU or GPU), ``"nf4"`` 4-bit NormalFloat with bitsandbytes (CUDA only;
+    QLoRA, Dettmers et al., https://arxiv.org/abs/2305.14314). The adapter, DP-SGD's
+    per-sample gradients and the payload are unchanged: the exported adapter loads
+    on the unquantised base.
     """
 
     task: str = "classification"
@@ -44,6 +52,7 @@ class ModelConfig:
     lora_variant: LoraVariant = "standard"
     lora_layers: str = ""
     max_new_tokens: int = 48
+    base_quantization: BaseQuantization = "none"
 
     def __post_init__(self) -> None:
         from fedtune.tasks import task_names  # noqa: PLC0415 - the registry, no heavy import
@@ -65,6 +74,7 @@ class ModelConfig:
             "must name at least one module (comma-separated, e.g. 'query,value')",
         )
         choice("lora-variant", self.lora_variant, get_args(LoraVariant))
+        choice("base-quantization", self.base_quantization, get_args(BaseQuantization))
         self.layers  # noqa: B018 - parses lora-layers, raising a ConfigError naming it
 
     @property

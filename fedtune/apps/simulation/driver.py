@@ -23,6 +23,7 @@ from typing import Any
 
 from fedtune.config import ConfigError, RunConfig, parse_run_config
 from fedtune.errors import FederationError
+from fedtune.model.quantize import check_quantization_backend
 from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
@@ -129,6 +130,8 @@ def preflight(cfg: RunConfig) -> RunConfig:
     Returns the config with ``label-names`` resolved from the data, so that every
     client and the server agree on the label order.
     """
+    cuda = False if cfg.train.device == "cpu" else None  # None: whether CUDA is available
+    check_quantization_backend(cfg.model.base_quantization, cuda=cuda)
     return get_task(cfg.model.task).preflight(cfg)
 
 
