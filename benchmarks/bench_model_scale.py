@@ -23,7 +23,10 @@ modes:
   gradients of the LoRA tensors, clipping, noise; Poisson batches of mean ``--batch``);
 - ``int8-dp``: DP-SGD on the int8 base;
 - ``lora-gc`` / ``dp-gc``: with gradient checkpointing (non-reentrant), to see whether
-  it lowers the peak and whether it works with Opacus' hooks (the error is recorded).
+  it lowers the peak and whether it works with Opacus' hooks (the error is recorded);
+- CUDA only (``--device cuda``, scripts/gpu_check.sh): ``nf4`` / ``nf4-dp`` on a 4-bit
+  NF4 base (bitsandbytes), ``dp-bf16`` DP-SGD under bf16 autocast. On a GPU the memory
+  reported is also ``torch.cuda.max_memory_allocated``.
 
 Tokens per second count the tokens of the batches actually trained (a Poisson batch
 varies). "peak RSS" is the process's ``ru_maxrss``: it includes the float32 model
@@ -83,7 +86,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
     },
 }
-MODES = ("lora", "dp", "int8", "int8-dp", "lora-gc", "dp-gc")
+MODES = ("lora", "dp", "int8", "int8-dp", "lora-gc", "dp-gc", "nf4", "nf4-dp", "dp-bf16")
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -115,7 +118,14 @@ def _peak_rss() -> int:
 
 
 def run_one(
-    size: str, mode: str, *, seq_len: int, batch: int, steps: int, warmup: int = 1
+    size: str,
+    mode: str,
+    *,
+    seq_len: int,
+    batch: int,
+    steps: int,
+    warmup: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Build, wrap and train one configuration in this process; return its numbers."""
     import torch  # noqa: PLC0415
@@ -132,8 +142,9 @@ def run_one(
     base_params = sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
-    if mode.startswith("int8"):
-        quantize_base(model, "int8", device="cpu")
+    if mode.startswith(("int8", "nf4")):
+        quantize_base(model, mode.split("-", 1)[0], device=device)  # type: ignore[arg-type]
+    model.to(device)
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA))
     gc = mode.endswith("-gc")
     if gc:
@@ -171,18 +182,24 @@ def run_one(
 
         module, opt = model, optimizer
         batches = DataLoader(rows, batch_size=batch)  # type: ignore[arg-type]
+    dev = torch.device(device)
+    bf16 = mode.endswith("-bf16")
     tokens, seconds, done, losses = 0, 0.0, 0, []
     error = ""
     try:
         while done < steps + warmup:
-            for raw in batches:
-                if len(raw["labels"]) == 0:
+            for cpu_batch in batches:
+                if len(cpu_batch["labels"]) == 0:
                     continue
                 t0 = time.perf_counter()
+                raw = {k: v.to(device) for k, v in cpu_batch.items()}
                 opt.zero_grad(set_to_none=True)
-                loss = module(**raw).loss
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = module(**raw).loss
                 loss.backward()
                 opt.step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
                 if done >= warmup:  # untimed warm-up steps first
                     seconds += time.perf_counter() - t0
                     tokens += int(raw["attention_mask"].sum())
@@ -209,6 +226,8 @@ def run_one(
         "rss_after_bytes": _rss_now(),
         "peak_rss_bytes": _peak_rss(),
         "loss_finite": bool(losses) and all(math.isfinite(x) for x in losses),
+        "device": device,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
         "error": error,
     }
 
@@ -295,6 +314,8 @@ def _child(size: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.threads),
         "--warmup",
         str(args.warmup),
+        "--device",
+        args.device,
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -383,6 +404,23 @@ def plot(
     fig.savefig(out, dpi=110)
 
 
+def merge(args: argparse.Namespace) -> None:
+    """Combine several runs' results.json into one table and plot."""
+    merged: dict[str, Any] = {"results": [], "ckks": {}}
+    for name in args.merge.split(","):
+        part = json.loads(Path(name).read_text())
+        merged["machine"] = part["machine"]
+        merged["results"] += part["results"]
+        merged["ckks"].update(part["ckks"])
+    merged["results"].sort(key=lambda r: (list(SIZES).index(r["size"]), MODES.index(r["mode"])))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(merged, indent=1))
+    table = write_table(merged["results"], merged["ckks"], merged["machine"])
+    (args.out / "table.md").write_text(table + "\n")
+    print(table)
+    plot(merged["results"], merged["ckks"], merged["machine"], args.plot or args.out / "scale.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -392,6 +430,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--merge", default="", help="comma-separated results.json files: table and plot only"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument(
         "--merge", default="", help="comma-separated results.json files: table and plot only"
@@ -408,11 +450,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.one:
         size, mode = args.one.split(":")
-        print(
-            json.dumps(
-                run_one(size, mode, seq_len=args.seq_len, batch=args.batch, steps=args.steps)
-            )
+        out = run_one(
+            size,
+            mode,
+            seq_len=args.seq_len,
+            batch=args.batch,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
         )
+        print(json.dumps(out))
+        return
+    if args.merge:
+        merge(args)
         return
     host = machine()
     print(f"machine: {host}", flush=True)

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedtune.config import ConfigError, ModelConfig
 from fedtune.model.loading import resolve_model_path, seeded
-from fedtune.model.quantize import quantize_base
+from fedtune.model.quantize import quantize_base, quiet_torchao_import
 from fedtune.tasks import get_task
 
 __all__ = ["build_model", "linear_module_names", "load_base_model"]
@@ -54,7 +54,8 @@ def build_model(
         If a target module does not exist in the model (the message lists the
         linear layers the model has), or ``lora-layers`` names a block it lacks.
     """
-    from peft import LoraConfig, TaskType, get_peft_model  # noqa: PLC0415
+    with quiet_torchao_import():  # peft imports torchao when it is installed
+        from peft import LoraConfig, TaskType, get_peft_model  # noqa: PLC0415
 
     task = get_task(cfg.task)
     base = load_base_model(cfg, num_labels=num_labels, seed=seed)
@@ -83,7 +84,7 @@ def build_model(
         target_modules=cfg.target_modules,
         layers_to_transform=layers,
     )
-    with seeded(seed + 1), warnings.catch_warnings():
+    with seeded(seed + 1), warnings.catch_warnings(), quiet_torchao_import():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
         # fedtune never merges the adapter into a quantised base, which is all this warns of.
         warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated", UserWarning)

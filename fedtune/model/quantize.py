@@ -38,6 +38,7 @@ __all__ = [
     "check_quantization_backend",
     "quantizable_linears",
     "quantize_base",
+    "quiet_torchao_import",
 ]
 
 #: Trainable heads (``modules_to_save`` in PEFT's sequence-classification task): never quantised.
@@ -133,8 +134,12 @@ def quantize_base(model: nn.Module, method: BaseQuantization, *, device: str = "
 
 
 @contextlib.contextmanager
-def _quiet_torchao_import() -> Iterator[None]:
-    """torchao logs a warning per CUDA-only kernel library it cannot load on a CPU build."""
+def quiet_torchao_import() -> Iterator[None]:
+    """torchao logs a warning per CUDA-only kernel library it cannot load on a CPU build.
+
+    PEFT imports torchao whenever it is installed (``get_peft_model`` asks every layer
+    whether its weight is a torchao tensor), so this wraps that call too.
+    """
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -147,7 +152,7 @@ def _quiet_torchao_import() -> Iterator[None]:
 
 
 def _int8(model: nn.Module, names: set[str]) -> None:
-    with _quiet_torchao_import():
+    with quiet_torchao_import():
         from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415
 
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda _m, fqn: fqn in names)

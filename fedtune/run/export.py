@@ -19,6 +19,7 @@ from torch import nn
 from fedtune.aggregation import WeightedSum
 from fedtune.config import ConfigError, RunConfig
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
+from fedtune.model.quantize import quiet_torchao_import
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
 
@@ -39,7 +40,8 @@ def write_adapter(
 
 def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
     """Base model + adapter through stock ``peft.PeftModel.from_pretrained``."""
-    from peft import PeftModel  # noqa: PLC0415
+    with quiet_torchao_import():  # peft imports torchao when it is installed
+        from peft import PeftModel  # noqa: PLC0415
 
     labels = json.loads((adapter_dir / "fedtune.json").read_text())["label-names"]
     # Another seed for the base head on purpose: the adapter must bring its own head.
