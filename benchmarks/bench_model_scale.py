@@ -5,6 +5,7 @@ Run on demand (writes docs/scale.md's table, docs/scale.png and a JSON of the nu
     nice -n 10 python benchmarks/bench_model_scale.py                  # ~1 h on 2 busy cores
     python benchmarks/bench_model_scale.py --sizes 135M --steps 2      # a quick look
     python benchmarks/bench_model_scale.py --sizes 1.1B --modes dp,int8-dp
+    python benchmarks/bench_model_scale.py --sizes 1.1B --save-model runs/llama-1.1b-random
 
 Llama-architecture models are built from their configuration with random weights
 (nothing is downloaded): ``135M`` has SmolLM2-135M's shape, ``360M`` SmolLM2-360M's,
@@ -404,6 +405,37 @@ def plot(
     fig.savefig(out, dpi=110)
 
 
+def save_model(size: str, out: Path) -> Path:
+    """Write a random-weight ``size``-shaped Llama with the bundled SmolLM2 tokenizer.
+
+    The federation in simulations/scale-1b.toml trains on it (nothing is downloaded): the
+    body has ``size``'s shape, the vocabulary is the tokenizer's (49,152 for SmolLM2),
+    the weights are saved in bfloat16 (fedtune loads them in float32).
+    """
+    import torch  # noqa: PLC0415
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    from fedtune.tasks.causal_lm.model import default_causal_model_path  # noqa: PLC0415
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_causal_model_path()))
+    shape = {**SIZES[size], "vocab_size": len(tokenizer)}
+    cfg = LlamaConfig(
+        **shape,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote a random-weight {size}-shaped Llama ({params / 1e9:.2f}B parameters) to {out}")
+    return out
+
+
 def merge(args: argparse.Namespace) -> None:
     """Combine several runs' results.json into one table and plot."""
     merged: dict[str, Any] = {"results": [], "ckks": {}}
@@ -431,6 +463,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--save-model", type=Path, default=None, help="write a random-weight --sizes model here"
+    )
     parser.add_argument(
         "--merge", default="", help="comma-separated results.json files: table and plot only"
     )
@@ -463,6 +498,9 @@ def main() -> None:
         return
     if args.merge:
         merge(args)
+        return
+    if args.save_model:
+        save_model(args.sizes.split(",")[0], args.save_model)
         return
     host = machine()
     print(f"machine: {host}", flush=True)
