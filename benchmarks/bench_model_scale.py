@@ -470,9 +470,6 @@ def main() -> None:
         "--merge", default="", help="comma-separated results.json files: table and plot only"
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument(
-        "--merge", default="", help="comma-separated results.json files: table and plot only"
-    )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default OUT/scale.png)")
