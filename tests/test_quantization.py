@@ -181,3 +181,31 @@ def test_nf4_is_refused_without_cuda_in_one_line(tiny_llama_dir: Path) -> None:
 def test_unknown_quantization_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"`base-quantization` must be one of none, int8, nf4"):
         ModelConfig(base_quantization="int4")  # type: ignore[arg-type]
+
+
+def test_int8_layer_keeps_no_float_weight_for_backward_and_matches_float_gradients() -> None:
+    """Through torchao alone autograd saves each layer's de-quantised float32 weight (the
+    whole float body again during a step); Int8FrozenLinear saves nothing for it."""
+    from fedtune.model.quantize import Int8FrozenLinear, quantize_base
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8))
+    quantize_base(model, "int8", device="cpu")
+    assert all(type(m) is Int8FrozenLinear for m in model)
+    x = torch.randn(3, 64, requires_grad=True)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    assert (128, 64) not in saved and (8, 128) not in saved
+    out.sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    hidden = torch.nn.functional.linear(ref_x, model[0].weight.dequantize(), model[0].bias)
+    ref = torch.nn.functional.linear(hidden, model[1].weight.dequantize(), model[1].bias)
+    ref.sum().backward()
+    torch.testing.assert_close(out.detach(), ref.detach())
+    torch.testing.assert_close(x.grad, ref_x.grad)

@@ -8,7 +8,11 @@ format, so the exported adapter loads with stock PEFT on the unquantised base.
 
 - ``"int8"``: weight-only int8, one scale per output channel, with torchao's
   ``Int8WeightOnlyConfig`` (CPU and GPU). PEFT wraps such layers in its
-  ``TorchaoLoraLinear``.
+  ``TorchaoLoraLinear``. The layers become :class:`Int8FrozenLinear`: through torchao
+  alone, autograd saves each layer's de-quantised float32 weight for the backward pass
+  (measured: a training step then holds the whole float32 body again), so the backward
+  pass here re-de-quantises the int8 weight instead, one layer at a time, as
+  bitsandbytes does for 4-bit weights.
 - ``"nf4"``: 4-bit NormalFloat with bitsandbytes' ``Linear4bit`` on CUDA, as QLoRA
   (Dettmers et al., https://arxiv.org/abs/2305.14314). The weights are quantised when
   the layer moves to the GPU; PEFT wraps them in its ``Linear4bit`` LoRA layer.
@@ -26,6 +30,7 @@ import contextlib
 import importlib.util
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +40,7 @@ from fedtune.model.loading import ModelError
 
 __all__ = [
     "HEAD_NAMES",
+    "Int8FrozenLinear",
     "check_quantization_backend",
     "quantizable_linears",
     "quantize_base",
@@ -151,11 +157,45 @@ def quiet_torchao_import() -> Iterator[None]:
             lg.setLevel(level)
 
 
+class _FrozenInt8Matmul(torch.autograd.Function):
+    """``y = x W^T + b`` with a frozen int8 ``W``: saves no float copy of ``W``.
+
+    The gradient with respect to ``x`` is ``dy W``; ``W`` is de-quantised again in the
+    backward pass (one layer's float weight alive at a time). ``W`` and ``b`` are frozen:
+    no gradient for them.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.weight = weight  # the module's own parameter: a reference, not a copy
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        weight = ctx.weight.dequantize().to(grad.dtype)
+        return grad @ weight, None, None
+
+
+class Int8FrozenLinear(nn.Linear):
+    """An ``nn.Linear`` whose frozen weight is a torchao int8 tensor (see the module doc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return nn.functional.linear(x, self.weight, self.bias)
+        out: torch.Tensor = _FrozenInt8Matmul.apply(x, self.weight, self.bias)
+        return out
+
+
 def _int8(model: nn.Module, names: set[str]) -> None:
     with quiet_torchao_import():
         from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415
 
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda _m, fqn: fqn in names)
+    for name, module in model.named_modules():
+        if name in names:
+            module.__class__ = Int8FrozenLinear  # same state, a backward that saves int8 only
 
 
 def _nf4(model: nn.Module, names: set[str], *, device: str) -> None:
