@@ -375,12 +375,17 @@ def plot(
         if not rows:
             continue
         x = [r["base_params"] / 1e6 for r in rows]
-        axes[0].plot(x, [r["peak_rss_bytes"] / 2**30 for r in rows], "o-", label=mode)
+        (line,) = axes[0].plot(x, [r["peak_rss_bytes"] / 2**30 for r in rows], "o-", label=mode)
+        axes[0].plot(x, [r["rss_after_bytes"] / 2**30 for r in rows], "x:", color=line.get_color())
         ok = [r for r in rows if r.get("tokens_per_s")]
         axes[1].plot(
             [r["base_params"] / 1e6 for r in ok], [r["tokens_per_s"] for r in ok], "o-", label=mode
         )
-    axes[0].set(xlabel="base parameters (M)", ylabel="peak RSS (GiB)", title="node peak memory")
+    axes[0].set(
+        xlabel="base parameters (M)",
+        ylabel="RSS (GiB)",
+        title="node memory: peak (o) and after a step (x)",
+    )
     axes[1].set(
         xlabel="base parameters (M)", ylabel="tokens / s", title="training speed", yscale="log"
     )
