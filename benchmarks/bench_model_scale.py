@@ -42,6 +42,7 @@ checkpointing on a tiny model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -114,6 +115,19 @@ def _rss_now() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so RSS shows what is alive.
+
+    Layers under glibc's (dynamic, up to 32 MiB) mmap threshold are freed into the heap
+    when the float32 weights are replaced by int8 ones; without a trim the resident size
+    keeps them (measured: 360M int8-dp, 2.32 GiB after a step against 2.28 float).
+    """
+    import ctypes  # noqa: PLC0415
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -152,6 +166,7 @@ def run_one(
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     build_s = time.perf_counter() - start
+    _malloc_trim()
     rss_model = _rss_now()
     layout = adapter_layout(model)
     model.train()
@@ -224,7 +239,7 @@ def run_one(
         "s_per_step": seconds / max(done - warmup, 1) if seconds else None,
         "build_s": build_s,
         "rss_model_bytes": rss_model,
-        "rss_after_bytes": _rss_now(),
+        "rss_after_bytes": (_malloc_trim(), _rss_now())[1],
         "peak_rss_bytes": _peak_rss(),
         "loss_finite": bool(losses) and all(math.isfinite(x) for x in losses),
         "device": device,
