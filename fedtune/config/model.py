@@ -8,9 +8,10 @@ from typing import Literal, get_args
 from fedtune.config._checks import choice, require
 from fedtune.errors import ConfigError
 
-__all__ = ["LoraVariant", "ModelConfig"]
+__all__ = ["BaseQuantization", "LoraVariant", "ModelConfig"]
 
 LoraVariant = Literal["standard", "ffa"]
+BaseQuantization = Literal["none", "int8", "nf4"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,16 @@ class ModelConfig:
             "run's `samples.jsonl`."
         },
     )
+    base_quantization: BaseQuantization = field(
+        default="none",
+        metadata={
+            "help": "Store the frozen base's linear layers in fewer bits on the node that "
+            "trains: `none`, `int8` (weight-only, torchao; CPU or GPU) or `nf4` (4-bit "
+            "NormalFloat, bitsandbytes, CUDA only; QLoRA). The adapter, DP-SGD and the "
+            "payload are unchanged; the exported adapter loads on the unquantised base "
+            "(docs/scale.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, "max-new-tokens", self.max_new_tokens, "must be >= 1")
@@ -103,6 +114,7 @@ class ModelConfig:
             "must name at least one module (comma-separated, e.g. 'query,value')",
         )
         choice("lora-variant", self.lora_variant, get_args(LoraVariant))
+        choice("base-quantization", self.base_quantization, get_args(BaseQuantization))
         self.layers  # noqa: B018 - parses lora-layers, raising a ConfigError naming it
 
     @property

@@ -23,6 +23,7 @@ from fedtune.model.loading import (
     seeded,
 )
 from fedtune.model.lora import build_model, linear_module_names, load_base_model
+from fedtune.model.quantize import check_quantization_backend, quantize_base
 
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
@@ -30,12 +31,14 @@ __all__ = [
     "ModelError",
     "adapter_layout",
     "build_model",
+    "check_quantization_backend",
     "default_model_path",
     "flatten",
     "get_adapter_vector",
     "linear_module_names",
     "load_base_model",
     "load_tokenizer",
+    "quantize_base",
     "resolve_model_path",
     "seeded",
     "set_adapter_vector",

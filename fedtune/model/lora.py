@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from fedtune.config import ModelConfig
 from fedtune.errors import ConfigError
 from fedtune.model.loading import resolve_model_path, seeded
+from fedtune.model.quantize import quantize_base, quiet_torchao_import
 from fedtune.tasks import get_task
 
 __all__ = ["build_model", "linear_module_names", "load_base_model"]
@@ -31,11 +33,21 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
+def build_model(
+    cfg: ModelConfig,
+    *,
+    num_labels: int,
+    seed: int,
+    quantize_for: torch.device | None = None,
+) -> nn.Module:
     """Load the base model and wrap it with a LoRA adapter.
 
     Every client calls this with the run seed and gets bit-identical adapter and
     head initialisations, so round 1 needs no weights from the server.
+
+    ``quantize_for``: the device a node trains on; the frozen base is then quantised
+    as ``base-quantization`` says (:mod:`fedtune.model.quantize`) before PEFT wraps it.
+    ``None`` (the layout, the export) keeps a float base: the adapter is the same.
 
     Raises
     ------
@@ -43,7 +55,8 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
         If a target module does not exist in the model (the message lists the
         linear layers the model has), or ``lora-layers`` names a block it lacks.
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    with quiet_torchao_import():  # peft imports torchao when it is installed
+        from peft import LoraConfig, TaskType, get_peft_model
 
     task = get_task(cfg.task)
     base = load_base_model(cfg, num_labels=num_labels, seed=seed)
@@ -62,6 +75,8 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
                 f"`lora-layers` is {cfg.lora_layers!r}, but the model has {blocks} blocks "
                 f"(0-{blocks - 1})."
             )
+    if quantize_for is not None:
+        quantize_base(base, cfg.base_quantization, device=str(quantize_for))
     lora = LoraConfig(
         task_type=TaskType[task.peft_task_type],
         r=cfg.lora_rank,
@@ -70,8 +85,10 @@ def build_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
         target_modules=cfg.target_modules,
         layers_to_transform=layers,
     )
-    with seeded(seed + 1), warnings.catch_warnings():
+    with seeded(seed + 1), warnings.catch_warnings(), quiet_torchao_import():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
+        # fedtune never merges the adapter into a quantised base, which is all this warns of.
+        warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated", UserWarning)
         model = get_peft_model(base, lora)
     if cfg.lora_variant == "ffa":
         for name, param in model.named_parameters():

@@ -25,6 +25,7 @@ from fedtune.aggregation import WeightedSum
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
+from fedtune.model.quantize import quiet_torchao_import
 from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger
 from fedtune.run.card import base_model_name, model_card
 from fedtune.run.checkpoint import load_checkpoint
@@ -113,7 +114,8 @@ def write_adapter(
 
 def load_adapter(adapter_dir: Path, cfg: RunConfig) -> nn.Module:
     """Base model + adapter through stock ``peft.PeftModel.from_pretrained``."""
-    from peft import PeftModel
+    with quiet_torchao_import():  # peft imports torchao when it is installed
+        from peft import PeftModel
 
     labels = json.loads((adapter_dir / "fedtune.json").read_text())["label-names"]
     # Another seed for the base head on purpose: the adapter must bring its own head.

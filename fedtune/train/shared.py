@@ -128,7 +128,7 @@ class WorkerCache:
         """The LoRA model of ``cfg`` with a ``num_labels`` head, seeded, on ``device``."""
         key = (cfg, num_labels, seed, str(device))
         if key not in self.models:
-            model = fmodel.build_model(cfg, num_labels=num_labels, seed=seed)
+            model = fmodel.build_model(cfg, num_labels=num_labels, seed=seed, quantize_for=device)
             model.to(device)
             initial = fmodel.get_adapter_vector(model)
             initial.flags.writeable = False

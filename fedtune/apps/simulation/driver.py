@@ -33,6 +33,7 @@ from fedtune.apps.simulation.resume import checkpoint_round, prepare_resume
 from fedtune.apps.simulation.signals import RunStop
 from fedtune.config import RunConfig
 from fedtune.errors import ConfigError, FederationError
+from fedtune.model.quantize import check_quantization_backend
 from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.policy_file import write_policy
 from fedtune.resolve import resolve
@@ -142,6 +143,8 @@ def preflight(cfg: RunConfig) -> RunConfig:
     Returns the config with ``label-names`` resolved from the data, so that every
     client and the server agree on the label order.
     """
+    cuda = False if cfg.train.device == "cpu" else None  # None: whether CUDA is available
+    check_quantization_backend(cfg.model.base_quantization, cuda=cuda)
     return get_task(cfg.model.task).preflight(cfg)
 
 
