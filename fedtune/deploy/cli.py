@@ -202,6 +202,14 @@ def add_parser(sub: Any) -> None:
     sn.add_argument("--data-path", type=Path, help="this node's own CSV / JSONL / dataset dir")
     sn.add_argument("--secret-context", type=Path, help="secret.ctx from `fedtune keygen`")
     sn.add_argument("--name", default="", help="the name in metrics and ledgers")
+    sn.add_argument(
+        "--threads",
+        default="auto",
+        metavar="N|auto",
+        help="torch threads of this node's worker: `auto` (default) takes its share of the "
+        "cores among the nodes running on this machine (cores // live nodes, at least 1, "
+        "counted before each message), or a fixed count",
+    )
     policy = sn.add_argument_group(
         "privacy policy",
         "This node's own policy, kept in STATE_DIR/policy.toml (these flags override the "

@@ -258,7 +258,10 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     runtime = roles.runtime_dir(state, args.runtime_dir, runtime_user=args.runtime_user)
     socket = runtime / roles.WORKER_SOCKET
     worker = roles.node_worker(
-        config=worker_config, socket=socket, runtime_user=user.name if user else None
+        config=worker_config,
+        socket=socket,
+        runtime_user=user.name if user else None,
+        threads=getattr(args, "threads", "auto"),
     )
     owner: RuntimeUser | None = None
     if args.worker_user:

@@ -35,6 +35,8 @@ from fedtune.deploy.guard import check_superlink_dirs
 from fedtune.deploy.pki import secret_dir
 from fedtune.errors import ConfigError
 from fedtune.ids import is_decimal, parse_decimal
+from fedtune.node.cores import ENV as CORES_ENV
+from fedtune.node.cores import threads_for
 
 #: Environment every fedtune process of a deployment gets (no hub, no telemetry).
 OFFLINE_ENV = {
@@ -243,13 +245,17 @@ def node_worker(
     socket: Path,
     runtime_user: str | None = None,
     base_env: Mapping[str, str] | None = None,
+    threads: str = "auto",
 ) -> Launch:
     """The node's long-lived worker (:mod:`fedtune.node.worker`) on ``socket``.
 
     It runs as the user who starts ``fedtune deploy supernode`` (the owner of the
     node's data, secret context and state directory); with ``runtime_user`` its
-    socket is handed to that user, who runs the SuperNode.
+    socket is handed to that user, who runs the SuperNode. ``threads``: its share of
+    the cores, ``"auto"`` or a count (:mod:`fedtune.node.cores`).
     """
+    if threads != "auto":
+        threads_for(threads, cores=1)  # refuse a bad count before anything starts
     state = secret_dir(Path(str(config["state-dir"])), "--state-dir")
     argv = [
         sys.executable,
@@ -262,6 +268,9 @@ def node_worker(
         argv.append(f"--socket-owner={runtime_user}")
     env = _environment(state / "worker-home", base_env)
     env.pop("FLWR_HOME")  # the worker runs no Flower process
+    env[CORES_ENV] = threads
+    if threads != "auto":
+        env["OMP_NUM_THREADS"] = threads
     return Launch(argv, env)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from fedtune.errors import (
 from fedtune.messages import check_reply
 from fedtune.model.loading import model_digest
 from fedtune.node import verified as verify
+from fedtune.node.cores import node_threads
 from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.policy_file import POLICY_KEYS, load_policy
 from fedtune.resolve import resolve
@@ -178,7 +178,7 @@ def runtime_for(
         policy = own_policy if own_policy is not None else NodePolicy.from_run_config(cfg)
         policy.check_run(cfg)
         _check_model_pin(policy, cfg)
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        threads = node_threads()  # this node's share of the machine (fedtune.node.cores)
         if threads > 0:
             torch.set_num_threads(threads)
         runtime = ClientRuntime(
