@@ -2,7 +2,7 @@
 
     python benchmarks/bench_deploy.py [--rounds 2] [--keep DIR]
 
-Runs the README's "Run a real federation" walkthrough on 127.0.0.1 (``fedtune keygen``,
+Runs the walkthrough of docs/deployment.md on 127.0.0.1 (``fedtune keygen``,
 ``deploy certs``, ``superlink``, ``node-key``, ``register``, three ``supernode``s on
 ``scripts/make_demo_data.py``'s files, ``deploy run simulations/federation.toml``: the default
 model, DP-SGD at ε = 8 and CKKS), then ``fedtune simulate simulations/federation.toml``: the

@@ -15,7 +15,7 @@ the training σ the plan calibrates when it leaves room for the evaluations
 Then two draws of the mechanism on real numbers: the quickstart's client 0 held-out
 split evaluated with the real MiniLM-L6 and the seeded, untrained initial adapter
 (exact accuracy and loss, then ``--draws`` DP releases: their mean, std and three
-reported values), and the silo size with the README's exact final accuracy of
+reported values), and the silo size with docs/results.md's exact final accuracy of
 silos-eps8 (0.898 on 2,450 held-out definitions; the per-example values are 0/1 with
 that mean; the loss is not drawn).
 """
@@ -41,7 +41,7 @@ FEDERATIONS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("silos-private", "silos-private", {}),
     ("silos-private ε=1", "silos-private", {"target-epsilon": 1.0}),
 )
-SILO_EXACT_ACCURACY = 0.898  # README, silo table: silos-eps8's final held-out accuracy
+SILO_EXACT_ACCURACY = 0.898  # docs/results.md, silo table: silos-eps8's final held-out accuracy
 
 
 def _config(name: str, **overrides: object):  # type: ignore[no-untyped-def]
@@ -174,7 +174,7 @@ def silo_draws(sigmas: list[float], draws: int) -> None:
     ones = round(SILO_EXACT_ACCURACY * n_test)
     acc = np.r_[np.ones(ones), np.zeros(n_test - ones)]
     values = {"eval-loss": np.zeros(n_test), "eval-accuracy": acc}  # the loss is not drawn
-    print(f"\nsilo size: n_test = {n_test}, exact accuracy {ones / n_test:.4f} (README)")
+    print(f"\nsilo size: n_test = {n_test}, exact accuracy {ones / n_test:.4f} (docs/results.md)")
     for sigma in sigmas:
         d = _draws(values, sigma, draws)
         print(

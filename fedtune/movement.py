@@ -29,7 +29,7 @@ global. Per optimiser, with ``T`` local steps, learning rate ``eta``:
   :data:`FAILURE`. The clipped-gradient term is a true worst case (every example's
   clipped gradient on one coordinate, e.g. a class's bias) and dominates: with a
   large learning rate and momentum, as in ``private.toml``, the bound exceeds the
-  value bound and stops nothing (see the README's numbers).
+  value bound and stops nothing (see docs/results.md).
 * **Client-level DP** (DP-FedAvg, McMahan et al. 2018,
   https://arxiv.org/abs/1710.06963): the update is clipped to L2 norm ``C`` (so
   each coordinate to ``C``) and gets a noise share of standard deviation at most

@@ -21,7 +21,7 @@ Sources
     This preference is specific to each word: measured at the start of training,
     two pairs' DPO gradients are nearly orthogonal (mean cosine 0.0005, against
     0.27 for ``usage-example``), so DP-SGD's noise hides it unless a client holds
-    many thousands of pairs (README, "Preference tuning").
+    many thousands of pairs (docs/preference.md).
 * a ``.csv`` / ``.jsonl`` file or saved HF dataset with ``prompt-column``,
   ``chosen-column`` and ``rejected-column``.
 
