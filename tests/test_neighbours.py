@@ -110,7 +110,7 @@ def _dp(extra: dict[str, object]) -> dict[str, object]:
         "num-clients": 1,
         "min-clients": 1,
         "dp": "example",
-        "noise-multiplier": 1.0,
+        "noise-multiplier": 2.0,
         "max-grad-norm": 1.0,
         "epsilon-budget": 1000.0,
         **extra,

@@ -30,7 +30,7 @@ def _runtime(model: Path, data: Path, tmp_path: Path, dp: str) -> ClientRuntime:
             "batch-size": 8,
             "label-names": "animal,food,tool",
             "dp": dp,
-            "noise-multiplier": 1.0,
+            "noise-multiplier": 2.0,
         }
     )
     return ClientRuntime(cfg, partition_id=0, num_partitions=2, privacy_dir=tmp_path)

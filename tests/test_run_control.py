@@ -221,7 +221,7 @@ def _run_args(model: Path, data: Path) -> list[str]:
         "lora-rank": 4,
         "max-examples": 60,
         "dp": "example",
-        "noise-multiplier": 1.0,
+        "noise-multiplier": 2.0,
         "seeded-noise": "true",
         "target-delta": 1e-3,
         "label-names": "animal,food,tool",

@@ -131,7 +131,9 @@ def test_a_closed_stdout_ends_quietly() -> None:
         timeout=120,
         check=False,
     )
-    assert proc.returncode == 141, proc.stderr[-2000:]
+    # 141 when fedtune's final flush finds the pipe closed; 0 when argparse's own write of
+    # the (long) help already met it (argparse ignores a failed help write).
+    assert proc.returncode in (0, 141), proc.stderr[-2000:]
     assert "BrokenPipe" not in proc.stderr and "Traceback" not in proc.stderr
 
 
