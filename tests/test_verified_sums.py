@@ -227,7 +227,8 @@ def test_near_transparent_global_is_refused(
     forged = near_transparent(strategy, chosen * strategy.global_examples)
     # What the attack did before: the key holder's codec decrypts it to the forger's values.
     decoded = runtime.codec.decode(runtime.codec.validate(forged, aggregate=True))
-    assert np.max(np.abs(decoded / strategy.global_examples - chosen)) < 1e-9
+    # (to CKKS precision: about 1e-9, random per encryption)
+    assert np.max(np.abs(decoded / strategy.global_examples - chosen)) < 1e-7
     strategy.global_payload = forged  # receipts of the honest round kept
     with pytest.raises(verify.GlobalRefused, match=r"^global-unverified:c1-mismatch$"):
         node_round.evaluate(runtime, evaluate_content(strategy))
