@@ -46,6 +46,21 @@ def node_pins(model_dir: Path, max_seq_length: object) -> dict[str, object]:
     return {"models": [pin], "max-seq-length": max_seq_length}
 
 
+def session_processes(sid: int) -> set[int]:
+    """Live (non-zombie) processes in session ``sid``: everything a CLI run started."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.add(int(proc.name))
+    return found
+
+
 def toy_rows(n_per_label: int = 20, seed: int = 0) -> list[dict[str, str]]:
     """Short texts whose label is given away by a keyword: learnable by a tiny model."""
     import random

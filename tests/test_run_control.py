@@ -26,24 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import session_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def session_processes(sid: int) -> set[int]:
-    """Live (non-zombie) processes of session ``sid``."""
-    found = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.add(int(proc.name))
-    return found
 
 
 def wait_gone(sid: int, seconds: float = 15) -> set[int]:

@@ -18,24 +18,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import session_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _session_processes(sid: int) -> set[int]:
-    """Live (non-zombie) processes in session ``sid``: everything a CLI run started."""
-    found = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, session = fields[0], int(fields[3])
-        if session == sid and state != "Z":
-            found.add(int(proc.name))
-    return found
 
 
 def _fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -62,7 +47,7 @@ def _fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
         proc.communicate()
         raise
     deadline = time.monotonic() + 15  # let exiting workers finish
-    while (left := _session_processes(proc.pid)) and time.monotonic() < deadline:
+    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"`fedtune {args[0]}` left processes running: {sorted(left)}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
