@@ -213,8 +213,8 @@ def _deciding_lines(report: AuditReport, *, wide: bool) -> list[str]:
         elif g.accountant == "discrete-rdp":
             lines.append(
                 f"{head}: {g.noise} ran, and discrete-rdp is the accountant proven "
-                f"for it ({tolerance}); the continuous-Gaussian PRV and RDP ε are for "
-                "comparison only"
+                f"for every release ({tolerance}); the continuous-Gaussian PRV and RDP ε are "
+                "for comparison only"
             )
         else:
             lines.append(f"{head}: {g.noise} ({tolerance})")
