@@ -189,8 +189,8 @@ def test_grid_html_names_discrete_rdp_and_says_why_prv_does_not_decide(
     code, text = _page(runs["grid"], tmp_path, capsys, BETWEEN)
     assert code == 1 and "audit FAILED: 2 overrun of 2 clients" in text
     assert (
-        "discrete-rdp ε decides for every client (discrete Gaussian noise on a grid: grid "
-        "DP-SGD, the default, or client-level shares)" in text
+        "discrete-rdp ε decides for every client, whose ledgers compose discrete Gaussian "
+        "noise on a grid (grid DP-SGD, the default, or client-level shares):" in text
     )
     assert "PRV ε decides" not in text and "because PRV decides" not in text
     assert (
@@ -201,7 +201,7 @@ def test_grid_html_names_discrete_rdp_and_says_why_prv_does_not_decide(
     # client-0's row: claimed, RDP, PRV, deciding ε, its accountant and mechanism
     assert (
         '<td>1.847</td><td>1.850</td><td>1.708</td><td class="decides">1.847</td>'
-        '<td class="l">discrete-rdp</td><td class="l">discrete-gaussian</td>' in text
+        '<td class="l">discrete-rdp</td><td class="l wrap">discrete-gaussian</td>' in text
     )
 
 
@@ -211,10 +211,16 @@ def test_float_html_names_prv_and_keeps_the_rdp_note(
     # client-0's RDP ε 1.850 is above 1.8, its PRV ε 1.708 is not: ok, PRV decides.
     code, text = _page(runs["float"], tmp_path, capsys, BETWEEN)
     assert code == 1  # client-1 (PRV ε 2.352) overruns
-    assert 'PRV ε decides for every client (float Gaussian noise: dp-noise = "float")' in text
+    assert (
+        "PRV ε decides for every client, whose ledgers compose float Gaussian noise "
+        '(dp-noise = "float", DP evaluations):' in text
+    )
     assert "discrete-rdp ε decides" not in text and "decided by" in text
     assert "client-0 (example): RDP ε 1.850 is above the budget 1.8, PRV ε 1.708 is not" in text
-    assert '<td class="decides">1.708</td><td class="l">prv</td><td class="l">gaussian</td>' in text
+    assert (
+        '<td class="decides">1.708</td><td class="l">prv</td><td class="l wrap">gaussian</td>'
+        in text
+    )
 
 
 def test_mixed_html_names_each_accountant_and_compares_rdp_only_for_float(
@@ -224,7 +230,7 @@ def test_mixed_html_names_each_accountant_and_compares_rdp_only_for_float(
     # client-0 (grid) has RDP ε 1.850 and discrete-rdp ε 1.847: nothing to note.
     code, text = _page(runs["mixed"], tmp_path, capsys, 2.4)
     assert code == 0
-    assert "discrete-rdp ε decides for client-0 (example) (discrete Gaussian noise" in text
-    assert "PRV ε decides for client-1 (example) (float Gaussian noise" in text
+    assert "discrete-rdp ε decides for client-0 (example), whose ledgers compose discrete" in text
+    assert "PRV ε decides for client-1 (example), whose ledgers compose float" in text
     notes = [line for line in text.split('<p class="note">')[1:] if "decides." in line]
     assert len(notes) == 1 and notes[0].startswith("client-1 (example): RDP ε 2.547")

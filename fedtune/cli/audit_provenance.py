@@ -57,10 +57,10 @@ WHY = {
 }
 
 
-#: Where each accountant's mechanism comes from in a fedtune run.
+#: Where each mechanism comes from in a fedtune run.
 _WHERE = {
-    "discrete-rdp": ": grid DP-SGD, the default, or client-level shares",
-    "prv": ': dp-noise = "float"',
+    "discrete-gaussian": "grid DP-SGD, the default, or client-level shares",
+    "gaussian": 'dp-noise = "float", DP evaluations',
 }
 
 
@@ -81,6 +81,17 @@ class Deciding:
     def noise(self) -> str:
         """The mechanisms in words ("float Gaussian noise", "discrete Gaussian noise on a grid")."""
         return " and ".join(MECHANISM_TEXT.get(m, m) for m in self.mechanisms) or "no noise"
+
+    @property
+    def noise_where(self) -> str:
+        """The mechanisms in words, each with where it runs in fedtune."""
+        return (
+            " and ".join(
+                f"{MECHANISM_TEXT.get(m, m)}" + (f" ({_WHERE[m]})" if m in _WHERE else "")
+                for m in self.mechanisms
+            )
+            or "no noise"
+        )
 
 
 def deciding(report: AuditReport) -> tuple[Deciding, ...]:
@@ -108,7 +119,7 @@ def deciding_text(report: AuditReport) -> str:
     for g in groups:
         who = "every client" if len(groups) == 1 else ", ".join(g.clients)
         parts.append(
-            f"{g.label} ε decides for {who} ({g.noise}{_WHERE.get(g.accountant, '')}): "
+            f"{g.label} ε decides for {who}, whose ledgers compose {g.noise_where}: "
             f"the recomputed {g.label} ε is "
             f"compared with the budget; {WHY.get(g.accountant, '')}."
         )

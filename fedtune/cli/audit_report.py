@@ -33,7 +33,7 @@ table { border-collapse: collapse; font-size: 0.85em; } td, th { white-space: no
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .ok { color: #11772d; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
-td.decides { font-weight: bold; }
+td.decides { font-weight: bold; } td.wrap { white-space: normal; }
 .note { color: #555; font-size: 0.9em; } table.prov td { max-width: 60em; white-space: normal; }
 img { max-width: 100%; border: 1px solid #ddd; }
 """
@@ -127,7 +127,7 @@ def write_report(
             + _cell(c.epsilon_prv)
             + _cell(c.epsilon_proven, css="decides")
             + _cell(c.accountant, left=True)
-            + _cell(", ".join(c.mechanisms) or None, left=True)
+            + _cell(", ".join(c.mechanisms) or None, left=True, css="wrap")
             + _cell(c.budget_epsilon)
             + (
                 _cell(None if e is None else float(e["epsilon-lower-bound"]))  # type: ignore[arg-type]
