@@ -30,16 +30,16 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; m
        color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: 0.85em; } td, th { white-space: nowrap; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.45em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .ok { color: #11772d; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
-td.decides { font-weight: bold; } td.wrap { white-space: normal; }
+td.decides { font-weight: bold; }
 .note { color: #555; font-size: 0.9em; } table.prov td { max-width: 60em; white-space: normal; }
 img { max-width: 100%; border: 1px solid #ddd; }
 """
 
 #: Columns of the client table whose text is left-aligned.
-_LEFT = ("client", "level", "noise", "decided by", "mechanism")
+_LEFT = ("client", "level", "noise", "decided by")
 
 _EVAL_PLAIN = (
     "Held-out evaluation metrics (eval-loss, eval-accuracy, their example counts) are sent "
@@ -127,7 +127,6 @@ def write_report(
             + _cell(c.epsilon_prv)
             + _cell(c.epsilon_proven, css="decides")
             + _cell(c.accountant, left=True)
-            + _cell(", ".join(c.mechanisms) or None, left=True, css="wrap")
             + _cell(c.budget_epsilon)
             + (
                 _cell(None if e is None else float(e["epsilon-lower-bound"]))  # type: ignore[arg-type]
@@ -159,7 +158,6 @@ def write_report(
                 "PRV ε",
                 "deciding ε",
                 "decided by",
-                "mechanism",
                 "budget",
                 *(("empirical ε ≥",) if empirical else ()),
                 "verdict",
