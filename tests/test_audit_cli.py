@@ -441,7 +441,10 @@ def test_html_report_has_provenance_and_names_the_deciding_accountant(
     assert "ε = 2.4, from --budget" in text
     assert "1e-05, from target-delta in" in text
     assert "classification · all-MiniLM-L6-v2 · 2 clients · 3 rounds · dp example" in text
-    assert "PRV ε decides every verdict" in text and "PRV ε (decides)" in text
+    assert "PRV ε decides for every client, whose ledgers compose float Gaussian noise" in text
+    for head in ("RDP ε", "PRV ε", "deciding ε", "decided by"):
+        assert f"<th>{head}</th>" in text or f'<th class="l">{head}</th>' in text
+    assert '<td class="l">prv</td>' in text
     assert (
         "client-1 (example): RDP ε 2.547 is above the budget 2.4, PRV ε 2.352 is not: "
         "the verdict is &#x27;ok&#x27; because PRV decides." in text

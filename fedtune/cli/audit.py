@@ -47,9 +47,13 @@ DEFAULT_TOLERANCE: float = inspect.signature(audit_records).parameters["toleranc
 """The audit's own default (``2 * PRV_EPS_ERROR``); read from it so the two never drift."""
 
 DESCRIPTION = """\
-Recompute every client's ε from its privacy ledger with two independent accountants
-(PRV, Gopi et al. 2021, and RDP, Mironov et al. 2019), compare with the ε the client
-reported, and check it against the ε budget.
+Recompute every client's ε from its privacy ledger, compare with the ε the client
+reported, and check it against the ε budget. The ε that decides is the one of the
+accountant proven for the noise that ran: discrete-rdp (Canonne, Kamath & Steinke 2020)
+for a history holding a discrete Gaussian on a grid (grid DP-SGD, the default, and every
+client-level share), PRV (Gopi et al. 2021) for float Gaussian noise only. The table
+names it; the continuous-Gaussian PRV and RDP (Mironov et al. 2019) ε are shown beside
+it for comparison (--wide, --json).
 
 PATH is one of:
   a run directory        ledgers in PATH/privacy/*.jsonl (written by `fedtune simulate`)
@@ -61,8 +65,8 @@ target-delta in PATH/config.toml if at most 1e-5, else 1e-5), never at the δ a 
 states, under the replace-one relation (every fedtune reply publishes the client's
 example count, so a ledger that declares add-remove is inconsistent).
 
-Verdicts: "overrun" (recomputed PRV ε or reported ε above the budget), "under-reported"
-(some record's ε below the PRV ε recomputed for it by more than --tolerance),
+Verdicts: "overrun" (deciding ε or reported ε above the budget), "under-reported"
+(some record's ε below the deciding ε recomputed for it by more than --tolerance),
 "inconsistent" (a record at another δ, one that declares add-remove, an audit δ not
 below 1 / n_k, or a composition that does not follow from the recorded batch size, epochs
 and example count or from the run config), "ok".
@@ -153,7 +157,7 @@ def add_parser(
         default=DEFAULT_TOLERANCE,
         metavar="EPS",
         help=(
-            f"how far a reported ε may sit below the recomputed PRV ε (default "
+            f"how far a reported ε may sit below the recomputed deciding ε (default "
             f"{DEFAULT_TOLERANCE:g}: the PRV accountant is exact to ±0.01, so two honest "
             "computations of one history can differ by up to 0.02; more is not numerics)"
         ),
@@ -165,7 +169,8 @@ def add_parser(
         "--wide",
         action="store_true",
         help=(
-            "a wider table: the relation, noise source, q, δ and RDP ε of every row "
+            "a wider table: the relation, noise source, q, δ and the continuous-Gaussian "
+            "RDP and PRV ε of every row "
             "(the default table fits 100 columns and states what the rows share below it)"
         ),
     )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedtune.cli.audit_inputs import Ledger
+from fedtune.cli.audit_provenance import LABEL
 from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AuditReport
 
@@ -69,7 +70,7 @@ def _group_label(labels: Sequence[str]) -> str:
 def plot_epsilon(
     ledgers: Sequence[Ledger], report: AuditReport, path: Path, *, settings: str = ""
 ) -> None:
-    """Write reported ε per round per client, final recomputed PRV ε, budget as dashes.
+    """Write reported ε per round per client, final deciding ε, budget as dashes.
 
     ``settings``: the run's settings in one line (task, model, clients, rounds, DP,
     encryption), shown under the title.
@@ -101,10 +102,11 @@ def plot_epsilon(
             ms=5,
             label=text if legend else None,
         )
-        prv = [audits[label].epsilon_prv for label in labels if label in audits]
-        for value in dict.fromkeys(v for v in prv if math.isfinite(v)):
+        proven = [audits[label].epsilon_proven for label in labels if label in audits]
+        for value in dict.fromkeys(v for v in proven if math.isfinite(v)):
             ax.plot(xs[-1], value, "x", ms=9, mew=2, color=line.get_color())
-    ax.plot([], [], "x", ms=9, mew=2, color="0.4", label="recomputed PRV ε (final; decides)")
+    names = "/".join(sorted({LABEL.get(c.accountant, c.accountant) for c in report.clients}))
+    ax.plot([], [], "x", ms=9, mew=2, color="0.4", label=f"recomputed {names} ε (final; decides)")
     if report.budget_epsilon is not None:
         ax.axhline(
             report.budget_epsilon,

@@ -20,14 +20,110 @@ from fedtune.privacy.audit import AuditReport
 from fedtune.resolve import resolve
 from fedtune.run.card import run_settings
 
-__all__ = ["ClientFacts", "Provenance", "client_facts", "provenance", "run_settings_of"]
+__all__ = [
+    "ClientFacts",
+    "Deciding",
+    "Provenance",
+    "client_facts",
+    "deciding",
+    "deciding_text",
+    "provenance",
+    "run_settings_of",
+]
 
-DECIDING = (
-    "PRV ε decides every verdict: the recomputed PRV ε (numerical composition of privacy "
-    "loss random variables, Gopi, Lee & Wutschitz 2021; exact to ±0.01) is compared with "
-    "the budget. RDP ε (Rényi DP, Mironov 2017) is an independent, looser upper bound shown "
-    "as a cross-check; an RDP ε above the budget does not fail the audit."
-)
+#: How the page and the table name each accountant.
+LABEL = {"prv": "PRV", "rdp": "RDP", "discrete-rdp": "discrete-rdp"}
+
+#: How the page and the table name each noise mechanism a ledger composes.
+MECHANISM_TEXT = {
+    "discrete-gaussian": "discrete Gaussian noise on a grid",
+    "gaussian": "float Gaussian noise",
+}
+
+#: Why each accountant's ε is the one compared with the budget.
+WHY = {
+    "discrete-rdp": (
+        "Rényi DP proven for the Poisson-subsampled discrete Gaussian (Canonne, Kamath & "
+        "Steinke 2020; Zhu & Wang 2019; Mironov 2017 for replace-one), the only accountant "
+        "proven for a history holding a discrete-Gaussian release; the PRV and RDP ε are "
+        "the continuous Gaussian's figures, shown for comparison only"
+    ),
+    "prv": (
+        "numerical composition of privacy loss random variables (Gopi, Lee & Wutschitz "
+        "2021; exact to ±0.01); the RDP ε (Rényi DP, Mironov 2017) is an independent, "
+        "looser upper bound shown as a cross-check, and an RDP ε above the budget does not "
+        "fail the audit"
+    ),
+}
+
+
+#: Where each mechanism comes from in a fedtune run.
+_WHERE = {
+    "discrete-gaussian": "grid DP-SGD, the default, or client-level shares",
+    "gaussian": 'dp-noise = "float", DP evaluations',
+}
+
+
+@dataclass(frozen=True)
+class Deciding:
+    """The clients one accountant decided for, and the mechanisms their ledgers compose."""
+
+    accountant: str
+    clients: tuple[str, ...]
+    mechanisms: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """The accountant as the table names it ("PRV", "discrete-rdp")."""
+        return LABEL.get(self.accountant, self.accountant)
+
+    @property
+    def noise(self) -> str:
+        """The mechanisms in words ("float Gaussian noise", "discrete Gaussian noise on a grid")."""
+        return " and ".join(MECHANISM_TEXT.get(m, m) for m in self.mechanisms) or "no noise"
+
+    @property
+    def noise_where(self) -> str:
+        """The mechanisms in words, each with where it runs in fedtune."""
+        return (
+            " and ".join(
+                f"{MECHANISM_TEXT.get(m, m)}" + (f" ({_WHERE[m]})" if m in _WHERE else "")
+                for m in self.mechanisms
+            )
+            or "no noise"
+        )
+
+
+def deciding(report: AuditReport) -> tuple[Deciding, ...]:
+    """The accountants whose ε decides the verdicts, each with its clients and mechanisms.
+
+    The audit evaluates each history with the accountant proven for every mechanism it
+    composes (:attr:`~fedtune.privacy.audit.ClientAudit.accountant`): ``discrete-rdp``
+    where a discrete-Gaussian release ran, PRV where the noise was float Gaussian only.
+    """
+    groups: dict[str, tuple[list[str], set[str]]] = {}
+    for c in report.clients:
+        who, mechanisms = groups.setdefault(c.accountant, ([], set()))
+        who.append(f"{c.client} ({c.level})")
+        mechanisms.update(c.mechanisms)
+    return tuple(
+        Deciding(name, tuple(who), tuple(sorted(mechs)))
+        for name, (who, mechs) in sorted(groups.items())
+    )
+
+
+def deciding_text(report: AuditReport) -> str:
+    """The provenance row "accountant that decides": per accountant, for whom and why."""
+    groups = deciding(report)
+    parts = []
+    for g in groups:
+        who = "every client" if len(groups) == 1 else ", ".join(g.clients)
+        parts.append(
+            f"{g.label} ε decides for {who}, whose ledgers compose {g.noise_where}: "
+            f"the recomputed {g.label} ε is "
+            f"compared with the budget; {WHY.get(g.accountant, '')}."
+        )
+    return " ".join(parts) or "—"
 
 
 @dataclass(frozen=True)
@@ -127,18 +223,42 @@ def provenance(
         )
     )
     reporting = sorted({r.accountant for r in records})
-    rows.append(("accountant that decides", DECIDING))
+    rows.append(("accountant that decides", deciding_text(report)))
     rows.append(("accountant the clients reported with", ", ".join(reporting) or "—"))
-    # Clients with the same figures share one note (4 identical clients: one line).
-    same: dict[tuple[str, str, str, str], list[str]] = {}
+    return Provenance(tuple(rows), tuple(_notes(report)))
+
+
+def _notes(report: AuditReport) -> list[str]:
+    """Where the accountant shown beside the deciding one would have judged otherwise.
+
+    Float-noise clients: an RDP ε above the budget while the PRV ε is not (PRV decides).
+    Grid clients: a continuous-Gaussian PRV ε within the budget while the proven
+    discrete-rdp ε is not (discrete-rdp decides). Identical clients share one note.
+    """
     limit = report.budget_epsilon
+    if limit is None:
+        return []
+    same: dict[tuple[str, str, str, str, str], list[str]] = {}
     for c in report.clients:
-        if limit is not None and c.epsilon_rdp > limit >= c.epsilon_prv:
-            key = (c.level, f"{c.epsilon_rdp:.3f}", f"{c.epsilon_prv:.3f}", c.verdict)
-            same.setdefault(key, []).append(c.client)
-    notes = [
-        f"{', '.join(who)} ({level}): RDP ε {rdp} is above the budget {limit:g}, PRV ε "
-        f"{prv} is not: the verdict is {verdict!r} because PRV decides."
-        for (level, rdp, prv, verdict), who in same.items()
-    ]
-    return Provenance(tuple(rows), tuple(notes))
+        if c.accountant == "prv" and c.epsilon_rdp > limit >= c.epsilon_prv:
+            key = ("rdp", c.level, f"{c.epsilon_rdp:.3f}", f"{c.epsilon_prv:.3f}", c.verdict)
+        elif c.accountant != "prv" and c.epsilon_proven > limit >= c.epsilon_prv:
+            key = ("prv", c.level, f"{c.epsilon_prv:.3f}", f"{c.epsilon_proven:.3f}", c.verdict)
+        else:
+            continue
+        same.setdefault(key, []).append(c.client)
+    notes = []
+    for (kind, level, shown, decides, verdict), who in same.items():
+        if kind == "rdp":
+            notes.append(
+                f"{', '.join(who)} ({level}): RDP ε {shown} is above the budget {limit:g}, "
+                f"PRV ε {decides} is not: the verdict is {verdict!r} because PRV decides."
+            )
+        else:
+            notes.append(
+                f"{', '.join(who)} ({level}): the continuous-Gaussian PRV ε {shown} is within "
+                f"the budget {limit:g}, the proven discrete-rdp ε {decides} is not: the "
+                f"verdict is {verdict!r} because discrete-rdp decides (discrete Gaussian "
+                "noise ran)."
+            )
+    return notes

@@ -1,8 +1,9 @@
 """``fedtune audit PATH --report FILE.html``: one self-contained page for an auditor.
 
 Everything ``fedtune audit`` prints, for someone who does not use a terminal: the
-verdict, one row per client (the ledger's claim, the two recomputations, the budget,
-the empirical lower bound of a canary run), the ε-per-round plot embedded as a PNG,
+verdict, one row per client (the ledger's claim, the continuous-Gaussian PRV and RDP
+recomputations, the deciding ε and the accountant proven for the noise that ran, the
+budget, the empirical lower bound of a canary run), the ε-per-round plot embedded as a PNG,
 the neighbouring relation the ledgers declare and what the ε does not cover. No
 scripts, no external files or fonts: the page opens the same offline.
 """
@@ -29,12 +30,16 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; m
        color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: 0.85em; } td, th { white-space: nowrap; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.45em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .ok { color: #11772d; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
+td.decides { font-weight: bold; }
 .note { color: #555; font-size: 0.9em; } table.prov td { max-width: 60em; white-space: normal; }
 img { max-width: 100%; border: 1px solid #ddd; }
 """
+
+#: Columns of the client table whose text is left-aligned.
+_LEFT = ("client", "level", "noise", "decided by")
 
 _EVAL_PLAIN = (
     "Held-out evaluation metrics (eval-loss, eval-accuracy, their example counts) are sent "
@@ -120,6 +125,8 @@ def write_report(
             + _cell(c.reported_epsilon)
             + _cell(c.epsilon_rdp)
             + _cell(c.epsilon_prv)
+            + _cell(c.epsilon_proven, css="decides")
+            + _cell(c.accountant, left=True)
             + _cell(c.budget_epsilon)
             + (
                 _cell(None if e is None else float(e["epsilon-lower-bound"]))  # type: ignore[arg-type]
@@ -132,7 +139,7 @@ def write_report(
     client_table = (
         "<table><tr>"
         + "".join(
-            f'<th class="l">{h}</th>' if h in ("client", "level", "noise") else f"<th>{h}</th>"
+            f'<th class="l">{h}</th>' if h in _LEFT else f"<th>{h}</th>"
             for h in (
                 "client",
                 "level",
@@ -147,8 +154,10 @@ def write_report(
                 "q",
                 "δ",
                 "claimed ε",
-                "RDP ε (looser)",
-                "PRV ε (decides)",
+                "RDP ε",
+                "PRV ε",
+                "deciding ε",
+                "decided by",
                 "budget",
                 *(("empirical ε ≥",) if empirical else ()),
                 "verdict",
@@ -218,8 +227,11 @@ def write_report(
         f"<h1>fedtune privacy audit of {html.escape(str(source))}</h1>"
         f'<p class="{verdict_css}">{html.escape(summary)}</p>'
         f"<p>Neighbouring relation declared by the ledgers: <b>{html.escape(', '.join(relations))}"
-        "</b>. ε is recomputed from each ledger with two accountants (PRV and RDP) at the "
-        "run's δ; the PRV ε decides the verdict.</p>"
+        "</b>. ε is recomputed from each ledger at the run's δ with the accountant proven for "
+        "the noise its releases added, whose ε decides the verdict (&quot;deciding ε&quot;, "
+        "&quot;decided by&quot;): discrete-rdp where a discrete Gaussian on a grid ran (grid "
+        "DP-SGD, client-level shares), PRV where the noise was float Gaussian only. The PRV "
+        "and RDP ε of the continuous Gaussian are shown beside it for comparison.</p>"
         + prov_html
         + "<h2>Clients</h2>"
         + client_table

@@ -17,7 +17,13 @@ from pathlib import Path
 from fedtune.cli.audit_empirical import worst
 from fedtune.cli.audit_inputs import Budget, Ledger, RunFacts
 from fedtune.cli.audit_plot import plot_epsilon
-from fedtune.cli.audit_provenance import client_facts, provenance, run_settings_of
+from fedtune.cli.audit_provenance import (
+    LABEL,
+    client_facts,
+    deciding,
+    provenance,
+    run_settings_of,
+)
 from fedtune.cli.audit_report import write_report
 from fedtune.privacy.analysis import PRV_EPS_ERROR
 from fedtune.privacy.audit import AuditReport
@@ -128,10 +134,14 @@ def print_table(
 ) -> None:
     """Print one row per client and ledger, then the verdict, budget, δ and plot.
 
-    The default table fits 100 columns (client, rounds, steps, σ, reported ε, PRV ε,
-    budget, verdict, and the level when rows differ in it); what every row shares
-    (level, relation, δ, noise source) is said once below it. ``wide`` adds the level,
-    relation, noise, q, δ and RDP ε of every row.
+    The default table fits 100 columns (client, rounds, steps, σ, reported ε, the
+    deciding ε, budget, verdict; the level when rows differ in it). The deciding ε is
+    the one of the accountant proven for the history (``discrete-rdp`` where a discrete
+    Gaussian ran, PRV for float Gaussian noise): its column is named after that
+    accountant when every row shares it ("discrete-rdp ε", "PRV ε"), else it is
+    "deciding ε" with a "by" column. What every row shares (level, relation, δ, noise
+    source, the deciding accountant and why) is said once below it. ``wide`` adds the
+    level, relation, noise, q, δ, and the continuous-Gaussian RDP and PRV ε of every row.
     """
     from rich.table import Table
 
@@ -152,9 +162,15 @@ def print_table(
         table.add_column("noise")
     for col in ("rounds", "steps", "σ") + (("q", "δ") if wide else ()):
         table.add_column(col, justify="right")
-    eps_cols = ("reported ε", "RDP ε", "PRV ε") if wide else ("reported ε", "PRV ε")
-    for col in (*eps_cols, "budget"):
-        table.add_column(col, justify="right")
+    accountants = {c.accountant for c in report.clients}
+    single = accountants.pop() if len(accountants) == 1 else None
+    # PRV deciding for every row: its column is the deciding one (no duplicate in --wide).
+    show_prv = wide and single != "prv"
+    show_by = single is None
+    eps_cols = ["reported ε", *(["RDP ε"] if wide else []), *(["PRV ε"] if show_prv else [])]
+    eps_cols.append("deciding ε" if single is None else f"{LABEL.get(single, single)} ε")
+    for col in (*eps_cols, *(["by"] if show_by else []), "budget"):
+        table.add_column(col, justify="left" if col == "by" else "right", no_wrap=col == "by")
     table.add_column("verdict", no_wrap=True)
     for c in report.clients:
         style = _VERDICT_STYLE.get(c.verdict, "")
@@ -167,12 +183,44 @@ def print_table(
             row += [_values(c.sample_rates), f"{c.delta:g}"]
         row += [_eps(c.reported_epsilon)]
         row += [_eps(c.epsilon_rdp)] if wide else []
-        row += [_eps(c.epsilon_prv), _eps(c.budget_epsilon)]
+        row += [_eps(c.epsilon_prv)] if show_prv else []
+        row += [_eps(c.epsilon_proven)]
+        row += [c.accountant] if show_by else []
+        row += [_eps(c.budget_epsilon)]
         row.append(f"[{style}]{c.verdict}[/]" if style else c.verdict)
         table.add_row(*row)
     console.print(table)
     for line in _footer(report, budget=budget, facts=facts, plot=plot, wide=wide):
         console.print(line, highlight=False, markup=False)
+
+
+def _deciding_lines(report: AuditReport, *, wide: bool) -> list[str]:
+    """Which accountant decided the verdicts and why (the noise its ledgers compose)."""
+    groups = deciding(report)
+    tolerance = f"tolerance {report.tolerance:g}"
+    lines = []
+    for g in groups:
+        head = (
+            f"{g.label} ε decides the verdict"
+            if len(groups) == 1
+            else f"{g.label} ε decides for {', '.join(g.clients)}"
+        )
+        if g.accountant == "prv":
+            lines.append(
+                f"{head}: {g.noise} (PRV exact to ±{PRV_EPS_ERROR:g}; {tolerance}); "
+                "RDP ε is a looser cross-check"
+            )
+        elif g.accountant == "discrete-rdp":
+            lines.append(
+                f"{head}: {g.noise} ran, and discrete-rdp is the accountant proven "
+                f"for every release ({tolerance}); the continuous-Gaussian PRV and RDP ε are "
+                "for comparison only"
+            )
+        else:
+            lines.append(f"{head}: {g.noise} ({tolerance})")
+    if lines and not wide:
+        lines[-1] += " (--wide or --json shows them, with q and δ per row)"
+    return lines
 
 
 def _footer(
@@ -207,9 +255,7 @@ def _footer(
     lines = [
         f"{head}; {budget_text}",
         f"{delta_text}; {levels}relation {relations}; noise {noise_text}",
-        f"PRV ε decides the verdict (exact to ±{PRV_EPS_ERROR:g}; tolerance "
-        f"{report.tolerance:g}); RDP ε is a looser cross-check"
-        + ("" if wide else " (--wide or --json shows it, with q and δ per row)"),
+        *_deciding_lines(report, wide=wide),
     ]
     if plot is not None:
         lines.append(f"plot {plot}")
