@@ -184,7 +184,7 @@ def test_export_decrypts_with_the_key_and_refuses_without(
 ) -> None:
     no_key = _fedtune("export", str(encrypted_run), "--out", str(tmp_path / "a"))
     assert (
-        no_key.returncode == 2 and "is encrypted: pass the secret context (--key)" in no_key.stderr
+        no_key.returncode == 2 and "is encrypted: pass --key" in no_key.stderr
     )
     ok = _fedtune(
         "export",
@@ -346,6 +346,8 @@ def test_budget_spent_clients_decline_and_run_stops_clearly(
         "epsilon-budget=10",
         "--set",
         "accountant=rdp",
+        "--set",
+        "dp-noise=float",  # the float mechanism, accounted by `accountant` (the numbers above)
         "--set",
         "label-names=animal,food,tool",
     )
