@@ -560,8 +560,8 @@ def check_request(
         raise GlobalRefused(NOT_IN_QUORUM)
     bad = []
     for i, r in enumerate(items):
-        member = roster.member(r.name)
-        if member is None:
+        uploader = roster.member(r.name)
+        if uploader is None:
             raise GlobalRefused(UNKNOWN_NAME)
         message = _upload_message(
             roster,
@@ -572,7 +572,7 @@ def check_request(
             digest=r.digest,
         )
         try:
-            Ed25519PublicKey.from_public_bytes(member.verify_key).verify(r.tag, message)
+            Ed25519PublicKey.from_public_bytes(uploader.verify_key).verify(r.tag, message)
         except (InvalidSignature, ValueError):
             bad.append(i)
     if bad:
