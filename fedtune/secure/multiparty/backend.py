@@ -27,14 +27,21 @@ from numpy.typing import NDArray
 
 from fedtune import crypto
 from fedtune.errors import ConfigError
+from fedtune.guard import payload_digest
 from fedtune.keyfiles import PUBLIC_MODE, private_dir, write_key_file
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError, WirePayload
 from fedtune.secure.multiparty import files
 from fedtune.secure.multiparty.params import MultipartyParams
-from fedtune.secure.multiparty.protocol import Party, ceremony, public_context
+from fedtune.secure.multiparty.protocol import (
+    SIGNATURE_BYTES,
+    Party,
+    Roster,
+    ceremony,
+    public_context,
+)
 
-__all__ = ["MultipartyBackend", "MultipartyCodec", "write_keys"]
+__all__ = ["MultipartyBackend", "MultipartyCodec", "MultipartyServerCodec", "write_keys"]
 
 _NOT_WIRED = (
     '`encryption-backend = "ckks-multiparty"`: the multiparty key ceremony runs per party '
@@ -71,9 +78,25 @@ def write_keys(
 class MultipartyCodec(CkksCodec):
     """A party's codec: encrypts under its own key; validates and adds like the server."""
 
+    #: An upload's signature is Ed25519 (64 bytes), not the shared-key HMAC tag.
+    tag_bytes = SIGNATURE_BYTES
+
     def __init__(self, party: Party, *, length: int) -> None:
         super().__init__(party.public, length=length)
         self.party = party
+        #: payload digest -> the sum this party opened from the quorum's signed partials
+        #: (:func:`~fedtune.secure.multiparty.rounds.open_global`); the newest few only.
+        self._opened: dict[str, NDArray[np.float64]] = {}
+
+    @property
+    def roster(self) -> Roster:
+        return self.party.roster
+
+    def remember(self, payload: WirePayload, total: NDArray[np.float64]) -> None:
+        """Keep ``total``, opened and verified from ``payload``'s signed partials."""
+        self._opened[payload_digest(payload)] = np.array(total, dtype=np.float64)
+        while len(self._opened) > 4:
+            self._opened.pop(next(iter(self._opened)))
 
     @property
     def can_decrypt(self) -> bool:
@@ -86,10 +109,25 @@ class MultipartyCodec(CkksCodec):
         return self.party.encrypt(vec)
 
     def decode(self, payload: WirePayload) -> NDArray[np.float64]:
-        raise crypto.CryptoError(
-            "a multiparty sum is decrypted by a quorum of key holders (partial decryptions, "
-            "then combine; docs/multiparty.md), not by one party's codec."
-        )
+        """The sum this party opened from ``payload``'s signed partials (never alone)."""
+        opened = self._opened.get(payload_digest(payload))
+        if opened is None:
+            raise crypto.CryptoError(
+                "a multiparty sum is decrypted by a quorum of key holders (signed partial "
+                "decryptions, then combine; docs/multiparty.md), not by one party's codec; "
+                "this sum came without verified partials."
+            )
+        return opened.copy()
+
+
+class MultipartyServerCodec(CkksCodec):
+    """The server's codec: the unchanged ``ckks`` checks and sum, plus the roster."""
+
+    tag_bytes = SIGNATURE_BYTES
+
+    def __init__(self, context: crypto.CkksContext, roster: Roster, *, length: int) -> None:
+        super().__init__(context, length=length)
+        self.roster = roster
 
 
 class MultipartyBackend:
@@ -107,6 +145,11 @@ class MultipartyBackend:
         if context is None:
             raise ConfigError(_NOT_WIRED)
         context = Path(context)
+        if context.is_dir():  # a simulation: one directory with every party's file
+            raise ConfigError(
+                f"`secret-context` {str(context)!r} is the multiparty key directory; each "
+                "party opens its own <name>.party in it (fedtune.train.runtime)."
+            )
         if context.suffix == ".party":
             if public:
                 raise crypto.CryptoError(
@@ -123,4 +166,10 @@ class MultipartyBackend:
                 f"`public-context` {str(context)!r} is not a multiparty public context "
                 "(N = 8192, no key): write it with fedtune.secure.multiparty.public_context."
             )
-        return CkksCodec(loaded, length=length)
+        roster = files.load_roster(context.parent / "roster.json")
+        if roster.digest != loaded.key_id:
+            raise crypto.CryptoError(
+                f"`public-context` {str(context)!r} does not belong to the roster.json beside "
+                "it (key_id differs): keep the ceremony's files together."
+            )
+        return MultipartyServerCodec(loaded, roster, length=length)
