@@ -193,3 +193,60 @@ def test_export_opens_the_checkpointed_round_without_a_key(run):
         min_count=run["min_count"],
     )
     assert np.array_equal(vec, run["globals"]["client-1"])
+
+
+def test_a_node_opens_only_a_global_with_the_quorums_signed_partials(tmp_path):
+    """The node-side path (fedtune.node.verified -> multiparty.node), on key files."""
+    from flwr.app import RecordDict
+
+    from fedtune.crypto import CryptoError
+    from fedtune.secure import get_backend
+    from fedtune.secure.multiparty import node
+    from fedtune.secure.multiparty.backend import write_keys
+    from fedtune.secure.verify import UsedGlobals, make_receipt
+
+    write_keys(tmp_path / "keys", NAMES, run="run-node", threshold=2)
+    backend = get_backend("ckks-multiparty")
+    codecs = {
+        n: backend.codec(length=LENGTH, context=tmp_path / "keys" / f"{n}.party") for n in NAMES
+    }
+    server = backend.codec(length=LENGTH, context=tmp_path / "keys" / "public.ctx", public=True)
+    uploads, items = [], []
+    for n in NAMES:
+        signed = node.sign(
+            codecs[n], codecs[n].encode(np.full(LENGTH, 1.0)), server_round=1, num_examples=2
+        )
+        body = {k: v for k, v in signed.items() if k != "tag"}
+        payload = server.validate(body)
+        uploads.append(payload)
+        items.append(make_receipt(server, payload, signed["tag"], name=n, num_examples=2))
+    total = server.add(uploads)
+    decrypt = {**receipts_to_record(items), "num-examples": 6, "mp-round": 1}
+    decrypt["mp-quorum"] = NAMES[:2]
+
+    def ask(name, request):
+        reply = node.partial_reply(
+            codecs[name], RecordDict({"decrypt": ConfigRecord(decrypt)}), min_count=2
+        )
+        rec = reply.config_records["partial"]
+        p = mp.PartialDecryption(rec["name"], request.digest(server.roster), tuple(rec["chunks"]))
+        return rounds.SignedPartial(p, rec["signature"])
+
+    request, partials = rounds.decryption_round(
+        server.roster, server_round=1, receipts=items, num_examples=6, quorum=NAMES[:2], ask=ask
+    )
+    record = {**decrypt, **rounds.partials_to_record(request, partials)}
+    holder = codecs["client-2"]
+    with pytest.raises(CryptoError):
+        holder.decode(total)  # nothing opened yet: one party's codec never decrypts alone
+    forged = dict(record)
+    forged["mp-partial-signatures"] = [bytes(64)] * 2
+    used = UsedGlobals(None)
+    kw = {"run": "r", "server_round": 1, "min_count": 2, "used": used}
+    with pytest.raises(GlobalRefused, match=rounds.BAD_PARTIAL):
+        node.open_record(holder, forged, total, 6, **kw)
+    node.open_record(holder, record, total, 6, **kw)
+    assert np.abs(holder.decode(total) - 3.0).max() < 1e-3
+    # Another sum (of two uploads) under these receipts and partials: the c1 check.
+    with pytest.raises(GlobalRefused, match=C1_MISMATCH):
+        node.open_record(holder, record, server.add(uploads[:2]), 6, **kw)
