@@ -11,10 +11,10 @@ The server's codec is the unchanged :class:`~fedtune.secure.ckks.CkksCodec` on
 ``public.ctx``: it validates and adds. A party's codec (:class:`MultipartyCodec`, on its
 ``.party`` file with ``roster.json`` in the same directory) encrypts under the party's own
 key and validates and adds like the server's; it cannot decode alone: a sum is decrypted by
-a quorum's partial decryptions (:meth:`MultipartyCodec.party`'s ``partial``, then
-:func:`~fedtune.secure.multiparty.protocol.combine`), a round of the federation that
-``fedtune simulate`` and the server app do not run yet. So ``make_keys`` (which the
-simulation driver calls with no party list) refuses with that explanation.
+a quorum's signed partial decryptions, which every client checks and combines itself
+(:mod:`fedtune.secure.multiparty.rounds`, :mod:`fedtune.secure.multiparty.node`); the codec
+then ``decode``s only a sum it opened that way. The simulation driver runs the ceremony
+itself (``multiparty_keys``); ``make_keys`` (no party list) refuses with one line.
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ from fedtune.secure.multiparty.protocol import (
 __all__ = ["MultipartyBackend", "MultipartyCodec", "MultipartyServerCodec", "write_keys"]
 
 _NOT_WIRED = (
-    '`encryption-backend = "ckks-multiparty"`: the multiparty key ceremony runs per party '
-    "(each data owner keeps its own key and shares of the others', docs/multiparty.md) and "
-    "decryption is a quorum's round, neither wired into `fedtune simulate` / `fedtune keygen` "
-    "yet; use fedtune.secure.multiparty.backend.write_keys in a script, or `ckks` for a "
-    "shared key."
+    '`encryption-backend = "ckks-multiparty"`: each data owner keeps its own key and shares '
+    "of the others' (docs/multiparty.md); `fedtune simulate` runs the ceremony itself, "
+    "`fedtune keygen` and deployment do not yet: use `ckks` (a shared key) there, or "
+    "fedtune.secure.multiparty.backend.write_keys in a script."
 )
 
 
