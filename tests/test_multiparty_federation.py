@@ -69,3 +69,9 @@ def test_multiparty_simulation_matches_the_plain_run(
     kept = json.loads((tmp_path / "multi" / "multiparty-global.json").read_text())
     assert kept["mp-round"] == 2 and len(kept["mp-quorum"]) == 2
     assert MultipartyParams().decoded_error_std(2) < 1e-4
+    # `fedtune export` on the multiparty run: no --key, the kept signed partials open it.
+    from fedtune.cli.dispatch import main
+
+    assert main(["export", str(tmp_path / "multi"), "--out", str(tmp_path / "exported")]) == 0
+    c = load_file(str(tmp_path / "exported" / "adapter_model.safetensors"))
+    assert all(np.array_equal(b[k], c[k]) for k in b)
