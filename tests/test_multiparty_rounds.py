@@ -250,3 +250,21 @@ def test_a_node_opens_only_a_global_with_the_quorums_signed_partials(tmp_path):
     # Another sum (of two uploads) under these receipts and partials: the c1 check.
     with pytest.raises(GlobalRefused, match=C1_MISMATCH):
         node.open_record(holder, record, server.add(uploads[:2]), 6, **kw)
+
+
+def test_unwired_paths_refuse_with_one_line_naming_the_backend(tmp_path):
+    """Resume and ``make_keys`` (keygen) are not wired: ConfigError naming the key."""
+    import types
+
+    from fedtune.apps.server.loop import resume_round
+    from fedtune.errors import ConfigError
+    from fedtune.secure import get_backend
+    from fedtune.secure.multiparty.backend import write_keys
+
+    write_keys(tmp_path / "keys", NAMES, run="run-x", threshold=2)
+    backend = get_backend("ckks-multiparty")
+    server = backend.codec(length=LENGTH, context=tmp_path / "keys" / "public.ctx", public=True)
+    with pytest.raises(ConfigError, match="encryption-backend"):
+        resume_round(tmp_path, types.SimpleNamespace(codec=server), resume=True)
+    with pytest.raises(ConfigError, match="encryption-backend"):
+        backend.make_keys(tmp_path / "other")
