@@ -10,8 +10,10 @@ aggregation. It also keeps the partials and the receipts of the checkpointed rou
 ``RUN_DIR/multiparty-global.json`` so that ``fedtune export`` opens the checkpoint without
 any key and without a second decryption.
 
-Not wired: a key holder's refusal (a bad upload named by position) stops the run with one
-line instead of dropping the upload and asking again; a resumed multiparty run is refused.
+A sum with an upload whose signature fails is refused by honest holders before they compute
+anything, naming its position: the upload is dropped (as in
+:mod:`fedtune.apps.server.verified`) and the quorum asked again. Not wired: asking another
+quorum when a holder drops out; a resumed multiparty run is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import base64
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from flwr.serverapp import Grid
 from fedtune.apps.server.exchange import exchange
 from fedtune.apps.server.replies import stated_name
 from fedtune.apps.server.strategy import FedTuneStrategy
+from fedtune.apps.server.verified import _UNAUTHENTIC, _drop, refused_positions
 from fedtune.errors import FederationError
 from fedtune.secure.multiparty import rounds
 from fedtune.secure.multiparty.backend import MultipartyServerCodec
@@ -74,8 +78,8 @@ def decryption_step(
     Raises
     ------
     FederationError
-        If fewer than ``t`` uploaders are reachable or a quorum member refuses or sends
-        a partial that is not signed by its roster key (the round stops; not retried).
+        If fewer than ``t`` uploaders are reachable, or a quorum member gives no valid
+        signed partial for another reason than uploads the quorum agrees to drop.
     """
     codec = strategy.codec
     assert isinstance(codec, MultipartyServerCodec)
@@ -85,19 +89,67 @@ def decryption_step(
         name = stated_name(msg)
         if name is not None and not msg.has_error():
             nodes.setdefault(name, msg.metadata.src_node_id)
-    uploaders = sorted(r.name for r in strategy.global_receipts if r.name in nodes)
-    quorum = uploaders[: roster.threshold]
-    if len(quorum) < roster.threshold:
-        raise FederationError(
-            f'Round {server_round}: `encryption-backend` = "ckks-multiparty" needs '
-            f"{roster.threshold} key holders to decrypt the sum; {len(quorum)} uploaded. "
-            "Stopping; run with more clients per round."
+    # Each pass either ends the step or drops at least one upload the quorum named.
+    for _ in range(len(strategy.global_receipts) + 1):
+        quorum = sorted(r.name for r in strategy.global_receipts if r.name in nodes)
+        quorum = quorum[: roster.threshold]
+        if len(quorum) < roster.threshold:
+            raise FederationError(
+                f'Round {server_round}: `encryption-backend` = "ckks-multiparty" needs '
+                f"{roster.threshold} key holders to decrypt the sum; {len(quorum)} uploaded "
+                "verified updates. Stopping; run with more clients per round."
+            )
+        got, votes = _ask(grid, strategy, nodes, quorum, server_round=server_round, timeout=timeout)
+        if len(got) == len(quorum):
+            break
+        # Honest holders refuse, before computing anything, a sum with an upload whose
+        # signature fails, naming its position: drop what a strict majority of the
+        # quorum named and ask again (they answered nothing for this round yet).
+        n_receipts = len(strategy.global_receipts)
+        agreed = {i for i, v in votes.items() if 2 * v > len(quorum) and i < n_receipts}
+        if not _drop(strategy, agreed, server_round, _UNAUTHENTIC):
+            missing = sorted(set(quorum) - set(got))
+            raise FederationError(
+                f"Round {server_round}: key holder(s) {missing} sent no valid signed partial "
+                'decryption (`encryption-backend` = "ckks-multiparty"; asking another quorum '
+                "is not wired). Stopping; the previous checkpoint is kept."
+            )
+    request = rounds.DecryptionRequest(
+        server_round, tuple(strategy.global_receipts), strategy.global_examples, tuple(quorum)
+    )
+    digest = request.digest(roster)
+    partials = []
+    for name in quorum:
+        p = got[name].partial
+        signed = rounds.SignedPartial(
+            PartialDecryption(name, digest, p.chunks), got[name].signature
         )
+        if not rounds.verify_partial(roster, signed):
+            raise FederationError(
+                f"Round {server_round}: the partial decryption of key holder {name!r} is not "
+                "signed by its roster key for this round's request. Stopping; the previous "
+                "checkpoint is kept."
+            )
+        partials.append(signed)
+    strategy.global_extra = rounds.partials_to_record(request, partials)
+    save_global_record(run_dir, strategy)
+
+
+def _ask(
+    grid: Grid,
+    strategy: FedTuneStrategy,
+    nodes: Mapping[str, int],
+    quorum: Sequence[str],
+    *,
+    server_round: int,
+    timeout: float,
+) -> tuple[dict[str, rounds.SignedPartial], Counter[int]]:
+    """One ``decrypt`` message per quorum member: the partials, and the positions refused."""
     record: dict[str, Any] = {
         **receipts_to_record(strategy.global_receipts),
         "num-examples": strategy.global_examples,
         "mp-round": server_round,
-        "mp-quorum": quorum,
+        "mp-quorum": list(quorum),
     }
     messages = [
         Message(
@@ -112,34 +164,16 @@ def decryption_step(
         )
         for name in quorum
     ]
-    got = {}
+    got: dict[str, rounds.SignedPartial] = {}
+    votes: Counter[int] = Counter()
     for reply in exchange(grid, messages, timeout=timeout):
         signed = _partial(reply)
-        if signed is not None:
+        if signed is not None and signed.partial.name in quorum:
             got[signed.partial.name] = signed
         elif reply.has_error():
             log.warning("Round %d: a key holder refused: %s", server_round, reply.error.reason)
-    request = rounds.DecryptionRequest(
-        server_round, tuple(strategy.global_receipts), strategy.global_examples, tuple(quorum)
-    )
-    digest = request.digest(roster)
-    partials = []
-    for name in quorum:
-        signed = got.get(name)
-        if signed is not None:
-            p = signed.partial
-            signed = rounds.SignedPartial(
-                PartialDecryption(name, digest, p.chunks), signed.signature
-            )
-        if signed is None or not rounds.verify_partial(roster, signed):
-            raise FederationError(
-                f"Round {server_round}: key holder {name!r} sent no valid signed partial "
-                'decryption (`encryption-backend` = "ckks-multiparty": dropping uploads and '
-                "asking another quorum is not wired). Stopping; the previous checkpoint is kept."
-            )
-        partials.append(signed)
-    strategy.global_extra = rounds.partials_to_record(request, partials)
-    save_global_record(run_dir, strategy)
+            votes.update(refused_positions(reply) or set())
+    return got, votes
 
 
 def save_global_record(run_dir: Path, strategy: FedTuneStrategy) -> None:
