@@ -9,13 +9,16 @@ export from the kept partials. Compared with the same run without encryption.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
-from test_run_counts import _in_process_simulation
+from test_verified_federation import InProcessGrid
 
 from fedtune.apps.simulation import driver
 from fedtune.node import round as node_round
@@ -23,6 +26,37 @@ from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.train.shared import clear_worker_cache
 
 pytestmark = pytest.mark.slow
+
+
+def _in_process_simulation(
+    *, server_app: Any, client_app: Any, num_supernodes: int, **_: Any
+) -> None:
+    """Flower's ``run_simulation``, every node in this process; a ClientApp exception
+    becomes an error reply, as Flower sends it (tests/test_run_counts.py raises instead)."""
+
+    def node(context: Context) -> Callable[[Message], Message]:
+        def handle(msg: Message) -> Message:
+            try:
+                return client_app(msg, context)
+            except Exception as err:  # noqa: BLE001 - what Flower does with it
+                return Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
+
+        return handle
+
+    nodes = {
+        k + 1: node(
+            Context(
+                run_id=1,
+                node_id=k + 1,
+                node_config={"partition-id": k, "num-partitions": num_supernodes},
+                state=RecordDict(),
+                run_config={},
+            )
+        )
+        for k in range(num_supernodes)
+    }
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    server_app(InProcessGrid(nodes), server)
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, flat: dict, run_dir: Path) -> driver.SimulationResult:
@@ -75,3 +109,35 @@ def test_multiparty_simulation_matches_the_plain_run(
     assert main(["export", str(tmp_path / "multi"), "--out", str(tmp_path / "exported")]) == 0
     c = load_file(str(tmp_path / "exported" / "adapter_model.safetensors"))
     assert all(np.array_equal(b[k], c[k]) for k in b)
+
+
+def test_an_unsigned_upload_is_dropped_at_the_decryption_step(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
+) -> None:
+    """client-1's round-1 upload carries a forged signature: the quorum refuses the sum
+    naming it, the server drops it and asks again, the run completes without it."""
+    from fedtune.secure.multiparty import node
+
+    real = node.sign
+
+    def forged(codec, payload, *, server_round, num_examples):  # type: ignore[no-untyped-def]
+        signed = real(codec, payload, server_round=server_round, num_examples=num_examples)
+        if codec.party.name == "client-1" and server_round == 1:
+            return {**signed, "tag": bytes(64)}
+        return signed
+
+    monkeypatch.setattr(node, "sign", forged)
+    flat = {
+        "model-path": str(tiny_model_dir),
+        "data-path": str(toy_csv),
+        "num-clients": 3,
+        "num-rounds": 2,
+        "batch-size": 8,
+        "min-clients": 2,
+        "encryption": True,
+        "encryption-backend": "ckks-multiparty",
+    }
+    result = _run(monkeypatch, flat, tmp_path / "run")
+    by_round = {r["round"]: r for r in result.records}
+    assert set(by_round[1].get("dropped-after-sum", {})) == {"client-1"}, by_round[1]
+    assert "dropped-after-sum" not in by_round[2]
