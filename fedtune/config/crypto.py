@@ -28,7 +28,8 @@ class CryptoConfig:
     encryption_backend: str = field(
         default="ckks",
         metadata={
-            "help": "The codec backend used when `encryption = true`: `ckks`, or one you "
+            "help": "The codec backend used when `encryption = true`: `ckks`, `ckks-multiparty` "
+            "(no shared key; `fedtune simulate` only, docs/multiparty.md), or one you "
             "register (docs/architecture.md)."
         },
     )

@@ -19,6 +19,8 @@ from fedtune import bounds
 from fedtune.errors import GlobalRefused
 from fedtune.messages import check_reply
 from fedtune.secure.blame import BLAME, BLAME_REFUSED, blame_positions
+from fedtune.secure.multiparty import node as multiparty_node
+from fedtune.secure.multiparty.backend import MultipartyCodec
 from fedtune.secure.verify import (
     MALFORMED,
     UsedGlobals,
@@ -30,7 +32,13 @@ from fedtune.secure.verify import (
 from fedtune.train.runtime import ClientRuntime
 from fedtune.train.state import GlobalState, TrainOutcome
 
-__all__ = ["blame_reply", "check_runtime_global", "sign_outcome", "used_globals"]
+__all__ = [
+    "blame_reply",
+    "check_runtime_global",
+    "partial_reply",
+    "sign_outcome",
+    "used_globals",
+]
 
 #: File (in ``STATE_DIR``, else ``PRIVACY_DIR/<name>.``) of the globals a node used.
 USED_GLOBALS = "globals-used.json"
@@ -57,6 +65,18 @@ def check_runtime_global(
     server_round: int,
 ) -> None:
     """Refuse (:class:`fedtune.secure.verify.GlobalRefused`) a global this node may not use."""
+    if isinstance(runtime.codec, MultipartyCodec):  # ckks-multiparty: open it here, or refuse
+        multiparty_node.open_record(
+            runtime.codec,
+            record,
+            state.payload,
+            state.num_examples,
+            run=runtime.run_id,
+            server_round=server_round,
+            min_count=_min_count(runtime),
+            used=used_globals(runtime),
+        )
+        return
     check_global(
         runtime.codec,
         record,
@@ -77,6 +97,14 @@ def sign_outcome(
     """``outcome`` with its upload tagged (unchanged when declined or without a key)."""
     if outcome.payload is None:
         return outcome
+    if isinstance(runtime.codec, MultipartyCodec):  # the party's Ed25519 signature
+        signed = multiparty_node.sign(
+            runtime.codec,
+            outcome.payload,
+            server_round=server_round,
+            num_examples=outcome.num_examples,
+        )
+        return replace(outcome, payload=signed)
     payload = sign_upload(
         runtime.codec,
         outcome.payload,
@@ -86,6 +114,17 @@ def sign_outcome(
         num_examples=outcome.num_examples,
     )
     return replace(outcome, payload=payload)
+
+
+def _min_count(runtime: ClientRuntime) -> int:
+    return min_uploads(min_clients=runtime.cfg.federation.min_clients, dp=runtime.cfg.privacy.dp)
+
+
+def partial_reply(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
+    """Answer a ``decrypt`` message (``ckks-multiparty`` only; a refusal code otherwise)."""
+    if not isinstance(runtime.codec, MultipartyCodec):
+        raise GlobalRefused(MALFORMED)
+    return multiparty_node.partial_reply(runtime.codec, content, min_count=_min_count(runtime))
 
 
 def _within(prescaled: np.ndarray, num_examples: int) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,18 @@ def export_adapter(
     # This process's model (the driver's preflight built it): measured and written once.
     model = process_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
     layout = adapter_layout(model.model)
+    if cfg.crypto.encryption and cfg.crypto.encryption_backend == "ckks-multiparty":
+        # No key opens it alone: the round's signed partials, kept beside the checkpoint.
+        vector = multiparty_vector(run_dir, cfg, checkpoint.payload, checkpoint.num_examples)
+        return write_adapter(
+            out_dir or run_dir / "adapter",
+            cfg,
+            vector,
+            round_=checkpoint.round,
+            base_model=base_model,
+            run_dir=run_dir,
+            model=model.model,
+        )
     if cfg.crypto.encryption and secret_context is None:
         raise ConfigError(f"{str(run_dir)!r} is encrypted: {_key_hint(run_dir)}.")
     secret = secret_context if cfg.crypto.encryption else None
@@ -171,3 +184,40 @@ def export_adapter(
         run_dir=run_dir,
         model=model.model,
     )
+
+
+def multiparty_vector(
+    run_dir: Path, cfg: RunConfig, payload: Mapping[str, object], num_examples: int
+) -> NDArray[np.float64]:
+    """The checkpointed ``ckks-multiparty`` global ``S / N``, from its kept signed partials.
+
+    Needs ``RUN_DIR/keys/roster.json`` (public) and ``RUN_DIR/multiparty-global.json``
+    (the round's receipts and the quorum's signed partials, written by the server); no
+    party file: the server saw this sum when it was decrypted, and a second decryption
+    (a second sample of the smudging noise) is never asked for.
+    """
+    from fedtune.apps.server.multiparty import load_global_record
+    from fedtune.errors import GlobalRefused
+    from fedtune.secure.multiparty import files, rounds
+    from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES
+    from fedtune.secure.verify import min_uploads, receipts_from_record
+
+    roster = files.load_roster(run_dir / "keys" / "roster.json")
+    record = load_global_record(run_dir)
+    try:
+        items = receipts_from_record(record, tag_bytes=SIGNATURE_BYTES)
+        if record.get("num-examples") != num_examples:
+            raise GlobalRefused("global-unverified:examples-mismatch")
+        return rounds.open_checkpoint(
+            roster,
+            payload,
+            record,
+            receipts=items,
+            num_examples=num_examples,
+            min_count=min_uploads(min_clients=cfg.federation.min_clients, dp=cfg.privacy.dp),
+        )
+    except GlobalRefused as err:
+        raise ConfigError(
+            f"{str(run_dir)!r}: the checkpoint's multiparty partials do not open it ({err}); "
+            "multiparty-global.json and checkpoint/ must come from the same round."
+        ) from err

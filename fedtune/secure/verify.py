@@ -168,11 +168,13 @@ def make_receipt(
     """
     if not isinstance(codec, CkksCodec):
         return None
-    if not isinstance(tag, bytes) or len(tag) != receipts.TAG_BYTES:
+    tag_bytes = getattr(codec, "tag_bytes", receipts.TAG_BYTES)  # multiparty: Ed25519
+    if not isinstance(tag, bytes) or len(tag) != tag_bytes:
         got = f"{len(tag)} bytes" if isinstance(tag, bytes) else type(tag).__name__
         raise PayloadError(
-            f"update `tag` must be {receipts.TAG_BYTES} bytes (HMAC-SHA256 under the run's "
-            f"key), got {got}: the client is older than verified aggregation or has no key."
+            f"update `tag` must be {tag_bytes} bytes (HMAC-SHA256 under the run's key, or "
+            f"the party's Ed25519 signature with ckks-multiparty), got {got}: the client "
+            "is older than verified aggregation or has no key."
         )
     if name is None:
         raise PayloadError("an encrypted update needs the client's name in `info.client`.")
@@ -197,8 +199,13 @@ def receipts_to_record(items: Sequence[Receipt]) -> dict[str, list[Any]]:
     }
 
 
-def receipts_from_record(record: Mapping[str, object]) -> list[Receipt]:
-    """Receipts from untrusted fields; :class:`GlobalRefused` if absent or malformed."""
+def receipts_from_record(
+    record: Mapping[str, object], *, tag_bytes: int = receipts.TAG_BYTES
+) -> list[Receipt]:
+    """Receipts from untrusted fields; :class:`GlobalRefused` if absent or malformed.
+
+    ``tag_bytes``: 32 (HMAC, shared-key CKKS) or 64 (Ed25519, ``ckks-multiparty``).
+    """
     if not any(k in record for k in RECEIPT_KEYS):
         raise GlobalRefused(NO_RECEIPTS)
     lists = [record.get(k) for k in RECEIPT_KEYS]
@@ -213,7 +220,7 @@ def receipts_from_record(record: Mapping[str, object]) -> list[Receipt]:
         and all(type(x) is int and x >= 1 for x in counts)
         and all(isinstance(x, bytes) for x in seeds)
         and all(isinstance(x, bytes) and len(x) == 32 for x in digests)
-        and all(isinstance(x, bytes) and len(x) == receipts.TAG_BYTES for x in tags)
+        and all(isinstance(x, bytes) and len(x) == tag_bytes for x in tags)
     )
     if not ok:
         raise GlobalRefused(MALFORMED)

@@ -80,6 +80,9 @@ class ClientRuntime(Trainer):
         policy: NodePolicy | None = None,
     ) -> None:
         self.policy = policy if policy is not None else NodePolicy.from_run_config(cfg)
+        if secret_context is not None and Path(secret_context).is_dir():
+            # multiparty CKKS in simulation: the driver's key directory, one file a party
+            secret_context = Path(secret_context) / f"{name or f'client-{partition_id}'}.party"
         super().__init__(
             cfg,
             partition_id=partition_id,

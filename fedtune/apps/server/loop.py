@@ -27,13 +27,15 @@ from rich.console import Console
 
 from fedtune.apps.server.context import ServerRun
 from fedtune.apps.server.exchange import PENDING, load_pending, save_pending
+from fedtune.apps.server.multiparty import decryption_step
 from fedtune.apps.server.strategy import FedTuneStrategy, NotEnoughClients
 from fedtune.apps.server.verified import verified_exchange
 from fedtune.config import RunConfig
-from fedtune.errors import FederationError
+from fedtune.errors import ConfigError, FederationError
 from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.run.metrics import append_record, read_records
 from fedtune.secure.codec import PayloadError
+from fedtune.secure.multiparty.backend import MultipartyServerCodec
 from fedtune.tasks import get_task
 
 __all__ = ["resume_round", "run_federation", "run_rounds"]
@@ -86,6 +88,11 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
         metrics_path.unlink(missing_ok=True)
         (run_dir / PENDING).unlink(missing_ok=True)
         return 1
+    if isinstance(strategy.codec, MultipartyServerCodec):
+        raise ConfigError(
+            '`resume` with `encryption-backend` = "ckks-multiparty" is not wired yet '
+            "(docs/multiparty.md); start a new run-dir, or use `ckks`."
+        )
     try:
         checkpoint = load_checkpoint(checkpoint_dir, key_dir=run_dir)
     except CheckpointError as err:
@@ -181,6 +188,15 @@ def run_rounds(
             train_replies, evaluate_replies = strategy.split_replies(replies)
             evaluation = strategy.aggregate_evaluate(rnd - 1, evaluate_replies)
             _, train_metrics = strategy.aggregate_train(rnd, train_replies)
+            if train_metrics is not None and isinstance(strategy.codec, MultipartyServerCodec):
+                decryption_step(  # ckks-multiparty: a quorum's signed partials
+                    grid,
+                    strategy,
+                    train_replies,
+                    server_round=rnd,
+                    timeout=fed.round_timeout,
+                    run_dir=run_dir,
+                )
         seconds = time.perf_counter() - start
         write(pending, evaluation)
         last = strategy.last_train
@@ -218,7 +234,10 @@ def run_rounds(
                 round=rnd,
                 payload=strategy.global_payload,
                 num_examples=strategy.global_examples,
-                receipts=tuple(strategy.global_receipts),
+                # ckks-multiparty keeps its Ed25519 receipts in GLOBAL_FILE instead
+                receipts=()
+                if isinstance(strategy.codec, MultipartyServerCodec)
+                else tuple(strategy.global_receipts),
             ),
             key_dir=run_dir,
             keep_previous=True,

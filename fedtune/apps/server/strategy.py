@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -148,6 +149,9 @@ class FedTuneStrategy(Strategy):
         self.global_receipts: list[Receipt] = []
         #: The uploads summed, parallel to the receipts (to re-sum without some of them).
         self.global_uploads: list[WirePayload] = []
+        #: More fields of the global record (``ckks-multiparty``: the quorum's signed
+        #: partial decryptions, :mod:`fedtune.apps.server.multiparty`); empty otherwise.
+        self.global_extra: dict[str, Any] = {}
         #: Names whose uploads key holders could not authenticate (dropped, logged).
         self.unverified: set[str] = set()
         #: Round -> {name: why} of uploads dropped from that round's sum after key holders
@@ -224,6 +228,7 @@ class FedTuneStrategy(Strategy):
                     **self.global_payload,
                     "num-examples": self.global_examples,
                     **(receipts_to_record(self.global_receipts) if self.global_receipts else {}),
+                    **self.global_extra,
                 }
             )
         return content
@@ -487,6 +492,7 @@ class FedTuneStrategy(Strategy):
             return None, None
         self.global_payload, self.global_examples = total, int(sum(counts))
         self.global_receipts, self.global_uploads = receipts, uploads
+        self.global_extra = {}
         metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": self.global_examples
         }

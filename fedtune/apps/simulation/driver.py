@@ -307,7 +307,11 @@ def _simulate(
         # The driver is the key holder of a simulated run: fresh keys per run; the
         # server side only ever gets the path of the public context.
         keys_dir = run_dir / "keys"
-        if resume and (keys_dir / "secret.ctx").is_file():
+        if backend.name == "ckks-multiparty":
+            # Every simulated client is a party; the ceremony runs here, in process
+            # (docs/multiparty.md); each client opens its own <name>.party in keys/.
+            secret, public = multiparty_keys(keys_dir, cfg, run=run_dir.name, resume=resume)
+        elif resume and (keys_dir / "secret.ctx").is_file():
             secret, public = keys_dir / "secret.ctx", keys_dir / "public.ctx"
         else:
             keys = backend.make_keys(keys_dir)
@@ -370,6 +374,20 @@ def _simulate(
         raise stopped
     adapter_dir = finish_run(run_dir, cfg, secret_context=secret)
     return SimulationResult(run_dir, read_records(run_dir / "metrics.jsonl"), adapter_dir, seconds)
+
+
+def multiparty_keys(keys_dir: Path, cfg: RunConfig, *, run: str, resume: bool) -> tuple[Path, Path]:
+    """The multiparty ceremony among the simulated clients (``client-<i>``), in process.
+
+    Threshold: the smallest majority, ``n // 2 + 1``. Returns the key directory (each
+    client opens its own ``<name>.party`` in it) and the server's ``public.ctx``.
+    """
+    from fedtune.secure.multiparty.backend import write_keys
+
+    if not (resume and (keys_dir / "public.ctx").is_file()):
+        n = cfg.federation.num_clients
+        write_keys(keys_dir, [f"client-{i}" for i in range(n)], run=run, threshold=n // 2 + 1)
+    return keys_dir, keys_dir / "public.ctx"
 
 
 def finish_run(run_dir: Path, cfg: RunConfig, *, secret_context: Path | None = None) -> Path:

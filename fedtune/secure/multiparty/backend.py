@@ -11,10 +11,10 @@ The server's codec is the unchanged :class:`~fedtune.secure.ckks.CkksCodec` on
 ``public.ctx``: it validates and adds. A party's codec (:class:`MultipartyCodec`, on its
 ``.party`` file with ``roster.json`` in the same directory) encrypts under the party's own
 key and validates and adds like the server's; it cannot decode alone: a sum is decrypted by
-a quorum's partial decryptions (:meth:`MultipartyCodec.party`'s ``partial``, then
-:func:`~fedtune.secure.multiparty.protocol.combine`), a round of the federation that
-``fedtune simulate`` and the server app do not run yet. So ``make_keys`` (which the
-simulation driver calls with no party list) refuses with that explanation.
+a quorum's signed partial decryptions, which every client checks and combines itself
+(:mod:`fedtune.secure.multiparty.rounds`, :mod:`fedtune.secure.multiparty.node`); the codec
+then ``decode``s only a sum it opened that way. The simulation driver runs the ceremony
+itself (``multiparty_keys``); ``make_keys`` (no party list) refuses with one line.
 """
 
 from __future__ import annotations
@@ -27,21 +27,27 @@ from numpy.typing import NDArray
 
 from fedtune import crypto
 from fedtune.errors import ConfigError
+from fedtune.guard import payload_digest
 from fedtune.keyfiles import PUBLIC_MODE, private_dir, write_key_file
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec, PayloadError, WirePayload
 from fedtune.secure.multiparty import files
 from fedtune.secure.multiparty.params import MultipartyParams
-from fedtune.secure.multiparty.protocol import Party, ceremony, public_context
+from fedtune.secure.multiparty.protocol import (
+    SIGNATURE_BYTES,
+    Party,
+    Roster,
+    ceremony,
+    public_context,
+)
 
-__all__ = ["MultipartyBackend", "MultipartyCodec", "write_keys"]
+__all__ = ["MultipartyBackend", "MultipartyCodec", "MultipartyServerCodec", "write_keys"]
 
 _NOT_WIRED = (
-    '`encryption-backend = "ckks-multiparty"`: the multiparty key ceremony runs per party '
-    "(each data owner keeps its own key and shares of the others', docs/multiparty.md) and "
-    "decryption is a quorum's round, neither wired into `fedtune simulate` / `fedtune keygen` "
-    "yet; use fedtune.secure.multiparty.backend.write_keys in a script, or `ckks` for a "
-    "shared key."
+    '`encryption-backend = "ckks-multiparty"`: each data owner keeps its own key and shares '
+    "of the others' (docs/multiparty.md); `fedtune simulate` runs the ceremony itself, "
+    "`fedtune keygen` and deployment do not yet: use `ckks` (a shared key) there, or "
+    "fedtune.secure.multiparty.backend.write_keys in a script."
 )
 
 
@@ -71,9 +77,25 @@ def write_keys(
 class MultipartyCodec(CkksCodec):
     """A party's codec: encrypts under its own key; validates and adds like the server."""
 
+    #: An upload's signature is Ed25519 (64 bytes), not the shared-key HMAC tag.
+    tag_bytes = SIGNATURE_BYTES
+
     def __init__(self, party: Party, *, length: int) -> None:
         super().__init__(party.public, length=length)
         self.party = party
+        #: payload digest -> the sum this party opened from the quorum's signed partials
+        #: (:func:`~fedtune.secure.multiparty.rounds.open_global`); the newest few only.
+        self._opened: dict[str, NDArray[np.float64]] = {}
+
+    @property
+    def roster(self) -> Roster:
+        return self.party.roster
+
+    def remember(self, payload: WirePayload, total: NDArray[np.float64]) -> None:
+        """Keep ``total``, opened and verified from ``payload``'s signed partials."""
+        self._opened[payload_digest(payload)] = np.array(total, dtype=np.float64)
+        while len(self._opened) > 4:
+            self._opened.pop(next(iter(self._opened)))
 
     @property
     def can_decrypt(self) -> bool:
@@ -86,10 +108,25 @@ class MultipartyCodec(CkksCodec):
         return self.party.encrypt(vec)
 
     def decode(self, payload: WirePayload) -> NDArray[np.float64]:
-        raise crypto.CryptoError(
-            "a multiparty sum is decrypted by a quorum of key holders (partial decryptions, "
-            "then combine; docs/multiparty.md), not by one party's codec."
-        )
+        """The sum this party opened from ``payload``'s signed partials (never alone)."""
+        opened = self._opened.get(payload_digest(payload))
+        if opened is None:
+            raise crypto.CryptoError(
+                "a multiparty sum is decrypted by a quorum of key holders (signed partial "
+                "decryptions, then combine; docs/multiparty.md), not by one party's codec; "
+                "this sum came without verified partials."
+            )
+        return opened.copy()
+
+
+class MultipartyServerCodec(CkksCodec):
+    """The server's codec: the unchanged ``ckks`` checks and sum, plus the roster."""
+
+    tag_bytes = SIGNATURE_BYTES
+
+    def __init__(self, context: crypto.CkksContext, roster: Roster, *, length: int) -> None:
+        super().__init__(context, length=length)
+        self.roster = roster
 
 
 class MultipartyBackend:
@@ -107,6 +144,11 @@ class MultipartyBackend:
         if context is None:
             raise ConfigError(_NOT_WIRED)
         context = Path(context)
+        if context.is_dir():  # a simulation: one directory with every party's file
+            raise ConfigError(
+                f"`secret-context` {str(context)!r} is the multiparty key directory; each "
+                "party opens its own <name>.party in it (fedtune.train.runtime)."
+            )
         if context.suffix == ".party":
             if public:
                 raise crypto.CryptoError(
@@ -123,4 +165,10 @@ class MultipartyBackend:
                 f"`public-context` {str(context)!r} is not a multiparty public context "
                 "(N = 8192, no key): write it with fedtune.secure.multiparty.public_context."
             )
-        return CkksCodec(loaded, length=length)
+        roster = files.load_roster(context.parent / "roster.json")
+        if roster.digest != loaded.key_id:
+            raise crypto.CryptoError(
+                f"`public-context` {str(context)!r} does not belong to the roster.json beside "
+                "it (key_id differs): keep the ceremony's files together."
+            )
+        return MultipartyServerCodec(loaded, roster, length=length)

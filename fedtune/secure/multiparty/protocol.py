@@ -87,6 +87,7 @@ __all__ = [
     "Roster",
     "SharePacket",
     "ceremony",
+    "check_request",
     "combine",
     "make_receipt",
     "public_context",
@@ -465,67 +466,7 @@ class Party:
 
     def check(self, request: DecryptionRequest, *, min_count: int) -> None:
         """The checks before any partial decryption (fixed codes, :class:`GlobalRefused`)."""
-        roster = self.roster
-        items = request.receipts
-        if not isinstance(items, tuple) or not items or len(items) > roster.params.max_uploads:
-            raise GlobalRefused(MALFORMED)
-        well_formed = (
-            type(request.server_round) is int
-            and type(request.num_examples) is int
-            and isinstance(request.quorum, tuple)
-            and all(isinstance(q, str) for q in request.quorum)
-            and all(
-                isinstance(r, Receipt)
-                and isinstance(r.name, str)
-                and type(r.num_examples) is int
-                and r.num_examples >= 1
-                and isinstance(r.seeds, bytes)
-                and isinstance(r.digest, bytes)
-                and len(r.digest) == 32
-                and isinstance(r.tag, bytes)
-                and len(r.tag) == SIGNATURE_BYTES
-                for r in items
-            )
-        )
-        if not well_formed:
-            raise GlobalRefused(MALFORMED)
-        if not 1 <= request.server_round <= roster.params.max_rounds:
-            raise GlobalRefused(EXHAUSTED)
-        quorum = request.quorum
-        if len(set(quorum)) != len(quorum) or len(quorum) < roster.threshold:
-            raise GlobalRefused(QUORUM)
-        if any(roster.member(q) is None for q in quorum):
-            raise GlobalRefused(QUORUM)
-        if self.name not in quorum:
-            raise GlobalRefused(NOT_IN_QUORUM)
-        bad = []
-        for i, r in enumerate(items):
-            member = roster.member(r.name)
-            if member is None:
-                raise GlobalRefused(UNKNOWN_NAME)
-            message = _upload_message(
-                roster,
-                server_round=request.server_round,
-                name=r.name,
-                num_examples=r.num_examples,
-                seeds=r.seeds,
-                digest=r.digest,
-            )
-            try:
-                Ed25519PublicKey.from_public_bytes(member.verify_key).verify(r.tag, message)
-            except (InvalidSignature, ValueError):
-                bad.append(i)
-        if bad:
-            raise GlobalRefused(f"{BAD_TAGS}:{','.join(map(str, bad))}")
-        if len({r.name for r in items}) != len(items):
-            raise GlobalRefused(DUPLICATE_NAME)
-        if len(items) < min_count:
-            raise GlobalRefused(TOO_FEW)
-        if sum(r.num_examples for r in items) != request.num_examples:
-            raise GlobalRefused(EXAMPLES_MISMATCH)
-        chunks = {len(r.seeds) for r in items}
-        if len(chunks) != 1 or next(iter(chunks)) % receipts.SEED_BYTES:
-            raise GlobalRefused(MALFORMED)
+        check_request(self.roster, request, min_count=min_count, member=self.name)
 
     def partial(self, request: DecryptionRequest, *, min_count: int) -> PartialDecryption:
         """This party's partial decryption of ``request``'s sum, once per round.
@@ -575,6 +516,76 @@ class Party:
         result = PartialDecryption(self.name, digest, tuple(out))
         self.used[request.server_round] = (digest, result)
         return result
+
+
+def check_request(
+    roster: Roster, request: DecryptionRequest, *, min_count: int, member: str | None = None
+) -> None:
+    """The checks of a decryption request (fixed codes, :class:`GlobalRefused`).
+
+    A key holder (``member``) runs them before its partial decryption; every party runs
+    them (``member=None``) before it uses a combined global (:mod:`.rounds`).
+    """
+    items = request.receipts
+    if not isinstance(items, tuple) or not items or len(items) > roster.params.max_uploads:
+        raise GlobalRefused(MALFORMED)
+    well_formed = (
+        type(request.server_round) is int
+        and type(request.num_examples) is int
+        and isinstance(request.quorum, tuple)
+        and all(isinstance(q, str) for q in request.quorum)
+        and all(
+            isinstance(r, Receipt)
+            and isinstance(r.name, str)
+            and type(r.num_examples) is int
+            and r.num_examples >= 1
+            and isinstance(r.seeds, bytes)
+            and isinstance(r.digest, bytes)
+            and len(r.digest) == 32
+            and isinstance(r.tag, bytes)
+            and len(r.tag) == SIGNATURE_BYTES
+            for r in items
+        )
+    )
+    if not well_formed:
+        raise GlobalRefused(MALFORMED)
+    if not 1 <= request.server_round <= roster.params.max_rounds:
+        raise GlobalRefused(EXHAUSTED)
+    quorum = request.quorum
+    if len(set(quorum)) != len(quorum) or len(quorum) < roster.threshold:
+        raise GlobalRefused(QUORUM)
+    if any(roster.member(q) is None for q in quorum):
+        raise GlobalRefused(QUORUM)
+    if member is not None and member not in quorum:
+        raise GlobalRefused(NOT_IN_QUORUM)
+    bad = []
+    for i, r in enumerate(items):
+        uploader = roster.member(r.name)
+        if uploader is None:
+            raise GlobalRefused(UNKNOWN_NAME)
+        message = _upload_message(
+            roster,
+            server_round=request.server_round,
+            name=r.name,
+            num_examples=r.num_examples,
+            seeds=r.seeds,
+            digest=r.digest,
+        )
+        try:
+            Ed25519PublicKey.from_public_bytes(uploader.verify_key).verify(r.tag, message)
+        except (InvalidSignature, ValueError):
+            bad.append(i)
+    if bad:
+        raise GlobalRefused(f"{BAD_TAGS}:{','.join(map(str, bad))}")
+    if len({r.name for r in items}) != len(items):
+        raise GlobalRefused(DUPLICATE_NAME)
+    if len(items) < min_count:
+        raise GlobalRefused(TOO_FEW)
+    if sum(r.num_examples for r in items) != request.num_examples:
+        raise GlobalRefused(EXAMPLES_MISMATCH)
+    chunks = {len(r.seeds) for r in items}
+    if len(chunks) != 1 or next(iter(chunks)) % receipts.SEED_BYTES:
+        raise GlobalRefused(MALFORMED)
 
 
 def _parse_partial(
