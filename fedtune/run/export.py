@@ -24,7 +24,7 @@ from torch import nn
 
 from fedtune.aggregation import WeightedSum
 from fedtune.config import RunConfig
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, GlobalRefused
 from fedtune.model import adapter_layout, build_model, load_base_model, set_adapter_vector
 from fedtune.model.quantize import quiet_torchao_import
 from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger
@@ -32,6 +32,10 @@ from fedtune.run.card import base_model_name, model_card
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.secure import run_codec
 from fedtune.secure.codec import PayloadError
+from fedtune.secure.multiparty import files, rounds
+from fedtune.secure.multiparty.global_file import load_global_record
+from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES
+from fedtune.secure.verify import min_uploads, receipts_from_record
 from fedtune.tasks import get_task
 from fedtune.train.shared import process_model
 
@@ -196,11 +200,6 @@ def multiparty_vector(
     party file: the server saw this sum when it was decrypted, and a second decryption
     (a second sample of the smudging noise) is never asked for.
     """
-    from fedtune.apps.server.multiparty import load_global_record
-    from fedtune.errors import GlobalRefused
-    from fedtune.secure.multiparty import files, rounds
-    from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES
-    from fedtune.secure.verify import min_uploads, receipts_from_record
 
     roster = files.load_roster(run_dir / "keys" / "roster.json")
     record = load_global_record(run_dir)

@@ -18,10 +18,7 @@ quorum when a holder drops out; a resumed multiparty run is refused.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,19 +30,21 @@ from flwr.serverapp import Grid
 from fedtune.apps.server.exchange import exchange
 from fedtune.apps.server.replies import stated_name
 from fedtune.apps.server.strategy import FedTuneStrategy
-from fedtune.apps.server.verified import _UNAUTHENTIC, _drop, refused_positions
+from fedtune.apps.server.verified import UNAUTHENTIC, drop_uploads, refused_positions
 from fedtune.errors import FederationError
 from fedtune.secure.multiparty import rounds
 from fedtune.secure.multiparty.backend import MultipartyServerCodec
+from fedtune.secure.multiparty.global_file import (
+    GLOBAL_FILE,
+    load_global_record,
+    write_global_record,
+)
 from fedtune.secure.multiparty.protocol import PartialDecryption, Roster
 from fedtune.secure.verify import receipts_to_record
 
 __all__ = ["GLOBAL_FILE", "decryption_step", "load_global_record"]
 
 log = logging.getLogger("fedtune.server")
-
-#: The checkpointed round's receipts, quorum and signed partials (export opens it).
-GLOBAL_FILE = "multiparty-global.json"
 
 
 def _partial(reply: Message) -> rounds.SignedPartial | None:
@@ -107,7 +106,7 @@ def decryption_step(
         # quorum named and ask again (they answered nothing for this round yet).
         n_receipts = len(strategy.global_receipts)
         agreed = {i for i, v in votes.items() if 2 * v > len(quorum) and i < n_receipts}
-        if not _drop(strategy, agreed, server_round, _UNAUTHENTIC):
+        if not drop_uploads(strategy, agreed, server_round, UNAUTHENTIC):
             missing = sorted(set(quorum) - set(got))
             raise FederationError(
                 f"Round {server_round}: key holder(s) {missing} sent no valid signed partial "
@@ -178,44 +177,11 @@ def _ask(
 
 def save_global_record(run_dir: Path, strategy: FedTuneStrategy) -> None:
     """Keep the global's receipts, count and partials beside the checkpoint (atomically)."""
-    doc: dict[str, Any] = {
-        **receipts_to_record(strategy.global_receipts),
-        "num-examples": strategy.global_examples,
-        **strategy.global_extra,
-    }
-    text = json.dumps({k: _enc(v) for k, v in doc.items()}, sort_keys=True)
-    tmp = run_dir / (GLOBAL_FILE + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, run_dir / GLOBAL_FILE)
-
-
-def _enc(value: object) -> object:
-    if isinstance(value, bytes):
-        return {"b64": base64.b64encode(value).decode()}
-    if isinstance(value, list):
-        return [_enc(v) for v in value]
-    return value
-
-
-def _dec(value: object) -> object:
-    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
-        return base64.b64decode(value["b64"], validate=True)
-    if isinstance(value, list):
-        return [_dec(v) for v in value]
-    return value
-
-
-def load_global_record(run_dir: Path) -> Mapping[str, object]:
-    """The record :func:`save_global_record` kept (untrusted: checked when opened)."""
-    path = run_dir / GLOBAL_FILE
-    try:
-        raw = path.read_bytes()[: 256 * 2**20]
-        doc = json.loads(raw)
-    except (OSError, ValueError) as err:
-        raise FederationError(
-            f"{str(path)!r} (the multiparty round's signed partials) is missing or not JSON "
-            f"({err}); export needs it."
-        ) from err
-    if not isinstance(doc, dict):
-        raise FederationError(f"{str(path)!r} is not a JSON object.")
-    return {str(k): _dec(v) for k, v in doc.items()}
+    write_global_record(
+        run_dir,
+        {
+            **receipts_to_record(strategy.global_receipts),
+            "num-examples": strategy.global_examples,
+            **strategy.global_extra,
+        },
+    )

@@ -35,7 +35,14 @@ from fedtune.secure.blame import blame_to_record, parse_blame
 from fedtune.secure.multiparty.backend import MultipartyServerCodec
 from fedtune.secure.verify import BAD_TAGS
 
-__all__ = ["blame", "drop_unverified", "refused_positions", "verified_exchange"]
+__all__ = [
+    "UNAUTHENTIC",
+    "drop_uploads",
+    "blame",
+    "drop_unverified",
+    "refused_positions",
+    "verified_exchange",
+]
 
 log = logging.getLogger("fedtune.server")
 
@@ -64,14 +71,14 @@ def drop_unverified(strategy: FedTuneStrategy, replies: list[Message], server_ro
     if not votes or len(uploads) != len(receipts):
         return False
     agreed = {i for i, v in votes.items() if 2 * v > len(replies) and i < len(receipts)}
-    return _drop(strategy, agreed, server_round, _UNAUTHENTIC)
+    return drop_uploads(strategy, agreed, server_round, UNAUTHENTIC)
 
 
-_UNAUTHENTIC = "key holders cannot authenticate it (made without the run's key, or changed)"
+UNAUTHENTIC = "key holders cannot authenticate it (made without the run's key, or changed)"
 _OUT_OF_BOUNDS = "key holders found it out of bounds, decrypted alone (blame step)"
 
 
-def _drop(strategy: FedTuneStrategy, agreed: set[int], server_round: int, why: str) -> bool:
+def drop_uploads(strategy: FedTuneStrategy, agreed: set[int], server_round: int, why: str) -> bool:
     """Drop the uploads at ``agreed`` from round ``server_round``'s global and re-sum."""
     receipts, uploads = strategy.global_receipts, strategy.global_uploads
     keep = [i for i in range(len(receipts)) if i not in agreed]
@@ -140,7 +147,7 @@ def blame(
         len(receipts),
         sorted(agreed),
     )
-    return _drop(strategy, agreed, server_round, _OUT_OF_BOUNDS)
+    return drop_uploads(strategy, agreed, server_round, _OUT_OF_BOUNDS)
 
 
 def verified_exchange(

@@ -10,10 +10,8 @@ PEFT adapter, the metrics plot and a summary. Ray is shut down by Flower before
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 import shutil
 import tempfile
 import threading
@@ -26,6 +24,7 @@ from typing import Any
 from fedtune.apps.server.app import make_server_app
 from fedtune.apps.server.context import ADAPTER_LENGTH
 from fedtune.apps.simulation.clients import observed_client_app
+from fedtune.apps.simulation.flower_patches import flower_patches
 from fedtune.apps.simulation.hooks import ClientFailuresToLog, server_hooks
 from fedtune.apps.simulation.preflight import check_run
 from fedtune.apps.simulation.progress import CLIENTS_LOG, RunProgress
@@ -41,90 +40,11 @@ from fedtune.run.card import run_settings
 from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
+from fedtune.secure.multiparty.backend import write_keys
 from fedtune.tasks import get_task
 from fedtune.train.shared import process_model
 
 log = logging.getLogger("fedtune")
-
-
-def _poll_pending_nodes(original: Any) -> Any:
-    """Flower's ``add_messages_to_queue``, asking only the nodes that have a message.
-
-    Flower 1.41's simulation runtime asks *every* virtual node for its messages ten
-    times a second, and each ask checks every stored message
-    (``InMemoryLinkState.get_message_ins``): with 1000 nodes and 100 messages in
-    flight that is a million checks a second in the driver, which took a core from
-    the clients and made a round of 1000 clients cost 1.5 times the same work on 50.
-    This asks, in the same order, only the nodes with an undelivered message (a look
-    at the state's store under its lock), so the cost grows with the messages in a
-    round, not with the federation. Any other state falls back to Flower's loop.
-    """
-
-    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
-        store = getattr(state, "message_ins_store", None)
-        lock = getattr(state, "lock", None)
-        if not isinstance(store, dict) or lock is None:
-            original(state, queue, nodes_mapping, f_stop)
-            return
-        nodes = list(nodes_mapping.keys())
-        while not f_stop.is_set():
-            with lock:
-                pending = {
-                    m.metadata.dst_node_id for m in store.values() if not m.metadata.delivered_at
-                }
-            if pending:
-                for node_id in [n for n in nodes if n in pending]:
-                    for msg in state.get_message_ins(node_id=node_id, limit=1):
-                        queue.put(msg)
-            f_stop.wait(0.1)
-
-    return add_messages_to_queue
-
-
-def _seeded_node_ids(seed: int) -> Any:
-    """Flower's ``generate_rand_int_from_bytes``, drawn from a generator seeded by ``seed``.
-
-    Flower 1.41 gives simulated nodes random ids (``secrets``) and maps the i-th node
-    created to partition i. The strategy samples positions among the sorted node ids,
-    so with random ids a run that samples fewer than all clients trained other
-    partitions each time it ran: the same seed did not give the same run. Used only
-    while the nodes are registered.
-    """
-    rng = random.Random(f"fedtune-simulated-node-ids/{seed}")
-
-    def generate(num_bytes: int, exclude: set[int] | None = None) -> int:
-        while True:
-            value = rng.getrandbits(8 * num_bytes)
-            if value and value not in (exclude or set()):
-                return value
-
-    return generate
-
-
-@contextlib.contextmanager
-def _flower_patches(seed: int) -> Any:
-    """For one run: :func:`_poll_pending_nodes`, and node ids from :func:`_seeded_node_ids`."""
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate import in_memory_linkstate
-
-    original_poll = vce_api.add_messages_to_queue
-    original_register = vce_api._register_nodes  # noqa: SLF001
-
-    def register_nodes(*args: Any, **kwargs: Any) -> Any:
-        random_ids = in_memory_linkstate.generate_rand_int_from_bytes
-        in_memory_linkstate.generate_rand_int_from_bytes = _seeded_node_ids(seed)
-        try:
-            return original_register(*args, **kwargs)
-        finally:
-            in_memory_linkstate.generate_rand_int_from_bytes = random_ids
-
-    vce_api.add_messages_to_queue = _poll_pending_nodes(original_poll)
-    vce_api._register_nodes = register_nodes  # noqa: SLF001
-    try:
-        yield
-    finally:
-        vce_api.add_messages_to_queue = original_poll
-        vce_api._register_nodes = original_register  # noqa: SLF001
 
 
 @dataclass(frozen=True)
@@ -345,7 +265,7 @@ def _simulate(
     progress.phase("starting Ray; the clients load the model with their first message")
     progress.watch(run_dir, cfg.federation.num_rounds, first_round=first_round)
     try:
-        with stop.installed(), server_hooks(stop, progress), _flower_patches(cfg.federation.seed):
+        with stop.installed(), server_hooks(stop, progress), flower_patches(cfg.federation.seed):
             try:
                 run_simulation(
                     server_app=make_server_app(server_wiring),
@@ -382,7 +302,6 @@ def multiparty_keys(keys_dir: Path, cfg: RunConfig, *, run: str, resume: bool) -
     Threshold: the smallest majority, ``n // 2 + 1``. Returns the key directory (each
     client opens its own ``<name>.party`` in it) and the server's ``public.ctx``.
     """
-    from fedtune.secure.multiparty.backend import write_keys
 
     if not (resume and (keys_dir / "public.ctx").is_file()):
         n = cfg.federation.num_clients
