@@ -18,9 +18,9 @@ import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
-from test_verified_federation import InProcessGrid
 
 from fedtune.apps.simulation import driver
+from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.node import round as node_round
 from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.train.shared import clear_worker_cache

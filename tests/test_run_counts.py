@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from test_verified_federation import InProcessGrid
 
 import fedtune.apps.client.app
 import fedtune.apps.server.app
 import fedtune.run.export
 import fedtune.tasks.classification
 from fedtune.apps.simulation import driver
+from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.config import parse
 from fedtune.model import lora
 from fedtune.node import round as node_round

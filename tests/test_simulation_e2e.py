@@ -183,9 +183,7 @@ def test_export_decrypts_with_the_key_and_refuses_without(
     encrypted_run: Path, tmp_path: Path
 ) -> None:
     no_key = _fedtune("export", str(encrypted_run), "--out", str(tmp_path / "a"))
-    assert (
-        no_key.returncode == 2 and "is encrypted: pass --key" in no_key.stderr
-    )
+    assert no_key.returncode == 2 and "is encrypted: pass --key" in no_key.stderr
     ok = _fedtune(
         "export",
         str(encrypted_run),

@@ -12,12 +12,10 @@ decrypted garbage and the run stopped.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune import crypto
 from fedtune.apps.server.app import run_rounds, server_capacity, server_codec
 from fedtune.apps.server.strategy import FedTuneStrategy
+from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.config import WIRING_KEYS, parse_run_config, parse_wiring
 from fedtune.node import round as node_round
 from fedtune.secure.ckks import CkksCodec
@@ -38,30 +37,6 @@ Handler = Callable[[Message], Message]
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class InProcessGrid:
-    """Flower's Grid, as :func:`~fedtune.apps.server.exchange.exchange` uses it, in process."""
-
-    def __init__(self, nodes: dict[int, Handler]) -> None:
-        self.nodes = nodes
-        self._replies: dict[str, Message] = {}
-        self._ids = itertools.count()
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid = f"m{next(self._ids)}"
-            msg.metadata.__dict__["_message_id"] = mid
-            self._replies[mid] = self.nodes[msg.metadata.dst_node_id](msg)
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids: Any) -> list[Message]:
-        return [self._replies.pop(i) for i in list(ids) if i in self._replies]
 
 
 def honest(flat: dict[str, object], partition: int) -> Handler:
