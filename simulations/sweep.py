@@ -160,8 +160,10 @@ def _run(
 def plot_curves(out: Path, names: list[str], path: Path) -> None:
     """Held-out accuracy per round of every finished setting in ``names``, one axis."""
     import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
     for name in names:
         metrics = out / name / "metrics.jsonl"
