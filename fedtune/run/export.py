@@ -29,7 +29,7 @@ from fedtune.model import adapter_layout, build_model, load_base_model, set_adap
 from fedtune.model.quantize import quiet_torchao_import
 from fedtune.privacy.ledger import LedgerCorruptError, PrivacyLedger
 from fedtune.run.card import base_model_name, model_card
-from fedtune.run.checkpoint import load_checkpoint
+from fedtune.run.checkpoint import Checkpoint, load_checkpoint
 from fedtune.secure import run_codec
 from fedtune.secure.codec import PayloadError
 from fedtune.secure.multiparty import files, rounds
@@ -154,19 +154,31 @@ def export_adapter(
     if cfg.crypto.encryption and cfg.crypto.encryption_backend == "ckks-multiparty":
         # No key opens it alone: the round's signed partials, kept beside the checkpoint.
         vector = multiparty_vector(run_dir, cfg, checkpoint.payload, checkpoint.num_examples)
-        return write_adapter(
-            out_dir or run_dir / "adapter",
-            cfg,
-            vector,
-            round_=checkpoint.round,
-            base_model=base_model,
-            run_dir=run_dir,
-            model=model.model,
-        )
+    else:
+        vector = _decrypted_mean(run_dir, cfg, checkpoint, layout.size, secret_context)
+    return write_adapter(
+        out_dir or run_dir / "adapter",
+        cfg,
+        vector,
+        round_=checkpoint.round,
+        base_model=base_model,
+        run_dir=run_dir,
+        model=model.model,
+    )
+
+
+def _decrypted_mean(
+    run_dir: Path,
+    cfg: RunConfig,
+    checkpoint: Checkpoint,
+    length: int,
+    secret_context: Path | None,
+) -> NDArray[np.float64]:
+    """The checkpointed global ``S / N`` (decrypted with ``secret_context`` if encrypted)."""
     if cfg.crypto.encryption and secret_context is None:
         raise ConfigError(f"{str(run_dir)!r} is encrypted: {_key_hint(run_dir)}.")
     secret = secret_context if cfg.crypto.encryption else None
-    codec = run_codec(cfg.crypto.encryption_backend, length=layout.size, context=secret)
+    codec = run_codec(cfg.crypto.encryption_backend, length=length, context=secret)
     try:
         payload = codec.validate(checkpoint.payload, aggregate=True)
     except PayloadError as err:
@@ -178,16 +190,7 @@ def export_adapter(
             f"the checkpoint in {str(run_dir)!r} was encrypted under (fingerprint "
             f"{str(found)[:24]!r}): {_key_hint(run_dir)}."
         ) from err
-    vector = WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
-    return write_adapter(
-        out_dir or run_dir / "adapter",
-        cfg,
-        vector,
-        round_=checkpoint.round,
-        base_model=base_model,
-        run_dir=run_dir,
-        model=model.model,
-    )
+    return WeightedSum(total=codec.decode(payload), num_examples=checkpoint.num_examples).mean()
 
 
 def multiparty_vector(

@@ -226,25 +226,23 @@ def _transform(ctx: CkksContext, polys: Poly, *, forward: bool) -> Poly:
 
 def to_ntt(ctx: CkksContext, polys: Poly) -> Poly:
     """NTT form of polynomials given by residues ``(k, L, N)`` (pairs go through SEAL)."""
-    out = np.empty_like(polys, dtype=np.uint64)
-    k = polys.shape[0]
-    for start in range(0, k, 2):
-        pair = polys[start : start + 2]
-        if pair.shape[0] == 1:
-            pair = np.concatenate([pair, pair])
-        out[start : start + 2] = _transform(ctx, pair, forward=True)[: min(2, k - start)]
-    return out
+    return _transform_all(ctx, polys, forward=True)
 
 
 def from_ntt(ctx: CkksContext, polys: Poly) -> Poly:
     """Inverse of :func:`to_ntt` (coefficient form, residues)."""
+    return _transform_all(ctx, polys, forward=False)
+
+
+def _transform_all(ctx: CkksContext, polys: Poly, *, forward: bool) -> Poly:
+    """:func:`_transform` over ``k`` polynomials, two at a time (a lone last one doubled)."""
     out = np.empty_like(polys, dtype=np.uint64)
     k = polys.shape[0]
     for start in range(0, k, 2):
         pair = polys[start : start + 2]
         if pair.shape[0] == 1:
             pair = np.concatenate([pair, pair])
-        out[start : start + 2] = _transform(ctx, pair, forward=False)[: min(2, k - start)]
+        out[start : start + 2] = _transform(ctx, pair, forward=forward)[: min(2, k - start)]
     return out
 
 
