@@ -14,8 +14,10 @@ partitioner and seed), the same config. Both with ``--set num-rounds=ROUNDS``. I
 * the per-message overhead of the deployment: the last train exchange's wall time minus
   the slowest node's own time on that message (its worker's ``reply after`` log line).
 
-The three nodes share this machine's cores, so each gets ``cores // 3`` torch threads
-(``OMP_NUM_THREADS``, at least 1), as three real machines would each have their own.
+The three nodes share this machine's cores as the walkthrough types them: each
+``fedtune deploy supernode`` runs with its default ``--threads auto`` (its worker takes
+``max(1, cores // live workers)`` torch threads; ``fedtune/node/cores.py``); nothing here
+sets ``OMP_NUM_THREADS``. ``--threads N`` passes a fixed count to every node instead.
 
 Every process it starts carries an environment tag and is stopped at the end; nothing
 listens beyond 127.0.0.1.
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -51,11 +54,6 @@ def _free_port() -> int:
 
 def _fedtune(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedtune.cli", *args]
-
-
-#: Torch threads of each node: the nodes share this machine's cores, as the one simulated
-#: client at a time has them all (more threads than cores make every node slower).
-NODE_THREADS = str(max(1, (os.cpu_count() or 1) // NODES))
 
 
 def _env(tag: str) -> dict[str, str]:
@@ -91,7 +89,9 @@ def _last_round(run_dir: Path) -> dict[str, float]:
     return records[-1]
 
 
-def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float, float]:
+def deployed(
+    work: Path, rounds: int, tag: str, threads: str | None = None
+) -> tuple[dict[str, float], float, float]:
     """The walkthrough; (last record, wall seconds of `deploy run`, slowest node's message)."""
     data, ckks, certs = work / "data", work / "ckks", work / "certs"
     control, fleet = _free_port(), _free_port()
@@ -107,8 +107,6 @@ def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float
     def start(role: str, cmd: list[str]) -> None:
         logs[role] = work / f"{role}.log"
         env = _env(tag)
-        if role.startswith("node-"):
-            env["OMP_NUM_THREADS"] = NODE_THREADS
         with logs[role].open("wb") as out:
             procs.append(
                 subprocess.Popen(
@@ -178,6 +176,7 @@ def deployed(work: Path, rounds: int, tag: str) -> tuple[dict[str, float], float
                 str(ckks / "secret.ctx"),
                 "--name",
                 name,
+                *(["--threads", threads] if threads else []),
             ),
         )
     deadline = time.monotonic() + 600
@@ -252,12 +251,16 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep the runs' files in this directory")
+    parser.add_argument(
+        "--threads",
+        help="torch threads for every node (`deploy supernode --threads`); default: its `auto`",
+    )
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="fedtune-bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex
     try:
-        dep, dep_wall, worker = deployed(work / "deployed", args.rounds, tag)
+        dep, dep_wall, worker = deployed(work / "deployed", args.rounds, tag, args.threads)
         sim, sim_wall = simulated(work / "simulated", args.rounds, tag)
     finally:
         for pid in _tagged(tag):
@@ -265,6 +268,10 @@ def main() -> None:
                 os.kill(pid, signal.SIGKILL)
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\nmachine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"python {platform.python_version()}; nodes' threads: {args.threads or 'auto'}"
+    )
     print(
         f"\n{'':<10} {'wall s':>8} {'last round s':>13} {'train exchange s':>17} "
         f"{'eval s':>7} {'accuracy':>9} {'epsilon':>8}"

@@ -128,25 +128,3 @@ def check_update(
             f"update / num-examples holds {_describe(w)}; adapter entries must be finite "
             f"with |w| <= {value_bound:g}."
         )
-
-
-def check_global_mean(mean: NDArray[np.floating], value_bound: float = VALUE_BOUND) -> None:
-    """Whether a decrypted global adapter is within the value bound (for local use only).
-
-    The mean of updates that each satisfy ``|w| <= value_bound`` satisfies it too,
-    so a mean beyond it means a forged or scaled update, or an encrypted sum that
-    wrapped the modulus. A key holder does not raise this to the server: its
-    :class:`fedtune.guard.MovementGuard` keeps the last accepted global instead
-    (a refusal the server could see would be a bit about decrypted values).
-
-    Raises
-    ------
-    BoundError
-        A fixed text: the values found are not in it (they are decrypted data).
-    """
-    if not within_bound(mean, value_bound):
-        raise BoundError(
-            f"The decrypted global adapter is outside |w| <= {value_bound:g} "
-            "(fedtune.bounds.VALUE_BOUND) or not finite: some client sent a forged or "
-            "scaled update, or the encrypted sum wrapped the CKKS modulus."
-        )

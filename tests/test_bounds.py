@@ -77,14 +77,6 @@ def test_update_check_divides_by_the_count() -> None:
         bounds.check_update(np.array([np.inf, 0.0]), 1)
 
 
-@pytest.mark.parametrize("mean", [[0.0, 64.5], [np.nan, 0.0], [-np.inf, np.inf]])
-def test_global_mean_check_says_nothing_about_the_values(mean: list[float]) -> None:
-    with pytest.raises(bounds.BoundError, match=r"outside \|w\| <= 64 .* or not finite") as err:
-        bounds.check_global_mean(np.array(mean))
-    assert "64.5" not in str(err.value) and "nan" not in str(err.value).lower()
-    bounds.check_global_mean(np.array([64.0, -64.0, 0.0]))
-
-
 @pytest.fixture
 def runtime(tiny_model_dir: Path, toy_csv: Path) -> ClientRuntime:
     """Client 0 of a two-client run on the tiny model (a key holder, plaintext codec)."""

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from fedtune.deploy import roles
 from fedtune.deploy.roles import Launch
+from fedtune.deploy.supernode_waits import write_launcher
 from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's one entry point
     RuntimeUser,
     _runs,
@@ -37,6 +38,7 @@ from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's
     prepare_runtime,
     readable_by,
     runtime_user,
+    supernode_program,
     worker_user,
 )
 from fedtune.errors import ConfigError
@@ -289,6 +291,10 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     key, ca = prepare_runtime(
         runtime, user, private=private, key=args.key.resolve(), ca=args.ca.resolve()
     )
+    # Flower's SuperNode, with its idle waits shortened (the stock one if that cannot be).
+    bin_dir = runtime / "bin"
+    bin_dir.mkdir(mode=0o755, exist_ok=True)
+    program = write_launcher(supernode_program(), bin_dir) or supernode_program()
     node_config: dict[str, object] = {"worker": str(socket)}
     if args.name:
         node_config["name"] = args.name
@@ -300,6 +306,7 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
         host=args.host,
         config=node_config,
         home=runtime / "flwr-home",
+        program=str(program),
     )
     if user is not None:
         launch.env["HOME"] = str(runtime / "flwr-home")

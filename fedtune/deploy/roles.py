@@ -33,6 +33,7 @@ from pathlib import Path
 from fedtune.config import _toml_value
 from fedtune.deploy.guard import check_superlink_dirs
 from fedtune.deploy.pki import secret_dir
+from fedtune.deploy.supernode_waits import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS
 from fedtune.errors import ConfigError
 from fedtune.ids import is_decimal, parse_decimal
 from fedtune.node.cores import ENV as CORES_ENV
@@ -284,11 +285,15 @@ def supernode(
     host: str = "127.0.0.1",
     home: Path | None = None,
     base_env: Mapping[str, str] | None = None,
+    program: str = "flower-supernode",
 ) -> Launch:
     """``flower-supernode`` dialling the SuperLink over TLS with its authentication key.
 
     ``config`` is its node config (what its ClientApps see); ``home`` its FLWR_HOME
-    (default ``STATE_DIR/flwr-home`` for a config with a ``state-dir``).
+    (default ``STATE_DIR/flwr-home`` for a config with a ``state-dir``); ``program`` the
+    script to run (``fedtune deploy supernode`` passes the copy that shortens Flower's
+    idle waits, :mod:`fedtune.deploy.supernode_waits`). Its SuperExec looks for tasks
+    every :data:`~fedtune.deploy.supernode_waits.SUPEREXEC_POLL_SECONDS` s (Flower: 1 s).
     """
     ca = _file(ca, "the CA certificate", "--ca")
     key = _file(key, "this node's private key", "--key")
@@ -298,7 +303,7 @@ def supernode(
     home.mkdir(exist_ok=True, mode=0o700)
     pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
     argv = [
-        "flower-supernode",
+        program,
         f"--superlink={_address(superlink_address)}",
         f"--root-certificates={ca}",
         f"--auth-supernode-private-key={key}",
@@ -306,7 +311,9 @@ def supernode(
         f"--port={port}",
         f"--node-config={pairs}",
     ]
-    return Launch(argv, _environment(home, base_env))
+    env = _environment(home, base_env)
+    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
+    return Launch(argv, env)
 
 
 def write_connection(home: Path, *, superlink_address: str, ca: Path) -> Path:

@@ -22,6 +22,7 @@ __all__ = [
     "USERS_HINT",
     "RuntimeUser",
     "prepare_runtime",
+    "supernode_program",
     "readable_by",
     "runtime_user",
     "worker_user",
@@ -164,6 +165,16 @@ def _write_for(user: RuntimeUser, source: Path, target: Path) -> Path:
     return target
 
 
+def supernode_program() -> Path:
+    """The ``flower-supernode`` this environment runs: on PATH, else beside this Python."""
+    program = shutil.which("flower-supernode") or shutil.which(
+        "flower-supernode", path=str(Path(sys.executable).parent)
+    )
+    if program is None:
+        raise ConfigError("flower-supernode is not on PATH; activate fedtune's environment.")
+    return Path(program)
+
+
 def prepare_runtime(
     runtime: Path,
     user: RuntimeUser | None,
@@ -195,12 +206,8 @@ def prepare_runtime(
                 "runs the SuperNode and every app the SuperLink sends; close it first "
                 f"(`chmod go-rwx {path}`) so that only the worker reads it."
             )
-    program = shutil.which("flower-supernode") or shutil.which(
-        "flower-supernode", path=str(Path(sys.executable).parent)
-    )
-    if program is None:
-        raise ConfigError("flower-supernode is not on PATH; activate fedtune's environment.")
-    if not _runs(user, Path(program)):
+    program = supernode_program()
+    if not _runs(user, program):
         raise ConfigError(
             f"--runtime-user {user.name!r} cannot run {program} (or the Python it starts "
             "with): the SuperNode would not start. Install fedtune with a Python every user "

@@ -1,0 +1,100 @@
+"""Flower's SuperNode with shorter idle waits: the launcher ``fedtune deploy supernode`` runs.
+
+Flower 1.41's SuperNode (``flwr.supernode.start_client_internal``) sleeps 3 s each time
+it asks the SuperLink for a message and finds none, and 0.5 s each time it looks in its
+own state for a reply that is not there yet; neither is a setting. A deployed round
+therefore waits, per message and node, up to 3 s before the node even sees its message
+(``docs/deployment.md``, "How long a round takes"). Its SuperExec polls for tasks every
+1 s, which Flower does let us set (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+
+:func:`write_launcher` writes a copy of the ``flower-supernode`` entry script that the
+deployment would run, with one line added before Flower's entry point is called:
+:func:`shorten_waits`, which gives that one module a ``time`` whose ``sleep`` waits
+:data:`IDLE_POLL_SECONDS` instead of 3 s (still a pull every half second, per node, to
+the SuperLink) and at most :data:`LOCAL_WAIT_SECONDS` for local waits. Everything else
+(arguments, TLS, authentication, the process tree, its name in ``ps``) is Flower's. If
+the installed Flower does not look like the one this was written for (the module has
+no ``time`` of its own, or the entry script's form is unknown), nothing is patched and
+the stock program runs: slower, never different.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+__all__ = [
+    "IDLE_POLL_SECONDS",
+    "LOCAL_WAIT_SECONDS",
+    "SUPEREXEC_POLL_ENV",
+    "SUPEREXEC_POLL_SECONDS",
+    "shorten_waits",
+    "write_launcher",
+]
+
+#: Seconds between two pulls that found no message (Flower: 3).
+IDLE_POLL_SECONDS = 0.5
+#: Longest local wait, e.g. for a reply in the SuperNode's own state (Flower: 0.5).
+LOCAL_WAIT_SECONDS = 0.1
+#: Flower's own setting for its SuperExec's task poll (default 1 s), and our value.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = "0.1"
+
+#: The line of pip's console script for ``flower-supernode`` that imports the entry.
+_ENTRY_IMPORT = re.compile(r"^from flwr\.supernode\.cli import flower_supernode\s*$", re.M)
+
+
+class _ShortWaits:
+    """The ``time`` module, with :meth:`sleep` shortened as described above."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(IDLE_POLL_SECONDS if seconds >= 3 else min(seconds, LOCAL_WAIT_SECONDS))
+
+
+def shorten_waits(module: ModuleType | None = None) -> bool:
+    """Give Flower's SuperNode loop short waits; False (nothing changed) if it does not fit."""
+    if module is None:
+        from flwr.supernode import start_client_internal  # noqa: PLC0415 - Flower
+
+        module = start_client_internal
+    if getattr(module, "time", None) is not time:
+        return False
+    setattr(module, "time", _ShortWaits())  # noqa: B010 - a module's global, on purpose
+    return True
+
+
+def write_launcher(program: Path, directory: Path, *, mode: int = 0o755) -> Path | None:
+    """A copy of the ``flower-supernode`` script ``program`` that shortens the waits first.
+
+    Written as ``directory/flower-supernode`` (never through a link) and returned; None
+    if ``program`` is not the console script this knows (then run ``program`` itself).
+    """
+    try:
+        text = Path(program).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("#!") or len(_ENTRY_IMPORT.findall(text)) != 1:
+        return None
+    patched = _ENTRY_IMPORT.sub(
+        "from flwr.supernode.cli import flower_supernode\n"
+        "from fedtune.deploy.supernode_waits import shorten_waits\n"
+        "shorten_waits()",
+        text,
+    )
+    target = Path(directory) / "flower-supernode"
+    tmp = target.with_name(f".flower-supernode.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), mode)
+        out.write(patched)
+    os.replace(tmp, target)
+    return target
