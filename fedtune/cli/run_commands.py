@@ -3,6 +3,9 @@
 Each command has its parser in :func:`add_parsers` and a ``run_*`` function that takes
 the parsed arguments and returns the exit code; a user error is raised as a
 :class:`~fedtune.errors.FedtuneError` for :func:`fedtune.apps.cli.main` to print.
+This module imports only the standard library and :mod:`fedtune.config` at module level:
+the program reads a ``simulate`` command line with :func:`add_parsers` before it loads
+torch (:func:`fedtune.apps.simulation.command.early_check`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from fedtune import crypto
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.errors import ConfigError, KeyFileError
 
@@ -178,6 +180,8 @@ def readable_text(path: Path, what: str) -> None:
 
 def run_keygen(args: argparse.Namespace) -> int:
     """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
+    from fedtune import crypto  # numpy, TenSEAL: not for simulate's early check
+
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
     output_dir(args.out, "--out")
