@@ -218,14 +218,19 @@ def test_examples_per_label_set_beside_data_path_is_refused(tmp_path: Path) -> N
         _simulate_args("--set", "data-path=mine.csv", "--set", "examples-per-label=250")
     config = tmp_path / "mine.toml"
     config.write_text("examples-per-label = 250\n")
-    with pytest.raises(ConfigError, match=both + ".*Remove `examples-per-label`, or cap"):
+    with pytest.raises(ConfigError, match=both + ".*Remove `examples-per-label` \\(or set it"):
         _simulate_args(str(config), "--set", "data-path=mine.csv")
-    config.write_text('data-path = "mine.csv"\nexamples-per-label = 0\n')
-    with pytest.raises(ConfigError, match="`examples-per-label` = 0 is set together"):
+    config.write_text('data-path = "mine.csv"\nexamples-per-label = 250\n')
+    with pytest.raises(ConfigError, match="`examples-per-label` = 250 is set together"):
         _simulate_args(str(config))
     assert _simulate_args(str(config), "--set", "data-path=") == {
         "data-path": "",
-        "examples-per-label": 0,
+        "examples-per-label": 250,
+    }
+    # 0 ("every example") is what happens to a file: silos.toml + --set data-path=FILE
+    assert _simulate_args(str(config), "--set", "examples-per-label=0") == {
+        "data-path": "mine.csv",
+        "examples-per-label": "0",
     }
     # A run's own config.toml holds every key: resume, export and evaluate still read it.
     saved = parse_run_config({"data-path": "mine.csv", "label-names": "a,b"}).to_toml()

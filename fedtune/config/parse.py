@@ -137,16 +137,18 @@ def check_given(values: Mapping[str, object], cfg: RunConfig) -> None:
     """Refuse a key a person set that another set key makes meaningless.
 
     ``values`` are the keys as set (a TOML file, ``--set``), ``cfg`` their parsed run
-    config. The dataclasses can judge values only, and a key set to its default value
-    looks unset to them: ``examples-per-label = 250`` beside ``data-path`` would be
-    ignored without a word. Raises a :class:`ConfigError` naming both keys.
+    config. The dataclasses judge values only, and a key set to its default value looks
+    unset to them: ``examples-per-label = 250`` beside ``data-path`` would be ignored
+    without a word. (``0``, "every example", is what happens to a file: accepted, so a
+    federation file that sets it, such as ``silos.toml``, takes a ``data-path``.)
+    Raises a :class:`ConfigError` naming both keys.
     """
-    if "examples-per-label" in values and cfg.data.data_path:
+    if "examples-per-label" in values and cfg.data.data_path and cfg.data.examples_per_label:
         raise ConfigError(
-            f"`examples-per-label` = {values['examples-per-label']!r} is set together with "
+            f"`examples-per-label` = {cfg.data.examples_per_label} is set together with "
             f"`data-path` = {cfg.data.data_path!r}: `examples-per-label` draws from the "
             "bundled WordNet data only, and every row of your file is used. Remove "
-            "`examples-per-label`, or cap your data with `max-examples`."
+            "`examples-per-label` (or set it to 0), or cap your data with `max-examples`."
         )
 
 
