@@ -147,7 +147,8 @@ def make_fixtures(tmp: Path) -> dict[str, Path]:
     return files
 
 
-def base(files: dict[str, Path], *extra: str) -> list[str]:
+def base(files: dict[str, Path], *extra: str, drop: str = "") -> list[str]:
+    """``--set`` of a tiny run's settings and ``extra`` (less the key ``drop``: a file sets it)."""
     settings = [
         f"model-path={files['model']}",
         f"data-path={files['toy']}",
@@ -157,7 +158,8 @@ def base(files: dict[str, Path], *extra: str) -> list[str]:
         "batch-size=8",
         "lora-rank=4",
     ]
-    return [a for s in [*settings, *extra] for a in ("--set", s)]
+    kept = [s for s in [*settings, *extra] if not drop or not s.startswith(f"{drop}=")]
+    return [a for s in kept for a in ("--set", s)]
 
 
 def sim(files: dict[str, Path], *extra: str) -> list[str]:
@@ -326,7 +328,13 @@ def mistakes(f: dict[str, Path], run: Path) -> list[Mistake]:
         ),
         Mistake(
             "num-rounds = 1e9 in a TOML file, with DP",
-            ["simulate", "--run-dir", "{run}", str(f["rounds-1e9.toml"]), *base(f, *dp)],
+            [
+                "simulate",
+                "--run-dir",
+                "{run}",
+                str(f["rounds-1e9.toml"]),
+                *base(f, *dp, drop="num-rounds"),
+            ],
             "fewer rounds",
         ),
         Mistake(

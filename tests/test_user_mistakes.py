@@ -287,9 +287,9 @@ def test_simulates_early_parser_is_the_programs() -> None:
     import argparse
 
     from fedtune.cli.dispatch import build_parser
-    from fedtune.cli.run_commands import add_parsers
+    from fedtune.cli.run_commands import OneLineParser, add_parsers
 
-    early = argparse.ArgumentParser(prog="fedtune")
+    early = OneLineParser(prog="fedtune")
     add_parsers(early.add_subparsers(dest="command"))
 
     def simulate_help(parser: argparse.ArgumentParser) -> str:

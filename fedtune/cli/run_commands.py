@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.errors import ConfigError, KeyFileError
 
-__all__ = ["add_parsers", "output_dir", "readable_text", "run_keygen"]
+__all__ = ["OneLineParser", "add_parsers", "output_dir", "readable_text", "run_keygen"]
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -33,6 +34,19 @@ The run directory:
 Ctrl-C stops a run within seconds, keeps the last completed round and prints the command
 that continues it (`fedtune simulate --resume RUN_DIR`); a second Ctrl-C forces the exit.
 """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The ``fedtune`` parser's class: an argument mistake is one line, not a usage block.
+
+    ``fedtune deploy supernode`` without its options printed five lines of usage before
+    the one that says what is missing; here the line names the mistake and the command
+    whose ``--help`` lists the options. Subparsers take their parent's class, so every
+    command of the program answers the same way.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

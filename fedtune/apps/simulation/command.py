@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtune.apps.simulation.progress import RunProgress
-from fedtune.cli.run_commands import add_parsers, output_dir, readable_text
+from fedtune.cli.run_commands import OneLineParser, add_parsers, output_dir, readable_text
 from fedtune.config import collect_overrides, parse_assignment, parse_run_config
 from fedtune.errors import ConfigError
 
@@ -47,7 +47,7 @@ def early_check(argv: Sequence[str]) -> int | None:
     one line printed as :mod:`fedtune.cli.dispatch` prints it), ``None`` when the run
     may go on: every check is made again on the way, so this only answers sooner.
     """
-    parser = argparse.ArgumentParser(prog="fedtune")
+    parser = OneLineParser(prog="fedtune")
     add_parsers(parser.add_subparsers(dest="command"))
     args, extra = parser.parse_known_args(list(argv))  # -h and bad options exit here
     try:
