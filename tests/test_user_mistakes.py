@@ -289,7 +289,7 @@ def test_simulates_early_parser_is_the_programs() -> None:
     from fedtune.cli.dispatch import build_parser
     from fedtune.cli.run_commands import OneLineParser, add_parsers
 
-    early = OneLineParser(prog="fedtune")
+    early: argparse.ArgumentParser = OneLineParser(prog="fedtune")
     add_parsers(early.add_subparsers(dest="command"))
 
     def simulate_help(parser: argparse.ArgumentParser) -> str:

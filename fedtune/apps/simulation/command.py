@@ -47,7 +47,7 @@ def early_check(argv: Sequence[str]) -> int | None:
     one line printed as :mod:`fedtune.cli.dispatch` prints it), ``None`` when the run
     may go on: every check is made again on the way, so this only answers sooner.
     """
-    parser = OneLineParser(prog="fedtune")
+    parser: argparse.ArgumentParser = OneLineParser(prog="fedtune")
     add_parsers(parser.add_subparsers(dest="command"))
     args, extra = parser.parse_known_args(list(argv))  # -h and bad options exit here
     try:
