@@ -547,10 +547,11 @@ def finished_run(files: dict[str, Path], tmp: Path) -> Path:
     return run
 
 
-def markdown(outcomes: list[Outcome]) -> str:
+def markdown(outcomes: list[Outcome], tmp: Path) -> str:
+    """The table of docs/troubleshooting.md (this run's temporary directory shown as ``…``)."""
     rows = ["| mistake | what fedtune prints | grade | fix |", "|---|---|---|---|"]
     for o in outcomes:
-        line = o.line.replace("|", "\\|")
+        line = o.line.replace(str(tmp), "…").replace("|", "\\|")
         if len(line) > 220:
             line = line[:219] + "…"
         rows.append(f"| {o.mistake.name} | `` {line} `` | {o.grade} | {o.mistake.fix} |")
@@ -597,7 +598,7 @@ def main() -> int:
         + ", ".join(f"{v} {k}" for k, v in counts.items())
     )
     if args.markdown:
-        args.markdown.write_text(markdown(outcomes))
+        args.markdown.write_text(markdown(outcomes, tmp))
     return 0 if counts["traceback"] == counts["silent"] == counts["noisy"] == 0 else 1
 
 
