@@ -83,8 +83,8 @@ class DataConfig:
     examples_per_label: int = field(
         default=EXAMPLES_PER_LABEL,
         metadata={
-            "help": "WordNet definitions drawn per category (0 = all); refused with "
-            "`data-path` (use `max-examples`)."
+            "help": "WordNet definitions drawn per category (0 = all); with `data-path`, "
+            "set only as 0 (every row is used; cap it with `max-examples`)."
         },
     )
     max_examples: int = field(
