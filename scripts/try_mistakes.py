@@ -21,7 +21,7 @@ docs/troubleshooting.md: mistake, the line fedtune prints, the fix.
 
 Usage::
 
-    python scripts/try_mistakes.py            # all, about 4 minutes on 2 cores
+    python scripts/try_mistakes.py            # all 72, about 7 minutes on 2 busy cores
     python scripts/try_mistakes.py --fast     # the test's subset
     python scripts/try_mistakes.py --markdown docs/troubleshooting-table.md
 """
