@@ -79,7 +79,9 @@ def check_registered(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def resolve(values: Mapping[str, object], *, wiring: bool = True) -> RunContext:
+def resolve(
+    values: Mapping[str, object], *, wiring: bool = True, given: bool = False
+) -> RunContext:
     """Parse and check a flat kebab-case run config once.
 
     Parameters
@@ -90,6 +92,10 @@ def resolve(values: Mapping[str, object], *, wiring: bool = True) -> RunContext:
         Whether ``values`` may hold the wiring keys (:data:`fedtune.config.WIRING_KEYS`,
         read into :attr:`RunContext.wiring`); without, such a key is an unknown key
         (a run's ``config.toml``, ``fedtune simulate``'s overrides).
+    given : bool
+        Whether ``values`` holds only the keys a person set (``fedtune simulate``'s
+        config file and ``--set``), not a resolved config; see
+        :func:`fedtune.config.parse_run_config`.
 
     Raises
     ------
@@ -97,6 +103,6 @@ def resolve(values: Mapping[str, object], *, wiring: bool = True) -> RunContext:
         For an unknown key or a bad value (see :func:`check_registered`).
     """
     if not wiring:
-        return RunContext(check_registered(parse_run_config(values)))
-    cfg = check_registered(parse_run_config(values, ignore=WIRING_KEYS))
+        return RunContext(check_registered(parse_run_config(values, given=given)))
+    cfg = check_registered(parse_run_config(values, ignore=WIRING_KEYS, given=given))
     return RunContext(cfg, parse_wiring(values))

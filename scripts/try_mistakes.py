@@ -8,7 +8,9 @@ and gets one line:
 ``clean``      a nonzero exit and one line of error (what fedtune promises);
 ``traceback``  a Python trace on the terminal;
 ``noisy``      a nonzero exit, but more than a few lines;
-``silent``     exit 0, or no message at all: the mistake went unnoticed;
+``silent``     exit 0, or no message at all: the mistake went unnoticed (for a mistake
+               that is no error, e.g. evaluating an interrupted run, exit 0 is ``clean``
+               when the output says what the user got);
 ``skipped``    the mistake cannot be made here (e.g. an unreadable file as root).
 
 Lines that this machine's libraries print on every start (torchao's missing kernels,
@@ -19,7 +21,7 @@ docs/troubleshooting.md: mistake, the line fedtune prints, the fix.
 
 Usage::
 
-    python scripts/try_mistakes.py            # all, about 4 minutes on 2 cores
+    python scripts/try_mistakes.py            # all 72, about 7 minutes on 2 busy cores
     python scripts/try_mistakes.py --fast     # the test's subset
     python scripts/try_mistakes.py --markdown docs/troubleshooting-table.md
 """
@@ -64,6 +66,9 @@ class Mistake:
     skip: str = ""  # why it cannot be tried here
     unreadable: bool = False  # root without the capability to read others' files
     setup: Callable[[Path], None] | None = None
+    #: Not an error: exit 0 is right when a line of the output matches this (the answer
+    #: must say what the user got, e.g. that a round was never evaluated).
+    ok: str = ""
 
 
 @dataclass
@@ -121,6 +126,11 @@ def make_fixtures(tmp: Path) -> dict[str, Path]:
         "table.toml": b"[federation]\nnum-rounds = 3\n",
         "latin1.toml": "# café\nnum-rounds = 2\n".encode("latin-1"),
         "a-file": b"x",
+        "typo.toml": b"num-round = 3\n",
+        "list.toml": b'label-names = ["animal", "food", "tool"]\n',
+        "quoted.toml": b'learning-rate = "fast"\n',
+        "rounds-1e9.toml": b"num-rounds = 1e9\n",
+        "epl.toml": b"examples-per-label = 250\n",
     }
     for name, content in data.items():
         (tmp / name).write_bytes(content)
@@ -137,7 +147,8 @@ def make_fixtures(tmp: Path) -> dict[str, Path]:
     return files
 
 
-def base(files: dict[str, Path], *extra: str) -> list[str]:
+def base(files: dict[str, Path], *extra: str, drop: str = "") -> list[str]:
+    """``--set`` of a tiny run's settings and ``extra`` (less the key ``drop``: a file sets it)."""
     settings = [
         f"model-path={files['model']}",
         f"data-path={files['toy']}",
@@ -147,7 +158,8 @@ def base(files: dict[str, Path], *extra: str) -> list[str]:
         "batch-size=8",
         "lora-rank=4",
     ]
-    return [a for s in [*settings, *extra] for a in ("--set", s)]
+    kept = [s for s in [*settings, *extra] if not drop or not s.startswith(f"{drop}=")]
+    return [a for s in kept for a in ("--set", s)]
 
 
 def sim(files: dict[str, Path], *extra: str) -> list[str]:
@@ -296,7 +308,144 @@ def mistakes(f: dict[str, Path], run: Path) -> list[Mistake]:
             "simulate --help | head -1", ["simulate", "--help"], "(none)", True, pipe="head -1"
         ),
         Mistake("keygen into a file", ["keygen", "--out", str(f["a-file"])], "a directory"),
+        # -- the config file and the command line
+        Mistake(
+            "a key misspelt in a TOML file",
+            ["simulate", "--run-dir", "{run}", str(f["typo.toml"]), *base(f)],
+            "spell the key as --help lists it",
+            True,
+        ),
+        Mistake("a snake_case key", sim(f, "num_rounds=3"), "kebab-case: num-rounds", True),
+        Mistake(
+            "a TOML list for label-names",
+            ["simulate", "--run-dir", "{run}", str(f["list.toml"]), *base(f)],
+            'one string: label-names = "animal,food,tool"',
+        ),
+        Mistake(
+            "a quoted word for a number (TOML)",
+            ["simulate", "--run-dir", "{run}", str(f["quoted.toml"]), *base(f)],
+            "learning-rate = 0.002",
+        ),
+        Mistake(
+            "num-rounds = 1e9 in a TOML file, with DP",
+            [
+                "simulate",
+                "--run-dir",
+                "{run}",
+                str(f["rounds-1e9.toml"]),
+                *base(f, *dp, drop="num-rounds"),
+            ],
+            "fewer rounds",
+        ),
+        Mistake(
+            "--set KEY = VALUE with spaces",
+            ["simulate", "--set", "num-rounds", "=", "3"],
+            "--set num-rounds=3",
+            True,
+        ),
+        Mistake(
+            "simulate --config FILE",
+            ["simulate", "--config", str(f["typo.toml"])],
+            "fedtune simulate FILE.toml",
+            True,
+        ),
+        Mistake(
+            "examples-per-label with data-path (--set)",
+            sim(f, "examples-per-label=250"),
+            "drop it; max-examples caps own data",
+            True,
+        ),
+        Mistake(
+            "examples-per-label with data-path (TOML file)",
+            ["simulate", "--run-dir", "{run}", str(f["epl.toml"]), *base(f)],
+            "drop it; max-examples caps own data",
+        ),
+        Mistake(
+            "DP on own data without label-names",
+            sim(f, "dp=example", "target-delta=1e-3"),
+            "label-names = the labels, in order",
+        ),
+        Mistake(
+            "label-names the data does not have",
+            sim(f, "label-names=animal,food,plant"),
+            "the data's labels",
+        ),
+        Mistake("fedtune version", ["version"], "fedtune --version"),
+        # -- using a finished run
+        Mistake(
+            "export an encrypted run without --key",
+            ["export", str(run), "--out", "{run}"],
+            "--key RUN_DIR/keys/secret.ctx",
+            needs_run=True,
+        ),
+        Mistake(
+            "export with another run's key",
+            ["export", str(run), "--key", str(run.parent / "other-keys" / "secret.ctx")],
+            "the key the clients used",
+            needs_run=True,
+            setup=lambda tmp: _keygen(tmp / "other-keys"),
+        ),
+        Mistake(
+            "evaluate after exporting an interrupted run",
+            ["evaluate", str(run.parent / "interrupted")],
+            "(none: it says the round was not evaluated)",
+            needs_run=True,
+            setup=lambda tmp: _interrupted_copy(run, tmp / "interrupted"),
+            ok=r"reported no accuracy for round \d+, the adapter's round",
+        ),
+        Mistake(
+            "generate on a classification run",
+            ["generate", str(run), "--prompt", "Define dog."],
+            "fedtune predict",
+            needs_run=True,
+        ),
+        Mistake(
+            "predict on a causal-LM run",
+            ["predict", str(run.parent / "lm-run"), "--text", "a dog"],
+            "fedtune generate",
+            needs_run=True,
+            setup=lambda tmp: _causal_lm_copy(run, tmp / "lm-run"),
+        ),
+        Mistake(
+            "predict without --text or --data",
+            ["predict", str(run)],
+            "--text TEXT or --data FILE",
+            needs_run=True,
+        ),
+        Mistake(
+            "deploy supernode without its options",
+            ["deploy", "supernode"],
+            "the options --help lists",
+        ),
+        Mistake(
+            "export --out is a file",
+            ["export", str(run), "--out", str(f["a-file"])],
+            "a directory",
+            needs_run=True,
+        ),
     ]
+
+
+def _keygen(out: Path) -> None:
+    """A key pair the run was not encrypted under."""
+    from fedtune import crypto
+
+    crypto.save_keys(crypto.make_secret_context(), out)
+
+
+def _interrupted_copy(run: Path, out: Path) -> None:
+    """The run as a stop before its last evaluation leaves it, its adapter exported."""
+    shutil.copytree(run, out)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:-1]))
+
+
+def _causal_lm_copy(run: Path, out: Path) -> None:
+    """The run as if it had trained a causal LM (``predict`` reads the task from the config)."""
+    shutil.copytree(run, out)
+    config = out / "config.toml"
+    text = re.sub(r'^task = ".*"$', 'task = "causal-lm"', config.read_text(), flags=re.M)
+    config.write_text(text)
 
 
 def _corrupt_copy(run: Path, out: Path) -> None:
@@ -356,6 +505,10 @@ def attempt(m: Mistake, tmp: Path, index: int, timeout: float) -> Outcome:
             seconds,
             lines,
         )
+    if m.ok and proc.returncode == 0:  # not an error: the answer must say what it means
+        said = [x for x in out.splitlines() + lines if re.search(m.ok, x)]
+        grade = "clean" if said else "silent"
+        return Outcome(m, grade, said[0].strip() if said else "exit 0", seconds, lines)
     if proc.returncode == 0 or not lines:
         return Outcome(
             m,
@@ -372,9 +525,9 @@ def attempt(m: Mistake, tmp: Path, index: int, timeout: float) -> Outcome:
 
 
 def finished_run(files: dict[str, Path], tmp: Path) -> Path:
-    """One tiny finished DP run for the mistakes made on a run directory."""
+    """One tiny finished DP run, encrypted, for the mistakes made on a run directory."""
     run = tmp / "finished"
-    dp = ("dp=example", "label-names=animal,food,tool", "target-delta=1e-3")
+    dp = ("dp=example", "label-names=animal,food,tool", "target-delta=1e-3", "encryption=true")
     proc = subprocess.run(
         [
             sys.executable,
@@ -394,10 +547,11 @@ def finished_run(files: dict[str, Path], tmp: Path) -> Path:
     return run
 
 
-def markdown(outcomes: list[Outcome]) -> str:
+def markdown(outcomes: list[Outcome], tmp: Path) -> str:
+    """The table of docs/troubleshooting.md (this run's temporary directory shown as ``…``)."""
     rows = ["| mistake | what fedtune prints | grade | fix |", "|---|---|---|---|"]
     for o in outcomes:
-        line = o.line.replace("|", "\\|")
+        line = o.line.replace(str(tmp), "…").replace("|", "\\|")
         if len(line) > 220:
             line = line[:219] + "…"
         rows.append(f"| {o.mistake.name} | `` {line} `` | {o.grade} | {o.mistake.fix} |")
@@ -444,7 +598,7 @@ def main() -> int:
         + ", ".join(f"{v} {k}" for k, v in counts.items())
     )
     if args.markdown:
-        args.markdown.write_text(markdown(outcomes))
+        args.markdown.write_text(markdown(outcomes, tmp))
     return 0 if counts["traceback"] == counts["silent"] == counts["noisy"] == 0 else 1
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.cli import build_parser
+from fedtune.cli.dispatch import build_parser
 from fedtune.config.reference import markdown, missing_help
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -61,6 +61,7 @@ LAZY_EDGES: dict[tuple[str, str], str] = {
     ("fedtune.cli.audit_empirical", "fedtune.privacy.canaries"): "audit's canaries",
     ("fedtune.cli.generate", "fedtune.tasks.causal_lm.generate"): "generate",
     ("fedtune.cli.generate", "fedtune.train"): "generate: the device",
+    ("fedtune.cli.run_commands", "fedtune.crypto"): "keygen: numpy, TenSEAL (simulate's parser)",
     ("fedtune.cli.use_commands", "fedtune.run.export"): "export: PEFT",
     ("fedtune.cli.use_commands", "fedtune.run.rescore"): "evaluate: the task's model",
     ("fedtune.cli.use_commands", "fedtune.run.own_data"): "evaluate --data, predict: the model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,98 @@ def test_resume_keeps_the_runs_configuration(tmp_path: Path) -> None:
         prepare_resume({"num-rounds": 3}, tmp_path)
     assert prepare_resume({}, tmp_path).federation.num_rounds == 2
     assert checkpoint_round(tmp_path) is None  # stopped before round 1: starts again
+
+
+def _simulate_args(*argv: str) -> object:
+    from fedtune.apps.simulation.command import check_arguments
+    from fedtune.cli.dispatch import build_parser
+
+    return check_arguments(build_parser().parse_args(["simulate", *argv]))
+
+
+def test_examples_per_label_set_beside_data_path_is_refused(tmp_path: Path) -> None:
+    """Even at its default value (250), from a TOML file or from --set: it would be ignored."""
+    both = "`examples-per-label` = .* is set together with `data-path` = 'mine.csv'"
+    with pytest.raises(ConfigError, match=both):
+        _simulate_args("--set", "data-path=mine.csv", "--set", "examples-per-label=250")
+    config = tmp_path / "mine.toml"
+    config.write_text("examples-per-label = 250\n")
+    with pytest.raises(ConfigError, match=both + ".*Remove `examples-per-label` \\(or set it"):
+        _simulate_args(str(config), "--set", "data-path=mine.csv")
+    config.write_text('data-path = "mine.csv"\nexamples-per-label = 250\n')
+    with pytest.raises(ConfigError, match="`examples-per-label` = 250 is set together"):
+        _simulate_args(str(config))
+    assert _simulate_args(str(config), "--set", "data-path=") == {
+        "data-path": "",
+        "examples-per-label": 250,
+    }
+    # 0 ("every example") is what happens to a file: silos.toml + --set data-path=FILE
+    assert _simulate_args(str(config), "--set", "examples-per-label=0") == {
+        "data-path": "mine.csv",
+        "examples-per-label": "0",
+    }
+    # A run's own config.toml holds every key: resume, export and evaluate still read it.
+    saved = parse_run_config({"data-path": "mine.csv", "label-names": "a,b"}).to_toml()
+    assert "examples-per-label = 250" in saved
+    from fedtune.config import load_toml
+
+    (tmp_path / "config.toml").write_text(saved)
+    assert parse_run_config(load_toml(tmp_path / "config.toml")).data.data_path == "mine.csv"
+
+
+def test_a_toml_list_for_a_string_key_names_the_string_to_write() -> None:
+    with pytest.raises(ConfigError, match='one comma-separated string: label-names = "a,b"'):
+        parse_run_config({"label-names": ["a", "b"]})
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--set", "num-round=3"], "Unknown config key 'num-round' .*Did you mean 'num-rounds'"),
+        (["typo.toml"], "Unknown config key 'num-round' .*Did you mean 'num-rounds'"),
+        (["--set", "num-rounds", "=", "3"], "--set expects key=value, got 'num-rounds'"),
+        (["--config", "typo.toml"], "takes the config file as its argument, without --config"),
+    ],
+)
+def test_a_typo_fails_in_one_line_without_importing_torch(
+    tmp_path: Path, argv: list[str], match: str
+) -> None:
+    """Config checks run before the commands' imports: a typo costs well under a second."""
+    (tmp_path / "typo.toml").write_text("num-round = 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fedtune.cli", "simulate", *argv],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    imported = {
+        line.rpartition("|")[2].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    said = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(said) == 1 and re.search(match, said[0]), said
+    assert said[0].startswith("fedtune simulate: error: ")
+    heavy = {"torch", "transformers", "flwr", "ray", "datasets", "numpy", "tenseal"}
+    assert not heavy & imported, sorted(heavy & imported)
+
+
+def test_simulates_early_parser_is_the_programs() -> None:
+    """The parser the early check reads ``simulate`` with gives the full program's help."""
+    import argparse
+
+    from fedtune.cli.dispatch import build_parser
+    from fedtune.cli.run_commands import OneLineParser, add_parsers
+
+    early: argparse.ArgumentParser = OneLineParser(prog="fedtune")
+    add_parsers(early.add_subparsers(dest="command"))
+
+    def simulate_help(parser: argparse.ArgumentParser) -> str:
+        (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        return sub.choices["simulate"].format_help()
+
+    assert simulate_help(early) == simulate_help(build_parser())

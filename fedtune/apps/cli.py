@@ -25,12 +25,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     -1``): no ``BrokenPipeError`` trace, here or when the interpreter flushes stdout on
     its way out.
     """
-    _early_status(sys.argv[1:] if argv is None else list(argv))
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         try:
+            # `simulate`'s mistakes that need no torch end here, in well under a second.
+            from fedtune.apps.simulation import command
+
+            if args[:1] == ["simulate"] and (early := command.early_check(args)) is not None:
+                return early
+            _early_status(args)
             # The commands' modules import datasets and transformers (seconds): after the
             # early status line.
-            from fedtune.apps.simulation import command
             from fedtune.cli import dispatch
 
             code = dispatch.main(argv, extra={"simulate": command.run_simulate})

@@ -17,10 +17,11 @@ audit_report      the self-contained HTML page of ``--report``
 :mod:`fedtune.cli.generate`. The ``fedtune`` program is :func:`fedtune.apps.cli.main`: it
 adds ``simulate`` (:mod:`fedtune.apps.simulation.command`), which starts the simulation
 driver and so the apps, which this package does not import.
+
+This package's ``__init__`` imports none of its modules: the program imports
+:mod:`fedtune.cli.run_commands` (``simulate``'s parser) to check a ``simulate`` command
+line before it imports the commands (torch, transformers: seconds). The parser of every
+command is :func:`fedtune.cli.dispatch.build_parser`.
 """
 
 from __future__ import annotations
-
-from fedtune.cli.dispatch import build_parser
-
-__all__ = ["build_parser"]

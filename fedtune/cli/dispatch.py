@@ -46,7 +46,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``fedtune`` and its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = run_commands.OneLineParser(
         prog="fedtune",
         description=(
             "Privacy-preserving federated LoRA fine-tuning of Transformers on Flower. "

@@ -3,6 +3,9 @@
 Each command has its parser in :func:`add_parsers` and a ``run_*`` function that takes
 the parsed arguments and returns the exit code; a user error is raised as a
 :class:`~fedtune.errors.FedtuneError` for :func:`fedtune.apps.cli.main` to print.
+This module imports only the standard library and :mod:`fedtune.config` at module level:
+the program reads a ``simulate`` command line with :func:`add_parsers` before it loads
+torch (:func:`fedtune.apps.simulation.command.early_check`).
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
-from fedtune import crypto
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.errors import ConfigError, KeyFileError
 
-__all__ = ["add_parsers", "output_dir", "readable_text", "run_keygen"]
+__all__ = ["OneLineParser", "add_parsers", "output_dir", "readable_text", "run_keygen"]
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -31,6 +34,19 @@ The run directory:
 Ctrl-C stops a run within seconds, keeps the last completed round and prints the command
 that continues it (`fedtune simulate --resume RUN_DIR`); a second Ctrl-C forces the exit.
 """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The ``fedtune`` parser's class: an argument mistake is one line, not a usage block.
+
+    ``fedtune deploy supernode`` without its options printed five lines of usage before
+    the one that says what is missing; here the line names the mistake and the command
+    whose ``--help`` lists the options. Subparsers take their parent's class, so every
+    command of the program answers the same way.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -178,6 +194,8 @@ def readable_text(path: Path, what: str) -> None:
 
 def run_keygen(args: argparse.Namespace) -> int:
     """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
+    from fedtune import crypto  # numpy, TenSEAL: not for simulate's early check
+
     if (args.out / "secret.ctx").exists():
         raise ConfigError(f"{str(args.out / 'secret.ctx')!r} exists; keygen never overwrites keys.")
     output_dir(args.out, "--out")

@@ -28,6 +28,7 @@ from fedtune.config.data import DataConfig, Partitioning
 from fedtune.config.federation import FederationConfig, sample_size
 from fedtune.config.model import LoraVariant, ModelConfig
 from fedtune.config.parse import (
+    check_given,
     coerce_value,
     collect_overrides,
     describe_keys,
@@ -62,6 +63,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "Wiring",
+    "check_given",
     "coerce_value",
     "collect_overrides",
     "describe_keys",

@@ -83,8 +83,8 @@ class DataConfig:
     examples_per_label: int = field(
         default=EXAMPLES_PER_LABEL,
         metadata={
-            "help": "WordNet definitions drawn per category (0 = all); refused with "
-            "`data-path` (use `max-examples`)."
+            "help": "WordNet definitions drawn per category (0 = all); with `data-path`, "
+            "set only as 0 (every row is used; cap it with `max-examples`)."
         },
     )
     max_examples: int = field(
@@ -164,6 +164,8 @@ class DataConfig:
         require(self.max_seq_length >= 8, "max-seq-length", self.max_seq_length, "must be >= 8")
         # examples-per-label draws from the bundled WordNet data; a user's own file is
         # used whole, so a value other than the default (or 0, "all") would be ignored.
+        # Values only: where the keys as a person set them are known, a set key is
+        # refused at any value (fedtune.config.parse.check_given).
         require(
             not self.data_path or self.examples_per_label in (0, EXAMPLES_PER_LABEL),
             "examples-per-label",

@@ -21,6 +21,7 @@ from fedtune.errors import ConfigError
 
 __all__ = [
     "coerce_value",
+    "check_given",
     "collect_overrides",
     "describe_keys",
     "known_keys",
@@ -76,13 +77,19 @@ def coerce_value(key: str, value: object, default: object) -> object:
             except ValueError:
                 pass
         raise ConfigError(f"`{key}` must be a number, got {value!r}.")
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        joined = ",".join(str(v) for v in value)
+        raise ConfigError(
+            f"`{key}` must be one string, got the list {value!r}; run-config values are "
+            f'scalars, so write a list as one comma-separated string: {key} = "{joined}".'
+        )
     if not isinstance(value, str):
         raise ConfigError(f"`{key}` must be a string, got {value!r}.")
     return value
 
 
 def parse_run_config(
-    values: Mapping[str, object], *, ignore: frozenset[str] = frozenset()
+    values: Mapping[str, object], *, ignore: frozenset[str] = frozenset(), given: bool = False
 ) -> RunConfig:
     """Build a validated :class:`RunConfig` from a flat kebab-case mapping.
 
@@ -92,6 +99,11 @@ def parse_run_config(
         Keys as in ``pyproject.toml``; missing keys take their defaults.
     ignore : frozenset[str]
         Keys to skip silently (keys that belong to the wiring, e.g. ``run-dir``).
+    given : bool
+        Whether ``values`` holds only the keys a person set (a TOML file, ``--set``:
+        :func:`collect_overrides`), not a resolved config with every key (a run's
+        ``config.toml``, a Flower run config). A key that another set key makes
+        meaningless is then refused even at its default value (:func:`check_given`).
 
     Raises
     ------
@@ -115,14 +127,39 @@ def parse_run_config(
         section, f = known[key]
         per_section[section][f.name] = coerce_value(key, value, _default_of(f))
     parts = {s: SECTION_TYPES[s](**kw) for s, kw in per_section.items()}
-    return RunConfig(**parts)
+    cfg = RunConfig(**parts)
+    if given:
+        check_given(values, cfg)
+    return cfg
+
+
+def check_given(values: Mapping[str, object], cfg: RunConfig) -> None:
+    """Refuse a key a person set that another set key makes meaningless.
+
+    ``values`` are the keys as set (a TOML file, ``--set``), ``cfg`` their parsed run
+    config. The dataclasses judge values only, and a key set to its default value looks
+    unset to them: ``examples-per-label = 250`` beside ``data-path`` would be ignored
+    without a word. (``0``, "every example", is what happens to a file: accepted, so a
+    federation file that sets it, such as ``silos.toml``, takes a ``data-path``.)
+    Raises a :class:`ConfigError` naming both keys.
+    """
+    if "examples-per-label" in values and cfg.data.data_path and cfg.data.examples_per_label:
+        raise ConfigError(
+            f"`examples-per-label` = {cfg.data.examples_per_label} is set together with "
+            f"`data-path` = {cfg.data.data_path!r}: `examples-per-label` draws from the "
+            "bundled WordNet data only, and every row of your file is used. Remove "
+            "`examples-per-label` (or set it to 0), or cap your data with `max-examples`."
+        )
 
 
 def parse_assignment(text: str) -> tuple[str, str]:
     """Split one ``key=value`` from ``--set``."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value, got {text!r}.")
+        raise ConfigError(
+            f"--set expects key=value, got {text!r}: one word per --set, no spaces around "
+            "`=` (e.g. --set num-rounds=3)."
+        )
     return key.strip(), value.strip()
 
 

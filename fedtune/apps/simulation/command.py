@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from fedtune.apps.simulation.progress import RunProgress
-from fedtune.cli.run_commands import output_dir, readable_text
-from fedtune.config import collect_overrides
+from fedtune.cli.run_commands import OneLineParser, add_parsers, output_dir, readable_text
+from fedtune.config import collect_overrides, parse_assignment, parse_run_config
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedtune.apps.simulation.driver import SimulationResult
 
-__all__ = ["run_simulate"]
+__all__ = ["check_arguments", "early_check", "run_simulate"]
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -34,9 +36,52 @@ def run_simulate(args: argparse.Namespace) -> int:
     return _print_result(result)
 
 
-def _simulate(args: argparse.Namespace, progress: RunProgress) -> SimulationResult:
-    from fedtune.apps.simulation.driver import simulate  # torch, Flower, both apps
+def early_check(argv: Sequence[str]) -> int | None:
+    """The mistakes of ``fedtune simulate ...`` (``argv``: after ``fedtune``) that need no torch.
 
+    Run by the ``fedtune`` program (:func:`fedtune.apps.cli.main`) before it imports the
+    commands (torch, transformers, Flower: seconds). ``simulate``'s own parser (the one
+    :func:`fedtune.cli.run_commands.add_parsers` registers: its usage, help and argument
+    errors are the full program's) reads ``argv``, then :func:`check_arguments` checks
+    the files and the config keys and values. Returns the exit code of a mistake (its
+    one line printed as :mod:`fedtune.cli.dispatch` prints it), ``None`` when the run
+    may go on: every check is made again on the way, so this only answers sooner.
+    """
+    parser: argparse.ArgumentParser = OneLineParser(prog="fedtune")
+    add_parsers(parser.add_subparsers(dest="command"))
+    args, extra = parser.parse_known_args(list(argv))  # -h and bad options exit here
+    try:
+        if extra:
+            _check_extra(args, extra)
+            return None  # the full parser names what it does not know
+        check_arguments(args)
+    except ConfigError as err:
+        print(f"fedtune simulate: error: {err}", file=sys.stderr)
+        return 2
+    return None
+
+
+def _check_extra(args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """Name the usual cause of arguments ``simulate`` does not take."""
+    if any(e == "--config" or e.startswith("--config=") for e in extra):
+        raise ConfigError(
+            "`fedtune simulate` takes the config file as its argument, without --config: "
+            "`fedtune simulate FILE.toml [--set KEY=VALUE ...]`."
+        )
+    for item in args.overrides:
+        if "=" not in item:  # --set num-rounds = 3: the shell split it in three
+            parse_assignment(item)
+
+
+def check_arguments(args: argparse.Namespace) -> dict[str, object]:
+    """Check what ``simulate``'s arguments alone can show; return the flat config.
+
+    The config file (readable UTF-8 TOML, flat keys), ``--run-dir`` (a directory this
+    process can make), each ``--set``, and every key and value of a new run that needs
+    neither the task and codec registries nor torch (:func:`fedtune.config.parse_run_config`,
+    keys as set: :func:`fedtune.config.check_given`). With ``--resume``, the run's own
+    ``config.toml`` is read later, by the driver.
+    """
     if args.resume is not None:
         if args.config is not None or args.run_dir is not None:
             raise ConfigError(
@@ -44,10 +89,7 @@ def _simulate(args: argparse.Namespace, progress: RunProgress) -> SimulationResu
                 + ("the config file" if args.config is not None else "--run-dir")
                 + " (only --set num-rounds=N may extend the run)."
             )
-        flat = collect_overrides(None, args.overrides)
-        return simulate(
-            flat, run_dir=args.resume, verbose=args.verbose, resume=True, progress=progress
-        )
+        return collect_overrides(None, args.overrides)
     if args.config is not None and args.config.is_dir():
         raise ConfigError(
             f"config {str(args.config)!r} is a directory; expected a TOML file of config keys."
@@ -57,6 +99,18 @@ def _simulate(args: argparse.Namespace, progress: RunProgress) -> SimulationResu
     if args.run_dir is not None:
         output_dir(args.run_dir, "--run-dir")
     flat = collect_overrides(args.config, args.overrides)
+    parse_run_config(flat, given=True)
+    return flat
+
+
+def _simulate(args: argparse.Namespace, progress: RunProgress) -> SimulationResult:
+    flat = check_arguments(args)
+    from fedtune.apps.simulation.driver import simulate  # torch, Flower, both apps
+
+    if args.resume is not None:
+        return simulate(
+            flat, run_dir=args.resume, verbose=args.verbose, resume=True, progress=progress
+        )
     return simulate(flat, run_dir=args.run_dir, verbose=args.verbose, progress=progress)
 
 

@@ -200,7 +200,7 @@ def _simulate(
         first_round = (done or 0) + 1
         (run_dir / "config.toml").write_text(cfg.to_toml())  # num-rounds may have grown
     else:
-        cfg = preflight(resolve(flat, wiring=False).config)
+        cfg = preflight(resolve(flat, wiring=False, given=True).config)
         check_run(cfg)  # what every client would refuse, before any process starts
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
         if run_dir.exists() and any(run_dir.iterdir()):
