@@ -42,6 +42,10 @@ Control API listens on 127.0.0.1 only (nodes reach a Fleet-only port).
   operator         fedtune deploy run FILE.toml --superlink 127.0.0.1:9093 --ca certs/ca.crt \\
                        --home op --run-dir /srv/fedtune/run1 --public-context public.ctx [--resume]
   each node        fedtune export state --key secret.ctx          (the final PEFT adapter)
+
+With encryption-backend = "ckks-multiparty" there is no keygen, no --secret-context and
+no --public-context: the ServerApp runs the key ceremony over the nodes before round 1
+(each node keeps its own key in --state-dir; docs/deployment.md, "Multiparty keys").
 """
 
 
