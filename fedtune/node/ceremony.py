@@ -36,6 +36,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedtune.errors import ConfigError, KeygenAborted, NodeRefusal, ServerMessageError
 from fedtune.keyfiles import PRIVATE_MODE, private_dir
+from fedtune.messages import CEREMONY_FIELDS
 from fedtune.secure.multiparty import files
 from fedtune.secure.multiparty.backend import MultipartyBackend
 from fedtune.secure.multiparty.ceremony_steps import (
@@ -161,6 +162,9 @@ def ceremony_reply(
         _SESSIONS.pop(key, None)
         log.warning("multiparty ceremony, step %r: %s", step, err)
         raise NodeRefusal("keygen-aborted") from err
+    undeclared = sorted(k for k in out if (CEREMONY, k) not in CEREMONY_FIELDS)
+    if undeclared:  # every field that leaves a node has a declared status (fedtune.messages)
+        raise RuntimeError(f"ceremony reply fields {undeclared} are not in CEREMONY_FIELDS.")
     return RecordDict(
         {"info": ConfigRecord({"client": name}), CEREMONY: ConfigRecord(out)}  # type: ignore[arg-type]
     )
