@@ -234,9 +234,9 @@ def test_a_key_holder_killed_between_its_upload_and_the_decryption_step(
             start_new_session=True,
         )
         fed.wait_log("node-0", "round 1: train reply after")
-        sent = fed.log("node-0").count("Sent reply")
+        sent = fed.log("node-0").count("Sent successfully")
         deadline = time.monotonic() + 30
-        while fed.log("node-0").count("Sent reply") <= sent and time.monotonic() < deadline:
+        while fed.log("node-0").count("Sent successfully") <= sent and time.monotonic() < deadline:
             time.sleep(0.05)
         fed.kill("node-0")
         out, _ = runner.communicate(timeout=900)
