@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.apps.cli import main
 from fedtune.apps.server.ceremony import run_ceremony
@@ -63,6 +64,12 @@ def _node(name: str, state: Path, traffic: list[RecordDict]) -> Callable[[Messag
         return Message(content, reply_to=msg)
 
     return handle
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flower_ids() -> None:
+    """Flower's Message needs a task identity, as the ServerApp process has."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 @pytest.fixture(scope="module")
@@ -297,5 +304,8 @@ def test_keygen_for_multiparty_says_where_the_ceremony_runs(
     out = tmp_path / "keys"
     assert main(["keygen", "--encryption-backend", "ckks-multiparty", "--out", str(out)]) == 0
     line = capsys.readouterr().out
-    assert line.count("\n") == 1 and "`fedtune deploy run` runs it over the federation" in line
+    assert (
+        line.count("\n") == 1
+        and "`fedtune deploy run` runs over the federation before round 1" in line
+    )
     assert not out.exists()
