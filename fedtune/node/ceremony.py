@@ -34,6 +34,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
+from fedtune.config import parse_wiring
 from fedtune.errors import ConfigError, KeygenAborted, NodeRefusal, ServerMessageError
 from fedtune.keyfiles import PRIVATE_MODE, private_dir
 from fedtune.messages import CEREMONY_FIELDS
@@ -49,7 +50,14 @@ from fedtune.secure.multiparty.ceremony_steps import (
 from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES
 
-__all__ = ["CEREMONY", "MULTIPARTY", "ceremony_reply", "party_path"]
+__all__ = [
+    "CEREMONY",
+    "MULTIPARTY",
+    "ceremony_reply",
+    "party_path",
+    "reply",
+    "use_party_file",
+]
 
 log = logging.getLogger("fedtune.node")
 
@@ -138,6 +146,57 @@ def _check_run(run_config: Mapping[str, object], node_config: Mapping[str, objec
             "this node was started with --secret-context (a shared CKKS key); a multiparty "
             "run needs none: start it without one."
         )
+
+
+def _multiparty(merged: Mapping[str, object], node_config: Mapping[str, object]) -> bool:
+    """A multiparty run on a node without a (shared) ``secret-context``."""
+    return (
+        str(merged.get("encryption")).lower() == "true"
+        and merged.get("encryption-backend") == MULTIPARTY
+        and not node_config.get("secret-context")
+    )
+
+
+def use_party_file(
+    merged: dict[str, object],
+    node_config: Mapping[str, object],
+    *,
+    run_id: int,
+    name: str,
+    deployed: bool,
+) -> None:
+    """Point a deployed node's ``secret-context`` at its own party file for this run.
+
+    ``merged`` is the node's settings over the run config
+    (:func:`fedtune.node.round.node_settings`); unchanged unless the node is deployed, the
+    run is multiparty and the node has a ``state-dir`` and no ``secret-context`` of its own.
+    """
+    if deployed and _multiparty(merged, node_config) and merged.get("state-dir"):
+        state = Path(str(merged["state-dir"]))
+        run_name = parse_wiring(merged).run_name(run_id)
+        merged["secret-context"] = str(party_path(state, run_name, name))
+
+
+def reply(
+    content: RecordDict,
+    merged: Mapping[str, object],
+    node_config: Mapping[str, object],
+    *,
+    run_id: int,
+    deployed: bool,
+) -> RecordDict:
+    """A ceremony message's reply, from the node's settings over the run config."""
+    if not deployed:
+        raise ServerMessageError("a key ceremony message reached a simulated client.")
+    state = merged.get("state-dir")
+    return ceremony_reply(
+        content,
+        name=str(merged["name"]),
+        state_dir=Path(str(state)) if state else None,
+        run_config=merged,
+        node_config=node_config,
+        run_name=parse_wiring(merged).run_name(run_id),
+    )
 
 
 def ceremony_reply(

@@ -145,11 +145,7 @@ def runtime_for(
     partition_id = int(str(merged.pop("partition-id")))
     num_partitions = int(str(merged.pop("num-partitions")))
     name = str(merged.pop("name"))
-    if deployed and _multiparty(merged, node_config) and merged.get("state-dir"):
-        # its own party file, written by this node's side of the run's key ceremony
-        state = Path(str(merged["state-dir"]))
-        run_name = parse_wiring(merged).run_name(run_id)
-        merged["secret-context"] = str(node_ceremony.party_path(state, run_name, name))
+    node_ceremony.use_party_file(merged, node_config, run_id=run_id, name=name, deployed=deployed)
     wiring = parse_wiring(merged)
     state_dir = wiring.state_dir
     # A deployed node's policy is its own (STATE_DIR/policy.toml and its node config),
@@ -202,15 +198,6 @@ def runtime_for(
             runtime.policy.check_examples(runtime.num_train_examples)
         _RUNTIMES[key] = runtime
     return _RUNTIMES[key]
-
-
-def _multiparty(merged: Mapping[str, object], node_config: Mapping[str, object]) -> bool:
-    """A deployed multiparty run on a node without a (shared) ``secret-context``."""
-    return (
-        str(merged.get("encryption")).lower() == "true"
-        and merged.get("encryption-backend") == node_ceremony.MULTIPARTY
-        and not node_config.get("secret-context")
-    )
 
 
 def _check_model_pin(policy: NodePolicy, cfg: RunConfig) -> None:
@@ -368,18 +355,8 @@ def handle(
             f"a fedtune node answers train and evaluate messages, not {message_type!r}."
         )
     if node_ceremony.CEREMONY in content.config_records:  # ckks-multiparty, before round 1
-        if not deployed:
-            raise ServerMessageError("a key ceremony message reached a simulated client.")
-        merged = node_settings(run_config, node_config, deployed=True)
-        state = merged.get("state-dir")
-        return node_ceremony.ceremony_reply(
-            content,
-            name=str(merged["name"]),
-            state_dir=Path(str(state)) if state else None,
-            run_config=run_config,
-            node_config=node_config,
-            run_name=parse_wiring(merged).run_name(run_id),
-        )
+        merged = node_settings(run_config, node_config, deployed=deployed)
+        return node_ceremony.reply(content, merged, node_config, run_id=run_id, deployed=deployed)
     runtime = runtime_for(run_config, node_config, run_id=run_id, deployed=deployed)
     if "blame" in content.config_records:  # the blame step of verified aggregation
         return verify.blame_reply(runtime, content)
