@@ -22,7 +22,7 @@ from fedtune.apps.cli import main
 from fedtune.apps.server.ceremony import run_ceremony
 from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.crypto import load_context
-from fedtune.errors import FederationError, KeygenAborted
+from fedtune.errors import FederationError, KeygenAborted, NodeRefusal
 from fedtune.node import ceremony as node_ceremony
 from fedtune.node import round as node_round
 from fedtune.node.codes import code_of
@@ -309,3 +309,40 @@ def test_keygen_for_multiparty_says_where_the_ceremony_runs(
         and "`fedtune deploy run` runs over the federation before round 1" in line
     )
     assert not out.exists()
+
+
+def _ask(state: Path, step: str, **fields: object) -> RecordDict:
+    return node_ceremony.ceremony_reply(
+        RecordDict({"ceremony": ConfigRecord({"step": step, **fields})}),  # type: ignore[dict-item]
+        name="node-a",
+        state_dir=state,
+        run_config=RUNNING,
+        node_config={},
+        run_name="strict",
+    )
+
+
+RUNNING = {"encryption": True, "encryption-backend": "ckks-multiparty"}
+
+
+def test_a_node_parses_each_ceremony_message_strictly(tmp_path: Path) -> None:
+    """Wrong types, counts and sizes are `bad-request`; steps out of order, or after a
+    restart (no ceremony state), are `keygen-aborted`; neither carries a text."""
+    with pytest.raises(NodeRefusal, match="keygen-aborted"):
+        _ask(tmp_path, "deal", names=["node-a"], signatures=[b"x" * 64])  # no hello first
+    assert len(_ask(tmp_path, "hello").config_records["ceremony"]["kex-key"]) == 32
+    malformed = [
+        ("announce", {"run": "r", "threshold": 1, "names": ["node-a"], "abscissae": [1, 2]}),
+        ("announce", {"run": "r", "threshold": 1, "names": ["node-a"] * 65, "abscissae": [1]}),
+        ("announce", {"run": 5, "threshold": 1, "names": ["node-a"], "abscissae": [1]}),
+        ("roster", {"roster": "not bytes"}),
+        ("deal", {"names": ["node-a"], "signatures": [b"x" * 63]}),
+        ("receive", {"dealers": ["node-b"], "packets": [b"x" * 10]}),
+        ("nonsense", {}),
+    ]
+    for step, fields in malformed:
+        with pytest.raises(ValueError) as info:
+            _ask(tmp_path, step, **fields)
+        assert code_of(info.value) == "bad-request", (step, info.value)
+    with pytest.raises(NodeRefusal, match="keygen-aborted"):  # a roster that does not parse
+        _ask(tmp_path, "roster", roster=b"{}", **{"kex-names": ["a"], "kex-keys": [b"k" * 32]})
