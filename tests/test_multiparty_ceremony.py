@@ -22,6 +22,7 @@ from fedtune.apps.cli import main
 from fedtune.apps.server.ceremony import run_ceremony
 from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.crypto import load_context
+from fedtune.deploy.submit import run_config
 from fedtune.errors import FederationError, KeygenAborted, NodeRefusal
 from fedtune.node import ceremony as node_ceremony
 from fedtune.node import round as node_round
@@ -346,3 +347,21 @@ def test_a_node_parses_each_ceremony_message_strictly(tmp_path: Path) -> None:
         assert code_of(info.value) == "bad-request", (step, info.value)
     with pytest.raises(NodeRefusal, match="keygen-aborted"):  # a roster that does not parse
         _ask(tmp_path, "roster", roster=b"{}", **{"kex-names": ["a"], "kex-keys": [b"k" * 32]})
+
+
+def test_a_multiparty_deployment_needs_no_public_context_and_nodes_no_secret(
+    tmp_path: Path,
+) -> None:
+    """`fedtune deploy run` submits without `public-context` (the ceremony makes it); a
+    node without `secret-context` opens its own party file of the run's ceremony."""
+    flat = run_config(
+        {"label-names": "a,b", "encryption": True, "encryption-backend": "ckks-multiparty"},
+        run_dir=tmp_path / "run",
+    )
+    assert "public-context" not in flat
+    merged: dict[str, object] = {**RUNNING, "state-dir": str(tmp_path), "run-id": "r9"}
+    node_ceremony.use_party_file(merged, {}, run_id=3, name="node-a", deployed=True)
+    assert str(merged["secret-context"]).endswith("multiparty/none/node-a.party")  # no ceremony yet
+    shared = dict(merged, **{"secret-context": "x"})
+    node_ceremony.use_party_file(shared, {"secret-context": "x"}, run_id=3, name="a", deployed=True)
+    assert shared["secret-context"] == "x"  # a node with its own (shared) key keeps it
