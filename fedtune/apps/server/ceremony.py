@@ -36,6 +36,7 @@ from fedtune.secure.multiparty.ceremony_steps import (
     KEX_BYTES,
     MAX_PARTIES,
     member_from_record,
+    sealed_bytes,
     valid_name,
 )
 from fedtune.secure.multiparty.params import MultipartyParams
@@ -184,6 +185,7 @@ def run_ceremony(
     got = _round_trip(grid, "deal", {n: deal for n in nodes}, timeout=timeout)
     # recipient -> dealer -> sealed share: the server only routes ciphertexts
     inbox: dict[str, dict[str, bytes]] = {n: {} for n in order}
+    size = sealed_bytes(params)
     for node, rec in got.items():
         recipients, packets = rec.get("recipients"), rec.get("packets")
         others = sorted(n for n in order if n != names[node])
@@ -192,9 +194,9 @@ def run_ceremony(
             or recipients != others
             or not isinstance(packets, list)
             or len(packets) != len(others)
-            or not all(isinstance(p, bytes) for p in packets)
+            or not all(isinstance(p, bytes) and len(p) == size for p in packets)
         ):
-            raise _fail("deal", node, "not one sealed share per other party")
+            raise _fail("deal", node, f"not one sealed share of {size} bytes per other party")
         for recipient, packet in zip(others, packets, strict=True):
             assert isinstance(packet, bytes)  # checked above
             inbox[recipient][names[node]] = packet
