@@ -365,3 +365,25 @@ def test_a_multiparty_deployment_needs_no_public_context_and_nodes_no_secret(
     shared = dict(merged, **{"secret-context": "x"})
     node_ceremony.use_party_file(shared, {"secret-context": "x"}, run_id=3, name="a", deployed=True)
     assert shared["secret-context"] == "x"  # a node with its own (shared) key keeps it
+
+
+def test_a_node_that_lies_or_refuses_stops_the_ceremony_naming_it(tmp_path: Path) -> None:
+    nodes = {i + 1: _node(n, tmp_path / n, []) for i, n in enumerate(NAMES)}
+
+    def liar(msg: Message) -> Message:
+        reply = nodes[2](msg)
+        if not reply.has_error() and "x" in reply.content.config_records["ceremony"]:
+            reply.content.config_records["ceremony"]["x"] = 3  # node-c's abscissa
+        return reply
+
+    grid = InProcessGrid({**nodes, 2: liar})
+    with pytest.raises(FederationError, match="step 'announce': node 2 answered another"):
+        run_ceremony(grid, num_clients=3, run="r1", keys_dir=tmp_path / "k", timeout=5)
+
+    def refuser(msg: Message) -> Message:
+        return Message(Error(code=2, reason="keygen-aborted"), reply_to=msg)
+
+    grid = InProcessGrid({**nodes, 3: refuser})
+    with pytest.raises(FederationError, match="step 'hello': node 3: keygen-aborted"):
+        run_ceremony(grid, num_clients=3, run="r1", keys_dir=tmp_path / "k", timeout=5)
+    assert not (tmp_path / "k" / "public.ctx").exists()
