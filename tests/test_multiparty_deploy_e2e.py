@@ -134,12 +134,14 @@ def mp_run(files: Files) -> Iterator[tuple[MultipartyFederation, Path, str]]:  #
 def test_the_ceremony_and_two_rounds_run_over_the_federation(
     mp_run: tuple[MultipartyFederation, Path, str],
 ) -> None:
-    fed, run_dir, _ = mp_run
+    fed, run_dir, output = mp_run
     records = _records(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
     assert all(r["clients-trained"] == 3 for r in records[1:])
     roster = mp_files.load_roster(run_dir / "keys" / "roster.json")
     assert sorted(m.name for m in roster.members) == list(NODES) and roster.threshold == 2
+    assert "multiparty key ceremony done in" in output  # the operator's console
+    assert f"roster digest {roster.digest}" in output
     for name in NODES:
         assert _party(fed, name).roster.digest == roster.digest
         assert f"roster digest {roster.digest}" in fed.log(name)  # for the owners to compare

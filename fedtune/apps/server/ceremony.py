@@ -16,7 +16,6 @@ smallest majority, ``n // 2 + 1``, as in ``fedtune simulate``.
 
 from __future__ import annotations
 
-import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from rich.console import Console
 
 from fedtune import crypto
 from fedtune.apps.server.exchange import exchange
@@ -43,8 +43,6 @@ from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES, Member, Roster, public_context
 
 __all__ = ["KEYS_DIR", "run_ceremony"]
-
-log = logging.getLogger("fedtune.server")
 
 #: Where the server keeps the ceremony's public files in its run directory.
 KEYS_DIR = "keys"
@@ -218,12 +216,10 @@ def run_ceremony(
     files.save_roster(roster, keys_dir)
     public = keys_dir / "public.ctx"
     write_key_file(public, crypto.context_to_bytes(public_context(roster)), PUBLIC_MODE)
-    log.info(
-        "multiparty key ceremony done in %.1f s: %d key holders %s, threshold %d, roster digest %s",
-        time.perf_counter() - started,
-        len(order),
-        order,
-        threshold,
-        roster.digest,
+    # On the run's console (the operator's `fedtune deploy run` stream), not only a log.
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"multiparty key ceremony done in {time.perf_counter() - started:.1f} s: "
+        f"{len(order)} key holders {order}, threshold {threshold}, roster digest "
+        f"{roster.digest} (each node logs the digest it signed: compare them)"
     )
     return public
