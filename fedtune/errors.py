@@ -208,7 +208,7 @@ _VERIFY = re.compile(
     r"|blame-refused:not-example-level-dp"
     # A policy refusal names the run-config key (a public name), never a value.
     r"|policy:(?:target-delta|delta|test-fraction|max-seq-length|model-path|evaluation"
-    r"|eval-noise-multiplier|audit-canaries)"
+    r"|eval-noise-multiplier|audit-canaries|peers)"
 )
 
 

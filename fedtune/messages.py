@@ -91,6 +91,8 @@ CEREMONY_FIELDS: dict[tuple[str, str], str] = {
     ("ceremony", "commitment-names"): "public",
     ("ceremony", "commitments"): "public",
     ("ceremony", "signature"): "public",
+    ("ceremony", "node-key"): "public",  # the node's registered public key (fedtune.identity)
+    ("ceremony", "node-signature"): "public",  # its ECDSA signature over its announcement
     ("ceremony", "recipients"): "public",
     ("ceremony", "packets"): "public",  # each sealed to its recipient
     ("ceremony", "roster-digest"): "public",

@@ -8,6 +8,7 @@ own state directory), then the steps one by one with a server that cheats.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from fedtune.apps.cli import main
 from fedtune.apps.server.ceremony import run_ceremony
 from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.crypto import load_context
+from fedtune.deploy.pki import make_node_key
 from fedtune.deploy.submit import run_config
 from fedtune.errors import FederationError, KeygenAborted, NodeRefusal
 from fedtune.node import ceremony as node_ceremony
@@ -45,8 +47,37 @@ NAMES = ("node-a", "node-b", "node-c")
 RUN_CONFIG = {"encryption": True, "encryption-backend": "ckks-multiparty", "run-id": "r1"}
 
 
-def _node(name: str, state: Path, traffic: list[RecordDict]) -> Callable[[Message], Message]:
-    config = {"name": name, "state-dir": str(state), "data-path": "unused.csv"}
+@pytest.fixture(scope="module")
+def node_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A node key pair per name (`fedtune deploy node-key`), and one for the server's sybil."""
+    out = tmp_path_factory.mktemp("node-keys")
+    for name in (*NAMES, "sybil"):
+        make_node_key(out, name)
+    return out
+
+
+def _pins(keys: Path, name: str, names: tuple[str, ...] = NAMES) -> str:
+    """The node-config `peers` of ``name``: the other data owners' .pub files, as JSON."""
+    return json.dumps([(keys / f"{n}.pub").read_text() for n in names if n != name])
+
+
+def _node(
+    name: str,
+    state: Path,
+    traffic: list[RecordDict],
+    keys: Path,
+    peers: str | None = None,
+    key: str | None = None,
+) -> Callable[[Message], Message]:
+    config = {
+        "name": name,
+        "state-dir": str(state),
+        "data-path": "unused.csv",
+        "node-key": str(keys / (key or name)),
+        "peers": _pins(keys, name) if peers is None else peers,
+    }
+    if not config["peers"]:
+        del config["peers"]
 
     def handle(msg: Message) -> Message:
         traffic.append(msg.content)
@@ -74,11 +105,13 @@ def _flower_ids() -> None:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def deployed(tmp_path_factory: pytest.TempPathFactory, node_keys: Path) -> dict[str, object]:
     root = tmp_path_factory.mktemp("ceremony")
     traffic: list[RecordDict] = []
     states = {n: root / n for n in NAMES}
-    grid = InProcessGrid({i + 1: _node(n, states[n], traffic) for i, n in enumerate(NAMES)})
+    grid = InProcessGrid(
+        {i + 1: _node(n, states[n], traffic, node_keys) for i, n in enumerate(NAMES)}
+    )
     public = run_ceremony(grid, num_clients=3, run="r1", keys_dir=root / "keys", timeout=30)
     return {"root": root, "states": states, "traffic": traffic, "public": public}
 
@@ -151,11 +184,13 @@ def test_no_message_of_the_ceremony_holds_a_secret_key(deployed: dict[str, objec
 
 
 def test_a_second_ceremony_for_the_same_run_points_the_node_at_new_keys(
-    tmp_path: Path,
+    tmp_path: Path, node_keys: Path
 ) -> None:
     states = {n: tmp_path / n for n in NAMES}
     for _ in range(2):
-        grid = InProcessGrid({i + 1: _node(n, states[n], []) for i, n in enumerate(NAMES)})
+        grid = InProcessGrid(
+            {i + 1: _node(n, states[n], [], node_keys) for i, n in enumerate(NAMES)}
+        )
         keys = tmp_path / "keys"
         run_ceremony(grid, num_clients=3, run="r1", keys_dir=keys, timeout=30)
     digests = {p.name for p in (states["node-a"] / "multiparty").iterdir()} - {"runs"}
@@ -164,11 +199,15 @@ def test_a_second_ceremony_for_the_same_run_points_the_node_at_new_keys(
     assert path.parent.name == files.load_roster(keys / "roster.json").digest
 
 
-def test_too_few_nodes_or_two_with_one_name_stop_before_round_one(tmp_path: Path) -> None:
-    grid = InProcessGrid({1: _node("node-a", tmp_path / "a", [])})
+def test_too_few_nodes_or_two_with_one_name_stop_before_round_one(
+    tmp_path: Path, node_keys: Path
+) -> None:
+    grid = InProcessGrid({1: _node("node-a", tmp_path / "a", [], node_keys)})
     with pytest.raises(FederationError, match="needs `num-clients` = 2 nodes online; 1"):
         run_ceremony(grid, num_clients=2, run="r1", keys_dir=tmp_path / "k", timeout=0.1)
-    twins = InProcessGrid({i: _node("twin", tmp_path / f"t{i}", []) for i in (1, 2)})
+    twins = InProcessGrid(
+        {i: _node("twin", tmp_path / f"t{i}", [], node_keys, key=NAMES[i]) for i in (1, 2)}
+    )
     with pytest.raises(FederationError, match="two nodes are named 'twin'"):
         run_ceremony(twins, num_clients=2, run="r1", keys_dir=tmp_path / "k", timeout=5)
 
@@ -182,6 +221,8 @@ def test_a_node_refuses_a_ceremony_for_a_run_that_is_not_multiparty(tmp_path: Pa
             run_config={"encryption": True, "encryption-backend": "ckks"},
             node_config={},
             run_name="r1",
+            peers="any",
+            node_key=None,
         )
     assert code_of(info.value) == "policy"
 
@@ -320,6 +361,8 @@ def _ask(state: Path, step: str, **fields: object) -> RecordDict:
         run_config=RUNNING,
         node_config={},
         run_name="strict",
+        peers="any",
+        node_key=state / "no-key-needed-before-announce",
     )
 
 
@@ -367,8 +410,10 @@ def test_a_multiparty_deployment_needs_no_public_context_and_nodes_no_secret(
     assert shared["secret-context"] == "x"  # a node with its own (shared) key keeps it
 
 
-def test_a_node_that_lies_or_refuses_stops_the_ceremony_naming_it(tmp_path: Path) -> None:
-    nodes = {i + 1: _node(n, tmp_path / n, []) for i, n in enumerate(NAMES)}
+def test_a_node_that_lies_or_refuses_stops_the_ceremony_naming_it(
+    tmp_path: Path, node_keys: Path
+) -> None:
+    nodes = {i + 1: _node(n, tmp_path / n, [], node_keys) for i, n in enumerate(NAMES)}
 
     def liar(msg: Message) -> Message:
         reply = nodes[2](msg)

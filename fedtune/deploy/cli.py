@@ -250,6 +250,16 @@ def add_parser(sub: Any) -> None:
         help="a base model this node will load (repeatable): pinned by the SHA-256 of its "
         "files now; a run's `model-path` must be one of these or empty (the bundled model)",
     )
+    policy.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="PUBFILE|any",
+        help="another data owner's node public key (their `node-key` NAME.pub, exchanged out "
+        "of band; repeatable): a multiparty key ceremony's roster may hold only these and "
+        "this node. Without any, the node refuses the ceremony; `--peer any` trusts the "
+        "server's roster (it can add members of its own)",
+    )
     sn.add_argument("--partition-id", type=int, help="with a shared data set: this partition")
     sn.add_argument("--num-partitions", type=int, help="with a shared data set: how many")
     sn.add_argument(

@@ -16,8 +16,16 @@ own state directory, 0700 / 0600 (:mod:`fedtune.keyfiles`)::
 which :func:`fedtune.node.round.runtime_for` then opens as the node's secret context.
 Every field is parsed strictly (types, counts, sizes, names) before use; a refusal is
 one fixed code: ``bad-request`` (malformed), ``keygen-aborted`` (a check of the
-ceremony failed: the node's log says which), ``policy`` (the run is not a multiparty
-run, or this node has no state directory).
+ceremony failed: the node's log says which), ``policy:peers`` (the roster holds a
+member that is not one of this node's pinned peers, a key twice or an announcement its
+node key did not sign, or the node pinned no peers: :mod:`fedtune.identity`),
+``policy`` (the run is not a multiparty run, or this node has no state directory or
+node key).
+
+The node signs its announcement with its long-term node key (``node-key``, the
+``--key`` of ``fedtune deploy supernode``) and checks every member's before it signs
+the roster, so before it deals a share: the server chooses who answers, but an honest
+node deals only into a roster of the peers its owner pinned (``--peer``).
 
 A worker restarted mid-ceremony has lost its secrets: it refuses the later steps
 (``keygen-aborted``) and the server stops the run with one line; submitting the run
@@ -34,10 +42,18 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
+from fedtune import identity
 from fedtune.config import parse_wiring
-from fedtune.errors import ConfigError, KeygenAborted, NodeRefusal, ServerMessageError
+from fedtune.errors import (
+    ConfigError,
+    KeygenAborted,
+    NodeRefusal,
+    PolicyError,
+    ServerMessageError,
+)
 from fedtune.keyfiles import PRIVATE_MODE, private_dir
 from fedtune.messages import CEREMONY_FIELDS
+from fedtune.privacy.policy_file import load_policy
 from fedtune.secure.multiparty import files
 from fedtune.secure.multiparty.backend import MultipartyBackend
 from fedtune.secure.multiparty.ceremony_steps import (
@@ -48,7 +64,7 @@ from fedtune.secure.multiparty.ceremony_steps import (
     sealed_bytes,
 )
 from fedtune.secure.multiparty.params import MultipartyParams
-from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES
+from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES, Member, Roster
 
 __all__ = [
     "CEREMONY",
@@ -134,6 +150,53 @@ def _named(record: Mapping[str, object], names: str, values: str, *, size: int) 
     return dict(zip(keys, _bytes_list(record, values, size=size, count=len(keys)), strict=True))
 
 
+def _announcement(run: str, name: str, member: Member, kex: bytes) -> bytes:
+    return identity.announcement_digest(
+        run=run,
+        name=name,
+        x=member.x,
+        verify_key=member.verify_key,
+        commitments=member.commitments,
+        kex=kex,
+    )
+
+
+def _check_pins(
+    record: Mapping[str, object],
+    roster: Roster,
+    kex: Mapping[str, bytes],
+    *,
+    me: str,
+    peers: tuple[str, ...] | str,
+    node_key: Path,
+) -> None:
+    """Every member's node key and signature, checked against this node's pins."""
+    names = _str_list(record, "node-names")
+    keys = _str_list(record, "node-keys")
+    sigs = record.get("node-signatures")
+    if (
+        sorted(names) != sorted(m.name for m in roster.members)
+        or len(keys) != len(names)
+        or not isinstance(sigs, list)
+        or len(sigs) != len(names)
+        or not all(isinstance(v, bytes) and len(v) <= identity.MAX_SIGNATURE for v in sigs)
+        or not all(len(k) <= identity.MAX_PUBLIC_KEY for k in keys)
+    ):
+        raise ServerMessageError(
+            "ceremony `node-names`, `node-keys` and `node-signatures` are not one key and "
+            "one signature per roster member."
+        )
+    if sorted(kex) != sorted(names):
+        return  # sign_roster refuses it (keygen-aborted)
+    by_name = {m.name: m for m in roster.members}
+    members = {
+        n: (k, bytes(s), _announcement(roster.run, n, by_name[n], kex[n]))
+        for n, k, s in zip(names, keys, sigs, strict=True)
+    }
+    mine = identity.public_of(identity.read_node_key(node_key))
+    identity.check_roster(me=me, my_key=mine, pins=peers, members=members)
+
+
 def _check_run(run_config: Mapping[str, object], node_config: Mapping[str, object]) -> None:
     backend = run_config.get("encryption-backend")
     if str(run_config.get("encryption")).lower() != "true" or backend != MULTIPARTY:
@@ -189,6 +252,7 @@ def reply(
     if not deployed:
         raise ServerMessageError("a key ceremony message reached a simulated client.")
     state = merged.get("state-dir")
+    key = node_config.get("node-key")
     return ceremony_reply(
         content,
         name=str(merged["name"]),
@@ -196,6 +260,8 @@ def reply(
         run_config=merged,
         node_config=node_config,
         run_name=parse_wiring(merged).run_name(run_id),
+        peers=load_policy(Path(str(state)) if state else None, node_config).peers,
+        node_key=Path(str(key)) if key else None,
     )
 
 
@@ -207,20 +273,54 @@ def ceremony_reply(
     run_config: Mapping[str, object],
     node_config: Mapping[str, object],
     run_name: str,
+    peers: tuple[str, ...] | str,
+    node_key: Path | None,
 ) -> RecordDict:
-    """The reply to one ceremony message (see the module docstring)."""
+    """The reply to one ceremony message (see the module docstring).
+
+    ``peers``: the node policy's pinned peer keys, or ``"any"``
+    (:attr:`~fedtune.privacy.policy.NodePolicy.peers`); ``node_key``: this node's
+    private key file (node config ``node-key``).
+    """
     _check_run(run_config, node_config)
     if state_dir is None:
         raise ConfigError("a multiparty key holder needs `state-dir` for its party file.")
     record = content.config_records[CEREMONY]
     step = record.get("step")
     key = (str(state_dir), run_name)
+    if not peers:
+        _SESSIONS.pop(key, None)
+        log.warning(
+            "multiparty ceremony (run %r) refused: this node pinned no peers; give "
+            "`fedtune deploy supernode` the other data owners' keys (--peer NAME.pub), or "
+            "--peer any to trust the server's roster",
+            run_name,
+        )
+        raise NodeRefusal("policy:peers")
+    if node_key is None:
+        raise ConfigError(
+            "a multiparty key holder signs its announcement with its node key: node config "
+            "`node-key` (the --key of `fedtune deploy supernode`) is missing."
+        )
     try:
-        out = _step(step, record, key=key, name=name, state_dir=state_dir, run_name=run_name)
+        out = _step(
+            step,
+            record,
+            key=key,
+            name=name,
+            state_dir=state_dir,
+            run_name=run_name,
+            peers=peers,
+            node_key=node_key,
+        )
     except KeygenAborted as err:
         _SESSIONS.pop(key, None)
         log.warning("multiparty ceremony, step %r: %s", step, err)
         raise NodeRefusal("keygen-aborted") from err
+    except PolicyError as err:
+        _SESSIONS.pop(key, None)
+        log.warning("multiparty ceremony (run %r), step %r: %s", run_name, step, err)
+        raise NodeRefusal("policy:peers") from err
     undeclared = sorted(k for k in out if (CEREMONY, k) not in CEREMONY_FIELDS)
     if undeclared:  # every field that leaves a node has a declared status (fedtune.messages)
         raise RuntimeError(f"ceremony reply fields {undeclared} are not in CEREMONY_FIELDS.")
@@ -237,6 +337,8 @@ def _step(
     name: str,
     state_dir: Path,
     run_name: str,
+    peers: tuple[str, ...] | str,
+    node_key: Path,
 ) -> dict[str, object]:
     params = MultipartyParams()  # the node's own: the server cannot thin the smudging
     if step == "hello":
@@ -256,13 +358,20 @@ def _step(
             raise ServerMessageError("ceremony `run` or `threshold` is malformed.")
         abscissae = dict(zip(names, xs, strict=True))
         member = party.announce(run=run, abscissae=abscissae, threshold=threshold)
-        return member_to_record(member)
+        signing = identity.read_node_key(node_key)
+        digest = _announcement(run, member.name, member, party.kex_public)
+        return {
+            **member_to_record(member),
+            "node-key": identity.public_of(signing),
+            "node-signature": identity.sign(signing, digest),
+        }
     if step == "roster":
         data = record.get("roster")
         if not isinstance(data, bytes):
             raise ServerMessageError("ceremony `roster` is not bytes.")
         roster = files.parse_roster(data, where="the ceremony's roster", max_members=MAX_PARTIES)
         kex = _named(record, "kex-names", "kex-keys", size=KEX_BYTES)
+        _check_pins(record, roster, kex, me=name, peers=peers, node_key=node_key)
         return {"signature": party.sign_roster(roster, kex)}
     if step == "deal":
         sealed = party.deal(_named(record, "names", "signatures", size=SIGNATURE_BYTES))

@@ -84,6 +84,7 @@ NODE_KEYS = frozenset(
         "state-dir",
         "secret-context",
         "epsilon-budget",
+        "node-key",
         *POLICY_KEYS,
     }
 )

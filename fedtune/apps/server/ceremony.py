@@ -4,7 +4,9 @@ When a run has ``encryption-backend = "ckks-multiparty"`` and no ``public-contex
 (``fedtune deploy run`` without ``--public-context``), the ServerApp runs the ceremony
 among the connected nodes before round 1 (:func:`run_ceremony`): five exchanges of
 ``ceremony`` messages (:mod:`fedtune.secure.multiparty.ceremony_steps`), in which it
-relays announcements, the roster, signatures and sealed shares. It holds no secret at
+relays announcements (each signed with its node's long-term key), the roster,
+signatures and sealed shares; each node deals only into a roster of the peers its
+owner pinned (:mod:`fedtune.identity`). It holds no secret at
 any point: it sees public keys, commitments, signatures and ciphertexts sealed to the
 nodes. At the end it writes ``RUN_DIR/keys/roster.json`` and ``RUN_DIR/keys/public.ctx``
 (public, 0644), from which the run's codec is built as from any ``public-context``.
@@ -26,7 +28,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from fedtune import crypto
+from fedtune import crypto, identity
 from fedtune.apps.server.exchange import exchange
 from fedtune.apps.server.replies import clean_reason
 from fedtune.errors import FederationError
@@ -156,6 +158,8 @@ def run_ceremony(
     }
     got = _round_trip(grid, "announce", {n: announce for n in nodes}, timeout=timeout)
     members: dict[str, Member] = {}
+    node_keys: dict[str, str] = {}
+    node_sigs: dict[str, bytes] = {}
     for node, rec in got.items():
         try:
             member = member_from_record(rec, recipients=order)
@@ -163,7 +167,22 @@ def run_ceremony(
             raise _fail("announce", node, f"a malformed announcement ({err})") from err
         if member.name != names[node] or member.x != abscissae[member.name]:
             raise _fail("announce", node, "another party's name or abscissa")
-        members[member.name] = member
+        node_key, node_sig = rec.get("node-key"), rec.get("node-signature")
+        digest = identity.announcement_digest(
+            run=label,
+            name=member.name,
+            x=member.x,
+            verify_key=member.verify_key,
+            commitments=member.commitments,
+            kex=kex[member.name],
+        )
+        if not isinstance(node_key, str) or not identity.verifies(node_key, node_sig, digest):
+            raise _fail("announce", node, "an announcement its node key did not sign")
+        assert isinstance(node_sig, bytes)  # verifies() checked it
+        if node_key in node_keys.values():
+            raise _fail("announce", node, "the node key of another party")
+        members[member.name], node_keys[member.name] = member, node_key
+        node_sigs[member.name] = node_sig
     roster = Roster(
         run=label, threshold=threshold, params=params, members=tuple(members[n] for n in order)
     )
@@ -171,6 +190,10 @@ def run_ceremony(
         "roster": files.roster_bytes(roster),
         "kex-names": order,
         "kex-keys": [kex[n] for n in order],
+        # each node checks these against the peers its owner pinned (fedtune.identity)
+        "node-names": order,
+        "node-keys": [node_keys[n] for n in order],
+        "node-signatures": [node_sigs[n] for n in order],
     }
     got = _round_trip(grid, "roster", {n: roster_record for n in nodes}, timeout=timeout)
     signatures: dict[str, bytes] = {}
