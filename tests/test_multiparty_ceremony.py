@@ -7,6 +7,7 @@ own state directory), then the steps one by one with a server that cheats.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -19,16 +20,19 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune import identity
 from fedtune.apps.cli import main
 from fedtune.apps.server.ceremony import run_ceremony
 from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.crypto import load_context
+from fedtune.deploy.node import policy_settings
 from fedtune.deploy.pki import make_node_key
 from fedtune.deploy.submit import run_config
-from fedtune.errors import FederationError, KeygenAborted, NodeRefusal
+from fedtune.errors import ConfigError, FederationError, KeygenAborted, NodeRefusal, PolicyError
 from fedtune.node import ceremony as node_ceremony
 from fedtune.node import round as node_round
 from fedtune.node.codes import code_of
+from fedtune.privacy.policy_file import load_policy, write_policy
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.multiparty import files
 from fedtune.secure.multiparty import protocol as mp
@@ -65,6 +69,7 @@ def _node(
     name: str,
     state: Path,
     traffic: list[RecordDict],
+    *,
     keys: Path,
     peers: str | None = None,
     key: str | None = None,
@@ -110,7 +115,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, node_keys: Path) -> dict[
     traffic: list[RecordDict] = []
     states = {n: root / n for n in NAMES}
     grid = InProcessGrid(
-        {i + 1: _node(n, states[n], traffic, node_keys) for i, n in enumerate(NAMES)}
+        {i + 1: _node(n, states[n], traffic, keys=node_keys) for i, n in enumerate(NAMES)}
     )
     public = run_ceremony(grid, num_clients=3, run="r1", keys_dir=root / "keys", timeout=30)
     return {"root": root, "states": states, "traffic": traffic, "public": public}
@@ -189,7 +194,7 @@ def test_a_second_ceremony_for_the_same_run_points_the_node_at_new_keys(
     states = {n: tmp_path / n for n in NAMES}
     for _ in range(2):
         grid = InProcessGrid(
-            {i + 1: _node(n, states[n], [], node_keys) for i, n in enumerate(NAMES)}
+            {i + 1: _node(n, states[n], [], keys=node_keys) for i, n in enumerate(NAMES)}
         )
         keys = tmp_path / "keys"
         run_ceremony(grid, num_clients=3, run="r1", keys_dir=keys, timeout=30)
@@ -202,11 +207,11 @@ def test_a_second_ceremony_for_the_same_run_points_the_node_at_new_keys(
 def test_too_few_nodes_or_two_with_one_name_stop_before_round_one(
     tmp_path: Path, node_keys: Path
 ) -> None:
-    grid = InProcessGrid({1: _node("node-a", tmp_path / "a", [], node_keys)})
+    grid = InProcessGrid({1: _node("node-a", tmp_path / "a", [], keys=node_keys)})
     with pytest.raises(FederationError, match="needs `num-clients` = 2 nodes online; 1"):
         run_ceremony(grid, num_clients=2, run="r1", keys_dir=tmp_path / "k", timeout=0.1)
     twins = InProcessGrid(
-        {i: _node("twin", tmp_path / f"t{i}", [], node_keys, key=NAMES[i]) for i in (1, 2)}
+        {i: _node("twin", tmp_path / f"t{i}", [], keys=node_keys, key=NAMES[i]) for i in (1, 2)}
     )
     with pytest.raises(FederationError, match="two nodes are named 'twin'"):
         run_ceremony(twins, num_clients=2, run="r1", keys_dir=tmp_path / "k", timeout=5)
@@ -413,7 +418,7 @@ def test_a_multiparty_deployment_needs_no_public_context_and_nodes_no_secret(
 def test_a_node_that_lies_or_refuses_stops_the_ceremony_naming_it(
     tmp_path: Path, node_keys: Path
 ) -> None:
-    nodes = {i + 1: _node(n, tmp_path / n, [], node_keys) for i, n in enumerate(NAMES)}
+    nodes = {i + 1: _node(n, tmp_path / n, [], keys=node_keys) for i, n in enumerate(NAMES)}
 
     def liar(msg: Message) -> Message:
         reply = nodes[2](msg)
@@ -432,3 +437,149 @@ def test_a_node_that_lies_or_refuses_stops_the_ceremony_naming_it(
     with pytest.raises(FederationError, match="step 'hello': node 3: keygen-aborted"):
         run_ceremony(grid, num_clients=3, run="r1", keys_dir=tmp_path / "k", timeout=5)
     assert not (tmp_path / "k" / "public.ctx").exists()
+
+
+# ----- the roster is the data owners' (pinned peers), not the server's -----------------
+
+
+def _dealt_nothing(traffic: list[RecordDict]) -> bool:
+    return not any("packets" in c.config_records.get("ceremony", {}) for c in traffic)
+
+
+def test_a_sybil_the_server_adds_is_refused_by_every_honest_node_before_a_deal(
+    tmp_path: Path, node_keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server enrols a member of its own (its own node key, trusting any roster):
+    every honest node refuses the roster (`policy:peers`), naming the sybil in its log,
+    and no share is sealed by anyone."""
+    traffic: list[RecordDict] = []
+    nodes = {i + 1: _node(n, tmp_path / n, traffic, keys=node_keys) for i, n in enumerate(NAMES)}
+    nodes[4] = _node("sybil", tmp_path / "sybil", traffic, keys=node_keys, peers="any")
+    with pytest.raises(FederationError, match="step 'roster'") as info:
+        run_ceremony(
+            InProcessGrid(nodes), num_clients=4, run="r1", keys_dir=tmp_path / "k", timeout=5
+        )
+    for node in (1, 2, 3):
+        assert f"node {node}: policy:peers" in str(info.value)
+    assert "node 4" not in str(info.value)  # the server's own member signed
+    assert _dealt_nothing(traffic)
+    assert "roster member 'sybil'" in caplog.text and "pinned peers" in caplog.text
+    assert not list(tmp_path.rglob("*.party"))
+
+
+def test_a_node_without_pins_refuses_and_one_with_any_proceeds(
+    tmp_path: Path, node_keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    nodes = {i + 1: _node(n, tmp_path / n, [], keys=node_keys) for i, n in enumerate(NAMES)}
+    grid = InProcessGrid(
+        {**nodes, 1: _node("node-a", tmp_path / "a0", [], keys=node_keys, peers="")}
+    )
+    with pytest.raises(FederationError, match="step 'hello': node 1: policy:peers"):
+        run_ceremony(grid, num_clients=3, run="r1", keys_dir=tmp_path / "k", timeout=5)
+    assert "this node pinned no peers" in caplog.text
+    # node-a trusts the server's roster; node-b and node-c pinned the other two
+    grid = InProcessGrid(
+        {**nodes, 1: _node("node-a", tmp_path / "a", [], keys=node_keys, peers="any")}
+    )
+    public = run_ceremony(grid, num_clients=3, run="r1", keys_dir=tmp_path / "k", timeout=30)
+    assert files.load_roster(public.parent / "roster.json").threshold == 2
+
+
+def test_a_forged_announcement_signature_is_refused(
+    tmp_path: Path, node_keys: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server signs node-b's announcement with a key of its own (in node-b's place)
+    in the roster message it shows node-a; node-a refuses, naming node-b."""
+    traffic: list[RecordDict] = []
+    nodes = {i + 1: _node(n, tmp_path / n, traffic, keys=node_keys) for i, n in enumerate(NAMES)}
+    honest_a = nodes[1]
+
+    def shown_a_forgery(msg: Message) -> Message:
+        record = msg.content.config_records["ceremony"]
+        if record["step"] == "roster":
+            sigs = list(record["node-signatures"])  # type: ignore[arg-type]
+            sigs[1] = bytes(sigs[1][:-1]) + bytes([sigs[1][-1] ^ 1])  # type: ignore[index]
+            record["node-signatures"] = sigs
+        return honest_a(msg)
+
+    grid = InProcessGrid({**nodes, 1: shown_a_forgery})
+    with pytest.raises(FederationError, match="step 'roster': node 1: policy:peers"):
+        run_ceremony(grid, num_clients=3, run="r1", keys_dir=tmp_path / "k", timeout=5)
+    assert "roster member 'node-b'" in caplog.text and "did not sign" in caplog.text
+    assert _dealt_nothing(traffic)
+
+
+def test_the_server_names_a_node_whose_announcement_its_key_did_not_sign(
+    tmp_path: Path, node_keys: Path
+) -> None:
+    nodes = {i + 1: _node(n, tmp_path / n, [], keys=node_keys) for i, n in enumerate(NAMES)}
+
+    def unsigned(msg: Message) -> Message:
+        reply = nodes[2](msg)
+        if not reply.has_error() and "node-signature" in reply.content.config_records["ceremony"]:
+            reply.content.config_records["ceremony"]["node-signature"] = b"\x30" * 70
+        return reply
+
+    with pytest.raises(FederationError, match="node 2 answered an announcement its node key"):
+        run_ceremony(
+            InProcessGrid({**nodes, 2: unsigned}),
+            num_clients=3,
+            run="r1",
+            keys_dir=tmp_path / "k",
+            timeout=5,
+        )
+
+
+def test_check_roster_refuses_an_unpinned_a_doubled_or_a_foreign_own_key(node_keys: Path) -> None:
+    keys = {n: identity.read_node_key(node_keys / n) for n in (*NAMES, "sybil")}
+    pub = {n: identity.public_of(k) for n, k in keys.items()}
+    digest = b"d" * 48
+
+    def entry(name: str, signer: str | None = None) -> tuple[str, bytes, bytes]:
+        return pub[signer or name], identity.sign(keys[signer or name], digest), digest
+
+    pins = (pub["node-b"], pub["node-c"])
+    good = {n: entry(n) for n in NAMES}
+    identity.check_roster(me="node-a", my_key=pub["node-a"], pins=pins, members=good)
+    bad = [
+        ({**good, "sybil": entry("sybil")}, "'sybil'.*pinned peers"),
+        ({**good, "node-d": entry("node-c")}, "'node-d'.*also 'node-c'"),
+        ({**good, "node-a": entry("node-b")}, "'node-a'.*this node's own key"),
+        ({**good, "node-b": (pub["node-b"], good["node-c"][1], digest)}, "'node-b'.*did not"),
+    ]
+    for members, match in bad:
+        with pytest.raises(PolicyError, match=match) as info:
+            identity.check_roster(me="node-a", my_key=pub["node-a"], pins=pins, members=members)
+        assert code_of(info.value) == "policy:peers"
+    with_sybil = {**good, "sybil": entry("sybil")}
+    identity.check_roster(me="node-a", my_key=pub["node-a"], pins="any", members=with_sybil)
+
+
+def test_peers_in_the_node_policy_file_and_on_the_command_line(
+    tmp_path: Path, node_keys: Path
+) -> None:
+    b = identity.read_public_key(node_keys / "node-b.pub")
+    assert b.startswith("ecdsa-sha2-nistp384 ") and "node-b" not in b  # comment dropped
+    for peers in ((b,), "any"):
+        policy = load_policy(None, {"peers": json.dumps(list(peers)) if peers != "any" else peers})
+        write_policy(tmp_path, policy)
+        assert load_policy(tmp_path).peers == peers
+    assert load_policy(tmp_path / "none").peers == ()
+    with pytest.raises(PolicyError, match="not a node public key"):
+        load_policy(None, {"peers": json.dumps(["ssh-ed25519 AAAAC3Nz x"])})
+    args = argparse.Namespace(peer=["any", str(node_keys / "node-b.pub")])
+    with pytest.raises(ConfigError, match="--peer any trusts the server's roster"):
+        policy_settings(args)
+    args.peer = [str(node_keys / "node-b.pub"), str(node_keys / "node-c.pub")]
+    assert len(policy_settings(args)["peers"]) == 2  # type: ignore[arg-type]
+    (node_keys / "pub").write_bytes((node_keys / "node-b.pub").read_bytes())
+    (node_keys / "pub").chmod(0o600)
+    with pytest.raises(ConfigError, match="is not a node key"):
+        identity.read_node_key(node_keys / "pub")
+    (node_keys / "open").write_bytes((node_keys / "node-b").read_bytes())
+    (node_keys / "open").chmod(0o644)
+    with pytest.raises(ConfigError, match="open to other users"):
+        identity.read_node_key(node_keys / "open")
+    (node_keys / "link").symlink_to(node_keys / "node-b")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        identity.read_node_key(node_keys / "link")
