@@ -72,9 +72,8 @@ log = logging.getLogger("fedtune.client")
 #: :mod:`fedtune.train.shared`), by run config digest, run, partition and name.
 _RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
 
-#: Node-config keys a node may set (``fedtune deploy supernode``; the simulation's
-#: ``partition-id`` / ``num-partitions``), its privacy policy's among them
-#: (:data:`fedtune.privacy.policy_file.POLICY_KEYS`: they override ``policy.toml``).
+#: Node-config keys a node may set (``fedtune deploy supernode``; simulation: ``partition-id``
+#: / ``num-partitions``), with its policy's (``POLICY_KEYS``: they override ``policy.toml``).
 NODE_KEYS = frozenset(
     {
         "partition-id",
