@@ -2,7 +2,8 @@
 
 The walkthrough of tests/test_deploy_e2e.py (its fixtures and processes), with
 ``encryption-backend = "ckks-multiparty"``: the nodes start without ``--secret-context``,
-``fedtune deploy run`` without ``--public-context``; the ServerApp runs the key ceremony
+``fedtune deploy run`` without ``--public-context``, and each node pins the other two
+nodes' public keys (``--peer NAME.pub``); the ServerApp runs the key ceremony
 over the federation before round 1, then the rounds with a quorum of 2 of the 3 key
 holders decrypting each sum. Slow: run this module alone (``nice``).
 """
@@ -21,6 +22,7 @@ import pytest
 from fedtune.config import load_toml
 from fedtune.crypto import context_from_bytes
 from fedtune.node.ceremony import party_path
+from fedtune.privacy.policy_file import load_policy
 from fedtune.resolve import resolve
 from fedtune.run.checkpoint import load_checkpoint
 from fedtune.run.export import multiparty_vector
@@ -76,6 +78,13 @@ class MultipartyFederation(Federation):
                 "--name",
                 name,
                 *self.node_policy(),
+                # the other data owners' registration keys: the only roster it deals into
+                *[
+                    arg
+                    for peer in NODES
+                    if peer != name
+                    for arg in ("--peer", str(self.files.keys / f"{peer}.pub"))
+                ],
                 *(
                     [
                         "--runtime-user",
@@ -138,6 +147,8 @@ def test_the_ceremony_and_two_rounds_run_over_the_federation(
     records = _records(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
     assert all(r["clients-trained"] == 3 for r in records[1:])
+    for name in NODES:  # each node dealt only into a roster of its two pinned peers
+        assert len(load_policy(fed.state(name)).peers) == 2
     roster = mp_files.load_roster(run_dir / "keys" / "roster.json")
     assert sorted(m.name for m in roster.members) == list(NODES) and roster.threshold == 2
     assert "multiparty key ceremony done in" in output  # the operator's console
