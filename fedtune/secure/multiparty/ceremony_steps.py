@@ -26,11 +26,10 @@ else; a share the server alters fails the tag, and one a dealer alters fails its
 commitment (both abort the ceremony, naming the dealer).
 
 What the server learns: names, X25519 and Ed25519 public keys, commitments (hiding: each
-has a fresh 32-byte nonce), signatures, ciphertexts. Who a party's peers are rests on the
-roster the server shows: every party signs the same roster, so the server cannot show two
-parties different rosters, but it can register parties of its own (sybils, as in any
-secure aggregation without a PKI of the data owners); operators compare the roster digest
-each node logs (docs/deployment.md, "Multiparty keys").
+has a fresh 32-byte nonce), signatures, ciphertexts. Every party signs the same roster,
+so the server cannot show two parties different rosters; that it adds no parties of its
+own (sybils) is the deployed node's check against its pinned peers before step 2
+(:func:`fedtune.identity.check_roster`, docs/deployment.md, "Multiparty keys").
 """
 
 from __future__ import annotations
