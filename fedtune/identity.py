@@ -176,6 +176,8 @@ def verifies(public: str, signature: object, digest: bytes) -> bool:
     """Whether ``signature`` (from the server: any type) is ``public``'s over ``digest``."""
     if not isinstance(signature, bytes) or not 1 <= len(signature) <= MAX_SIGNATURE:
         return False
+    if len(public) > MAX_PUBLIC_KEY or not public.startswith(f"{KEY_TYPE} "):
+        return False
     try:
         key = serialization.load_ssh_public_key(public.encode("ascii"))
         if not isinstance(key, ec.EllipticCurvePublicKey):
