@@ -188,6 +188,10 @@ CODES: Final[dict[str, str]] = {
     "bad-request": "the server's message is malformed",
     "worker-unavailable": "the node's worker is not running",
     "node-error": "the node failed this message; see the node's log",
+    "keygen-aborted": (
+        "a check of the multiparty key ceremony failed (a roster, signature or sealed share "
+        "that does not verify, or the node lost its ceremony state); the node's log says which"
+    ),
     "global-refused": (
         "the decrypted global is outside the value or movement bound; sent only under "
         'dp = "example", where the global is a sum of DP releases (post-processing)'
@@ -204,7 +208,7 @@ _VERIFY = re.compile(
     r"|blame-refused:not-example-level-dp"
     # A policy refusal names the run-config key (a public name), never a value.
     r"|policy:(?:target-delta|delta|test-fraction|max-seq-length|model-path|evaluation"
-    r"|eval-noise-multiplier|audit-canaries)"
+    r"|eval-noise-multiplier|audit-canaries|peers)"
 )
 
 

@@ -36,7 +36,14 @@ from collections.abc import Collection, Mapping
 
 from fedtune.node.codes import CODES
 
-__all__ = ["EVALUATE_FIELDS", "EVALUATION_MODES", "STATUSES", "TRAIN_FIELDS", "check_reply"]
+__all__ = [
+    "CEREMONY_FIELDS",
+    "EVALUATE_FIELDS",
+    "EVALUATION_MODES",
+    "STATUSES",
+    "TRAIN_FIELDS",
+    "check_reply",
+]
 
 STATUSES = ("dp", "public", "plain", "held-out")
 
@@ -69,6 +76,26 @@ EVALUATE_FIELDS: dict[tuple[str, str], str] = {
     # uploads found out of bounds, post-processing of those uploads (each a DP release)
     ("info", "blame"): "dp",
     # + the task's own held-out metrics (``Task.eval_metrics``: eval-loss, eval-accuracy, ...)
+}
+
+#: (record, key) -> status, for a reply to a key-ceremony message (``ckks-multiparty`` in a
+#: deployment, :mod:`fedtune.node.ceremony`): public keys, hiding commitments (SHA-256 over
+#: a fresh 32-byte nonce), signatures, and shares sealed to another node's X25519 key
+#: (ciphertexts only that node opens). None depends on the node's data.
+CEREMONY_FIELDS: dict[tuple[str, str], str] = {
+    ("info", "client"): "public",
+    ("ceremony", "name"): "public",
+    ("ceremony", "kex-key"): "public",
+    ("ceremony", "x"): "public",
+    ("ceremony", "verify-key"): "public",
+    ("ceremony", "commitment-names"): "public",
+    ("ceremony", "commitments"): "public",
+    ("ceremony", "signature"): "public",
+    ("ceremony", "node-key"): "public",  # the node's registered public key (fedtune.identity)
+    ("ceremony", "node-signature"): "public",  # its ECDSA signature over its announcement
+    ("ceremony", "recipients"): "public",
+    ("ceremony", "packets"): "public",  # each sealed to its recipient
+    ("ceremony", "roster-digest"): "public",
 }
 
 #: A train reply's ``evaluation`` record (when the server asked for the held-out metrics

@@ -18,7 +18,14 @@ from typing import NoReturn
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.errors import ConfigError, KeyFileError
 
-__all__ = ["OneLineParser", "add_parsers", "output_dir", "readable_text", "run_keygen"]
+__all__ = [
+    "MULTIPARTY_KEYGEN",
+    "OneLineParser",
+    "add_parsers",
+    "output_dir",
+    "readable_text",
+    "run_keygen",
+]
 
 RUN_DIR_HELP = """\
 The run directory:
@@ -115,8 +122,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "Existing keys are never overwritten."
         ),
     )
+    kg.add_argument("--out", type=Path, metavar="DIR", help="directory for the key files")
     kg.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="directory for the key files"
+        "--encryption-backend",
+        choices=("ckks", "ckks-multiparty"),
+        default="ckks",
+        help="ckks (default): one shared key pair; ckks-multiparty: no keys are made here, "
+        "the key ceremony runs where the run does (prints where)",
     )
 
     ex = sub.add_parser(
@@ -192,8 +204,26 @@ def readable_text(path: Path, what: str) -> None:
         ) from None
 
 
+#: ``fedtune keygen --encryption-backend ckks-multiparty``: where its keys are made.
+MULTIPARTY_KEYGEN = (
+    "ckks-multiparty: no key to make here; each data owner makes its own in the key "
+    "ceremony, which `fedtune simulate` runs in process and `fedtune deploy run` runs over "
+    "the federation before round 1 (nodes need no --secret-context; docs/deployment.md, "
+    '"Multiparty keys").'
+)
+
+
 def run_keygen(args: argparse.Namespace) -> int:
-    """Write a new CKKS key pair to ``args.out`` (never over existing keys)."""
+    """Write a new CKKS key pair to ``args.out`` (never over existing keys).
+
+    With ``--encryption-backend ckks-multiparty`` it prints where the ceremony runs
+    (:data:`MULTIPARTY_KEYGEN`) and writes nothing: no single process makes those keys.
+    """
+    if getattr(args, "encryption_backend", "ckks") == "ckks-multiparty":
+        print(MULTIPARTY_KEYGEN)
+        return 0
+    if args.out is None:
+        raise ConfigError("`fedtune keygen` needs --out DIR (where the key pair is written).")
     from fedtune import crypto  # numpy, TenSEAL: not for simulate's early check
 
     if (args.out / "secret.ctx").exists():

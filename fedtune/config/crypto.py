@@ -29,7 +29,8 @@ class CryptoConfig:
         default="ckks",
         metadata={
             "help": "The codec backend used when `encryption = true`: `ckks`, `ckks-multiparty` "
-            "(no shared key; `fedtune simulate` only, docs/multiparty.md), or one you "
+            "(no shared key: each node makes its own in a ceremony before round 1, "
+            "docs/multiparty.md), or one you "
             "register (docs/architecture.md)."
         },
     )

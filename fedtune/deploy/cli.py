@@ -42,6 +42,10 @@ Control API listens on 127.0.0.1 only (nodes reach a Fleet-only port).
   operator         fedtune deploy run FILE.toml --superlink 127.0.0.1:9093 --ca certs/ca.crt \\
                        --home op --run-dir /srv/fedtune/run1 --public-context public.ctx [--resume]
   each node        fedtune export state --key secret.ctx          (the final PEFT adapter)
+
+With encryption-backend = "ckks-multiparty" there is no keygen, no --secret-context and
+no --public-context: the ServerApp runs the key ceremony over the nodes before round 1
+(each node keeps its own key in --state-dir; docs/deployment.md, "Multiparty keys").
 """
 
 
@@ -245,6 +249,16 @@ def add_parser(sub: Any) -> None:
         metavar="DIR",
         help="a base model this node will load (repeatable): pinned by the SHA-256 of its "
         "files now; a run's `model-path` must be one of these or empty (the bundled model)",
+    )
+    policy.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="PUBFILE|any",
+        help="another data owner's node public key (their `node-key` NAME.pub, exchanged out "
+        "of band; repeatable): a multiparty key ceremony's roster may hold only these and "
+        "this node. Without any, the node refuses the ceremony; `--peer any` trusts the "
+        "server's roster (it can add members of its own)",
     )
     sn.add_argument("--partition-id", type=int, help="with a shared data set: this partition")
     sn.add_argument("--num-partitions", type=int, help="with a shared data set: how many")

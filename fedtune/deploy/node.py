@@ -42,6 +42,7 @@ from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's
     worker_user,
 )
 from fedtune.errors import ConfigError
+from fedtune.identity import ANY, read_node_key, read_public_key
 from fedtune.model.loading import model_digest
 from fedtune.node.channel import wait_ready
 from fedtune.privacy.policy import NodePolicy
@@ -227,6 +228,14 @@ def policy_settings(args: argparse.Namespace) -> dict[str, object]:
         value = getattr(args, key.replace("-", "_"), None)
         if value is not None:
             out[key] = value
+    peers = getattr(args, "peer", None) or []
+    if ANY in peers and len(peers) > 1:
+        raise ConfigError(
+            f"--peer any trusts the server's roster and cannot go with pinned peers {peers!r}; "
+            "give either `--peer any` or the peers' .pub files."
+        )
+    if peers:
+        out["peers"] = ANY if peers == [ANY] else [read_public_key(Path(p)) for p in peers]
     models = getattr(args, "model", None) or []
     if models:
         pins = []
@@ -256,6 +265,8 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     """Start the node's worker, then its SuperNode (as ``--runtime-user`` if given)."""
     user = runtime_user(args.runtime_user)
     worker_config = dict(config)
+    read_node_key(args.key)  # the worker signs its ceremony announcements with it
+    worker_config["node-key"] = str(args.key.resolve())
     state = Path(str(worker_config["state-dir"]))
     runtime = roles.runtime_dir(state, args.runtime_dir, runtime_user=args.runtime_user)
     socket = runtime / roles.WORKER_SOCKET
@@ -268,7 +279,11 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     owner: RuntimeUser | None = None
     if args.worker_user:
         owner = worker_user(args.worker_user, state=state, runtime=user)
-        for option, name in (("--data-path", "data-path"), ("--secret-context", "secret-context")):
+        for option, name in (
+            ("--data-path", "data-path"),
+            ("--secret-context", "secret-context"),
+            ("--key", "node-key"),
+        ):
             if name in worker_config and not readable_by(owner, Path(str(worker_config[name]))):
                 raise ConfigError(
                     f"--worker-user {owner.name!r} cannot read {option} {worker_config[name]!r}; "
@@ -280,7 +295,13 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     print(
         f"fedtune deploy: node policy δ={policy.delta:g}, ε budget {policy.epsilon_budget:g}, "
         f"test-fraction {policy.test_fraction:g}, max-seq-length {policy.max_seq_length}, "
-        f"{len(policy.models)} pinned model(s) (in {state / 'policy.toml'})",
+        f"{len(policy.models)} pinned model(s), "
+        + (
+            "multiparty roster: trusts the server's (--peer any)"
+            if policy.peers == ANY
+            else f"{len(policy.peers)} pinned peer(s)"
+        )
+        + f" (in {state / 'policy.toml'})",
         file=sys.stderr,
         flush=True,
     )

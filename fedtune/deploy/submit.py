@@ -88,7 +88,8 @@ def run_config(
             f"uses): nodes hold different data and must agree on the head; got "
             f"{cfg.data.label_names!r}."
         )
-    if cfg.crypto.encryption and public_context is None:
+    multiparty = cfg.crypto.codec_name == "ckks-multiparty"  # its ceremony makes the keys
+    if cfg.crypto.encryption and public_context is None and not multiparty:
         raise ConfigError("`encryption` is on: pass the server's --public-context (public.ctx).")
     run_dir = Path(run_dir).expanduser().resolve()
     wiring: dict[str, object] = {

@@ -6,4 +6,6 @@
   the node's worker (imports no torch).
 * :mod:`fedtune.node.worker` -- the long-lived worker process that holds the model, the
   data, the CKKS secret context and the ledger, started by ``fedtune deploy supernode``.
+* :mod:`fedtune.node.ceremony` -- a deployed node's side of the ``ckks-multiparty`` key
+  ceremony before round 1 (its own key and party file in its state directory).
 """

@@ -50,6 +50,7 @@ from fedtune.errors import (
 )
 from fedtune.messages import check_reply
 from fedtune.model.loading import model_digest
+from fedtune.node import ceremony as node_ceremony
 from fedtune.node import verified as verify
 from fedtune.node.cores import node_threads
 from fedtune.privacy.policy import NodePolicy
@@ -71,9 +72,8 @@ log = logging.getLogger("fedtune.client")
 #: :mod:`fedtune.train.shared`), by run config digest, run, partition and name.
 _RUNTIMES: dict[tuple[object, ...], ClientRuntime] = {}
 
-#: Node-config keys a node may set (``fedtune deploy supernode``; the simulation's
-#: ``partition-id`` / ``num-partitions``), its privacy policy's among them
-#: (:data:`fedtune.privacy.policy_file.POLICY_KEYS`: they override ``policy.toml``).
+#: Node-config keys a node may set (``fedtune deploy supernode``; simulation: ``partition-id``
+#: / ``num-partitions``), with its policy's (``POLICY_KEYS``: they override ``policy.toml``).
 NODE_KEYS = frozenset(
     {
         "partition-id",
@@ -83,6 +83,7 @@ NODE_KEYS = frozenset(
         "state-dir",
         "secret-context",
         "epsilon-budget",
+        "node-key",
         *POLICY_KEYS,
     }
 )
@@ -144,6 +145,7 @@ def runtime_for(
     partition_id = int(str(merged.pop("partition-id")))
     num_partitions = int(str(merged.pop("num-partitions")))
     name = str(merged.pop("name"))
+    node_ceremony.use_party_file(merged, node_config, run_id=run_id, name=name, deployed=deployed)
     wiring = parse_wiring(merged)
     state_dir = wiring.state_dir
     # A deployed node's policy is its own (STATE_DIR/policy.toml and its node config),
@@ -352,6 +354,9 @@ def handle(
         raise ServerMessageError(
             f"a fedtune node answers train and evaluate messages, not {message_type!r}."
         )
+    if node_ceremony.CEREMONY in content.config_records:  # ckks-multiparty, before round 1
+        merged = node_settings(run_config, node_config, deployed=deployed)
+        return node_ceremony.reply(content, merged, node_config, run_id=run_id, deployed=deployed)
     runtime = runtime_for(run_config, node_config, run_id=run_id, deployed=deployed)
     if "blame" in content.config_records:  # the blame step of verified aggregation
         return verify.blame_reply(runtime, content)

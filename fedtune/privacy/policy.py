@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 from fedtune.errors import PolicyError
+from fedtune.identity import ANY, public_key_text
 
 if TYPE_CHECKING:
     from fedtune.config import RunConfig
@@ -130,6 +131,10 @@ class NodePolicy:
     max_step_slack : float
         The key holder's movement bound is this times the bound derived from the
         config (:mod:`fedtune.movement`); the run config cannot lower or remove it.
+    peers : tuple[str, ...] | "any"
+        The other data owners' node public keys (:mod:`fedtune.identity`): the only
+        members this node accepts in a multiparty key ceremony's roster. Empty (the
+        default): the node refuses the ceremony; ``"any"``: it trusts the server's roster.
     """
 
     delta: float = DEFAULT_DELTA
@@ -143,6 +148,7 @@ class NodePolicy:
     canaries: bool = False
     source: PolicySource = "node"
     max_step_slack: float = 2.0
+    peers: tuple[str, ...] | Literal["any"] = ()
 
     def __post_init__(self) -> None:
         _real("delta", self.delta, 0.0 < _num(self.delta) < 1.0, "must be in (0, 1)")
@@ -188,6 +194,16 @@ class NodePolicy:
             0.0 < _num(self.max_step_slack) < math.inf,
             "must be finite and > 0 (the movement bound's factor, fedtune.movement)",
         )
+        if self.peers != ANY:
+            if not isinstance(self.peers, tuple) or any(
+                public_key_text(p, where="node policy `peers`") != p for p in self.peers
+            ):
+                raise PolicyError(
+                    f"node policy `peers` must be node public keys or 'any', got {self.peers!r}.",
+                    key="peers",
+                )
+            if len(set(self.peers)) != len(self.peers):
+                raise PolicyError("node policy `peers` pins one key twice; remove the copy.")
         if self.source not in get_args(PolicySource):
             raise PolicyError(
                 f"node policy `source` must be 'node' or 'run-config', got {self.source!r}."

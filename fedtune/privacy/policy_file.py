@@ -14,6 +14,7 @@ the bundled model only; never the server's values). A file looks like::
     eval-noise-multiplier = 10.0
     max-step-slack = 2.0
     max-seq-length = 48
+    peers = ["ecdsa-sha2-nistp384 AAAAE2Vj...", "ecdsa-sha2-nistp384 AAAAE2Vj..."]
 
     [[models]]
     path = "/srv/models/minilm"
@@ -35,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedtune.errors import PolicyError
+from fedtune.identity import ANY, public_key_text
 from fedtune.privacy.policy import DEFAULT_MAX_SEQ_LENGTH, ModelPin, NodePolicy
 
 __all__ = [
@@ -61,6 +63,7 @@ POLICY_KEYS: dict[str, str] = {
     "max-seq-length": "max_seq_length",
     "max-step-slack": "max_step_slack",
     "models": "models",
+    "peers": "peers",
 }
 
 
@@ -99,6 +102,17 @@ def _models(value: object, where: str) -> tuple[ModelPin, ...]:
     return tuple(pins)
 
 
+def _peers(value: object, where: str) -> tuple[str, ...] | str:
+    if value == ANY:
+        return ANY
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise PolicyError(
+            f'{where}: `peers` must be a list of node public keys or "{ANY}", got {value!r}.',
+            key="peers",
+        )
+    return tuple(public_key_text(v, where=f"{where}: `peers`") for v in value)
+
+
 def _fields(values: Mapping[str, object], where: str) -> dict[str, object]:
     unknown = sorted(set(values) - set(POLICY_KEYS))
     if unknown:
@@ -109,6 +123,8 @@ def _fields(values: Mapping[str, object], where: str) -> dict[str, object]:
     for key, value in values.items():
         if key == "models":
             out["models"] = _models(value, where)
+        elif key == "peers":
+            out["peers"] = _peers(value, where)
         elif key in (
             "delta",
             "epsilon-budget",
@@ -140,11 +156,12 @@ def load_policy(
         path = policy_path(state_dir)
         values.update(_fields(_read(path), str(path)))
     given = {k: v for k, v in (overrides or {}).items() if k in POLICY_KEYS}
-    if isinstance(given.get("models"), str):  # a node config carries it as JSON text
-        try:
-            given["models"] = json.loads(str(given["models"]))
-        except ValueError as err:
-            raise PolicyError(f"node config: `models` is not JSON: {err}") from err
+    for key in ("models", "peers"):  # a node config carries a list as JSON text
+        if isinstance(given.get(key), str) and given[key] != ANY:
+            try:
+                given[key] = json.loads(str(given[key]))
+            except ValueError as err:
+                raise PolicyError(f"node config: `{key}` is not JSON: {err}") from err
     values.update(_fields(given, "node config"))
     return replace(NodePolicy(), **values)  # type: ignore[arg-type]
 
@@ -163,6 +180,10 @@ def policy_toml(policy: NodePolicy) -> str:
     ]
     if policy.max_seq_length is not None:
         lines.append(f"max-seq-length = {policy.max_seq_length}")
+    if policy.peers == ANY:
+        lines.append(f'peers = "{ANY}"  # trusts the server\'s multiparty roster')
+    elif policy.peers:
+        lines += ["peers = [", *[f'    "{p}",' for p in policy.peers], "]"]
     for pin in policy.models:
         lines += ["", "[[models]]", f"path = {json.dumps(pin.path)}", f'sha256 = "{pin.sha256}"']
     return "\n".join(lines) + "\n"

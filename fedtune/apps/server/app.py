@@ -91,7 +91,7 @@ def make_server_app(config: Mapping[str, object] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         flat = dict(config) if config is not None else dict(context.run_config)
-        run = resolve_server(flat, run_id=context.run_id)
+        run = resolve_server(flat, run_id=context.run_id, grid=grid)
         run_federation(grid, run, build_strategy(run))
 
     return app

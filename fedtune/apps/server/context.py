@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flwr.serverapp import Grid
+
 from fedtune import bounds
+from fedtune.apps.server.ceremony import KEYS_DIR, run_ceremony
 from fedtune.config import RunConfig, Wiring, parse_wiring
 from fedtune.data import default_label_names
 from fedtune.errors import ConfigError
@@ -23,6 +26,7 @@ from fedtune.resolve import resolve
 from fedtune.secure import get_backend, run_codec
 from fedtune.secure.ckks import CkksCodec
 from fedtune.secure.codec import Codec
+from fedtune.secure.multiparty.backend import MultipartyBackend
 from fedtune.tasks import get_task
 from fedtune.tasks.base import Task
 
@@ -55,11 +59,16 @@ class ServerRun:
     run_dir: Path
 
 
-def resolve_server(flat: Mapping[str, object], *, run_id: int) -> ServerRun:
+def resolve_server(
+    flat: Mapping[str, object], *, run_id: int, grid: Grid | None = None
+) -> ServerRun:
     """Parse, check and size the server's side of a run (once per ServerApp run).
 
     Writes ``run_dir/config.toml`` when it is not there yet (a deployment:
-    ``fedtune export`` reads it).
+    ``fedtune export`` reads it). A deployed ``ckks-multiparty`` run without a
+    ``public-context`` first runs the key ceremony over ``grid``
+    (:func:`fedtune.apps.server.ceremony.run_ceremony`); its public files go to
+    ``run_dir/keys``.
     """
     flat = dict(flat)
     length = _adapter_length(flat.pop(ADAPTER_LENGTH, None))
@@ -71,6 +80,24 @@ def resolve_server(flat: Mapping[str, object], *, run_id: int) -> ServerRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.toml").exists():
         (run_dir / "config.toml").write_text(cfg.to_toml())
+    kept = run_dir / KEYS_DIR / "public.ctx"
+    if _needs_ceremony(cfg, wiring) and wiring.resume and kept.is_file():
+        wiring = replace(wiring, public_context=kept)  # the ceremony of the run resumed
+    if _needs_ceremony(cfg, wiring):
+        if grid is None:
+            raise ConfigError(
+                '`encryption-backend` = "ckks-multiparty" without `public-context`: the key '
+                "ceremony runs over a deployed federation (`fedtune deploy run`); "
+                "`fedtune simulate` runs it itself."
+            )
+        public = run_ceremony(
+            grid,
+            num_clients=cfg.federation.num_clients,
+            run=wiring.run_name(run_id),
+            keys_dir=run_dir / KEYS_DIR,
+            timeout=cfg.federation.round_timeout,
+        )
+        wiring = replace(wiring, public_context=public)
     codec = server_codec(cfg, wiring, adapter_length=length)
     return ServerRun(
         cfg=cfg,
@@ -111,8 +138,17 @@ def with_default_labels(cfg: RunConfig) -> RunConfig:
     return replace(cfg, data=replace(cfg.data, label_names=names))
 
 
+def _needs_ceremony(cfg: RunConfig, wiring: Wiring) -> bool:
+    return cfg.crypto.codec_name == MultipartyBackend.name and wiring.public_context is None
+
+
 def check_keys(cfg: RunConfig, wiring: Wiring) -> None:
-    """Refuse an encrypted run without the server's ``public-context`` (no silent plaintext)."""
+    """Refuse an encrypted run without the server's ``public-context`` (no silent plaintext).
+
+    ``ckks-multiparty`` needs none: its ceremony makes it (:func:`resolve_server`).
+    """
+    if _needs_ceremony(cfg, wiring):
+        return
     if get_backend(cfg.crypto.codec_name).uses_keys and wiring.public_context is None:
         raise ConfigError(
             "`encryption` = true needs the server's `public-context` (and the clients' "

@@ -1,7 +1,8 @@
 """The ``ckks-multiparty`` codec backend (``encryption-backend = "ckks-multiparty"``).
 
 Key files, written by :func:`write_keys` (the ceremony in one process) or, in a
-deployment, each party's own by the ceremony over the federation (docs/multiparty.md)::
+deployment, each party's own by the ceremony over the federation
+(:mod:`fedtune.node.ceremony`, :mod:`fedtune.apps.server.ceremony`)::
 
     roster.json     public: announcements, threshold, parameters (digest = key_id)
     public.ctx      public: the server's context (parameters, key_id; no key)
@@ -45,9 +46,10 @@ __all__ = ["MultipartyBackend", "MultipartyCodec", "MultipartyServerCodec", "wri
 
 _NOT_WIRED = (
     '`encryption-backend = "ckks-multiparty"`: each data owner keeps its own key and shares '
-    "of the others' (docs/multiparty.md); `fedtune simulate` runs the ceremony itself, "
-    "`fedtune keygen` and deployment do not yet: use `ckks` (a shared key) there, or "
-    "fedtune.secure.multiparty.backend.write_keys in a script."
+    "of the others' (docs/multiparty.md), so there is no key pair to make: `fedtune simulate` "
+    "runs the ceremony in process, `fedtune deploy run` runs it over the federation before "
+    "round 1 (nodes without --secret-context); in a script, "
+    "fedtune.secure.multiparty.backend.write_keys."
 )
 
 

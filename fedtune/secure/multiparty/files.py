@@ -39,7 +39,15 @@ from fedtune.secure.multiparty.protocol import (
     Roster,
 )
 
-__all__ = ["RoundLog", "load_party", "load_roster", "roster_bytes", "save_party", "save_roster"]
+__all__ = [
+    "RoundLog",
+    "load_party",
+    "load_roster",
+    "parse_roster",
+    "roster_bytes",
+    "save_party",
+    "save_roster",
+]
 
 _FORMAT = "fedtune-multiparty-party"
 _ROSTER_FORMAT = "fedtune-multiparty-roster"
@@ -88,8 +96,21 @@ def _read(path: Path, limit: int) -> bytes:
 
 def load_roster(path: Path) -> Roster:
     """Read ``roster.json``; the stored digest must be the recomputed one."""
+    return parse_roster(_read(path, _MAX_ROSTER_BYTES), where=repr(str(path)))
+
+
+def parse_roster(data: bytes, *, where: str = "the roster", max_members: int = 1024) -> Roster:
+    """A roster from :func:`roster_bytes`'s JSON (a file, or a ceremony message), checked.
+
+    At most ``max_members`` members and :data:`_MAX_ROSTER_BYTES` bytes; the stored digest
+    must be the recomputed one.
+    """
     try:
-        doc = json.loads(_read(path, _MAX_ROSTER_BYTES))
+        if not isinstance(data, bytes) or len(data) > _MAX_ROSTER_BYTES:
+            raise ValueError(f"not bytes of at most {_MAX_ROSTER_BYTES}")
+        doc = json.loads(data)
+        if not isinstance(doc.get("members"), list) or len(doc["members"]) > max_members:
+            raise ValueError(f"not a list of at most {max_members} members")
         if doc["format"] != _ROSTER_FORMAT or doc["version"] != 1:
             raise ValueError(f"format {doc['format']!r} v{doc['version']!r}")
         p = doc["params"]
@@ -117,10 +138,10 @@ def load_roster(path: Path) -> Roster:
         )
         stored = doc["digest"]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise FileError(f"{str(path)!r} is not a multiparty roster ({err}).") from err
+        raise FileError(f"{where} is not a multiparty roster ({err}).") from err
     if roster.digest != stored:
         raise FileError(
-            f"{str(path)!r}: roster digest {str(stored)[:16]}... stored, "
+            f"{where}: roster digest {str(stored)[:16]}... stored, "
             f"{roster.digest[:16]}... recomputed; restore the roster of the ceremony."
         )
     return roster
