@@ -212,7 +212,7 @@ def test_a_holder_gone_after_uploading_is_not_chosen_and_a_second_quorum_is_refu
 ) -> None:
     """t = 2 of 3. client-0 (first by name) uploads in round 1, then answers neither the
     probe nor the request: the quorum is client-1, client-2 and the round completes. Then
-    a server that asks client-1 for round 1 again with another quorum is refused."""
+    a server that asks client-1 for round 2 again with another quorum is refused."""
     run = tmp_path / "run"
     grids: list[InProcessGrid] = []
     result = _run(
@@ -244,7 +244,8 @@ def test_a_holder_gone_after_uploading_is_not_chosen_and_a_second_quorum_is_refu
         (mid,) = grid.push_messages([probe])
         (reply,) = grid.pull_messages([mid])
         names[reply.content.config_records["info"]["client"]] = node_id
-    record["mp-quorum"] = ["client-0", "client-1"]  # round 2 was asked of client-1, client-2
+    assert record["mp-quorum"] == ["client-0", "client-1"]  # all live in round 2
+    record["mp-quorum"] = ["client-1", "client-2"]
     ask = Message(
         RecordDict({"config": ConfigRecord({"server-round": 2}), "decrypt": ConfigRecord(record)}),
         dst_node_id=names["client-1"],
