@@ -286,7 +286,7 @@ def test_a_missed_request_is_sent_again_and_resume_continues_the_run(
     result = _run(monkeypatch, flat, stopped, resume=True)
     assert [r["round"] for r in result.records] == [0, 1, 2]
     assert log0.read_bytes() == before  # answered once, from its log
-    straight = _run(monkeypatch, flat, tmp_path / "straight")
+    straight = _run(monkeypatch, flat, tmp_path / "straight").run_dir
     diff = _max_diff(_adapter(stopped), _adapter(straight))
     print("max |resumed - uninterrupted|:", diff)
     assert diff < 1e-3

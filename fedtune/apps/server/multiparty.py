@@ -235,7 +235,7 @@ def _ask(
         if time.monotonic() + wait >= deadline:
             break
         log.warning(
-            "Round %d: no partial decryption yet from %s; the same request again in %.0f s.",
+            "Round %d: no partial decryption yet from %s; the same request again in %.1f s.",
             request.server_round,
             ", ".join(missing),
             wait,
