@@ -26,6 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from fedtune.apps.server import multiparty as server_mp
+from fedtune.apps.server import quorum
 from fedtune.apps.simulation import driver
 from fedtune.apps.simulation.in_process import InProcessGrid
 from fedtune.errors import FederationError, MultipartyFileError
@@ -265,7 +266,7 @@ def test_a_missed_request_is_sent_again_and_resume_continues_the_run(
     naming it, the request saved. ``--resume`` asks exactly it again: client-0 answers
     from its round log with the same bytes, client-1 answers now, and the run ends with
     the adapter of an uninterrupted run (within the smudging noise)."""
-    monkeypatch.setattr(server_mp, "RETRY_FIRST", 0.2)
+    monkeypatch.setattr(quorum, "RETRY_FIRST", 0.2)
     flat = {**flat, "round-timeout": 2.0}
     stopped = tmp_path / "stopped"
     with pytest.raises(FederationError, match=r"client-1.*round-timeout.*asks exactly it"):

@@ -102,13 +102,14 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
     """
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_dir = run_dir / "checkpoint"
+    pending_request = run_dir / PENDING_DECRYPTION  # ckks-multiparty (apps/server/multiparty.py)
     if not resume:
-        for held in (checkpoint_dir, run_dir / PENDING_DECRYPTION):
-            if held.exists() or held.is_symlink():
+        held = {"a checkpoint": checkpoint_dir, "a decryption request": pending_request}
+        for what, path in held.items():
+            if path.exists() or path.is_symlink():
                 raise FederationError(
-                    f"`run-dir` {str(run_dir)!r} already holds a checkpoint ({held.name}); "
-                    "resume it (`resume = true`, `fedtune deploy run --resume`) or choose a "
-                    "new run-dir."
+                    f"`run-dir` {str(run_dir)!r} already holds {what}; resume it "
+                    "(`resume = true`, `fedtune deploy run --resume`) or choose a new run-dir."
                 )
         metrics_path.unlink(missing_ok=True)
         (run_dir / PENDING).unlink(missing_ok=True)
