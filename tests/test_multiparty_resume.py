@@ -7,8 +7,9 @@
   uploading is not chosen (the ``ready`` probe), a holder that misses the request itself
   is asked the same request again; a server that asks a holder another quorum for a
   round is refused.
-* Resume: a run stopped after a checkpoint, or while its quorum was decrypting, continues
-  with ``--resume`` to the adapter an uninterrupted run gets (within the smudging noise).
+* Resume: a run stopped while its quorum was decrypting (after a checkpoint, or before
+  the first) continues with ``--resume``, to the adapter an uninterrupted run gets
+  (within the smudging noise).
 """
 
 from __future__ import annotations
@@ -294,16 +295,19 @@ def test_a_missed_request_is_sent_again_and_resume_continues_the_run(
 
 
 @pytest.mark.slow
-def test_resume_after_a_checkpoint(
+def test_resume_of_round_1s_decryption_without_a_checkpoint(
     monkeypatch: pytest.MonkeyPatch, flat: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Stopped after round 1's checkpoint (round 2's train message never answered), then
-    ``--resume``: round 1's global goes out again with its kept partials."""
+    """Stopped while round 1 was being decrypted: no checkpoint yet, only the saved
+    request. ``--resume`` asks it again and trains round 2 once."""
+    monkeypatch.setattr(quorum, "RETRY_FIRST", 0.2)
     flat = {**flat, "round-timeout": 1.0}
     run = tmp_path / "run"
-    with pytest.raises(FederationError):
-        _run(monkeypatch, flat, run, drop=lambda n, m: _round(m) == 2 and _kind(m) == "round")
-    assert json.loads((run / server_mp.GLOBAL_FILE).read_text())["mp-round"] == 1
+    with pytest.raises(FederationError, match="client-0"):
+        _run(monkeypatch, flat, run, drop=lambda n, m: n == 1 and _kind(m) == "decrypt")
+    assert not (run / "checkpoint").exists()
+    assert server_mp.pending_round(run) == 1
     result = _run(monkeypatch, flat, run, resume=True)
     assert [r["round"] for r in result.records] == [0, 1, 2]
+    assert json.loads((run / server_mp.GLOBAL_FILE).read_text())["mp-round"] == 2
     assert "eval-accuracy" in result.records[-1]
