@@ -5,6 +5,7 @@ Run on demand (each run is a whole ``fedtune simulate``; minutes each on 2 cores
     python benchmarks/bench_multiparty_train.py                 # the quickstart, 2 pairs
     python benchmarks/bench_multiparty_train.py --reps 3 --out runs/bench-mp-train
     python benchmarks/bench_multiparty_train.py --engine ray    # Flower's engine (Ray)
+    python benchmarks/bench_multiparty_train.py --reps 1 --set num-rounds=1   # shorter
 
 ``--engine in-process`` (the default) runs each federation with
 ``scripts/simulate_in_process.py``: the driver, the ServerApp and every ClientApp in one
@@ -38,11 +39,14 @@ from fedtune.config import load_toml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(config: Path, run_dir: Path, backend: str | None, engine: str) -> dict[str, float]:
+def run(
+    config: Path, run_dir: Path, backend: str | None, engine: str, extra: dict[str, str]
+) -> dict[str, float]:
     """One simulated run; its mean round time, wall time and final accuracy."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     sets = {} if backend is None else {"encryption": "true", "encryption-backend": backend}
+    sets = {**extra, **sets}
     if engine == "ray":
         argv = [sys.executable, "-m", "fedtune.cli", "simulate", str(config)]
         argv += ["--run-dir", str(run_dir)]
@@ -77,16 +81,24 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-multiparty-train")
     ap.add_argument("--engine", choices=("in-process", "ray"), default="in-process")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
     args = ap.parse_args()
     if args.reps < 1:
         raise SystemExit(f"--reps must be at least 1, got {args.reps}.")
+    if any("=" not in kv for kv in args.set):
+        raise SystemExit(f"--set takes KEY=VALUE, got {args.set}.")
+    extra = dict(kv.split("=", 1) for kv in args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     ratios, results = [], {"ckks": [], "ckks-multiparty": []}
     for rep in range(args.reps):
         order = ["ckks", "ckks-multiparty"] if rep % 2 == 0 else ["ckks-multiparty", "ckks"]
         pair = {}
         for backend in order:
-            pair[backend] = run(args.config, args.out / f"{backend}-{rep}", backend, args.engine)
+            pair[backend] = run(
+                args.config, args.out / f"{backend}-{rep}", backend, args.engine, extra
+            )
             results[backend].append(pair[backend])
             r = pair[backend]
             print(
@@ -96,7 +108,7 @@ def main() -> None:
             )
         ratios.append(pair["ckks-multiparty"]["round"] / pair["ckks"]["round"])
         print(f"rep {rep} round time multiparty / shared-key: {ratios[-1]:.3f}", flush=True)
-    plain = run(args.config, args.out / "plain", None, args.engine)
+    plain = run(args.config, args.out / "plain", None, args.engine, extra)
     print(
         f"plain (no encryption)   mean round {plain['round']:7.2f} s  wall {plain['wall']:7.1f} s"
         f"  final eval-accuracy {plain['accuracy']:.4f}"
