@@ -15,9 +15,9 @@ parties' work, for both backends alike; ``--engine ray`` runs ``fedtune simulate
 
 Each repetition runs the same federation (``--config``, default
 ``simulations/quickstart.toml``) twice, with ``encryption-backend = "ckks"`` and with
-``"ckks-multiparty"``, in alternating order (ckks first in even repetitions, multiparty
-first in odd ones), so that a change in the machine's load hits both; then one run
-without encryption. Printed per run: the mean ``train-seconds`` of its rounds (the round's
+``"ckks-multiparty"``, in alternating order (``--first`` first in even repetitions, the
+other in odd ones), so that a change in the machine's load hits both; then one run
+without encryption (unless ``--no-plain``). Printed per run: the mean ``train-seconds`` of its rounds (the round's
 exchange, training and, for multiparty, the quorum's decryption step), the process's wall
 time and the final ``eval-accuracy``; then the ratio multiparty / shared-key of the mean
 round time, per pair and over all pairs, and ``|accuracy multiparty - plain|``.
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-multiparty-train")
     ap.add_argument("--engine", choices=("in-process", "ray"), default="in-process")
+    ap.add_argument("--first", choices=("ckks", "ckks-multiparty"), default="ckks")
+    ap.add_argument("--no-plain", action="store_true", help="skip the run without encryption")
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -93,7 +95,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ratios, results = [], {"ckks": [], "ckks-multiparty": []}
     for rep in range(args.reps):
-        order = ["ckks", "ckks-multiparty"] if rep % 2 == 0 else ["ckks-multiparty", "ckks"]
+        order = ["ckks", "ckks-multiparty"]
+        if (rep % 2 == 1) != (args.first == "ckks-multiparty"):
+            order.reverse()
         pair = {}
         for backend in order:
             pair[backend] = run(
@@ -108,16 +112,18 @@ def main() -> None:
             )
         ratios.append(pair["ckks-multiparty"]["round"] / pair["ckks"]["round"])
         print(f"rep {rep} round time multiparty / shared-key: {ratios[-1]:.3f}", flush=True)
-    plain = run(args.config, args.out / "plain", None, args.engine, extra)
-    print(
-        f"plain (no encryption)   mean round {plain['round']:7.2f} s  wall {plain['wall']:7.1f} s"
-        f"  final eval-accuracy {plain['accuracy']:.4f}"
-    )
     mean = {b: statistics.mean(r["round"] for r in v) for b, v in results.items()}
     print(
         f"round time multiparty / shared-key: per pair {', '.join(f'{x:.3f}' for x in ratios)}; "
         f"of the means {mean['ckks-multiparty'] / mean['ckks']:.3f} "
         f"({mean['ckks-multiparty']:.2f} s / {mean['ckks']:.2f} s)"
+    )
+    if args.no_plain:
+        return
+    plain = run(args.config, args.out / "plain", None, args.engine, extra)
+    print(
+        f"plain (no encryption)   mean round {plain['round']:7.2f} s  wall {plain['wall']:7.1f} s"
+        f"  final eval-accuracy {plain['accuracy']:.4f}"
     )
     for backend, v in results.items():
         acc = [r["accuracy"] for r in v]
