@@ -17,9 +17,9 @@ Each repetition runs the same federation (``--config``, default
 ``simulations/quickstart.toml``) twice, with ``encryption-backend = "ckks"`` and with
 ``"ckks-multiparty"``, in alternating order (``--first`` first in even repetitions, the
 other in odd ones), so that a change in the machine's load hits both; then one run
-without encryption (unless ``--no-plain``). Printed per run: the mean ``train-seconds`` of its rounds (the round's
-exchange, training and, for multiparty, the quorum's decryption step), the process's wall
-time and the final ``eval-accuracy``; then the ratio multiparty / shared-key of the mean
+without encryption (unless ``--no-plain``). Printed per run: the mean ``train-seconds`` of
+its rounds (the round's exchange, training and, for multiparty, the quorum's decryption
+step), the process's wall time and the final ``eval-accuracy``; then the ratio multiparty / shared-key of the mean
 round time, per pair and over all pairs, and ``|accuracy multiparty - plain|``.
 """
 
