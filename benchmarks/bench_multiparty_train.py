@@ -19,8 +19,9 @@ Each repetition runs the same federation (``--config``, default
 other in odd ones), so that a change in the machine's load hits both; then one run
 without encryption (unless ``--no-plain``). Printed per run: the mean ``train-seconds`` of
 its rounds (the round's exchange, training and, for multiparty, the quorum's decryption
-step), the process's wall time and the final ``eval-accuracy``; then the ratio multiparty / shared-key of the mean
-round time, per pair and over all pairs, and ``|accuracy multiparty - plain|``.
+step), the process's wall time and the final ``eval-accuracy``; then the ratio
+multiparty / shared-key of the mean round time, per pair and over all pairs, and
+``accuracy - plain`` of each encrypted run.
 """
 
 from __future__ import annotations
