@@ -226,7 +226,10 @@ def test_a_node_opens_only_a_global_with_the_quorums_signed_partials(tmp_path):
 
     def ask(name, request):
         reply = node.partial_reply(
-            codecs[name], RecordDict({"decrypt": ConfigRecord(decrypt)}), min_count=2
+            codecs[name],
+            RecordDict({"decrypt": ConfigRecord(decrypt)}),
+            min_count=2,
+            rounds_dir=tmp_path / "rounds" / name,
         )
         rec = reply.config_records["partial"]
         p = mp.PartialDecryption(rec["name"], request.digest(server.roster), tuple(rec["chunks"]))
@@ -253,18 +256,20 @@ def test_a_node_opens_only_a_global_with_the_quorums_signed_partials(tmp_path):
 
 
 def test_unwired_paths_refuse_with_one_line_naming_the_backend(tmp_path):
-    """Resume and ``make_keys`` (keygen) are not wired: ConfigError naming the key."""
+    """``make_keys`` (keygen) is not wired: ConfigError naming the key. A resume without
+    a checkpoint or a saved decryption request says there is nothing to resume."""
     import types
 
     from fedtune.apps.server.loop import resume_round
     from fedtune.errors import ConfigError
+    from fedtune.run.checkpoint import CheckpointError
     from fedtune.secure import get_backend
     from fedtune.secure.multiparty.backend import write_keys
 
     write_keys(tmp_path / "keys", NAMES, run="run-x", threshold=2)
     backend = get_backend("ckks-multiparty")
     server = backend.codec(length=LENGTH, context=tmp_path / "keys" / "public.ctx", public=True)
-    with pytest.raises(ConfigError, match="encryption-backend"):
+    with pytest.raises(CheckpointError, match="Cannot resume"):
         resume_round(tmp_path, types.SimpleNamespace(codec=server), resume=True)
     with pytest.raises(ConfigError, match="encryption-backend"):
         backend.make_keys(tmp_path / "other")

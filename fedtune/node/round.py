@@ -360,6 +360,8 @@ def handle(
     runtime = runtime_for(run_config, node_config, run_id=run_id, deployed=deployed)
     if "blame" in content.config_records:  # the blame step of verified aggregation
         return verify.blame_reply(runtime, content)
+    if "ready" in content.config_records:  # ckks-multiparty: the liveness probe
+        return verify.ready_reply(runtime)
     if "decrypt" in content.config_records:  # ckks-multiparty: one partial decryption
         return verify.partial_reply(runtime, content)
     if message_type == "train":

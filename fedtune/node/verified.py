@@ -36,6 +36,8 @@ __all__ = [
     "blame_reply",
     "check_runtime_global",
     "partial_reply",
+    "ready_reply",
+    "round_log_dir",
     "sign_outcome",
     "used_globals",
 ]
@@ -120,11 +122,33 @@ def _min_count(runtime: ClientRuntime) -> int:
     return min_uploads(min_clients=runtime.cfg.federation.min_clients, dp=runtime.cfg.privacy.dp)
 
 
+#: Directory (in ``STATE_DIR``, else ``PRIVACY_DIR/<name>.``) of a key holder's round log.
+ROUND_LOG = "multiparty-rounds"
+
+
+def round_log_dir(runtime: ClientRuntime) -> Path | None:
+    """Where this key holder keeps its one answer per round (beside its used globals)."""
+    if runtime.state_dir is not None:
+        return runtime.state_dir / ROUND_LOG
+    if runtime.privacy_dir is not None:
+        return runtime.privacy_dir / f"{runtime.name}.{ROUND_LOG}"
+    return None
+
+
 def partial_reply(runtime: ClientRuntime, content: RecordDict) -> RecordDict:
     """Answer a ``decrypt`` message (``ckks-multiparty`` only; a refusal code otherwise)."""
     if not isinstance(runtime.codec, MultipartyCodec):
         raise GlobalRefused(MALFORMED)
-    return multiparty_node.partial_reply(runtime.codec, content, min_count=_min_count(runtime))
+    return multiparty_node.partial_reply(
+        runtime.codec, content, min_count=_min_count(runtime), rounds_dir=round_log_dir(runtime)
+    )
+
+
+def ready_reply(runtime: ClientRuntime) -> RecordDict:
+    """Answer the server's ``ready`` probe (``ckks-multiparty`` only)."""
+    if not isinstance(runtime.codec, MultipartyCodec):
+        raise GlobalRefused(MALFORMED)
+    return multiparty_node.ready_reply(runtime.codec)
 
 
 def _within(prescaled: np.ndarray, num_examples: int) -> bool:

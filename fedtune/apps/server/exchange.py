@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,19 @@ __all__ = ["PENDING", "POLL_SECONDS", "exchange", "load_pending", "save_pending"
 POLL_SECONDS = 0.2
 
 
-def exchange(grid: Grid, messages: list[Message], *, timeout: float) -> list[Message]:
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    *,
+    timeout: float,
+    enough: Callable[[list[Message]], bool] | None = None,
+) -> list[Message]:
     """Send ``messages`` and collect their replies until all are in or ``timeout`` passed.
 
     Flower's ``Grid.send_and_receive``, looking for replies every :data:`POLL_SECONDS`
     instead of every 3 s (its deployed Grid's fixed interval): a round ends when its
-    last reply arrives, not up to 3 s later.
+    last reply arrives, not up to 3 s later. ``enough(replies)``: stop as soon as it
+    holds (the multiparty liveness probe stops at ``t`` live key holders).
     """
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
@@ -37,7 +44,7 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float) -> list[Mes
         arrived = list(grid.pull_messages(pending))
         replies += arrived
         pending -= {m.metadata.reply_to_message_id for m in arrived}
-        if not pending or time.monotonic() >= deadline:
+        if not pending or time.monotonic() >= deadline or (enough and enough(replies)):
             break
         time.sleep(POLL_SECONDS)
     return replies

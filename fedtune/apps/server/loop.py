@@ -27,11 +27,17 @@ from rich.console import Console
 
 from fedtune.apps.server.context import ServerRun
 from fedtune.apps.server.exchange import PENDING, load_pending, save_pending
-from fedtune.apps.server.multiparty import decryption_step
+from fedtune.apps.server.multiparty import (
+    PENDING_DECRYPTION,
+    decryption_step,
+    pending_round,
+    resume_decryption,
+    resume_global,
+)
 from fedtune.apps.server.strategy import FedTuneStrategy, NotEnoughClients
 from fedtune.apps.server.verified import verified_exchange
 from fedtune.config import RunConfig
-from fedtune.errors import ConfigError, FederationError
+from fedtune.errors import FederationError
 from fedtune.run.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.run.metrics import append_record, read_records
 from fedtune.secure.codec import PayloadError
@@ -44,8 +50,25 @@ log = logging.getLogger("fedtune.server")
 
 
 def run_federation(grid: Grid, run: ServerRun, strategy: FedTuneStrategy) -> None:
-    """Resume (or start) the run in ``run.run_dir`` and run every round that is left."""
+    """Resume (or start) the run in ``run.run_dir`` and run every round that is left.
+
+    A ``ckks-multiparty`` run stopped while its quorum was decrypting a round first asks
+    that round's saved request again (:func:`~fedtune.apps.server.multiparty.resume_decryption`).
+    """
     first = resume_round(run.run_dir, strategy, resume=run.wiring.resume)
+    if (
+        run.wiring.resume
+        and isinstance(strategy.codec, MultipartyServerCodec)
+        and resume_decryption(
+            grid,
+            strategy,
+            run_dir=run.run_dir,
+            server_round=first,
+            timeout=run.cfg.federation.round_timeout,
+        )
+    ):
+        _save_checkpoint(run.run_dir, strategy, first)
+        first += 1
     run_rounds(grid, run.cfg, strategy, run.run_dir, first_round=first)
 
 
@@ -79,20 +102,25 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
     """
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint_dir = run_dir / "checkpoint"
+    pending_request = run_dir / PENDING_DECRYPTION  # ckks-multiparty (apps/server/multiparty.py)
     if not resume:
-        if checkpoint_dir.exists() or checkpoint_dir.is_symlink():
-            raise FederationError(
-                f"`run-dir` {str(run_dir)!r} already holds a checkpoint; resume it "
-                "(`resume = true`, `fedtune deploy run --resume`) or choose a new run-dir."
-            )
+        held = {"a checkpoint": checkpoint_dir, "a decryption request": pending_request}
+        for what, path in held.items():
+            if path.exists() or path.is_symlink():
+                raise FederationError(
+                    f"`run-dir` {str(run_dir)!r} already holds {what}; resume it "
+                    "(`resume = true`, `fedtune deploy run --resume`) or choose a new run-dir."
+                )
         metrics_path.unlink(missing_ok=True)
         (run_dir / PENDING).unlink(missing_ok=True)
         return 1
-    if isinstance(strategy.codec, MultipartyServerCodec):
-        raise ConfigError(
-            '`resume` with `encryption-backend` = "ckks-multiparty" is not wired yet '
-            "(docs/multiparty.md); start a new run-dir, or use `ckks`."
-        )
+    multiparty = isinstance(strategy.codec, MultipartyServerCodec)
+    # ckks-multiparty: a round whose decryption request was saved but not answered.
+    waiting = pending_round(run_dir) if multiparty else None
+    if waiting == 1 and not checkpoint_dir.exists():
+        _cut_metrics(metrics_path, 1)  # round 0's line was written before the request
+        log.info("Resuming round 1's decryption")
+        return 1
     try:
         checkpoint = load_checkpoint(checkpoint_dir, key_dir=run_dir)
     except CheckpointError as err:
@@ -100,20 +128,48 @@ def resume_round(run_dir: Path, strategy: FedTuneStrategy, *, resume: bool) -> i
             f"Cannot resume: {err} Restore the checkpoint, or start a new run-dir without `resume`."
         ) from err
     try:
-        strategy.resume(checkpoint.payload, checkpoint.num_examples, list(checkpoint.receipts))
+        if multiparty:  # its Ed25519 receipts and the quorum's partials are in GLOBAL_FILE
+            resume_global(run_dir, strategy, checkpoint)
+        else:
+            strategy.resume(checkpoint.payload, checkpoint.num_examples, list(checkpoint.receipts))
     except PayloadError as err:
         raise FederationError(
             f"The checkpoint in {str(checkpoint_dir)!r} does not fit this run: {err}"
         ) from err
-    previous = read_records(metrics_path) if metrics_path.is_file() else []
     # The checkpoint round's own line is written again, with its evaluation, by the
-    # first exchange of the resumed run (its train half is in PENDING).
-    kept = [r for r in previous if int(r["round"]) < checkpoint.round]
+    # first exchange of the resumed run (its train half is in PENDING); with a saved
+    # decryption request of the next round, that line was written before it.
+    _cut_metrics(metrics_path, checkpoint.round + (waiting == checkpoint.round + 1))
+    log.info("Resuming after round %d from %s", checkpoint.round, checkpoint_dir)
+    return checkpoint.round + 1
+
+
+def _cut_metrics(metrics_path: Path, first_dropped: int) -> None:
+    """Drop the ``metrics.jsonl`` lines of round ``first_dropped`` and after."""
+    previous = read_records(metrics_path) if metrics_path.is_file() else []
+    kept = [r for r in previous if int(r["round"]) < first_dropped]
     metrics_path.unlink(missing_ok=True)
     for record in kept:
         append_record(metrics_path, record)
-    log.info("Resuming after round %d from %s", checkpoint.round, checkpoint_dir)
-    return checkpoint.round + 1
+
+
+def _save_checkpoint(run_dir: Path, strategy: FedTuneStrategy, rnd: int) -> None:
+    """Checkpoint round ``rnd``'s global sum (the previous one is kept beside it)."""
+    assert strategy.global_payload is not None  # set by a successful aggregate_train
+    save_checkpoint(
+        run_dir / "checkpoint",
+        Checkpoint(
+            round=rnd,
+            payload=strategy.global_payload,
+            num_examples=strategy.global_examples,
+            # ckks-multiparty keeps its Ed25519 receipts in GLOBAL_FILE instead
+            receipts=()
+            if isinstance(strategy.codec, MultipartyServerCodec)
+            else tuple(strategy.global_receipts),
+        ),
+        key_dir=run_dir,
+        keep_previous=True,
+    )
 
 
 def run_rounds(
@@ -188,15 +244,6 @@ def run_rounds(
             train_replies, evaluate_replies = strategy.split_replies(replies)
             evaluation = strategy.aggregate_evaluate(rnd - 1, evaluate_replies)
             _, train_metrics = strategy.aggregate_train(rnd, train_replies)
-            if train_metrics is not None and isinstance(strategy.codec, MultipartyServerCodec):
-                decryption_step(  # ckks-multiparty: a quorum's signed partials
-                    grid,
-                    strategy,
-                    train_replies,
-                    server_round=rnd,
-                    timeout=fed.round_timeout,
-                    run_dir=run_dir,
-                )
         seconds = time.perf_counter() - start
         write(pending, evaluation)
         last = strategy.last_train
@@ -226,22 +273,23 @@ def run_rounds(
         eps = [c["epsilon"] for c in last.accepted.values() if "epsilon" in c]
         if eps:
             pending["epsilon"] = max(eps)
+        if isinstance(strategy.codec, MultipartyServerCodec):
+            # ckks-multiparty: a quorum's signed partials. The train half is kept first,
+            # so a run stopped during the decryption resumes it (its request is saved).
+            save_pending(run_dir, pending)
+            with console.status(f"round {rnd}/{fed.num_rounds}: decrypting the sum…"):
+                decryption_step(
+                    grid,
+                    strategy,
+                    train_replies,
+                    server_round=rnd,
+                    timeout=fed.round_timeout,
+                    run_dir=run_dir,
+                )
+            seconds = time.perf_counter() - start
+            pending["train-seconds"] = pending["round-seconds"] = seconds
         save_pending(run_dir, pending)
-        assert strategy.global_payload is not None  # set by a successful aggregate_train
-        save_checkpoint(
-            run_dir / "checkpoint",
-            Checkpoint(
-                round=rnd,
-                payload=strategy.global_payload,
-                num_examples=strategy.global_examples,
-                # ckks-multiparty keeps its Ed25519 receipts in GLOBAL_FILE instead
-                receipts=()
-                if isinstance(strategy.codec, MultipartyServerCodec)
-                else tuple(strategy.global_receipts),
-            ),
-            key_dir=run_dir,
-            keep_previous=True,
-        )
+        _save_checkpoint(run_dir, strategy, rnd)
     # The last round's state: one evaluate message per sampled node.
     start = time.perf_counter()
     with console.status(f"round {fed.num_rounds}/{fed.num_rounds}: evaluating…"):

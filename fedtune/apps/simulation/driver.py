@@ -41,6 +41,7 @@ from fedtune.run.export import export_adapter
 from fedtune.run.metrics import plot_metrics, read_records
 from fedtune.secure import get_backend
 from fedtune.secure.multiparty.backend import write_keys
+from fedtune.secure.multiparty.global_file import has_pending_decryption
 from fedtune.tasks import get_task
 from fedtune.train.shared import process_model
 
@@ -217,7 +218,8 @@ def _simulate(
         write_policy(run_dir, NodePolicy.from_run_config(cfg))
     wiring = {**cfg.to_flat(), "run-dir": str(run_dir.resolve())}
     client_wiring, server_wiring = dict(wiring), dict(wiring)
-    server_wiring["resume"] = first_round > 1
+    # A multiparty run stopped in round 1's decryption has no checkpoint, but a request.
+    server_wiring["resume"] = first_round > 1 or (resume and has_pending_decryption(run_dir))
     # The preflight built this process's model: the server is told the adapter length.
     model = process_model(cfg.model, num_labels=len(cfg.data.labels), seed=cfg.federation.seed)
     server_wiring[ADAPTER_LENGTH] = int(model.initial.size)

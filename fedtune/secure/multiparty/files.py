@@ -8,10 +8,12 @@
     its Ed25519 signing key (32 bytes) and its shares, one per roster member in roster
     order (``L N`` little-endian uint64 each). It opens only the party's own uploads and,
     with ``t - 1`` other party files, any upload: keep it like ``secret.ctx``.
-``rounds/round-<r>.bin`` (0600)
+``<rounds>/<roster digest>/round-<r>.bin`` (0600)
     The request digest and the partial decryption this party gave in round ``r``, written
     before the partial leaves: after a restart the same request gets the same bytes, a
-    different one is refused (:class:`RoundLog`).
+    different one is refused (:class:`RoundLog`). ``<rounds>`` is
+    ``STATE_DIR/multiparty-rounds`` on a node, ``RUN_DIR/privacy/<name>.multiparty-rounds``
+    in a simulation (:func:`fedtune.node.verified.round_log_dir`).
 
 The files are read back as untrusted input: bounded reads, every size and range checked,
 the signing key checked against the roster's verification key.
@@ -19,7 +21,11 @@ the signing key checked against the roster's verification key.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -41,6 +47,7 @@ from fedtune.secure.multiparty.protocol import (
 
 __all__ = [
     "RoundLog",
+    "keep_round_log",
     "load_party",
     "load_roster",
     "parse_roster",
@@ -226,44 +233,119 @@ def load_party(path: Path, roster: Roster, *, rounds: Path | None = None) -> Par
     dealer.announcement = member
     party = Party(dealer, roster, shares)
     if rounds is not None:
-        party.used = RoundLog(rounds)  # type: ignore[assignment]
+        party.used = RoundLog(rounds, name=name)  # type: ignore[assignment]
     return party
 
 
 class RoundLog:
-    """``round -> (request digest, partial)`` on disk, written before the partial leaves."""
+    """``round -> (request digest, partial)`` on disk, written before the partial leaves.
 
+    One file a round, ``round-<r>.bin`` (0600, written once by
+    :func:`fedtune.keyfiles.write_key_file`: a fresh temporary name, ``fsync``, then
+    ``link``, so a crash leaves the whole file or none, and nothing is ever replaced).
+    Its bytes: :data:`_MAGIC`, the request digest, the chunk count, the chunks
+    (length-prefixed), the party's name, and the SHA-256 of all that. A file that is a
+    link, has more than one name, or does not parse and hash refuses every request of
+    its round (:class:`~fedtune.errors.MultipartyFileError`, one line): the party fails
+    closed rather than answer a round twice.
+    """
+
+    _MAGIC = b"fedtune-round-log/v1\x00"
     _HEAD = struct.Struct("<32sQ")
+    _MAX_CHUNKS = 4096
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, name: str | None = None) -> None:
         self.directory = private_dir(Path(directory), "rounds")
+        self.name = name
 
     def _path(self, server_round: int) -> Path:
         return self.directory / f"round-{int(server_round)}.bin"
 
-    def get(self, server_round: int) -> tuple[bytes, PartialDecryption] | None:
-        path = self._path(server_round)
-        if not path.exists():
-            return None
-        data = _read(path, _MAX_ROUND_BYTES)
+    def _corrupt(self, path: Path, why: str) -> FileError:
+        return FileError(
+            f"{str(path)!r}: the round log of this key holder {why}; it answers no decryption "
+            "request of that round (fail closed). Restore the file it wrote; never delete it."
+        )
+
+    def _read_log(self, path: Path) -> bytes:
         try:
-            digest, count = self._HEAD.unpack_from(data)
-            pos, chunks = self._HEAD.size, []
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise  # no answer in that round: get() returns None
+        except OSError as err:
+            raise self._corrupt(path, f"cannot be opened ({err.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise self._corrupt(path, "is not a plain file with one name (a link?)")
+            if st.st_size > _MAX_ROUND_BYTES:
+                raise self._corrupt(path, f"is over {_MAX_ROUND_BYTES} bytes")
+            chunks, left = [], st.st_size
+            while left > 0 and (piece := os.read(fd, left)):
+                chunks.append(piece)
+                left -= len(piece)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def get(self, server_round: int) -> tuple[bytes, PartialDecryption] | None:
+        """The answer given in ``server_round``, ``None`` if none, or ``FileError``."""
+        path = self._path(server_round)
+        if path.is_symlink():
+            raise self._corrupt(path, "is a symbolic link")
+        try:
+            data = self._read_log(path)
+        except FileNotFoundError:
+            return None
+        body, check = data[:-32], data[-32:]
+        if len(data) < 32 or not hmac.compare_digest(hashlib.sha256(body).digest(), check):
+            raise self._corrupt(path, "does not match its checksum (corrupt)")
+        try:
+            if not body.startswith(self._MAGIC):
+                raise ValueError("not a round log")
+            pos = len(self._MAGIC)
+            digest, count = self._HEAD.unpack_from(body, pos)
+            if count > self._MAX_CHUNKS:
+                raise ValueError(f"{count} chunks")
+            pos, chunks = pos + self._HEAD.size, []
             for _ in range(count):
-                (size,) = struct.unpack_from("<Q", data, pos)
-                chunks.append(data[pos + 8 : pos + 8 + size])
+                (size,) = struct.unpack_from("<Q", body, pos)
+                if pos + 8 + size > len(body):
+                    raise ValueError("a chunk runs past the end")
+                chunks.append(body[pos + 8 : pos + 8 + size])
                 pos += 8 + size
-            name_bytes = data[pos:]
-        except struct.error as err:
-            raise FileError(f"{str(path)!r} is truncated ({err}); do not delete it.") from err
-        return digest, PartialDecryption(name_bytes.decode(), digest, tuple(chunks))
+            name = body[pos:].decode()
+        except (struct.error, ValueError) as err:
+            raise self._corrupt(path, f"does not parse ({err})") from None
+        if self.name is not None and name != self.name:
+            raise self._corrupt(path, f"names another party ({name!r})")
+        return digest, PartialDecryption(name, digest, tuple(chunks))
 
     def __setitem__(self, server_round: int, value: tuple[bytes, PartialDecryption]) -> None:
         digest, partial = value
-        parts = [self._HEAD.pack(digest, len(partial.chunks))]
+        parts = [self._MAGIC, self._HEAD.pack(digest, len(partial.chunks))]
         parts += [struct.pack("<Q", len(c)) + c for c in partial.chunks]
         parts.append(partial.name.encode())
-        write_key_file(self._path(server_round), b"".join(parts), PRIVATE_MODE)
+        body = b"".join(parts)
+        write_key_file(self._path(server_round), body + hashlib.sha256(body).digest(), PRIVATE_MODE)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.directory.glob("round-*.bin"))
+
+
+def keep_round_log(party: Party, directory: Path) -> None:
+    """Keep ``party``'s answers in ``directory/<roster digest>/`` from now on.
+
+    A party whose log is already there is left as it is; the roster digest in the path
+    keeps the round numbers of one key set apart from another's.
+    """
+    where = Path(directory) / party.roster.digest
+    used = party.used
+    if isinstance(used, RoundLog) and used.directory == where:
+        return
+    if isinstance(used, RoundLog) or used:
+        raise FileError(
+            f"{party.name}: its round log moves to {str(where)!r} after it answered elsewhere; "
+            "a key holder keeps one round log per key set."
+        )
+    party.used = RoundLog(where, name=party.name)  # type: ignore[assignment]

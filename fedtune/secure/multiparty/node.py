@@ -4,8 +4,12 @@ Three calls from :mod:`fedtune.node.verified` when the node's codec is a
 :class:`~fedtune.secure.multiparty.backend.MultipartyCodec`:
 
 * :func:`sign` an upload with the party's Ed25519 key (instead of the shared HMAC tag);
+* :func:`ready_reply` to the server's liveness probe (a ``ready`` record) before it
+  picks a round's quorum: a fixed reply, nothing computed from a secret;
 * :func:`partial_reply` to the server's decryption request (a ``decrypt`` record): the
-  party's checks, then one signed, smudged partial decryption per round;
+  party's checks, then one signed, smudged partial decryption per round, kept in the
+  party's on-disk round log (:class:`~fedtune.secure.multiparty.files.RoundLog`)
+  before it leaves;
 * :func:`open_record` before a global is used: the receipts, the quorum's signatures and
   the sum's ``c1`` are checked, the partials combined here, and the opened sum kept in the
   codec (its ``decode``); a global without valid signed partials is refused with a fixed
@@ -15,6 +19,7 @@ Three calls from :mod:`fedtune.node.verified` when the node's codec is a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
@@ -23,10 +28,11 @@ from fedtune.guard import payload_digest
 from fedtune.secure.codec import WirePayload
 from fedtune.secure.multiparty import rounds
 from fedtune.secure.multiparty.backend import MultipartyCodec
+from fedtune.secure.multiparty.files import keep_round_log
 from fedtune.secure.multiparty.protocol import SIGNATURE_BYTES, DecryptionRequest
 from fedtune.secure.verify import MALFORMED, UsedGlobals, receipts_from_record
 
-__all__ = ["open_record", "partial_reply", "request_from_record", "sign"]
+__all__ = ["open_record", "partial_reply", "ready_reply", "request_from_record", "sign"]
 
 _TAG_KEY = "tag"
 
@@ -54,8 +60,21 @@ def request_from_record(record: Mapping[str, object]) -> DecryptionRequest:
     return DecryptionRequest(rnd, tuple(items), total, tuple(quorum))
 
 
-def partial_reply(codec: MultipartyCodec, content: RecordDict, *, min_count: int) -> RecordDict:
-    """The reply to a ``decrypt`` message: this party's signed partial, or a refusal code."""
+def ready_reply(codec: MultipartyCodec) -> RecordDict:
+    """The reply to a ``ready`` probe: the party's name (public) and a constant."""
+    return RecordDict({"info": ConfigRecord({"client": codec.party.name, "ready": 1})})
+
+
+def partial_reply(
+    codec: MultipartyCodec, content: RecordDict, *, min_count: int, rounds_dir: Path | None
+) -> RecordDict:
+    """The reply to a ``decrypt`` message: this party's signed partial, or a refusal code.
+
+    ``rounds_dir``: where the party keeps its round log (one answer per round, across
+    restarts); ``None`` keeps it in memory (tests of the protocol only).
+    """
+    if rounds_dir is not None:
+        keep_round_log(codec.party, rounds_dir)
     record = content.config_records["decrypt"]
     request = request_from_record(record)
     signed = rounds.answer(codec.party, request, min_count=min_count)
