@@ -1,8 +1,7 @@
 """One node's side of a round: a server message's content in, the reply's content out.
 
-The same code serves a simulated client (in its Ray actor, called by ``fedtune/apps/client/app.py``)
-and a real node (in its long-lived worker, :mod:`fedtune.node.worker`), so the two
-paths cannot drift.
+The same code serves a simulated client (``fedtune/apps/client/app.py``) and a real node
+(its long-lived worker, :mod:`fedtune.node.worker`), so the two paths cannot drift.
 
 Message contents (keys in the ``RecordDict``):
 
@@ -22,9 +21,8 @@ Message contents (keys in the ``RecordDict``):
 * client -> server (evaluate): ``info`` and ``metrics`` (``num-examples``,
   ``eval-loss``, ``eval-accuracy``, ``partition-id``).
 
-One train message per node and round carries both the round's training and the
-evaluation of the previous round's global state (one evaluate message follows
-the last round): a real node pays for one message a round, not two.
+One train message per node and round carries both the round's training and the evaluation
+of the previous round's global state (one evaluate message follows the last round).
 
 The privacy status of every field is declared in :mod:`fedtune.messages`; each reply
 is checked against it before it leaves.
