@@ -203,7 +203,7 @@ def wordnet_rows(seq_len: int, n: int, vocab: int) -> tuple[list[dict[str, Any]]
     from fedtune.tasks.causal_lm.model import default_causal_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_causal_model_path()))
-    data = lm_data.load_instructions(DataConfig(task="causal-lm"), seed=0)
+    data = lm_data.load_instructions(DataConfig(), seed=0)
     ds = lm_data.InstructionDataset(
         tokenizer, data.prompts[:n], data.answers[:n], max_length=seq_len
     )
@@ -535,6 +535,12 @@ def _gib(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**30:.2f}"
 
 
+def _label(r: dict[str, Any]) -> str:
+    """The mode, marked when a training mode loaded its model from disk."""
+    disk = r.get("from_disk") and not str(r["mode"]).startswith("load")
+    return f"{r['mode']} (from disk)" if disk else str(r["mode"])
+
+
 def _note(r: dict[str, Any]) -> str:
     if r.get("error"):
         return str(r["error"])
@@ -582,10 +588,10 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    modes = sorted({r["mode"] for r in results}, key=MODES.index)
-    for mode in modes:
+    order = sorted(results, key=lambda r: (MODES.index(r["mode"]), bool(r.get("from_disk"))))
+    for mode in dict.fromkeys(_label(r) for r in order):
         rows = sorted(
-            (r for r in results if r["mode"] == mode and r.get("peak_rss_bytes")),
+            (r for r in results if _label(r) == mode and r.get("peak_rss_bytes")),
             key=lambda r: r["base_params"],
         )
         if not rows:
@@ -665,7 +671,13 @@ def merge(args: argparse.Namespace) -> None:
         merged["machine"] = part["machine"]
         merged["results"] += part["results"]
         merged["ckks"].update(part["ckks"])
-    merged["results"].sort(key=lambda r: (list(SIZES).index(r["size"]), MODES.index(r["mode"])))
+    merged["results"].sort(
+        key=lambda r: (
+            list(SIZES).index(r["size"]),
+            MODES.index(r["mode"]),
+            bool(r.get("from_disk")),
+        )
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(merged, indent=1))
     table = write_table(merged["results"], merged["ckks"], merged["machine"])

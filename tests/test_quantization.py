@@ -228,8 +228,8 @@ def test_int8_is_quantised_while_loading_into_the_same_tensors(tiny_llama_dir: P
     assert getattr(at_load, "hf_quantizer", None) is None
     assert getattr(at_load.config, "quantization_config", None) is None
     post = load_base_model(cfg, num_labels=0, seed=0)
+    names = quantizable_linears(post)  # the float layers it converts
     quantize_base(post, "int8", device="cpu")
-    names = quantizable_linears(post)
     assert len(names) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
     for name in names:
         a, b = at_load.get_submodule(name), post.get_submodule(name)
