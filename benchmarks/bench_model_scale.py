@@ -111,6 +111,7 @@ MODES = (
     "int8-dp-bf16",
     "load",
     "load-int8-post",
+    "load-int8-heap",
     "load-int8",
 )
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -237,13 +238,21 @@ def load_model(model_dir: str, mode: str, device: str) -> Any:
     """Load a saved model the way a node does: fedtune's task loader (+ quantisation)."""
     from fedtune.config import ModelConfig
     from fedtune.model import load_base_model, quantize_base
+    from fedtune.model.quantize import returning_freed_layers
 
     method = "int8" if "int8" in mode else "nf4" if "nf4" in mode else "none"
     cfg = ModelConfig(task="causal-lm", model_path=model_dir, base_quantization=method)  # type: ignore[arg-type]
-    # load-int8-post: the float32 load, then quantise (fedtune before quantise-on-load)
-    at_load = mode != "load-int8-post"
-    model = load_base_model(cfg, num_labels=0, seed=0, quantize=at_load)
-    quantize_base(model, method, device=device)  # type: ignore[arg-type]
+    if mode == "load-int8-post":  # fedtune before this change: the float32 load, then quantise
+        model = load_base_model(cfg, num_labels=0, seed=0)
+        quantize_base(model, method, device=device)  # type: ignore[arg-type]
+        return model
+    if mode == "load-int8-heap":  # quantised while loading, glibc's default malloc thresholds
+        model = load_base_model(cfg, num_labels=0, seed=0, quantize=True)
+        quantize_base(model, method, device=device)  # type: ignore[arg-type]
+        return model
+    with returning_freed_layers() if method != "none" else contextlib.nullcontext():
+        model = load_base_model(cfg, num_labels=0, seed=0, quantize=True)  # as build_model
+        quantize_base(model, method, device=device)  # type: ignore[arg-type]
     return model
 
 

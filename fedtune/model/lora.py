@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -15,7 +16,12 @@ from torch import nn
 from fedtune.config import ModelConfig
 from fedtune.errors import ConfigError
 from fedtune.model.loading import resolve_model_path, seeded
-from fedtune.model.quantize import check_quantization_backend, quantize_base, quiet_torchao_import
+from fedtune.model.quantize import (
+    check_quantization_backend,
+    quantize_base,
+    quiet_torchao_import,
+    returning_freed_layers,
+)
 from fedtune.tasks import get_task
 
 __all__ = ["build_model", "linear_module_names", "load_base_model"]
@@ -75,7 +81,11 @@ def build_model(
         check_quantization_backend(
             cfg.base_quantization, cuda=torch.device(quantize_for).type == "cuda"
         )
-    base = load_base_model(cfg, num_labels=num_labels, seed=seed, quantize=quantize_for is not None)
+    quantize = quantize_for is not None and cfg.base_quantization != "none"
+    with returning_freed_layers() if quantize else contextlib.nullcontext():
+        base = load_base_model(cfg, num_labels=num_labels, seed=seed, quantize=quantize)
+        if quantize_for is not None:
+            quantize_base(base, cfg.base_quantization, device=str(quantize_for))
     available = linear_module_names(base)
     missing = [m for m in cfg.target_modules if m not in available]
     if missing:
@@ -91,8 +101,6 @@ def build_model(
                 f"`lora-layers` is {cfg.lora_layers!r}, but the model has {blocks} blocks "
                 f"(0-{blocks - 1})."
             )
-    if quantize_for is not None:
-        quantize_base(base, cfg.base_quantization, device=str(quantize_for))
     lora = LoraConfig(
         task_type=TaskType[task.peft_task_type],
         r=cfg.lora_rank,
