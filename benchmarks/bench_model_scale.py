@@ -581,9 +581,13 @@ def write_table(results: list[dict[str, Any]], ckks: dict[str, dict[str, float]]
             f"| {_gib(r.get('peak_rss_bytes'))} | {_gib(r.get('peak_anon_bytes'))} "
             f"| {_gib(r.get('rss_after_bytes'))} "
             f"| {'-' if tps is None else f'{tps:.1f}'} | {'-' if sps is None else f'{sps:.1f}'} "
-            f"| {r.get('adapter_params', 0):,} | {r.get('adapter_bytes_fp32', 0) / 1e6:.2f} "
-            f"| {c.get('ckks_bytes', 0) / 1e6:.1f} | {c.get('ckks_encrypt_s', 0):.2f} "
-            f"| {_note(r)} |"
+            + (
+                f"| {r['adapter_params']:,} | {r['adapter_bytes_fp32'] / 1e6:.2f} "
+                f"| {c.get('ckks_bytes', 0) / 1e6:.1f} | {c.get('ckks_encrypt_s', 0):.2f} "
+                if r.get("adapter_params")
+                else "| - | - | - | - "  # a load* row: no adapter
+            )
+            + f"| {_note(r)} |"
         )
     return "\n".join(lines)
 
