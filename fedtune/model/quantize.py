@@ -191,7 +191,7 @@ def returning_freed_layers() -> Iterator[None]:
     Without it, glibc's dynamic threshold (raised up to 32 MiB by the first freed large
     block) puts the per-layer float32 copies on the heap, where they stay resident as
     fragments: measured at 360M, quantising while loading then peaked at 1.9-2.3 GiB of
-    anonymous memory, no better than the float32 load (2.0); with it, 0.8 GiB
+    anonymous memory, no better than quantising after a float32 load (2.0); with it, 0.8 GiB
     (docs/scale.md). On exit the threshold is set to glibc's dynamic ceiling (what a
     long-running process converges to) and freed heap memory is trimmed. A no-op
     where the C library is not glibc.
