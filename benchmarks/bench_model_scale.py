@@ -25,13 +25,25 @@ modes:
 - ``int8-dp``: DP-SGD on the int8 base;
 - ``lora-gc`` / ``dp-gc``: with gradient checkpointing (non-reentrant), to see whether
   it lowers the peak and whether it works with Opacus' hooks (the error is recorded);
+- ``dp-bf16`` / ``int8-dp-bf16``: DP-SGD under bf16 autocast (``precision = "bf16"``,
+  :func:`fedtune.train.loop.compute_precision`), on CUDA or CPU;
 - CUDA only (``--device cuda``, scripts/gpu_check.sh): ``nf4`` / ``nf4-dp`` on a 4-bit
-  NF4 base (bitsandbytes), ``dp-bf16`` DP-SGD under bf16 autocast. On a GPU the memory
-  reported is also ``torch.cuda.max_memory_allocated``.
+  NF4 base (bitsandbytes). On a GPU the memory reported is also
+  ``torch.cuda.max_memory_allocated``;
+- ``load`` / ``load-int8-post`` / ``load-int8-heap`` / ``load-int8``: only load a saved
+  random-weight checkpoint (bfloat16, written once under ``--model-root``) through
+  fedtune's loader: float32; float32 then int8 (fedtune before quantising on the fly);
+  int8 on the fly with glibc's default malloc thresholds; int8 on the fly as
+  ``build_model`` does it (:func:`fedtune.model.quantize.returning_freed_layers`).
+  ``--from-disk`` makes the training modes load that way too;
+- ``--data wordnet``: the causal-LM task's real WordNet examples (unpadded, padded per
+  batch to the longest row by fedtune's collate, answer-only loss) instead of full rows
+  of random ids; ``dp-fixpad`` pads every batch to ``--seq-len`` instead.
 
-Tokens per second count the tokens of the batches actually trained (a Poisson batch
-varies). "peak RSS" is the process's ``ru_maxrss``: it includes the float32 model
-before quantisation; "RSS after" is the resident size after the last step (the steady
+Tokens per second count the real (unpadded) tokens of the batches actually trained (a
+Poisson batch varies). "peak RSS" is the process's ``ru_maxrss`` (it includes file pages
+mapped while reading a checkpoint); "peak anon" the largest ``RssAnon`` sampled every 10
+ms (:class:`AnonPeak`); "RSS after" is the resident size after the last step (the steady
 state of a node that keeps the model between rounds). CKKS cost per round: fedtune's
 codec (:class:`fedtune.secure.ckks.CkksCodec`, the default parameters) encrypting one
 vector of the adapter's length: bytes on the wire and seconds, measured in the parent
