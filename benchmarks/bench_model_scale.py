@@ -25,13 +25,25 @@ modes:
 - ``int8-dp``: DP-SGD on the int8 base;
 - ``lora-gc`` / ``dp-gc``: with gradient checkpointing (non-reentrant), to see whether
   it lowers the peak and whether it works with Opacus' hooks (the error is recorded);
+- ``dp-bf16`` / ``int8-dp-bf16``: DP-SGD under bf16 autocast (``precision = "bf16"``,
+  :func:`fedtune.train.loop.compute_precision`), on CUDA or CPU;
 - CUDA only (``--device cuda``, scripts/gpu_check.sh): ``nf4`` / ``nf4-dp`` on a 4-bit
-  NF4 base (bitsandbytes), ``dp-bf16`` DP-SGD under bf16 autocast. On a GPU the memory
-  reported is also ``torch.cuda.max_memory_allocated``.
+  NF4 base (bitsandbytes). On a GPU the memory reported is also
+  ``torch.cuda.max_memory_allocated``;
+- ``load`` / ``load-int8-post`` / ``load-int8-heap`` / ``load-int8``: only load a saved
+  random-weight checkpoint (bfloat16, written once under ``--model-root``) through
+  fedtune's loader: float32; float32 then int8 (fedtune before quantising on the fly);
+  int8 on the fly with glibc's default malloc thresholds; int8 on the fly as
+  ``build_model`` does it (:func:`fedtune.model.quantize.returning_freed_layers`).
+  ``--from-disk`` makes the training modes load that way too;
+- ``--data wordnet``: the causal-LM task's real WordNet examples (unpadded, padded per
+  batch to the longest row by fedtune's collate, answer-only loss) instead of full rows
+  of random ids; ``dp-fixpad`` pads every batch to ``--seq-len`` instead.
 
-Tokens per second count the tokens of the batches actually trained (a Poisson batch
-varies). "peak RSS" is the process's ``ru_maxrss``: it includes the float32 model
-before quantisation; "RSS after" is the resident size after the last step (the steady
+Tokens per second count the real (unpadded) tokens of the batches actually trained (a
+Poisson batch varies). "peak RSS" is the process's ``ru_maxrss`` (it includes file pages
+mapped while reading a checkpoint); "peak anon" the largest ``RssAnon`` sampled every 10
+ms (:class:`AnonPeak`); "RSS after" is the resident size after the last step (the steady
 state of a node that keeps the model between rounds). CKKS cost per round: fedtune's
 codec (:class:`fedtune.secure.ckks.CkksCodec`, the default parameters) encrypting one
 vector of the adapter's length: bytes on the wire and seconds, measured in the parent
@@ -87,8 +99,33 @@ SIZES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
         "tie_word_embeddings": False,
     },
+    "tiny": {  # a smoke test of the benchmark itself (SmolLM2's vocabulary, 2 small layers)
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
 }
-MODES = ("lora", "dp", "int8", "int8-dp", "lora-gc", "dp-gc", "nf4", "nf4-dp", "dp-bf16")
+MODES = (
+    "lora",
+    "dp",
+    "dp-fixpad",
+    "int8",
+    "int8-dp",
+    "lora-gc",
+    "dp-gc",
+    "nf4",
+    "nf4-dp",
+    "dp-bf16",
+    "int8-dp-bf16",
+    "load",
+    "load-int8-post",
+    "load-int8-heap",
+    "load-int8",
+)
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -132,6 +169,105 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+class AnonPeak:
+    """The largest ``RssAnon`` (``/proc/self/status``) seen, sampled every 10 ms.
+
+    ``ru_maxrss`` also counts file pages mapped while safetensors reads a checkpoint
+    (clean page cache the kernel can drop under pressure); anonymous memory is what a
+    node must really hold. Sampling can miss a peak shorter than 10 ms.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
+def wordnet_rows(seq_len: int, n: int, vocab: int) -> tuple[list[dict[str, Any]], int]:
+    """``n`` WordNet instruction examples as the causal-LM task tokenises them, and pad id.
+
+    The bundled SmolLM2 tokenizer and chat template, answer-only labels, truncated at
+    ``seq_len`` (fedtune.tasks.causal_lm.data): real lengths, unpadded rows. Token ids
+    are taken modulo ``vocab`` for a model with a smaller vocabulary (1.1B's 32,000).
+    """
+    from transformers import AutoTokenizer
+
+    from fedtune.config import DataConfig
+    from fedtune.tasks.causal_lm import data as lm_data
+    from fedtune.tasks.causal_lm.model import default_causal_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_causal_model_path()))
+    data = lm_data.load_instructions(DataConfig(), seed=0)
+    ds = lm_data.InstructionDataset(
+        tokenizer, data.prompts[:n], data.answers[:n], max_length=seq_len
+    )
+    rows = [ds[i] for i in range(len(ds))]
+    for row in rows:
+        row["input_ids"] = row["input_ids"] % vocab
+    return rows, ds.pad_id % vocab
+
+
+def fixed_collate(pad_id: int, width: int):  # type: ignore[no-untyped-def]
+    """fedtune's collate, then every batch padded on to ``width`` (the naive fixed shape)."""
+    import torch
+
+    from fedtune.data.collate import IGNORE, pad_collate
+
+    inner = pad_collate(pad_id)
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        out = inner(items)
+        extra = width - out["input_ids"].shape[1]
+        if extra > 0 and len(items):
+            pad = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
+            for key, value in pad.items():
+                out[key] = torch.nn.functional.pad(out[key], (0, extra), value=value)
+        return out
+
+    return collate
+
+
+def load_model(model_dir: str, mode: str, device: str) -> Any:
+    """Load a saved model the way a node does: fedtune's task loader (+ quantisation)."""
+    from fedtune.config import ModelConfig
+    from fedtune.model import load_base_model, quantize_base
+    from fedtune.model.quantize import returning_freed_layers
+
+    method = "int8" if "int8" in mode else "nf4" if "nf4" in mode else "none"
+    cfg = ModelConfig(task="causal-lm", model_path=model_dir, base_quantization=method)  # type: ignore[arg-type]
+    if mode == "load-int8-post":  # fedtune before this change: the float32 load, then quantise
+        model = load_base_model(cfg, num_labels=0, seed=0)
+        quantize_base(model, method, device=device)  # type: ignore[arg-type]
+        return model
+    if mode == "load-int8-heap":  # quantised while loading, glibc's default malloc thresholds
+        model = load_base_model(cfg, num_labels=0, seed=0, quantize=True)
+        quantize_base(model, method, device=device)  # type: ignore[arg-type]
+        return model
+    with returning_freed_layers() if method != "none" else contextlib.nullcontext():
+        model = load_base_model(cfg, num_labels=0, seed=0, quantize=True)  # as build_model
+        quantize_base(model, method, device=device)  # type: ignore[arg-type]
+    return model
+
+
 def run_one(
     size: str,
     mode: str,
@@ -141,25 +277,54 @@ def run_one(
     steps: int,
     warmup: int = 1,
     device: str = "cpu",
+    model_dir: str = "",
+    data: str = "random",
 ) -> dict[str, Any]:
-    """Build, wrap and train one configuration in this process; return its numbers."""
+    """Build, wrap and train one configuration in this process; return its numbers.
+
+    ``model_dir``: load the saved model from there as a node does (:func:`load_model`)
+    instead of building it in memory; ``load*`` modes stop after loading.
+    ``data = "wordnet"``: real example lengths (:func:`wordnet_rows`), batches padded to
+    their longest row (fedtune's collate), or to ``seq_len`` in ``dp-fixpad``.
+    """
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedtune.model import adapter_layout, quantize_base
+    from fedtune.train.loop import compute_precision
 
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     cfg = LlamaConfig(**SIZES[size], max_position_embeddings=max(seq_len, 128))
+    anon = AnonPeak()
     start = time.perf_counter()
-    model = LlamaForCausalLM(cfg)
-    base_params = sum(p.numel() for p in model.parameters())
+    if model_dir:
+        model = load_model(model_dir, mode, device)
+        cfg = model.config
+        base_params = sum(p.numel() for p in model.parameters())  # int8: numel as float
+    else:
+        model = LlamaForCausalLM(cfg)
+        base_params = sum(p.numel() for p in model.parameters())
+        if mode.startswith(("int8", "nf4")):
+            quantize_base(model, mode.split("-", 1)[0], device=device)  # type: ignore[arg-type]
     for p in model.parameters():
         p.requires_grad_(False)
-    if mode.startswith(("int8", "nf4")):
-        quantize_base(model, mode.split("-", 1)[0], device=device)  # type: ignore[arg-type]
     model.to(device)
+    if mode.startswith("load"):
+        load_s = time.perf_counter() - start
+        _malloc_trim()
+        return {
+            "size": size,
+            "mode": mode,
+            "base_params": base_params,
+            "build_s": load_s,
+            "rss_after_bytes": _rss_now(),
+            "peak_rss_bytes": _peak_rss(),
+            "peak_anon_bytes": anon.stop(),
+            "device": device,
+            "error": "",
+        }
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA))
     gc = mode.endswith("-gc")
     if gc:
@@ -173,10 +338,23 @@ def run_one(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    rows = [
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        for ids in torch.randint(0, cfg.vocab_size, (batch * 8, seq_len), generator=gen)
-    ]
+    loss_fn = None
+    if data == "wordnet":
+        from fedtune.data.collate import pad_collate
+        from fedtune.tasks.causal_lm.loss import answer_loss
+
+        rows, pad_id = wordnet_rows(seq_len, batch * 8, cfg.vocab_size)
+        fixed = mode.endswith("-fixpad")
+        collate = fixed_collate(pad_id, seq_len) if fixed else pad_collate(pad_id)
+        loss_fn = answer_loss
+    else:
+        from torch.utils.data import default_collate
+
+        rows = [
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+            for ids in torch.randint(0, cfg.vocab_size, (batch * 8, seq_len), generator=gen)
+        ]
+        collate = default_collate
     dp = "dp" in mode.split("-")
     if dp:
         from fedtune.privacy.dpsgd import make_dp_training
@@ -186,6 +364,7 @@ def run_one(
             module=model,
             optimizer=optimizer,
             data=rows,  # type: ignore[arg-type]
+            collate_fn=collate,
             expected_batch_size=batch,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
@@ -197,10 +376,10 @@ def run_one(
         from torch.utils.data import DataLoader
 
         module, opt = model, optimizer
-        batches = DataLoader(rows, batch_size=batch)  # type: ignore[arg-type]
+        batches = DataLoader(rows, batch_size=batch, collate_fn=collate)  # type: ignore[arg-type]
     dev = torch.device(device)
-    bf16 = mode.endswith("-bf16")
-    tokens, seconds, done, losses = 0, 0.0, 0, []
+    precision = "bf16" if mode.endswith("-bf16") else "fp32"
+    tokens, padded, seconds, done, losses = 0, 0, 0.0, 0, []
     error = ""
     try:
         while done < steps + warmup:
@@ -210,8 +389,8 @@ def run_one(
                 t0 = time.perf_counter()
                 raw = {k: v.to(device) for k, v in cpu_batch.items()}
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = module(**raw).loss
+                with compute_precision(precision, dev):  # as fedtune.train.train_local
+                    loss = module(**raw).loss if loss_fn is None else loss_fn(module, raw)
                 loss.backward()
                 opt.step()
                 if dev.type == "cuda":
@@ -219,6 +398,7 @@ def run_one(
                 if done >= warmup:  # untimed warm-up steps first
                     seconds += time.perf_counter() - t0
                     tokens += int(raw["attention_mask"].sum())
+                    padded += int(raw["attention_mask"].numel())
                 losses.append(float(loss.detach()))
                 done += 1
                 if done >= steps + warmup:
@@ -236,11 +416,15 @@ def run_one(
         "steps": max(done - warmup, 0),
         "warmup": warmup,
         "tokens_per_s": tokens / seconds if seconds else None,
+        "padded_fraction": 1 - tokens / padded if padded else None,
+        "data": data,
+        "from_disk": bool(model_dir),
         "s_per_step": seconds / max(done - warmup, 1) if seconds else None,
         "build_s": build_s,
         "rss_model_bytes": rss_model,
         "rss_after_bytes": (_malloc_trim(), _rss_now())[1],
         "peak_rss_bytes": _peak_rss(),
+        "peak_anon_bytes": anon.stop(),
         "loss_finite": bool(losses) and all(math.isfinite(x) for x in losses),
         "device": device,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
@@ -314,7 +498,27 @@ def check_gc_with_opacus() -> str:
     return f"max |per-example grad with - without checkpointing| = {diff:.3g}"
 
 
+def bench_model_dir(size: str, root: Path) -> Path:
+    """A random-weight ``size``-shaped Llama saved under ``root`` (bfloat16, as published).
+
+    Written once and reused: the ``load*`` modes and ``--from-disk`` read it back through
+    fedtune's loader, as a node reads a real checkpoint.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = root / size
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], max_position_embeddings=2048))
+    model.to(torch.bfloat16).save_pretrained(str(out))
+    return out
+
+
 def _child(size: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    disk = args.from_disk or mode.startswith("load")
+    model_dir = str(bench_model_dir(size, args.model_root)) if disk else ""
     cmd = [
         sys.executable,
         __file__,
@@ -332,6 +536,10 @@ def _child(size: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.warmup),
         "--device",
         args.device,
+        "--data",
+        args.data,
+        "--model-dir",
+        model_dir,
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -348,14 +556,33 @@ def _gib(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**30:.2f}"
 
 
+def _label(r: dict[str, Any]) -> str:
+    """The mode, marked when a training mode loaded its model from disk."""
+    disk = r.get("from_disk") and not str(r["mode"]).startswith("load")
+    return f"{r['mode']} (from disk)" if disk else str(r["mode"])
+
+
+def _note(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return str(r["error"])
+    notes = []
+    if r.get("from_disk") or str(r.get("mode", "")).startswith("load"):
+        notes.append("loaded from disk (bf16 checkpoint)")
+    if r.get("data") == "wordnet":
+        notes.append(f"WordNet lengths, {r.get('padded_fraction') or 0:.0%} padding")
+    if str(r.get("mode", "")).startswith("load"):
+        notes.append(f"load {r.get('build_s', 0):.0f} s")
+    return "; ".join(notes)
+
+
 def write_table(results: list[dict[str, Any]], ckks: dict[str, dict[str, float]], host: str) -> str:
     lines = [
         f"Machine: {host}. Sequence length {results[0].get('seq_len')}, batch "
         f"{results[0].get('batch')}, LoRA r=8 on q_proj,v_proj, fp32 compute.",
         "",
-        "| model | mode | base params | peak RSS GiB | RSS after GiB | tokens/s | s/step "
-        "| adapter params | adapter MB (fp32) | CKKS MB/round | CKKS encrypt s | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | mode | base params | peak RSS GiB | peak anon GiB | RSS after GiB | tokens/s "
+        "| s/step | adapter params | adapter MB (fp32) | CKKS MB/round | CKKS encrypt s | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         c = ckks.get(r["size"], {})
@@ -363,11 +590,16 @@ def write_table(results: list[dict[str, Any]], ckks: dict[str, dict[str, float]]
         sps = r.get("s_per_step")
         lines.append(
             f"| {r['size']} | {r['mode']} | {r.get('base_params', 0) / 1e6:.0f}M "
-            f"| {_gib(r.get('peak_rss_bytes'))} | {_gib(r.get('rss_after_bytes'))} "
+            f"| {_gib(r.get('peak_rss_bytes'))} | {_gib(r.get('peak_anon_bytes'))} "
+            f"| {_gib(r.get('rss_after_bytes'))} "
             f"| {'-' if tps is None else f'{tps:.1f}'} | {'-' if sps is None else f'{sps:.1f}'} "
-            f"| {r.get('adapter_params', 0):,} | {r.get('adapter_bytes_fp32', 0) / 1e6:.2f} "
-            f"| {c.get('ckks_bytes', 0) / 1e6:.1f} | {c.get('ckks_encrypt_s', 0):.2f} "
-            f"| {r.get('error', '') or ''} |"
+            + (
+                f"| {r['adapter_params']:,} | {r['adapter_bytes_fp32'] / 1e6:.2f} "
+                f"| {c.get('ckks_bytes', 0) / 1e6:.1f} | {c.get('ckks_encrypt_s', 0):.2f} "
+                if r.get("adapter_params")
+                else "| - | - | - | - "  # a load* row: no adapter
+            )
+            + f"| {_note(r)} |"
         )
     return "\n".join(lines)
 
@@ -381,10 +613,10 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    modes = sorted({r["mode"] for r in results}, key=MODES.index)
-    for mode in modes:
+    order = sorted(results, key=lambda r: (MODES.index(r["mode"]), bool(r.get("from_disk"))))
+    for mode in dict.fromkeys(_label(r) for r in order):
         rows = sorted(
-            (r for r in results if r["mode"] == mode and r.get("peak_rss_bytes")),
+            (r for r in results if _label(r) == mode and r.get("peak_rss_bytes")),
             key=lambda r: r["base_params"],
         )
         if not rows:
@@ -464,7 +696,13 @@ def merge(args: argparse.Namespace) -> None:
         merged["machine"] = part["machine"]
         merged["results"] += part["results"]
         merged["ckks"].update(part["ckks"])
-    merged["results"].sort(key=lambda r: (list(SIZES).index(r["size"]), MODES.index(r["mode"])))
+    merged["results"].sort(
+        key=lambda r: (
+            list(SIZES).index(r["size"]),
+            MODES.index(r["mode"]),
+            bool(r.get("from_disk")),
+        )
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(merged, indent=1))
     table = write_table(merged["results"], merged["ckks"], merged["machine"])
@@ -477,7 +715,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: 135M,360M,1.1B")
+    parser.add_argument(
+        "--sizes", default="135M,360M,1.1B", help=f"comma-separated, of {', '.join(SIZES)}"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {MODES}")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
@@ -494,7 +734,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default OUT/scale.png)")
     parser.add_argument("--check-gc", action="store_true", help="checkpointing vs Opacus, tiny")
+    parser.add_argument(
+        "--data",
+        default="random",
+        choices=("random", "wordnet"),
+        help="random: full rows of random ids; wordnet: the causal-LM task's real examples",
+    )
+    parser.add_argument(
+        "--from-disk",
+        action="store_true",
+        help="training modes load a saved model through fedtune's loader (int8: as it loads)",
+    )
+    parser.add_argument(
+        "--model-root",
+        type=Path,
+        default=ROOT / "runs" / "bench-models",
+        help="where the random-weight models for load* / --from-disk are saved (once)",
+    )
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
@@ -510,6 +768,8 @@ def main() -> None:
             steps=args.steps,
             warmup=args.warmup,
             device=args.device,
+            model_dir=args.model_dir,
+            data=args.data,
         )
         print(json.dumps(out))
         return

@@ -209,3 +209,43 @@ def test_int8_layer_keeps_no_float_weight_for_backward_and_matches_float_gradien
     ref.sum().backward()
     torch.testing.assert_close(out.detach(), ref.detach())
     torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def test_int8_is_quantised_while_loading_into_the_same_tensors(tiny_llama_dir: Path) -> None:
+    """The loader quantises each layer as it reads it (no float32 body in memory); the
+    result equals the float32 load quantised afterwards, bit for bit."""
+    from torchao.quantization import Int8Tensor
+
+    from fedtune.model.quantize import Int8FrozenLinear, quantizable_linears, quantize_base
+
+    cfg = _cfg(tiny_llama_dir)
+    at_load = load_base_model(cfg, num_labels=0, seed=0, quantize=True)
+    q_proj = at_load.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q_proj.weight, Int8Tensor)  # already int8 before quantize_base
+    # The tied output projection is never read from the checkpoint: float, still tied.
+    assert at_load.get_submodule("lm_head").weight is at_load.get_input_embeddings().weight
+    quantize_base(at_load, "int8", device="cpu")
+    assert getattr(at_load, "hf_quantizer", None) is None
+    assert getattr(at_load.config, "quantization_config", None) is None
+    post = load_base_model(cfg, num_labels=0, seed=0)
+    names = quantizable_linears(post)  # the float layers it converts
+    quantize_base(post, "int8", device="cpu")
+    assert len(names) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    for name in names:
+        a, b = at_load.get_submodule(name), post.get_submodule(name)
+        assert type(a) is Int8FrozenLinear and type(b) is Int8FrozenLinear
+        assert torch.equal(a.weight.qdata, b.weight.qdata)
+        assert torch.equal(a.weight.scale, b.weight.scale)
+
+
+def test_a_head_quantised_by_a_loader_is_refused() -> None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from fedtune.model.quantize import quantize_base
+
+    model = torch.nn.Module()
+    model.body = torch.nn.Linear(8, 8)
+    model.score = torch.nn.Linear(8, 2)
+    quantize_(model, Int8WeightOnlyConfig())  # a loader that quantised the head too
+    with pytest.raises(ModelError, match=r"the loader quantised score, which must stay float"):
+        quantize_base(model, "int8", device="cpu")

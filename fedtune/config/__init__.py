@@ -39,7 +39,7 @@ from fedtune.config.parse import (
 )
 from fedtune.config.privacy import AccountantName, DPLevel, PrivacyConfig
 from fedtune.config.run import RunConfig, toml_value
-from fedtune.config.train import Device, OptimizerName, TrainConfig
+from fedtune.config.train import Device, OptimizerName, Precision, TrainConfig
 from fedtune.config.wiring import WIRING_KEYS, Wiring, parse_node_limits, parse_wiring
 from fedtune.errors import ConfigError
 
@@ -54,6 +54,7 @@ __all__ = [
     "DPLevel",
     "DataConfig",
     "Device",
+    "Precision",
     "FederationConfig",
     "LoraVariant",
     "ModelConfig",

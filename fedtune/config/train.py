@@ -7,10 +7,11 @@ from typing import Literal, get_args
 
 from fedtune.config._checks import choice, require
 
-__all__ = ["Device", "OptimizerName", "TrainConfig"]
+__all__ = ["Device", "OptimizerName", "Precision", "TrainConfig"]
 
 Device = Literal["auto", "cpu", "cuda"]
 OptimizerName = Literal["adamw", "sgd"]
+Precision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class TrainConfig:
     device: Device = field(
         default="auto", metadata={"help": "`auto` (CUDA when present, else CPU), `cpu` or `cuda`."}
     )
+    precision: Precision = field(
+        default="fp32",
+        metadata={
+            "help": "Compute of the training forward pass: `fp32`, or `bf16` (torch.autocast "
+            "to bfloat16 on CUDA or CPU; weights, LoRA tensors and the optimizer stay "
+            "float32, DP-SGD clips each per-example gradient in float64). Same DP release "
+            "and accounting (docs/scale.md)."
+        },
+    )
     beta: float = field(
         default=0.1,
         metadata={
@@ -73,6 +83,7 @@ class TrainConfig:
         choice("optimizer", self.optimizer, get_args(OptimizerName))
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         choice("device", self.device, get_args(Device))
+        choice("precision", self.precision, get_args(Precision))
         require(
             self.physical_batch_size >= 0,
             "physical-batch-size",

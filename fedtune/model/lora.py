@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
 
 import torch
@@ -14,16 +16,31 @@ from torch import nn
 from fedtune.config import ModelConfig
 from fedtune.errors import ConfigError
 from fedtune.model.loading import resolve_model_path, seeded
-from fedtune.model.quantize import quantize_base, quiet_torchao_import
+from fedtune.model.quantize import (
+    check_quantization_backend,
+    quantize_base,
+    quiet_torchao_import,
+    returning_freed_layers,
+)
 from fedtune.tasks import get_task
 
 __all__ = ["build_model", "linear_module_names", "load_base_model"]
 
 
-def load_base_model(cfg: ModelConfig, *, num_labels: int, seed: int) -> nn.Module:
-    """The task's frozen base model (with a new ``num_labels`` head where it has one)."""
+def load_base_model(
+    cfg: ModelConfig, *, num_labels: int, seed: int, quantize: bool = False
+) -> nn.Module:
+    """The task's frozen base model (with a new ``num_labels`` head where it has one).
+
+    ``quantize``: load it as ``base-quantization`` says, each layer quantised as it is
+    read where the method allows (:func:`fedtune.model.quantize.quantized_load_kwargs`);
+    finish with :func:`fedtune.model.quantize.quantize_base`. Default: the float base.
+    """
     path = resolve_model_path(cfg)
-    return get_task(cfg.task).load_base_model(path, num_labels=num_labels, seed=seed)
+    load = get_task(cfg.task).load_base_model
+    if quantize and "quantization" in inspect.signature(load).parameters:
+        return load(path, num_labels=num_labels, seed=seed, quantization=cfg.base_quantization)
+    return load(path, num_labels=num_labels, seed=seed)  # a task without the hook: float
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -46,7 +63,8 @@ def build_model(
     head initialisations, so round 1 needs no weights from the server.
 
     ``quantize_for``: the device a node trains on; the frozen base is then quantised
-    as ``base-quantization`` says (:mod:`fedtune.model.quantize`) before PEFT wraps it.
+    as ``base-quantization`` says (:mod:`fedtune.model.quantize`; int8 as it loads)
+    before PEFT wraps it.
     ``None`` (the layout, the export) keeps a float base: the adapter is the same.
 
     Raises
@@ -59,7 +77,15 @@ def build_model(
         from peft import LoraConfig, TaskType, get_peft_model
 
     task = get_task(cfg.task)
-    base = load_base_model(cfg, num_labels=num_labels, seed=seed)
+    if quantize_for is not None:  # refuse before loading anything
+        check_quantization_backend(
+            cfg.base_quantization, cuda=torch.device(quantize_for).type == "cuda"
+        )
+    quantize = quantize_for is not None and cfg.base_quantization != "none"
+    with returning_freed_layers() if quantize else contextlib.nullcontext():
+        base = load_base_model(cfg, num_labels=num_labels, seed=seed, quantize=quantize)
+        if quantize_for is not None:
+            quantize_base(base, cfg.base_quantization, device=str(quantize_for))
     available = linear_module_names(base)
     missing = [m for m in cfg.target_modules if m not in available]
     if missing:
@@ -75,8 +101,6 @@ def build_model(
                 f"`lora-layers` is {cfg.lora_layers!r}, but the model has {blocks} blocks "
                 f"(0-{blocks - 1})."
             )
-    if quantize_for is not None:
-        quantize_base(base, cfg.base_quantization, device=str(quantize_for))
     lora = LoraConfig(
         task_type=TaskType[task.peft_task_type],
         r=cfg.lora_rank,

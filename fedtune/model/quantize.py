@@ -20,13 +20,22 @@ format, so the exported adapter loads with stock PEFT on the unquantised base.
 Only the linear layers of the frozen body are quantised: a classification head
 (``classifier`` / ``score``) trains and stays in float, and an output projection that
 shares its weight with the input embedding is left alone (quantising it would replace
-the embedding too). The base is quantised after it is loaded in float32, so a node's
-peak memory while loading is still the float32 size (docs/scale.md measures both).
+the embedding too).
+
+Loading: ``"int8"`` quantises each linear layer as it is loaded
+(:func:`quantized_load_kwargs`: transformers' ``TorchAoConfig`` at ``from_pretrained``,
+which builds the model on the meta device and quantises each weight right after it is
+read), so a node never holds the float32 body; :func:`quantize_base` then converts
+whatever the task's loader left in float (a loader without the hook: all of it, after a
+float32 load). Both give the same int8 tensors (tested). ``"nf4"`` loads in float32
+and quantises as the layers move to the GPU (the GPU never holds the float body; the
+host does, once). docs/scale.md measures the peaks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -44,6 +53,8 @@ __all__ = [
     "check_quantization_backend",
     "quantizable_linears",
     "quantize_base",
+    "quantized_load_kwargs",
+    "returning_freed_layers",
     "quiet_torchao_import",
 ]
 
@@ -107,12 +118,38 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     return out
 
 
+def quantized_load_kwargs(method: BaseQuantization) -> dict[str, Any]:
+    """Keyword arguments for ``from_pretrained`` that quantise each layer as it is loaded.
+
+    ``"int8"``: a ``TorchAoConfig`` with the same int8 weight-only config as
+    :func:`quantize_base`, skipping trainable heads (``classifier`` / ``score`` at any
+    depth). transformers never reads a tied output projection from the checkpoint (it
+    ties it to the embedding afterwards), so it stays float, as :func:`quantizable_linears`
+    wants. Other methods: no argument (the float32 load; :func:`quantize_base` after it).
+    Pass the loaded model to :func:`quantize_base` all the same: it checks the result
+    and converts the rest.
+    """
+    if method != "int8":
+        return {}
+    check_quantization_backend(method)
+    with quiet_torchao_import():
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+    heads = "|".join(sorted(HEAD_NAMES))
+    skip = [rf"(?:.*\.)?(?:{heads})"]  # transformers matches these from the name's start
+    return {
+        "quantization_config": TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
+    }
+
+
 def quantize_base(model: nn.Module, method: BaseQuantization, *, device: str = "cuda") -> nn.Module:
     """Quantise the frozen body of ``model`` in place (before PEFT wraps it) and return it.
 
     Every parameter of the body stays frozen (``requires_grad = False``); PEFT then adds
     float LoRA layers beside the quantised weights. ``device`` is where an ``"nf4"``
     model goes (bitsandbytes quantises on the move); ``"int8"`` stays where it is.
+    Layers already quantised while loading (:func:`quantized_load_kwargs`) are kept.
 
     Raises
     ------
@@ -129,6 +166,7 @@ def quantize_base(model: nn.Module, method: BaseQuantization, *, device: str = "
             f"`base-quantization` is {method!r}, but the base model has no frozen linear "
             "layer to quantise; use 'none'."
         )
+    _check_loaded(model, names)
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[0] in names:
             param.requires_grad_(False)
@@ -137,6 +175,40 @@ def quantize_base(model: nn.Module, method: BaseQuantization, *, device: str = "
     else:
         _nf4(model, names, device=device)
     return model
+
+
+#: glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h).
+_M_MMAP_THRESHOLD = -3
+#: glibc's ceiling for its dynamic mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``).
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+@contextlib.contextmanager
+def returning_freed_layers() -> Iterator[None]:
+    """While loading: glibc serves allocations of 1 MiB and more with ``mmap``, so each
+    float32 layer freed after quantisation goes back to the OS at once.
+
+    Without it, glibc's dynamic threshold (raised up to 32 MiB by the first freed large
+    block) puts the per-layer float32 copies on the heap, where they stay resident as
+    fragments: measured at 360M, quantising while loading then peaked at 1.9-2.3 GiB of
+    anonymous memory, no better than quantising after a float32 load (2.0); with it, 0.8 GiB
+    (docs/scale.md). On exit the threshold is set to glibc's dynamic ceiling (what a
+    long-running process converges to) and freed heap memory is trimmed. A no-op
+    where the C library is not glibc.
+    """
+    libc = None
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018 - glibc only
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
@@ -188,11 +260,41 @@ class Int8FrozenLinear(nn.Linear):
         return out
 
 
+def _is_torchao(weight: object) -> bool:
+    return type(weight).__module__.startswith("torchao")
+
+
+def _check_loaded(model: nn.Module, names: set[str]) -> None:
+    """Undo what ``from_pretrained`` records of a quantised load; refuse a wrong layer.
+
+    A layer quantised while loading must be one :func:`quantizable_linears` picks (not a
+    head, not a tied output): a checkpoint that still carries a tied copy would otherwise
+    leave an int8 output projection beside a float embedding.
+    """
+    wrong = [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name not in names and _is_torchao(mod.weight)
+    ]
+    if wrong:
+        raise ModelError(
+            f"`base-quantization`: the loader quantised {', '.join(wrong[:3])}, which must "
+            "stay float (a trainable head or an output tied to the embedding); load this "
+            "model with 'none' or report the checkpoint."
+        )
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # fedtune owns the layers from here; nothing else may see a
+        quantizer.remove_quantization_config(model)  # "quantized model" (saving, merging)
+
+
 def _int8(model: nn.Module, names: set[str]) -> None:
     with quiet_torchao_import():
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda _m, fqn: fqn in names)
+    modules = dict(model.named_modules())
+    todo = {n for n in names if not _is_torchao(modules[n].weight)}
+    if todo:
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda _m, fqn: fqn in todo)
     for name, module in model.named_modules():
         if name in names:
             module.__class__ = Int8FrozenLinear  # same state, a backward that saves int8 only

@@ -157,9 +157,28 @@ def sourced_dp_optimizer() -> type[Any]:
                         own = torch.cat(own) if isinstance(own, list) else own
                         p.grad_sample = torch.cat([own, extra.to(own.dtype)])
             if self.on_grid:
-                self._clip_round_accumulate()
+                self._clip_round_accumulate()  # norms and clipping in float64
             else:
+                self._upcast_grad_samples()
                 super().clip_and_accumulate()
+
+        def _upcast_grad_samples(self) -> None:
+            """Per-example gradients in the parameter's dtype before Opacus clips them.
+
+            Under bf16 autocast (``precision = "bf16"``) Opacus' hooks return bfloat16
+            per-example gradients, and its ``clip_and_accumulate`` takes their norms in
+            that dtype: a norm rounded down by bfloat16 (8 bits) would let a clipped row
+            exceed ``C`` by up to 0.4%. Norms and factors must come from the values summed.
+            """
+            for p in self.params:
+                sample = getattr(p, "grad_sample", None)
+                if sample is None:
+                    continue  # Opacus names the missing per-example gradient
+                _check_processed_flag(sample)  # a reused (stepped) sample stays an error
+                if isinstance(sample, list):
+                    sample = torch.cat(sample)
+                if sample.dtype != p.dtype:
+                    p.grad_sample = sample.to(p.dtype)
 
         def _clip_round_accumulate(self) -> None:
             spec = self.grid()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from fedtune.config import ModelConfig, RunConfig
+    from fedtune.config.model import BaseQuantization
     from fedtune.train import Batchable, EvalResult, LossFn
 
 __all__ = [
@@ -89,8 +90,15 @@ class Task(Protocol):
         """Raise a ``ConfigError`` if the model at ``path`` cannot serve this task."""
         ...
 
-    def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> nn.Module:
-        """The frozen base model (with a new ``num_labels`` head where the task has one)."""
+    def load_base_model(
+        self, path: Path, *, num_labels: int, seed: int, quantization: BaseQuantization = "none"
+    ) -> nn.Module:
+        """The frozen base model (with a new ``num_labels`` head where the task has one).
+
+        ``quantization``: pass :func:`fedtune.model.quantize.quantized_load_kwargs` of it
+        to ``from_pretrained``, so that layers are quantised as they load (a loader that
+        ignores it still works: the caller quantises the float model afterwards).
+        """
         ...
 
     def preflight(self, cfg: RunConfig) -> RunConfig:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune.model import load_tokenizer
 from fedtune.model.loading import default_model_path, seeded
+from fedtune.model.quantize import quantized_load_kwargs
 from fedtune.run.export import load_adapter
 from fedtune.run.metrics import read_records, weighted_mean
 from fedtune.run.rescore import held_out_results
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from fedtune.config import ModelConfig, RunConfig
+    from fedtune.config.model import BaseQuantization
     from fedtune.train import EvalResult
 
 __all__ = ["TaskBase"]
@@ -74,8 +76,10 @@ class TaskBase:
     def check_model_path(self, cfg: ModelConfig, path: Path) -> None:
         """Any encoder ``AutoModelForSequenceClassification`` can load will do."""
 
-    def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> nn.Module:
-        """The frozen encoder with a new, seeded ``num_labels`` head."""
+    def load_base_model(
+        self, path: Path, *, num_labels: int, seed: int, quantization: BaseQuantization = "none"
+    ) -> nn.Module:
+        """The frozen encoder with a new, seeded ``num_labels`` head (quantised as it loads)."""
         import transformers  # heavy import
         from transformers import AutoModelForSequenceClassification
 
@@ -88,7 +92,10 @@ class TaskBase:
                 warnings.simplefilter("ignore", FutureWarning)
                 # A checkpoint may carry a head of another size: fedtune always trains its own.
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    str(path), num_labels=num_labels, ignore_mismatched_sizes=True
+                    str(path),
+                    num_labels=num_labels,
+                    ignore_mismatched_sizes=True,
+                    **quantized_load_kwargs(quantization),
                 )
         finally:
             transformers.logging.set_verbosity(verbosity)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedtune.config import Device, TrainConfig
+from fedtune.config import Device, Precision, TrainConfig
 from fedtune.data.collate import item_lengths
 
 
@@ -28,6 +28,19 @@ def select_device(preference: Device) -> torch.device:
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def compute_precision(precision: Precision, device: torch.device) -> torch.autocast:
+    """The context of a training forward pass: bf16 autocast for ``"bf16"``, else nothing.
+
+    Under ``torch.autocast`` matrix products run in bfloat16 while parameters stay
+    float32; the backward pass follows the forward's dtypes. Opacus' per-example
+    gradient hooks then receive bfloat16 activations and output gradients and return
+    bfloat16 per-example gradients, which fedtune's DP optimizer copies to float64 before
+    it computes norms and clips (:mod:`fedtune.privacy.optimizer`): the bound holds on
+    exactly the values that are summed. Works on CUDA and CPU (tests/test_precision.py).
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 class Batchable(Protocol):
@@ -143,7 +156,8 @@ def train_local(
                 continue
             batch = {k: v.to(device) for k, v in raw.items()}
             optimizer.zero_grad(set_to_none=True)
-            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+            with compute_precision(cfg.precision, device):
+                loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch["labels"])

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from fedtune.config import ModelConfig, RunConfig
+    from fedtune.config.model import BaseQuantization
     from fedtune.train import EvalResult
 
 __all__ = ["CausalLMTask"]
@@ -60,9 +61,11 @@ class CausalLMTask:
         """The directory must hold a ``...ForCausalLM`` architecture."""
         check_causal_path(cfg, path)
 
-    def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> nn.Module:
-        """The causal LM itself (``num_labels`` is ignored)."""
-        return load_causal_model(path, seed=seed)
+    def load_base_model(
+        self, path: Path, *, num_labels: int, seed: int, quantization: BaseQuantization = "none"
+    ) -> nn.Module:
+        """The causal LM itself (``num_labels`` is ignored), quantised as it loads."""
+        return load_causal_model(path, seed=seed, quantization=quantization)
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, data and partitions before the run starts."""

