@@ -9,18 +9,16 @@ export from the kept partials. Compared with the same run without encryption.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from fedtune.apps.simulation import driver
-from fedtune.apps.simulation.in_process import InProcessGrid
+from fedtune.apps.simulation.in_process import run_in_process
 from fedtune.node import round as node_round
 from fedtune.secure.multiparty.params import MultipartyParams
 from fedtune.train.shared import clear_worker_cache
@@ -28,35 +26,9 @@ from fedtune.train.shared import clear_worker_cache
 pytestmark = pytest.mark.slow
 
 
-def _in_process_simulation(
-    *, server_app: Any, client_app: Any, num_supernodes: int, **_: Any
-) -> None:
-    """Flower's ``run_simulation``, every node in this process; a ClientApp exception
-    becomes an error reply, as Flower sends it (tests/test_run_counts.py raises instead)."""
-
-    def node(context: Context) -> Callable[[Message], Message]:
-        def handle(msg: Message) -> Message:
-            try:
-                return client_app(msg, context)
-            except Exception as err:  # noqa: BLE001 - what Flower does with it
-                return Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
-
-        return handle
-
-    nodes = {
-        k + 1: node(
-            Context(
-                run_id=1,
-                node_id=k + 1,
-                node_config={"partition-id": k, "num-partitions": num_supernodes},
-                state=RecordDict(),
-                run_config={},
-            )
-        )
-        for k in range(num_supernodes)
-    }
-    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    server_app(InProcessGrid(nodes), server)
+#: Flower's ``run_simulation``, every node in this process; a ClientApp exception becomes
+#: an error reply, as Flower sends it (tests/test_run_counts.py lets it propagate).
+_in_process_simulation = functools.partial(run_in_process, errors_as_replies=True)
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, flat: dict, run_dir: Path) -> driver.SimulationResult:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -22,14 +23,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from fedtune.apps.server import multiparty as server_mp
 from fedtune.apps.server import quorum
 from fedtune.apps.simulation import driver
-from fedtune.apps.simulation.in_process import InProcessGrid
+from fedtune.apps.simulation.in_process import InProcessGrid, run_in_process
 from fedtune.errors import FederationError, MultipartyFileError
 from fedtune.node import round as node_round
 from fedtune.secure.ckks import CkksCodec
@@ -125,36 +126,7 @@ def _simulation(
 ) -> Callable[..., None]:
     """Flower's ``run_simulation``, every node in this process; a message ``drop(node,
     msg)`` selects gets an error reply instead of an answer (a holder that is gone)."""
-
-    def run(*, server_app: Any, client_app: Any, num_supernodes: int, **_: Any) -> None:
-        def handler(context: Context) -> Callable[[Message], Message]:
-            def handle(msg: Message) -> Message:
-                if drop(int(context.node_id), msg):
-                    return Message(Error(code=2, reason="node gone"), reply_to=msg)
-                try:
-                    return client_app(msg, context)
-                except Exception as err:  # noqa: BLE001 - what Flower does with it
-                    return Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
-
-            return handle
-
-        nodes = {
-            k + 1: handler(
-                Context(
-                    run_id=1,
-                    node_id=k + 1,
-                    node_config={"partition-id": k, "num-partitions": num_supernodes},
-                    state=RecordDict(),
-                    run_config={},
-                )
-            )
-            for k in range(num_supernodes)
-        }
-        grids.append(InProcessGrid(nodes))
-        server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        server_app(grids[-1], server)
-
-    return run
+    return functools.partial(run_in_process, errors_as_replies=True, drop=drop, grids=grids)
 
 
 def _run(

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedtune.apps.client.app
@@ -24,7 +23,7 @@ import fedtune.apps.server.app
 import fedtune.run.export
 import fedtune.tasks.classification
 from fedtune.apps.simulation import driver
-from fedtune.apps.simulation.in_process import InProcessGrid
+from fedtune.apps.simulation.in_process import run_in_process
 from fedtune.config import parse
 from fedtune.model import lora
 from fedtune.node import round as node_round
@@ -65,24 +64,6 @@ def _count(monkeypatch: pytest.MonkeyPatch, original: Callable[..., Any]) -> Cou
     return calls
 
 
-def _in_process_simulation(
-    *, server_app: Any, client_app: Any, num_supernodes: int, **_: Any
-) -> None:
-    """Flower's ``run_simulation`` with every node in this process (one message at a time)."""
-    nodes = {}
-    for k in range(num_supernodes):
-        context = Context(
-            run_id=1,
-            node_id=k + 1,
-            node_config={"partition-id": k, "num-partitions": num_supernodes},
-            state=RecordDict(),
-            run_config={},
-        )
-        nodes[k + 1] = lambda msg, c=context: client_app(msg, c)
-    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    server_app(InProcessGrid(nodes), server)
-
-
 def test_each_party_parses_once_and_the_process_builds_one_model(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, toy_csv: Path, tmp_path: Path
 ) -> None:
@@ -93,7 +74,7 @@ def test_each_party_parses_once_and_the_process_builds_one_model(
     monkeypatch.setattr(node_round, "_RUNTIMES", {})
     parses = _count(monkeypatch, parse.parse_run_config)
     builds = _count(monkeypatch, lora.build_model)
-    monkeypatch.setattr("flwr.simulation.run_simulation", _in_process_simulation)
+    monkeypatch.setattr("flwr.simulation.run_simulation", run_in_process)
     flat = {
         "model-path": str(tiny_model_dir),
         "data-path": str(toy_csv),

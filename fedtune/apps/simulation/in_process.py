@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 
 __all__ = ["InProcessGrid", "run_in_process"]
 
@@ -45,16 +45,43 @@ class InProcessGrid:
         return [self._replies.pop(i) for i in list(ids) if i in self._replies]
 
 
-def _node(client_app: Any, context: Context) -> Handler:
+def _node(
+    client_app: Any,
+    context: Context,
+    *,
+    errors_as_replies: bool,
+    drop: Callable[[int, Message], bool] | None,
+) -> Handler:
     def handle(msg: Message) -> Message:
-        reply: Message = client_app(msg, context)
-        return reply
+        if drop is not None and drop(int(context.node_id), msg):
+            return Message(Error(code=2, reason="node gone"), reply_to=msg)
+        if not errors_as_replies:
+            reply: Message = client_app(msg, context)
+            return reply
+        try:
+            return client_app(msg, context)  # type: ignore[no-any-return]
+        except Exception as err:  # noqa: BLE001 - what Flower does with it
+            return Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
 
     return handle
 
 
-def run_in_process(*, server_app: Any, client_app: Any, num_supernodes: int, **_: Any) -> None:
-    """Flower's ``run_simulation``, every node in this process."""
+def run_in_process(
+    *,
+    server_app: Any,
+    client_app: Any,
+    num_supernodes: int,
+    errors_as_replies: bool = False,
+    drop: Callable[[int, Message], bool] | None = None,
+    grids: list[InProcessGrid] | None = None,
+    **_: Any,
+) -> None:
+    """Flower's ``run_simulation``, every node in this process.
+
+    ``errors_as_replies``: a ClientApp exception becomes an error reply, as Flower sends
+    it (by default it propagates); ``drop(node_id, msg)`` selects messages that get an
+    error reply instead of an answer (a node that is gone); ``grids`` collects the grid.
+    """
     nodes: dict[int, Handler] = {}
     for k in range(num_supernodes):
         config: dict[str, bool | float | int | str] = {
@@ -64,6 +91,9 @@ def run_in_process(*, server_app: Any, client_app: Any, num_supernodes: int, **_
         context = Context(
             run_id=1, node_id=k + 1, node_config=config, state=RecordDict(), run_config={}
         )
-        nodes[k + 1] = _node(client_app, context)
+        nodes[k + 1] = _node(client_app, context, errors_as_replies=errors_as_replies, drop=drop)
+    grid = InProcessGrid(nodes)
+    if grids is not None:
+        grids.append(grid)
     server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    server_app(InProcessGrid(nodes), server)
+    server_app(grid, server)
