@@ -15,8 +15,8 @@ partitioner and seed), the same config. Both with ``--set num-rounds=ROUNDS``. I
   the slowest node's own time on that message (its worker's ``reply after`` log line).
 
 The three nodes share this machine's cores as the walkthrough types them: each
-``fedtune deploy supernode`` runs with its default ``--threads auto`` (its worker takes
-``max(1, cores // live workers)`` torch threads; ``fedtune/node/cores.py``); nothing here
+``fedtune deploy supernode`` runs with its default ``--threads auto`` (the workers take
+turns, each using every core for its message; ``fedtune/node/cores.py``); nothing here
 sets ``OMP_NUM_THREADS``. ``--threads N`` passes a fixed count to every node instead.
 
 Every process it starts carries an environment tag and is stopped at the end; nothing
@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "FEDTUNE_BENCH_DEPLOY"
 NODES = 3
+#: Seconds the idle deployment is watched for its own CPU use before the run.
+IDLE_WINDOW = 10.0
 
 
 def _free_port() -> int:
@@ -73,6 +75,17 @@ def _tagged(tag: str) -> list[int]:
                 if f"{TAG}={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(int(entry.name))
     return found
+
+
+def _cpu_seconds(tag: str) -> float:
+    """CPU seconds (user + system) the live processes carrying ``tag`` have used."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in _tagged(tag):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _run(cmd: list[str], tag: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -187,6 +200,10 @@ def deployed(
             raise SystemExit("the node workers did not start:\n" + logs[names[0]].read_text())
         time.sleep(1)
     time.sleep(5)  # the SuperNodes connect
+    idle = _cpu_seconds(tag)
+    time.sleep(IDLE_WINDOW)
+    idle_share = (_cpu_seconds(tag) - idle) / IDLE_WINDOW
+    print(f"idle deployment (SuperLink, {NODES} nodes): {100 * idle_share:.1f}% of one core")
     run_dir = work / "server-run"
     start_wall = time.perf_counter()
     _run(

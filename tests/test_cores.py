@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,27 +17,60 @@ from fedtune.node import cores
 @pytest.fixture(autouse=True)
 def _own_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(cores.tempfile, "gettempdir", lambda: str(tmp_path))
-    monkeypatch.setattr(cores, "_registered", set())
 
 
-def test_auto_shares_the_cores_among_live_workers() -> None:
-    assert cores.threads_for("auto", cores=8) == 8  # nobody registered yet: all of them
-    cores.register()
+#: A worker stand-in: takes the turn, says so on stdout, holds it for argv[1] seconds.
+HOLDER = """
+import sys, time
+from fedtune.node import cores
+with cores.turn() as waited:
+    print(f"in {time.time()} {waited}", flush=True)
+    time.sleep(float(sys.argv[1]))
+    print(f"out {time.time()}", flush=True)
+"""
+
+
+def _holder(tmp_path: Path, seconds: float) -> subprocess.Popen[str]:
+    env = {**os.environ, cores.ENV: "auto", "TMPDIR": str(tmp_path)}
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(seconds)], env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_auto_workers_take_turns_and_each_uses_every_core(tmp_path: Path) -> None:
     assert cores.threads_for("auto", cores=8) == 8
-    others = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])]
-    others.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]))
-    try:
-        for p in others:
-            cores.register(p.pid)
-        assert cores.live_workers() == 3
-        assert cores.threads_for("auto", cores=8) == 2
-        assert cores.threads_for("auto", cores=2) == 1  # never 0
-    finally:
-        for p in others:
-            p.kill()
-            p.wait()
-    assert cores.live_workers() == 1  # stopped workers' entries are removed
-    assert cores.threads_for("auto", cores=8) == 8
+    assert cores.threads_for("auto", cores=2) == 2
+    first = _holder(tmp_path, 1.5)
+    assert first.stdout is not None
+    entered = float(first.stdout.readline().split()[1])  # the first holds the turn now
+    second = _holder(tmp_path, 0.0)
+    out_second, _ = second.communicate(timeout=60)
+    out_first, _ = first.communicate(timeout=60)
+    released = float(out_first.split()[1])
+    _, second_in, waited = out_second.splitlines()[0].split()
+    assert float(second_in) >= released  # never both at once
+    assert float(waited) > 0.5 and float(second_in) - entered >= 1.4
+
+
+def test_a_worker_that_dies_releases_its_turn(tmp_path: Path) -> None:
+    holder = _holder(tmp_path, 60.0)
+    assert holder.stdout is not None
+    holder.stdout.readline()
+    holder.kill()
+    holder.wait()
+    out, _ = _holder(tmp_path, 0.0).communicate(timeout=30)
+    assert float(out.split()[2]) < 5.0
+
+
+def test_without_auto_there_are_no_turns(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(cores.ENV, "1")
+    with cores.turn() as waited:
+        assert waited == 0.0
+    assert not (tmp_path / f"fedtune-nodes-{os.getuid()}").exists()
+    monkeypatch.setenv(cores.ENV, "auto")
+    with cores.turn() as waited:
+        assert waited < 5.0
+    assert (cores.registry_dir() / cores.TURN_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_a_count_is_taken_as_given_and_nonsense_is_one_line() -> None:
@@ -46,13 +80,9 @@ def test_a_count_is_taken_as_given_and_nonsense_is_one_line() -> None:
             cores.threads_for(bad, cores=2)
 
 
-def test_node_threads_registers_the_worker_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_node_threads_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cores.ENV, "auto")
-    first = cores.node_threads()
-    assert first >= 1
-    assert cores.live_workers() == 1
-    cores.node_threads()
-    assert len(list(cores.registry_dir().iterdir())) == 1
+    assert cores.node_threads() == (os.cpu_count() or 1)
     monkeypatch.setenv(cores.ENV, "5")
     assert cores.node_threads() == 5
 
@@ -78,6 +108,12 @@ def test_the_worker_launch_carries_the_share(tmp_path: Path) -> None:
 
 
 def test_a_planted_registry_is_refused(tmp_path: Path) -> None:
-    (tmp_path / f"fedtune-nodes-{__import__('os').getuid()}").write_text("not a dir")
-    with pytest.raises(ConfigError, match="is not a directory of this user's"):
+    planted = tmp_path / f"fedtune-nodes-{os.getuid()}"
+    planted.write_text("not a dir")
+    with pytest.raises(ConfigError, match="is not a private directory of this user's"):
+        cores.registry_dir()
+    planted.unlink()
+    planted.mkdir(mode=0o700)
+    planted.chmod(0o777)  # anyone could plant the turn file: refused
+    with pytest.raises(ConfigError, match="is not a private directory of this user's"):
         cores.registry_dir()

@@ -131,12 +131,10 @@ def test_role_command_lines_keep_tls_auth_and_loopback(tmp_path: Path) -> None:
     assert f'state-dir="{(tmp_path / "n0").resolve()}"' in node_config
     assert "partition-id=0 num-partitions=3" in node_config
     assert node.env["HF_HUB_OFFLINE"] == "1"
-    # Flower's SuperExec polls for new apps ten times a second, not once (one round waits twice).
-    assert (
-        node.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]
-        == link.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]
-        == "0.1"
-    )
+    # A node's SuperExec polls for its ClientApps four times a second (Flower: once); the
+    # SuperLink's, which starts one ServerApp per run, keeps Flower's second.
+    assert node.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.25"
+    assert "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in link.env
     with pytest.raises(ConfigError, match="--superlink must be HOST:PORT, got 'nowhere'"):
         roles.supernode(
             superlink_address="nowhere", ca=files.ca_cert, key=key.private, port=1, config=config

@@ -210,9 +210,9 @@ def add_parser(sub: Any) -> None:
         "--threads",
         default="auto",
         metavar="N|auto",
-        help="torch threads of this node's worker: `auto` (default) takes its share of the "
-        "cores among the nodes running on this machine (cores // live nodes, at least 1, "
-        "counted before each message), or a fixed count",
+        help="torch threads of this node's worker: `auto` (default) uses every core, and "
+        "the nodes this user runs on one machine take turns, one message's work at a time; "
+        "or a fixed count, with no turns",
     )
     policy = sn.add_argument_group(
         "privacy policy",

@@ -48,9 +48,6 @@ OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
 }
 
-#: Flower's SuperExec poll interval (seconds; Flower accepts 0.01 to 60, default 1).
-SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-
 #: Where the SuperLink itself listens (Control, runtime and Fleet API together).
 LOOPBACK = "127.0.0.1"
 
@@ -91,9 +88,6 @@ def _environment(flwr_home: Path, base: Mapping[str, str] | None) -> dict[str, s
     env.update(OFFLINE_ENV)
     env["FLWR_HOME"] = str(flwr_home)
     env.setdefault("MPLCONFIGDIR", str(flwr_home / "matplotlib"))
-    # Flower's SuperExec looks for a new app to start once a second by default; a round
-    # waits for it twice (ServerApp, ClientApp), so look ten times as often.
-    env.setdefault(SUPEREXEC_POLL, "0.1")
     return env
 
 

@@ -5,7 +5,10 @@ it asks the SuperLink for a message and finds none, and 0.5 s each time it looks
 own state for a reply that is not there yet; neither is a setting. A deployed round
 therefore waits, per message and node, up to 3 s before the node even sees its message
 (``docs/deployment.md``, "How long a round takes"). Its SuperExec polls for tasks every
-1 s, which Flower does let us set (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+1 s, which Flower does let us set (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``): every
+:data:`SUPEREXEC_POLL_SECONDS` on a node. (The SuperLink's own SuperExec keeps Flower's
+1 s: it starts one ServerApp per run, and each of its polls costs the SuperLink an
+authenticated HTTP request.)
 
 :func:`write_launcher` writes a copy of the ``flower-supernode`` entry script that the
 deployment would run, with one line added before Flower's entry point is called:
@@ -42,7 +45,10 @@ IDLE_POLL_SECONDS = 0.5
 LOCAL_WAIT_SECONDS = 0.1
 #: Flower's own setting for its SuperExec's task poll (default 1 s), and our value.
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_SECONDS = "0.1"
+#: 0.25 s: a message waits 0.125 s on average for its ClientApp to be started; each
+#: poll is an HTTP request to the SuperNode, so 0.1 s cost the three nodes of the
+#: walkthrough about 7% of one core between them, all run long (``bench_deploy.py``).
+SUPEREXEC_POLL_SECONDS = "0.25"
 
 #: The line of pip's console script for ``flower-supernode`` that imports the entry.
 _ENTRY_IMPORT = re.compile(r"^from flwr\.supernode\.cli import flower_supernode\s*$", re.M)

@@ -178,9 +178,6 @@ def runtime_for(
         policy = own_policy if own_policy is not None else NodePolicy.from_run_config(cfg)
         policy.check_run(cfg)
         _check_model_pin(policy, cfg)
-        threads = node_threads()  # this node's share of the machine (fedtune.node.cores)
-        if threads > 0:
-            torch.set_num_threads(threads)
         runtime = ClientRuntime(
             cfg,
             partition_id=partition_id,
@@ -355,6 +352,9 @@ def handle(
     if node_ceremony.CEREMONY in content.config_records:  # ckks-multiparty, before round 1
         merged = node_settings(run_config, node_config, deployed=deployed)
         return node_ceremony.reply(content, merged, node_config, run_id=run_id, deployed=deployed)
+    threads = node_threads()  # this node's share of the machine (fedtune.node.cores)
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # per message: gRPC may hand it another thread
     runtime = runtime_for(run_config, node_config, run_id=run_id, deployed=deployed)
     if "blame" in content.config_records:  # the blame step of verified aggregation
         return verify.blame_reply(runtime, content)

@@ -45,6 +45,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtune.ids import parse_decimal
+from fedtune.node import cores
 from fedtune.node.channel import (
     CHUNK_BYTES,
     DEFAULT_MAX_ADAPTER_PARAMS,
@@ -135,14 +136,17 @@ class NodeWorker:
         server_round = _round_of(content)
         log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
         try:
-            reply = node_round.handle(
-                message_type,
-                content,
-                run_config=run_config,
-                node_config=self.node_config,
-                run_id=run_id,
-                deployed=True,
-            )
+            with cores.turn() as waited:  # co-located nodes take turns (fedtune.node.cores)
+                if waited >= 0.1:
+                    log.info("round %s: this machine's turn after %.1f s", server_round, waited)
+                reply = node_round.handle(
+                    message_type,
+                    content,
+                    run_config=run_config,
+                    node_config=self.node_config,
+                    run_id=run_id,
+                    deployed=True,
+                )
         except Exception as err:  # noqa: BLE001 - a fixed code leaves; the worker lives on
             code = code_of(err)
             log.warning(
