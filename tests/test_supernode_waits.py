@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 import types
 from pathlib import Path
@@ -90,3 +91,44 @@ def test_the_supernode_launch_runs_the_given_program_with_a_short_superexec_poll
     )
     assert launch.argv[0] == str(tmp_path / "bin" / "flower-supernode")
     assert launch.env[waits.SUPEREXEC_POLL_ENV] == waits.SUPEREXEC_POLL_SECONDS
+
+
+def test_the_clientapp_entry_skips_the_supernodes_imports() -> None:
+    """Flower's own `flwr_clientapp`, imported in a fresh process without the SuperNode."""
+    probe = (
+        "import sys\n"
+        "from fedtune.deploy.supernode_waits import clientapp_entry\n"
+        "entry = clientapp_entry()\n"
+        "print(entry.__module__, entry.__name__)\n"
+        "print('flwr.supernode.cli.flower_supernode' in sys.modules, 'sqlalchemy' in sys.modules)\n"
+        "from flwr.supernode.cli import flower_supernode\n"  # its siblings still import
+        "print(callable(flower_supernode.flower_supernode))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split() == [
+        "flwr.supernode.cli.flwr_clientapp",
+        "flwr_clientapp",
+        "False",
+        "False",
+        "True",
+    ]
+
+
+def test_the_clientapp_launcher_is_flowers_script_with_the_lean_import(tmp_path: Path) -> None:
+    program = supernode_program("flwr-clientapp")
+    launcher = waits.write_clientapp_launcher(program, tmp_path)
+    assert launcher == tmp_path / "flwr-clientapp"
+    text, original = launcher.read_text(), program.read_text()
+    assert text.splitlines()[0] == original.splitlines()[0]
+    assert "clientapp_entry()" in text and "from flwr.supernode.cli import" not in text
+    assert launcher.stat().st_mode & 0o777 == 0o755
+    done = subprocess.run(
+        [str(launcher), "--help"], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "--runtime-api-address" in done.stdout
+    # Not the script this knows: nothing is written, Flower's own runs.
+    other = tmp_path / "other"
+    other.write_text("#!/usr/bin/python3\nprint('hello')\n")
+    assert waits.write_clientapp_launcher(other, tmp_path / "sub") is None

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from fedtune.config import collect_overrides
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.deploy import pki, roles, submit
 from fedtune.deploy.pki import MAX_DAYS
+from fedtune.deploy.priority import SUPERLINK_NICE, SUPERNODE_NICE, check_nice
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -157,6 +159,15 @@ def add_parser(sub: Any) -> None:
         default=9093,
         help="the SuperLink's own port on 127.0.0.1: Control API for `flwr` (default 9093)",
     )
+    sl.add_argument(
+        "--nice",
+        type=int,
+        default=SUPERLINK_NICE,
+        metavar="N",
+        help=f"start the SuperLink, its gateway and the ServerApps N steps nicer (default "
+        f"{SUPERLINK_NICE}; 0: as this command), so that on a machine shared with nodes "
+        "their polls yield to the training",
+    )
 
     reg = roles.add_parser(
         "register",
@@ -206,6 +217,14 @@ def add_parser(sub: Any) -> None:
     sn.add_argument("--data-path", type=Path, help="this node's own CSV / JSONL / dataset dir")
     sn.add_argument("--secret-context", type=Path, help="secret.ctx from `fedtune keygen`")
     sn.add_argument("--name", default="", help="the name in metrics and ledgers")
+    sn.add_argument(
+        "--nice",
+        type=int,
+        default=SUPERNODE_NICE,
+        metavar="N",
+        help=f"start Flower's SuperNode and the ClientApps N steps nicer than the worker "
+        f"(default {SUPERNODE_NICE}; 0: the same), so that their polls yield to training",
+    )
     sn.add_argument(
         "--threads",
         default="auto",
@@ -318,7 +337,7 @@ def _supervise_pair(first: Launch, second: Launch) -> int:
     for launch in (first, second):
         name = launch.argv[2] if launch.argv[0] == sys.executable else launch.argv[0]
         print(f"fedtune deploy: starting {name}", file=sys.stderr, flush=True)
-        children.append(subprocess.Popen(launch.argv, env=launch.env))
+        children.append(subprocess.Popen(launch.argv, env=launch.env, **launch.popen_kwargs()))
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -420,6 +439,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: private {key.private} (stays on the node), public {key.public}")
         return 0
     if args.role == "superlink":
+        nice = check_nice(args.nice)
         link = roles.superlink(
             certs=args.certs, state_dir=args.state_dir, control_port=args.control_port
         )
@@ -429,8 +449,9 @@ def run(args: argparse.Namespace) -> int:
             port=args.fleet_port,
             control_port=args.control_port,
         )
-        return _supervise_pair(link, gateway)
+        return _supervise_pair(replace(link, nice=nice), replace(gateway, nice=nice))
     if args.role == "supernode":
+        check_nice(args.nice)
         config = roles.node_config(
             state_dir=args.state_dir,
             data_path=args.data_path,

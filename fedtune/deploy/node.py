@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import stat
@@ -28,8 +29,9 @@ import time
 from pathlib import Path
 
 from fedtune.deploy import roles
+from fedtune.deploy.priority import SUPERNODE_NICE, check_nice
 from fedtune.deploy.roles import Launch
-from fedtune.deploy.supernode_waits import write_launcher
+from fedtune.deploy.supernode_waits import write_clientapp_launcher, write_launcher
 from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's one entry point
     RuntimeUser,
     _runs,
@@ -156,7 +158,9 @@ def supervise_node(
             if user
             else {}
         )
-        children["supernode"] = subprocess.Popen(node.argv, env=node.env, **extra)  # type: ignore[call-overload]
+        children["supernode"] = subprocess.Popen(  # type: ignore[call-overload]
+            node.argv, env=node.env, **extra, **node.popen_kwargs()
+        )
         backoff, up_since = 1.0, time.monotonic()
         while not stopping and children["supernode"].poll() is None:
             time.sleep(0.2)
@@ -312,10 +316,12 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     key, ca = prepare_runtime(
         runtime, user, private=private, key=args.key.resolve(), ca=args.ca.resolve()
     )
-    # Flower's SuperNode, with its idle waits shortened (the stock one if that cannot be).
+    # Flower's SuperNode, with its idle waits shortened, and its ClientApp's entry with a
+    # leaner import (Flower's own programs where that cannot be): fedtune/deploy/supernode_waits.py
     bin_dir = runtime / "bin"
     bin_dir.mkdir(mode=0o755, exist_ok=True)
     program = write_launcher(supernode_program(), bin_dir) or supernode_program()
+    lean = write_clientapp_launcher(supernode_program("flwr-clientapp"), bin_dir)
     node_config: dict[str, object] = {"worker": str(socket)}
     if args.name:
         node_config["name"] = args.name
@@ -329,6 +335,9 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
         home=runtime / "flwr-home",
         program=str(program),
     )
+    launch = dataclasses.replace(launch, nice=check_nice(getattr(args, "nice", SUPERNODE_NICE)))
+    if lean is not None:  # Flower's SuperExec finds `flwr-clientapp` on PATH
+        launch.env["PATH"] = os.pathsep.join(filter(None, (str(bin_dir), launch.env.get("PATH"))))
     if user is not None:
         launch.env["HOME"] = str(runtime / "flwr-home")
     return supervise_node(worker, launch, socket=socket, user=user, key=args.key)

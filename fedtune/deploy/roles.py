@@ -28,11 +28,14 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from fedtune.config import _toml_value
 from fedtune.deploy.guard import check_superlink_dirs
 from fedtune.deploy.pki import secret_dir
+from fedtune.deploy.priority import lower_priority
 from fedtune.deploy.supernode_waits import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS
 from fedtune.errors import ConfigError
 from fedtune.ids import is_decimal, parse_decimal
@@ -61,6 +64,14 @@ class Launch:
 
     argv: list[str]
     env: dict[str, str]
+    #: Steps nicer than the caller it runs (:mod:`fedtune.deploy.priority`); 0: the same.
+    nice: int = 0
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        """``subprocess.Popen`` keywords that start it ``nice`` steps nicer, in its own session."""
+        if self.nice <= 0:
+            return {}
+        return {"start_new_session": True, "preexec_fn": partial(lower_priority, self.nice)}
 
 
 def _file(path: Path, what: str, option: str) -> Path:

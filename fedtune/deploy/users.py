@@ -165,13 +165,11 @@ def _write_for(user: RuntimeUser, source: Path, target: Path) -> Path:
     return target
 
 
-def supernode_program() -> Path:
-    """The ``flower-supernode`` this environment runs: on PATH, else beside this Python."""
-    program = shutil.which("flower-supernode") or shutil.which(
-        "flower-supernode", path=str(Path(sys.executable).parent)
-    )
+def supernode_program(name: str = "flower-supernode") -> Path:
+    """The Flower program ``name`` this environment runs: on PATH, else beside this Python."""
+    program = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if program is None:
-        raise ConfigError("flower-supernode is not on PATH; activate fedtune's environment.")
+        raise ConfigError(f"{name} is not on PATH; activate fedtune's environment.")
     return Path(program)
 
 

@@ -1,0 +1,79 @@
+"""Flower's control plane started nicer than the nodes' training (fedtune/deploy/priority.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtune.deploy import priority
+from fedtune.deploy.roles import Launch
+from fedtune.errors import ConfigError
+
+#: Prints the child's niceness, its session id and its autogroup line (if the kernel has one).
+PROBE = (
+    "import os, pathlib\n"
+    "p = pathlib.Path('/proc/self/autogroup')\n"
+    "print(os.nice(0), os.getsid(0), p.read_text().strip() if p.exists() else '-')\n"
+)
+
+
+def _probe(launch: Launch) -> tuple[int, int, str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=launch.env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        **launch.popen_kwargs(),
+    )
+    nice, sid, autogroup = done.stdout.split(maxsplit=2)
+    return int(nice), int(sid), autogroup.strip()
+
+
+def test_a_nice_launch_runs_nicer_in_a_session_of_its_own() -> None:
+    base = os.nice(0)
+    nice, sid, autogroup = _probe(Launch([], dict(os.environ), nice=5))
+    assert nice == min(19, base + 5)
+    assert sid != os.getsid(0)
+    if Path("/proc/self/autogroup").exists():  # the kernel shares CPU by autogroup first
+        assert autogroup.endswith(" nice 5"), autogroup
+
+
+def test_nice_zero_starts_it_as_before() -> None:
+    nice, sid, _ = _probe(Launch([], dict(os.environ)))
+    assert nice == os.nice(0) and sid == os.getsid(0)
+    assert Launch([], {}).popen_kwargs() == {}
+
+
+@pytest.mark.parametrize("bad", [-1, 20, 100])
+def test_a_niceness_outside_0_to_19_is_one_line(bad: int) -> None:
+    with pytest.raises(ConfigError, match=rf"--nice must be from 0 to 19, got {bad}\."):
+        priority.check_nice(bad)
+    assert priority.check_nice(0) == 0 and priority.check_nice(19) == 19
+
+
+def test_the_commands_take_the_option_with_their_defaults(tmp_path: Path) -> None:
+    for role, default in (("superlink", "19"), ("supernode", "10")):
+        done = subprocess.run(
+            [sys.executable, "-m", "fedtune.cli", "deploy", role, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        assert "--nice N" in done.stdout and f"(default {default};" in " ".join(done.stdout.split())
+    done = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "deploy", "superlink", "--certs", str(tmp_path)]
+        + ["--state-dir", str(tmp_path / "s"), "--nice", "25"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "--nice must be from 0 to 19, got 25." in done.stderr
+    assert "Traceback" not in done.stderr
