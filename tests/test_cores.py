@@ -44,6 +44,11 @@ def test_auto_workers_take_turns_and_each_uses_every_core(tmp_path: Path) -> Non
     assert first.stdout is not None
     entered = float(first.stdout.readline().split()[1])  # the first holds the turn now
     second = _holder(tmp_path, 0.0)
+    with pytest.MonkeyPatch.context() as mp:  # this process too: told that it waits
+        mp.setenv(cores.ENV, "auto")
+        told: list[bool] = []
+        with cores.turn(on_wait=lambda: told.append(True)) as waited:
+            assert told == [True] and waited > 0.0
     out_second, _ = second.communicate(timeout=60)
     out_first, _ = first.communicate(timeout=60)
     released = float(out_first.split()[1])

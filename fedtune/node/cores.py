@@ -32,7 +32,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedtune.errors import ConfigError
@@ -84,12 +84,13 @@ def node_threads() -> int:
 
 
 @contextlib.contextmanager
-def turn() -> Iterator[float]:
+def turn(on_wait: Callable[[], None] | None = None) -> Iterator[float]:
     """Hold this machine's turn while a message is worked on; yields the seconds waited.
 
     Only under ``--threads auto`` (``FEDTUNE_THREADS=auto``); otherwise it waits for
-    nothing and yields 0. The turn file is opened without following links and never
-    read or written: only its lock counts.
+    nothing and yields 0. ``on_wait`` is called once if another worker holds the turn
+    now (before waiting for it). The turn file is opened without following links and
+    never read or written: only its lock counts.
     """
     if os.environ.get(ENV, "") != "auto":
         yield 0.0
@@ -98,7 +99,12 @@ def turn() -> Iterator[float]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         start = time.perf_counter()
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield time.perf_counter() - start
     finally:
         os.close(fd)  # closing the descriptor releases the lock

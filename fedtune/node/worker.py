@@ -136,7 +136,13 @@ class NodeWorker:
         server_round = _round_of(content)
         log.info("round %s: %s message (run %s)", server_round, message_type, run_id)
         try:
-            with cores.turn() as waited:  # co-located nodes take turns (fedtune.node.cores)
+            with cores.turn(  # co-located nodes take turns (fedtune.node.cores)
+                on_wait=lambda: log.info(
+                    "round %s: waiting for this machine's turn (another node of this user "
+                    "is working)",
+                    server_round,
+                )
+            ) as waited:
                 if waited >= 0.1:
                     log.info("round %s: this machine's turn after %.1f s", server_round, waited)
                 reply = node_round.handle(
