@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fedtune.config import ModelConfig
 
 WORDS = {
     "animal": ["dog", "cat", "horse", "bird", "fish", "wolf"],
@@ -256,3 +260,17 @@ def toy_preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for row in toy_preference_rows():
             fh.write(json.dumps(row) + "\n")
     return path
+
+
+def lora_llama_config(model_dir: Path, quantization: str = "none") -> ModelConfig:
+    """A causal-LM ``ModelConfig`` over the tiny Llama: LoRA rank 4 on q/v, ``quantization``."""
+    from fedtune.config import ModelConfig
+
+    return ModelConfig(
+        task="causal-lm",
+        model_path=str(model_dir),
+        lora_rank=4,
+        lora_alpha=8,
+        lora_target_modules="q_proj,v_proj",
+        base_quantization=quantization,  # type: ignore[arg-type]
+    )

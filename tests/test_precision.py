@@ -22,19 +22,13 @@ from fedtune.privacy.dpsgd import make_dp_training
 from fedtune.privacy.noise import SeededNoise
 from fedtune.privacy.optimizer import sourced_dp_optimizer
 from fedtune.train.loop import compute_precision, train_local
+from tests.conftest import lora_llama_config
 
 CPU = torch.device("cpu")
 
 
 def _cfg(model_dir: Path, quantization: str = "none") -> ModelConfig:
-    return ModelConfig(
-        task="causal-lm",
-        model_path=str(model_dir),
-        lora_rank=4,
-        lora_alpha=8,
-        lora_target_modules="q_proj,v_proj",
-        base_quantization=quantization,  # type: ignore[arg-type]
-    )
+    return lora_llama_config(model_dir, quantization)
 
 
 def _ragged(vocab: int, n: int = 12) -> list[dict[str, torch.Tensor]]:

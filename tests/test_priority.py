@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,40 @@ def test_the_commands_take_the_option_with_their_defaults(tmp_path: Path) -> Non
     )
     assert done.returncode != 0 and "--nice must be from 0 to 19, got 25." in done.stderr
     assert "Traceback" not in done.stderr
+
+
+#: A supervisor stand-in: starts a nice child that sleeps, prints the child's pid, waits.
+SUPERVISOR = (
+    "import os, subprocess, sys, time\n"
+    "from fedtune.deploy.roles import Launch\n"
+    "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+    "launch = Launch(sleeper, dict(os.environ), nice=3)\n"
+    "child = subprocess.Popen(launch.argv, env=launch.env, **launch.popen_kwargs())\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie waits only to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_nice_child_stops_when_its_supervisor_is_killed() -> None:
+    """In a session of its own it misses the terminal's signals; its parent's death is one."""
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR], stdout=subprocess.PIPE, text=True
+    )
+    assert supervisor.stdout is not None
+    child = int(supervisor.stdout.readline())
+    supervisor.kill()
+    supervisor.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while (alive := _running(child)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the child outlived its supervisor"

@@ -20,19 +20,13 @@ from fedtune.model import (
     load_base_model,
     set_adapter_vector,
 )
+from tests.conftest import lora_llama_config
 
 CPU = torch.device("cpu")
 
 
 def _cfg(model_dir: Path, quantization: str = "int8") -> ModelConfig:
-    return ModelConfig(
-        task="causal-lm",
-        model_path=str(model_dir),
-        lora_rank=4,
-        lora_alpha=8,
-        lora_target_modules="q_proj,v_proj",
-        base_quantization=quantization,  # type: ignore[arg-type]
-    )
+    return lora_llama_config(model_dir, quantization)
 
 
 def _rows(vocab: int, n: int = 16, length: int = 12) -> list[dict[str, torch.Tensor]]:

@@ -344,10 +344,10 @@ def _supervise_pair(first: Launch, second: Launch) -> int:
         nonlocal stopping
         stopping = True
         for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+            if child.poll() is None:  # a closed terminal stops them as SIGTERM would
+                child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     try:
         while all(child.poll() is None for child in children):

@@ -231,8 +231,9 @@ class FleetGateway:
             read = 0
             more = length != 0
             while more:
-                try:
-                    message = await asyncio.wait_for(receive(), idle)
+                try:  # not wait_for: on 3.11 it can swallow the request deadline's cancel
+                    async with asyncio.timeout(idle):
+                        message = await receive()
                 except TimeoutError:
                     raise BodyRefused(408) from None
                 if message["type"] == "http.disconnect":

@@ -126,10 +126,10 @@ def supervise_node(
         nonlocal stopping
         stopping = True
         for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
+            if child.poll() is None:  # a closed terminal stops them as SIGTERM would
+                child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     try:
         proc = start_worker()

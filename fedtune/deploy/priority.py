@@ -23,12 +23,17 @@ wants either way.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 from pathlib import Path
 
 from fedtune.errors import ConfigError
 
 __all__ = ["SUPERLINK_NICE", "SUPERNODE_NICE", "check_nice", "lower_priority"]
+
+#: prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 #: The SuperLink, its gateway and the ServerApp (they run while the nodes are idle, or far away).
 SUPERLINK_NICE = 19
@@ -49,6 +54,9 @@ def lower_priority(steps: int) -> None:
 
     The child must be a session leader (``start_new_session=True``) for the autogroup to
     be its own; errors are ignored, the priority being a courtesy, never a condition.
+    In a session of its own the child no longer gets its terminal's signals with its
+    parent, so it also asks the kernel for SIGTERM when the parent dies (Linux
+    ``PR_SET_PDEATHSIG``): a supervisor killed outright leaves no Flower process behind.
     """
     if steps <= 0:
         return
@@ -56,3 +64,5 @@ def lower_priority(steps: int) -> None:
         os.nice(steps)
     with contextlib.suppress(OSError):
         Path("/proc/self/autogroup").write_text(str(steps))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
