@@ -42,7 +42,9 @@ def test_a_nice_launch_runs_nicer_in_a_session_of_its_own() -> None:
     nice, sid, autogroup = _probe(Launch([], dict(os.environ), nice=5))
     assert nice == min(19, base + 5)
     assert sid != os.getsid(0)
-    if Path("/proc/self/autogroup").exists():  # the kernel shares CPU by autogroup first
+    # The kernel shares CPU by autogroup first; unprivileged writes are rate-limited (one per
+    # 0.1 s machine-wide, so best effort there), root's are not.
+    if Path("/proc/self/autogroup").exists() and os.geteuid() == 0:
         assert autogroup.endswith(" nice 5"), autogroup
 
 
