@@ -40,7 +40,7 @@ def _holder(tmp_path: Path, seconds: float) -> subprocess.Popen[str]:
 def test_auto_workers_take_turns_and_each_uses_every_core(tmp_path: Path) -> None:
     assert cores.threads_for("auto", cores=8) == 8
     assert cores.threads_for("auto", cores=2) == 2
-    first = _holder(tmp_path, 1.5)
+    first = _holder(tmp_path, 3.0)
     assert first.stdout is not None
     entered = float(first.stdout.readline().split()[1])  # the first holds the turn now
     second = _holder(tmp_path, 0.0)
@@ -54,7 +54,7 @@ def test_auto_workers_take_turns_and_each_uses_every_core(tmp_path: Path) -> Non
     released = float(out_first.split()[1])
     _, second_in, waited = out_second.splitlines()[0].split()
     assert float(second_in) >= released  # never both at once
-    assert float(waited) > 0.5 and float(second_in) - entered >= 1.4
+    assert float(waited) > 0.5 and float(second_in) - entered >= 2.9
 
 
 def test_a_worker_that_dies_releases_its_turn(tmp_path: Path) -> None:
