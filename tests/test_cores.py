@@ -15,7 +15,7 @@ from fedtune.node import cores
 
 
 @pytest.fixture(autouse=True)
-def _own_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _own_turn_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(cores.tempfile, "gettempdir", lambda: str(tmp_path))
 
 
@@ -75,7 +75,7 @@ def test_without_auto_there_are_no_turns(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv(cores.ENV, "auto")
     with cores.turn() as waited:
         assert waited < 5.0
-    assert (cores.registry_dir() / cores.TURN_FILE).stat().st_mode & 0o777 == 0o600
+    assert (cores.turn_dir() / cores.TURN_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_a_count_is_taken_as_given_and_nonsense_is_one_line() -> None:
@@ -112,13 +112,13 @@ def test_the_worker_launch_carries_the_share(tmp_path: Path) -> None:
         roles.node_worker(config=config, socket=tmp_path / "w.sock", base_env={}, threads="x")
 
 
-def test_a_planted_registry_is_refused(tmp_path: Path) -> None:
+def test_a_planted_turn_dir_is_refused(tmp_path: Path) -> None:
     planted = tmp_path / f"fedtune-nodes-{os.getuid()}"
     planted.write_text("not a dir")
     with pytest.raises(ConfigError, match="is not a private directory of this user's"):
-        cores.registry_dir()
+        cores.turn_dir()
     planted.unlink()
     planted.mkdir(mode=0o700)
     planted.chmod(0o777)  # anyone could plant the turn file: refused
     with pytest.raises(ConfigError, match="is not a private directory of this user's"):
-        cores.registry_dir()
+        cores.turn_dir()

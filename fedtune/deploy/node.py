@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from fedtune.deploy import roles
-from fedtune.deploy.priority import SUPERNODE_NICE, check_nice
+from fedtune.deploy.priority import SUPERNODE_NICE
 from fedtune.deploy.roles import Launch
 from fedtune.deploy.supernode_waits import write_clientapp_launcher, write_launcher
 from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's one entry point
@@ -335,7 +335,8 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
         home=runtime / "flwr-home",
         program=str(program),
     )
-    launch = dataclasses.replace(launch, nice=check_nice(getattr(args, "nice", SUPERNODE_NICE)))
+    # `--nice` was checked by `fedtune deploy` before any file was read
+    launch = dataclasses.replace(launch, nice=getattr(args, "nice", SUPERNODE_NICE))
     if lean is not None:  # Flower's SuperExec finds `flwr-clientapp` on PATH
         launch.env["PATH"] = os.pathsep.join(filter(None, (str(bin_dir), launch.env.get("PATH"))))
     if user is not None:

@@ -37,16 +37,16 @@ from pathlib import Path
 
 from fedtune.errors import ConfigError
 
-__all__ = ["ENV", "node_threads", "registry_dir", "threads_for", "turn"]
+__all__ = ["ENV", "node_threads", "threads_for", "turn", "turn_dir"]
 
 #: The environment variable ``fedtune deploy supernode`` sets on its worker.
 ENV = "FEDTUNE_THREADS"
 
-#: The file whose ``flock`` is the machine's turn, in :func:`registry_dir`.
+#: The file whose ``flock`` is the machine's turn, in :func:`turn_dir`.
 TURN_FILE = "turn.lock"
 
 
-def registry_dir() -> Path:
+def turn_dir() -> Path:
     """This user's directory for the turn (mode 0700, created on first use)."""
     path = Path(tempfile.gettempdir()) / f"fedtune-nodes-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
@@ -95,7 +95,7 @@ def turn(on_wait: Callable[[], None] | None = None) -> Iterator[float]:
     if os.environ.get(ENV, "") != "auto":
         yield 0.0
         return
-    path = registry_dir() / TURN_FILE
+    path = turn_dir() / TURN_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         start = time.perf_counter()
