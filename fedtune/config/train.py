@@ -54,7 +54,8 @@ class TrainConfig:
         metadata={
             "help": "Compute of the training forward pass: `fp32`, or `bf16` (torch.autocast "
             "to bfloat16 on CUDA or CPU; weights, LoRA tensors and the optimizer stay "
-            "float32, DP-SGD clips each per-example gradient in float64). Same DP release "
+            "float32, DP-SGD clips each per-example gradient in float64 with `dp-noise = grid`, "
+            "float32 with `float`). Same DP release "
             "and accounting (docs/scale.md)."
         },
     )

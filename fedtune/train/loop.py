@@ -36,9 +36,10 @@ def compute_precision(precision: Precision, device: torch.device) -> torch.autoc
     Under ``torch.autocast`` matrix products run in bfloat16 while parameters stay
     float32; the backward pass follows the forward's dtypes. Opacus' per-example
     gradient hooks then receive bfloat16 activations and output gradients and return
-    bfloat16 per-example gradients, which fedtune's DP optimizer copies to float64 before
-    it computes norms and clips (:mod:`fedtune.privacy.optimizer`): the bound holds on
-    exactly the values that are summed. Works on CUDA and CPU (tests/test_precision.py).
+    bfloat16 per-example gradients, which fedtune's DP optimizer copies to float64
+    (``dp-noise = "grid"``) or to the parameters' float32 (``"float"``) before it computes
+    norms and clips (:mod:`fedtune.privacy.optimizer`): the bound holds on exactly the
+    values that are summed. Works on CUDA and CPU (tests/test_precision.py).
     """
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
