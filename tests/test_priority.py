@@ -118,3 +118,32 @@ def test_a_nice_child_stops_when_its_supervisor_is_killed() -> None:
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive, "the child outlived its supervisor"
+
+
+#: `fedtune deploy superlink`'s supervisor over two sleepers; prints their pids, then runs.
+PAIR = (
+    "import os, sys\n"
+    "from fedtune.deploy.cli import _supervise_pair\n"
+    "from fedtune.deploy.roles import Launch\n"
+    "code = 'import os, time; print(os.getpid(), flush=True); time.sleep(120)'\n"
+    "a, b = (Launch([sys.executable, '-c', code], dict(os.environ), nice=n) for n in (0, 3))\n"
+    "sys.exit(_supervise_pair(a, b))\n"
+)
+
+
+def test_a_closed_terminal_stops_the_supervisor_and_its_children() -> None:
+    """SIGHUP is taken as SIGTERM: the children are stopped and the supervisor exits 0."""
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", PAIR], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert supervisor.stdout is not None
+    children = [int(supervisor.stdout.readline()) for _ in range(2)]
+    supervisor.send_signal(signal.SIGHUP)
+    assert supervisor.wait(timeout=60) == 0  # handled, not killed by the signal
+    deadline = time.monotonic() + 20
+    while any(_running(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [c for c in children if _running(c)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a child outlived its supervisor's SIGHUP"
