@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune import procs
 from fedtune.config import collect_overrides
 from fedtune.config.reference import KeysHelpFormatter, keys_epilog
 from fedtune.deploy import pki, roles, submit
@@ -338,32 +338,14 @@ def _supervise_pair(first: Launch, second: Launch) -> int:
         name = launch.argv[2] if launch.argv[0] == sys.executable else launch.argv[0]
         print(f"fedtune deploy: starting {name}", file=sys.stderr, flush=True)
         children.append(subprocess.Popen(launch.argv, env=launch.env, **launch.popen_kwargs()))
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:  # a closed terminal stops them as SIGTERM would
-                child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
+    relay = procs.StopRelay(children)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.2)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        procs.end_children(children)
     codes = [child.returncode for child in children]
-    if stopping:
+    if relay.stopping:
         return 0
     return next((c for c in codes if c != 0), 0) or 1
 

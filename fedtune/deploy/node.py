@@ -21,13 +21,13 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import signal
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fedtune import procs
 from fedtune.deploy import roles
 from fedtune.deploy.priority import SUPERNODE_NICE
 from fedtune.deploy.roles import Launch
@@ -63,35 +63,6 @@ __all__ = [
 ]
 
 
-def _descendants(pid: int) -> set[int]:
-    """The processes below ``pid`` (from ``/proc``; empty where there is none)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _stop_all(pids: set[int], timeout: float = 10.0) -> None:
-    """SIGTERM ``pids``, then SIGKILL those still alive after ``timeout`` seconds."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _wait_ready(worker: subprocess.Popen[bytes], socket: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,8 +84,8 @@ def supervise_node(
     ready_timeout: float = 600.0,
 ) -> int:
     """Run the worker, then the SuperNode; restart the worker if it dies; stop both at the end."""
-    stopping = False
     children: dict[str, subprocess.Popen[bytes]] = {}
+    relay = procs.StopRelay(children.values())
 
     def start_worker() -> subprocess.Popen[bytes]:
         print("fedtune deploy: starting the node worker", file=sys.stderr, flush=True)
@@ -122,19 +93,10 @@ def supervise_node(
         children["worker"] = proc
         return proc
 
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children.values():
-            if child.poll() is None:  # a closed terminal stops them as SIGTERM would
-                child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
     try:
         proc = start_worker()
         if not _wait_ready(proc, socket, ready_timeout):
-            if stopping:
+            if relay.stopping:
                 return 0
             print(
                 f"fedtune deploy supernode: error: the node worker did not become ready on "
@@ -162,10 +124,10 @@ def supervise_node(
             node.argv, env=node.env, **extra, **node.popen_kwargs()
         )
         backoff, up_since = 1.0, time.monotonic()
-        while not stopping and children["supernode"].poll() is None:
+        while not relay.stopping and children["supernode"].poll() is None:
             time.sleep(0.2)
             worker_proc = children["worker"]
-            if worker_proc.poll() is not None and not stopping:
+            if worker_proc.poll() is not None and not relay.stopping:
                 if time.monotonic() - up_since > 60:
                     backoff = 1.0
                 print(
@@ -176,31 +138,21 @@ def supervise_node(
                 )
                 time.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
-                if not stopping:
+                if not relay.stopping:
                     start_worker()
                     up_since = time.monotonic()
     finally:
         # The SuperNode's own children (its SuperExec and the ClientApps it started) are
         # stopped with it: found now, before they are orphaned.
-        below = set()
-        for child in children.values():
-            below |= _descendants(child.pid)
-        for child in children.values():
-            if child.poll() is None:
-                child.terminate()
-        for child in children.values():
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        _stop_all(below)
+        below = [p for child in children.values() for p in procs.descendants(child.pid)]
+        procs.end_children(children.values())
+        procs.stop_processes(below, grace=10.0)
         # A worker that dropped to --worker-user cannot remove its socket from our
         # directory; without it a ClientApp knows at once that no worker is coming.
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(socket).st_mode):
                 socket.unlink()
-    if stopping:
+    if relay.stopping:
         return 0
     code = children["supernode"].returncode
     if code > 0:  # Flower exits 1 on any error; its log line above has the code (305: refused)

@@ -23,17 +23,14 @@ wants either way.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 from pathlib import Path
 
+from fedtune import procs
 from fedtune.errors import ConfigError
 
 __all__ = ["SUPERLINK_NICE", "SUPERNODE_NICE", "check_nice", "lower_priority"]
-
-#: prctl(2) option: the signal this process gets when its parent dies.
-_PR_SET_PDEATHSIG = 1
 
 #: The SuperLink, its gateway and the ServerApp (they run while the nodes are idle, or far away).
 SUPERLINK_NICE = 19
@@ -64,5 +61,4 @@ def lower_priority(steps: int) -> None:
         os.nice(steps)
     with contextlib.suppress(OSError):
         Path("/proc/self/autogroup").write_text(str(steps))
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    procs.prctl(procs.PR_SET_PDEATHSIG, signal.SIGTERM)

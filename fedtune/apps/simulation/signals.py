@@ -26,7 +26,6 @@ whose raylet died first is still its descendant and is found and stopped.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -36,6 +35,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fedtune import procs
+
 __all__ = ["RunStop", "descendants", "stop_descendants"]
 
 #: Seconds the stop waits for a run file being written before it goes on anyway.
@@ -43,47 +44,17 @@ WRITE_WAIT = 10.0
 #: Seconds between SIGTERM and SIGKILL for the processes this one started.
 GRACE = 3.0
 
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def _become_subreaper() -> None:
-    """Adopt orphaned descendants (Linux ``prctl``); nothing elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
 
 def descendants() -> list[Any]:
     """Every live process below this one (``psutil.Process`` objects)."""
-    import psutil
-
-    try:
-        return [
-            p
-            for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE
-        ]
-    except psutil.Error:
-        return []
+    return procs.descendants()
 
 
 def stop_descendants(grace: float = GRACE) -> None:
     """SIGTERM every descendant, SIGKILL those alive after ``grace`` seconds, reap them."""
-    import psutil
-
-    procs = descendants()
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    # Processes started while we waited (a Ray worker being spawned) are killed too.
-    alive_pids = {p.pid for p in alive}
-    late = [p for p in descendants() if p.pid not in alive_pids]
-    for p in [*alive, *late]:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs([*alive, *late], timeout=grace)
+    killed = {p.pid for p in procs.stop_processes(descendants(), grace)}
+    # Processes started while we waited (a Ray worker being spawned) are stopped too.
+    procs.stop_processes([p for p in descendants() if p.pid not in killed], min(grace, 0.5))
     with contextlib.suppress(ChildProcessError, OSError):  # reap adopted orphans
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
@@ -119,7 +90,7 @@ class RunStop:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        _become_subreaper()
+        procs.prctl(procs.PR_SET_CHILD_SUBREAPER, 1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         try:
