@@ -243,3 +243,57 @@ def test_a_head_quantised_by_a_loader_is_refused() -> None:
     quantize_(model, Int8WeightOnlyConfig())  # a loader that quantised the head too
     with pytest.raises(ModelError, match=r"the loader quantised score, which must stay float"):
         quantize_base(model, "int8", device="cpu")
+
+
+#: A layer of float32 weights freed while a smaller allocation (its int8 copy) lives above
+#: it, with glibc's malloc called directly in a fresh process; prints the bytes the free gave
+#: back to the OS. ``sys.argv[1]``: ``outside``, ``inside`` or ``after`` the context.
+FREED_LAYER_PROBE = """
+import contextlib, ctypes, os, sys
+from fedtune.model.quantize import returning_freed_layers
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+def touched(size):
+    p = libc.malloc(size)
+    libc.memset(p, 1, size)
+    return p
+libc.free(touched(16 << 20))  # glibc's first large free raises its dynamic mmap threshold
+if sys.argv[1] == "after":
+    with returning_freed_layers():
+        pass
+with returning_freed_layers() if sys.argv[1] == "inside" else contextlib.nullcontext():
+    layer = touched(4 << 20)
+    touched(256 << 10)  # the small copy above it, kept
+    before = rss()
+    libc.free(layer)
+    print(before - rss())
+"""
+
+
+def test_a_layer_freed_while_loading_goes_back_to_the_os_at_once() -> None:
+    import subprocess
+    import sys
+
+    def returned(where: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", FREED_LAYER_PROBE, where],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return int(done.stdout)
+
+    mib = 1 << 20
+    # glibc as it runs: the 4 MiB block sits on the heap under the kept one and stays resident
+    assert returned("outside") < mib
+    # inside: served by mmap, returned whole on free
+    assert returned("inside") >= 4 * mib - 64 * 1024
+    # after: the loader's setting does not outlive it (glibc's ceiling, the heap again)
+    assert returned("after") < mib
