@@ -253,10 +253,12 @@ def test_metrics_plot_carries_the_run_settings(
     from fedtune.run.metrics import plot_metrics
 
     titles: list[str] = []
+    panels: list[list[str]] = []
     save = Figure.savefig
 
     def spy(self: Figure, *args: object, **kwargs: object) -> None:
         titles.append(self.get_suptitle())
+        panels.append([ax.get_title() for ax in self.axes])
         save(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Figure, "savefig", spy)
@@ -268,3 +270,9 @@ def test_metrics_plot_carries_the_run_settings(
         "dp example (target ε=8, δ=1e-05) · CKKS encrypted"
     ]
     assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    assert panels[0][:2] == ["held-out accuracy", "loss"]
+    # held-out metrics released under DP say so on their panels
+    plot_metrics(records, tmp_path / "dp.png", settings=run_settings(cfg), noisy_eval=True)
+    assert [t.splitlines()[-1] for t in panels[1][:2]] == ["(DP releases: noisy)"] * 2
+    floating = parse_run_config({"dp": "example", "dp-noise": "float"})
+    assert "δ=1e-05, float noise)" in run_settings(floating)

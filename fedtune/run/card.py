@@ -65,11 +65,12 @@ def _model_short(cfg: RunConfig) -> str:
 
 
 def privacy_summary(cfg: RunConfig) -> str:
-    """``dp example (target ε=8, δ=1e-05)`` or ``no DP``."""
+    """``dp example (target ε=8, δ=1e-05)`` or ``no DP``; ``, float noise`` when set."""
     p = cfg.privacy
     if p.dp == "off":
         return "no DP"
-    return f"dp {p.dp} (target ε={p.target_epsilon:g}, δ={p.target_delta:g})"
+    noise = ", float noise" if p.dp == "example" and p.dp_noise == "float" else ""
+    return f"dp {p.dp} (target ε={p.target_epsilon:g}, δ={p.target_delta:g}{noise})"
 
 
 def run_settings(cfg: RunConfig) -> str:

@@ -161,12 +161,15 @@ def plot_metrics(
     *,
     headline: Headline | None = None,
     settings: str = "",
+    noisy_eval: bool = False,
 ) -> None:
     """Write the task's headline metric, loss and (when present) ε per round to a PNG.
 
     ``headline``: the task's (:attr:`fedtune.tasks.base.Task.headline`); default
     held-out accuracy. ``settings``: the run in one line
-    (:func:`fedtune.run.card.run_settings`), the figure's title.
+    (:func:`fedtune.run.card.run_settings`), the figure's title. ``noisy_eval``: the
+    held-out metrics are DP releases (``evaluation = "dp"``), so their panels say they
+    are noisy (``fedtune evaluate`` gives the exact final numbers).
     """
     import matplotlib  # plotting is optional and slow to import
 
@@ -188,7 +191,8 @@ def plot_metrics(
     for c in clients:
         ys = [r.get("clients", {}).get(c, {}).get(key, math.nan) for r in records]
         ax_acc.plot(rounds, ys, ".", alpha=0.45, label=c if len(clients) <= 8 else None)
-    ax_acc.set(title=headline.title, xlabel="round")
+    noisy = "\n(DP releases: noisy)" if noisy_eval else ""
+    ax_acc.set(title=headline.title + noisy, xlabel="round")
     if headline.ylim is not None:
         ax_acc.set(ylim=headline.ylim)
     ax_acc.legend(fontsize=7)
@@ -197,7 +201,7 @@ def plot_metrics(
         ax_loss.plot(
             rounds, [r.get("train-loss", math.nan) for r in records], "s--", label="train (local)"
         )
-    ax_loss.set(title="loss", xlabel="round")
+    ax_loss.set(title="loss" + noisy, xlabel="round")
     ax_loss.legend(fontsize=7)
     if has_eps:
         axes[2].plot(rounds, [r.get("epsilon", math.nan) for r in records], "o-")
