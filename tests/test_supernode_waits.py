@@ -12,7 +12,7 @@ import pytest
 
 from fedtune.deploy import roles
 from fedtune.deploy import supernode_waits as waits
-from fedtune.deploy.users import supernode_program
+from fedtune.deploy.users import flower_program
 
 
 def test_the_sleeps_of_flowers_loop_are_shortened(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,7 +41,7 @@ def test_flowers_supernode_module_still_has_the_loop_this_patches() -> None:
 
 
 def test_the_launcher_is_flowers_script_plus_one_call(tmp_path: Path) -> None:
-    program = supernode_program()
+    program = flower_program()
     launcher = waits.write_launcher(program, tmp_path)
     assert launcher == tmp_path / "flower-supernode"
     text, original = launcher.read_text(), program.read_text()
@@ -70,7 +70,7 @@ def test_a_link_in_place_of_the_launcher_is_replaced_not_followed(tmp_path: Path
     victim.write_text("keep")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "flower-supernode").symlink_to(victim)
-    launcher = waits.write_launcher(supernode_program(), tmp_path / "bin")
+    launcher = waits.write_launcher(flower_program(), tmp_path / "bin")
     assert launcher is not None and not launcher.is_symlink()
     assert victim.read_text() == "keep"
 
@@ -117,7 +117,7 @@ def test_the_clientapp_entry_skips_the_supernodes_imports() -> None:
 
 
 def test_the_clientapp_launcher_is_flowers_script_with_the_lean_import(tmp_path: Path) -> None:
-    program = supernode_program("flwr-clientapp")
+    program = flower_program("flwr-clientapp")
     launcher = waits.write_clientapp_launcher(program, tmp_path)
     assert launcher == tmp_path / "flwr-clientapp"
     text, original = launcher.read_text(), program.read_text()

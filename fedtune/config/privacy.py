@@ -212,6 +212,11 @@ class PrivacyConfig:
         return self.dp != "off"
 
     @property
+    def dp_evaluation(self) -> bool:
+        """True when held-out metrics are DP releases (DP on and ``evaluation = "dp"``)."""
+        return self.enabled and self.evaluation == "dp"
+
+    @property
     def mechanism(self) -> str:
         """The noise a training release adds: ``"discrete-gaussian"`` on the grid
         (client level, and example level with ``dp-noise = "grid"``), else ``"gaussian"``."""

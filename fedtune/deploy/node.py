@@ -37,10 +37,10 @@ from fedtune.deploy.users import (  # noqa: F401 - re-exported: fedtune deploy's
     _runs,
     _test_as,
     _write_for,
+    flower_program,
     prepare_runtime,
     readable_by,
     runtime_user,
-    supernode_program,
     worker_user,
 )
 from fedtune.errors import ConfigError
@@ -272,8 +272,9 @@ def start_node(args: argparse.Namespace, config: dict[str, object]) -> int:
     # leaner import (Flower's own programs where that cannot be): fedtune/deploy/supernode_waits.py
     bin_dir = runtime / "bin"
     bin_dir.mkdir(mode=0o755, exist_ok=True)
-    program = write_launcher(supernode_program(), bin_dir) or supernode_program()
-    lean = write_clientapp_launcher(supernode_program("flwr-clientapp"), bin_dir)
+    stock = flower_program()
+    program = write_launcher(stock, bin_dir) or stock
+    lean = write_clientapp_launcher(flower_program("flwr-clientapp"), bin_dir)
     node_config: dict[str, object] = {"worker": str(socket)}
     if args.name:
         node_config["name"] = args.name

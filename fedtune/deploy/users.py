@@ -22,7 +22,7 @@ __all__ = [
     "USERS_HINT",
     "RuntimeUser",
     "prepare_runtime",
-    "supernode_program",
+    "flower_program",
     "readable_by",
     "runtime_user",
     "worker_user",
@@ -165,7 +165,7 @@ def _write_for(user: RuntimeUser, source: Path, target: Path) -> Path:
     return target
 
 
-def supernode_program(name: str = "flower-supernode") -> Path:
+def flower_program(name: str = "flower-supernode") -> Path:
     """The Flower program ``name`` this environment runs: on PATH, else beside this Python."""
     program = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if program is None:
@@ -204,7 +204,7 @@ def prepare_runtime(
                 "runs the SuperNode and every app the SuperLink sends; close it first "
                 f"(`chmod go-rwx {path}`) so that only the worker reads it."
             )
-    program = supernode_program()
+    program = flower_program()
     if not _runs(user, program):
         raise ConfigError(
             f"--runtime-user {user.name!r} cannot run {program} (or the Python it starts "

@@ -69,7 +69,7 @@ def privacy_summary(cfg: RunConfig) -> str:
     p = cfg.privacy
     if p.dp == "off":
         return "no DP"
-    noise = ", float noise" if p.dp == "example" and p.dp_noise == "float" else ""
+    noise = ", float noise" if p.mechanism == "gaussian" else ""
     return f"dp {p.dp} (target ε={p.target_epsilon:g}, δ={p.target_delta:g}{noise})"
 
 
@@ -221,7 +221,7 @@ def model_card(
         "",
         (
             "Held-out metrics were Gaussian releases, counted in the ε above"
-            if cfg.privacy.dp != "off" and cfg.privacy.evaluation == "dp"
+            if cfg.privacy.dp_evaluation
             else "Held-out metrics were sent exactly, in plaintext: not covered by any ε"
         )
         + "; the run directory's `metrics.jsonl` holds them, `fedtune audit RUN_DIR` "

@@ -319,7 +319,7 @@ def finish_run(run_dir: Path, cfg: RunConfig, *, secret_context: Path | None = N
         run_dir / "metrics.png",
         headline=task.headline,
         settings=run_settings(cfg),
-        noisy_eval=cfg.privacy.dp != "off" and cfg.privacy.evaluation == "dp",
+        noisy_eval=cfg.privacy.dp_evaluation,
     )
     adapter = export_adapter(run_dir, cfg, secret_context=secret_context)
     task.finish_run(run_dir)

@@ -37,7 +37,7 @@ from typing import Any
 
 from fedtune import procs
 
-__all__ = ["RunStop", "descendants", "stop_descendants"]
+__all__ = ["RunStop", "stop_descendants"]
 
 #: Seconds the stop waits for a run file being written before it goes on anyway.
 WRITE_WAIT = 10.0
@@ -45,16 +45,12 @@ WRITE_WAIT = 10.0
 GRACE = 3.0
 
 
-def descendants() -> list[Any]:
-    """Every live process below this one (``psutil.Process`` objects)."""
-    return procs.descendants()
-
-
 def stop_descendants(grace: float = GRACE) -> None:
     """SIGTERM every descendant, SIGKILL those alive after ``grace`` seconds, reap them."""
-    killed = {p.pid for p in procs.stop_processes(descendants(), grace)}
+    killed = {p.pid for p in procs.stop_processes(procs.descendants(), grace)}
     # Processes started while we waited (a Ray worker being spawned) are stopped too.
-    procs.stop_processes([p for p in descendants() if p.pid not in killed], min(grace, 0.5))
+    late = [p for p in procs.descendants() if p.pid not in killed]
+    procs.stop_processes(late, min(grace, 0.5))
     with contextlib.suppress(ChildProcessError, OSError):  # reap adopted orphans
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
