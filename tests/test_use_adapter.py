@@ -276,3 +276,18 @@ def test_metrics_plot_carries_the_run_settings(
     assert [t.splitlines()[-1] for t in panels[1][:2]] == ["(DP releases: noisy)"] * 2
     floating = parse_run_config({"dp": "example", "dp-noise": "float"})
     assert "δ=1e-05, float noise)" in run_settings(floating)
+    # client-level shares are always on the grid, whatever dp-noise says
+    client = parse_run_config({"dp": "client", "encryption": True, "dp-noise": "float"})
+    assert "float noise" not in run_settings(client)
+    # the panels' flag: DP releases only where DP is on and evaluation = "dp"
+    flags = {
+        (dp, evaluation): parse_run_config({"dp": dp, "evaluation": evaluation}).privacy
+        for dp in ("off", "example")
+        for evaluation in ("dp", "exact")
+    }
+    assert {key: p.dp_evaluation for key, p in flags.items()} == {
+        ("off", "dp"): False,
+        ("off", "exact"): False,
+        ("example", "dp"): True,
+        ("example", "exact"): False,
+    }
